@@ -1,0 +1,65 @@
+"""Shared test helpers: tiny configs with each released variant's structure, and reference HF models."""
+
+from __future__ import annotations
+
+import torch
+
+from gemmakit.config import Config, default_layer_types
+
+WINDOW = 8  # sequences in the parity tests are longer than this
+
+
+def tiny(name: str) -> Config:
+    """A small config that keeps the named variant's structure (pattern, PLE, sharing, MoE, K=V, geometry)."""
+    g4 = dict(family="gemma4", vocab_size=1000, hidden_size=64, head_dim=16, global_head_dim=32,
+              sliding_window=WINDOW, final_logit_softcapping=30.0, partial_rotary_factor=0.25,
+              max_position_embeddings=256, intermediate_size=96)
+    variants = {
+        "gemma3": dict(family="gemma3", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=8, layer_types=default_layer_types(8), num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                       max_position_embeddings=256),
+        # 27B-like: query_pre_attn_scalar != head_dim and linear RoPE scaling on global layers.
+        "gemma3-27b": dict(family="gemma3", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                           num_hidden_layers=7, layer_types=default_layer_types(7), num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                           rope_scaling_factor=8.0, max_position_embeddings=256),
+        "e2b": dict(g4, num_hidden_layers=10, layer_types=default_layer_types(10, period=5), num_attention_heads=4,
+                    num_key_value_heads=1, hidden_size_per_layer_input=8, vocab_size_per_layer_input=1000,
+                    num_kv_shared_layers=4, use_double_wide_mlp=True),
+        "e4b": dict(g4, num_hidden_layers=12, layer_types=default_layer_types(12), num_attention_heads=4,
+                    num_key_value_heads=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=1000,
+                    num_kv_shared_layers=5),
+        "26b-a4b": dict(g4, num_hidden_layers=7, layer_types=default_layer_types(7), num_attention_heads=4,
+                        num_key_value_heads=2, attention_k_eq_v=True, num_global_key_value_heads=1,
+                        enable_moe_block=True, num_experts=8, top_k_experts=3, moe_intermediate_size=24,
+                        intermediate_size=40),
+        "31b": dict(g4, num_hidden_layers=7, layer_types=default_layer_types(7), num_attention_heads=8,
+                    num_key_value_heads=4, attention_k_eq_v=True, num_global_key_value_heads=2),
+        "12b": dict(g4, num_hidden_layers=7, layer_types=default_layer_types(7), num_attention_heads=4,
+                    num_key_value_heads=2, attention_k_eq_v=True, num_global_key_value_heads=1),
+    }
+    return Config(name=f"tiny-{name}", **variants[name])
+
+
+def hf_model(config: Config, seed: int = 0):
+    """The transformers reference model for `config`, with random weights and norms/scalars away from init."""
+    import transformers
+
+    d = config.to_hf()
+    cls = transformers.Gemma3TextConfig if config.family == "gemma3" else transformers.Gemma4TextConfig
+    hf_config = cls(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")})
+    torch.manual_seed(seed)
+    model_cls = transformers.Gemma3ForCausalLM if config.family == "gemma3" else transformers.Gemma4ForCausalLM
+    model = model_cls(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(("scale", "per_expert_scale")):
+                centre = 0.0 if config.family == "gemma3" else 1.0
+                p.copy_(centre + 0.5 * (torch.rand_like(p) - 0.5))
+            else:
+                p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand_like(b))
+    return model
