@@ -1,0 +1,321 @@
+"""The Gemma 3 / Gemma 4 text decoder in plain PyTorch, one module tree for every released variant.
+
+Notable features (all switched by `Config`, see config.py for which variant uses what):
+- sandwich blocks: RMSNorm before and after both attention and the MLP, residual adds in the model dtype;
+- RMSNorm in fp32: Gemma 3 multiplies by (1 + w), Gemma 4 by w as stored; V gets a weightless RMSNorm (G4);
+- QK norm before RoPE; rotate-half RoPE with per-type theta; Gemma 4's global layers use 512-wide heads and
+  "proportional" partial RoPE (only the first 25% of frequency pairs are non-zero, exponent over the full dim);
+- sliding-window / full attention by `layer_types`; attention scale query_pre_attn_scalar**-0.5 (G3) or 1.0 (G4);
+- K = V on global layers of the large Gemma 4 models (one projection, two norms);
+- E-series per-layer embeddings (PLE), KV sharing (the last layers attend with the K/V of the last
+  non-shared layer of their type and own no k/v weights) and the double-wide MLP of E2B's shared layers;
+- the 26B-A4B block: a dense MLP in parallel with 128 experts, top-8, routed on the un-normalised residual;
+- a learned per-layer scalar (G4), tied embeddings scaled by sqrt(H) rounded to the weight dtype, final logit
+  soft-capping.
+
+Module and parameter names are the HF checkpoint names (`model.layers.3.self_attn.q_proj.weight`), so a
+checkpoint's state dict, a PEFT adapter or a tensor-parallel plan maps onto this model one to one.
+What this file does not do: sampling, batching policy, quantization (see the engine); it only computes logits,
+optionally writing keys/values into a preallocated `KVCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gemmakit.config import FULL, SLIDING, Config
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back. `offset` selects Gemma 3's (1 + w) convention."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False, with_scale: bool = True):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        if with_scale:
+            self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        else:
+            self.register_parameter("weight", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        ms = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        # Gemma 3 (HF) uses rsqrt, Gemma 4 uses pow(-0.5) to match JAX; the difference is a few ulps.
+        y = x32 * (torch.rsqrt(ms) if self.offset else torch.pow(ms, -0.5))
+        if self.weight is not None:
+            y = y * (1.0 + self.weight.float() if self.offset else self.weight.float())
+        return y.type_as(x)
+
+
+def inv_frequencies(c: Config, kind: str) -> Tensor:
+    """RoPE inverse frequencies for one layer type, over the pairs of a `layer_head_dim`-wide head."""
+    if kind == SLIDING:
+        dim, base, rotated, factor = c.head_dim, c.rope_local_base_freq, 1.0, 1.0
+    else:
+        dim, base = c.global_head_dim or c.head_dim, c.rope_theta
+        rotated, factor = c.partial_rotary_factor, c.rope_scaling_factor
+    n_rot = int(rotated * dim // 2)
+    # Explicit CPU: the model may be built under a meta-device context, but these are never loaded.
+    inv = 1.0 / (base ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.int64, device="cpu").float() / dim))
+    inv = torch.cat([inv, torch.zeros(dim // 2 - n_rot, device="cpu")])  # non-rotated pairs: cos 1, sin 0
+    return inv / factor
+
+
+def rope_tables(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [T, D] in fp32, cast to the activation dtype as the reference does."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, T, n_heads, D]; rotate-half layout (pairs are i and i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one layer, [B, n_kv, max_len, D], written at absolute positions."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[:, :, pos] = k
+        self.v[:, :, pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config, i: int):
+        super().__init__()
+        self.kind = c.layer_types[i]
+        self.head_dim, self.n_heads, n_kv = c.layer_head_dim(i), c.num_attention_heads, c.layer_kv_heads(i)
+        self.shared = i >= c.first_kv_shared_layer
+        self.k_eq_v = c.layer_k_eq_v(i)
+        self.scale = c.attention_scale
+        self.window = c.sliding_window if self.kind == SLIDING else None
+        g3, H, d = not c.is_gemma4, c.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * d, bias=False)
+        self.q_norm = RMSNorm(d, c.rms_norm_eps, offset=g3)
+        if not self.shared:
+            self.k_proj = nn.Linear(H, n_kv * d, bias=False)
+            self.k_norm = RMSNorm(d, c.rms_norm_eps, offset=g3)
+            self.v_proj = None if self.k_eq_v else nn.Linear(H, n_kv * d, bias=False)
+            self.v_norm = RMSNorm(d, c.rms_norm_eps, with_scale=False) if c.is_gemma4 else nn.Identity()
+        self.o_proj = nn.Linear(self.n_heads * d, H, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, pos: Tensor,
+                published: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), *rope).transpose(1, 2)
+        if self.shared:
+            k, v = published[self.kind]
+        else:
+            k_raw = self.k_proj(x).view(B, T, -1, self.head_dim)
+            v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(B, T, -1, self.head_dim)
+            k = apply_rope(self.k_norm(k_raw), *rope).transpose(1, 2)
+            v = self.v_norm(v_raw).transpose(1, 2)
+            if self.cache is not None:
+                k, v = self.cache.update(pos, k, v)
+            # Later KV-shared layers of this type read the last non-shared layer's keys and values.
+            published[self.kind] = (k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k routing on the *un-normalised* residual: weightless RMSNorm, learned scale, H**-0.5."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.top_k, self.scalar = c.top_k_experts, c.hidden_size**-0.5
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(c.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(c.num_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        probs = torch.softmax(self.proj(self.norm(x) * self.scale * self.scalar), dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index
+
+
+class Experts(nn.Module):
+    """128 GeGLU experts stored fused as in the checkpoint: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        E, H, inter = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+
+    def forward(self, x: Tensor, weights: Tensor, index: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        flat = index.flatten()
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        token_of = order // index.shape[1]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows, sel = token_of[start:start + n], order[start:start + n]
+            start += n
+            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            # Router weights stay fp32 until the product is accumulated, as in the reference.
+            out.index_add_(0, rows, (y * weights.flatten()[sel, None]).to(out.dtype))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: Config, i: int):
+        super().__init__()
+        g3, H, eps = not c.is_gemma4, c.hidden_size, c.rms_norm_eps
+        self.self_attn = Attention(c, i)
+        self.mlp = MLP(H, c.layer_intermediate(i))
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, RMSNorm(H, eps, offset=g3))
+        self.moe = c.enable_moe_block
+        if self.moe:
+            self.router, self.experts = Router(c), Experts(c)
+            self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(H, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(H, eps)
+        self.ple = c.hidden_size_per_layer_input > 0
+        if self.ple:
+            P = c.hidden_size_per_layer_input
+            self.per_layer_input_gate = nn.Linear(H, P, bias=False)
+            self.per_layer_projection = nn.Linear(P, H, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(H, eps)
+        if c.is_gemma4:
+            self.register_buffer("layer_scalar", torch.ones(1))
+        else:
+            self.layer_scalar = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, pos: Tensor,
+                published: dict[str, tuple[Tensor, Tensor]], ple: Tensor | None) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, pos, published))
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.moe:
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(self._experts(x))
+        x = x + self.post_feedforward_layernorm(h)
+        if self.ple:
+            g = F.gelu(self.per_layer_input_gate(x), approximate="tanh") * ple
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return x if self.layer_scalar is None else x * self.layer_scalar
+
+    def _experts(self, residual: Tensor) -> Tensor:
+        flat = residual.reshape(-1, residual.shape[-1])
+        weights, index = self.router(flat)
+        return self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).view_as(residual)
+
+
+class TextModel(nn.Module):
+    """HF's `model.` subtree: embeddings, layers, final norm (and the PLE tables on E-series models)."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, offset=not c.is_gemma4)
+        P, L = c.hidden_size_per_layer_input, c.num_hidden_layers
+        if P:
+            self.embed_tokens_per_layer = nn.Embedding(c.vocab_size_per_layer_input, L * P,
+                                                       padding_idx=c.pad_token_id)
+            self.per_layer_model_projection = nn.Linear(c.hidden_size, L * P, bias=False)
+            self.per_layer_projection_norm = RMSNorm(P, c.rms_norm_eps)
+
+    def per_layer_inputs(self, ids: Tensor, e: Tensor) -> Tensor:
+        """PLE: token-identity table lookup plus a normalised projection of the embedding, [B, T, L, P]."""
+        c = self.config
+        shape = (*ids.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
+        tok = scaled_embedding(self.embed_tokens_per_layer, ids, c.hidden_size_per_layer_input).view(shape)
+        ctx = self.per_layer_projection_norm((self.per_layer_model_projection(e) * c.hidden_size**-0.5).view(shape))
+        return (ctx + tok) * 2.0**-0.5
+
+
+def scaled_embedding(table: nn.Embedding, ids: Tensor, width: int) -> Tensor:
+    # sqrt(width) is rounded to the weight dtype first (39.25, not 39.19, for E2B in bf16), as in the reference.
+    return table(ids) * torch.tensor(width**0.5, dtype=torch.float32).to(table.weight.dtype)
+
+
+def attention_mask(q_pos: Tensor, n_keys: int, window: int | None) -> Tensor:
+    """Boolean [T, S] mask over keys stored at absolute positions 0..S-1: causal, and q - W < k if windowed."""
+    k_pos = torch.arange(n_keys, device=q_pos.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+class Gemma(nn.Module):
+    """A Gemma 3 or Gemma 4 causal LM: `model` (the HF text model subtree) and a tied, soft-capped head."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.inv_freq = {kind: inv_frequencies(config, kind) for kind in (SLIDING, FULL)}
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Preallocate a full-length KV cache for every layer that computes its own K/V."""
+        p = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            if not attn.shared:
+                n_kv = attn.k_proj.out_features // attn.head_dim
+                attn.cache = KVCache(batch, n_kv, max_len, attn.head_dim, dtype or p.dtype, device or p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
+        """input_ids: [B, T]; input_pos: [T] absolute positions (default 0..T-1). Returns logits
+        [B, T', V] for the last `logits_to_keep` positions (0 = all)."""
+        c, m = self.config, self.model
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device) if input_pos is None else input_pos
+        x = scaled_embedding(m.embed_tokens, input_ids, c.hidden_size)
+        ple = m.per_layer_inputs(input_ids, x) if c.hidden_size_per_layer_input else None
+        cached = m.layers[0].self_attn.cache
+        n_keys = cached.k.shape[2] if cached is not None else T
+        ropes, masks = {}, {}
+        for kind in set(c.layer_types):
+            ropes[kind] = rope_tables(self.inv_freq[kind], pos, x.dtype)
+            masks[kind] = attention_mask(pos, n_keys, c.sliding_window if kind == SLIDING else None)
+        published: dict[str, tuple[Tensor, Tensor]] = {}
+        for i, layer in enumerate(m.layers):
+            kind = c.layer_types[i]
+            x = layer(x, ropes[kind], masks[kind], pos, published, None if ple is None else ple[:, :, i])
+        x = m.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        logits = F.linear(x, m.embed_tokens.weight)
+        if c.final_logit_softcapping:
+            logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+        return logits
