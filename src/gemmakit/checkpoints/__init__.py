@@ -1,0 +1,43 @@
+"""Checkpoint loading: HF safetensors directories and GGUF files, behind one `load_model` call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gemmakit.checkpoints.common import CheckpointError
+from gemmakit.checkpoints.default import default_model_path
+from gemmakit.model import Gemma
+
+__all__ = ["CheckpointError", "default_model_path", "load_model", "resolve"]
+
+
+def resolve(path: str | Path | None) -> Path:
+    """The checkpoint a user means: the embedded default when no path is given."""
+    if path is None:
+        return default_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"no such model path: {p} (give an HF model directory or a .gguf file)")
+    return p
+
+
+def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Gemma:
+    """Load an HF model directory or a GGUF file (default: the embedded Gemma 3 270M)."""
+    p = resolve(path)
+    if p.is_dir():
+        from gemmakit.checkpoints.hf import load_hf
+
+        return load_hf(p, dtype, device)
+    if p.suffix == ".gguf" or _magic(p) == b"GGUF":
+        from gemmakit.checkpoints.gguf import load_gguf
+
+        return load_gguf(p, dtype, device)
+    raise CheckpointError(f"{p} is neither a model directory nor a GGUF file")
+
+
+def _magic(p: Path) -> bytes:
+    with p.open("rb") as f:
+        return f.read(4)

@@ -1,0 +1,59 @@
+"""What every checkpoint format shares: build the model on the meta device, assign tensors one at a time,
+and refuse with a clear message anything that does not fit (wrong shape, missing or unexpected tensors)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from gemmakit.config import Config
+from gemmakit.model import Gemma
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
+
+
+_SHARED_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+
+
+class Loader:
+    def __init__(self, config: Config, dtype: torch.dtype, device: str | torch.device, source: str):
+        self.config, self.dtype, self.device, self.source = config, dtype, torch.device(device), source
+        with torch.device("meta"):
+            self.model = Gemma(config)
+        self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        self.loaded: set[str] = set()
+        self.unexpected: list[str] = []
+
+    def is_ignorable(self, key: str) -> bool:
+        """K/V weights of KV-shared layers: older Gemma 4 checkpoints still store them; they are unused."""
+        m = _SHARED_KV.match(key)
+        return bool(m) and int(m.group(1)) >= self.config.first_kv_shared_layer
+
+    def check_shape(self, key: str, shape: tuple[int, ...]) -> None:
+        if shape != self.expected[key]:
+            raise CheckpointError(f"{self.source}: tensor {key} has shape {list(shape)} but the config implies "
+                                  f"{list(self.expected[key])}; the config does not match these weights")
+
+    def assign(self, key: str, tensor: torch.Tensor) -> None:
+        module_name, _, leaf = key.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        t = tensor.to(device=self.device, dtype=self.dtype)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            module._buffers[leaf] = t
+        self.loaded.add(key)
+
+    def finish(self) -> Gemma:
+        missing = sorted(set(self.expected) - self.loaded)
+        if missing:
+            raise CheckpointError(f"{self.source} lacks {len(missing)} tensor(s) the config needs, e.g. "
+                                  f"{', '.join(missing[:4])}. The checkpoint is incomplete or for another model.")
+        if self.unexpected:
+            raise CheckpointError(f"{self.source} has {len(self.unexpected)} tensor(s) gemmakit does not know, e.g. "
+                                  f"{', '.join(self.unexpected[:4])}. Is the config.json for these weights?")
+        return self.model.eval()

