@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from gemmakit.config import Config, default_layer_types
@@ -63,3 +65,13 @@ def hf_model(config: Config, seed: int = 0):
             if name.endswith("layer_scalar"):
                 b.copy_(0.5 + torch.rand_like(b))
     return model
+
+
+def default_gguf() -> Path:
+    """The embedded default GGUF (joined from its package on first use), or a path that does not exist."""
+    from gemmakit.checkpoints import CheckpointError, default_model_path
+
+    try:
+        return default_model_path()
+    except CheckpointError:
+        return Path("/nonexistent/default-model.gguf")

@@ -127,7 +127,11 @@ def _write_gguf(path, ref, config, qtype=gguf.GGMLQuantizationType.Q8_0, arch="g
         if "norm" in key:
             a = a + 1.0
         if a.ndim == 2 and a.shape[1] % 32 == 0:
-            raw = gguf.quants.quantize(a, qtype)
+            if qtype == gguf.GGMLQuantizationType.IQ4_NL:  # gguf cannot quantize it; any bytes will do
+                block, size = gguf.GGML_QUANT_SIZES[qtype]
+                raw = np.random.default_rng(0).integers(0, 255, (a.shape[0], a.shape[1] // block * size), np.uint8)
+            else:
+                raw = gguf.quants.quantize(a, qtype)
             w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), raw, raw_dtype=qtype)
         else:
             w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), a.astype(np.float32))
@@ -170,3 +174,12 @@ def test_damaged_gguf_files_are_reported(tmp_path):
         load_model(other)
     with pytest.raises(CheckpointError, match="no such model path"):
         load_model(tmp_path / "nope.gguf")
+
+
+def test_unsupported_gguf_quant_type_is_reported(tmp_path):
+    """A GGUF quantized to a type gemmakit cannot dequantize names the tensor and the type."""
+    config = tiny("gemma3")
+    path = tmp_path / "iq4.gguf"
+    _write_gguf(path, hf_model(config), config, qtype=gguf.GGMLQuantizationType.IQ4_NL)
+    with pytest.raises(CheckpointError, match=r"tensor \S+\.weight: .*IQ4_NL"):
+        load_model(path)

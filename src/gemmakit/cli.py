@@ -46,24 +46,17 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_with_tokenizer(model_path: str | None, dtype: str, device: str):
-    from gemmakit.checkpoints import load_model, resolve
-    from gemmakit.tokenizer import Tokenizer
-
-    path = resolve(model_path)
-    model = load_model(path, resolve_dtype(dtype, device), device)
-    tok = Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
-    return model, tok
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    from gemmakit.generate import Sampling, generate
+    from gemmakit.generate import Sampling, check_fits, generate
 
     s = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     s.validate()  # before the model loads, so a typo costs nothing
     t0 = time.perf_counter()
-    model, tok = load_with_tokenizer(args.model, args.dtype, args.device)
+    from gemmakit.checkpoints import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(args.model, resolve_dtype(args.dtype, args.device), args.device)
     prompt = tok.encode(args.prompt, add_bos=True)
+    check_fits(model, len(prompt), s.max_tokens)
     stops = {tok.eos_id} | set(_as_list(model.config.eos_token_id))
     out: list[int] = []
     printed = ""

@@ -42,16 +42,21 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
+def check_fits(model: Gemma, n_prompt: int, max_tokens: int) -> None:
+    """Refuse, with the numbers, a request that cannot fit the model's context."""
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty; give at least one token")
+    limit = model.config.max_position_embeddings
+    if n_prompt + max_tokens > limit:
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                         f"context of {limit} tokens; shorten the prompt or lower --max-tokens")
+
+
 @torch.inference_mode()
 def generate(model: Gemma, prompt: Sequence[int], s: Sampling, stop_ids: Sequence[int] = ()) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded) or `s.max_tokens`."""
     s.validate()
-    if not prompt:
-        raise ValueError("the prompt is empty; give at least one token")
-    limit = model.config.max_position_embeddings
-    if len(prompt) + s.max_tokens > limit:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({s.max_tokens}) exceeds the model's "
-                         f"context of {limit} tokens; shorten the prompt or lower --max-tokens")
+    check_fits(model, len(prompt), s.max_tokens)
     device = model.model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
     model.setup_cache(1, len(prompt) + s.max_tokens)

@@ -57,7 +57,8 @@ from tokenizers.models import BPE
 
 # Bump when the conversion changes, so caches written by older code are not reused.
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path("~/.cache/gemmakit/tokenizers")
+# GEMMAKIT_CACHE_DIR moves every gemmakit cache (e.g. to measure a cold start).
+DEFAULT_CACHE_DIR = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")) / "tokenizers"
 
 # Gemma 1-3 GGUFs all describe their vocabulary the same way (`tokenizer.ggml.model == "llama"`).
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")

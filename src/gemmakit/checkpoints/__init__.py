@@ -10,7 +10,7 @@ from gemmakit.checkpoints.common import CheckpointError
 from gemmakit.checkpoints.default import default_model_path
 from gemmakit.model import Gemma
 
-__all__ = ["CheckpointError", "default_model_path", "load_model", "resolve"]
+__all__ = ["CheckpointError", "default_model_path", "load_model", "load_model_and_tokenizer", "resolve"]
 
 
 def resolve(path: str | Path | None) -> Path:
@@ -36,6 +36,16 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
 
         return load_gguf(p, dtype, device)
     raise CheckpointError(f"{p} is neither a model directory nor a GGUF file")
+
+
+def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                             device: str | torch.device = "cpu"):
+    """(model, tokenizer) for a checkpoint: an HF directory's tokenizer.json, or the vocabulary a GGUF carries."""
+    from gemmakit.tokenizer import Tokenizer
+
+    p = resolve(path)
+    model = load_model(p, dtype, device)
+    return model, Tokenizer.from_file(p) if p.is_dir() else Tokenizer.from_gguf(p)
 
 
 def _magic(p: Path) -> bytes:

@@ -1,0 +1,80 @@
+"""The `gemmakit` command as a user runs it: a real subprocess, the real default model.
+Run: .venv/bin/python -m pytest tests/test_cli.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gemmakit.checkpoints import CheckpointError, default_model_path
+from gemmakit.config import Config, param_counts
+from gemmakit.registry import REGISTRY
+
+
+def gemmakit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemmakit.cli", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    try:
+        return default_model_path()
+    except CheckpointError as e:
+        pytest.skip(str(e))
+
+
+def test_help_lists_the_verbs():
+    """`gemmakit --help` names every verb."""
+    out = gemmakit("--help")
+    assert out.returncode == 0 and "models" in out.stdout and "generate" in out.stdout
+
+
+def test_models_lists_every_variant_with_its_size():
+    """`gemmakit models` prints every registry entry with the computed size and the MoE active count."""
+    out = gemmakit("models")
+    assert out.returncode == 0
+    for name in REGISTRY:
+        total = param_counts(Config.from_name(name))["total"]
+        line = next(line for line in out.stdout.splitlines() if line.startswith(name + " "))
+        assert (f"{total / 1e9:.2f}B" if total >= 0.95e9 else f"{total / 1e6:.0f}M") in line
+    assert "3.82B active" in out.stdout and "30.70B" in out.stdout
+
+
+def test_generate_on_the_default_model_is_greedy_and_deterministic(default_model):
+    """The main job: a greedy completion on the embedded 270M, the same text twice."""
+    runs = [gemmakit("generate", "The capital of France is", "--max-tokens", "8") for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout.startswith("The capital of France is") and len(runs[0].stdout) > 30
+    assert runs[0].stdout == runs[1].stdout
+
+
+def test_seeded_sampling_repeats(default_model):
+    """--temperature with --seed gives the same sample each time."""
+    args = ("generate", "Once upon a time", "--max-tokens", "8", "--temperature", "1.0", "--seed", "7")
+    assert gemmakit(*args).stdout == gemmakit(*args).stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("generate", "x", "--temperature", "-1"), "temperature must be in"),
+    (("generate", "x", "--max-tokens", "0"), "max_tokens must be at least 1"),
+    (("generate", "x", "--model", "/no/such/model"), "no such model path"),
+    (("generate", "x", "--max-tokens", "40000"), "exceeds the model's context of 32768"),
+])
+def test_bad_input_is_one_clear_error_line(default_model, args, message):
+    """Bad arguments exit with status 2 and an `error:` line, never a traceback or partial output."""
+    out = gemmakit(*args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == ""
+
+
+def test_damaged_gguf_is_reported_by_the_cli(default_model, tmp_path):
+    """A truncated download given with --model says so."""
+    cut = tmp_path / "cut.gguf"
+    with open(default_model, "rb") as f:
+        cut.write_bytes(f.read(1 << 20))
+    out = gemmakit("generate", "x", "--model", str(cut))
+    assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
