@@ -68,7 +68,6 @@ class Config:
     pad_token_id: int = 0
     eos_token_id: int | list[int] = 1
     bos_token_id: int = 2
-    source: str = ""  # where the numbers come from
 
     def __post_init__(self) -> None:
         if not self.layer_types:

@@ -64,6 +64,7 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 
+
 def read_gguf_metadata(path: Path) -> tuple[dict[str, Any], str]:
     """`(metadata, digest)`: every key/value of a GGUF, and a hash of the raw bytes the tokenizer uses."""
     from gguf import GGUFValueType
