@@ -1,0 +1,1 @@
+"""Chat: templates, dialogue prompting and parsing of model output."""
