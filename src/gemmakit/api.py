@@ -1,0 +1,198 @@
+"""The small Python API: `gemmakit.load(...)` gives an `LLM` with `generate` (raw completion) and `chat`.
+
+    llm = gemmakit.load()                       # the embedded Gemma 3 270M
+    llm.generate("The capital of France is", max_tokens=8)
+    reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+    reply.content, reply.reasoning, reply.tool_calls
+
+`load` decides how to talk to the checkpoint (`chat_format="auto"`): a checkpoint that carries a chat template
+is instruction-tuned and is prompted with it (rendered in a sandbox); one without a template is prompted with
+gemmakit's built-in Gemma 3 / Gemma 4 renderer if its name says it is instruction-tuned ("-it"), and is
+otherwise treated as a base model and prompted with a plain dialogue transcript (chat/dialogue.py). The
+output of an instruction-tuned model goes through the streaming parser, which separates the answer from the
+reasoning and the tool calls.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemmakit.chat.dialogue import STOP_STRINGS, render_dialogue
+from gemmakit.chat.parser import Delta, StreamParser, ToolCall
+from gemmakit.chat.template import ChatFormat
+from gemmakit.generate import Sampling, StopText, check_fits, generate
+from gemmakit.model import Gemma
+from gemmakit.tokenizer import Tokenizer
+
+CHAT_FORMATS = ("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue")
+_INSTRUCTION_TUNED = re.compile(r"(^|[-_ .])(it|instruct|chat)($|[-_ .])", re.IGNORECASE)
+
+
+@dataclass
+class ChatResult:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" (end of turn or stop string) or "length" (max_tokens reached)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class LLM:
+    def __init__(self, model: Gemma, tokenizer: Tokenizer, chat_format: ChatFormat | None, name: str = ""):
+        self.model, self.tokenizer, self.chat_format, self.name = model, tokenizer, chat_format, name
+        # Facts about the last generation, for callers that want them (finish reason, token counts).
+        self.finish_reason, self.prompt_tokens, self.completion_tokens = "stop", 0, 0
+        self.warnings: list[str] = []
+
+    @property
+    def is_base(self) -> bool:
+        """True when chatting goes through the plain dialogue format (no chat template)."""
+        return self.chat_format is None
+
+    def describe(self) -> str:
+        if self.chat_format is None:
+            return "base model (not instruction-tuned): chatting through a plain User/Assistant dialogue"
+        source = "its own chat template" if self.chat_format.template else "the built-in renderer"
+        return f"instruction-tuned {self.chat_format.family} model: chatting through {source}"
+
+    # --- prompts ----------------------------------------------------------------------------
+    def render(self, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None,
+               enable_thinking: bool = False) -> str:
+        if self.chat_format is None:
+            if tools:
+                raise ValueError("tools need an instruction-tuned model; this is a base model")
+            return render_dialogue(messages)
+        return self.chat_format.render(list(messages), tools, add_generation_prompt=True,
+                                       enable_thinking=enable_thinking)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt: BOS added only if the template did not write it (never two)."""
+        bos = self.tokenizer.id_to_token(self.tokenizer.bos_id) or "<bos>"
+        return self.tokenizer.encode(text, add_bos=not text.startswith(bos))
+
+    def stop_ids(self, chat: bool = True) -> list[int]:
+        """EOS ids of the config and tokenizer, plus the end-of-turn markers when chatting."""
+        eos = self.model.config.eos_token_id
+        ids = {self.tokenizer.eos_id, *(eos if isinstance(eos, list) else [eos])}
+        if chat and self.chat_format is not None:
+            # End-of-answer markers are looked up by their text, so any vocabulary works.
+            ids |= {i for t in self.chat_format.stop_strings if (i := self.tokenizer.token_to_id(t)) is not None}
+        return sorted(ids)
+
+    # --- generation -------------------------------------------------------------------------
+    def stream_text(self, ids: list[int], s: Sampling, stop_ids: Sequence[int]) -> Iterator[str]:
+        """Decoded text pieces of the continuation of `ids`; sets `finish_reason` when done."""
+        check_fits(self.model, len(ids), s.max_tokens)
+        decoder = self.tokenizer.decode_stream()
+        # Kept up to date token by token: a caller may stop reading early (a stop string) and close us.
+        self.finish_reason, self.completion_tokens = "stop", 0
+        for token in generate(self.model, ids, s, stop_ids=stop_ids):
+            self.completion_tokens += 1
+            if piece := decoder.step(token):
+                yield piece
+        if self.completion_tokens >= s.max_tokens:
+            self.finish_reason = "length"
+
+    def generate(self, prompt: str, stop: Sequence[str] = (), **sampling: Any) -> str:
+        """Raw completion of `prompt` (BOS added); stops at EOS, a stop string, or max_tokens."""
+        s = Sampling(**sampling)
+        cut = StopText(stop)
+        pieces = self.stream_text(self.tokenizer.encode(prompt), s, self.stop_ids(chat=False))
+        text = "".join(cut.feed(p) for p in pieces if not cut.stopped)
+        return text + cut.finish()
+
+    def stream_chat(self, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None,
+                    enable_thinking: bool = False, **sampling: Any) -> Iterator[Delta]:
+        """The reply to `messages` as it is generated: content, reasoning and tool-call deltas."""
+        ids = self.encode_prompt(self.render(messages, tools, enable_thinking))
+        self.prompt_tokens = len(ids)
+        pieces = self.stream_text(ids, Sampling(**sampling), self.stop_ids())
+        if self.chat_format is None:
+            yield from _dialogue_deltas(pieces)
+            return
+        parser = StreamParser(self.chat_format.family)
+        for piece in pieces:
+            delta = parser.feed(piece)
+            if delta.content or delta.reasoning or delta.tool_calls:
+                yield delta
+        yield parser.finish()
+        self.warnings = parser.warnings
+
+    def chat(self, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None,
+             enable_thinking: bool = False, **sampling: Any) -> ChatResult:
+        """The whole reply to `messages` (OpenAI-style dicts)."""
+        self.warnings = []
+        r = ChatResult()
+        for d in self.stream_chat(messages, tools, enable_thinking, **sampling):
+            r.content += d.content
+            r.reasoning += d.reasoning
+            r.tool_calls += d.tool_calls
+        r.content, r.reasoning = r.content.strip(), r.reasoning.strip()
+        r.finish_reason, r.prompt_tokens, r.completion_tokens = (self.finish_reason, self.prompt_tokens,
+                                                                 self.completion_tokens)
+        r.warnings = list(self.warnings)
+        return r
+
+
+def _dialogue_deltas(pieces: Iterator[str]) -> Iterator[Delta]:
+    cut, started = StopText(STOP_STRINGS), False
+    for piece in pieces:
+        text = cut.feed(piece)
+        if not started:  # the transcript puts a space after "Assistant:"
+            text = text.lstrip()
+            started = bool(text)
+        if text:
+            yield Delta(content=text)
+        if cut.stopped:
+            return
+    if tail := cut.finish():
+        yield Delta(content=tail if started else tail.lstrip())
+
+
+def pick_chat_format(name: str, family: str, tokenizer: Tokenizer, choice: str = "auto") -> ChatFormat | None:
+    """How to prompt this checkpoint for chat (None = base model, dialogue transcript); see module docstring."""
+    if choice not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {choice!r}; choose one of {', '.join(CHAT_FORMATS)}")
+    if choice == "dialogue":
+        return None
+    if choice == "template":
+        if not tokenizer.chat_template:
+            raise ValueError("this checkpoint carries no chat template; use --chat-format gemma3|gemma4|dialogue")
+        return ChatFormat(family, tokenizer.chat_template)
+    if choice in ("gemma3", "gemma4", "gemma4-empty-thought"):
+        return ChatFormat(choice[:6], None, empty_thought_when_off=choice.endswith("thought"))
+    if tokenizer.chat_template:
+        return ChatFormat(family, tokenizer.chat_template)
+    if _INSTRUCTION_TUNED.search(name):
+        # Without a template, the 26B/31B-era convention of an empty thought when thinking is off is
+        # assumed for the large Gemma 4 models, and the E2B/E4B one (nothing) otherwise.
+        return ChatFormat(family, None, empty_thought_when_off=bool(re.search(r"26b|31b", name, re.I)))
+    return None
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """"auto" is float32 on CPU (fastest there) and bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
+         chat_format: str = "auto") -> LLM:
+    """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat."""
+    from gemmakit.checkpoints import load_model_and_tokenizer, resolve
+
+    path = resolve(model)
+    m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device)
+    name = m.config.name if path.suffix == ".gguf" else path.name
+    return LLM(m, tok, pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format), name)
