@@ -1,15 +1,21 @@
 """The `gemmakit` command: `gemmakit <verb> [args]`, one small function per verb.
 
-Verbs so far: `models` (the registry with parameter counts) and `generate` (raw completion on a checkpoint,
-the embedded Gemma 3 270M by default). Every error a user can cause (a bad path, a damaged checkpoint, a prompt
-that does not fit) is printed as one `error:` line with what to do, and exits with status 2: no tracebacks.
+Verbs: `models` (the registry with parameter counts), `generate` (raw completion, or one chat message with
+--chat, optionally as JSON) and `chat` (an interactive terminal chat). The embedded Gemma 3 270M is the
+default model everywhere. Every error a user can cause (a bad path, a damaged checkpoint, a prompt that does
+not fit, a bad sampling value) is printed as one `error:` line with what to do, and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -38,44 +44,117 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 0.95e9 else f"{n / 1e6:.0f}M"
 
 
-def resolve_dtype(name: str, device: str):
-    import torch
+def sampling_of(args: argparse.Namespace) -> dict:
+    from gemmakit.generate import Sampling
 
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
+    s = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=args.seed)
+    s.validate()  # before the model loads, so a typo costs nothing
+    return asdict(s)
+
+
+@contextmanager
+def spinner(label: str) -> Iterator[None]:
+    """A spinner on stderr while something slow runs (only when stderr is a terminal)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    done = threading.Event()
+
+    def spin() -> None:
+        frames, i, t0 = "|/-\\", 0, time.perf_counter()
+        while not done.wait(0.1):
+            sys.stderr.write(f"\r{label} {frames[i % 4]} {time.perf_counter() - t0:.1f}s")
+            sys.stderr.flush()
+            i += 1
+        sys.stderr.write("\r" + " " * (len(label) + 12) + "\r")
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def load_llm(args: argparse.Namespace):
+    from gemmakit.api import load
+
+    with spinner("loading model"):
+        return load(args.model, args.dtype, args.device, args.chat_format)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from gemmakit.generate import Sampling, check_fits, generate
-
-    s = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    s.validate()  # before the model loads, so a typo costs nothing
-    t0 = time.perf_counter()
-    from gemmakit.checkpoints import load_model_and_tokenizer
-
-    model, tok = load_model_and_tokenizer(args.model, resolve_dtype(args.dtype, args.device), args.device)
-    prompt = tok.encode(args.prompt, add_bos=True)
-    check_fits(model, len(prompt), s.max_tokens)
-    stops = {tok.eos_id} | set(_as_list(model.config.eos_token_id))
-    out: list[int] = []
-    printed = ""
-    sys.stdout.write(args.prompt)
-    for token in generate(model, prompt, s, stop_ids=sorted(stops)):
-        out.append(token)
-        text = tok.decode(out)
-        if not text.endswith("\ufffd"):  # hold back a partial multi-byte character
-            sys.stdout.write(text[len(printed):])
+    sampling = sampling_of(args)
+    llm = load_llm(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        if args.json:
+            print(json.dumps(asdict(llm.chat(messages, enable_thinking=args.think, **sampling)), ensure_ascii=False))
+            return
+        for delta in llm.stream_chat(messages, enable_thinking=args.think, **sampling):
+            sys.stdout.write(delta.reasoning + delta.content)
             sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tok.decode(out)[len(printed):] + "\n")
-    if args.verbose:
-        dt = time.perf_counter() - t0
-        print(f"[{len(prompt)} prompt tokens, {len(out)} generated, {dt:.1f}s total]", file=sys.stderr)
+        sys.stdout.write("\n")
+        return
+    if args.json:
+        text = llm.generate(args.prompt, **sampling)
+        print(json.dumps({"prompt": args.prompt, "text": text, "finish_reason": llm.finish_reason,
+                          "completion_tokens": llm.completion_tokens}, ensure_ascii=False))
+        return
+    stream_completion(llm, args.prompt, sampling, args.verbose)
 
 
-def _as_list(x: int | list[int]) -> list[int]:
-    return list(x) if isinstance(x, list | tuple) else [x]
+def stream_completion(llm, prompt: str, sampling: dict, verbose: bool) -> None:
+    from gemmakit.generate import Sampling, check_fits
+
+    t0 = time.perf_counter()
+    ids = llm.tokenizer.encode(prompt)
+    check_fits(llm.model, len(ids), sampling["max_tokens"])  # before anything is printed
+    sys.stdout.write(prompt)
+    for piece in llm.stream_text(ids, Sampling(**sampling), llm.stop_ids(chat=False)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if verbose:
+        print(f"[{len(ids)} prompt tokens, {llm.completion_tokens} generated, {time.perf_counter() - t0:.1f}s]",
+              file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from gemmakit.chat.repl import ChatSession, run
+
+    sampling = sampling_of(args)
+    llm = load_llm(args)
+    context = min(args.context or llm.model.config.max_position_embeddings, llm.model.config.max_position_embeddings)
+    if context <= sampling["max_tokens"]:
+        raise ValueError(f"--context ({context}) must exceed --max-tokens ({sampling['max_tokens']})")
+    interactive = sys.stdin.isatty()
+    session = ChatSession(llm, sampling, context, system=args.system, thinking=args.think,
+                          color=sys.stdout.isatty())
+    if args.think:
+        session.set_thinking("on")
+    run(session, sys.stdin, interactive)
+
+
+def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded "
+                                                 "Gemma 3 270M)")
+    p.add_argument("--chat-format", default="auto",
+                   choices=("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue"),
+                   help="how to prompt for chat: auto (the checkpoint's template; a plain dialogue for base "
+                        "models), or force one")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate ({max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample only from the top-p probability mass")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--think", action="store_true", help="thinking mode (Gemma 4 instruction-tuned models)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,18 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     m = sub.add_parser("models", help="list the released Gemma 3 / Gemma 4 text backbones and their sizes")
     m.set_defaults(func=cmd_models)
-    g = sub.add_parser("generate", help="raw completion of a prompt (greedy unless --temperature is given)")
-    g.add_argument("prompt", help="the text to continue")
-    g.add_argument("--model", default=None,
-                   help="HF model directory or .gguf file (default: the embedded Gemma 3 270M)")
-    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g = sub.add_parser("generate", help="raw completion of a prompt, or one chat reply with --chat")
+    g.add_argument("prompt", help="the text to continue (with --chat: the user message)")
+    g.add_argument("--chat", action="store_true", help="treat the prompt as a chat message and print the reply")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("-v", "--verbose", action="store_true", help="print token counts and timing to stderr")
+    add_model_args(g, max_tokens=64)
     g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="chat in the terminal (reads a pipe too)")
+    c.add_argument("--context", type=int, default=None,
+                   help="context window to keep the conversation in (default: the model's)")
+    add_model_args(c, max_tokens=256)
+    c.set_defaults(func=cmd_chat)
     return p
 
 
@@ -119,4 +198,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

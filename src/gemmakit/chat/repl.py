@@ -1,0 +1,195 @@
+"""`gemmakit chat`: a terminal chat that streams the answer as it is generated.
+
+Input is read line by line, from a terminal or a pipe alike. A line ending in a backslash continues on the
+next line, and a `\"\"\"` line opens (and closes) a multi-line block. Commands start with a slash (/help lists
+them). The conversation is kept as OpenAI-style messages; when the next prompt would not fit the context
+window, the oldest exchanges are dropped (the system message stays) and the user is told. Ctrl-C while an
+answer streams stops that answer and keeps what was said so far; Ctrl-C or Ctrl-D at the prompt ends the chat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from gemmakit.api import LLM
+
+HELP = """commands:
+  /system TEXT    set the system message (and start over)
+  /reset          forget the conversation
+  /think on|off   thinking mode (Gemma 4 instruction-tuned models)
+  /save FILE      write the conversation to FILE as JSON
+  /help           this list
+  /exit           leave (or Ctrl-D)
+multi-line input: end a line with \\ to continue it, or wrap the text in \"\"\" lines"""
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class ChatSession:
+    def __init__(self, llm: LLM, sampling: dict[str, Any], context: int, out: TextIO = sys.stdout,
+                 system: str | None = None, thinking: bool = False, color: bool = False):
+        self.llm, self.sampling, self.context, self.out = llm, sampling, context, out
+        self.system, self.thinking, self.color = system, thinking, color
+        self.history: list[dict[str, Any]] = []
+
+    def messages(self) -> list[dict[str, Any]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    # --- commands ---------------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a /command; False means leave."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if name in ("exit", "quit"):
+            return False
+        if name == "help":
+            self.say(HELP)
+        elif name == "reset":
+            self.history.clear()
+            self.say("(conversation cleared)")
+        elif name == "system":
+            self.system, self.history = arg or None, []
+            self.say("(system message set; conversation cleared)" if arg else "(system message removed)")
+        elif name == "think":
+            self.set_thinking(arg)
+        elif name == "save":
+            self.save(arg)
+        else:
+            self.say(f"(unknown command /{name}; /help lists the commands)")
+        return True
+
+    def set_thinking(self, arg: str) -> None:
+        fmt = self.llm.chat_format
+        if fmt is None or fmt.family != "gemma4":
+            self.say("(thinking needs an instruction-tuned Gemma 4 model; this one has no thinking mode)")
+        elif arg in ("on", "off"):
+            self.thinking = arg == "on"
+            self.say(f"(thinking {arg})")
+        else:
+            self.say("(usage: /think on|off)")
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            self.say("(usage: /save FILE)")
+            return
+        path = Path(arg).expanduser()
+        data = {"model": self.llm.name, "messages": self.messages()}
+        try:
+            write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            self.say(f"(could not save to {path}: {e})")
+            return
+        self.say(f"(saved {len(self.history)} messages to {path})")
+
+    # --- one exchange -----------------------------------------------------------------------
+    def ask(self, text: str) -> None:
+        self.history.append({"role": "user", "content": text})
+        if not self.fit():
+            self.history.pop()
+            return
+        reply: dict[str, Any] = {"role": "assistant", "content": ""}
+        try:
+            for delta in self.llm.stream_chat(self.messages(), enable_thinking=self.thinking, **self.sampling):
+                self.show(delta, reply)
+        except KeyboardInterrupt:
+            self.out.write("\n(interrupted)")
+        self.out.write("\n")
+        self.out.flush()
+        reply["content"] = reply["content"].strip()
+        self.history.append(reply)
+
+    def show(self, delta: Any, reply: dict[str, Any]) -> None:
+        if delta.reasoning:
+            self.out.write(f"{DIM}{delta.reasoning}{RESET}" if self.color else delta.reasoning)
+            reply["reasoning"] = reply.get("reasoning", "") + delta.reasoning
+        if delta.content:
+            self.out.write(delta.content)
+            reply["content"] += delta.content
+        for call in delta.tool_calls:
+            self.out.write(f"\n[tool call] {call.name}({call.arguments})")
+            reply.setdefault("tool_calls", []).append(
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+        self.out.flush()
+
+    def fit(self) -> bool:
+        """Drop the oldest exchanges until prompt + max_tokens fits the context; False if nothing fits."""
+        budget = self.context - self.sampling.get("max_tokens", 512)
+        dropped = 0
+        while len(self.llm.encode_prompt(self.llm.render(self.messages(), None, self.thinking))) > budget:
+            if len(self.history) <= 1:
+                self.say(f"(this message alone does not fit the {self.context}-token context; shorten it)")
+                return False
+            del self.history[:2]
+            dropped += 1
+        if dropped:
+            self.say(f"(context full: dropped the {dropped} oldest exchange{'s' * (dropped > 1)})")
+        return True
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def read_messages(stream: TextIO, prompt: bool, out: TextIO) -> Iterator[str]:
+    """User inputs: lines, joined across trailing backslashes and \"\"\" blocks."""
+    parts: list[str] = []
+    block = False
+    while True:
+        if prompt:
+            out.write("... " if parts else ">>> ")
+            out.flush()
+        line = stream.readline()
+        if not line:
+            if parts:
+                yield "\n".join(parts)
+            return
+        line = line.rstrip("\n")
+        if line.strip() == '"""':
+            block = not block
+            if not block:
+                yield "\n".join(parts)
+                parts = []
+        elif block:
+            parts.append(line)
+        elif line.endswith("\\"):
+            parts.append(line[:-1])
+        else:
+            parts.append(line)
+            yield "\n".join(parts)
+            parts = []
+
+
+def run(session: ChatSession, stream: TextIO, interactive: bool) -> None:
+    session.say(f"gemmakit chat: {session.llm.name}, {session.llm.describe()}. /help for commands.")
+    inputs = read_messages(stream, interactive, session.out)
+    while True:
+        try:
+            text = next(inputs)
+        except (StopIteration, KeyboardInterrupt, EOFError):
+            session.out.write("\n" if interactive else "")
+            return
+        if not text.strip():
+            continue
+        if text.startswith("/") and not session.command(text.strip()):
+            return
+        if not text.startswith("/"):
+            session.ask(text)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
