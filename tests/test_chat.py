@@ -12,9 +12,6 @@ import torch
 from gemmakit.api import LLM, pick_chat_format
 from gemmakit.chat.dialogue import DEFAULT_SYSTEM, STOP_STRINGS, render_dialogue
 from gemmakit.generate import Sampling, StopText, sample
-from tests.helpers import default_gguf
-
-needs_default = pytest.mark.skipif(not default_gguf().exists(), reason="default model not installed")
 
 
 def test_dialogue_transcript_shape():
@@ -86,19 +83,17 @@ def test_chat_format_choice():
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(default_model):
     import gemmakit
 
-    return gemmakit.load()
+    return gemmakit.load(default_model)
 
 
-@needs_default
 def test_default_model_is_recognised_as_base(llm: LLM):
     """The embedded pretrained 270M has no template, so it chats through the dialogue format."""
     assert llm.is_base and "base model" in llm.describe()
 
 
-@needs_default
 def test_api_chat_answers_a_factual_question(llm: LLM):
     """gemmakit.load().chat(...) on the real 270M answers the capital of France with Paris."""
     reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24)
@@ -106,7 +101,6 @@ def test_api_chat_answers_a_factual_question(llm: LLM):
     assert reply.finish_reason == "stop" and reply.prompt_tokens > 20 and reply.completion_tokens > 0
 
 
-@needs_default
 def test_api_generate_and_no_double_bos(llm: LLM):
     """Raw generate continues text; a rendered prompt that starts with <bos> gets no second BOS."""
     assert llm.generate("The capital of France is", max_tokens=8)
@@ -136,7 +130,6 @@ class ScriptedModel(torch.nn.Module):
         return logits
 
 
-@needs_default
 def test_instruction_tuned_chat_separates_reasoning_and_tool_calls(llm: LLM):
     """Through the real tokenizer, decoder and parser, a Gemma 4 reply yields reasoning, content and a tool
     call with JSON arguments, and nothing after the end of turn leaks into the answer."""

@@ -15,9 +15,7 @@ import time
 
 import pytest
 
-from tests.helpers import default_gguf
-
-pytestmark = pytest.mark.skipif(not default_gguf().exists(), reason="default model not installed")
+pytestmark = pytest.mark.usefixtures("default_model")
 CHAT = [sys.executable, "-m", "gemmakit.cli", "chat", "--max-tokens", "32"]
 
 

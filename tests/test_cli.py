@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from gemmakit.checkpoints import CheckpointError, default_model_path
 from gemmakit.config import Config, param_counts
 from gemmakit.registry import REGISTRY
 
@@ -17,14 +16,6 @@ from gemmakit.registry import REGISTRY
 def gemmakit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gemmakit.cli", *args], capture_output=True, text=True,
                           timeout=300, check=False)
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    try:
-        return default_model_path()
-    except CheckpointError as e:
-        pytest.skip(str(e))
 
 
 def test_help_lists_the_verbs():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemmakit.checkpoints import CheckpointError, default_model_path, load_model
+from gemmakit.checkpoints import load_model
 from gemmakit.generate import Sampling, generate
 from gemmakit.tokenizer import Tokenizer
 
@@ -28,11 +28,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Water boils at a 
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        return default_model_path()
-    except CheckpointError as e:
-        pytest.skip(str(e))
+def gguf_path(default_model):
+    return default_model
 
 
 @pytest.fixture(scope="module")

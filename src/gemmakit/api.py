@@ -103,10 +103,11 @@ class LLM:
 
     def generate(self, prompt: str, stop: Sequence[str] = (), **sampling: Any) -> str:
         """Raw completion of `prompt` (BOS added); stops at EOS, a stop string, or max_tokens."""
-        s = Sampling(**sampling)
-        cut = StopText(stop)
-        pieces = self.stream_text(self.tokenizer.encode(prompt), s, self.stop_ids(chat=False))
-        text = "".join(cut.feed(p) for p in pieces if not cut.stopped)
+        cut, text = StopText(stop), ""
+        for piece in self.stream_text(self.tokenizer.encode(prompt), Sampling(**sampling), self.stop_ids(chat=False)):
+            text += cut.feed(piece)
+            if cut.stopped:  # leaving the loop closes the generator: no tokens are computed past the stop
+                break
         return text + cut.finish()
 
     def stream_chat(self, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None,
