@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gemmakit.cache import Append, KVCache, Prefill
 from gemmakit.checkpoints import load_model
+from gemmakit.config import SLIDING
 from tests.helpers import WINDOW, hf_model, tiny
 
 VARIANTS = ["gemma3", "gemma3-27b", "e2b", "e4b", "26b-a4b", "31b", "12b"]
@@ -35,21 +37,39 @@ def test_logits_match_transformers(variant, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["e2b", "gemma3"])
+@pytest.mark.parametrize("variant", ["e2b", "gemma3", "31b"])
 def test_cached_decode_matches_full_forward(variant, tmp_path):
-    """Prefill + one-token decode steps through the KV cache reproduce the uncached forward pass."""
+    """Prefill + one-token decode steps through the rolling KV cache reproduce the uncached forward pass,
+    far past the sliding window (the ring holds only window + slack slots)."""
     config = tiny(variant)
     hf_model(config).save_pretrained(tmp_path)
     model = load_model(tmp_path)
-    ids = _ids(batch=1)
+    ids = _ids(n=5 * WINDOW, batch=1)
+    cache = KVCache(config, 1, ids.shape[1], torch.float32, "cpu", slack=2)
+    assert cache.slots[SLIDING] == WINDOW + 2
+    row = torch.tensor([0])
     with torch.no_grad():
         full = model(ids)
-        model.setup_cache(1, ids.shape[1])
         split = 5
-        steps = [model(ids[:, :split], torch.arange(split))]
+        steps = [model(ids[:, :split], step=Prefill(torch.arange(split)[None], cache, row))]
         for t in range(split, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], torch.tensor([t])))
-        model.clear_cache()
+            steps.append(model(ids[:, t:t + 1], step=Append(torch.tensor([[t]]), cache, row)))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-4, rtol=1e-4)
+
+
+def test_prefill_longer_than_the_ring_then_decode(tmp_path):
+    """A prompt longer than the sliding ring keeps only its tail, and decoding after it is still exact."""
+    config = tiny("e4b")
+    hf_model(config).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    ids = _ids(n=4 * WINDOW, batch=1)
+    cache = KVCache(config, 1, ids.shape[1], torch.float32, "cpu", slack=1)
+    row, n = torch.tensor([0]), 3 * WINDOW
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :n], step=Prefill(torch.arange(n)[None], cache, row))]
+        for t in range(n, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], step=Append(torch.tensor([[t]]), cache, row)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=5e-4, rtol=1e-4)
 
 

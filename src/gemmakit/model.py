@@ -15,8 +15,10 @@ Notable features (all switched by `Config`, see config.py for which variant uses
 
 Module and parameter names are the HF checkpoint names (`model.layers.3.self_attn.q_proj.weight`), so a
 checkpoint's state dict, a PEFT adapter or a tensor-parallel plan maps onto this model one to one.
-What this file does not do: sampling, batching policy, quantization (see the engine); it only computes logits,
-optionally writing keys/values into a preallocated `KVCache`.
+What this file does not do: sampling, batching policy, quantization (see engine.py, quantize.py); it only
+computes logits. Caching is a `Step` the caller passes (cache.py): the model hands each layer's new keys and
+values to it and attends over what it returns, so the same code runs with no cache, a prefill, or a batched
+decode of rows at different positions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmakit.cache import Step
 from gemmakit.config import FULL, SLIDING, Config
 
 
@@ -64,33 +67,18 @@ def inv_frequencies(c: Config, kind: str) -> Tensor:
 
 
 def rope_tables(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape [T, D] in fp32, cast to the activation dtype as the reference does."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    """cos/sin [b, T, D] for positions [b, T], computed in fp32 and cast to the activation dtype as the
+    reference does."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, T, n_heads, D]; rotate-half layout (pairs are i and i + D/2)."""
+    """x: [B, T, n_heads, D], cos/sin [B or 1, T, D]; rotate-half layout (pairs are i and i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-class KVCache(nn.Module):
-    """Preallocated keys/values of one layer, [B, n_kv, max_len, D], written at absolute positions."""
-
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
-        super().__init__()
-        shape = (batch, n_kv, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[:, :, pos] = k
-        self.v[:, :, pos] = v
-        return self.k, self.v
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 class Attention(nn.Module):
@@ -111,9 +99,8 @@ class Attention(nn.Module):
             self.v_proj = None if self.k_eq_v else nn.Linear(H, n_kv * d, bias=False)
             self.v_norm = RMSNorm(d, c.rms_norm_eps, with_scale=False) if c.is_gemma4 else nn.Identity()
         self.o_proj = nn.Linear(self.n_heads * d, H, bias=False)
-        self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, pos: Tensor,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, step: Step, layer: int,
                 published: dict[str, tuple[Tensor, Tensor]]) -> Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), *rope).transpose(1, 2)
@@ -123,9 +110,7 @@ class Attention(nn.Module):
             k_raw = self.k_proj(x).view(B, T, -1, self.head_dim)
             v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(B, T, -1, self.head_dim)
             k = apply_rope(self.k_norm(k_raw), *rope).transpose(1, 2)
-            v = self.v_norm(v_raw).transpose(1, 2)
-            if self.cache is not None:
-                k, v = self.cache.update(pos, k, v)
+            k, v = step.kv(layer, self.kind, k, self.v_norm(v_raw).transpose(1, 2))
             # Later KV-shared layers of this type read the last non-shared layer's keys and values.
             published[self.kind] = (k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -216,9 +201,10 @@ class DecoderLayer(nn.Module):
         else:
             self.layer_scalar = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, pos: Tensor,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, step: Step, layer: int,
                 published: dict[str, tuple[Tensor, Tensor]], ple: Tensor | None) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, pos, published))
+        h = self.self_attn(self.input_layernorm(x), rope, mask, step, layer, published)
+        x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.moe:
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(self._experts(x))
@@ -269,15 +255,6 @@ def scaled_embedding(table: nn.Embedding, ids: Tensor, width: int) -> Tensor:
     return table(ids) * torch.tensor(width**0.5, dtype=torch.float32).to(table.weight.dtype)
 
 
-def attention_mask(q_pos: Tensor, n_keys: int, window: int | None) -> Tensor:
-    """Boolean [T, S] mask over keys stored at absolute positions 0..S-1: causal, and q - W < k if windowed."""
-    k_pos = torch.arange(n_keys, device=q_pos.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
-    return allowed
-
-
 class Gemma(nn.Module):
     """A Gemma 3 or Gemma 4 causal LM: `model` (the HF text model subtree) and a tied, soft-capped head."""
 
@@ -286,41 +263,30 @@ class Gemma(nn.Module):
         self.config = config
         self.model = TextModel(config)
         self.inv_freq = {kind: inv_frequencies(config, kind) for kind in (SLIDING, FULL)}
+        self.lm_head: nn.Module | None = None
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> None:
-        """Preallocate a full-length KV cache for every layer that computes its own K/V."""
-        p = self.model.embed_tokens.weight
-        for layer in self.model.layers:
-            attn = layer.self_attn
-            if not attn.shared:
-                n_kv = attn.k_proj.out_features // attn.head_dim
-                attn.cache = KVCache(batch, n_kv, max_len, attn.head_dim, dtype or p.dtype, device or p.device)
-
-    def clear_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.cache = None
-
-    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
-        """input_ids: [B, T]; input_pos: [T] absolute positions (default 0..T-1). Returns logits
-        [B, T', V] for the last `logits_to_keep` positions (0 = all)."""
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int = 0,
+                step: Step | None = None) -> Tensor:
+        """input_ids: [B, T]; positions from `step` (with a KV cache, see cache.py), else `input_pos` ([T] or
+        [B, T], default 0..T-1). Returns logits [B, T', V] for the last `logits_to_keep` positions (0 = all)."""
         c, m = self.config, self.model
-        T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device) if input_pos is None else input_pos
+        B, T = input_ids.shape
+        if step is None:
+            pos = torch.arange(T, device=input_ids.device) if input_pos is None else input_pos
+            step = Step(pos.expand(B, T) if pos.dim() == 1 else pos)
+        step.begin()
         x = scaled_embedding(m.embed_tokens, input_ids, c.hidden_size)
         ple = m.per_layer_inputs(input_ids, x) if c.hidden_size_per_layer_input else None
-        cached = m.layers[0].self_attn.cache
-        n_keys = cached.k.shape[2] if cached is not None else T
-        ropes, masks = {}, {}
-        for kind in set(c.layer_types):
-            ropes[kind] = rope_tables(self.inv_freq[kind], pos, x.dtype)
-            masks[kind] = attention_mask(pos, n_keys, c.sliding_window if kind == SLIDING else None)
+        kinds = set(c.layer_types)
+        ropes = {kind: rope_tables(self.inv_freq[kind], step.positions, x.dtype) for kind in kinds}
+        masks = {kind: step.mask(kind, c.sliding_window) for kind in kinds}
         published: dict[str, tuple[Tensor, Tensor]] = {}
         for i, layer in enumerate(m.layers):
             kind = c.layer_types[i]
-            x = layer(x, ropes[kind], masks[kind], pos, published, None if ple is None else ple[:, :, i])
+            x = layer(x, ropes[kind], masks[kind], step, i, published, None if ple is None else ple[:, :, i])
         x = m.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-        logits = F.linear(x, m.embed_tokens.weight)
+        # A quantized model carries its own output projection; otherwise the head is the tied embedding.
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, m.embed_tokens.weight)
         if c.final_logit_softcapping:
             logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
         return logits

@@ -1,0 +1,173 @@
+"""The KV cache: preallocated, per batch row, rolling for sliding layers, absent for KV-shared layers.
+
+Layout. Every layer that computes its own keys/values owns `k`, `v` of shape [rows, n_kv, slots, head_dim].
+Full-attention layers have one slot per position of the context. Sliding layers are ring buffers of
+`window + slack` slots (a key lives at slot `position % slots`): a query only ever sees the last `window`
+keys, so the rest of the context is never stored. The `slack` slots let a speculative chunk of up to
+`slack + 1` tokens be written before it is attended to, and rolled back, without overwriting a key that a
+later query still needs. KV-shared layers (Gemma 4 E-series) have no cache: they attend with their producer's.
+
+Positions, not slots, decide visibility. Per layer kind, `slot_pos[row, slot]` records which position a slot
+holds (-1: empty), so one mask rule serves every case (prefill, batched decode of rows at different
+positions, speculative verification, rollback): a key is visible to a query at position q iff it is in the
+same row, its position is <= q, and (sliding) > q - window.
+
+A forward pass sees the cache through a `Step`: `Step.kv` stores a layer's new keys/values and returns what
+to attend over, `Step.mask` gives the boolean mask. `Prefill` is a fresh sequence from position 0 (attend
+within the chunk, keep the tail in the ring); `Append` continues rows that already hold context (write, then
+attend over the cache). The model itself stays cache-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gemmakit.config import FULL, SLIDING, Config
+
+
+def chunk_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """[..., T, S] bool: key positions k_pos [..., S] visible to query positions q_pos [..., T]."""
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
+    allowed = (k <= q) & (k >= 0)
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+class KVCache:
+    def __init__(self, config: Config, rows: int, context: int, dtype: torch.dtype, device: torch.device | str,
+                 slack: int = 8):
+        self.config, self.rows, self.context = config, rows, context
+        self.window = config.sliding_window
+        self.slots = {FULL: context, SLIDING: min(context, config.sliding_window + slack)}
+        self.slot_pos = {kind: torch.full((rows, n), -1, dtype=torch.long, device=device)
+                         for kind, n in self.slots.items()}
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+        for i in range(config.first_kv_shared_layer):
+            kind = config.layer_types[i]
+            shape = (rows, config.layer_kv_heads(i), self.slots[kind], config.layer_head_dim(i))
+            self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+
+    def clear(self, rows: Tensor | list[int]) -> None:
+        """Forget everything stored for `rows` (a finished sequence leaves its row)."""
+        for pos in self.slot_pos.values():
+            pos[rows] = -1
+
+    def rollback(self, row: int, keep_until: int) -> None:
+        """Forget positions > keep_until of one row (rejected speculative tokens)."""
+        for pos in self.slot_pos.values():
+            pos[row].masked_fill_(pos[row] > keep_until, -1)
+
+    def record(self, rows: Tensor, positions: Tensor) -> None:
+        """Mark the slots that positions [b, T] of `rows` occupy (called once per forward, for all layers)."""
+        for kind, pos in self.slot_pos.items():
+            slots = positions % self.slots[kind]
+            pos[rows[:, None], slots] = positions
+
+
+@dataclass
+class Step:
+    """One forward pass over `rows` at `positions` [b, T]; `cache` None means no caching at all."""
+
+    positions: Tensor
+    cache: KVCache | None = None
+    rows: Tensor | None = None
+
+    def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return k, v
+
+    def mask(self, kind: str, window: int) -> Tensor:
+        """[b, 1, T, S] visibility of the keys `kv` returned."""
+        return chunk_mask(self.positions, self.positions, window if kind == SLIDING else None)[:, None]
+
+    def begin(self) -> None:
+        """Called once before the layers run."""
+
+
+class Prefill(Step):
+    """A fresh sequence from position 0 in one row: attend within the chunk, then keep what later steps need."""
+
+    def begin(self) -> None:
+        self.cache.clear(self.rows)
+        T = self.positions.shape[1]
+        # A ring keeps only the last `slots` positions; writing more would hit the same slot twice.
+        self._keep = {kind: slice(max(0, T - n), T) for kind, n in self.cache.slots.items()}
+        for kind, keep in self._keep.items():
+            pos = self.positions[:, keep]
+            self.cache.slot_pos[kind][self.rows[:, None], pos % self.cache.slots[kind]] = pos
+
+    def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keep = self._keep[kind]
+        slots = self.positions[0, keep] % self.cache.slots[kind]
+        self.cache.k[layer][self.rows[:, None], :, slots] = k[:, :, keep].transpose(1, 2)
+        self.cache.v[layer][self.rows[:, None], :, slots] = v[:, :, keep].transpose(1, 2)
+        return k, v
+
+
+class Append(Step):
+    """Rows that already hold context: write the new keys/values, then attend over the whole cache row."""
+
+    def begin(self) -> None:
+        self.cache.record(self.rows, self.positions)
+
+    def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        slots = self.positions % self.cache.slots[kind]  # [b, T]
+        rows = self.rows[:, None]
+        self.cache.k[layer][rows, :, slots] = k.transpose(1, 2)
+        self.cache.v[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
+
+    def mask(self, kind: str, window: int) -> Tensor:
+        key_pos = self.cache.slot_pos[kind][self.rows]
+        return chunk_mask(self.positions, key_pos, window if kind == SLIDING else None)[:, None]
+
+
+def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, weight_bytes: int,
+                   slack: int = 8, prefill_tokens: int = 512) -> dict[str, int]:
+    """Memory a model + cache needs before anything is allocated: weights, KV cache, and a working set
+    for the largest forward pass (activations of a prefill chunk, fp32 logits of a decode batch)."""
+    elt = torch.tensor([], dtype=dtype).element_size()
+    slots = {FULL: context, SLIDING: min(context, config.sliding_window + slack)}
+    kv = sum(2 * rows * config.layer_kv_heads(i) * slots[config.layer_types[i]] * config.layer_head_dim(i) * elt
+             for i in range(config.first_kv_shared_layer))
+    widest = max(config.layer_intermediate(i) for i in range(config.num_hidden_layers))
+    heads = config.num_attention_heads * max(config.head_dim, config.global_head_dim or 0)
+    activations = prefill_tokens * (4 * config.hidden_size + 3 * widest + 3 * heads) * elt
+    scores = config.num_attention_heads * prefill_tokens * min(prefill_tokens, context) * 4
+    logits = max(rows, 1) * config.vocab_size * 4 * 2
+    work = activations + scores + logits
+    return {"weights": weight_bytes, "kv_cache": kv, "workspace": work, "total": weight_bytes + kv + work}
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Memory that can still be allocated: free CUDA memory, or MemAvailable on Linux."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def check_fits_memory(need: dict[str, int], device: torch.device | str, already_resident: int = 0) -> None:
+    """Refuse, with the numbers, a cache that would not fit instead of failing with out-of-memory later."""
+    extra = need["total"] - already_resident
+    free = available_bytes(device)
+    if extra > free:
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        raise MemoryError(f"this needs {gib(extra)} more ({gib(need['kv_cache'])} KV cache, "
+                          f"{gib(need['workspace'])} working memory) but only {gib(free)} is available; "
+                          "lower --context or the batch size, or quantize the model")
