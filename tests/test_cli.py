@@ -53,7 +53,10 @@ def test_seeded_sampling_repeats(default_model):
     (("generate", "x", "--temperature", "-1"), "temperature must be in"),
     (("generate", "x", "--max-tokens", "0"), "max_tokens must be at least 1"),
     (("generate", "x", "--model", "/no/such/model"), "no such model path"),
-    (("generate", "x", "--max-tokens", "40000"), "exceeds the model's context of 32768"),
+    (("generate", "x", "--max-tokens", "40000"), "exceeds the context of 8192"),
+    (("generate", "x", "--max-tokens", "40000", "--context", "65536"), "exceeds the context of 32768"),
+    (("generate", "x", "--top-p", "1.5"), "top_p"),
+    (("generate", "x", "--quantize", "int3"), "invalid choice"),
 ])
 def test_bad_input_is_one_clear_error_line(default_model, args, message):
     """Bad arguments exit with status 2 and an `error:` line, never a traceback or partial output."""

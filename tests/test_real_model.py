@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gemmakit.checkpoints import load_model
-from gemmakit.generate import Sampling, generate
+from gemmakit.engine import Engine
+from gemmakit.sampling import SamplingParams
 from gemmakit.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -57,10 +58,10 @@ def test_logits_match_transformers_on_128_tokens(reference, ours):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_continuations_equal_transformers(reference, ours, prompt):
-    """32 greedy tokens from gemmakit's cached decode loop equal transformers' generate()."""
+    """32 greedy tokens from gemmakit's engine (prefill + cached decode) equal transformers' generate()."""
     model, tok = ours
     ids = tok.encode(prompt)
-    got = list(generate(model, ids, Sampling(max_tokens=32)))
+    got = list(Engine(model, max_batch=1, context=256).stream(ids, SamplingParams(max_tokens=32)))
     with torch.no_grad():
         out = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                  eos_token_id=None, min_new_tokens=32)

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from gemmakit.api import LLM
 
 
-def load(model: Any = None, dtype: str = "auto", device: str = "cpu", chat_format: str = "auto") -> LLM:
+def load(model: Any = None, dtype: str = "auto", device: str = "cpu", chat_format: str = "auto",
+         context: int | None = None) -> LLM:
     """Load a checkpoint ready to generate and chat (see gemmakit.api); torch is imported only here."""
     from gemmakit.api import load as _load
 
-    return _load(model, dtype, device, chat_format)
+    return _load(model, dtype, device, chat_format, context)

@@ -26,10 +26,13 @@ import torch
 from gemmakit.chat.dialogue import STOP_STRINGS, render_dialogue
 from gemmakit.chat.parser import Delta, StreamParser, ToolCall
 from gemmakit.chat.template import ChatFormat
-from gemmakit.generate import Sampling, StopText, check_fits, generate
+from gemmakit.engine import Engine, StopText
 from gemmakit.model import Gemma
+from gemmakit.sampling import SamplingParams
 from gemmakit.tokenizer import Tokenizer
 
+# The KV cache is preallocated for this many tokens unless the caller asks for more (up to the model's limit).
+DEFAULT_CONTEXT = 8192
 CHAT_FORMATS = ("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue")
 _INSTRUCTION_TUNED = re.compile(r"(^|[-_ .])(it|instruct|chat)($|[-_ .])", re.IGNORECASE)
 
@@ -46,8 +49,12 @@ class ChatResult:
 
 
 class LLM:
-    def __init__(self, model: Gemma, tokenizer: Tokenizer, chat_format: ChatFormat | None, name: str = ""):
+    def __init__(self, model: Gemma, tokenizer: Tokenizer, chat_format: ChatFormat | None, name: str = "",
+                 context: int | None = None):
         self.model, self.tokenizer, self.chat_format, self.name = model, tokenizer, chat_format, name
+        limit = model.config.max_position_embeddings
+        self.context = min(context or DEFAULT_CONTEXT, limit)
+        self._engine: Engine | None = None
         # Facts about the last generation, for callers that want them (finish reason, token counts).
         self.finish_reason, self.prompt_tokens, self.completion_tokens = "stop", 0, 0
         self.warnings: list[str] = []
@@ -88,23 +95,43 @@ class LLM:
         return sorted(ids)
 
     # --- generation -------------------------------------------------------------------------
-    def stream_text(self, ids: list[int], s: Sampling, stop_ids: Sequence[int]) -> Iterator[str]:
-        """Decoded text pieces of the continuation of `ids`; sets `finish_reason` when done."""
-        check_fits(self.model, len(ids), s.max_tokens)
+    @property
+    def engine(self) -> Engine:
+        """A one-row engine, allocated on first use and reused (its cache is the expensive part)."""
+        if self._engine is None:
+            self._engine = Engine(self.model, self.tokenizer, max_batch=1, context=self.context)
+        return self._engine
+
+    def params(self, stop_ids: Sequence[int], **sampling: Any) -> SamplingParams:
+        p = SamplingParams(**sampling)
+        p.stop_token_ids = tuple(stop_ids)
+        p.validate(self.model.config.vocab_size)
+        return p
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        """Refuse, with the numbers, a request that cannot fit the context."""
+        if n_prompt + max_tokens > self.context:
+            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                             f"{self.context} tokens; shorten the prompt or lower max_tokens")
+
+    def stream_text(self, ids: list[int], p: SamplingParams) -> Iterator[str]:
+        """Decoded text pieces of the continuation of `ids`; keeps `finish_reason` and token counts current."""
+        self.check_fits(len(ids), p.max_tokens)
         decoder = self.tokenizer.decode_stream()
         # Kept up to date token by token: a caller may stop reading early (a stop string) and close us.
         self.finish_reason, self.completion_tokens = "stop", 0
-        for token in generate(self.model, ids, s, stop_ids=stop_ids):
+        for token in self.engine.stream(ids, p):
             self.completion_tokens += 1
             if piece := decoder.step(token):
                 yield piece
-        if self.completion_tokens >= s.max_tokens:
+        if self.completion_tokens >= p.max_tokens:
             self.finish_reason = "length"
 
     def generate(self, prompt: str, stop: Sequence[str] = (), **sampling: Any) -> str:
         """Raw completion of `prompt` (BOS added); stops at EOS, a stop string, or max_tokens."""
         cut, text = StopText(stop), ""
-        for piece in self.stream_text(self.tokenizer.encode(prompt), Sampling(**sampling), self.stop_ids(chat=False)):
+        for piece in self.stream_text(self.tokenizer.encode(prompt), self.params(self.stop_ids(chat=False),
+                                                                                  **sampling)):
             text += cut.feed(piece)
             if cut.stopped:  # leaving the loop closes the generator: no tokens are computed past the stop
                 break
@@ -115,7 +142,7 @@ class LLM:
         """The reply to `messages` as it is generated: content, reasoning and tool-call deltas."""
         ids = self.encode_prompt(self.render(messages, tools, enable_thinking))
         self.prompt_tokens = len(ids)
-        pieces = self.stream_text(ids, Sampling(**sampling), self.stop_ids())
+        pieces = self.stream_text(ids, self.params(self.stop_ids(), **sampling))
         if self.chat_format is None:
             yield from _dialogue_deltas(pieces)
             return
@@ -189,11 +216,12 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
-         chat_format: str = "auto") -> LLM:
+         chat_format: str = "auto", context: int | None = None) -> LLM:
     """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat."""
     from gemmakit.checkpoints import load_model_and_tokenizer, resolve
 
     path = resolve(model)
     m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device)
     name = m.config.name if path.suffix == ".gguf" else path.name
-    return LLM(m, tok, pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format), name)
+    fmt = pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format)
+    return LLM(m, tok, fmt, name, context)

@@ -45,12 +45,13 @@ def _billions(n: int) -> str:
 
 
 def sampling_of(args: argparse.Namespace) -> dict:
-    from gemmakit.generate import Sampling
+    from gemmakit.sampling import SamplingParams
 
-    s = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 seed=args.seed)
-    s.validate()  # before the model loads, so a typo costs nothing
-    return asdict(s)
+    fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                  loop_guard=args.loop_guard)
+    SamplingParams(**fields).validate()  # before the model loads, so a typo costs nothing
+    return fields
 
 
 @contextmanager
@@ -82,7 +83,13 @@ def load_llm(args: argparse.Namespace):
     from gemmakit.api import load
 
     with spinner("loading model"):
-        return load(args.model, args.dtype, args.device, args.chat_format)
+        llm = load(args.model, args.dtype, args.device, args.chat_format, args.context)
+    if args.quantize != "none":
+        from gemmakit.quantize import quantize_model
+
+        with spinner(f"quantizing to {args.quantize}"):
+            quantize_model(llm.model, args.quantize)
+    return llm
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -108,13 +115,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def stream_completion(llm, prompt: str, sampling: dict, verbose: bool) -> None:
-    from gemmakit.generate import Sampling, check_fits
-
     t0 = time.perf_counter()
     ids = llm.tokenizer.encode(prompt)
-    check_fits(llm.model, len(ids), sampling["max_tokens"])  # before anything is printed
+    llm.check_fits(len(ids), sampling["max_tokens"])  # before anything is printed
     sys.stdout.write(prompt)
-    for piece in llm.stream_text(ids, Sampling(**sampling), llm.stop_ids(chat=False)):
+    for piece in llm.stream_text(ids, llm.params(llm.stop_ids(chat=False), **sampling)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -128,7 +133,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     sampling = sampling_of(args)
     llm = load_llm(args)
-    context = min(args.context or llm.model.config.max_position_embeddings, llm.model.config.max_position_embeddings)
+    context = llm.context
     if context <= sampling["max_tokens"]:
         raise ValueError(f"--context ({context}) must exceed --max-tokens ({sampling['max_tokens']})")
     interactive = sys.stdin.isatty()
@@ -150,10 +155,18 @@ def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample only from the top-p probability mass")
+    p.add_argument("--min-p", type=float, default=None, help="drop tokens less likely than min-p x the top one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--loop-guard", choices=("off", "stop", "penalize"), default="off",
+                   help="detect a repeating tail (Gemma 4's long-generation collapse) and stop or break it")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--think", action="store_true", help="thinking mode (Gemma 4 instruction-tuned models)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only quantization of the loaded model")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens of context to allocate the KV cache for (default 8192, at most the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
@@ -170,8 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g, max_tokens=64)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="chat in the terminal (reads a pipe too)")
-    c.add_argument("--context", type=int, default=None,
-                   help="context window to keep the conversation in (default: the model's)")
     add_model_args(c, max_tokens=256)
     c.set_defaults(func=cmd_chat)
     return p
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

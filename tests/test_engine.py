@@ -1,0 +1,163 @@
+"""The engine: batched equals unbatched, continuous batching, per-row sampling, stops, memory, speculation.
+Run: .venv/bin/python -m pytest tests/test_engine.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemmakit.checkpoints import load_model, load_model_and_tokenizer
+from gemmakit.engine import Engine
+from gemmakit.model import Gemma
+from gemmakit.sampling import SamplingParams
+from gemmakit.speculative import ModelDrafter, speculative_generate
+from tests.helpers import WINDOW, hf_model, tiny
+
+PROMPT_LENGTHS = (3, 17, 4 * WINDOW + 1)
+
+
+@pytest.fixture(scope="module", params=["gemma3", "e2b"])
+def model(request, tmp_path_factory) -> Gemma:
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model(tiny(request.param)).save_pretrained(path)
+    return load_model(path)
+
+
+def _prompts(n: int = len(PROMPT_LENGTHS)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 1000, (PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)],), generator=g).tolist()
+            for i in range(n)]
+
+
+def _greedy_without_cache(model: Gemma, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_batched_equals_unbatched_equals_uncached(model):
+    """Prompts of different lengths decoded together give the tokens each gets alone and without a cache."""
+    params = SamplingParams(max_tokens=3 * WINDOW)  # runs far past the sliding window
+    batched = Engine(model, max_batch=4, context=128).generate(_prompts(), params)
+    for prompt, req in zip(_prompts(), batched, strict=True):
+        alone = Engine(model, max_batch=1, context=128).generate([prompt], params)[0]
+        assert req.tokens == alone.tokens == _greedy_without_cache(model, prompt, params.max_tokens)
+        assert req.finish_reason == "length"
+
+
+def test_continuous_batching_reuses_rows(model):
+    """Seven requests through two rows all finish with the same tokens they get alone."""
+    params = [SamplingParams(max_tokens=4 + i) for i in range(7)]
+    engine = Engine(model, max_batch=2, context=128)
+    reqs = engine.generate(_prompts(7), params)
+    assert [len(r.tokens) for r in reqs] == [4 + i for i in range(7)]
+    assert sorted(engine.free_rows) == [0, 1] and not engine.running
+    for prompt, p, req in zip(_prompts(7), params, reqs, strict=True):
+        assert req.tokens == Engine(model, max_batch=1, context=128).generate([prompt], p)[0].tokens
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    """A seeded sampled row gives the same tokens alone and next to other rows with other parameters."""
+    mine = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=123)
+    others = [SamplingParams(max_tokens=6, temperature=0.7, top_k=5, seed=9), SamplingParams(max_tokens=8)]
+    prompts = _prompts()
+    together = Engine(model, max_batch=3, context=128).generate(prompts, [mine, *others])[0]
+    alone = Engine(model, max_batch=1, context=128).generate(prompts[:1], mine)[0]
+    again = Engine(model, max_batch=1, context=128).generate(prompts[:1], mine)[0]
+    assert together.tokens == alone.tokens == again.tokens
+
+
+def test_stop_token_and_logprobs(model):
+    """A stop id ends the sequence without being emitted; logprobs come with top alternatives."""
+    prompt = _prompts(1)[0]
+    free = Engine(model, max_batch=1, context=128).generate([prompt], SamplingParams(max_tokens=6))[0]
+    stop_at = free.tokens[3]
+    p = SamplingParams(max_tokens=6, stop_token_ids=(stop_at,), logprobs=3)
+    req = Engine(model, max_batch=1, context=128).generate([prompt], p)[0]
+    assert req.tokens == free.tokens[: free.tokens.index(stop_at)] and req.finish_reason == "stop"
+    assert [lp.token for lp in req.logprobs] == req.tokens
+    assert all(len(lp.top) == 3 and lp.top[0][1] >= lp.top[-1][1] for lp in req.logprobs)
+
+
+def test_cancel_frees_the_row(model):
+    """A cancelled request (a client that went away) leaves its row at once."""
+    engine = Engine(model, max_batch=1, context=128)
+    req = engine.submit(_prompts(1)[0], SamplingParams(max_tokens=50))
+    engine.step()
+    engine.cancel(req)
+    assert engine.free_rows == [0] and not engine.has_work and req.finish_reason == "cancelled"
+
+
+def test_bad_requests_are_refused(model):
+    """Too long for the context, empty prompt, bad parameters: clear ValueErrors before any work."""
+    engine = Engine(model, max_batch=1, context=64)
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) \+ max_tokens \(10\) exceeds the context of 64"):
+        engine.submit([1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([1, 2], SamplingParams(top_p=2.0))
+
+
+def test_memory_is_estimated_before_allocation(model):
+    """The KV cache allocated is exactly the estimate, and a context that cannot fit is refused up front."""
+    engine = Engine(model, max_batch=3, context=100)
+    assert engine.cache.nbytes() == engine.memory["kv_cache"]
+    huge = Gemma.__new__(Gemma)
+    torch.nn.Module.__init__(huge)
+    huge.config = model.config.replace(max_position_embeddings=2**40)
+    huge.model = model.model
+    with pytest.raises(MemoryError, match=r"GiB more .* KV cache.*lower --context"):
+        Engine(huge, max_batch=8, context=2**38)
+
+
+def test_speculative_greedy_equals_plain_greedy(model, tmp_path):
+    """With a different random drafter (mostly rejected) the output is exactly plain greedy decoding."""
+    hf_model(model.config, seed=7).save_pretrained(tmp_path)
+    drafter = ModelDrafter(load_model(tmp_path), context=256)
+    prompt = _prompts(1)[0]
+    plain = Engine(model, max_batch=1, context=128).generate([prompt], SamplingParams(max_tokens=20))[0].tokens
+    stats: dict = {}
+    got = list(speculative_generate(model, drafter, prompt, max_tokens=20, k=3, stats=stats))
+    assert got == plain and stats["produced"] == 20
+
+
+def test_speculative_with_itself_accepts_every_draft(model):
+    """The target as its own drafter: every draft accepted, k + 1 tokens per verification round."""
+    prompt = _prompts(1)[0]
+    plain = Engine(model, max_batch=1, context=128).generate([prompt], SamplingParams(max_tokens=17))[0].tokens
+    stats: dict = {}
+    got = list(speculative_generate(model, ModelDrafter(model, context=256), prompt, max_tokens=17, k=4,
+                                    stats=stats))
+    assert got == plain and stats["rounds"] == 4
+
+
+@pytest.fixture(scope="module")
+def real(default_model):
+    return load_model_and_tokenizer(default_model)
+
+
+def test_stop_strings_on_the_real_model(real):
+    """A stop string that spans tokens ends the text right before it."""
+    model, tok = real
+    engine = Engine(model, tok, max_batch=2, context=256)
+    prompt = tok.encode("The capital of France is Paris. The capital of Italy is")
+    free = engine.generate([prompt], SamplingParams(max_tokens=12))[0]
+    text = tok.decode(free.tokens)
+    assert " capital" in text[1:]
+    req = engine.generate([prompt], SamplingParams(max_tokens=12, stop=(" capital",)))[0]
+    assert req.finish_reason == "stop" and req.text == text[: text.index(" capital", 1)]
+
+
+def test_loop_guard_stops_a_repetition_collapse(real):
+    """The 270M collapses into '1000000...' on this prompt; the loop guard ends it with reason 'loop'."""
+    model, tok = real
+    prompt = tok.encode("User: Count from 1 to 200, separated by commas.\nAssistant: 1")
+    engine = Engine(model, tok, max_batch=1, context=512)
+    loose = engine.generate([prompt], SamplingParams(max_tokens=80))[0]
+    assert loose.finish_reason == "length" and len(set(loose.tokens[-30:])) <= 2
+    guarded = engine.generate([prompt], SamplingParams(max_tokens=80, loop_guard="stop"))[0]
+    assert guarded.finish_reason == "loop" and len(guarded.tokens) < 80
