@@ -252,7 +252,9 @@ def embedding(rows: int, width: int, pad: int) -> nn.Embedding:
 
 def scaled_embedding(table: nn.Embedding, ids: Tensor, width: int) -> Tensor:
     # sqrt(width) is rounded to the weight dtype first (39.25, not 39.19, for E2B in bf16), as in the reference.
-    return table(ids) * torch.tensor(width**0.5, dtype=torch.float32).to(table.weight.dtype)
+    # A quantized table (quantize.py) has no .weight; it names the dtype it dequantizes to.
+    dtype = table.weight.dtype if isinstance(table, nn.Embedding) else table.dtype
+    return table(ids) * torch.tensor(width**0.5, dtype=torch.float32).to(dtype)
 
 
 class Gemma(nn.Module):

@@ -1,0 +1,201 @@
+"""Weight-only quantization: packed int8/int4 linears match fp32, a quantized Gemma keeps its logits, memory drops.
+Run: .venv/bin/python -m pytest tests/test_quantize.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemmakit.model import Gemma
+from gemmakit.quantize import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    QuantizedExperts,
+    quantize_model,
+    quantized_bytes,
+)
+from tests.helpers import tiny
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared CPU OpenMP's spin-waits make them ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _gemma(variant: str = "gemma3", embed_std: float = 1.0) -> Gemma:
+    """A tiny random Gemma; vocab 1024 so the tied head meets the CPU int4 kernel's N % 16 rule."""
+    torch.manual_seed(0)
+    model = Gemma(tiny(variant).replace(vocab_size=1024)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, embed_std)
+        for name, p in model.named_parameters():
+            if "experts." in name:  # created with torch.empty
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _ids(batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, 1000, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _linear(n_out: int, n_in: int, device: str = "cpu") -> tuple[nn.Linear, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Linear(n_in, n_out, bias=False, device=device), torch.randn(3, 5, n_in, device=device)
+
+
+def test_int8_linear_matches_fp32():
+    """Int8Linear is within 1% (relative Frobenius) of the fp32 linear, with the leading dims kept."""
+    lin, x = _linear(96, 256)
+    q = Int8Linear.from_weight(lin.weight)
+    assert q(x).shape == (3, 5, 96) and q(x).dtype == torch.float32
+    assert _rel(q(x), lin(x)) < 0.01
+
+
+def test_int8_linear_with_ragged_in_features():
+    """K not a multiple of 16 (where the bf16 CPU kernel misreads the tail) still computes correctly."""
+    lin, x = _linear(48, 24)
+    q = Int8Linear.from_weight(lin.weight)
+    assert q.scales.dtype == torch.float32
+    assert _rel(q(x), lin(x)) < 0.01
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_linear_matches_fp32(group_size):
+    """Int4Linear is within 7.5% of the fp32 linear (a wrong packing or scale layout gives ~100%)."""
+    lin, x = _linear(64, 256)
+    q = Int4Linear.from_weight(lin.weight, group_size)
+    assert q(x).shape == (3, 5, 64)
+    assert _rel(q(x), lin(x)) < 0.075
+
+
+def test_int4_needs_packable_shapes():
+    """Int4Linear refuses a group size not dividing K, an unsupported group size and N % 16 != 0 on CPU."""
+    for n_out, n_in, group_size in ((64, 96, 64), (64, 64, 16), (40, 64, 32)):
+        with pytest.raises(ValueError, match="int4"):
+            Int4Linear.from_weight(torch.randn(n_out, n_in), group_size)
+
+
+def test_quantize_model_rejects_bad_arguments():
+    """Unknown modes, unsupported int4 group sizes and a second quantization are clear ValueErrors."""
+    with pytest.raises(ValueError, match="mode"):
+        quantize_model(_gemma(), "fp8")
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_model(_gemma(), "int4", group_size=48)
+    model = quantize_model(_gemma(), "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, "int4")
+
+
+def test_module_names_are_kept():
+    """Quantized linears keep their HF names, and the tied head becomes `lm_head` next to an int8 table."""
+    model = quantize_model(_gemma(), "int8")
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, Int8Linear) and isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert "model.layers.0.mlp.down_proj.weight" in model.state_dict()
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.qweight  # one int8 copy serves both
+
+
+def test_int4_falls_back_to_int8_where_it_cannot_pack():
+    """With group size 64, the K=96 down_proj of the tiny model is int8 while the other linears are int4."""
+    mlp = quantize_model(_gemma(), "int4", group_size=64).model.layers[0].mlp
+    assert isinstance(mlp.gate_proj, Int4Linear) and isinstance(mlp.down_proj, Int8Linear)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_embedding_rows_equal_the_head(mode):
+    """The quantized table looks up exactly the rows the quantized head multiplies with (the tie survives)."""
+    model = quantize_model(_gemma(), mode)
+    table, head = model.model.embed_tokens, model.lm_head
+    rows = table(torch.arange(1024))
+    assert rows.dtype == torch.float32 and rows.shape == (1024, 64)
+    from_head = head(torch.eye(64)).t()  # x = I gives the dequantized weight, in the kernel's bf16
+    assert _rel(from_head, rows) < 0.005
+    assert _rel(rows, _gemma().model.embed_tokens.weight) < (0.01 if mode == "int8" else 0.1)
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "e2b", "26b-a4b", "31b"])
+@pytest.mark.parametrize("mode, min_cosine", [("int8", 0.999), ("int4", 0.98)])
+def test_quantized_gemma_logits_stay_close(variant, mode, min_cosine):
+    """A quantized tiny Gemma's logits point the same way as fp32's (cosine per position)."""
+    ids = _ids()
+    with torch.no_grad():
+        want = _gemma(variant)(ids)
+        got = quantize_model(_gemma(variant), mode)(ids)
+    cosine = F.cosine_similarity(got.flatten(0, 1), want.flatten(0, 1), dim=-1)
+    assert cosine.mean() > min_cosine and cosine.min() > min_cosine - 0.05
+
+
+@pytest.mark.parametrize("mode, min_agree", [("int8", 0.9), ("int4", 0.6)])
+def test_greedy_tokens_mostly_agree(mode, min_agree):
+    """Greedy next tokens mostly agree with fp32's (random weights leave many near-ties; the real-model
+    numbers are in benchmarks/quant_quality.py)."""
+    ids = _ids(2, 32)
+    with torch.no_grad():
+        want = _gemma(embed_std=0.2)(ids).argmax(-1)
+        got = quantize_model(_gemma(embed_std=0.2), mode)(ids).argmax(-1)
+    assert (want == ids).float().mean() < 0.5  # not just echoing the input token, which a tied head favours
+    assert (got == want).float().mean() >= min_agree
+
+
+def test_moe_experts_are_quantized():
+    """MoE experts become int8 QuantizedExperts under the same names; the router stays full precision."""
+    layer = quantize_model(_gemma("26b-a4b"), "int4").model.layers[0]
+    assert isinstance(layer.experts, QuantizedExperts) and layer.experts.down_proj.dtype == torch.int8
+    assert isinstance(layer.router.proj, nn.Linear)
+
+
+@pytest.mark.parametrize("mode, ratio", [("int8", 0.3), ("int4", 0.25)])
+def test_resident_memory_drops(mode, ratio):
+    """Quantized bytes, the embedding table included, fall below `ratio` of fp32's."""
+    fp32 = quantized_bytes(_gemma())
+    assert quantized_bytes(quantize_model(_gemma(), mode)) < ratio * fp32
+
+
+def test_bf16_model_quantizes():
+    """A bf16 model quantizes too: the table comes back in bf16 and the logits track the bf16 model's."""
+    ids = _ids()
+    with torch.no_grad():
+        want = _gemma().to(torch.bfloat16)(ids)
+        model = quantize_model(_gemma().to(torch.bfloat16), "int4")
+        got = model(ids)
+    assert model.model.embed_tokens.dtype == torch.bfloat16 and got.dtype == torch.bfloat16
+    assert F.cosine_similarity(got.flatten(0, 1).float(), want.flatten(0, 1).float(), dim=-1).mean() > 0.98
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("n_in", [256, 640])
+def test_cuda_linears_match_fp32(mode, n_in):
+    """On CUDA the packed int8 / tensor-core int4 linears match the fp32 linear as on CPU."""
+    lin, x = _linear(128, n_in, device="cuda")
+    q = Int8Linear.from_weight(lin.weight) if mode == "int8" else Int4Linear.from_weight(lin.weight, 32)
+    assert _rel(q(x), lin(x)) < (0.01 if mode == "int8" else 0.075)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mode, min_cosine", [("int8", 0.999), ("int4", 0.98)])
+def test_cuda_quantized_gemma_logits_stay_close(mode, min_cosine):
+    """A tiny Gemma quantized on CUDA keeps its logits close to the fp32 model's on CUDA."""
+    ids = _ids().cuda()
+    with torch.no_grad():
+        want = _gemma().cuda()(ids)
+        got = quantize_model(_gemma().cuda(), mode)(ids)
+    assert F.cosine_similarity(got.flatten(0, 1), want.flatten(0, 1), dim=-1).mean() > min_cosine
