@@ -72,3 +72,11 @@ def test_damaged_gguf_is_reported_by_the_cli(default_model, tmp_path):
         cut.write_bytes(f.read(1 << 20))
     out = gemmakit("generate", "x", "--model", str(cut))
     assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_prints_a_table(default_model):
+    """`gemmakit bench` measures the engine and prints rates, memory and the roofline fraction."""
+    out = gemmakit("bench", "--batch", "1", "2", "--prompt-len", "16", "--new-tokens", "4", "--quantize", "int8")
+    assert out.returncode == 0, out.stderr
+    assert "memory bandwidth" in out.stdout and "| roofline |" in out.stdout
+    assert len([line for line in out.stdout.splitlines() if line.startswith("| auto | int8 |")]) == 2

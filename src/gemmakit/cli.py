@@ -144,6 +144,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run(session, sys.stdin, interactive)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from gemmakit.bench import format_table, measure_bandwidth, run_engine_bench
+
+    llm = load_llm(args)
+    bandwidth = measure_bandwidth(device=args.device)
+    rows = []
+    for batch in args.batch:
+        for prompt_len in args.prompt_len:
+            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens)
+            rows.append({"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()})
+    print(f"{llm.name} on {args.device}; measured memory bandwidth {bandwidth:.1f} GB/s "
+          "(roofline = fraction of it the decode uses, one weight read per step)")
+    print(format_table(rows))
+
+
 def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded "
                                                  "Gemma 3 270M)")
@@ -185,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat in the terminal (reads a pipe too)")
     add_model_args(c, max_tokens=256)
     c.set_defaults(func=cmd_chat)
+    b = sub.add_parser("bench", help="prefill / decode tokens per second, time to first token, peak memory")
+    b.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    b.add_argument("--prompt-len", type=int, nargs="+", default=[128], help="prompt lengths (default 128)")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
+    add_model_args(b, max_tokens=128)
+    b.set_defaults(func=cmd_bench)
     return p
 
 
