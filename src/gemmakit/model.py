@@ -168,11 +168,15 @@ class Experts(nn.Module):
                 continue
             rows, sel = token_of[start:start + n], order[start:start + n]
             start += n
-            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            y = self.expert(e, x[rows])
             # Router weights stay fp32 until the product is accumulated, as in the reference.
             out.index_add_(0, rows, (y * weights.flatten()[sel, None]).to(out.dtype))
         return out
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e's GeGLU on its tokens x [n, H] (quantize.py swaps in int8 matmuls here)."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
 
 
 class DecoderLayer(nn.Module):

@@ -256,11 +256,12 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {bits}, dtype={self.dtype}"
 
 
-class QuantizedExperts(nn.Module):
-    """`Experts` with int8 per-output-channel weights; buffers keep the names gate_up_proj and down_proj."""
+class QuantizedExperts(Experts):
+    """`Experts` with int8 per-output-channel weights; buffers keep the names gate_up_proj and down_proj.
+    The routing loop is Experts.forward's; only the per-expert matmuls change."""
 
     def __init__(self, experts: Experts):
-        super().__init__()
+        nn.Module.__init__(self)  # not Experts.__init__: it would allocate full-precision parameters
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(experts, name).detach()
             E, N, K = w.shape
@@ -268,23 +269,9 @@ class QuantizedExperts(nn.Module):
             self.register_buffer(name, q.view(E, N, K))
             self.register_buffer(f"{name}_scales", s.view(E, N))
 
-    def forward(self, x: Tensor, weights: Tensor, index: Tensor) -> Tensor:
-        # The routing loop of Experts.forward, with the two matmuls on the int8 kernel.
-        out = torch.zeros_like(x)
-        flat = index.flatten()
-        order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_of = order // index.shape[1]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows, sel = token_of[start:start + n], order[start:start + n]
-            start += n
-            gate, up = int8_matmul(x[rows], self.gate_up_proj[e], self.gate_up_proj_scales[e]).chunk(2, dim=-1)
-            y = int8_matmul(F.gelu(gate, approximate="tanh") * up, self.down_proj[e], self.down_proj_scales[e])
-            out.index_add_(0, rows, (y * weights.flatten()[sel, None]).to(out.dtype))
-        return out
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        gate, up = int8_matmul(x, self.gate_up_proj[e], self.gate_up_proj_scales[e]).chunk(2, dim=-1)
+        return int8_matmul(F.gelu(gate, approximate="tanh") * up, self.down_proj[e], self.down_proj_scales[e])
 
 
 def quantize_model(model: Gemma, mode: str, group_size: int = 32) -> Gemma:
