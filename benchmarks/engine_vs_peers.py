@@ -1,8 +1,10 @@
 """Generation speed of gemmakit against llama.cpp and transformers: same machine, model, prompt and threads.
 
 Setup: the embedded Gemma 3 270M Q4_K_M GGUF for every engine (llama.cpp runs it quantized; transformers and
-gemmakit dequantize it to fp32 or bf16 at load), the same prompt token ids (BOS + text, `--prompt-len`
-tokens), `--new-tokens` greedy tokens that never stop early at EOS, `--threads` threads.
+gemmakit dequantize it to fp32 or bf16 at load, and the -int8/-int4 gemmakit rows requantize that with
+gemmakit.quantize; gemmakit rows decode one row through torch.compile unless named -eager), the same prompt
+token ids (BOS + text, `--prompt-len` tokens), `--new-tokens` greedy tokens that never stop early at EOS,
+`--threads` threads.
 
 Each measurement is a fresh process (this script with --worker), so every engine starts from the same cold
 state and reports its own peak RSS: the process high-water mark, loading included (transformers' GGUF
@@ -47,6 +49,8 @@ from gemmakit.bench import MiB, format_table, measure_bandwidth, peak_rss_bytes
 from gemmakit.checkpoints import default_model_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_ENGINES = ("llama.cpp", "transformers-fp32", "transformers-bf16", "gemmakit-fp32", "gemmakit-bf16",
+                   "gemmakit-fp32-eager", "gemmakit-fp32-int8", "gemmakit-fp32-int4", "gemmakit-fp32-b8")
 PROMPT_TEXT = (
     "The history of the printing press begins with woodblock printing in East Asia, long before movable type "
     "reached Europe. When Johannes Gutenberg combined a screw press, oil-based inks and a mould for casting "
@@ -58,31 +62,38 @@ PROMPT_TEXT = (
 
 @dataclass(frozen=True)
 class Spec:
-    """An engine to measure, named `lib[-dtype][-bN]`: llama.cpp, transformers-bf16, gemmakit-fp32-b8."""
+    """An engine to measure, named `lib[-dtype][-int8|-int4][-eager][-bN]`: llama.cpp, transformers-bf16,
+    gemmakit-fp32-b8, gemmakit-fp32-int4 (weight-only quantized), gemmakit-fp32-eager (torch.compile off)."""
 
     lib: str
     dtype: str = "fp32"
     batch: int = 1
+    quant: str = "none"
+    compiled: bool = True
 
     @classmethod
     def parse(cls, name: str) -> Spec:
         lib, *rest = name.split("-")
         dtypes = [p for p in rest if p in DTYPES]
+        quants = [p for p in rest if p in ("int8", "int4")]
         batches = [int(p[1:]) for p in rest if p[:1] == "b" and p[1:].isdigit()]
-        if len(dtypes) + len(batches) != len(rest) or len(dtypes) > 1 or len(batches) > 1:
-            raise ValueError(f"cannot read engine {name!r}: use lib[-fp32|-bf16][-bN]")
-        spec = cls(lib, *dtypes[:1] or ["fp32"], *batches[:1] or [1])
+        eager = [p for p in rest if p == "eager"]
+        if len(dtypes) + len(quants) + len(batches) + len(eager) != len(rest) or max(
+                len(dtypes), len(quants), len(batches), len(eager)) > 1:
+            raise ValueError(f"cannot read engine {name!r}: use lib[-fp32|-bf16][-int8|-int4][-eager][-bN]")
+        spec = cls(lib, *dtypes[:1] or ["fp32"], *batches[:1] or [1], *quants[:1] or ["none"], not eager)
         if spec.lib not in ("llama.cpp", "transformers", "gemmakit"):
-            raise ValueError(f"unknown engine {name!r}: use llama.cpp, transformers-fp32|bf16, gemmakit-fp32|bf16[-bN]")
-        if spec.batch > 1 and spec.lib != "gemmakit":
-            raise ValueError(f"{name}: only gemmakit rows can be batched here")
+            raise ValueError(f"unknown engine {name!r}: use llama.cpp, transformers-fp32|bf16, gemmakit-...")
+        if spec.lib != "gemmakit" and (spec.batch > 1 or spec.quant != "none" or eager):
+            raise ValueError(f"{name}: only gemmakit rows can be batched, quantized or run eagerly here")
         return spec
 
     @property
     def name(self) -> str:
         if self.lib == "llama.cpp":
             return "llama.cpp"
-        return f"{self.lib}-{self.dtype}" + (f"-b{self.batch}" if self.batch > 1 else "")
+        return "-".join([self.lib, self.dtype, *([self.quant] if self.quant != "none" else []),
+                         *([] if self.compiled else ["eager"]), *([f"b{self.batch}"] if self.batch > 1 else [])])
 
 
 class Unavailable(Exception):
@@ -175,15 +186,16 @@ def run_transformers(dtype: str, prompt: list[int], new_tokens: int) -> dict:
 
 # ---- gemmakit --------------------------------------------------------------------------------------------
 # gemmakit runs through its batched engine; quantization through gemmakit.quantize.quantize_model.
-def run_gemmakit(dtype: str, quantize: str, batch: int, prompt: list[int], new_tokens: int) -> dict:
+def run_gemmakit(spec: Spec, prompt: list[int], new_tokens: int) -> dict:
     from gemmakit.checkpoints import load_model
     from gemmakit.engine import Engine
     from gemmakit.sampling import SamplingParams
 
-    model = apply_quantization(load_model(dtype=DTYPES[dtype]), quantize)
-    engine = Engine(model, max_batch=batch, context=len(prompt) + new_tokens)
+    model = apply_quantization(load_model(dtype=DTYPES[spec.dtype]), spec.quant)
+    # The warm-up generation inside gemmakit_engine builds the compiled decode step before any timing.
+    engine = Engine(model, max_batch=spec.batch, context=len(prompt) + new_tokens, compile=spec.compiled)
     # SamplingParams defaults: greedy, no stop tokens, loop guard off, so every row runs to max_tokens.
-    result = gemmakit_engine(engine, lambda n: SamplingParams(max_tokens=n, temperature=0.0), batch, prompt,
+    result = gemmakit_engine(engine, lambda n: SamplingParams(max_tokens=n, temperature=0.0), spec.batch, prompt,
                              new_tokens)
     return {**result, "weight_bytes": tensor_bytes(model)}
 
@@ -235,7 +247,7 @@ def worker(args: argparse.Namespace) -> dict:
         elif spec.lib == "transformers":
             result = run_transformers(spec.dtype, prompt, args.new_tokens)
         else:
-            result = run_gemmakit(spec.dtype, args.quantize, spec.batch, prompt, args.new_tokens)
+            result = run_gemmakit(spec, prompt, args.new_tokens)
     except Unavailable as e:
         return {"error": str(e)}
     return {**result, "peak_rss_bytes": peak_rss_bytes()}
@@ -245,7 +257,7 @@ def spawn(spec: Spec, prompt: list[int], args: argparse.Namespace) -> dict:
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--worker", spec.name, "--ids", ",".join(map(str, prompt)),
-           "--new-tokens", str(args.new_tokens), "--threads", threads, "--quantize", args.quantize]
+           "--new-tokens", str(args.new_tokens), "--threads", threads]
     busy0, child0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     other = (busy_cpu_seconds() - busy0 - (children_cpu_seconds() - child0)) / (time.perf_counter() - t0)
@@ -297,18 +309,9 @@ def prompt_ids(n: int) -> list[int]:
     return [tok.bos_id, *(body * (n // len(body) + 1))][:n]
 
 
-def engine_available() -> bool:
-    try:
-        import gemmakit.engine  # noqa: F401
-        import gemmakit.sampling  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def median_row(spec: Spec, runs: list[dict], quantize: str) -> dict:
+def median_row(spec: Spec, runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
-    label = spec.name + (f" ({quantize})" if spec.lib == "gemmakit" and quantize != "none" else "")
+    label = spec.name
     if not ok:
         return {"engine": label, "error": runs[-1]["error"]}
     # A run disturbed by other processes is not a sample of this engine's speed: leave it out when we can.
@@ -362,10 +365,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=None,
-                    help="comma-separated; default: llama.cpp, transformers-fp32/bf16, gemmakit-fp32/bf16, and "
-                         "gemmakit-fp32-b8 when gemmakit.engine exists")
-    ap.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
-                    help="weight quantization for the gemmakit rows (gemmakit.quantize)")
+                    help="comma-separated; default: llama.cpp, transformers-fp32/bf16, gemmakit-fp32/bf16 (compiled "
+                         "and eager), gemmakit-fp32-int8/int4 and gemmakit-fp32-b8")
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="before each measurement, wait up to this many seconds for other processes to go quiet "
                          "(0: do not wait)")
@@ -398,8 +399,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    default = "llama.cpp,transformers-fp32,transformers-bf16,gemmakit-fp32,gemmakit-bf16"
-    names = args.engines or default + (",gemmakit-fp32-b8" if engine_available() else "")
+    names = args.engines or ",".join(DEFAULT_ENGINES)
     specs = [Spec.parse(n.strip()) for n in names.split(",")]
     prompt = prompt_ids(args.prompt_len)
     torch.set_num_threads(args.threads)
@@ -410,7 +410,7 @@ def main() -> None:
     if args.save:
         with open(args.save, "w") as f:
             json.dump({s.name: runs[s] for s in specs}, f, indent=1)
-    rows = [median_row(s, runs[s], args.quantize) for s in specs]
+    rows = [median_row(s, runs[s]) for s in specs]
     print(f"\nGemma 3 270M Q4_K_M GGUF, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), "
           f"{args.threads} threads of {os.cpu_count()} CPUs, read bandwidth {bandwidth:.1f} GB/s, "
           f"median of {args.repeats}\n")

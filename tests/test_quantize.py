@@ -199,3 +199,34 @@ def test_cuda_quantized_gemma_logits_stay_close(mode, min_cosine):
         want = _gemma().cuda()(ids)
         got = quantize_model(_gemma().cuda(), mode)(ids)
     assert F.cosine_similarity(got.flatten(0, 1), want.flatten(0, 1), dim=-1).mean() > min_cosine
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "26b-a4b"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_while_loading_equals_quantizing_after(variant, mode, tmp_path):
+    """`load_model(quantize=...)` quantizes module by module as tensors arrive and ends with exactly the model
+    that loading in full precision and then calling quantize_model gives (tensors bit for bit, no fp Linear
+    left outside the router)."""
+    from gemmakit.checkpoints import load_model
+    from tests.helpers import hf_model
+
+    hf_model(tiny(variant).replace(vocab_size=1024)).save_pretrained(tmp_path)
+    after = quantize_model(load_model(tmp_path), mode)
+    streamed = load_model(tmp_path, quantize=mode)
+    want, got = after.state_dict(), streamed.state_dict()
+    assert got.keys() == want.keys()
+    for key, t in want.items():
+        assert torch.equal(got[key], t), key
+    assert not any(isinstance(m, nn.Linear) for name, m in streamed.named_modules() if "router" not in name)
+    ids = _ids()
+    assert torch.equal(streamed(ids), after(ids))
+
+
+def test_chunked_int4_packing_equals_whole_matrix_packing():
+    """A table taller than the quantizer's row chunk (with a ragged last chunk) packs exactly as one piece."""
+    from gemmakit.quantize import _ROWS, _nibbles, pack_int4, quantize_int4, quantize_int4_packed
+
+    w = torch.randn(2 * _ROWS + 64, 64, generator=torch.Generator().manual_seed(3))
+    packed, sz, nibbles = quantize_int4_packed(w, 32, nibbles=True)
+    q, want_sz = quantize_int4(w, 32)
+    assert torch.equal(packed, pack_int4(q)) and torch.equal(sz, want_sz) and torch.equal(nibbles, _nibbles(q))

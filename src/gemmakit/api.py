@@ -50,8 +50,9 @@ class ChatResult:
 
 class LLM:
     def __init__(self, model: Gemma, tokenizer: Tokenizer, chat_format: ChatFormat | None, name: str = "",
-                 context: int | None = None):
+                 context: int | None = None, compile: bool = False):
         self.model, self.tokenizer, self.chat_format, self.name = model, tokenizer, chat_format, name
+        self.compile = compile
         limit = model.config.max_position_embeddings
         self.context = min(context or DEFAULT_CONTEXT, limit)
         self._engine: Engine | None = None
@@ -99,7 +100,8 @@ class LLM:
     def engine(self) -> Engine:
         """A one-row engine, allocated on first use and reused (its cache is the expensive part)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, max_batch=1, context=self.context)
+            self._engine = Engine(self.model, self.tokenizer, max_batch=1, context=self.context,
+                                  compile=self.compile)
         return self._engine
 
     def params(self, stop_ids: Sequence[int], **sampling: Any) -> SamplingParams:
@@ -216,12 +218,15 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
-         chat_format: str = "auto", context: int | None = None) -> LLM:
-    """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat."""
+         chat_format: str = "auto", context: int | None = None, compile: bool = False,
+         quantize: str | None = None) -> LLM:
+    """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat. `compile` runs
+    one-row decode steps through torch.compile (compiled.py): ~3x faster on CPU after a one-off build.
+    `quantize` ("int8", "int4") quantizes the weights module by module as they load (quantize.py)."""
     from gemmakit.checkpoints import load_model_and_tokenizer, resolve
 
     path = resolve(model)
-    m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device)
+    m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, quantize)
     name = m.config.name if path.suffix == ".gguf" else path.name
     fmt = pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format)
-    return LLM(m, tok, fmt, name, context)
+    return LLM(m, tok, fmt, name, context, compile)

@@ -172,13 +172,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                     context: int | None = None) -> BenchResult:
+                     context: int | None = None, compile: bool = False) -> BenchResult:
     """Time one engine run: `batch` random prompts of `prompt_len` tokens, `new_tokens` greedy tokens each.
-    Prefill is timed on its own (the admission of all rows); decode covers the remaining batched steps."""
+    Prefill is timed on its own (the admission of all rows); decode covers the remaining batched steps.
+    A compiled engine is built (warmed up) before the clock starts."""
     from gemmakit.engine import Engine, model_bytes
     from gemmakit.sampling import SamplingParams
 
-    engine = Engine(model, max_batch=batch, context=context or prompt_len + new_tokens + 8)
+    engine = Engine(model, max_batch=batch, context=context or prompt_len + new_tokens + 8, compile=compile)
+    engine.warmup()
     device = engine.device
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]

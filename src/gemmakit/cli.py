@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -79,16 +80,21 @@ def spinner(label: str) -> Iterator[None]:
         thread.join()
 
 
+def compile_default() -> bool:
+    """`--no-compile`'s default: compiled, unless the environment says GEMMAKIT_COMPILE=0."""
+    return os.environ.get("GEMMAKIT_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def load_llm(args: argparse.Namespace):
     from gemmakit.api import load
 
-    with spinner("loading model"):
-        llm = load(args.model, args.dtype, args.device, args.chat_format, args.context)
-    if args.quantize != "none":
-        from gemmakit.quantize import quantize_model
-
-        with spinner(f"quantizing to {args.quantize}"):
-            quantize_model(llm.model, args.quantize)
+    label = "loading model" + (f" and quantizing it to {args.quantize}" if args.quantize != "none" else "")
+    with spinner(label):
+        llm = load(args.model, args.dtype, args.device, args.chat_format, args.context, compile=args.compile,
+                   quantize=args.quantize)
+    if args.compile and args.func is not cmd_bench:  # bench builds engines of its own
+        with spinner("compiling the decode step (a minute the first time; --no-compile skips it)"):
+            llm.engine.warmup()
     return llm
 
 
@@ -152,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     rows = []
     for batch in args.batch:
         for prompt_len in args.prompt_len:
-            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens)
+            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, args.context, args.compile)
             rows.append({"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()})
     print(f"{llm.name} on {args.device}; measured memory bandwidth {bandwidth:.1f} GB/s "
           "(roofline = fraction of it the decode uses, one weight read per step)")
@@ -183,6 +189,8 @@ def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--context", type=int, default=None,
                    help="tokens of context to allocate the KV cache for (default 8192, at most the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=compile_default(),
+                   help="run the decode step eagerly instead of through torch.compile (also: GEMMAKIT_COMPILE=0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from gemmakit.cache import Append, KVCache, Prefill, check_fits_memory, estimate_bytes
+from gemmakit.compiled import compile_decode, compile_supported
 from gemmakit.model import Gemma
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
 
@@ -104,7 +105,7 @@ class Request:
 
 class Engine:
     def __init__(self, model: Gemma, tokenizer: Any = None, max_batch: int = 8, context: int | None = None,
-                 slack: int = 8, check_memory: bool = True):
+                 slack: int = 8, check_memory: bool = True, compile: bool = False):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         config = model.config
         self.context = min(context or config.max_position_embeddings, config.max_position_embeddings)
@@ -114,6 +115,11 @@ class Engine:
             check_fits_memory(self.memory, self.device, already_resident=self.memory["weights"])
         self.cache = KVCache(config, max_batch, self.context, self.dtype, self.device, slack)
         self.sampler = Sampler(config.vocab_size)
+        # One-row decode steps run compiled when asked and possible (compiled.py says why only those).
+        self._decode_one = self._forward_decode
+        if compile and compile_supported(self.device):
+            cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
+            self._decode_one = compile_decode(self._forward_decode, self.device, cache_tensors)
         self.free_rows = list(range(max_batch))[::-1]
         self.running: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -146,6 +152,15 @@ class Engine:
         self._release(req)
 
     @property
+    def compiled(self) -> bool:
+        return self._decode_one is not self._forward_decode
+
+    def warmup(self) -> None:
+        """Build the compiled decode step now (one throw-away token) rather than in the first request."""
+        if self.compiled and not self.has_work:
+            self.generate([[self.model.config.bos_token_id or 0]], SamplingParams(max_tokens=2))
+
+    @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
@@ -175,8 +190,11 @@ class Engine:
         rows = torch.tensor([r.row for r in reqs], device=self.device)
         ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         pos = torch.tensor([[r.position] for r in reqs], device=self.device)
-        logits = self.model(ids, step=Append(pos, self.cache, rows))[:, -1]
-        return self._sample(reqs, logits)
+        forward = self._decode_one if len(reqs) == 1 else self._forward_decode
+        return self._sample(reqs, forward(ids, pos, rows))
+
+    def _forward_decode(self, ids: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
+        return self.model(ids, step=Append(pos, self.cache, rows))[:, -1]
 
     def _sample(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
         tokens, logprobs = self.sampler.sample(logits, [r.params for r in reqs], [r.prompt + r.tokens for r in reqs],

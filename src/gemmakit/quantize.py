@@ -42,7 +42,7 @@ from gemmakit.model import Experts, Gemma, Router
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accept
 COMPUTE_DTYPE = torch.bfloat16
-_ROWS = 8192  # rows quantized at once: bounds the fp32 temporaries of a 262k-row vocabulary (a multiple of 64)
+_ROWS = 2048  # rows quantized at once: bounds the fp32 temporaries of a 262k-row vocabulary (a multiple of 64)
 
 
 def _by_rows(fn: Callable[[Tensor], tuple[Tensor, ...]], w: Tensor) -> tuple[Tensor, ...]:
@@ -150,6 +150,26 @@ def pack_int4(q: Tensor) -> Tensor:
     return torch._convert_weight_to_int4pack(_nibbles(q), inner_k_tiles)
 
 
+def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(kernel-packed codes, scales_and_zeros, nibble-packed rows if asked) of w [N, K], `_ROWS` rows at a
+    time: the code matrix of a 262k-row vocabulary is never whole, which keeps quantize-while-loading's peak
+    memory near the size of the quantized model."""
+    outs: list[Tensor | None] = [None, None, None]
+    for i, chunk in enumerate(w.split(_ROWS)):
+        q, sz = quantize_int4(chunk, group_size)
+        parts = (pack_int4(q), sz.transpose(0, 1), _nibbles(q) if nibbles else None)
+        for j, part in enumerate(parts):
+            if part is None:
+                continue
+            if outs[j] is None:  # both packed layouts grow linearly with the rows along dim 0
+                outs[j] = part.new_empty((part.shape[0] * w.shape[0] // chunk.shape[0], *part.shape[1:]))
+            start = i * _ROWS * part.shape[0] // chunk.shape[0]
+            outs[j][start:start + part.shape[0]] = part
+    packed, sz, nib = outs
+    return packed, sz.transpose(0, 1).contiguous(), nib
+
+
 def int8_matmul(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
     """x [..., K] @ (q [N, K] * scales[:, None]).T on the packed kernel, run in the scales' dtype."""
     x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
@@ -180,18 +200,19 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """A bias-free linear with group-wise int4 weights packed for one device type's kernel."""
 
-    def __init__(self, q: Tensor, scales_and_zeros: Tensor, group_size: int):
+    def __init__(self, packed: Tensor, scales_and_zeros: Tensor, group_size: int, out_features: int,
+                 in_features: int):
         super().__init__()
-        _check_int4(*q.shape, group_size, q.device)
-        self.out_features, self.in_features = q.shape
-        self.group_size, self.device_type = group_size, q.device.type
-        self.register_buffer("weight", pack_int4(q))
+        self.out_features, self.in_features = out_features, in_features
+        self.group_size, self.device_type = group_size, packed.device.type
+        self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
     @classmethod
     def from_weight(cls, w: Tensor, group_size: int = 32) -> Int4Linear:
         _check_int4(*w.shape, group_size, w.device)
-        return cls(*quantize_int4(w.detach(), group_size), group_size)
+        packed, sz, _ = quantize_int4_packed(w.detach(), group_size)
+        return cls(packed, sz, group_size, *w.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != self.device_type:
@@ -279,20 +300,28 @@ def quantize_model(model: Gemma, mode: str, group_size: int = 32) -> Gemma:
 
     Move and cast the model first, then quantize: int4 packing is device-specific, and a later `.to()` would
     copy the int8 table that the head and the embedding share into two. Linears that int4 cannot pack fall
-    back to int8; a model with biased linears is refused (Gemma has none).
+    back to int8; a model with biased linears is refused (Gemma has none). To never hold the whole model in
+    full precision, pass `quantize=` to `load_model` instead: it quantizes each module as it is loaded.
     """
     _check_args(model, mode, group_size)
-    tm = model.model
-    for parent in list(tm.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and not isinstance(parent, Router):
-                setattr(parent, name, _quantized_linear(child, mode, group_size))
-            elif isinstance(child, Experts):
-                setattr(parent, name, QuantizedExperts(child))
-            elif isinstance(child, nn.Embedding) and child is not tm.embed_tokens:
-                setattr(parent, name, QuantizedEmbedding.from_embedding(child))  # the PLE table
-    _quantize_tied_head(model, mode, group_size)
+    for parent in list(model.model.modules()):
+        for name in list(dict(parent.named_children())):
+            quantize_child(model, parent, name, mode, group_size)
     return model
+
+
+def quantize_child(model: Gemma, parent: nn.Module, name: str, mode: str, group_size: int = 32) -> None:
+    """Replace `parent.name` by its quantized form if it is a kind that gets quantized, else leave it.
+    The MoE router's projection stays in full precision (see the module docstring)."""
+    child = getattr(parent, name)
+    if isinstance(child, nn.Linear) and not isinstance(parent, Router):
+        setattr(parent, name, _quantized_linear(child, mode, group_size))
+    elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
+        setattr(parent, name, QuantizedExperts(child))
+    elif isinstance(child, nn.Embedding) and child is model.model.embed_tokens:
+        _quantize_tied_head(model, mode, group_size)
+    elif isinstance(child, nn.Embedding):
+        setattr(parent, name, QuantizedEmbedding.from_embedding(child))  # the PLE table
 
 
 def _check_args(model: Gemma, mode: str, group_size: int) -> None:
@@ -318,9 +347,9 @@ def _quantize_tied_head(model: Gemma, mode: str, group_size: int) -> None:
     table = model.model.embed_tokens
     w, pad = table.weight.detach(), table.padding_idx
     if mode == "int4" and int4_problem(*w.shape, group_size, w.device) is None:
-        q, sz = quantize_int4(w, group_size)
-        model.lm_head = Int4Linear(q, sz, group_size)
-        model.model.embed_tokens = QuantizedEmbedding(_nibbles(q), sz, w.dtype, pad, group_size)
+        packed, sz, nibbles = quantize_int4_packed(w, group_size, nibbles=True)
+        model.lm_head = Int4Linear(packed, sz, group_size, *w.shape)
+        model.model.embed_tokens = QuantizedEmbedding(nibbles, sz, w.dtype, pad, group_size)
     else:
         q, s = quantize_int8(w, _int8_dtype(w.shape[1]))
         model.lm_head = Int8Linear(q, s)

@@ -24,27 +24,31 @@ def resolve(path: str | Path | None) -> Path:
 
 
 def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Gemma:
-    """Load an HF model directory or a GGUF file (default: the embedded Gemma 3 270M)."""
+               device: str | torch.device = "cpu", quantize: str | None = None) -> Gemma:
+    """Load an HF model directory or a GGUF file (default: the embedded Gemma 3 270M). `quantize` ("int8",
+    "int4") quantizes module by module while loading (quantize.py), never holding the full-precision model."""
+    if quantize not in (None, "none", "int8", "int4"):
+        raise ValueError(f"unknown quantization {quantize!r}: use none, int8 or int4")
+    quantize = None if quantize == "none" else quantize
     p = resolve(path)
     if p.is_dir():
         from gemmakit.checkpoints.hf import load_hf
 
-        return load_hf(p, dtype, device)
+        return load_hf(p, dtype, device, quantize)
     if p.suffix == ".gguf" or _magic(p) == b"GGUF":
         from gemmakit.checkpoints.gguf import load_gguf
 
-        return load_gguf(p, dtype, device)
+        return load_gguf(p, dtype, device, quantize)
     raise CheckpointError(f"{p} is neither a model directory nor a GGUF file")
 
 
 def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu"):
+                             device: str | torch.device = "cpu", quantize: str | None = None):
     """(model, tokenizer) for a checkpoint: an HF directory's tokenizer.json, or the vocabulary a GGUF carries."""
     from gemmakit.tokenizer import Tokenizer
 
     p = resolve(path)
-    model = load_model(p, dtype, device)
+    model = load_model(p, dtype, device, quantize)
     return model, Tokenizer.from_file(p) if p.is_dir() else Tokenizer.from_gguf(p)
 
 

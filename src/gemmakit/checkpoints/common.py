@@ -20,8 +20,13 @@ _SHARED_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_nor
 
 
 class Loader:
-    def __init__(self, config: Config, dtype: torch.dtype, device: str | torch.device, source: str):
+    """`quantize` ("int8" / "int4") quantizes each module the moment its last tensor arrives, so the model is
+    never resident in full precision: peak memory is the quantized model plus one full-precision module."""
+
+    def __init__(self, config: Config, dtype: torch.dtype, device: str | torch.device, source: str,
+                 quantize: str | None = None):
         self.config, self.dtype, self.device, self.source = config, dtype, torch.device(device), source
+        self.quantize = quantize
         with torch.device("meta"):
             self.model = Gemma(config)
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
@@ -47,6 +52,11 @@ class Loader:
         else:
             module._buffers[leaf] = t
         self.loaded.add(key)
+        if self.quantize and not any(p.is_meta for p in module.parameters(recurse=False)):
+            from gemmakit.quantize import quantize_child
+
+            parent_name, _, name = module_name.rpartition(".")
+            quantize_child(self.model, self.model.get_submodule(parent_name), name, self.quantize)
 
     def finish(self) -> Gemma:
         missing = sorted(set(self.expected) - self.loaded)

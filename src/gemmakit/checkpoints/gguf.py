@@ -77,10 +77,11 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Gemma:
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              quantize: str | None = None) -> Gemma:
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
-    loader = Loader(config, dtype, device, source=str(path))
+    loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
     name_map = gguf.get_tensor_name_map(_ARCHS["gemma3"], config.num_hidden_layers)
     to_key = {name_map.get_name(k, try_suffixes=(".weight", "")): k for k in loader.expected}
     for t in reader.tensors:

@@ -69,7 +69,8 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, str, torch.Tensor]]:
                                   "Re-download it.") from e
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Gemma:
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            quantize: str | None = None) -> Gemma:
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; point gemmakit at a Hugging Face model directory")
@@ -77,7 +78,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         config = Config.from_json(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
-    loader = Loader(config, dtype, device, source=str(path))
+    loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
     files = shard_files(path)
     for raw, key, tensor_slice in iter_tensors(files):
         if key in loader.expected:

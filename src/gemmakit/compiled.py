@@ -1,0 +1,73 @@
+"""torch.compile for the decode step: when it is used, and the one inductor setting that makes it pay on CPU.
+
+Why compile at all. A single-sequence decode step is ~130 small kernels whose launch overhead is larger than
+their work, plus matrix-vector products. On CPU the second part dominates: MKL's GEMV for [1, H] x [N, H]^T
+streams weights at about a third of the machine's memory bandwidth (10 GB/s of ~30 here, measured on the
+tied 262k x 640 output head). Inductor can instead lower a one-row matmul to a fused multiply + row
+reduction that it vectorises itself; that reaches the bandwidth roofline (28.8 GB/s on the same head). Its
+`decompose_mm_pass` does exactly that, but by default only for matrices up to 2048 wide, which excludes the
+vocabulary head that is half of the weights; `configure_inductor` lifts that bound.
+
+What is compiled. Only the decode step of ONE row with static shapes: prefill lengths vary per prompt (each
+would be a new graph), and batched steps are already matrix-matrix products that MKL runs well. On CUDA the
+same step is compiled with `mode="reduce-overhead"`, i.e. replayed as a CUDA graph; the cache tensors it
+writes are marked static so the graph may mutate them in place.
+
+Compilation costs tens of seconds once per process and shape (inductor's on-disk cache makes later runs
+faster); `--no-compile` (or `GEMMAKIT_COMPILE=0`) turns it off, and it is skipped where it cannot work (no
+C++ compiler on a CPU-only machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# Wide enough for any vocabulary head: decompose every one-row matmul.
+_MAX_DECOMPOSED_WIDTH = 1 << 22
+
+
+def compile_supported(device: torch.device | str) -> bool:
+    """Whether torch.compile can build kernels for `device` here (CPU: a C++ compiler; CUDA: triton)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    if device.type == "cpu":
+        return sys.platform.startswith("linux") and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    return False
+
+
+def configure_inductor() -> None:
+    """Let inductor turn one-row matmuls of any width into fused multiply-reductions (see module docstring)."""
+    import torch._inductor.config as inductor_config
+
+    # Keep compiled kernels across reboots (the default is /tmp): later runs start in seconds.
+    cache_root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor"))
+
+    options = dict(inductor_config.post_grad_fusion_options)
+    options["decompose_mm_pass"] = {"cpu_max_other_dimension_decomposition": _MAX_DECOMPOSED_WIDTH}
+    inductor_config.post_grad_fusion_options = options
+    # The pass reads its bounds into module globals when first imported; keep them in step if it already was.
+    module = sys.modules.get("torch._inductor.fx_passes.decompose_mem_bound_mm")
+    if module is not None:
+        module.cpu_max_other_dimension_decomposition = _MAX_DECOMPOSED_WIDTH
+
+
+def compile_decode(fn: Callable, device: torch.device | str, static_tensors: list[torch.Tensor]) -> Callable:
+    """`fn` compiled for static shapes; on CUDA as a CUDA graph over the (static) cache tensors it writes."""
+    configure_inductor()
+    if torch.device(device).type == "cuda":
+        for t in static_tensors:
+            torch._dynamo.mark_static_address(t)
+        return torch.compile(fn, mode="reduce-overhead", dynamic=False)
+    return torch.compile(fn, dynamic=False)
