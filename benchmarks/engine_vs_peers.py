@@ -191,21 +191,14 @@ def run_gemmakit(spec: Spec, prompt: list[int], new_tokens: int) -> dict:
     from gemmakit.engine import Engine
     from gemmakit.sampling import SamplingParams
 
-    model = apply_quantization(load_model(dtype=DTYPES[spec.dtype]), spec.quant)
+    # Quantized rows load the way `gemmakit --quantize` does: module by module, never the whole fp32 model.
+    model = load_model(dtype=DTYPES[spec.dtype], quantize=spec.quant)
     # The warm-up generation inside gemmakit_engine builds the compiled decode step before any timing.
     engine = Engine(model, max_batch=spec.batch, context=len(prompt) + new_tokens, compile=spec.compiled)
     # SamplingParams defaults: greedy, no stop tokens, loop guard off, so every row runs to max_tokens.
     result = gemmakit_engine(engine, lambda n: SamplingParams(max_tokens=n, temperature=0.0), spec.batch, prompt,
                              new_tokens)
     return {**result, "weight_bytes": tensor_bytes(model)}
-
-
-def apply_quantization(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode == "none":
-        return model
-    from gemmakit.quantize import quantize_model
-
-    return quantize_model(model, mode)
 
 
 def gemmakit_engine(engine, params: Callable[[int], object], batch: int, prompt: list[int],

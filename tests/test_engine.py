@@ -48,6 +48,18 @@ def test_batched_equals_unbatched_equals_uncached(model):
         assert req.finish_reason == "length"
 
 
+@pytest.mark.parametrize("chunk", [3, WINDOW + 5, 64])
+def test_chunked_prefill_equals_one_shot(model, chunk):
+    """A prompt prefilled in chunks (shorter than, longer than, and as long as the sliding window's ring)
+    continues exactly as without a cache, next to a row decoding in the same batch."""
+    long_prompt = torch.randint(0, 1000, (5 * WINDOW + 3,), generator=torch.Generator().manual_seed(8)).tolist()
+    params = SamplingParams(max_tokens=2 * WINDOW)
+    engine = Engine(model, max_batch=2, context=128, prefill_chunk=chunk)
+    reqs = engine.generate([_prompts(1)[0], long_prompt], params)
+    assert reqs[1].tokens == _greedy_without_cache(model, long_prompt, params.max_tokens)
+    assert reqs[0].tokens == _greedy_without_cache(model, _prompts(1)[0], params.max_tokens)
+
+
 def test_continuous_batching_reuses_rows(model):
     """Seven requests through two rows all finish with the same tokens they get alone."""
     params = [SamplingParams(max_tokens=4 + i) for i in range(7)]

@@ -71,10 +71,27 @@ def measure_bandwidth(size_mb: int = 512, repeats: int = 5, device: str | torch.
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (the kernel's high-water mark)."""
+    """Peak resident memory of this process so far, or since `reset_peak_rss` (the kernel's high-water mark)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the high-water mark (Linux: /proc/self/clear_refs), so a later peak excludes loading."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_bytes() -> int:
@@ -120,6 +137,7 @@ class BenchResult:
     new_tokens: int
     weight_bytes: int
     roofline_fraction: float | None = None  # None until a bandwidth is known
+    estimate_bytes: int | None = None  # what the engine said it would need (cache.estimate_bytes) + runtime
 
     def with_roofline(self, bandwidth_gb_s: float, kv_bytes_per_step: float = 0.0) -> BenchResult:
         """A copy with `roofline_fraction` filled in: one weight read per decode step of the whole batch."""
@@ -137,6 +155,8 @@ class BenchResult:
             "decode tok/s": self.decode_tok_s,
             "TTFT s": self.ttft_s,
             "peak MiB": self.peak_rss_bytes / MiB,
+            "estimate MiB": None if self.estimate_bytes is None else self.estimate_bytes / MiB,
+            "peak/est": None if not self.estimate_bytes else self.peak_rss_bytes / self.estimate_bytes,
             "weights MiB": self.weight_bytes / MiB,
             "roofline": self.roofline_fraction,
         }
@@ -172,13 +192,21 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                     context: int | None = None, compile: bool = False) -> BenchResult:
+                     context: int | None = None, compile: bool = False, runtime_bytes: int = 0) -> BenchResult:
     """Time one engine run: `batch` random prompts of `prompt_len` tokens, `new_tokens` greedy tokens each.
     Prefill is timed on its own (the admission of all rows); decode covers the remaining batched steps.
-    A compiled engine is built (warmed up) before the clock starts."""
+    A compiled engine is built (warmed up) before the clock starts.
+
+    Memory: the peak is the high-water mark from just before the engine is built (so loading's transients
+    do not count, the resident weights do) to the end of the run; the estimate is the engine's own forecast
+    (weights + KV cache + working memory, cache.estimate_bytes) plus `runtime_bytes`, what the process held
+    before the model was loaded (Python, torch, the tokenizer)."""
     from gemmakit.engine import Engine, model_bytes
     from gemmakit.sampling import SamplingParams
 
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     engine = Engine(model, max_batch=batch, context=context or prompt_len + new_tokens + 8, compile=compile)
     engine.warmup()
     device = engine.device
@@ -198,4 +226,5 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
     t_decode = time.perf_counter() - t0 - t_prefill
     return BenchResult(prefill_tok_s=batch * prompt_len / t_prefill, decode_tok_s=batch * steps / max(t_decode, 1e-9),
                        ttft_s=t_prefill / batch, peak_rss_bytes=peak_memory_bytes(device), batch=batch,
-                       prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=model_bytes(model))
+                       prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=model_bytes(model),
+                       estimate_bytes=runtime_bytes + engine.memory["total"])

@@ -112,8 +112,14 @@ class Prefill(Step):
         return k, v
 
 
+@dataclass
 class Append(Step):
-    """Rows that already hold context: write the new keys/values, then attend over the whole cache row."""
+    """Rows that already hold context: write the new keys/values, then attend over the whole cache row.
+    At most `slack + 1` tokens per row at a time (a decode step, a speculative chunk): more would overwrite
+    ring slots that the chunk's own first queries still need. Longer continuations use `Extend`.
+    `all_rows` says `rows` is every row in order, so the cache is attended in place instead of gathered."""
+
+    all_rows: bool = False
 
     def begin(self) -> None:
         self.cache.record(self.rows, self.positions)
@@ -123,10 +129,44 @@ class Append(Step):
         rows = self.rows[:, None]
         self.cache.k[layer][rows, :, slots] = k.transpose(1, 2)
         self.cache.v[layer][rows, :, slots] = v.transpose(1, 2)
+        if self.all_rows:
+            return self.cache.k[layer], self.cache.v[layer]
         return self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
 
     def mask(self, kind: str, window: int) -> Tensor:
-        key_pos = self.cache.slot_pos[kind][self.rows]
+        key_pos = self.cache.slot_pos[kind] if self.all_rows else self.cache.slot_pos[kind][self.rows]
+        return chunk_mask(self.positions, key_pos, window if kind == SLIDING else None)[:, None]
+
+
+class Extend(Step):
+    """A chunk of any length continuing one row (chunked prefill of a long prompt): attend over what the
+    cache held before the chunk plus the chunk itself, then keep the chunk's tail in the ring. Reading before
+    writing is what lets a chunk be longer than the ring's slack."""
+
+    def begin(self) -> None:
+        # Full-attention slots hold positions 0..start-1 (slot = position): attend over those only, not the
+        # whole context, so a chunk's cost grows with the prompt so far rather than with --context.
+        self._start = int(self.positions[0, 0])
+        self._used = {kind: (self._start if kind == FULL else n) for kind, n in self.cache.slots.items()}
+        self._before = {kind: pos[self.rows, :self._used[kind]] for kind, pos in self.cache.slot_pos.items()}
+        T = self.positions.shape[1]
+        self._keep = {kind: slice(max(0, T - n), T) for kind, n in self.cache.slots.items()}
+        for kind, keep in self._keep.items():
+            pos = self.positions[:, keep]
+            self.cache.slot_pos[kind][self.rows[:, None], pos % self.cache.slots[kind]] = pos
+
+    def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        used = self._used[kind]
+        k_all = torch.cat([self.cache.k[layer][self.rows, :, :used], k], dim=2)
+        v_all = torch.cat([self.cache.v[layer][self.rows, :, :used], v], dim=2)
+        keep = self._keep[kind]
+        slots = self.positions[0, keep] % self.cache.slots[kind]
+        self.cache.k[layer][self.rows[:, None], :, slots] = k[:, :, keep].transpose(1, 2)
+        self.cache.v[layer][self.rows[:, None], :, slots] = v[:, :, keep].transpose(1, 2)
+        return k_all, v_all
+
+    def mask(self, kind: str, window: int) -> Tensor:
+        key_pos = torch.cat([self._before[kind], self.positions], dim=1)
         return chunk_mask(self.positions, key_pos, window if kind == SLIDING else None)[:, None]
 
 

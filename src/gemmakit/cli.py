@@ -151,18 +151,28 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from gemmakit.bench import format_table, measure_bandwidth, run_engine_bench
+    from gemmakit.bench import MiB, current_rss_bytes, format_table, measure_bandwidth, run_engine_bench
+    from gemmakit.cache import estimate_bytes
+    from gemmakit.engine import model_bytes, model_dtype_device
 
     llm = load_llm(args)
+    runtime = max(current_rss_bytes() - model_bytes(llm.model), 0)  # Python, torch, the tokenizer: not weights
     bandwidth = measure_bandwidth(device=args.device)
     rows = []
     for batch in args.batch:
         for prompt_len in args.prompt_len:
-            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, args.context, args.compile)
+            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, args.context, args.compile,
+                                 runtime_bytes=runtime)
             rows.append({"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()})
     print(f"{llm.name} on {args.device}; measured memory bandwidth {bandwidth:.1f} GB/s "
           "(roofline = fraction of it the decode uses, one weight read per step)")
     print(format_table(rows))
+    if args.context:
+        dtype, _ = model_dtype_device(llm.model)
+        need = estimate_bytes(llm.model.config, max(args.batch), args.context, dtype, model_bytes(llm.model))
+        print(f"memory estimate at --context {args.context}, batch {max(args.batch)}: " + ", ".join(
+            f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
+            "peak/est compares the measured peak with this forecast")
 
 
 def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmakit.cache import Append, KVCache, Prefill, check_fits_memory, estimate_bytes
+from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, estimate_bytes
 from gemmakit.compiled import compile_decode, compile_supported
 from gemmakit.model import Gemma
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
@@ -105,12 +105,14 @@ class Request:
 
 class Engine:
     def __init__(self, model: Gemma, tokenizer: Any = None, max_batch: int = 8, context: int | None = None,
-                 slack: int = 8, check_memory: bool = True, compile: bool = False):
+                 slack: int = 8, check_memory: bool = True, compile: bool = False, prefill_chunk: int = 512):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         config = model.config
         self.context = min(context or config.max_position_embeddings, config.max_position_embeddings)
         self.dtype, self.device = model_dtype_device(model)
-        self.memory = estimate_bytes(config, max_batch, self.context, self.dtype, model_bytes(model), slack)
+        self.prefill_chunk = prefill_chunk
+        self.memory = estimate_bytes(config, max_batch, self.context, self.dtype, model_bytes(model), slack,
+                                     prefill_chunk)
         if check_memory:
             check_fits_memory(self.memory, self.device, already_resident=self.memory["weights"])
         self.cache = KVCache(config, max_batch, self.context, self.dtype, self.device, slack)
@@ -178,23 +180,28 @@ class Engine:
     def _prefill(self, req: Request) -> list[tuple[Request, int]]:
         req.row = self.free_rows.pop()
         self.running[req.row] = req
-        ids = torch.tensor([req.prompt], device=self.device)
-        step = Prefill(torch.arange(len(req.prompt), device=self.device)[None], self.cache,
-                       torch.tensor([req.row], device=self.device))
-        logits = self.model(ids, step=step, logits_to_keep=1)[:, -1]
+        row = torch.tensor([req.row], device=self.device)
+        # In chunks, so a long prompt's working memory stays that of `prefill_chunk` tokens (as estimated).
+        for start in range(0, len(req.prompt), self.prefill_chunk):
+            chunk = req.prompt[start:start + self.prefill_chunk]
+            pos = torch.arange(start, start + len(chunk), device=self.device)[None]
+            step = (Prefill if start == 0 else Extend)(pos, self.cache, row)
+            logits = self.model(torch.tensor([chunk], device=self.device), step=step, logits_to_keep=1)[:, -1]
         return self._sample([req], logits)
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         if not reqs:
             return []
+        reqs = sorted(reqs, key=lambda r: r.row)
         rows = torch.tensor([r.row for r in reqs], device=self.device)
         ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         pos = torch.tensor([[r.position] for r in reqs], device=self.device)
         forward = self._decode_one if len(reqs) == 1 else self._forward_decode
-        return self._sample(reqs, forward(ids, pos, rows))
+        return self._sample(reqs, forward(ids, pos, rows, len(reqs) == self.max_batch))
 
-    def _forward_decode(self, ids: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
-        return self.model(ids, step=Append(pos, self.cache, rows))[:, -1]
+    def _forward_decode(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool) -> Tensor:
+        # Every row decoding (rows sorted): attend over the cache in place rather than gathering a copy of it.
+        return self.model(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
 
     def _sample(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
         tokens, logprobs = self.sampler.sample(logits, [r.params for r in reqs], [r.prompt + r.tokens for r in reqs],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 from pathlib import Path
 
 import torch
@@ -34,12 +37,23 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
     if p.is_dir():
         from gemmakit.checkpoints.hf import load_hf
 
-        return load_hf(p, dtype, device, quantize)
-    if p.suffix == ".gguf" or _magic(p) == b"GGUF":
+        model = load_hf(p, dtype, device, quantize)
+    elif p.suffix == ".gguf" or _magic(p) == b"GGUF":
         from gemmakit.checkpoints.gguf import load_gguf
 
-        return load_gguf(p, dtype, device, quantize)
-    raise CheckpointError(f"{p} is neither a model directory nor a GGUF file")
+        model = load_gguf(p, dtype, device, quantize)
+    else:
+        raise CheckpointError(f"{p} is neither a model directory nor a GGUF file")
+    _return_freed_memory()
+    return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS. glibc keeps freed heap pages mapped, so after a
+    GGUF dequantization ~30% of the resident memory (270M: 285 MiB) is garbage that would otherwise
+    count against the process for its whole life."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
