@@ -191,19 +191,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(t.device for t in (*model.parameters(), *model.buffers()))
+
+
 def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                     context: int | None = None, compile: bool = False, runtime_bytes: int = 0) -> BenchResult:
+                     context: int | None = None, compile: bool = False) -> BenchResult:
     """Time one engine run: `batch` random prompts of `prompt_len` tokens, `new_tokens` greedy tokens each.
     Prefill is timed on its own (the admission of all rows); decode covers the remaining batched steps.
     A compiled engine is built (warmed up) before the clock starts.
 
     Memory: the peak is the high-water mark from just before the engine is built (so loading's transients
     do not count, the resident weights do) to the end of the run; the estimate is the engine's own forecast
-    (weights + KV cache + working memory, cache.estimate_bytes) plus `runtime_bytes`, what the process held
-    before the model was loaded (Python, torch, the tokenizer)."""
+    (weights + KV cache + working memory + compiled code, cache.estimate_bytes) plus the runtime, measured
+    at the same moment: what the process holds besides the weights (Python, torch, the tokenizer)."""
     from gemmakit.engine import Engine, model_bytes
     from gemmakit.sampling import SamplingParams
 
+    runtime = max(current_rss_bytes() - model_bytes(model), 0) if torch.device(_device_of(model)).type == "cpu" else 0
     reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -227,4 +232,4 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
     return BenchResult(prefill_tok_s=batch * prompt_len / t_prefill, decode_tok_s=batch * steps / max(t_decode, 1e-9),
                        ttft_s=t_prefill / batch, peak_rss_bytes=peak_memory_bytes(device), batch=batch,
                        prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=model_bytes(model),
-                       estimate_bytes=runtime_bytes + engine.memory["total"])
+                       estimate_bytes=runtime + engine.memory["total"])

@@ -161,15 +161,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     rows = []
     for batch in args.batch:
         for prompt_len in args.prompt_len:
-            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, args.context, args.compile,
-                                 runtime_bytes=runtime)
+            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, args.context, args.compile)
             rows.append({"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()})
     print(f"{llm.name} on {args.device}; measured memory bandwidth {bandwidth:.1f} GB/s "
           "(roofline = fraction of it the decode uses, one weight read per step)")
     print(format_table(rows))
     if args.context:
         dtype, _ = model_dtype_device(llm.model)
-        need = estimate_bytes(llm.model.config, max(args.batch), args.context, dtype, model_bytes(llm.model))
+        need = estimate_bytes(llm.model.config, max(args.batch), args.context, dtype, model_bytes(llm.model),
+                              compiled=args.compile)
         print(f"memory estimate at --context {args.context}, batch {max(args.batch)}: " + ", ".join(
             f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
             "peak/est compares the measured peak with this forecast")
