@@ -183,3 +183,18 @@ def test_unsupported_gguf_quant_type_is_reported(tmp_path):
     _write_gguf(path, hf_model(config), config, qtype=gguf.GGMLQuantizationType.IQ4_NL)
     with pytest.raises(CheckpointError, match=r"tensor \S+\.weight: .*IQ4_NL"):
         load_model(path)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gguf_quantized_while_loading_equals_quantized_after(tmp_path, mode):
+    """`load_model(gguf, quantize=...)` reads the vocabulary in row blocks (more than one here) and quantizes
+    as it goes, ending with exactly what quantizing the fully loaded model gives."""
+    from gemmakit import quantize
+
+    config = tiny("gemma3").replace(vocab_size=2 * quantize._ROWS + 64)  # several row blocks, a ragged last
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, hf_model(config), config)
+    want = quantize.quantize_model(load_model(path), mode).state_dict()
+    got = load_model(path, quantize=mode).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

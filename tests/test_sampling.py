@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from gemmakit.sampling import Sampler, SamplingParams, find_loop, make_generator, warp
+from gemmakit.sampling import Sampler, SamplingParams, _truncate, find_loop, make_generator, warp
 
 V = 8
 PROBS = [0.5, 0.25, 0.15, 0.1]  # a small distribution whose truncation sets are easy to work out by hand
@@ -62,6 +62,27 @@ def test_warp_keeps_exact_sets():
     out = warp(x, torch.ones(8), top_k, top_p.float(), min_p.float())
     assert [kept(r) for r in out] == [want for _, want in cases]
     assert torch.equal(out[0], x[0])  # nothing to drop: the logits come back untouched
+
+
+def test_warp_head_only_path_equals_full_sort():
+    """The top-k-candidates shortcut returns exactly what sorting the whole vocabulary returns, for settled
+    rows (top-k, a reachable nucleus, min-p) and for rows that must fall back (top-p 0.999 on flat logits)."""
+    g = torch.Generator().manual_seed(0)
+    V = 50_000
+    x = torch.cat([torch.randn(3, V, generator=g) * 4, torch.randn(1, V, generator=g) * 0.01])  # last: flat
+    temperature = torch.tensor([0.7, 1.0, 1.3, 1.0])
+    settings = [  # (top_k, top_p, min_p) per row, and whether the head settles every row
+        ([40, V, V, 5], [1.0, 0.9, 1.0, 1.0], [0.0, 0.0, 0.05, 0.0], True),
+        ([V, 7, V, V], [0.95, 0.5, 1.0, 0.999], [0.0, 0.0, 0.0, 0.0], False),  # flat row: nucleus past the head
+        ([2000, V, 1, 3], [0.8, 0.5, 1.0, 1.0], [0.1, 0.0, 0.0, 0.01], True),
+    ]
+    for top_k, top_p, min_p, settled in settings:
+        args = (temperature, torch.tensor(top_k), torch.tensor(top_p), torch.tensor(min_p))
+        fast, full = warp(x, *args, candidates=256), warp(x, *args, candidates=V)
+        assert torch.equal(fast, full)
+        z = x / temperature[:, None]
+        head = z.topk(max(256, max(k for k in top_k if k < V) + 1), dim=-1).values
+        assert (_truncate(head, *args[1:], torch.logsumexp(z, dim=-1)) is not None) == settled
 
 
 def test_warp_applies_temperature_before_min_p():

@@ -32,6 +32,7 @@ Hooks in model.py: `Gemma.forward` calls `self.lm_head(x)` when it is set, and `
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -319,7 +320,7 @@ def quantize_child(model: Gemma, parent: nn.Module, name: str, mode: str, group_
     elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
         setattr(parent, name, QuantizedExperts(child))
     elif isinstance(child, nn.Embedding) and child is model.model.embed_tokens:
-        _quantize_tied_head(model, mode, group_size)
+        quantize_tied_head(model, mode, group_size)
     elif isinstance(child, nn.Embedding):
         setattr(parent, name, QuantizedEmbedding.from_embedding(child))  # the PLE table
 
@@ -342,10 +343,12 @@ def _quantized_linear(linear: nn.Linear, mode: str, group_size: int) -> nn.Modul
     return Int8Linear.from_weight(w)
 
 
-def _quantize_tied_head(model: Gemma, mode: str, group_size: int) -> None:
-    """One quantization of the tied table serves both the output projection and the token lookup."""
+def quantize_tied_head(model: Gemma, mode: str, group_size: int = 32, weight: Any = None) -> None:
+    """One quantization of the tied table serves both the output projection and the token lookup.
+    `weight` replaces the table's own: anything with `shape`, `dtype`, `device` and `split(rows)`, such as a
+    loader's `RowSource` that reads the checkpoint a block of rows at a time."""
     table = model.model.embed_tokens
-    w, pad = table.weight.detach(), table.padding_idx
+    w, pad = (table.weight.detach() if weight is None else weight), table.padding_idx
     if mode == "int4" and int4_problem(*w.shape, group_size, w.device) is None:
         packed, sz, nibbles = quantize_int4_packed(w, group_size, nibbles=True)
         model.lm_head = Int4Linear(packed, sz, group_size, *w.shape)

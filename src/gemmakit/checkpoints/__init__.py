@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 from pathlib import Path
 
 import torch
 
-from gemmakit.checkpoints.common import CheckpointError
+from gemmakit.checkpoints.common import CheckpointError, return_freed_memory
 from gemmakit.checkpoints.default import default_model_path
 from gemmakit.model import Gemma
 
@@ -44,16 +41,8 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
         model = load_gguf(p, dtype, device, quantize)
     else:
         raise CheckpointError(f"{p} is neither a model directory nor a GGUF file")
-    _return_freed_memory()
+    return_freed_memory()
     return model
-
-
-def _return_freed_memory() -> None:
-    """Hand the loader's freed temporaries back to the OS. glibc keeps freed heap pages mapped, so after a
-    GGUF dequantization ~20% of the resident memory (270M: 285 MiB) is garbage that would otherwise
-    count against the process for its whole life."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -64,7 +53,7 @@ def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype 
     p = resolve(path)
     model = load_model(p, dtype, device, quantize)
     tokenizer = Tokenizer.from_file(p) if p.is_dir() else Tokenizer.from_gguf(p)
-    _return_freed_memory()  # reading a 262k-entry GGUF vocabulary leaves ~280 MiB of freed heap behind
+    return_freed_memory()  # reading a 262k-entry GGUF vocabulary leaves ~280 MiB of freed heap behind
     return model, tokenizer
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import gguf
 import torch
 
-from gemmakit.checkpoints.common import CheckpointError, Loader
-from gemmakit.checkpoints.gguf_reader import open_gguf
+from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
+from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
 from gemmakit.checkpoints.quants import dequantize
 from gemmakit.config import Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
@@ -77,6 +77,13 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
         raise CheckpointError(f"{path}: {e}") from e
 
 
+def _dequantize(t: Any, data: Any, shape: tuple[int, ...], path: Path | str) -> torch.Tensor:
+    try:
+        return dequantize(data, t.tensor_type, shape)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               quantize: str | None = None) -> Gemma:
     reader = open_gguf(path)
@@ -92,10 +99,18 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
             continue
         shape = tuple(int(n) for n in reversed(t.shape))
         loader.check_shape(key, shape)
-        try:
-            w = dequantize(t.data, t.tensor_type, shape)
-        except (ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
+        if key == "model.embed_tokens.weight" and len(shape) == 2:
+            # Read in row blocks: each row of a GGUF tensor is a whole number of quantization blocks.
+            def rows(a: int, b: int, t=t, shape=shape) -> torch.Tensor:
+                w = _dequantize(t, t.data[a:b], (b - a, shape[1]), path)
+                row_bytes = t.n_bytes // shape[0]
+                release_pages(reader, t.data_offset + a * row_bytes, (b - a) * row_bytes)
+                return w
+
+            loader.assign_rows(key, RowSource(shape, loader.dtype, loader.device, rows))
+            continue
+        w = _dequantize(t, t.data, shape, path)
+        release_pages(reader, t.data_offset, t.n_bytes)
         if key.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma 3's (1 + w); the model applies the offset itself
         loader.assign(key, w)

@@ -11,6 +11,7 @@ Tensor infos, offsets and data are parsed by the stock code, unchanged.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,17 @@ def open_gguf(path: str | Path) -> FastGGUFReader:
     except Exception as e:  # the reader raises bare ValueError/IndexError/KeyError on damaged files
         raise CheckpointError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated "
                               "or corrupt: download it again or re-convert it") from e
+
+
+def release_pages(reader: gguf.GGUFReader, offset: int, nbytes: int) -> None:
+    """Drop the file pages of bytes [offset, offset + nbytes) that are already dequantized from this
+    process's resident set. The mapping is read-only and file-backed, so nothing is lost (a later read would
+    fault them back in); without this a whole GGUF file ends up resident while it loads, on top of the
+    model being built from it."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the range only
+    stop = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gemmakit.checkpoints.common import CheckpointError, Loader
+from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
 from gemmakit.config import Config, ConfigError
 from gemmakit.model import Gemma
 
@@ -85,7 +85,11 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
             try:
                 shape = tuple(tensor_slice.get_shape())
                 loader.check_shape(key, shape)
-                loader.assign(key, tensor_slice[:])
+                if key == "model.embed_tokens.weight":  # row blocks: quantizing never holds the whole table
+                    source = RowSource(shape, loader.dtype, loader.device, lambda a, b, s=tensor_slice: s[a:b])
+                    loader.assign_rows(key, source)
+                else:
+                    loader.assign(key, tensor_slice[:])
             except SafetensorError as e:
                 raise CheckpointError(f"cannot read {raw} from {path} ({e}); the file may be truncated") from e
         elif not (_UNUSED.match(key) or loader.is_ignorable(key)):
