@@ -9,8 +9,8 @@ import pytest
 
 from tests.helpers import default_gguf
 
-# The CLI compiles its decode step by default (a minute per new shape); tests that drive the CLI run eagerly,
-# and tests/test_compiled.py checks the compiled path on its own.
+# `gemmakit generate` compiles its decode step by default (a minute per new shape); tests that drive the CLI
+# run eagerly, and tests/test_compiled.py checks the compiled path on its own.
 os.environ.setdefault("GEMMAKIT_COMPILE", "0")
 
 

@@ -8,14 +8,16 @@ reduction that it vectorises itself; that reaches the bandwidth roofline (28.8 G
 `decompose_mm_pass` does exactly that, but by default only for matrices up to 2048 wide, which excludes the
 vocabulary head that is half of the weights; `configure_inductor` lifts that bound.
 
-What is compiled. Only the decode step of ONE row with static shapes: prefill lengths vary per prompt (each
-would be a new graph), and batched steps are already matrix-matrix products that MKL runs well. On CUDA the
-same step is compiled with `mode="reduce-overhead"`, i.e. replayed as a CUDA graph; the cache tensors it
-writes are marked static so the graph may mutate them in place.
+What is compiled. Decode steps of one row (the latency case) and of every row of the engine at once (the
+throughput case), with static shapes. Not prefill: prompt lengths vary, and each would be a new graph; not
+the batch sizes in between, which would be a graph each. On CUDA the same steps are compiled with
+`mode="reduce-overhead"`, i.e. replayed as CUDA graphs; the cache tensors they write are marked static so
+the graphs may mutate them in place.
 
 Compilation costs tens of seconds once per process and shape (inductor's on-disk cache makes later runs
-faster); `--no-compile` (or `GEMMAKIT_COMPILE=0`) turns it off, and it is skipped where it cannot work (no
-C++ compiler on a CPU-only machine).
+faster), too long for a chat prompt that should be ready in seconds: the CLI compiles for `generate` and
+`bench` and not for `chat` unless `--compile on|off` (or GEMMAKIT_COMPILE) says otherwise, and it is skipped
+where it cannot work (no C++ compiler on a CPU-only machine).
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ class Engine:
             check_fits_memory(self.memory, self.device, already_resident=self.memory["weights"])
         self.cache = KVCache(config, max_batch, self.context, self.dtype, self.device, slack)
         self.sampler = Sampler(config.vocab_size)
-        # One-row decode steps run compiled when asked and possible (compiled.py says why only those).
+        # Decode steps of one row (latency) or of every row (throughput) run compiled when asked and possible;
+        # compiled.py says why not the others.
         self._decode_one = self._forward_decode
         if compile and compile_supported(self.device):
             cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
@@ -158,9 +159,11 @@ class Engine:
         return self._decode_one is not self._forward_decode
 
     def warmup(self) -> None:
-        """Build the compiled decode step now (one throw-away token) rather than in the first request."""
+        """Build the compiled decode steps now (throw-away tokens) rather than in the first requests."""
         if self.compiled and not self.has_work:
-            self.generate([[self.model.config.bos_token_id or 0]], SamplingParams(max_tokens=2))
+            bos = [self.model.config.bos_token_id or 0]
+            for rows in sorted({self.max_batch, 1}):
+                self.generate([bos] * rows, SamplingParams(max_tokens=2))
 
     @property
     def has_work(self) -> bool:
@@ -196,7 +199,7 @@ class Engine:
         rows = torch.tensor([r.row for r in reqs], device=self.device)
         ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         pos = torch.tensor([[r.position] for r in reqs], device=self.device)
-        forward = self._decode_one if len(reqs) == 1 else self._forward_decode
+        forward = self._decode_one if len(reqs) in (1, self.max_batch) else self._forward_decode
         return self._sample(reqs, forward(ids, pos, rows, len(reqs) == self.max_batch))
 
     def _forward_decode(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool) -> Tensor:

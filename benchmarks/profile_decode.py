@@ -1,0 +1,59 @@
+"""Where a decode step's time goes: torch.profiler over `--steps` one-row decode steps of the default model.
+
+The engine's decode step is one compiled graph (gemmakit.compiled) plus the host work around it: building the
+step's index tensors, dynamo's guard check, the sampler's argmax. The profiler sees the compiled graph as one
+"CompiledFxGraph" call and the extern kernels inside it (the packed int4/int8 matmuls, attention matmuls)
+as their own rows, so the table splits a step into: weight matmuls, attention, fused elementwise code and
+host overhead. Printed as a Markdown table of milliseconds per step.
+
+Run: .venv/bin/python benchmarks/profile_decode.py [--quantize int4] [--dtype float32] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gemmakit.bench import format_table
+from gemmakit.checkpoints import load_model
+from gemmakit.engine import Engine
+from gemmakit.sampling import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quantize", choices=["none", "int8", "int4"], default="int4")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=12, help="how many ops to list")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_model(dtype=getattr(torch, args.dtype), quantize=args.quantize)
+    engine = Engine(model, max_batch=1, context=args.prompt_len + args.steps + 8, compile=args.compile)
+    prompt = list(range(10, 10 + args.prompt_len))
+    engine.generate([prompt], SamplingParams(max_tokens=8))  # compile and warm up, untimed
+    engine.submit(prompt, SamplingParams(max_tokens=args.steps + 1))
+    engine.step()  # the prefill stays out of the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        wall = (time.perf_counter() - t0) / args.steps
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    rows = [{"op": e.key[:60], "ms/step": e.self_cpu_time_total / 1e3 / args.steps,
+             "share": e.self_cpu_time_total / 1e6 / (wall * args.steps), "calls/step": e.count / args.steps}
+            for e in events[: args.rows]]
+    print(f"Gemma 3 270M, {args.dtype}, quantize {args.quantize}, compiled {args.compile}, {args.threads} threads: "
+          f"{wall * 1e3:.1f} ms per decode step ({1 / wall:.1f} tok/s) under the profiler\n")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
