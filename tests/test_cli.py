@@ -83,18 +83,18 @@ def test_bench_prints_a_table(default_model):
 
 
 def test_compile_policy_per_verb(monkeypatch):
-    """auto compiles `generate` and `bench` but not `chat` (its prompt must come up in seconds); --compile and
-    GEMMAKIT_COMPILE override; a bad value is a clear error."""
+    """auto compiles `bench` and long `generate` runs but not short ones or `chat` (its prompt must come up in
+    seconds); --compile and GEMMAKIT_COMPILE override; a bad value is a clear error."""
     from gemmakit.cli import build_parser, wants_compile
 
     monkeypatch.delenv("GEMMAKIT_COMPILE", raising=False)
     parse = build_parser().parse_args
-    assert wants_compile(parse(["generate", "x"])) and wants_compile(parse(["bench"]))
-    assert not wants_compile(parse(["chat"]))
+    assert wants_compile(parse(["generate", "x", "--max-tokens", "512"])) and wants_compile(parse(["bench"]))
+    assert not wants_compile(parse(["chat"])) and not wants_compile(parse(["generate", "x"]))
     assert wants_compile(parse(["chat", "--compile", "on"]))
     assert not wants_compile(parse(["generate", "x", "--compile", "off"]))
     monkeypatch.setenv("GEMMAKIT_COMPILE", "0")
-    assert not wants_compile(parse(["generate", "x"])) and wants_compile(parse(["generate", "x", "--compile", "on"]))
+    assert not wants_compile(parse(["bench"])) and wants_compile(parse(["generate", "x", "--compile", "on"]))
     monkeypatch.setenv("GEMMAKIT_COMPILE", "maybe")
     with pytest.raises(ValueError, match="on, off or auto"):
         wants_compile(parse(["generate", "x"]))

@@ -15,9 +15,9 @@ the batch sizes in between, which would be a graph each. On CUDA the same steps 
 the graphs may mutate them in place.
 
 Compilation costs tens of seconds once per process and shape (inductor's on-disk cache makes later runs
-faster), too long for a chat prompt that should be ready in seconds: the CLI compiles for `generate` and
-`bench` and not for `chat` unless `--compile on|off` (or GEMMAKIT_COMPILE) says otherwise, and it is skipped
-where it cannot work (no C++ compiler on a CPU-only machine).
+faster), too long for a chat prompt that should be ready in seconds: the CLI compiles for `bench` and long
+`generate` runs, not for `chat`, unless `--compile on|off` (or GEMMAKIT_COMPILE) says otherwise, and it is
+skipped where it cannot work (no C++ compiler on a CPU-only machine).
 """
 
 from __future__ import annotations
