@@ -24,9 +24,10 @@ def test_compiled_decode_equals_eager(name, tmp_path):
     model = load_model(tmp_path)
     prompt = torch.randint(0, 1000, (WINDOW + 3,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_tokens=3 * WINDOW, logprobs=2)
-    eager = Engine(model, max_batch=1, context=128).generate([prompt], params)[0]
+    eager_engine = Engine(model, max_batch=1, context=128)
+    eager = eager_engine.generate([prompt], params)[0]
     engine = Engine(model, max_batch=1, context=128, compile=True)
-    assert engine.compiled
+    assert engine.compiled and not eager_engine.compiled
     compiled = engine.generate([prompt], params)[0]
     assert compiled.tokens == eager.tokens
     for a, b in zip(compiled.logprobs, eager.logprobs, strict=True):

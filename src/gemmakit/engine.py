@@ -3,11 +3,14 @@
 How a request flows:
 - `submit` queues it (checked first: valid sampling parameters, prompt + max_tokens within the context).
 - `step` admits queued requests into free cache rows — each is prefilled on its own (any prompt length, no
-  padding), and samples its first token — then runs ONE batched decode step over every running row, rows at
+  padding, in chunks of `prefill_chunk` tokens so a long prompt's working memory stays bounded), and samples
+  its first token — then runs ONE batched decode step over every running row, rows at
   different positions included (cache.py keeps per-row positions). Sequences that finish (a stop token, a stop
   string, max_tokens, a detected repetition loop) leave their row at once, and the next step may admit
   someone else into it: continuous batching. The server drives `step` from its loop; `generate` is the
   blocking convenience on top.
+- Decode steps of one row and of every row can run through torch.compile (`compile=True`, compiled.py):
+  ~3x faster on CPU once built; other batch sizes run eagerly.
 - Memory is known before it is allocated: the KV cache for `max_batch` rows x `context` tokens plus working
   memory is estimated first (cache.estimate_bytes), and an engine that would not fit is refused with the
   numbers instead of crashing later.
@@ -119,10 +122,11 @@ class Engine:
         self.sampler = Sampler(config.vocab_size)
         # Decode steps of one row (latency) or of every row (throughput) run compiled when asked and possible;
         # compiled.py says why not the others.
-        self._decode_one = self._forward_decode
+        self._decode_compiled, self.compiled = self._forward_decode, False
         if compile and compile_supported(self.device):
             cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
-            self._decode_one = compile_decode(self._forward_decode, self.device, cache_tensors)
+            self._decode_compiled = compile_decode(self._forward_decode, self.device, cache_tensors)
+            self.compiled = True
         self.free_rows = list(range(max_batch))[::-1]
         self.running: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -153,10 +157,6 @@ class Engine:
             self.waiting.remove(req)
         req.finish_reason = req.finish_reason or "cancelled"
         self._release(req)
-
-    @property
-    def compiled(self) -> bool:
-        return self._decode_one is not self._forward_decode
 
     def warmup(self) -> None:
         """Build the compiled decode steps now (throw-away tokens) rather than in the first requests."""
@@ -199,7 +199,7 @@ class Engine:
         rows = torch.tensor([r.row for r in reqs], device=self.device)
         ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
         pos = torch.tensor([[r.position] for r in reqs], device=self.device)
-        forward = self._decode_one if len(reqs) in (1, self.max_batch) else self._forward_decode
+        forward = self._decode_compiled if len(reqs) in (1, self.max_batch) else self._forward_decode
         return self._sample(reqs, forward(ids, pos, rows, len(reqs) == self.max_batch))
 
     def _forward_decode(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool) -> Tensor:
