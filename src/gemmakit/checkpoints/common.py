@@ -102,7 +102,7 @@ class Loader:
             quantize_tied_head(self.model, self.quantize, weight=source)
             self.loaded.add(key)
         else:
-            self.assign(key, torch.cat(list(source.split(source.shape[0]))))
+            self.assign(key, source.read(0, source.shape[0]))  # assign casts and moves it
 
     def finish(self) -> Gemma:
         missing = sorted(set(self.expected) - self.loaded)
