@@ -72,13 +72,11 @@ def measure_bandwidth(size_mb: int = 512, repeats: int = 5, device: str | torch.
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far, or since `reset_peak_rss` (the kernel's high-water mark)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from gemmakit.cache import proc_field_bytes
+
+    hwm = proc_field_bytes("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak if sys.platform == "darwin" else peak * 1024
@@ -191,10 +189,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(t.device for t in (*model.parameters(), *model.buffers()))
-
-
 def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
                      context: int | None = None, compile: bool = False) -> BenchResult:
     """Time one engine run: `batch` random prompts of `prompt_len` tokens, `new_tokens` greedy tokens each.
@@ -205,10 +199,11 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
     do not count, the resident weights do) to the end of the run; the estimate is the engine's own forecast
     (weights + KV cache + working memory + compiled code, cache.estimate_bytes) plus the runtime, measured
     at the same moment: what the process holds besides the weights (Python, torch, the tokenizer)."""
-    from gemmakit.engine import Engine, model_bytes
+    from gemmakit.engine import Engine, model_bytes, model_dtype_device
     from gemmakit.sampling import SamplingParams
 
-    runtime = max(current_rss_bytes() - model_bytes(model), 0) if torch.device(_device_of(model)).type == "cpu" else 0
+    on_cpu = model_dtype_device(model)[1].type == "cpu"
+    runtime = max(current_rss_bytes() - model_bytes(model), 0) if on_cpu else 0
     reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

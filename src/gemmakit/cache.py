@@ -97,6 +97,13 @@ class Prefill(Step):
 
     def begin(self) -> None:
         self.cache.clear(self.rows)
+        self._record_tail()
+
+    def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self._write_tail(layer, kind, k, v)
+        return k, v
+
+    def _record_tail(self) -> None:
         T = self.positions.shape[1]
         # A ring keeps only the last `slots` positions; writing more would hit the same slot twice.
         self._keep = {kind: slice(max(0, T - n), T) for kind, n in self.cache.slots.items()}
@@ -104,12 +111,11 @@ class Prefill(Step):
             pos = self.positions[:, keep]
             self.cache.slot_pos[kind][self.rows[:, None], pos % self.cache.slots[kind]] = pos
 
-    def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _write_tail(self, layer: int, kind: str, k: Tensor, v: Tensor) -> None:
         keep = self._keep[kind]
         slots = self.positions[0, keep] % self.cache.slots[kind]
         self.cache.k[layer][self.rows[:, None], :, slots] = k[:, :, keep].transpose(1, 2)
         self.cache.v[layer][self.rows[:, None], :, slots] = v[:, :, keep].transpose(1, 2)
-        return k, v
 
 
 @dataclass
@@ -138,31 +144,24 @@ class Append(Step):
         return chunk_mask(self.positions, key_pos, window if kind == SLIDING else None)[:, None]
 
 
-class Extend(Step):
+class Extend(Prefill):
     """A chunk of any length continuing one row (chunked prefill of a long prompt): attend over what the
-    cache held before the chunk plus the chunk itself, then keep the chunk's tail in the ring. Reading before
-    writing is what lets a chunk be longer than the ring's slack."""
+    cache held before the chunk plus the chunk itself, then keep the chunk's tail in the ring as `Prefill`
+    does. Reading before writing is what lets a chunk be longer than the ring's slack."""
 
     def begin(self) -> None:
         # Full-attention slots hold positions 0..start-1 (slot = position): attend over those only, not the
         # whole context, so a chunk's cost grows with the prompt so far rather than with --context.
-        self._start = int(self.positions[0, 0])
-        self._used = {kind: (self._start if kind == FULL else n) for kind, n in self.cache.slots.items()}
+        start = int(self.positions[0, 0])
+        self._used = {kind: (start if kind == FULL else n) for kind, n in self.cache.slots.items()}
         self._before = {kind: pos[self.rows, :self._used[kind]] for kind, pos in self.cache.slot_pos.items()}
-        T = self.positions.shape[1]
-        self._keep = {kind: slice(max(0, T - n), T) for kind, n in self.cache.slots.items()}
-        for kind, keep in self._keep.items():
-            pos = self.positions[:, keep]
-            self.cache.slot_pos[kind][self.rows[:, None], pos % self.cache.slots[kind]] = pos
+        self._record_tail()
 
     def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         used = self._used[kind]
-        k_all = torch.cat([self.cache.k[layer][self.rows, :, :used], k], dim=2)
+        k_all = torch.cat([self.cache.k[layer][self.rows, :, :used], k], dim=2)  # copies: safe to write after
         v_all = torch.cat([self.cache.v[layer][self.rows, :, :used], v], dim=2)
-        keep = self._keep[kind]
-        slots = self.positions[0, keep] % self.cache.slots[kind]
-        self.cache.k[layer][self.rows[:, None], :, slots] = k[:, :, keep].transpose(1, 2)
-        self.cache.v[layer][self.rows[:, None], :, slots] = v[:, :, keep].transpose(1, 2)
+        self._write_tail(layer, kind, k, v)
         return k_all, v_all
 
     def mask(self, kind: str, window: int) -> Tensor:
@@ -200,19 +199,25 @@ def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, 
     return {**out, "total": sum(out.values())}
 
 
+def proc_field_bytes(path: str, field: str) -> int | None:
+    """A "Field:  N kB" line of a Linux /proc file (meminfo, self/status) in bytes; None where there is none."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def available_bytes(device: torch.device | str) -> int:
     """Memory that can still be allocated: free CUDA memory, or MemAvailable on Linux."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: do not refuse
+    free = proc_field_bytes("/proc/meminfo", "MemAvailable")
+    return 1 << 62 if free is None else free  # unknown: do not refuse
 
 
 def check_fits_memory(need: dict[str, int], device: torch.device | str, already_resident: int = 0) -> None:
