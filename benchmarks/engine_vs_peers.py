@@ -47,6 +47,7 @@ import torch
 
 from gemmakit.bench import MiB, format_table, measure_bandwidth, peak_rss_bytes
 from gemmakit.checkpoints import default_model_path
+from gemmakit.quantize import quantized_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_ENGINES = ("llama.cpp", "transformers-fp32", "transformers-bf16", "gemmakit-fp32", "gemmakit-bf16",
@@ -181,7 +182,7 @@ def run_transformers(dtype: str, prompt: list[int], new_tokens: int) -> dict:
         t_prefill = time.perf_counter() - t
         t0, stamps, tokens = generate(new_tokens)
     return {**timed_stream(len(prompt), 1, t0, stamps, t_prefill), "tokens": tokens,
-            "weight_bytes": tensor_bytes(model), "path": f"transformers {transformers.__version__}"}
+            "weight_bytes": quantized_bytes(model), "path": f"transformers {transformers.__version__}"}
 
 
 # ---- gemmakit --------------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def run_gemmakit(spec: Spec, prompt: list[int], new_tokens: int) -> dict:
     # SamplingParams defaults: greedy, no stop tokens, loop guard off, so every row runs to max_tokens.
     result = gemmakit_engine(engine, lambda n: SamplingParams(max_tokens=n, temperature=0.0), spec.batch, prompt,
                              new_tokens)
-    return {**result, "weight_bytes": tensor_bytes(model)}
+    return {**result, "weight_bytes": quantized_bytes(model)}
 
 
 def gemmakit_engine(engine, params: Callable[[int], object], batch: int, prompt: list[int],
@@ -222,12 +223,6 @@ def gemmakit_engine(engine, params: Callable[[int], object], batch: int, prompt:
     assert len(stamps) == new_tokens, "one step per token: the first prefills every row, each later one decodes"
     return {**timed_stream(len(prompt), batch, t0, stamps, stamps[0] - t0), "tokens": reqs[0].tokens,
             "path": f"gemmakit.engine, batch {batch}"}
-
-
-def tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers (shared tensors, like a tied embedding, once)."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())}
-    return sum(seen.values())
 
 
 # ---- the worker process ----------------------------------------------------------------------------------
