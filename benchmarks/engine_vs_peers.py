@@ -2,7 +2,8 @@
 
 Setup: the embedded Gemma 3 270M Q4_K_M GGUF for every engine (llama.cpp runs it quantized; transformers and
 gemmakit dequantize it to fp32 or bf16 at load, and the -int8/-int4 gemmakit rows requantize that with
-gemmakit.quantize; gemmakit rows decode one row through torch.compile unless named -eager), the same prompt
+gemmakit.quantize; gemmakit rows decode one row through torch.compile unless named -eager, and hold float
+weights in oneDNN's packed layout (gemmakit.packing, the CLI's default on CPU) unless named -plain), the same prompt
 token ids (BOS + text, `--prompt-len` tokens), `--new-tokens` greedy tokens that never stop early at EOS,
 `--threads` threads.
 
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,7 +52,8 @@ from gemmakit.quantize import quantized_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_ENGINES = ("llama.cpp", "transformers-fp32", "transformers-bf16", "gemmakit-fp32", "gemmakit-bf16",
-                   "gemmakit-fp32-eager", "gemmakit-fp32-int8", "gemmakit-fp32-int4", "gemmakit-fp32-b8")
+                   "gemmakit-fp32-eager", "gemmakit-fp32-int8", "gemmakit-fp32-int4", "gemmakit-fp32-b8",
+                   "gemmakit-bf16-b8", "gemmakit-fp32-int4-b8")
 PROMPT_TEXT = (
     "The history of the printing press begins with woodblock printing in East Asia, long before movable type "
     "reached Europe. When Johannes Gutenberg combined a screw press, oil-based inks and a mould for casting "
@@ -63,14 +65,16 @@ PROMPT_TEXT = (
 
 @dataclass(frozen=True)
 class Spec:
-    """An engine to measure, named `lib[-dtype][-int8|-int4][-eager][-bN]`: llama.cpp, transformers-bf16,
-    gemmakit-fp32-b8, gemmakit-fp32-int4 (weight-only quantized), gemmakit-fp32-eager (torch.compile off)."""
+    """An engine to measure, named `lib[-dtype][-int8|-int4][-eager][-plain][-bN]`: llama.cpp, transformers-bf16,
+    gemmakit-fp32-b8, gemmakit-fp32-int4 (weight-only quantized), gemmakit-fp32-eager (torch.compile off),
+    gemmakit-fp32-plain (float weights not packed for oneDNN)."""
 
     lib: str
     dtype: str = "fp32"
     batch: int = 1
     quant: str = "none"
     compiled: bool = True
+    packed: bool = True
 
     @classmethod
     def parse(cls, name: str) -> Spec:
@@ -79,14 +83,16 @@ class Spec:
         quants = [p for p in rest if p in ("int8", "int4")]
         batches = [int(p[1:]) for p in rest if p[:1] == "b" and p[1:].isdigit()]
         eager = [p for p in rest if p == "eager"]
-        if len(dtypes) + len(quants) + len(batches) + len(eager) != len(rest) or max(
-                len(dtypes), len(quants), len(batches), len(eager)) > 1:
-            raise ValueError(f"cannot read engine {name!r}: use lib[-fp32|-bf16][-int8|-int4][-eager][-bN]")
-        spec = cls(lib, *dtypes[:1] or ["fp32"], *batches[:1] or [1], *quants[:1] or ["none"], not eager)
+        plain = [p for p in rest if p == "plain"]
+        groups = (dtypes, quants, batches, eager, plain)
+        if sum(map(len, groups)) != len(rest) or max(map(len, groups)) > 1:
+            raise ValueError(f"cannot read engine {name!r}: use lib[-fp32|-bf16][-int8|-int4][-eager][-plain][-bN]")
+        spec = cls(lib, *dtypes[:1] or ["fp32"], *batches[:1] or [1], *quants[:1] or ["none"], not eager,
+                   not plain)
         if spec.lib not in ("llama.cpp", "transformers", "gemmakit"):
             raise ValueError(f"unknown engine {name!r}: use llama.cpp, transformers-fp32|bf16, gemmakit-...")
-        if spec.lib != "gemmakit" and (spec.batch > 1 or spec.quant != "none" or eager):
-            raise ValueError(f"{name}: only gemmakit rows can be batched, quantized or run eagerly here")
+        if spec.lib != "gemmakit" and (spec.batch > 1 or spec.quant != "none" or eager or plain):
+            raise ValueError(f"{name}: only gemmakit rows can be batched, quantized, unpacked or run eagerly here")
         return spec
 
     @property
@@ -94,7 +100,8 @@ class Spec:
         if self.lib == "llama.cpp":
             return "llama.cpp"
         return "-".join([self.lib, self.dtype, *([self.quant] if self.quant != "none" else []),
-                         *([] if self.compiled else ["eager"]), *([f"b{self.batch}"] if self.batch > 1 else [])])
+                         *([] if self.compiled else ["eager"]), *([] if self.packed else ["plain"]),
+                         *([f"b{self.batch}"] if self.batch > 1 else [])])
 
 
 class Unavailable(Exception):
@@ -190,16 +197,20 @@ def run_transformers(dtype: str, prompt: list[int], new_tokens: int) -> dict:
 def run_gemmakit(spec: Spec, prompt: list[int], new_tokens: int) -> dict:
     from gemmakit.checkpoints import load_model
     from gemmakit.engine import Engine
+    from gemmakit.packing import pack_linears
     from gemmakit.sampling import SamplingParams
 
     # Quantized rows load the way `gemmakit --quantize` does: module by module, never the whole fp32 model.
     model = load_model(dtype=DTYPES[spec.dtype], quantize=spec.quant)
+    weight_bytes = quantized_bytes(model)  # what one decode step reads, whichever layout holds it
+    if spec.packed:  # as gemmakit.api.load does: quantized modules are left alone
+        pack_linears(model, keep_plain=spec.compiled)
     # The warm-up generation inside gemmakit_engine builds the compiled decode step before any timing.
     engine = Engine(model, max_batch=spec.batch, context=len(prompt) + new_tokens, compile=spec.compiled)
     # SamplingParams defaults: greedy, no stop tokens, loop guard off, so every row runs to max_tokens.
     result = gemmakit_engine(engine, lambda n: SamplingParams(max_tokens=n, temperature=0.0), spec.batch, prompt,
                              new_tokens)
-    return {**result, "weight_bytes": quantized_bytes(model)}
+    return {**result, "weight_bytes": weight_bytes}
 
 
 def gemmakit_engine(engine, params: Callable[[int], object], batch: int, prompt: list[int],
@@ -328,6 +339,8 @@ def table_rows(specs: list[Spec], rows: list[dict], bandwidth: float) -> list[di
             "decode tok/s": r["decode_tok_s"],
             "x llama.cpp": ratio(r, ref),
             "x transformers same dtype": ratio(r, peer) if spec.lib != "llama.cpp" else None,
+            # Total tokens/s of a batched row against the same engine at batch 1.
+            "x batch 1": ratio(r, by_name.get(replace(spec, batch=1).name)) if spec.batch > 1 else None,
             "TTFT s": r["ttft_s"],
             "peak RSS MiB": r["peak_rss_bytes"] / MiB,
             "weights MiB": r["weight_bytes"] / MiB,
@@ -354,7 +367,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default=None,
                     help="comma-separated; default: llama.cpp, transformers-fp32/bf16, gemmakit-fp32/bf16 (compiled "
-                         "and eager), gemmakit-fp32-int8/int4 and gemmakit-fp32-b8")
+                         "and eager), gemmakit-fp32-int8/int4 and gemmakit-fp32/bf16/fp32-int4 at batch 8")
     ap.add_argument("--wait-idle", type=float, default=120.0,
                     help="before each measurement, wait up to this many seconds for other processes to go quiet "
                          "(0: do not wait)")

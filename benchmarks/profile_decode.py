@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
+from gemmakit.packing import pack_linears
 from gemmakit.sampling import SamplingParams
 
 
@@ -29,18 +30,24 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=12, help="how many ops to list")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--pack", action="store_true", help="oneDNN-packed float weights (packing.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     model = load_model(dtype=getattr(torch, args.dtype), quantize=args.quantize)
-    engine = Engine(model, max_batch=1, context=args.prompt_len + args.steps + 8, compile=args.compile)
-    prompt = list(range(10, 10 + args.prompt_len))
-    engine.generate([prompt], SamplingParams(max_tokens=8))  # compile and warm up, untimed
-    engine.submit(prompt, SamplingParams(max_tokens=args.steps + 1))
-    engine.step()  # the prefill stays out of the profile
+    if args.pack:
+        pack_linears(model)
+    engine = Engine(model, max_batch=args.batch, context=args.prompt_len + args.steps + 8, compile=args.compile)
+    prompts = [list(range(10 + r, 10 + r + args.prompt_len)) for r in range(args.batch)]
+    engine.generate(prompts, SamplingParams(max_tokens=8))  # compile and warm up, untimed
+    for prompt in prompts:
+        engine.submit(prompt, SamplingParams(max_tokens=args.steps + 1))
+    while engine.waiting or any(not r.tokens for r in engine.running.values()):  # prefills stay out
+        engine.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         while engine.has_work:

@@ -219,14 +219,19 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
          chat_format: str = "auto", context: int | None = None, compile: bool = False,
-         quantize: str | None = None) -> LLM:
+         quantize: str | None = None, pack: bool | None = None) -> LLM:
     """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat. `compile` runs
     one-row decode steps through torch.compile (compiled.py): ~3x faster on CPU after a one-off build.
-    `quantize` ("int8", "int4") quantizes the weights module by module as they load (quantize.py)."""
+    `quantize` ("int8", "int4") quantizes the weights module by module as they load (quantize.py).
+    `pack` (default: on CPU without quantization) puts float weights in oneDNN's layout (packing.py): faster
+    prefill and batched decode, for the memory of a second copy of the output head."""
     from gemmakit.checkpoints import load_model_and_tokenizer, resolve
+    from gemmakit.packing import pack_linears
 
     path = resolve(model)
     m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, quantize)
+    if pack if pack is not None else torch.device(device).type == "cpu" and quantize in (None, "none"):
+        pack_linears(m, keep_plain=compile)
     name = m.config.name if path.suffix == ".gguf" else path.name
     fmt = pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format)
     return LLM(m, tok, fmt, name, context, compile)

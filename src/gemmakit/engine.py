@@ -39,7 +39,9 @@ from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, make_gener
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    from gemmakit.packing import packed_bytes
+
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) + packed_bytes(model)
 
 
 def model_dtype_device(model: Gemma) -> tuple[torch.dtype, torch.device]:

@@ -1,0 +1,93 @@
+"""oneDNN-packed weights compute what the plain ones do (packing.py), eager and compiled, in the engine.
+Run: .venv/bin/python -m pytest tests/test_packing.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gemmakit.compiled import compile_supported
+from gemmakit.engine import Engine, model_bytes
+from gemmakit.model import Gemma
+from gemmakit.packing import PackedLinear, pack_linears, packed_bytes, packing_supported
+from gemmakit.quantize import Int4Linear, quantize_model
+from gemmakit.sampling import SamplingParams
+from tests.helpers import WINDOW, tiny
+
+pytestmark = pytest.mark.skipif(not packing_supported(torch.zeros(1)), reason="this torch has no oneDNN")
+
+
+def _gemma(variant: str, dtype: torch.dtype = torch.float32) -> Gemma:
+    torch.manual_seed(0)
+    model = Gemma(tiny(variant).replace(vocab_size=1024)).eval().to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts." in name:  # created with torch.empty
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def _ids(batch: int = 2, length: int = 3 * WINDOW) -> torch.Tensor:
+    return torch.randint(0, 1000, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "e2b", "26b-a4b"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@torch.inference_mode()
+def test_packed_model_logits_match(variant, dtype, tol):
+    """Every linear and the tied head packed; logits equal the plain model's within the dtype's rounding."""
+    plain = _gemma(variant, dtype)
+    packed = pack_linears(copy.deepcopy(plain))
+    assert isinstance(packed.lm_head, PackedLinear)
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    want, got = plain(_ids()).float(), packed(_ids()).float()
+    assert ((got - want).norm() / want.norm()).item() < tol
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+
+@torch.inference_mode()
+def test_keep_plain_keeps_checkpoint_names_and_counts_memory():
+    plain = _gemma("gemma3")
+    before = model_bytes(plain)
+    packed = pack_linears(copy.deepcopy(plain), keep_plain=True)
+    assert packed.state_dict().keys() == plain.state_dict().keys()  # the head aliases the embedding
+    layer_bytes = sum(p.numel() * 4 for n, p in plain.named_parameters() if n.endswith("proj.weight"))
+    head_bytes = plain.model.embed_tokens.weight.numel() * 4
+    assert packed_bytes(packed) == layer_bytes + head_bytes
+    assert model_bytes(packed) == before + layer_bytes + head_bytes
+    dropped = pack_linears(copy.deepcopy(plain))  # without the plain copies the layers cost nothing extra
+    assert not any(k.endswith("proj.weight") for k in dropped.state_dict())
+    assert model_bytes(dropped) == before + head_bytes
+    assert pack_linears(dropped) is dropped and packed_bytes(dropped) == layer_bytes + head_bytes  # idempotent
+
+
+@torch.inference_mode()
+def test_quantized_modules_are_left_alone():
+    model = quantize_model(_gemma("gemma3"), "int4", group_size=32)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    pack_linears(model)
+    assert model.model.layers[0].self_attn.q_proj is q_proj and isinstance(q_proj, Int4Linear)
+    assert not isinstance(model.lm_head, PackedLinear)
+
+
+@pytest.mark.parametrize("keep_plain", [False, True])
+def test_engine_on_packed_weights_decodes_like_plain(keep_plain):
+    """Batched greedy decoding past the sliding window: same tokens on packed weights, eager and compiled
+    (compiled one-row steps use the plain copies when kept; full-batch steps the packed ones)."""
+    plain = _gemma("gemma3")
+    packed = pack_linears(copy.deepcopy(plain), keep_plain=keep_plain)
+    prompts = [_ids(1, n)[0].tolist() for n in (WINDOW + 3, 5, 2 * WINDOW)]
+    # Different lengths, so the batch shrinks to one row (a one-row step) after passing through two.
+    params = [SamplingParams(max_tokens=n, logprobs=1) for n in (2 * WINDOW, WINDOW, 3 * WINDOW)]
+    want = Engine(plain, max_batch=3, context=64).generate(prompts, params)
+    compile = keep_plain and compile_supported("cpu")
+    engine = Engine(packed, max_batch=3, context=64, compile=compile)
+    got = engine.generate(prompts, params)
+    assert engine.compiled == compile
+    for a, b in zip(got, want, strict=True):
+        assert a.tokens == b.tokens
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
