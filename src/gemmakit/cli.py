@@ -1,7 +1,8 @@
 """The `gemmakit` command: `gemmakit <verb> [args]`, one small function per verb.
 
 Verbs: `models` (the registry with parameter counts), `generate` (raw completion, or one chat message with
---chat, optionally as JSON) and `chat` (an interactive terminal chat). The embedded Gemma 3 270M is the
+--chat, optionally as JSON), `chat` (an interactive terminal chat), `bench` (speed and memory) and `serve`
+(the OpenAI-compatible server, serve/). The embedded Gemma 3 270M is the
 default model everywhere. Every error a user can cause (a bad path, a damaged checkpoint, a prompt that does
 not fit, a bad sampling value) is printed as one `error:` line with what to do, and exits with status 2.
 """
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -97,7 +99,7 @@ def wants_compile(args: argparse.Namespace) -> bool:
         raise ValueError(f"--compile / GEMMAKIT_COMPILE must be on, off or auto, not {value!r}")
     if value != "auto":
         return value in _ON
-    return args.func is cmd_bench or (args.func is cmd_generate and args.max_tokens >= COMPILE_PAYS_FROM)
+    return args.func in (cmd_bench, cmd_serve) or (args.func is cmd_generate and args.max_tokens >= COMPILE_PAYS_FROM)
 
 
 def load_llm(args: argparse.Namespace):
@@ -107,10 +109,47 @@ def load_llm(args: argparse.Namespace):
     with spinner(label):
         llm = load(args.model, args.dtype, args.device, args.chat_format, args.context, compile=args.compiled,
                    quantize=args.quantize, pack={"on": True, "off": False}.get(args.pack))
-    if args.compiled and args.func is not cmd_bench:  # bench builds engines of its own
+    if args.compiled and args.func not in (cmd_bench, cmd_serve):  # these build engines of their own
         with spinner("compiling the decode step (a minute the first time; --compile off skips it)"):
             llm.engine.warmup()
     return llm
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from gemmakit.serve.app import ServeOptions, create_app
+
+    if args.replicas > 1:
+        from gemmakit.serve.ray_serve import run_replicas
+
+        return run_replicas(args)
+    options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
+                           compile=args.compiled, api_key=args.api_key or os.environ.get("GEMMAKIT_API_KEY"),
+                           cors_origins=tuple(args.cors_origin), model_name=args.served_model_name)
+    app = create_app(lambda: load_llm(args), options)
+    print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
+          "/health is 503 until the model is loaded", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def add_serve_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    add_load_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also: GEMMAKIT_API_KEY)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row before 429s")
+    s.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable; "
+                                                                      "CORS is off by default)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's)")
+    s.add_argument("--replicas", type=int, default=1, help="engine replicas behind one endpoint, on Ray Serve "
+                                                          "(a local Ray cluster, or RAY_ADDRESS's)")
+    s.add_argument("--cpus-per-replica", type=int, default=1, help="Ray CPUs (and torch threads) per replica")
+    s.add_argument("--gpus-per-replica", type=float, default=0, help="Ray GPUs per replica")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(func=cmd_serve)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -191,12 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded "
-                                                 "Gemma 3 270M)")
-    p.add_argument("--chat-format", default="auto",
-                   choices=("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue"),
-                   help="how to prompt for chat: auto (the checkpoint's template; a plain dialogue for base "
-                        "models), or force one")
+    add_load_args(p)
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate ({max_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
@@ -208,6 +242,15 @@ def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--think", action="store_true", help="thinking mode (Gemma 4 instruction-tuned models)")
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded "
+                                                 "Gemma 3 270M)")
+    p.add_argument("--chat-format", default="auto",
+                   choices=("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue"),
+                   help="how to prompt for chat: auto (the checkpoint's template; a plain dialogue for base "
+                        "models), or force one")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                    help="weight-only quantization of the loaded model")
@@ -244,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
     add_model_args(b, max_tokens=128)
     b.set_defaults(func=cmd_bench)
+    add_serve_parser(sub)
     return p
 
 

@@ -24,6 +24,7 @@ model of the same tokenizer, and Gemma 4's MTP heads can implement the same two 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ class Engine:
             raise ValueError("stop strings need the engine to have a tokenizer")
         req = Request(list(prompt), params, id=self._next_id,
                       generator=make_generator(params.seed, self.device))
-        if params.stop:
+        if self.tokenizer is not None:  # keeps req.text, cut at any stop string, current token by token
             req.decoder, req.stop_text = self.tokenizer.decode_stream(), StopText(params.stop)
         self._next_id += 1
         self.waiting.append(req)
@@ -210,6 +211,12 @@ class Engine:
         return self.model(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
 
     def _sample(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
+        constrained = [i for i, r in enumerate(reqs) if r.params.constraint is not None]
+        if constrained:  # a copy: a compiled step may hand out its own output buffer
+            logits = logits.clone()
+            for i in constrained:
+                allowed = reqs[i].params.constraint.allowed().to(logits.device)
+                logits[i].masked_fill_(~allowed[: logits.shape[-1]], -math.inf)
         tokens, logprobs = self.sampler.sample(logits, [r.params for r in reqs], [r.prompt + r.tokens for r in reqs],
                                                [len(r.prompt) for r in reqs], [r.generator for r in reqs])
         events = []
@@ -222,6 +229,8 @@ class Engine:
         p = req.params
         if token in p.stop_token_ids:
             return self._finish(req, "stop")
+        if p.constraint is not None:
+            p.constraint.advance(token)
         req.tokens.append(token)
         if logprob is not None:
             req.logprobs.append(logprob)
@@ -231,6 +240,8 @@ class Engine:
                 return self._finish(req, "stop")
         if p.loop_guard == "stop" and self.sampler.loop_detected(req.tokens, p):
             return self._finish(req, "loop")
+        if p.constraint is not None and p.constraint.done:
+            return self._finish(req, "stop")
         if len(req.tokens) >= p.max_tokens:
             self._finish(req, "length")
 

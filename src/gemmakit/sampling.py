@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,6 +69,9 @@ class SamplingParams:
     loop_max_period: int = 64
     loop_min_repeats: int = 4
     loop_min_span: int = 32
+    # A grammar the output must follow (constrain.Constraint: JSON schema, Lark); the engine masks the logits
+    # with it before this sampler runs and stops the request when the grammar is complete.
+    constraint: Any = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first out-of-range field; give vocab_size to also check token ids."""

@@ -1,0 +1,101 @@
+"""`gemmakit serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batched engine.
+
+Shape of a request. The handler validates the body (protocol.py), renders the chat with the model's format
+(api.LLM: the checkpoint's template, or the plain dialogue for a base model like the embedded default),
+checks that prompt + max_tokens fit the context, and submits one ticket per choice (`n`) to the engine loop
+(loop.py). Generated text comes back per decode step; each choice turns it into content, reasoning and tool
+calls (choices.py), sent as SSE chunks the way OpenAI sends them, or collected into one response.
+
+Everything a client can get wrong is a 400 in OpenAI's error shape, never a 500 or a stall: malformed JSON,
+wrong types, out-of-range values, unknown model (404), a prompt that does not fit (numbers given), a full
+queue (429 with Retry-After). A client that disconnects cancels its tickets: its rows are free at the next
+step. `/health` is 503 until the model is loaded; `/metrics` is Prometheus text.
+
+Security defaults: the CLI binds 127.0.0.1, CORS is off unless origins are given, and with an API key every
+/v1 route needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from gemmakit.api import LLM
+from gemmakit.serve import protocol as P
+from gemmakit.serve.metrics import Metrics
+from gemmakit.serve.routes import install_routes
+from gemmakit.serve.server import HTTPFail, ServeOptions, Server, fail
+
+
+def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = None) -> FastAPI:
+    """The app; `load` is an LLM, or a function that loads one (in a thread, /health says 503 meanwhile)."""
+    options = options or ServeOptions()
+    metrics = Metrics()
+
+    def start(app: FastAPI) -> None:
+        try:
+            app.state.server = Server(load() if callable(load) else load, options, metrics)
+        except Exception as e:  # reported by /health and every request, not swallowed
+            app.state.load_error = f"{type(e).__name__}: {e}"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=start, args=(app,), name="gemmakit-load", daemon=True).start()
+        yield
+        if app.state.server is not None:
+            app.state.server.loop.stop()
+
+    app = FastAPI(title="gemmakit", version="0.1.0", summary="OpenAI-compatible Gemma server", lifespan=lifespan)
+    app.state.server, app.state.load_error, app.state.metrics = None, None, metrics
+
+    _install_middleware(app, options, metrics)
+    install_routes(app)
+    return app
+
+
+def _install_middleware(app: FastAPI, options: ServeOptions, metrics: Metrics) -> None:
+    replica = f"{socket.gethostname()}:{os.getpid()}"
+    if options.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.middleware("http")
+    async def _auth_and_count(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        if options.api_key and path.startswith("/v1") and request.method != "OPTIONS" and \
+                request.headers.get("authorization", "") != f"Bearer {options.api_key}":
+            response: Response = fail(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+        else:
+            response = await call_next(request)
+        if path.startswith("/v1"):
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        response.headers["X-Gemmakit-Replica"] = replica  # which process answered (several behind Ray Serve)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return fail(400, "the request body is not valid JSON", code="invalid_json")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        return fail(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param, "invalid_value")
+
+    @app.exception_handler(HTTPFail)
+    async def _failed(request: Request, exc: HTTPFail) -> JSONResponse:
+        return exc.response
+
+    @app.exception_handler(P.ParamError)
+    async def _param(request: Request, exc: P.ParamError) -> JSONResponse:
+        return fail(400, str(exc), exc.param, exc.code)

@@ -1,0 +1,82 @@
+"""One generated choice of a request: turns the engine's text updates into OpenAI message fields.
+
+A chat choice of an instruction-tuned model goes through the chat parser (chat/parser.py), which splits the
+stream into content, reasoning (the thought channel) and tool calls, holding back text that may still turn
+into a marker. A base model chats through the plain dialogue format, whose turn markers the engine already
+cut as stop strings; only the space after "Assistant:" is dropped here. Completions take the text as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gemmakit.chat.parser import Delta, StreamParser
+from gemmakit.sampling import TokenLogprobs
+from gemmakit.serve.loop import Update
+from gemmakit.serve.protocol import finish_reason, tool_call_json
+
+
+@dataclass
+class Choice:
+    index: int
+    parser: StreamParser | None = None  # None: text as it comes (completions, base-model dialogue)
+    strip_start: bool = False  # the dialogue format's space after "Assistant:"
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[Any] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    tokens: int = 0
+    engine_reason: str | None = None
+    filtered: bool = False
+
+    def feed(self, update: Update) -> Delta:
+        """The new message parts of an update (and, when it is the last one, whatever the parser held)."""
+        self.tokens += len(update.tokens)
+        self.logprobs += update.logprobs
+        delta = self._text(update.text)
+        if update.finish_reason is not None:
+            self.engine_reason = update.finish_reason
+            if self.parser is not None:
+                tail = self.parser.finish()
+                delta = Delta(delta.content + tail.content, delta.reasoning + tail.reasoning,
+                              delta.tool_calls + tail.tool_calls)
+        self.content += delta.content
+        self.reasoning += delta.reasoning
+        self.tool_calls += delta.tool_calls
+        return delta
+
+    def _text(self, text: str) -> Delta:
+        if self.strip_start and not self.content:
+            text = text.lstrip()
+        return self.parser.feed(text) if self.parser is not None else Delta(content=text)
+
+    @property
+    def finished(self) -> bool:
+        return self.engine_reason is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.filtered:
+            return "content_filter"
+        return finish_reason(self.engine_reason, bool(self.tool_calls))
+
+    def message(self) -> dict:
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content.strip() or None}
+        if self.reasoning.strip():
+            msg["reasoning_content"] = msg["reasoning"] = self.reasoning.strip()
+        if self.tool_calls:
+            msg["tool_calls"] = [tool_call_json(c, i) for i, c in enumerate(self.tool_calls)]
+            for c in msg["tool_calls"]:
+                del c["index"]
+        return msg
+
+    def delta_json(self, delta: Delta, first_call: int) -> dict:
+        out: dict[str, Any] = {}
+        if delta.content:
+            out["content"] = delta.content
+        if delta.reasoning:
+            out["reasoning_content"] = out["reasoning"] = delta.reasoning
+        if delta.tool_calls:
+            out["tool_calls"] = [tool_call_json(c, first_call + i) for i, c in enumerate(delta.tool_calls)]
+        return out

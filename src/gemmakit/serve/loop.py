@@ -1,0 +1,155 @@
+"""Continuous batching: one thread owns the engine; HTTP handlers talk to it through tickets.
+
+The engine (engine.py) is single-threaded by design: `step()` decodes one token for every running sequence,
+then admits waiting requests into free rows. `EngineLoop` runs that in a thread of its own, so requests join
+and leave the running batch between two decode steps while the asyncio side stays free to accept
+connections. A handler gets a `Ticket` for each sequence it wants; the loop pushes `Update`s (new text,
+token ids, logprobs, finish reason) into the ticket's asyncio queue through `call_soon_threadsafe`, and a
+cancelled ticket (its client went away) leaves the batch before the next step.
+
+Admission is bounded: at most `max_queue` sequences wait for a row; beyond that `submit` raises `QueueFull`
+and the server answers 429. An error inside a step fails the sequences of that step, not the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gemmakit.engine import Engine, Request
+from gemmakit.sampling import SamplingParams, TokenLogprobs
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Update:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Ticket:
+    prompt: list[int]
+    params: SamplingParams
+    events: asyncio.Queue  # receives (index, Update); the tickets of one HTTP request may share it
+    loop: asyncio.AbstractEventLoop
+    index: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    request: Request | None = None
+    sent_text: int = 0
+    sent_tokens: int = 0
+    last_token_at: float | None = None
+
+    def push(self, update: Update) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, update))
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_queue: int = 64, metrics: Any = None):
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._tickets: dict[int, Ticket] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="gemmakit-engine", daemon=True)
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # --- the asyncio side -----------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, events: asyncio.Queue | None = None,
+               index: int = 0) -> Ticket:
+        if self.waiting >= self.max_queue:
+            raise QueueFull(f"{self.waiting} requests are already waiting for a slot (--max-queue {self.max_queue})")
+        ticket = Ticket(prompt, params, events or asyncio.Queue(), asyncio.get_running_loop(), index)
+        self._inbox.put(("add", ticket))
+        self._wake.set()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        self._inbox.put(("cancel", ticket))
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        """Sequences not yet in a row: the engine's queue plus what the loop has not picked up yet."""
+        return len(self.engine.waiting) + self._inbox.qsize()
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    # --- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            self._drain_inbox()
+            if not self.engine.has_work:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # fail this step's sequences, keep serving the others
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                continue
+            self._dispatch(events)
+            if self.metrics is not None:
+                self.metrics.observe_batch(self.running, self.waiting)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, ticket = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                try:
+                    ticket.request = self.engine.submit(ticket.prompt, ticket.params)
+                except ValueError as e:  # the request itself is at fault (the handlers check most of it first)
+                    ticket.push(Update(error=str(e), finish_reason="invalid"))
+                    continue
+                self._tickets[ticket.request.id] = ticket
+            elif ticket.request is not None and not ticket.request.finished:
+                self.engine.cancel(ticket.request)
+                self._tickets.pop(ticket.request.id, None)
+
+    def _dispatch(self, events: list[tuple[Request, int]]) -> None:
+        now = time.perf_counter()
+        for req in {id(r): r for r, _ in events}.values():
+            ticket = self._tickets.get(req.id)
+            if ticket is None:
+                continue
+            update = Update(text=req.text[ticket.sent_text:], tokens=req.tokens[ticket.sent_tokens:],
+                            logprobs=req.logprobs[ticket.sent_tokens:], finish_reason=req.finish_reason)
+            ticket.sent_text, ticket.sent_tokens = len(req.text), len(req.tokens)
+            if self.metrics is not None:
+                first = ticket.last_token_at is None
+                self.metrics.observe_tokens(now - (ticket.submitted if first else ticket.last_token_at), first,
+                                            len(update.tokens))
+            ticket.last_token_at = now
+            ticket.push(update)
+            if req.finished:
+                self._tickets.pop(req.id, None)
+
+    def _fail_all(self, message: str) -> None:
+        for ticket in list(self._tickets.values()):
+            if ticket.request is not None:
+                self.engine.cancel(ticket.request)
+            ticket.push(Update(error=message, finish_reason="error"))
+        self._tickets.clear()

@@ -1,0 +1,179 @@
+"""The OpenAI wire format: request bodies (validated with pydantic), sampling parameters, response objects.
+
+Requests are checked field by field so that every bad value gets a 400 naming the parameter, in OpenAI's
+error shape (`error(...)`). Unknown fields are accepted and ignored, as OpenAI-compatible servers do: clients
+send extras (`user`, `metadata`, vendor options). gemmakit's own extensions follow vLLM's names: `top_k`,
+`min_p`, `repetition_penalty`, `chat_template_kwargs` (`enable_thinking`).
+
+Defaults when a request leaves sampling unset: temperature 1.0, top_p 0.95, top_k 64, Gemma's published
+generation config (OpenAI's own default temperature is also 1.0).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gemmakit.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+
+GEMMA_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
+MAX_N = 16
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def error(message: str, param: str | None = None, code: str | None = None,
+          type: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def sampling(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+        given = {k: v for k in GEMMA_DEFAULTS if (v := getattr(self, k)) is not None}
+        s = {**GEMMA_DEFAULTS, **given}
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            bias[int(key)] = value
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4 or any(not x for x in stop):
+            raise ParamError("stop takes up to 4 non-empty strings", "stop")
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=s["temperature"], top_k=None if s["top_k"] in (0, -1) else s["top_k"],
+            top_p=s["top_p"], min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, logit_bias=bias or None,
+            seed=self.seed, stop=tuple(stop), logprobs=logprobs)
+        try:
+            params.validate(vocab_size)
+        except ValueError as e:
+            raise ParamError(str(e), str(e).split(" ")[0]) from None
+        return params
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class ChatRequest(_Request):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+
+    @property
+    def thinking(self) -> bool:
+        kwargs = self.chat_template_kwargs or {}
+        if "enable_thinking" in kwargs:
+            return bool(kwargs["enable_thinking"])
+        return self.reasoning_effort not in (None, "none", "minimal")
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+
+
+class ParamError(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Roles known, content text (a string or text parts); returns them with text-part lists joined."""
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ROLES:
+            raise ParamError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                             f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise ParamError(f"messages[{i}].content: only text parts are supported by this text model",
+                                 f"messages[{i}].content")
+            content = "".join(str(p.get("text", "")) for p in content)
+        elif content is not None and not isinstance(content, str):
+            raise ParamError(f"messages[{i}].content must be a string or a list of text parts",
+                             f"messages[{i}].content")
+        if content is None and not m.get("tool_calls"):
+            raise ParamError(f"messages[{i}] has no content", f"messages[{i}].content")
+        out.append({**m, "role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+# --- responses ------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def envelope(kind: str, rid: str, model: str, choices: list[dict], usage: dict | None = None) -> dict:
+    out = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices,
+           "system_fingerprint": "gemmakit"}
+    if usage is not None or kind.endswith("chunk"):
+        out["usage"] = usage
+    return out
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(engine_reason: str | None, tool_calls: bool) -> str | None:
+    if engine_reason is None:
+        return None
+    if tool_calls:
+        return "tool_calls"
+    return {"length": "length", "content_filter": "content_filter"}.get(engine_reason, "stop")
+
+
+def chat_logprobs(items: list[TokenLogprobs], piece: Any) -> list[dict]:
+    """OpenAI's chat `logprobs.content` entries; `piece(id)` is a token's text."""
+    def entry(token: int, lp: float) -> dict:
+        text = piece(token)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]} for x in items]
+
+
+def completion_logprobs(items: list[TokenLogprobs], piece: Any, offset: int) -> dict:
+    tokens = [piece(x.token) for x in items]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
+            "top_logprobs": [{piece(t): lp for t, lp in x.top} for x in items], "text_offset": offsets}
+
+
+def tool_call_json(call: Any, index: int) -> dict:
+    return {"index": index, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}

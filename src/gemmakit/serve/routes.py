@@ -1,0 +1,259 @@
+"""The endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics and the chat page.
+
+Both completion endpoints follow one path: build the prompts and per-choice sampling parameters, submit the
+tickets, then either stream SSE chunks as updates arrive or collect them into one response. A client that
+goes away mid-request (stream closed, or a plain request whose connection drops) cancels its tickets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from gemmakit.chat.dialogue import STOP_STRINGS as DIALOGUE_STOPS
+from gemmakit.chat.parser import StreamParser
+from gemmakit.serve import protocol as P
+from gemmakit.serve.choices import Choice
+from gemmakit.serve.server import (
+    HTTPFail,
+    Server,
+    check_fits,
+    check_model,
+    fail,
+    next_update,
+    per_choice,
+    ready,
+    response_constraint,
+    sse,
+    submit_all,
+)
+
+
+def install_routes(app: FastAPI) -> None:
+    app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)")(chat_completions)
+    app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)")(completions)
+    app.get("/v1/models", summary="List the served model")(models)
+    app.get("/health", summary="200 when the model is loaded, 503 while loading")(health)
+    app.get("/metrics", summary="Prometheus metrics", response_class=Response)(metrics)
+    app.get("/", response_class=HTMLResponse, include_in_schema=False)(page)
+
+
+async def health(request: Request) -> JSONResponse:
+    state = request.app.state
+    if state.server is not None:
+        return JSONResponse({"status": "ok", "model": state.server.name})
+    status = "failed: " + state.load_error if state.load_error else "loading"
+    return JSONResponse({"status": status}, status_code=500 if state.load_error else 503)
+
+
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models(request: Request) -> dict:
+    server = ready(request)
+    return {"object": "list", "data": [{"id": server.name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "gemmakit", "max_model_len": server.context}]}
+
+
+async def page() -> HTMLResponse:
+    return HTMLResponse(resources.files("gemmakit.serve").joinpath("page.html").read_text())
+
+
+# --- chat -----------------------------------------------------------------------------------------------
+async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
+    server = ready(request)
+    check_model(server, body.model)
+    llm = server.llm
+    messages = P.check_messages(body.messages)
+    if refusal := server.check_input(messages):
+        return _refused(server, body, refusal)
+    if body.tool_choice not in (None, "auto", "none"):
+        raise P.ParamError("tool_choice supports 'auto' and 'none' here", "tool_choice", "unsupported_value")
+    tools = None if body.tool_choice == "none" else body.tools
+    try:
+        ids = llm.encode_prompt(llm.render(messages, tools, body.thinking))
+    except ValueError as e:  # e.g. tools for a base model, a template that refuses the messages
+        raise P.ParamError(str(e), "messages") from None
+    max_tokens = check_fits(server, len(ids), body.max_completion_tokens or body.max_tokens, "messages")
+    params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                           llm.model.config.vocab_size)
+    params.stop_token_ids = tuple(llm.stop_ids())
+    if llm.is_base:
+        params.stop += DIALOGUE_STOPS
+    choices = [Choice(i, None if llm.is_base else StreamParser(llm.chat_format.family), llm.is_base)
+               for i in range(body.n)]
+    tickets, events = submit_all(server, [ids] * body.n,
+                                 per_choice(params, body.n, response_constraint(server, body.response_format)))
+    run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids))
+    if body.stream:
+        return StreamingResponse(run.chat_stream(body.include_usage, body.logprobs), media_type="text/event-stream")
+    await run.collect()
+    return P.envelope("chat.completion", run.rid, server.name, [
+        {"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
+         "logprobs": {"content": P.chat_logprobs(c.logprobs, server.piece)} if body.logprobs else None}
+        for c in choices], run.usage())
+
+
+def _refused(server: Server, body: P.ChatRequest, message: str) -> Any:
+    """An input guard said no: the model never sees the request."""
+    rid = P.new_id("chatcmpl")
+    choices = [{"index": i, "message": {"role": "assistant", "content": message}, "finish_reason": "content_filter",
+                "logprobs": None} for i in range(body.n)]
+    if not body.stream:
+        return P.envelope("chat.completion", rid, server.name, choices, P.usage(0, 0))
+
+    async def events() -> AsyncIterator[str]:
+        for c in choices:
+            yield sse(P.envelope("chat.completion.chunk", rid, server.name, [
+                {"index": c["index"], "delta": {"role": "assistant", "content": message}, "logprobs": None,
+                 "finish_reason": "content_filter"}]))
+        yield sse("[DONE]")
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# --- completions ----------------------------------------------------------------------------------------
+async def completions(body: P.CompletionRequest, request: Request) -> Any:
+    server = ready(request)
+    check_model(server, body.model)
+    if body.suffix:
+        raise P.ParamError("suffix is not supported", "suffix", "unsupported_value")
+    prompts = _prompt_ids(server, body.prompt)
+    max_tokens = max(check_fits(server, len(ids), body.max_tokens, "prompt") for ids in prompts)
+    params = body.sampling(max_tokens, body.logprobs, server.llm.model.config.vocab_size)
+    params.stop_token_ids = tuple(server.llm.stop_ids(chat=False))
+    all_ids = [ids for ids in prompts for _ in range(body.n)]
+    all_params = [p for _ in prompts for p in per_choice(params, body.n, None)]
+    choices = [Choice(i) for i in range(len(all_ids))]
+    tickets, events = submit_all(server, all_ids, all_params)
+    run = _Run(server, request, tickets, events, choices, P.new_id("cmpl"), sum(map(len, prompts)))
+    echo = [server.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in all_ids]
+    if body.stream:
+        return StreamingResponse(run.completion_stream(body.include_usage, body.logprobs, echo),
+                                 media_type="text/event-stream")
+    await run.collect()
+    return P.envelope("text_completion", run.rid, server.name, [
+        {"index": c.index, "text": echo[c.index] + c.content, "finish_reason": c.finish_reason,
+         "logprobs": None if body.logprobs is None else P.completion_logprobs(c.logprobs, server.piece,
+                                                                                len(echo[c.index]))}
+        for c in choices], run.usage())
+
+
+def _prompt_ids(server: Server, prompt: Any) -> list[list[int]]:
+    """The prompt as token-id lists: a string, strings, token ids, or lists of token ids."""
+    tok, vocab = server.llm.tokenizer, server.llm.model.config.vocab_size
+    items = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    out = []
+    for item in items:
+        ids = tok.encode(item) if isinstance(item, str) else list(item)
+        if not ids or any(not 0 <= t < vocab for t in ids):
+            raise P.ParamError(f"prompt must be non-empty text or token ids in [0, {vocab})", "prompt")
+        out.append(ids)
+    if not out:
+        raise P.ParamError("prompt is empty", "prompt")
+    return out
+
+
+# --- one request's run ----------------------------------------------------------------------------------
+class _Run:
+    """The tickets of one request and their choices, consumed as a stream or collected."""
+
+    def __init__(self, server: Server, request: Request, tickets: list, events: Any, choices: list[Choice],
+                 rid: str, prompt_tokens: int):
+        self.server, self.request, self.tickets, self.events = server, request, tickets, events
+        self.choices, self.rid, self.prompt_tokens = choices, rid, prompt_tokens
+
+    def usage(self) -> dict:
+        return P.usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
+
+    def cancel(self) -> None:
+        for t in self.tickets:
+            self.server.loop.cancel(t)
+
+    async def updates(self) -> AsyncIterator[tuple[Choice, Any]]:
+        """(choice, delta) per update until every choice has finished; cancels the rest on the way out."""
+        try:
+            while not all(c.finished for c in self.choices):
+                got = await next_update(self.events, self.request)
+                if got is None:  # the client went away
+                    return
+                index, update = got
+                if update.error:
+                    status = 400 if update.finish_reason == "invalid" else 500
+                    raise HTTPFail(fail(status, update.error, type="invalid_request_error" if status == 400
+                                        else "server_error"))
+                choice = self.choices[index]
+                if choice.filtered:  # cut by a guard: what was already in flight is dropped
+                    continue
+                delta = choice.feed(update)
+                if (refusal := self.server.check_output(choice.content)) and not choice.filtered:
+                    choice.filtered, choice.engine_reason = True, "content_filter"
+                    choice.content = refusal
+                    self.server.loop.cancel(self.tickets[index])
+                    delta.content, delta.reasoning, delta.tool_calls = "", "", []
+                yield choice, delta
+        finally:
+            self.cancel()
+
+    async def collect(self) -> None:
+        async for _ in self.updates():
+            pass
+
+    async def chat_stream(self, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+        name = self.server.name
+        for c in self.choices:
+            yield sse(P.envelope("chat.completion.chunk", self.rid, name, [
+                {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]))
+        calls = [0] * len(self.choices)
+        sent_lp = [0] * len(self.choices)
+        try:
+            async for c, delta in self.updates():
+                out = c.delta_json(delta, calls[c.index])
+                calls[c.index] += len(delta.tool_calls)
+                lp = None
+                if logprobs and len(c.logprobs) > sent_lp[c.index]:
+                    lp = {"content": P.chat_logprobs(c.logprobs[sent_lp[c.index]:], self.server.piece)}
+                    sent_lp[c.index] = len(c.logprobs)
+                if out or lp or c.finished:
+                    yield sse(P.envelope("chat.completion.chunk", self.rid, name, [
+                        {"index": c.index, "delta": out, "logprobs": lp,
+                         "finish_reason": c.finish_reason if c.finished else None}]))
+        except HTTPFail as e:
+            yield sse(json_of(e))
+        if include_usage:
+            yield sse(P.envelope("chat.completion.chunk", self.rid, name, [], self.usage()))
+        yield sse("[DONE]")
+
+    async def completion_stream(self, include_usage: bool, logprobs: int | None, echo: list[str]) -> AsyncIterator[str]:
+        name, sent_lp = self.server.name, [0] * len(self.choices)
+        started = [False] * len(self.choices)
+        try:
+            async for c, delta in self.updates():
+                text = ("" if started[c.index] else echo[c.index]) + delta.content
+                started[c.index] = True
+                lp = None
+                if logprobs is not None:
+                    lp = P.completion_logprobs(c.logprobs[sent_lp[c.index]:], self.server.piece, 0)
+                    sent_lp[c.index] = len(c.logprobs)
+                yield sse(P.envelope("text_completion", self.rid, name, [
+                    {"index": c.index, "text": text, "logprobs": lp,
+                     "finish_reason": c.finish_reason if c.finished else None}]))
+        except HTTPFail as e:
+            yield sse(json_of(e))
+        if include_usage:
+            yield sse(P.envelope("text_completion", self.rid, name, [], self.usage()))
+        yield sse("[DONE]")
+
+
+def json_of(e: HTTPFail) -> dict:
+    import json
+
+    return json.loads(e.response.body)

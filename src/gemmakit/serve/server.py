@@ -1,0 +1,170 @@
+"""What the HTTP handlers share: the loaded model and its engine loop (`Server`), and the checks and
+conversions every endpoint needs (model name, context room, submission with queue limits, grammars).
+
+Hooks for guards (the safety issue plugs in here): `server.input_hooks` see the messages before anything is
+generated and may refuse; `server.output_hooks` see each choice's accumulated content after every update
+and may cut it (finish_reason "content_filter"). Both return None to let it pass or a message to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from gemmakit.api import LLM
+from gemmakit.engine import Engine
+from gemmakit.serve import protocol as P
+from gemmakit.serve.loop import EngineLoop, QueueFull, Ticket
+from gemmakit.serve.metrics import Metrics
+
+Hook = Callable[[Any], "str | None"]
+
+
+@dataclass
+class ServeOptions:
+    max_batch: int = 8
+    max_queue: int = 64
+    context: int | None = None
+    compile: bool = False
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    model_name: str | None = None
+
+
+class Server:
+    """The loaded model, its engine loop and everything the handlers share."""
+
+    def __init__(self, llm: LLM, options: ServeOptions, metrics: Metrics):
+        self.llm, self.options, self.metrics = llm, options, metrics
+        self.name = options.model_name or llm.name or "gemma"
+        engine = Engine(llm.model, llm.tokenizer, max_batch=options.max_batch,
+                        context=options.context or llm.context, compile=options.compile)
+        engine.warmup()
+        self.context = engine.context
+        self.loop = EngineLoop(engine, options.max_queue, metrics).start()
+        self.input_hooks: list[Hook] = []
+        self.output_hooks: list[Hook] = []
+        self._grammars: Any = None
+        self._grammar_lock = threading.Lock()
+
+    def grammars(self) -> Any:
+        with self._grammar_lock:  # ~3 s to build for a 262k vocabulary: once, on first use
+            if self._grammars is None:
+                from gemmakit.constrain import Grammars
+
+                self._grammars = Grammars(self.llm.tokenizer, self.llm.model.config.vocab_size, self.llm.stop_ids())
+        return self._grammars
+
+    def piece(self, token: int) -> str:
+        return self.llm.tokenizer.decode([token])
+
+    def check_input(self, messages: Any) -> str | None:
+        return next((r for hook in self.input_hooks if (r := hook(messages))), None)
+
+    def check_output(self, text: str) -> str | None:
+        return next((r for hook in self.output_hooks if (r := hook(text))), None)
+
+
+def fail(status: int, message: str, param: str | None = None, code: str | None = None,
+         type: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(P.error(message, param, code, type), status_code=status, headers=headers)
+
+
+class HTTPFail(Exception):
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+def ready(request: Request) -> Server:
+    app = request.app
+    if app.state.server is None:
+        if app.state.load_error:
+            raise HTTPFail(fail(500, f"the model failed to load: {app.state.load_error}", type="server_error"))
+        raise HTTPFail(fail(503, "the model is still loading; retry shortly", type="server_error",
+                            headers={"Retry-After": "5"}))
+    return app.state.server
+
+
+def check_model(server: Server, model: str | None) -> None:
+    if model not in (None, "", server.name):
+        raise HTTPFail(fail(404, f"model {model!r} is not served here; this server has {server.name!r} "
+                                 "(GET /v1/models)", "model", "model_not_found"))
+
+
+def check_fits(server: Server, n_prompt: int, max_tokens: int | None, param: str) -> int:
+    room = server.context - n_prompt
+    if max_tokens is None:
+        if room < 1:
+            raise P.ParamError(f"the prompt has {n_prompt} tokens; this server's context is {server.context} "
+                               "tokens; shorten the prompt", param, "context_length_exceeded")
+        return room
+    if n_prompt + max_tokens > server.context:
+        raise P.ParamError(f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
+                           f"exceeds this server's context of {server.context} tokens; shorten the prompt or lower "
+                           "max_tokens", param, "context_length_exceeded")
+    return max_tokens
+
+
+def submit_all(server: Server, prompts: list[list[int]], params: list[Any]) -> tuple[list[Ticket], asyncio.Queue]:
+    events: asyncio.Queue = asyncio.Queue()
+    tickets: list[Ticket] = []
+    try:
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+            tickets.append(server.loop.submit(ids, p, events, i))
+    except QueueFull as e:
+        for t in tickets:
+            server.loop.cancel(t)
+        raise HTTPFail(fail(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded",
+                            type="rate_limit_error", headers={"Retry-After": "1"})) from None
+    if server.metrics is not None:
+        server.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+    return tickets, events
+
+
+def per_choice(params: Any, n: int, constraint: Callable[[], Any] | None) -> list[Any]:
+    """n copies of the parameters: seeds offset so choices differ yet stay reproducible; a grammar each."""
+    return [replace(params, seed=None if params.seed is None else params.seed + i,
+                    constraint=constraint() if constraint else None) for i in range(n)]
+
+
+def response_constraint(server: Server, fmt: dict | None) -> Callable[[], Any] | None:
+    if not fmt or fmt.get("type") in (None, "text"):
+        return None
+    kind = fmt.get("type")
+    if kind == "json_object":
+        schema = None
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise P.ParamError("response_format.json_schema.schema must be a JSON schema object",
+                               "response_format.json_schema.schema")
+    else:
+        raise P.ParamError(f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                           "response_format.type")
+    try:
+        server.grammars().json_schema(schema)  # refuse an unsupported schema now, not mid-generation
+    except ValueError as e:
+        raise P.ParamError(str(e), "response_format", "unsupported_schema") from None
+    return lambda: server.grammars().json_schema(schema)
+
+
+async def next_update(events: asyncio.Queue, request: Request) -> tuple[int, Any] | None:
+    """The next update, or None once the client has gone away."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
