@@ -103,6 +103,39 @@ def test_cancel_frees_the_row(model):
     assert engine.free_rows == [0] and not engine.has_work and req.finish_reason == "cancelled"
 
 
+class CountingConstraint:
+    """A grammar of its own: only token ids in `allowed_ids`, and complete after `length` tokens."""
+
+    def __init__(self, vocab: int, allowed_ids: list[int], length: int):
+        self.mask = torch.zeros(vocab, dtype=torch.bool)
+        self.mask[allowed_ids] = True
+        self.length, self.seen = length, []
+
+    def allowed(self) -> torch.Tensor:
+        return self.mask
+
+    def advance(self, token: int) -> None:
+        assert self.mask[token], "the engine sampled a token the constraint had masked out"
+        self.seen.append(token)
+
+    @property
+    def done(self) -> bool:
+        return len(self.seen) >= self.length
+
+
+def test_a_constraint_masks_sampling_and_ends_the_request(model):
+    """Constrained rows only ever draw allowed tokens and stop when their grammar is complete; an unconstrained
+    row in the same batch is untouched."""
+    vocab = model.config.vocab_size
+    engine = Engine(model, max_batch=2, context=128)
+    free = _greedy_without_cache(model, _prompts(1)[0], 8)
+    rule = CountingConstraint(vocab, [7, 11, 13], length=5)
+    constrained, plain = engine.generate(_prompts(1) * 2, [
+        SamplingParams(max_tokens=50, temperature=1.0, seed=3, constraint=rule), SamplingParams(max_tokens=8)])
+    assert constrained.tokens == rule.seen and len(rule.seen) == 5 and set(rule.seen) <= {7, 11, 13}
+    assert constrained.finish_reason == "stop" and plain.tokens == free
+
+
 def test_bad_requests_are_refused(model):
     """Too long for the context, empty prompt, bad parameters: clear ValueErrors before any work."""
     engine = Engine(model, max_batch=1, context=64)
