@@ -9,11 +9,14 @@ import pytest
 
 from gemmakit.chat.parser import (
     MARKERS,
+    TOOL_CLOSE,
+    TOOL_OPEN,
     ParsedMessage,
     StreamParser,
     parse,
     parse_tool_call,
     parse_value,
+    tool_call_grammar,
 )
 
 Q = '<|"|>'  # Gemma's string delimiter
@@ -197,3 +200,42 @@ def test_parse_tool_call_rejects(body):
     """Bodies that are not `call:NAME{...}` raise ValueError."""
     with pytest.raises(ValueError):
         parse_tool_call(body)
+
+
+def _vocabulary(extra_special: list[str]):
+    """The real 270M vocabulary, plus `extra_special` as single special tokens (the way a Gemma 4 vocabulary
+    holds its markers), as a `tokenizers` backend and its llguidance view."""
+    import llguidance
+    import tokenizers
+
+    from gemmakit.checkpoints import resolve
+    from gemmakit.tokenizer import Tokenizer
+
+    path = resolve(None)
+    if not path.exists():
+        pytest.skip("the default model package is not installed")
+    backend = tokenizers.Tokenizer.from_str(Tokenizer.from_gguf(path).backend.to_str())
+    backend.add_special_tokens(extra_special)
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    return backend, llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab, eos_token=[1], slices=[])
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_tool_call_grammar_accepts_what_the_parser_reads(special):
+    """The grammar behind tool_choice accepts a call written in Gemma 4's syntax (markers spelled out, or
+    single special tokens), and that same text parses back to the call; another tool's name is refused."""
+    import llguidance
+
+    backend, lt = _vocabulary([TOOL_OPEN, TOOL_CLOSE, Q] if special else [])
+    text = (f"{TOOL_OPEN}call:get_weather{{city:{Q}Paris, FR{Q},days:2,opts:{{metric:true,tags:[1,-2.5e3]}}}}"
+            f"{TOOL_CLOSE}")
+    grammar = llguidance.LLMatcher.grammar_from_lark(tool_call_grammar(
+        ["get_weather", "get_time"], backend.token_to_id if special else lambda t: None))
+    ids = backend.encode(text, add_special_tokens=False).ids
+    assert (len(ids) == 37) == special  # 48 when the markers are spelled out, 37 as single tokens
+    m = llguidance.LLMatcher(lt, grammar)
+    assert m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
+    assert parse_tool_call(text[len(TOOL_OPEN):-len(TOOL_CLOSE)]) == (
+        "get_weather", {"city": "Paris, FR", "days": 2, "opts": {"metric": True, "tags": [1, -2500.0]}})
+    bad = backend.encode(text.replace("get_weather", "rm_rf"), add_special_tokens=False).ids
+    assert llguidance.LLMatcher(lt, grammar).try_consume_tokens(bad) < len(bad)

@@ -381,3 +381,37 @@ def test_the_serve_command(default_model):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_tool_choice_forces_a_parseable_call(llm, choice):
+    """tool_choice required / named constrains the real 270M, prompted in the Gemma 4 format, to a tool call
+    that the parser reads back: the right name, JSON arguments, finish_reason tool_calls."""
+    from gemmakit.api import LLM
+    from gemmakit.chat.template import ChatFormat
+
+    forced = LLM(llm.model, llm.tokenizer, ChatFormat("gemma4"), "gemma4-format", context=CONTEXT)
+    live = Live(create_app(forced, ServeOptions(max_batch=1, context=CONTEXT)))
+    try:
+        client = live.client()
+        ask = dict(model="gemma4-format", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                   tools=WEATHER_TOOLS, tool_choice=choice, max_tokens=64, temperature=0)
+        r = client.chat.completions.create(**ask)
+        calls = r.choices[0].message.tool_calls
+        names = ["get_weather", "get_time"] if choice == "required" else ["get_time"]
+        assert calls and all(c.function.name in names for c in calls), r.choices[0].message
+        assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
+        assert r.choices[0].finish_reason == "tool_calls"
+        streamed = [t for c in client.chat.completions.create(stream=True, **ask) if c.choices
+                    for t in (c.choices[0].delta.tool_calls or [])]
+        assert [(t.function.name, t.function.arguments) for t in streamed] == [
+            (c.function.name, c.function.arguments) for c in calls]
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(**{**ask, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    finally:
+        live.close()

@@ -260,6 +260,33 @@ _WS = re.compile(r"\s*")
 _LITERALS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
 
 
+def tool_call_grammar(names: list[str], token_id: Callable[[str], int | None], repeat: bool = False) -> str:
+    """A Lark grammar (llguidance's dialect) for Gemma 4 tool calls to `names`: the syntax above, written
+    compactly. `token_id` finds the markers that are single special tokens of the vocabulary (they are then
+    matched as tokens, `<[id]>`, not spelled out); `repeat` allows several calls in a row. Strings may not
+    contain "<", which keeps the string delimiter unambiguous."""
+    def mark(text: str) -> str:
+        i = token_id(text)
+        return f"<[{i}]>" if i is not None else json.dumps(text)
+
+    if token_id(STRING_DELIM) is not None:
+        string = f"string: {mark(STRING_DELIM)} TEXT {mark(STRING_DELIM)}\nTEXT: /[^<]*/"
+    else:
+        string = 'string: STRING\nSTRING: /<\\|"\\|>[^<]*<\\|"\\|>/'
+    return "\n".join([
+        f"start: call{'+' if repeat else ''}",
+        f'call: {mark(TOOL_OPEN)} "call:" NAME "{{" [pair ("," pair)*] "}}" {mark(TOOL_CLOSE)}',
+        "NAME: " + " | ".join(json.dumps(n) for n in names),
+        'pair: KEY ":" value',
+        r"KEY: /[A-Za-z_][\w.$-]*/",
+        '?value: string | object | array | NUMBER | "true" | "false" | "null"',
+        string,
+        'object: "{" [pair ("," pair)*] "}"',
+        'array: "[" [value ("," value)*] "]"',
+        r"NUMBER: /-?(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+)?/",
+    ])
+
+
 def parse_tool_call(body: str) -> tuple[str, dict]:
     """Parse "call:NAME{...}" into (name, arguments); raise ValueError if it is malformed."""
     match = _CALL.match(body)

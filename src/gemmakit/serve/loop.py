@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemmakit.checkpoints.common import return_freed_memory
 from gemmakit.engine import Engine, Request
 from gemmakit.sampling import SamplingParams, TokenLogprobs
 
@@ -97,20 +98,25 @@ class EngineLoop:
 
     # --- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        busy = False
         while not self._stop:
             self._drain_inbox()
+            if self.metrics is not None:
+                self.metrics.observe_batch(self.running, self.waiting)
             if not self.engine.has_work:
+                if busy:  # gone idle: hand the heap that requests left behind back to the OS
+                    return_freed_memory()
+                busy = False
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            busy = True
             try:
                 events = self.engine.step()
             except Exception as e:  # fail this step's sequences, keep serving the others
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
                 continue
             self._dispatch(events)
-            if self.metrics is not None:
-                self.metrics.observe_batch(self.running, self.waiting)
 
     def _drain_inbox(self) -> None:
         while True:

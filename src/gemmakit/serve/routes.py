@@ -31,6 +31,7 @@ from gemmakit.serve.server import (
     response_constraint,
     sse,
     submit_all,
+    tool_constraint,
 )
 
 
@@ -75,8 +76,6 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     messages = P.check_messages(body.messages)
     if refusal := server.check_input(messages):
         return _refused(server, body, refusal)
-    if body.tool_choice not in (None, "auto", "none"):
-        raise P.ParamError("tool_choice supports 'auto' and 'none' here", "tool_choice", "unsupported_value")
     tools = None if body.tool_choice == "none" else body.tools
     try:
         ids = llm.encode_prompt(llm.render(messages, tools, body.thinking))
@@ -90,8 +89,12 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         params.stop += DIALOGUE_STOPS
     choices = [Choice(i, None if llm.is_base else StreamParser(llm.chat_format.family), llm.is_base)
                for i in range(body.n)]
-    tickets, events = submit_all(server, [ids] * body.n,
-                                 per_choice(params, body.n, response_constraint(server, body.response_format)))
+    constraint = response_constraint(server, body.response_format)
+    if body.tool_choice not in (None, "auto", "none"):
+        if constraint is not None:
+            raise P.ParamError("tool_choice and response_format cannot both constrain one output", "tool_choice")
+        constraint = tool_constraint(server, body.tool_choice, tools)
+    tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint))
     run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids))
     if body.stream:
         return StreamingResponse(run.chat_stream(body.include_usage, body.logprobs), media_type="text/event-stream")

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from gemmakit.api import LLM
+from gemmakit.chat.parser import tool_call_grammar
 from gemmakit.engine import Engine
 from gemmakit.serve import protocol as P
 from gemmakit.serve.loop import EngineLoop, QueueFull, Ticket
@@ -154,6 +155,27 @@ def response_constraint(server: Server, fmt: dict | None) -> Callable[[], Any] |
     except ValueError as e:
         raise P.ParamError(str(e), "response_format", "unsupported_schema") from None
     return lambda: server.grammars().json_schema(schema)
+
+
+def tool_constraint(server: Server, choice: Any, tools: list[dict] | None) -> Callable[[], Any]:
+    """tool_choice "required" (one or more calls to any of the tools) or {"type": "function", "function":
+    {"name": N}} (one call to N): the output is constrained to Gemma 4's tool-call syntax."""
+    llm = server.llm
+    if llm.is_base or llm.chat_format.family != "gemma4":
+        raise P.ParamError("tool_choice 'required' or a named function needs a Gemma 4 chat model; this one has "
+                           "no tool-call syntax", "tool_choice", "unsupported_value")
+    names = [(t.get("function") or {}).get("name") for t in tools or [] if isinstance(t, dict)]
+    named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    if choice == "required" and names:
+        pick, repeat = names, True
+    elif isinstance(choice, dict) and choice.get("type") == "function" and named in names:
+        pick, repeat = [named], False
+    else:
+        raise P.ParamError("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                           "{\"name\": ...}} naming one of `tools`", "tool_choice")
+    grammar = tool_call_grammar(pick, llm.tokenizer.token_to_id, repeat)
+    server.grammars().lark(grammar)  # a grammar llguidance refuses is a 400 now, not an error mid-generation
+    return lambda: server.grammars().lark(grammar)
 
 
 async def next_update(events: asyncio.Queue, request: Request) -> tuple[int, Any] | None:
