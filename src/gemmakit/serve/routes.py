@@ -7,6 +7,7 @@ goes away mid-request (stream closed, or a plain request whose connection drops)
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -97,7 +98,8 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint))
     run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids))
     if body.stream:
-        return StreamingResponse(run.chat_stream(body.include_usage, body.logprobs), media_type="text/event-stream")
+        return StreamingResponse(run.sse_stream("chat.completion.chunk", run.chat_chunks(body.logprobs),
+                                                body.include_usage), media_type="text/event-stream")
     await run.collect()
     return P.envelope("chat.completion", run.rid, server.name, [
         {"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
@@ -139,8 +141,8 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
     run = _Run(server, request, tickets, events, choices, P.new_id("cmpl"), sum(map(len, prompts)))
     echo = [server.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in all_ids]
     if body.stream:
-        return StreamingResponse(run.completion_stream(body.include_usage, body.logprobs, echo),
-                                 media_type="text/event-stream")
+        return StreamingResponse(run.sse_stream("text_completion", run.completion_chunks(body.logprobs, echo),
+                                                body.include_usage), media_type="text/event-stream")
     await run.collect()
     return P.envelope("text_completion", run.rid, server.name, [
         {"index": c.index, "text": echo[c.index] + c.content, "finish_reason": c.finish_reason,
@@ -209,54 +211,45 @@ class _Run:
         async for _ in self.updates():
             pass
 
-    async def chat_stream(self, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+    async def sse_stream(self, kind: str, chunks: AsyncIterator[dict], include_usage: bool) -> AsyncIterator[str]:
+        """Chunks as SSE events, then the usage chunk if asked, then [DONE]; an error mid-way is an event too."""
+        try:
+            async for chunk in chunks:
+                yield sse(chunk)
+        except HTTPFail as e:
+            yield sse(json.loads(e.response.body))
+        if include_usage:
+            yield sse(P.envelope(kind, self.rid, self.server.name, [], self.usage()))
+        yield sse("[DONE]")
+
+    async def chat_chunks(self, logprobs: bool) -> AsyncIterator[dict]:
         name = self.server.name
         for c in self.choices:
-            yield sse(P.envelope("chat.completion.chunk", self.rid, name, [
+            yield P.envelope("chat.completion.chunk", self.rid, name, [
                 {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}]))
-        calls = [0] * len(self.choices)
-        sent_lp = [0] * len(self.choices)
-        try:
-            async for c, delta in self.updates():
-                out = c.delta_json(delta, calls[c.index])
-                calls[c.index] += len(delta.tool_calls)
-                lp = None
-                if logprobs and len(c.logprobs) > sent_lp[c.index]:
-                    lp = {"content": P.chat_logprobs(c.logprobs[sent_lp[c.index]:], self.server.piece)}
-                    sent_lp[c.index] = len(c.logprobs)
-                if out or lp or c.finished:
-                    yield sse(P.envelope("chat.completion.chunk", self.rid, name, [
-                        {"index": c.index, "delta": out, "logprobs": lp,
-                         "finish_reason": c.finish_reason if c.finished else None}]))
-        except HTTPFail as e:
-            yield sse(json_of(e))
-        if include_usage:
-            yield sse(P.envelope("chat.completion.chunk", self.rid, name, [], self.usage()))
-        yield sse("[DONE]")
+                 "finish_reason": None}])
+        calls, sent_lp = [0] * len(self.choices), [0] * len(self.choices)
+        async for c, delta in self.updates():
+            out = c.delta_json(delta, calls[c.index])
+            calls[c.index] += len(delta.tool_calls)
+            lp = None
+            if logprobs and len(c.logprobs) > sent_lp[c.index]:
+                lp = {"content": P.chat_logprobs(c.logprobs[sent_lp[c.index]:], self.server.piece)}
+                sent_lp[c.index] = len(c.logprobs)
+            if out or lp or c.finished:
+                yield P.envelope("chat.completion.chunk", self.rid, name, [
+                    {"index": c.index, "delta": out, "logprobs": lp,
+                     "finish_reason": c.finish_reason if c.finished else None}])
 
-    async def completion_stream(self, include_usage: bool, logprobs: int | None, echo: list[str]) -> AsyncIterator[str]:
-        name, sent_lp = self.server.name, [0] * len(self.choices)
-        started = [False] * len(self.choices)
-        try:
-            async for c, delta in self.updates():
-                text = ("" if started[c.index] else echo[c.index]) + delta.content
-                started[c.index] = True
-                lp = None
-                if logprobs is not None:
-                    lp = P.completion_logprobs(c.logprobs[sent_lp[c.index]:], self.server.piece, 0)
-                    sent_lp[c.index] = len(c.logprobs)
-                yield sse(P.envelope("text_completion", self.rid, name, [
-                    {"index": c.index, "text": text, "logprobs": lp,
-                     "finish_reason": c.finish_reason if c.finished else None}]))
-        except HTTPFail as e:
-            yield sse(json_of(e))
-        if include_usage:
-            yield sse(P.envelope("text_completion", self.rid, name, [], self.usage()))
-        yield sse("[DONE]")
-
-
-def json_of(e: HTTPFail) -> dict:
-    import json
-
-    return json.loads(e.response.body)
+    async def completion_chunks(self, logprobs: int | None, echo: list[str]) -> AsyncIterator[dict]:
+        sent_lp, started = [0] * len(self.choices), [False] * len(self.choices)
+        async for c, delta in self.updates():
+            text = ("" if started[c.index] else echo[c.index]) + delta.content
+            started[c.index] = True
+            lp = None
+            if logprobs is not None:
+                lp = P.completion_logprobs(c.logprobs[sent_lp[c.index]:], self.server.piece, 0)
+                sent_lp[c.index] = len(c.logprobs)
+            yield P.envelope("text_completion", self.rid, self.server.name, [
+                {"index": c.index, "text": text, "logprobs": lp,
+                 "finish_reason": c.finish_reason if c.finished else None}])
