@@ -83,6 +83,7 @@ async def phase(url: str, model: str, clients: int, requests: int, max_tokens: i
     for t in pending:
         t.cancel()
     wall = time.perf_counter() - t0
+    await client.close()
     ttft = sorted(r[0] for r in results)
     missing = clients * requests - len(results) - len(failures)
     return {"clients": clients, "requests": clients * requests, "failed": len(failures) + missing,

@@ -34,6 +34,28 @@ def test_compiled_decode_equals_eager(name, tmp_path):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 
+def test_partly_filled_batches_run_the_padded_full_batch_step(tmp_path):
+    """Two to three of four rows busy: the compiled full-batch step with throw-away rows gives the tokens and
+    logprobs of eager decoding, and rows freed on the way are reused cleanly."""
+    hf_model(tiny("gemma3")).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, WINDOW + 2, 3)]
+    params = [SamplingParams(max_tokens=n, logprobs=1) for n in (2 * WINDOW, WINDOW, 3 * WINDOW)]
+    want = Engine(model, max_batch=4, context=128).generate(prompts, params)
+    engine = Engine(model, max_batch=4, context=128, compile=True)
+
+    def eager(*args):
+        raise AssertionError("a partly filled batch took the eager step")
+    engine._forward_decode = eager  # the compiled step keeps the original; only eager calls land here
+    got = engine.generate(prompts, params)
+    got += engine.generate(prompts[:2], params[:2])  # rows that held throw-away tokens, prefilled again
+    for a, b in zip(got, want + want[:2], strict=True):
+        assert a.tokens == b.tokens
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
 def test_one_row_matmuls_are_decomposed_at_any_width():
     """The inductor setting that makes CPU decode fast covers a vocabulary-sized head (262k rows)."""
     import torch._inductor.config as inductor_config
