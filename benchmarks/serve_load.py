@@ -31,10 +31,11 @@ from gemmakit.bench import format_table
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
 
 
-def start_server(port: int, max_batch: int, compile: str) -> subprocess.Popen:
+def start_server(port: int, max_batch: int, compile: str, threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gemmakit.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
            "--compile", compile, "--context", "1024", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 600  # a cold compile of two decode graphs takes a few minutes on 2 cores
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -101,6 +102,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--compile", default="on", choices=("on", "off"))
+    ap.add_argument("--server-threads", type=int, default=None,
+                    help="torch threads of the server (default: torch's, one per core); the clients share the "
+                         "machine, and a thread pool whose cores are taken spins")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per phase")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown)")
     args = ap.parse_args()
@@ -109,7 +113,7 @@ def main() -> None:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
-    proc = start_server(port, args.max_batch, args.compile)
+    proc = start_server(port, args.max_batch, args.compile, args.server_threads)
     print(f"server up in {time.time() - t0:.0f} s (pid {proc.pid})", file=sys.stderr)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -123,6 +127,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=60)
     title = (f"`gemmakit serve` load, embedded 270M (fp32, compile {args.compile}), --max-batch {args.max_batch}, "
+             f"server threads {args.server_threads or 'default'}, "
              f"{args.requests} streamed completions of {args.max_tokens} tokens per client, "
              f"{os.cpu_count()} CPUs\n\n")
     table = title + format_table([{k: v for k, v in r.items() if k != "errors" or v} for r in rows])

@@ -18,9 +18,10 @@ Notable choices:
 - top-k keeps every token tied with the k-th (value threshold, as `generate.sample` does); top-p keeps a token
   while the mass before it is still short of top_p, so the most likely token always stays; top-p sees the
   distribution renormalised after top-k; min-p drops p < min_p * p_max.
-- The draw is an exponential race, argmax(p / q) with q ~ Exp(1) (as gpt-fast does): no host sync, and each
-  row's noise comes from its own generator as V draws per step, so a seeded row gives the same tokens whatever
-  else is in the batch. Rows without a generator draw from torch's default RNG.
+- The draw is an exponential race, argmax(p / q) with q ~ Exp(1) (as gpt-fast does), run over the tokens
+  the row keeps: each row's noise comes from its own generator, one draw per kept token in id order, so a
+  seeded row gives the same tokens whatever else is in the batch. Rows without a generator draw from torch's
+  default RNG.
 - A row whose processing bans every token falls back to its raw logits rather than failing the whole batch.
 - Loop detection (`find_loop`) looks at generated tokens only, so a repetitive prompt never trips it.
 
@@ -330,15 +331,17 @@ class Sampler:
             z = warp(z, temperature, top_k, _column(sub, "top_p", dev, 1.0), _column(sub, "min_p", dev))
         else:
             z = z / temperature[:, None]
-        picked = (z.softmax(dim=-1) / self._noise([generators[i] for i in rows], dev)).argmax(dim=-1)
-        return tokens.index_copy(0, index, picked)
+        picked = [self._race(p, generators[i]) for p, i in zip(z.softmax(dim=-1), rows, strict=True)]
+        return tokens.index_copy(0, index, torch.stack(picked))
 
-    def _noise(self, generators: list[torch.Generator | None], device: torch.device) -> Tensor:
-        """[R, V] Exp(1) noise, each row drawn from its own generator (V draws per row, whatever the batch)."""
-        q = torch.empty(len(generators), self.vocab_size, dtype=torch.float32, device=device)
-        for row, generator in zip(q, generators, strict=True):
-            row.exponential_(generator=generator)
-        return q.clamp_min_(torch.finfo(torch.float32).tiny)  # q = 0 would turn a banned token's 0/0 into NaN
+    @staticmethod
+    def _race(p: Tensor, generator: torch.Generator | None) -> Tensor:
+        """argmax(p / q), q ~ Exp(1), over the tokens p keeps, in id order: one draw per kept token from the
+        row's own generator, so a seeded row draws the same numbers whatever the batch. Drawing only for the
+        kept tokens (64 under Gemma's top-k, not all 262k) takes ~4 ms per row out of every sampled step."""
+        kept = p.nonzero()[:, 0]
+        q = torch.empty(len(kept), dtype=torch.float32, device=p.device).exponential_(generator=generator)
+        return kept[(p[kept] / q.clamp_min_(torch.finfo(torch.float32).tiny)).argmax()]
 
     def _logprobs(self, x: Tensor, tokens: Tensor, params: list[SamplingParams]) -> list[TokenLogprobs | None]:
         rows = [i for i, p in enumerate(params) if p.logprobs is not None]
