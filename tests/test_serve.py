@@ -273,7 +273,7 @@ def test_api_key_health_metrics_page_and_schema(fresh, llm):
     assert live.client("sekret").chat.completions.create(model=llm.name or "gemma", messages=CAPITAL, max_tokens=2)
     assert httpx.get(live.url + "/health").json()["status"] == "ok"
     metrics = httpx.get(live.url + "/metrics").text
-    assert 'gemmakit_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in metrics
+    assert 'gemmakit_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in metrics  # one so far
     assert "gemmakit_time_to_first_token_seconds_count 1.0" in metrics
     assert 'gemmakit_requests_total{endpoint="/v1/models",status="401"} 1.0' in metrics
     assert "/v1/chat/completions" in httpx.get(live.url + "/").text
@@ -281,6 +281,19 @@ def test_api_key_health_metrics_page_and_schema(fresh, llm):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(paths)
     body = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].endswith("ChatRequest")
+    # The documented schemas are what the server sends.
+    from gemmakit.serve import protocol as P
+
+    auth = {"authorization": "Bearer sekret"}
+    P.ChatCompletion.model_validate(httpx.post(live.url + "/v1/chat/completions", headers=auth, json={
+        "messages": CAPITAL, "max_tokens": 3, "logprobs": True}).json())
+    P.TextCompletion.model_validate(httpx.post(live.url + "/v1/completions", headers=auth, json={
+        "prompt": "Hi", "max_tokens": 3, "logprobs": 1}).json())
+    P.ErrorResponse.model_validate(httpx.post(live.url + "/v1/completions", headers=auth, json={}).json())
+    answers = paths["/v1/chat/completions"]["post"]["responses"]
+    assert answers["200"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletion")
+    assert all(answers[s]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+               for s in ("400", "401", "404", "429", "503"))
 
 
 def test_health_is_503_while_loading(llm):

@@ -132,6 +132,87 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # --- responses ------------------------------------------------------------------------------------------
+# Their schemas, for /openapi.json only: handlers return plain dicts, so nothing is filtered on the way out.
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object, as a string")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = Field(None, description="the thinking, apart from content (also `reasoning`)")
+    reasoning: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None
+    logprobs: dict[str, Any] | None
+
+
+class ChatCompletion(BaseModel):
+    """With `stream`, the body is instead text/event-stream: `data: {chat.completion.chunk}` events (choices
+    carry `delta`), a usage chunk with `stream_options.include_usage`, then `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length", "content_filter"] | None
+    logprobs: dict[str, Any] | None
+
+
+class TextCompletion(BaseModel):
+    """With `stream`, the body is instead text/event-stream of `text_completion` chunks, then `data: [DONE]`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    system_fingerprint: str
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in {
+    400: "invalid request (the message names the parameter)", 401: "missing or wrong API key",
+    404: "unknown model", 429: "queue full; retry after Retry-After seconds", 503: "model still loading"}.items()}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

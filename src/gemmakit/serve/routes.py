@@ -37,8 +37,10 @@ from gemmakit.serve.server import (
 
 
 def install_routes(app: FastAPI) -> None:
-    app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)")(chat_completions)
-    app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)")(completions)
+    app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)",
+             responses={200: {"model": P.ChatCompletion}, **P.ERRORS})(chat_completions)
+    app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)",
+             responses={200: {"model": P.TextCompletion}, **P.ERRORS})(completions)
     app.get("/v1/models", summary="List the served model")(models)
     app.get("/health", summary="200 when the model is loaded, 503 while loading")(health)
     app.get("/metrics", summary="Prometheus metrics", response_class=Response)(metrics)
