@@ -7,6 +7,7 @@ goes away mid-request (stream closed, or a plain request whose connection drops)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -92,6 +93,8 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         params.stop += DIALOGUE_STOPS
     choices = [Choice(i, None if llm.is_base else StreamParser(llm.chat_format.family), llm.is_base)
                for i in range(body.n)]
+    if body.response_format or body.tool_choice not in (None, "auto", "none"):
+        await asyncio.to_thread(server.grammars)  # built once (~3 s), off the event loop other streams need
     constraint = response_constraint(server, body.response_format)
     if body.tool_choice not in (None, "auto", "none"):
         if constraint is not None:
