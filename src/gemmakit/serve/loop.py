@@ -14,6 +14,7 @@ and the server answers 429. An error inside a step fails the sequences of that s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -52,10 +53,13 @@ class Ticket:
     last_token_at: float | None = None
 
     def push(self, update: Update) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, update))
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down): nobody listens
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, update))
 
 
 class EngineLoop:
+    """The engine's own thread: admits and cancels tickets between steps, steps, and reports every token."""
+
     def __init__(self, engine: Engine, max_queue: int = 64, metrics: Any = None):
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
