@@ -242,6 +242,8 @@ def test_a_full_queue_answers_429(fresh):
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content"),
     ({"messages": CAPITAL, "model": "gpt-9"}, 404, "model"),
     ({"messages": CAPITAL, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"messages": CAPITAL, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ({"messages": CAPITAL, "min_p": 3}, 400, "min_p"),
     ({"messages": CAPITAL, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "messages"),
     ({"messages": CAPITAL, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
 ])

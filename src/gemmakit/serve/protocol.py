@@ -65,8 +65,9 @@ class _Request(BaseModel):
             seed=self.seed, stop=tuple(stop), logprobs=logprobs)
         try:
             params.validate(vocab_size)
-        except ValueError as e:
-            raise ParamError(str(e), str(e).split(" ")[0]) from None
+        except ValueError as e:  # its messages start with the field's name, or name logit_bias / stop ids
+            first = str(e).split(" ")[0]
+            raise ParamError(str(e), first if hasattr(params, first) else "logit_bias") from None
         return params
 
     @property
