@@ -221,9 +221,11 @@ def test_a_client_that_disconnects_frees_its_row(fresh):
 def test_a_full_queue_answers_429(fresh):
     live = fresh(max_batch=1, max_queue=1)
     server = live.app.state.server
-    for _ in range(2):  # one runs, one waits: the queue is full
+    for started in (1, 2):  # one runs, one waits: the queue is full
         threading.Thread(target=_post_quietly, args=(live.url + "/v1/completions", ENDLESS), daemon=True).start()
-        time.sleep(1.0)
+        deadline = time.time() + 20
+        while server.loop.running + server.loop.waiting < started and time.time() < deadline:
+            time.sleep(0.05)
     assert (server.loop.running, server.loop.waiting) == (1, 1)
     r = httpx.post(live.url + "/v1/chat/completions", json={"messages": CAPITAL, "max_tokens": 2})
     assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["code"] == "rate_limit_exceeded"
