@@ -1,0 +1,154 @@
+"""LoRA adapters that are PEFT adapters: the same parameter names, the same files, the same math.
+
+A `LoRALinear` keeps the frozen base weight where the checkpoint has it (`q_proj.weight`) and adds
+`lora_A` [r, in] and `lora_B` [out, r]: y = x W^T + scale * dropout(x) A^T B^T, scale = alpha / r, B
+starting at zero so a fresh adapter leaves the model exactly as it was. On disk an adapter is what PEFT
+writes: `adapter_config.json` and `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight`, so it loads with `PeftModel.from_pretrained` on the
+transformers model, and adapters trained with PEFT load here (`load_adapter`). Module paths are HF's, so no
+renaming is involved. `merge_lora` folds the adapters into plain linears for inference or export.
+
+Targets are chosen by name: a module is adapted when its own name is in `targets` (PEFT's list form) or, for
+a string, when its full path matches that regular expression (PEFT's string form).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+    def merged(self) -> nn.Linear:
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        dtype=self.weight.dtype, device=self.weight.device)
+        with torch.no_grad():
+            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
+            out.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
+
+
+def _targeted(path: str, targets: Sequence[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return path.rsplit(".", 1)[-1] in targets
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: Sequence[str] | str = DEFAULT_TARGETS) -> list[str]:
+    """Freeze the model and wrap every targeted nn.Linear in a LoRALinear; returns the adapted paths."""
+    model.requires_grad_(False)
+    adapted = []
+    for path, module in list(model.named_modules()):
+        if type(module) is nn.Linear and _targeted(path, targets):
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), name, LoRALinear(module, r, alpha, dropout))
+            adapted.append(path)
+    if not adapted:
+        raise ValueError(f"no linear layer matches LoRA targets {targets!r}")
+    return adapted
+
+
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights under PEFT's key names."""
+    return {f"{_PREFIX}{path}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
+            for path, m in model.named_modules() if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") -> None:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's format), each file atomically."""
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    first = next(iter(layers.values()))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+              "lora_dropout": getattr(first.dropout, "p", 0.0), "bias": "none", "use_rslora": False,
+              "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}), "fan_in_fan_out": False,
+              "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic(directory / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    _atomic(directory / "adapter_model.safetensors", lambda p: save_file(lora_state(model), str(p)))
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
+    """Add the adapter in `directory` (written here or by PEFT) to `model`; returns the adapted paths."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        weights = load_file(str(directory / "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory} is not a readable PEFT adapter (adapter_config.json + "
+                         f"adapter_model.safetensors): {e}") from None
+    if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
+        raise ValueError(f"only plain LoRA adapters are supported, not {config.get('peft_type')} "
+                         f"(rslora={config.get('use_rslora')}, dora={config.get('use_dora')})")
+    paths = sorted({k[len(_PREFIX):].rsplit(".lora_", 1)[0] for k in weights})
+    adapted = add_lora(model, int(config["r"]), float(config["lora_alpha"]), 0.0, "|".join(map(re.escape, paths)))
+    state = lora_state(model)
+    if set(weights) != set(state):
+        raise ValueError(f"adapter keys do not match the model: {sorted(set(weights) ^ set(state))[:4]}")
+    for path in adapted:
+        layer = model.get_submodule(path)
+        for ab in ("lora_A", "lora_B"):
+            tensor = weights[f"{_PREFIX}{path}.{ab}.weight"]
+            target = getattr(layer, ab).weight
+            if tensor.shape != target.shape:
+                raise ValueError(f"{path}.{ab}: adapter has {list(tensor.shape)}, model needs {list(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+    return adapted
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight: plain nn.Linear layers again, same outputs."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), name, module.merged())
+    return model
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
