@@ -79,7 +79,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float =
             setattr(model.get_submodule(parent_path), name, LoRALinear(module, r, alpha, dropout))
             adapted.append(path)
     if not adapted:
-        raise ValueError(f"no linear layer matches LoRA targets {targets!r}")
+        raise ValueError(f"no linear layer matches LoRA targets {targets!r} (a model packed or quantized for "
+                         "inference has none left: load it with gemmakit.checkpoints.load_model)")
     return adapted
 
 
