@@ -1,10 +1,11 @@
 """The `gemmakit` command: `gemmakit <verb> [args]`, one small function per verb.
 
 Verbs: `models` (the registry with parameter counts), `generate` (raw completion, or one chat message with
---chat, optionally as JSON), `chat` (an interactive terminal chat), `bench` (speed and memory) and `serve`
-(the OpenAI-compatible server, serve/). The embedded Gemma 3 270M is the
-default model everywhere. Every error a user can cause (a bad path, a damaged checkpoint, a prompt that does
-not fit, a bad sampling value) is printed as one `error:` line with what to do, and exits with status 2.
+--chat, optionally as JSON), `chat` (an interactive terminal chat), `bench` (speed and memory), `serve` (the
+OpenAI-compatible server, serve/) and `export` / `merge` (an HF directory, a LoRA adapter folded in). The
+embedded Gemma 3 270M is the default model everywhere. Every error a user can cause (a bad path, a damaged
+checkpoint, a prompt that does not fit, a bad sampling value) is printed as one `error:` line with what to
+do, and exits with status 2.
 """
 
 from __future__ import annotations
@@ -152,6 +153,39 @@ def add_serve_parser(sub: Any) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """`export` (and `merge`, which needs --adapter): an HF directory, with any adapter folded in."""
+    from gemmakit.api import resolve_dtype
+    from gemmakit.checkpoints import load_model, load_model_and_tokenizer
+    from gemmakit.checkpoints.export import export_hf
+    from gemmakit.train.lora import load_adapter, merge_lora
+
+    dtype = resolve_dtype(args.dtype, "cpu")
+    with spinner("loading model"):
+        try:
+            model, tokenizer = load_model_and_tokenizer(args.model, dtype)
+        except FileNotFoundError as e:  # a weights-only directory: export the weights, say so
+            print(f"note: {e}; writing the model without a tokenizer", file=sys.stderr)
+            model, tokenizer = load_model(args.model, dtype), None
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        merge_lora(model)
+    with spinner(f"writing {args.out}"):
+        export_hf(model, args.out, tokenizer)
+    print(f"wrote {args.out}: config.json, safetensors weights, tokenizer (loads with transformers and gemmakit)")
+
+
+def add_export_parsers(sub: Any) -> None:
+    for verb, text in (("export", "write the model (with --adapter folded in) as an HF directory"),
+                       ("merge", "fold a LoRA adapter (PEFT format) into the base and write an HF directory")):
+        e = sub.add_parser(verb, help=text)
+        e.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded 270M)")
+        e.add_argument("--adapter", required=verb == "merge", help="a LoRA adapter directory (PEFT format)")
+        e.add_argument("--out", required=True, help="the directory to create (never overwritten)")
+        e.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (auto = float32)")
+        e.set_defaults(func=cmd_export)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     sampling = sampling_of(args)
     llm = load_llm(args)
@@ -288,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(b, max_tokens=128)
     b.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
+    add_export_parsers(sub)
     return p
 
 
@@ -304,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "compile"):  # the verbs that run a model
             args.compiled = wants_compile(args)
         args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, MemoryError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, FileExistsError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
