@@ -44,7 +44,6 @@ a half-written cache behind; a cache that does not load is rebuilt rather than t
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +53,8 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from gemmakit.files import write_text_atomic
 
 # Bump when the conversion changes, so caches written by older code are not reused.
 CACHE_VERSION = 1
@@ -208,18 +209,11 @@ def _load_cached(cache_file: Path) -> tokenizers.Tokenizer | None:
 
 def _write_cache(backend: tokenizers.Tokenizer, cache_file: Path) -> None:
     """Write atomically (temp file + rename) so readers never see half a file; failure only warns."""
-    tmp = None
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(backend.to_str())
-        os.replace(tmp, cache_file)
+        write_text_atomic(cache_file, backend.to_str())
     except OSError as e:
         warnings.warn(f"could not cache the tokenizer at {cache_file} ({e}); the next load converts again.",
                       stacklevel=3)
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ answer streams stops that answer and keeps what was said so far; Ctrl-C or Ctrl-
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from gemmakit.api import LLM
+from gemmakit.files import write_text_atomic
 
 HELP = """commands:
   /system TEXT    set the system message (and start over)
@@ -81,7 +80,7 @@ class ChatSession:
         path = Path(arg).expanduser()
         data = {"model": self.llm.name, "messages": self.messages()}
         try:
-            write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         except OSError as e:
             self.say(f"(could not save to {path}: {e})")
             return
@@ -180,16 +179,3 @@ def run(session: ChatSession, stream: TextIO, interactive: bool) -> None:
             return
         if not text.startswith("/"):
             session.ask(text)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

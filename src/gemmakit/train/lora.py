@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from gemmakit.files import write_atomic, write_text_atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PREFIX = "base_model.model."
@@ -102,8 +102,8 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") 
               "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic(directory / "adapter_config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    _atomic(directory / "adapter_model.safetensors", lambda p: save_file(lora_state(model), str(p)))
+    write_text_atomic(directory / "adapter_config.json", json.dumps(config, indent=2))
+    write_atomic(directory / "adapter_model.safetensors", lambda p: save_file(lora_state(model), str(p)))
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
@@ -142,14 +142,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parent_path, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent_path), name, module.merged())
     return model
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
