@@ -230,7 +230,9 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cp
 
     path = resolve(model)
     m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, quantize)
-    if pack if pack is not None else torch.device(device).type == "cpu" and quantize in (None, "none"):
+    if pack is None:  # CPU float models; quantized modules have kernels of their own
+        pack = torch.device(device).type == "cpu" and quantize in (None, "none")
+    if pack:
         pack_linears(m, keep_plain=compile)
     name = m.config.name if path.suffix == ".gguf" else path.name
     fmt = pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format)

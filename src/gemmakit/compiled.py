@@ -9,8 +9,9 @@ reduction that it vectorises itself; that reaches the bandwidth roofline (28.8 G
 vocabulary head that is half of the weights; `configure_inductor` lifts that bound.
 
 What is compiled. Decode steps of one row (the latency case) and of every row of the engine at once (the
-throughput case), with static shapes. Not prefill: prompt lengths vary, and each would be a new graph; not
-the batch sizes in between, which would be a graph each. On CUDA the same steps are compiled with
+throughput case), with static shapes. Not prefill: prompt lengths vary, and each would be a new graph. The
+batch sizes in between would be a graph each; the engine runs them through the full-batch graph instead,
+with throw-away rows (`Engine._decode_padded`). On CUDA the same steps are compiled with
 `mode="reduce-overhead"`, i.e. replayed as CUDA graphs; the cache tensors they write are marked static so
 the graphs may mutate them in place.
 

@@ -10,8 +10,9 @@ How a request flows:
   someone else into it: continuous batching. The server drives `step` from its loop; `generate` is the
   blocking convenience on top.
 - Decode steps of one row and of every row can run through torch.compile (`compile=True`, compiled.py):
-  ~3x faster on CPU once built; other batch sizes run eagerly. The model must not change afterwards
-  (quantize it first): the compiled step does not re-check the model's modules on every call.
+  ~3x faster on CPU once built; partly filled batches take the full-batch step with throw-away rows. The
+  model must not change afterwards (quantize it first): the compiled step does not re-check the model's
+  modules on every call.
 - Memory is known before it is allocated: the KV cache for `max_batch` rows x `context` tokens plus working
   memory is estimated first (cache.estimate_bytes), and an engine that would not fit is refused with the
   numbers instead of crashing later.
