@@ -18,12 +18,13 @@ def tiny(name: str) -> Config:
               max_position_embeddings=256, intermediate_size=96)
     variants = {
         "gemma3": dict(family="gemma3", vocab_size=1000, hidden_size=64, intermediate_size=96,
-                       num_hidden_layers=8, layer_types=default_layer_types(8), num_attention_heads=4,
+                       num_hidden_layers=8, layer_types=default_layer_types(8, last_full=False), num_attention_heads=4,
                        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
                        max_position_embeddings=256),
         # 27B-like: query_pre_attn_scalar != head_dim and linear RoPE scaling on global layers.
         "gemma3-27b": dict(family="gemma3", vocab_size=1000, hidden_size=64, intermediate_size=96,
-                           num_hidden_layers=7, layer_types=default_layer_types(7), num_attention_heads=4,
+                           num_hidden_layers=7, layer_types=default_layer_types(7, last_full=False),
+                           num_attention_heads=4,
                            num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=WINDOW,
                            rope_scaling_factor=8.0, max_position_embeddings=256),
         "e2b": dict(g4, num_hidden_layers=10, layer_types=default_layer_types(10, period=5), num_attention_heads=4,

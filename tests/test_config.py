@@ -95,3 +95,15 @@ def test_invalid_configs_are_refused():
         Config(num_hidden_layers=2, layer_types=[FULL] * 3)
     with pytest.raises(ConfigError, match="unknown model"):
         Config.from_name("gemma-5-huge")
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY if n.startswith("gemma-3")])
+def test_gemma3_layer_pattern_is_transformers_own(name):
+    """Gemma 3 does not force its last layer to full attention (the 1B's layer 26, the 4B's 34th and the
+    27B's 62nd slide): the registry and a config.json without layer_types both agree with transformers."""
+    import transformers
+
+    c = Config.from_name(name)
+    d = {k: v for k, v in c.to_hf().items() if k not in ("model_type", "architectures", "layer_types")}
+    assert transformers.Gemma3TextConfig(**d).layer_types == c.layer_types
+    assert Config.from_hf({**d, "model_type": "gemma3_text"}, name=name).layer_types == c.layer_types

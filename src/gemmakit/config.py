@@ -71,7 +71,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.layer_types:
-            self.layer_types = default_layer_types(self.num_hidden_layers)
+            self.layer_types = default_layer_types(self.num_hidden_layers, last_full=self.family == "gemma4")
         self.validate()
 
     # --- derived facts -------------------------------------------------------------------------
@@ -173,10 +173,12 @@ class Config:
         return cls(**{**REGISTRY[key], "name": key, **overrides})
 
 
-def default_layer_types(n_layers: int, period: int = 6) -> list[str]:
-    """`period - 1` sliding layers then one full layer, with the last layer always full."""
+def default_layer_types(n_layers: int, period: int = 6, last_full: bool = True) -> list[str]:
+    """`period - 1` sliding layers then one full layer. Gemma 4 forces the last layer full; Gemma 3 does not
+    (transformers' Gemma3TextConfig and llama.cpp: the 1B's 26th layer, the 4B's 34th, the 27B's 62nd slide)."""
     types = [FULL if (i + 1) % period == 0 else SLIDING for i in range(n_layers)]
-    types[-1] = FULL
+    if last_full:
+        types[-1] = FULL
     return types
 
 
@@ -209,7 +211,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "custom") -> Config:
     kw: dict[str, Any] = {k: t[k] for k in _PLAIN_FIELDS if t.get(k) is not None}
     kw.update(name=name, family=family, layer_types=list(t.get("layer_types") or []))
     if not kw["layer_types"] and "num_hidden_layers" in kw:
-        kw["layer_types"] = default_layer_types(kw["num_hidden_layers"], t.get("sliding_window_pattern", 6))
+        kw["layer_types"] = default_layer_types(kw["num_hidden_layers"], t.get("sliding_window_pattern", 6),
+                                                last_full=family == "gemma4")
     if t.get("eos_token_id") is not None:
         kw["eos_token_id"] = t["eos_token_id"]
     rope = t.get("rope_parameters") or {}

@@ -23,24 +23,30 @@ _GEMMA4: dict[str, Any] = dict(family="gemma4", head_dim=256, global_head_dim=51
 
 
 def _layers(n: int, period: int = 6) -> dict[str, Any]:
+    """Gemma 4's pattern: the last layer is always full."""
     return dict(num_hidden_layers=n, layer_types=default_layer_types(n, period))
+
+
+def _layers3(n: int) -> dict[str, Any]:
+    """Gemma 3's pattern: every 6th layer full, the last one only if it falls there (transformers' rule)."""
+    return dict(num_hidden_layers=n, layer_types=default_layer_types(n, 6, last_full=False))
 
 
 REGISTRY: dict[str, dict[str, Any]] = {
     # https://huggingface.co/google/gemma-3-270m/blob/main/config.json
-    "gemma-3-270m": dict(_GEMMA3, **_layers(18), hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+    "gemma-3-270m": dict(_GEMMA3, **_layers3(18), hidden_size=640, intermediate_size=2048, num_attention_heads=4,
                          num_key_value_heads=1, sliding_window=512, max_position_embeddings=32768),
     # https://huggingface.co/google/gemma-3-1b-pt/blob/main/config.json
-    "gemma-3-1b": dict(_GEMMA3, **_layers(26), hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+    "gemma-3-1b": dict(_GEMMA3, **_layers3(26), hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
                        num_key_value_heads=1, sliding_window=512, max_position_embeddings=32768),
     # https://huggingface.co/google/gemma-3-4b-pt/blob/main/config.json (text_config)
-    "gemma-3-4b": dict(_GEMMA3_LARGE, **_layers(34), hidden_size=2560, intermediate_size=10240,
+    "gemma-3-4b": dict(_GEMMA3_LARGE, **_layers3(34), hidden_size=2560, intermediate_size=10240,
                        num_attention_heads=8, num_key_value_heads=4),
     # https://huggingface.co/google/gemma-3-12b-pt/blob/main/config.json (text_config)
-    "gemma-3-12b": dict(_GEMMA3_LARGE, **_layers(48), hidden_size=3840, intermediate_size=15360,
+    "gemma-3-12b": dict(_GEMMA3_LARGE, **_layers3(48), hidden_size=3840, intermediate_size=15360,
                         num_attention_heads=16, num_key_value_heads=8),
     # https://huggingface.co/google/gemma-3-27b-pt/blob/main/config.json (text_config)
-    "gemma-3-27b": dict(_GEMMA3_LARGE, **_layers(62), hidden_size=5376, intermediate_size=21504,
+    "gemma-3-27b": dict(_GEMMA3_LARGE, **_layers3(62), hidden_size=5376, intermediate_size=21504,
                         num_attention_heads=32, num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
     # https://huggingface.co/google/gemma-4-E2B/blob/main/config.json (text_config)
     "gemma-4-e2b": dict(_GEMMA4, **_layers(35, period=5), hidden_size=1536, intermediate_size=6144,
