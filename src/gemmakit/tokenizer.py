@@ -255,6 +255,8 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.chat_template = chat_template
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        # (path, digest) of the GGUF this came from, so export_gguf can copy its exact vocabulary arrays.
+        self.gguf_source: tuple[Path, str] | None = None
 
     @classmethod
     def from_gguf(cls, path: str | Path, cache_dir: Path | None = None) -> "Tokenizer":
@@ -268,13 +270,15 @@ class Tokenizer:
             backend = build_gemma_backend(meta)
             _write_cache(backend, cache_file)
         eos_id = meta["tokenizer.ggml.eos_token_id"]
-        return cls(
+        tokenizer = cls(
             backend,
             bos_id=meta["tokenizer.ggml.bos_token_id"],
             eos_id=eos_id,
             pad_id=meta.get("tokenizer.ggml.padding_token_id", eos_id),
             chat_template=meta.get("tokenizer.chat_template"),
         )
+        tokenizer.gguf_source = (path, digest)
+        return tokenizer
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":

@@ -5,7 +5,7 @@ Three things differ from an HF checkpoint, and each is undone here:
 - Gemma 3 norms: llama.cpp's converter stores the effective multiplier 1 + w, so 1 is subtracted again to get
   back the zero-centred weight that the (1 + w) RMSNorm expects (Gemma 4 norms are stored as they are);
 - quantization: block-quantized tensors are dequantized with vectorised torch code (`quants.py`).
-The config comes from the GGUF metadata; what llama.cpp does not store (the local RoPE theta, the layer
+The config comes from the GGUF metadata; what a file does not store (the local RoPE theta, the layer
 pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3.
 """
 
@@ -20,7 +20,7 @@ import torch
 from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
 from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
 from gemmakit.checkpoints.quants import dequantize
-from gemmakit.config import Config, ConfigError, default_layer_types
+from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
 
 _ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3}
@@ -62,7 +62,8 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
         max_position_embeddings=int(g("context_length", 131072)),
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         sliding_window=int(g("attention.sliding_window", 512)), rope_theta=float(g("rope.freq_base", 1e6)),
-        vocab_size=int(embd.shape[1]), layer_types=default_layer_types(n_layers),
+        vocab_size=int(embd.shape[1]), layer_types=_layer_types(g("attention.sliding_window_pattern"), n_layers),
+        rope_local_base_freq=float(g("rope.freq_base_swa", 10_000.0)),
         # llama.cpp scales Gemma 3 27B queries by (H / heads)**-0.5 and every other size by head_dim**-0.5.
         query_pre_attn_scalar=hidden // heads if n_layers == 62 else head_dim,
         final_logit_softcapping=g("final_logit_softcapping"),
@@ -75,6 +76,13 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
         return Config(**kw)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from e
+
+
+def _layer_types(pattern: Any, n_layers: int) -> list[str]:
+    """The per-layer sliding flags a file may carry (gemmakit's exporter writes them), else the default."""
+    if isinstance(pattern, list) and len(pattern) == n_layers:
+        return [SLIDING if swa else FULL for swa in pattern]
+    return default_layer_types(n_layers, last_full=False)  # llama.cpp's Gemma 3 rule, as transformers
 
 
 def _dequantize(t: Any, data: Any, shape: tuple[int, ...], path: Path | str) -> torch.Tensor:

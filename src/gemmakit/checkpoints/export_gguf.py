@@ -1,0 +1,274 @@
+"""Write a Gemma 3 model as one GGUF file that llama.cpp (and gemmakit's own GGUF loader) runs, through the
+`gguf` library's `GGUFWriter`: no binary format of ours.
+
+The file is what llama.cpp's converter would write for the same checkpoint, with three choices made explicit:
+- names: gguf's own HF->GGUF tensor name map for GEMMA3 (the one `gguf.py` inverts to read), no table of ours;
+  the head is tied, so there is no `output.weight`, and llama.cpp reuses the embedding, as for the releases;
+- values: Gemma 3 norms are stored as the effective multiplier 1 + w and kept in f32 with every other 1-D
+  tensor (llama.cpp's kernels expect f32 there); matrices take the asked type (f32, f16, bf16 or q8_0, the
+  last through `gguf.quants`, with f16 for a matrix whose rows are not whole Q8_0 blocks, as the converter);
+- hyperparameters: besides the converter's keys, the sliding/full pattern is written as one flag per layer and
+  the local RoPE theta as `rope.freq_base_swa`, so llama.cpp runs the model's own pattern and thetas rather
+  than its defaults. What llama.cpp cannot be told is checked instead: it derives the attention scale from the
+  geometry, so a model whose `query_pre_attn_scalar` disagrees with that rule is refused.
+
+The vocabulary is llama.cpp's SentencePiece description ("llama": pieces, scores, token types). A tokenizer
+read from a GGUF hands back that file's exact arrays (`Tokenizer.gguf_source`). Otherwise the arrays are
+derived from the byte-fallback BPE behind the tokenizer so that llama.cpp's SPM merging reproduces it: a
+piece's score is minus the rank of the first BPE merge that makes it (llama.cpp merges the best-scored pair
+first), special added tokens become control tokens, other added tokens user-defined ones (matched whole in the
+raw text, as `tokenizers` does), `<0xNN>` pieces byte tokens.
+
+Not written: Gemma 4. llama.cpp has a gemma4 loader, but it needs its own BPE vocabulary with merges,
+per-layer geometry, PLE and MoE tensors that this writer does not produce (and gemmakit cannot read them
+back); Gemma 4 goes out as an HF directory (`gemmakit export`) for llama.cpp's convert_hf_to_gguf.py.
+Like `export_hf`, a packed, quantized or LoRA-wrapped model is refused, an existing file is never
+overwritten, and the file is written beside its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from gemmakit.checkpoints.export import _plain_state
+from gemmakit.config import SLIDING, Config
+from gemmakit.files import write_atomic
+
+Q = gguf.GGMLQuantizationType
+# --gguf-type -> (the type of matrices, the file type llama.cpp reports)
+DTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+          "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+T = gguf.TokenType
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_SPECIAL_SCORE = -1000.0  # what the converter gives control / user-defined / padding tokens
+
+
+@dataclass
+class Vocab:
+    """llama.cpp's SentencePiece vocabulary: one piece, score and token type per id."""
+
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    unk_id: int | None = None
+
+
+def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any, dtype: str = "f16") -> Path:
+    """Write `model` (a plain Gemma 3) with `tokenizer`'s vocabulary as the GGUF file `path`; returns it."""
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown GGUF type {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose a new file name (nothing is overwritten)")
+    if tokenizer is None:
+        raise ValueError("a GGUF file carries its vocabulary, so export_gguf needs the model's tokenizer")
+    config: Config = model.config
+    check_config(config)
+    state = _plain_state(model)
+    qtype, file_type = DTYPES[dtype]
+    plan = tensor_plan(state, config.num_hidden_layers, qtype)  # before any file: an unknown tensor fails here
+    vocab = padded(gguf_vocab(tokenizer), config.vocab_size)
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3])
+        try:
+            add_hparams(w, config, file_type)
+            add_vocab(w, vocab, tokenizer)
+            write_tensors(w, state, plan)
+        finally:
+            w.close()
+
+    write_atomic(path, write)
+    return path
+
+
+def check_config(config: Config) -> None:
+    """Refuse what llama.cpp's gemma3 architecture would run differently from the model."""
+    if config.is_gemma4:
+        raise ValueError("Gemma 4 GGUF export is not supported: gemmakit writes only llama.cpp's gemma3 "
+                         "architecture. Write an HF directory with `gemmakit export` (export_hf) instead and "
+                         "convert it with llama.cpp's convert_hf_to_gguf.py")
+    if config.family != "gemma3" or config.partial_rotary_factor != 1.0 or config.global_head_dim not in (
+            None, config.head_dim):
+        raise ValueError(f"{config.name}: only Gemma 3 geometry (one head_dim, full rotary) fits llama.cpp's gemma3")
+    # llama.cpp stores no attention scale: it takes (hidden / heads)**-0.5 for the 62-layer 27B, else
+    # head_dim**-0.5 (llama-model gemma3.cpp), which is what every released Gemma 3 uses.
+    heads = config.num_attention_heads
+    llama_scale = (config.hidden_size // heads if config.num_hidden_layers == 62 else config.head_dim) ** -0.5
+    if not math.isclose(config.attention_scale, llama_scale, rel_tol=1e-6):
+        raise ValueError(f"{config.name}: attention scale {config.attention_scale:.6g} (query_pre_attn_scalar "
+                         f"{config.query_pre_attn_scalar}) differs from the {llama_scale:.6g} llama.cpp derives "
+                         "from the geometry, so llama.cpp would run another model")
+
+
+def write_tensors(w: gguf.GGUFWriter, state: dict[str, torch.Tensor], plan: list[tuple[str, str, Q]]) -> None:
+    """The header and tensor infos (sizes known from the shapes), then the tensors one at a time, each
+    converted just before it is written: `add_tensor` would hold every converted tensor until the end."""
+    for name, key, qtype in plan:
+        shape = gguf.quant_shape_to_byte_shape(tuple(state[key].shape), qtype)
+        w.add_tensor_info(name, shape, np.dtype(np.uint8), math.prod(shape), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, key, qtype in plan:
+        w.write_tensor_data(convert(state[key], name, qtype))
+
+
+def add_hparams(w: gguf.GGUFWriter, c: Config, file_type: gguf.LlamaFileType) -> None:
+    w.add_name(c.name)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_sliding_window(c.sliding_window)
+    # One flag per layer: llama.cpp's default (every 6th layer full) differs from a pattern whose last
+    # layer is forced full when the layer count is not a multiple of 6.
+    w.add_sliding_window_pattern([kind == SLIDING for kind in c.layer_types])
+    w.add_rope_freq_base(c.rope_theta)  # full layers
+    w.add_rope_freq_base_swa(c.rope_local_base_freq)
+    if c.rope_scaling_factor != 1.0:  # llama.cpp scales only the full layers, as Gemma 3 does
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_scaling_factor)
+    if c.final_logit_softcapping:
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def tensor_plan(state: dict[str, torch.Tensor], n_layers: int, qtype: Q) -> list[tuple[str, str, Q]]:
+    """(GGUF name, state-dict key, GGUF type) for every tensor, in the model's order."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, n_layers)
+    plan = []
+    for key, t in state.items():
+        name = names.get_name(key, try_suffixes=(".weight", ""))
+        if name is None:
+            raise ValueError(f"parameter {key} has no GGUF name in llama.cpp's gemma3 architecture")
+        if t.ndim <= 1 or name.endswith("norm.weight"):
+            plan.append((name, key, Q.F32))
+            continue
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        plan.append((name, key, qtype if t.shape[-1] % block == 0 else Q.F16))
+    return plan
+
+
+def convert(t: torch.Tensor, name: str, qtype: Q) -> np.ndarray:
+    a = t.detach().to("cpu", torch.float32).numpy()
+    if name.endswith("norm.weight"):
+        a = a + 1.0  # Gemma 3 norms multiply by (1 + w); llama.cpp stores the multiplier itself
+    return gguf.quants.quantize(a, qtype)
+
+
+def add_vocab(w: gguf.GGUFWriter, vocab: Vocab, tokenizer: Any) -> None:
+    w.add_tokenizer_model("llama")  # llama.cpp's SentencePiece vocabulary, as for every Gemma 1-3 GGUF
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    if vocab.unk_id is not None:
+        w.add_unk_token_id(vocab.unk_id)
+    if tokenizer.pad_id is not None:
+        w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)  # llama.cpp's SPM default is to prepend a space; Gemma does not
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+
+
+# ---------------------------------------------------------------------------------------------
+# The vocabulary: the source GGUF's arrays when there is one, else derived from the BPE.
+
+
+def gguf_vocab(tokenizer: Any) -> Vocab:
+    source = getattr(tokenizer, "gguf_source", None)
+    if source is not None and (vocab := _vocab_of_gguf(*source)) is not None:
+        return vocab
+    return vocab_of_backend(tokenizer)
+
+
+def _vocab_of_gguf(path: Path, digest: str) -> Vocab | None:
+    """The arrays of the GGUF the tokenizer was read from, if it is still there and unchanged."""
+    from gemmakit.tokenizer import read_gguf_metadata
+
+    if not Path(path).is_file():
+        return None
+    meta, now = read_gguf_metadata(Path(path))
+    if now != digest or "tokenizer.ggml.scores" not in meta or "tokenizer.ggml.token_type" not in meta:
+        return None
+    return Vocab(list(meta["tokenizer.ggml.tokens"]), meta["tokenizer.ggml.scores"].tolist(),
+                 meta["tokenizer.ggml.token_type"].tolist(), meta.get("tokenizer.ggml.unknown_token_id"))
+
+
+def vocab_of_backend(tokenizer: Any) -> Vocab:
+    """Pieces, scores and types under which llama.cpp's SPM tokenizer splits text as the BPE does."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise ValueError("llama.cpp's SentencePiece vocabulary can stand only for a byte-fallback BPE tokenizer "
+                         f"like Gemma's, not a {model.get('type')} one")
+    tokens = [tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    if None in tokens:
+        raise ValueError(f"token id {tokens.index(None)} has no text; the tokenizer cannot be written to GGUF")
+    ranks = merge_ranks(model.get("merges") or [])
+    added = {a["id"]: a for a in spec.get("added_tokens") or []}
+    unk_id = tokenizer.backend.token_to_id(model["unk_token"]) if model.get("unk_token") else None
+    vocab = Vocab([], [], [], unk_id)
+    for i, piece in enumerate(tokens):
+        text, kind, score = _entry(piece, added.get(i), ranks, i == unk_id)
+        vocab.tokens.append(text)
+        vocab.types.append(kind)
+        vocab.scores.append(score)
+    return vocab
+
+
+def merge_ranks(merges: list[Any]) -> dict[str, int]:
+    """Each piece's best merge rank (merges are [left, right] pairs, or "left right" in older files)."""
+    ranks: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        ranks.setdefault(left + right, rank)
+    return ranks
+
+
+def _entry(piece: str, added: dict[str, Any] | None, ranks: dict[str, int], unk: bool) -> tuple[str, int, float]:
+    if added is not None and added["special"]:
+        return piece, T.CONTROL, _SPECIAL_SCORE
+    if added is not None:
+        # A normalized added token matches after spaces became "▁"; llama.cpp matches user-defined tokens in
+        # the raw text, before that escape, so it gets the spelling with real spaces.
+        text = piece.replace("\u2581", " ") if added.get("normalized") else piece
+        return text, T.USER_DEFINED, _SPECIAL_SCORE
+    if unk:
+        return piece, T.UNKNOWN, _SPECIAL_SCORE
+    if _BYTE_PIECE.fullmatch(piece):
+        return piece, T.BYTE, 0.0
+    # Pieces no merge makes (single characters) rank below every merge; llama.cpp only scores merge results.
+    return piece, T.NORMAL, -float(ranks.get(piece, len(ranks)))
+
+
+def padded(vocab: Vocab, vocab_size: int) -> Vocab:
+    """Pad to the embedding's rows as the converter does ([PADi], unused): llama.cpp sizes the embedding by
+    the token list."""
+    n = len(vocab.tokens)
+    if n > vocab_size:
+        raise ValueError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows")
+    pad = range(n, vocab_size)
+    return Vocab(vocab.tokens + [f"[PAD{i}]" for i in pad], vocab.scores + [_SPECIAL_SCORE] * len(pad),
+                 vocab.types + [int(T.UNUSED)] * len(pad), vocab.unk_id)
