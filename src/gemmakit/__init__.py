@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def load(model: Any = None, dtype: str = "auto", device: str = "cpu", chat_format: str = "auto",
-         context: int | None = None) -> LLM:
-    """Load a checkpoint ready to generate and chat (see gemmakit.api); torch is imported only here."""
+         context: int | None = None, **options: Any) -> LLM:
+    """Load a checkpoint ready to generate and chat (see gemmakit.api.load for `options`: compile, quantize,
+    pack, adapter); torch is imported only here."""
     from gemmakit.api import load as _load
 
-    return _load(model, dtype, device, chat_format, context)
+    return _load(model, dtype, device, chat_format, context, **options)

@@ -208,6 +208,23 @@ def pick_chat_format(name: str, family: str, tokenizer: Tokenizer, choice: str =
     return None
 
 
+def _merge_adapter(model: Gemma, adapter: str | Path, quantize: str | None, chat_format: str) -> str:
+    """Fold a LoRA adapter into `model` (then quantize it if asked); returns the chat format to use."""
+    import json
+
+    from gemmakit.quantize import quantize_model
+    from gemmakit.train.lora import load_adapter, merge_lora
+
+    load_adapter(model, adapter)
+    merge_lora(model)
+    if quantize:
+        quantize_model(model, quantize)
+    info = Path(adapter) / "gemmakit.json"  # written by `gemmakit finetune` next to the PEFT files
+    if chat_format == "auto" and info.is_file():
+        return json.loads(info.read_text()).get("chat_format", "auto")
+    return chat_format
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """"auto" is float32 on CPU (fastest there) and bfloat16 on CUDA."""
     if name == "auto":
@@ -219,17 +236,23 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
          chat_format: str = "auto", context: int | None = None, compile: bool = False,
-         quantize: str | None = None, pack: bool | None = None) -> LLM:
+         quantize: str | None = None, pack: bool | None = None, adapter: str | Path | None = None) -> LLM:
     """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat. `compile` runs
     one-row decode steps through torch.compile (compiled.py): ~3x faster on CPU after a one-off build.
     `quantize` ("int8", "int4") quantizes the weights module by module as they load (quantize.py).
     `pack` (default: on CPU without quantization) puts float weights in oneDNN's layout (packing.py): faster
-    prefill and batched decode, for the memory of a second copy of the output head."""
+    prefill and batched decode, for the memory of a second copy of the output head.
+    `adapter` (a LoRA directory in PEFT's format, e.g. from `gemmakit finetune`) is merged into the weights
+    before quantization or packing; the chat format it was trained with is used unless `chat_format` says
+    otherwise."""
     from gemmakit.checkpoints import load_model_and_tokenizer, resolve
     from gemmakit.packing import pack_linears
 
     path = resolve(model)
-    m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, quantize)
+    quantize = None if quantize == "none" else quantize
+    m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, None if adapter else quantize)
+    if adapter:
+        chat_format = _merge_adapter(m, adapter, quantize, chat_format)
     if pack is None:  # CPU float models; quantized modules have kernels of their own
         pack = torch.device(device).type == "cpu" and quantize in (None, "none")
     if pack:

@@ -2,7 +2,8 @@
 
 Verbs: `models` (the registry with parameter counts), `generate` (raw completion, or one chat message with
 --chat, optionally as JSON), `chat` (an interactive terminal chat), `bench` (speed and memory), `serve` (the
-OpenAI-compatible server, serve/) and `export` / `merge` (an HF directory, a LoRA adapter folded in). The
+OpenAI-compatible server, serve/), `finetune` (SFT / DPO with LoRA, QLoRA or full, train/) and `export` /
+`merge` (an HF directory, a LoRA adapter folded in). The
 embedded Gemma 3 270M is the default model everywhere. Every error a user can cause (a bad path, a damaged
 checkpoint, a prompt that does not fit, a bad sampling value) is printed as one `error:` line with what to
 do, and exits with status 2.
@@ -109,7 +110,8 @@ def load_llm(args: argparse.Namespace):
     label = "loading model" + (f" and quantizing it to {args.quantize}" if args.quantize != "none" else "")
     with spinner(label):
         llm = load(args.model, args.dtype, args.device, args.chat_format, args.context, compile=args.compiled,
-                   quantize=args.quantize, pack={"on": True, "off": False}.get(args.pack))
+                   quantize=args.quantize, pack={"on": True, "off": False}.get(args.pack),
+                   adapter=getattr(args, "adapter", None))
     if args.compiled and args.func not in (cmd_bench, cmd_serve):  # these build engines of their own
         with spinner("compiling the decode step (a minute the first time; --compile off skips it)"):
             llm.engine.warmup()
@@ -170,9 +172,38 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.adapter:
         load_adapter(model, args.adapter)
         merge_lora(model)
+    if args.format == "gguf":
+        from gemmakit.checkpoints.export_gguf import export_gguf
+
+        with spinner(f"writing {args.out}"):
+            export_gguf(model, args.out, tokenizer, args.gguf_type)
+        print(f"wrote {args.out}: one {args.gguf_type} GGUF file (loads with llama.cpp and gemmakit)")
+        return
     with spinner(f"writing {args.out}"):
         export_hf(model, args.out, tokenizer)
     print(f"wrote {args.out}: config.json, safetensors weights, tokenizer (loads with transformers and gemmakit)")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from gemmakit.train.recipe import load_config
+    from gemmakit.train.trainer import finetune
+
+    config = load_config(args.config, vars(args))
+    result = finetune(config, progress=not args.quiet)
+    if result.final is not None and int(os.environ.get("RANK", "0")) == 0:
+        val = "" if result.val_loss is None else f", validation loss {result.val_loss:.4f}"
+        print(f"done: {result.steps} steps{val}; wrote {result.final} (metrics.jsonl, loss.png in {result.out})")
+
+
+def add_finetune_parser(sub: Any) -> None:
+    from gemmakit.train.recipe import add_arguments
+
+    f = sub.add_parser("finetune", help="SFT or DPO fine-tuning (LoRA, QLoRA or full); runs under torchrun "
+                                        "with FSDP2 too")
+    f.add_argument("--config", default=None, help="a YAML recipe (recipes/*.yaml); flags given override it")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_arguments(f)
+    f.set_defaults(func=cmd_finetune)
 
 
 def add_export_parsers(sub: Any) -> None:
@@ -183,6 +214,10 @@ def add_export_parsers(sub: Any) -> None:
         e.add_argument("--adapter", required=verb == "merge", help="a LoRA adapter directory (PEFT format)")
         e.add_argument("--out", required=True, help="the directory to create (never overwritten)")
         e.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (auto = float32)")
+        e.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                       help="hf: an HF directory; gguf: one llama.cpp GGUF file at --out (Gemma 3 only)")
+        e.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+                       help="matrices' type in a GGUF file (norms stay f32)")
         e.set_defaults(func=cmd_export)
 
 
@@ -281,6 +316,8 @@ def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded "
                                                  "Gemma 3 270M)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format, e.g. from gemmakit "
+                                                   "finetune) merged into the weights as they load")
     p.add_argument("--chat-format", default="auto",
                    choices=("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue"),
                    help="how to prompt for chat: auto (the checkpoint's template; a plain dialogue for base "
@@ -323,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
     add_export_parsers(sub)
+    add_finetune_parser(sub)
     return p
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gemmakit.cache import Step
 from gemmakit.config import FULL, SLIDING, Config
@@ -291,11 +292,15 @@ class Gemma(nn.Module):
         self.model = TextModel(config)
         self.inv_freq = {kind: inv_frequencies(config, kind) for kind in (SLIDING, FULL)}
         self.lm_head: nn.Module | None = None
+        # Training: recompute each layer's activations in the backward pass instead of keeping them.
+        self.activation_checkpointing = False
 
-    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int = 0,
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int | Tensor = 0,
                 step: Step | None = None) -> Tensor:
         """input_ids: [B, T]; positions from `step` (with a KV cache, see cache.py), else `input_pos` ([T] or
-        [B, T], default 0..T-1). Returns logits [B, T', V] for the last `logits_to_keep` positions (0 = all)."""
+        [B, T], default 0..T-1). Returns logits [B, T', V] for the last `logits_to_keep` positions (0 = all),
+        or, when `logits_to_keep` is a bool mask [B, T], logits [N, V] for its N true positions: a training
+        loss over a 262k vocabulary then pays for the scored tokens only."""
         c, m = self.config, self.model
         B, T = input_ids.shape
         if step is None:
@@ -310,8 +315,16 @@ class Gemma(nn.Module):
         published: dict[str, tuple[Tensor, Tensor]] = {}
         for i, layer in enumerate(m.layers):
             kind = c.layer_types[i]
-            x = layer(x, ropes[kind], masks[kind], step, i, published, None if ple is None else ple[:, :, i])
-        x = m.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+            args = (x, ropes[kind], masks[kind], step, i, published, None if ple is None else ple[:, :, i])
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        if isinstance(logits_to_keep, Tensor):
+            x = x[logits_to_keep]
+        elif logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        x = m.norm(x)
         # A quantized model carries its own output projection; otherwise the head is the tied embedding.
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, m.embed_tokens.weight)
         if c.final_logit_softcapping:

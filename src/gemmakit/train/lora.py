@@ -8,6 +8,9 @@ writes: `adapter_config.json` and `adapter_model.safetensors` with keys
 transformers model, and adapters trained with PEFT load here (`load_adapter`). Module paths are HF's, so no
 renaming is involved. `merge_lora` folds the adapters into plain linears for inference or export.
 
+Over a QLoRA base (train/qlora.py) the frozen layer is kept whole as `base_layer`, PEFT's name for it; the
+adapter files are the same either way.
+
 Targets are chosen by name: a module is adapted when its own name is in `targets` (PEFT's list form) or, for
 a string, when its full path matches that regular expression (PEFT's string form).
 """
@@ -25,22 +28,26 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gemmakit.files import write_atomic, write_text_atomic
+from gemmakit.train.qlora import QuantizedBase
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
+        if isinstance(base, nn.Linear):
+            self.weight, self.bias = base.weight.requires_grad_(False), base.bias
+            kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        else:  # a quantized QLoRA base: it computes its own product
+            self.base_layer = base.requires_grad_(False)
+            kw = {"dtype": base.dtype, "device": base.codes.device}
         self.r, self.alpha, self.scale = r, alpha, alpha / r
-        kw = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.enabled = True  # off: the base model's outputs (DPO's reference, without a second copy)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
@@ -48,21 +55,26 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
+        quantized = hasattr(self, "base_layer")
+        y = self.base_layer(x) if quantized else nn.functional.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
     def merged(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        dtype=self.weight.dtype, device=self.weight.device)
+        base = self.base_layer.dequantize() if hasattr(self, "base_layer") else self.weight
+        bias = None if hasattr(self, "base_layer") else self.bias
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, dtype=base.dtype,
+                        device=base.device)
         with torch.no_grad():
             delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
-            out.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
-            if self.bias is not None:
+            out.weight.copy_((base.float() + delta).to(base.dtype))
+            if bias is not None:
                 out.bias.copy_(self.bias)
         return out.requires_grad_(False)
 
 
-def _targeted(path: str, targets: Sequence[str] | str) -> bool:
+def is_target(path: str, targets: Sequence[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
     return path.rsplit(".", 1)[-1] in targets
@@ -74,7 +86,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float =
     model.requires_grad_(False)
     adapted = []
     for path, module in list(model.named_modules()):
-        if type(module) is nn.Linear and _targeted(path, targets):
+        if (type(module) is nn.Linear or isinstance(module, QuantizedBase)) and is_target(path, targets):
             parent_path, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent_path), name, LoRALinear(module, r, alpha, dropout))
             adapted.append(path)
@@ -90,8 +102,10 @@ def lora_state(model: nn.Module) -> dict[str, Tensor]:
             for path, m in model.named_modules() if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") -> None:
-    """Write adapter_config.json + adapter_model.safetensors (PEFT's format), each file atomically."""
+def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "",
+                 state: dict[str, Tensor] | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's format), each file atomically. `state`
+    gives the adapter weights under the model's parameter names when they are not whole in `model` (FSDP)."""
     layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
@@ -103,7 +117,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / "adapter_config.json", json.dumps(config, indent=2))
-    write_atomic(directory / "adapter_model.safetensors", lambda p: save_file(lora_state(model), str(p)))
+    weights = lora_state(model) if state is None else {
+        _PREFIX + k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+    write_atomic(directory / "adapter_model.safetensors", lambda p: save_file(weights, str(p)))
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:

@@ -1,0 +1,394 @@
+"""`gemmakit finetune`: supervised fine-tuning and DPO, as full fine-tuning, LoRA or QLoRA, on one process or
+many (torchrun + FSDP2), on the same model code that serves inference.
+
+A run, in order: load the model and tokenizer; read the data (bad records reported and skipped, a validation
+share held out); adapt the model (LoRA layers, a quantized base, or everything trainable); shard it when
+distributed; then loop over optimizer steps. A step is a global batch of `batch_size x grad_accum x ranks`
+sequences; its loss is the sum over scored tokens (or DPO pairs) divided by their count in the whole global
+batch, so accumulation and data parallelism give exactly the gradient of one large batch (the FSDP test holds
+single- and two-process loss curves together). AdamW with linear warmup and a cosine decay; gradient
+clipping; bf16 autocast where the device has it; activation checkpointing per decoder layer.
+
+Nothing is lost: checkpoints every `save_every` steps (train/state.py, atomic), Ctrl-C or SIGTERM finishes
+the current step, saves and exits, and `resume` continues from the newest checkpoint with the same data order,
+RNG and optimizer state, so the loss curve continues as if never stopped. Outputs land in `out/`: the adapter
+(PEFT format) or the model (HF directory), metrics.jsonl, loss.png, config.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from gemmakit.files import write_text_atomic
+from gemmakit.train import distributed as D
+from gemmakit.train.data import Dataset, Example, collate, load_dataset, split, step_batches
+from gemmakit.train.lora import LoRALinear, add_lora, is_target, save_adapter
+from gemmakit.train.objectives import dpo_loss, sequence_logps, sft_loss
+from gemmakit.train.recipe import TrainConfig
+from gemmakit.train.report import MetricsLog, plot_losses
+from gemmakit.train.state import checkpoints, full_state, load_checkpoint, save_checkpoint, trainable_state
+
+
+@dataclass
+class Result:
+    out: Path
+    steps: int
+    final: Path | None  # the adapter or model directory (None if the run was interrupted)
+    val_loss: float | None
+    interrupted: bool = False
+
+
+def lr_at(step: int, c: TrainConfig, total: int) -> float:
+    """Linear warmup to c.lr, then a cosine to c.lr * c.min_lr_ratio at the last step."""
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    progress = (step - c.warmup_steps) / max(1, total - c.warmup_steps)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@contextlib.contextmanager
+def adapters_off(model: torch.nn.Module):
+    """The base model's outputs from a LoRA model (DPO's reference without a second copy)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+class _StopRequest:
+    """The first Ctrl-C / SIGTERM asks the loop to save and stop after the current step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (press Ctrl-C again to abort)", file=sys.stderr)
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: bool = True, device: str | None = None):
+        config.check()
+        self.c, self.progress = config, progress
+        self.world = D.setup(device)
+        self.out = Path(config.out)
+        torch.manual_seed(config.seed)  # the same LoRA initialisation on every rank
+        self._load_model()
+        self._load_data()
+        self._adapt()
+        D.shard(self.model, self.world)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.unit = 2 if self.dpo else 1
+        self.per_step = config.batch_size * config.grad_accum * self.world.size
+        groups = len(self.train.examples) // self.unit
+        self.steps_per_epoch = math.ceil(groups / max(1, self.per_step // self.unit))
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        cuda = self.world.device.type == "cuda"
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        self.autocast = torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self._epoch_cache: tuple[int, list[list[Example]]] | None = None
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        from gemmakit.api import pick_chat_format
+        from gemmakit.chat.dialogue import render_dialogue
+        from gemmakit.checkpoints import load_model_and_tokenizer, resolve
+
+        path = resolve(self.c.model)
+        self.model, self.tokenizer = load_model_and_tokenizer(path, torch.float32, self.world.device)
+        name = self.model.config.name if path.suffix == ".gguf" else path.name
+        fmt = pick_chat_format(f"{name} {path.stem}", self.model.config.family, self.tokenizer, self.c.chat_format)
+        self.chat_format = "dialogue" if fmt is None else ("template" if fmt.template else fmt.family)
+        if fmt is None:
+            self.render = lambda messages, gen: render_dialogue(messages, add_generation_prompt=gen)
+        else:
+            self.render = lambda messages, gen: fmt.render(messages, add_generation_prompt=gen)
+        self.base_name = str(self.c.model or name)
+
+    def _load_data(self) -> None:
+        c = self.c
+        data = load_dataset(c.data, self.tokenizer, self.render, c.max_length, c.format)
+        if c.val_data:
+            self.train, self.val = data, load_dataset(c.val_data, self.tokenizer, self.render, c.max_length, c.format)
+            data.problems += self.val.problems
+        else:
+            self.train, self.val = split(data, c.val_fraction, c.seed)
+        self.problems = data.problems
+        self.dpo = c.objective == "dpo" or (c.objective == "auto" and data.pairs)
+        if self.dpo != data.pairs:
+            raise ValueError("DPO needs preference records (prompt, chosen, rejected)" if self.dpo else
+                             "preference records train with DPO: set objective to dpo or auto")
+        if self.dpo and c.batch_size % 2:
+            raise ValueError(f"DPO batches hold whole pairs: batch_size must be even, not {c.batch_size}")
+
+    def _adapt(self) -> None:
+        c, model = self.c, self.model
+        if c.method == "full":
+            model.requires_grad_(True)
+        else:
+            if c.method == "qlora":
+                from gemmakit.train.qlora import quantize_targets
+
+                paths = [p for p, m in model.named_modules()
+                         if type(m) is torch.nn.Linear and is_target(p, c.lora_targets)]
+                quantize_targets(model, paths, c.qlora_bits)
+            add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets)
+        if self.dpo and c.dpo_reference == "live" and c.method == "full":
+            raise ValueError("a live DPO reference needs LoRA (the base is the adapters switched off); "
+                             "with full fine-tuning use dpo_reference: cache")
+        model.activation_checkpointing = c.activation_checkpointing
+        model.train()
+
+    # --- steps -------------------------------------------------------------------------------
+    def epoch_steps(self, epoch: int) -> list[list[Example]]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, step_batches(self.train, self.per_step, self.c.seed, epoch))
+        return self._epoch_cache[1]
+
+    def micro_batches(self, step: list[Example]) -> list[tuple[list[Example], float]]:
+        """This rank's share of a global step, as exactly grad_accum micro-batches (see distributed.py)."""
+        groups = [step[i:i + self.unit] for i in range(0, len(step), self.unit)]
+        mine = groups[self.world.rank::self.world.size]
+        per = math.ceil(len(mine) / self.c.grad_accum)
+        chunks = [[e for g in mine[i * per:(i + 1) * per] for e in g] for i in range(self.c.grad_accum)]
+        return [(chunk, 1.0) if chunk else (step[:self.unit], 0.0) for chunk in chunks]
+
+    def losses(self, examples: list[Example]) -> tuple[torch.Tensor, list[float]]:
+        """(summed loss, [loss sum, count, margin sum, correct pairs, tokens]) of one micro-batch."""
+        ids, labels = (t.to(self.world.device) for t in collate(examples, self.tokenizer.pad_id))
+        tokens = float(sum(len(e.ids) for e in examples))
+        with self.autocast:
+            if not self.dpo:
+                loss, n = sft_loss(self.model, ids, labels)
+                return loss, [loss.item(), float(n), 0.0, 0.0, tokens]
+            policy = sequence_logps(self.model, ids, labels)
+            if self.c.dpo_reference == "live":
+                with torch.no_grad(), adapters_off(self.model):
+                    reference = sequence_logps(self.model, ids, labels)
+            else:
+                reference = torch.tensor([e.reference for e in examples], device=policy.device)
+        per_pair, margin = dpo_loss(policy, reference, self.c.dpo_beta)
+        loss = per_pair.sum()
+        return loss, [loss.item(), float(len(per_pair)), float(margin.sum()), float((margin > 0).sum()), tokens]
+
+    def train_step(self, step: int, examples: list[Example]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        lr = lr_at(step, self.c, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        denom = len(examples) // 2 if self.dpo else sum(e.scored for e in examples)
+        stats = [0.0] * 5
+        for chunk, weight in self.micro_batches(examples):
+            loss, parts = self.losses(chunk)
+            (loss * (weight * self.world.size / denom)).backward()
+            stats = [s + p * weight for s, p in zip(stats, parts, strict=True)]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.c.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count, margin, correct, tokens = D.all_sum(stats, self.world)
+        record = {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4), "loss": total / count,
+                  "lr": lr, "grad_norm": D.full_norm(norm), "tokens": tokens,
+                  "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        if self.dpo:
+            record.update(margin=margin / count, accuracy=correct / count)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, data: Dataset) -> dict[str, float]:
+        """Validation loss (and DPO margin/accuracy) over `data`, split across ranks like training."""
+        if not data.examples:
+            return {}
+        self.model.eval()
+        stats = [0.0] * 5
+        for start in range(0, len(data.examples), self.per_step):
+            for chunk, weight in self.micro_batches(data.examples[start:start + self.per_step]):
+                _, parts = self.losses(chunk)
+                stats = [s + p * weight for s, p in zip(stats, parts, strict=True)]
+        self.model.train()
+        total, count, margin, correct, _ = D.all_sum(stats, self.world)
+        out = {"val_loss": total / count}
+        if self.dpo:
+            out.update(val_margin=margin / count, val_accuracy=correct / count)
+        return out
+
+    @torch.no_grad()
+    def cache_reference(self) -> None:
+        """DPO with a cached reference: every answer's log-likelihood under the starting model, computed once
+        and kept in out/reference_logps.json (a resumed run reads it back: its model has moved on)."""
+        path = self.out / "reference_logps.json"
+        examples = self.train.examples + self.val.examples
+        if path.exists():
+            values = json.loads(path.read_text())
+        else:
+            self.model.eval()
+            values = []
+            bar = tqdm(total=len(examples), desc="reference log-probs", disable=not self._bar_on(), leave=False)
+            for start in range(0, len(examples), self.c.batch_size):
+                chunk = examples[start:start + self.c.batch_size]
+                ids, labels = (t.to(self.world.device) for t in collate(chunk, self.tokenizer.pad_id))
+                with self.autocast:
+                    values += sequence_logps(self.model, ids, labels).tolist()
+                bar.update(len(chunk))
+            bar.close()
+            self.model.train()
+            if self.world.main:
+                write_text_atomic(path, json.dumps(values))
+        if len(values) != len(examples):
+            raise ValueError(f"{path} does not match the data ({len(values)} vs {len(examples)} answers): "
+                             "delete it, or resume with the data the run started with")
+        for e, v in zip(examples, values, strict=True):
+            e.reference = v
+
+    def _bar_on(self) -> bool:
+        return self.progress and self.world.main
+
+    # --- the run -----------------------------------------------------------------------------
+    def _start(self) -> int:
+        """Prepare out/ and return the step to start from (0, or the newest checkpoint's on resume)."""
+        found = checkpoints(self.out)
+        if found and not self.c.resume:
+            raise ValueError(f"{self.out} already holds a run (checkpoints in {self.out / 'checkpoints'}): pass "
+                             "--resume to continue it, or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        D.barrier(self.world)
+        start = 0
+        if found:
+            info = load_checkpoint(found[-1], self.model, self.optimizer)
+            start = int(info["step"])
+            if self.world.main:
+                print(f"resuming from {found[-1]} (step {start} of {self.total_steps})", file=sys.stderr)
+        elif self.world.main:
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(self.c.to_dict(), sort_keys=False))
+        if self.world.main and self.problems:
+            write_text_atomic(self.out / "data_problems.txt", "\n".join(self.problems) + "\n")
+            shown = "\n  ".join(self.problems[:10])
+            more = f"\n  ... and {len(self.problems) - 10} more" if len(self.problems) > 10 else ""
+            print(f"skipped {len(self.problems)} bad records (all in {self.out / 'data_problems.txt'}):\n  "
+                  f"{shown}{more}", file=sys.stderr)
+        return start
+
+    def save(self, step: int) -> Path:
+        info = {"epoch": step / self.steps_per_epoch, "config": self.c.to_dict()}
+        return save_checkpoint(self.out, step, self.model, self.optimizer, info, self.c.keep_checkpoints,
+                               write=self.world.main)
+
+    def run(self) -> Result:
+        start = self._start()
+        if self.dpo and self.c.dpo_reference == "cache":
+            self.cache_reference()
+        log = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if self.c.tensorboard else None)
+        if self.world.main:
+            log.truncate(start)
+        if start == 0 and self.val.examples:  # the starting point of the validation curve
+            baseline = self.evaluate(self.val)
+            if self.world.main:
+                log.write({"step": 0, **baseline})
+        bar = tqdm(total=self.total_steps, initial=start, desc="finetune", disable=not self._bar_on(),
+                   unit="step", dynamic_ncols=True)
+        step, stopped = start, False
+        try:
+            with _StopRequest() as stop:
+                while step < self.total_steps and not stopped:
+                    epoch, index = divmod(step, self.steps_per_epoch)
+                    record = self.train_step(step, self.epoch_steps(epoch)[index])
+                    step += 1
+                    if self.c.eval_every and step % self.c.eval_every == 0 and step < self.total_steps:
+                        record.update(self.evaluate(self.val))
+                    if self.world.main:
+                        log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                    bar.update(1)
+                    stopped = D.any_rank(stop.requested, self.world)
+                    if stopped or (self.c.save_every and step % self.c.save_every == 0):
+                        self.save(step)
+        finally:
+            bar.close()
+        return self._finish(step, stopped, log)
+
+    def _finish(self, step: int, stopped: bool, log: MetricsLog) -> Result:
+        if stopped:
+            log.close()
+            if self.world.main:
+                print(f"interrupted: saved step {step}; continue with --resume", file=sys.stderr)
+            return Result(self.out, step, None, None, interrupted=True)
+        final_eval = self.evaluate(self.val)
+        if self.world.main and final_eval:
+            log.write({"step": step, **final_eval})
+        log.close()
+        if not checkpoints(self.out) or checkpoints(self.out)[-1].name != f"step-{step:06d}":
+            self.save(step)
+        final = self.write_final()
+        if self.world.main:
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", f"{self.c.method} {self.base_name}")
+        D.barrier(self.world)
+        return Result(self.out, step, final, final_eval.get("val_loss"))
+
+    def write_final(self) -> Path:
+        """The adapter (PEFT format) or the whole model (HF directory) in out/, swapped in atomically."""
+        full = self.c.method == "full"
+        state = full_state(self.model) if full else trainable_state(self.model)  # collective under FSDP
+        name = "model" if full else "adapter"
+        final = self.out / name
+        if not self.world.main:
+            return final
+        tmp = self.out / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            from gemmakit.checkpoints.export import export_hf
+            from gemmakit.model import Gemma
+
+            plain = Gemma(self.model.config)
+            plain.load_state_dict(state)
+            export_hf(plain, tmp, self.tokenizer)
+        else:
+            save_adapter(self.model, tmp, self.base_name, state=state)
+        (tmp / "gemmakit.json").write_text(json.dumps({"chat_format": self.chat_format, "base_model": self.base_name,
+                                                      "method": self.c.method}, indent=2))
+        old = self.out / f".{name}.old"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def finetune(config: TrainConfig, progress: bool = True, device: str | None = None) -> Result:
+    trainer = Trainer(config, progress, device)
+    try:
+        return trainer.run()
+    finally:
+        D.teardown(trainer.world)
