@@ -53,6 +53,10 @@ def settings(tiny_dir: Path, out: Path, **kw) -> dict:
             "batch_size": 4, "lr": 1e-2, "save_every": 3, "eval_every": 3, "max_length": 256, **kw}
 
 
+def _render(fmt):
+    return lambda m, gen, think: fmt.render(m, add_generation_prompt=gen, enable_thinking=think)
+
+
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -67,7 +71,7 @@ def test_chat_records_score_only_what_the_assistant_wrote(tokenizer, tmp_path):
     from gemmakit.chat.template import ChatFormat
 
     fmt = ChatFormat("gemma3")
-    data = load_dataset(path, tokenizer, lambda m, gen: fmt.render(m, add_generation_prompt=gen))
+    data = load_dataset(path, tokenizer, _render(fmt))
     (example,) = data.examples
     scored = tokenizer.decode([i for i, label in zip(example.ids, example.labels, strict=True) if label != IGNORE])
     assert scored == "Hello there.<end_of_turn>\nGoodbye.<end_of_turn>\n"
@@ -75,7 +79,9 @@ def test_chat_records_score_only_what_the_assistant_wrote(tokenizer, tmp_path):
 
 
 def test_completion_text_and_preference_records(tokenizer, tmp_path):
-    render = lambda m, gen: "".join(f"{x['role']}: {x['content']}\n" for x in m) + ("assistant:" if gen else "")  # noqa: E731
+    def render(m, gen, think):
+        return "".join(f"{x['role']}: {x['content']}\n" for x in m) + ("assistant:" if gen else "")
+
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"prompt": "2+2=", "completion": " 4"}) + "\n")
     (ex,) = load_dataset(path, tokenizer, render).examples
@@ -103,7 +109,7 @@ def test_bad_records_are_reported_with_line_numbers_and_skipped(tokenizer, tmp_p
     from gemmakit.chat.template import ChatFormat
 
     fmt = ChatFormat("gemma3")
-    data = load_dataset(path, tokenizer, lambda m, gen: fmt.render(m, add_generation_prompt=gen), max_length=64)
+    data = load_dataset(path, tokenizer, _render(fmt), max_length=64)
     assert len(data.examples) == 2
     assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in data.problems] == ["2", "3", "4", "5", "6"]
     assert "not valid JSON" in data.problems[0] and "no assistant message" in data.problems[1]
@@ -114,13 +120,13 @@ def test_batches_are_deterministic_bucketed_and_complete(tokenizer):
     from gemmakit.chat.template import ChatFormat
 
     fmt = ChatFormat("gemma3")
-    data = load_dataset(SFT, tokenizer, lambda m, gen: fmt.render(m, add_generation_prompt=gen))
+    data = load_dataset(SFT, tokenizer, _render(fmt))
     train, val = split(data, 0.1, seed=0)
     assert len(val.examples) == 5 and len(train.examples) + len(val.examples) == len(data.examples)
     a, b = step_batches(train, 8, seed=0, epoch=0), step_batches(train, 8, seed=0, epoch=0)
     assert a == b and a != step_batches(train, 8, seed=0, epoch=1)
     assert sorted(id(e) for s in a for e in s) == sorted(id(e) for e in train.examples)
-    pairs = load_dataset(DPO, tokenizer, lambda m, gen: fmt.render(m, add_generation_prompt=gen))
+    pairs = load_dataset(DPO, tokenizer, _render(fmt))
     for step in step_batches(pairs, 4, seed=0, epoch=0):  # chosen and rejected of one pair stay together
         assert all(step[i].ids[:8] == step[i + 1].ids[:8] for i in range(0, len(step), 2))
 
@@ -280,3 +286,68 @@ def test_tensorboard_events_are_written(tiny_dir, tmp_path):
     result = finetune(load_config(None, settings(tiny_dir, tmp_path / "tb", max_steps=2, tensorboard=True)),
                       progress=False)
     assert list((result.out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# --- other methods and formats -------------------------------------------------------------------
+def test_full_fine_tuning_writes_a_model_transformers_loads(tiny_dir, tmp_path):
+    from transformers import Gemma3ForCausalLM
+
+    from gemmakit.checkpoints import load_model
+
+    result = finetune(load_config(None, settings(tiny_dir, tmp_path / "full", method="full", lr=1e-3,
+                                                 max_steps=3)), progress=False)
+    assert result.final == tmp_path / "full" / "model" and losses(result.out)[-1] < losses(result.out)[0]
+    ids = torch.tensor([[2, 9259, 1902, 563, 236743]])
+    trained, start = load_model(result.final), load_model(tiny_dir)
+    with torch.no_grad():
+        ours, ref, before = trained(ids), Gemma3ForCausalLM.from_pretrained(result.final)(ids).logits, start(ids)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert (ours - before).abs().max() > 1e-2  # every weight trained, and saved
+
+
+def test_dpo_with_a_live_reference_starts_at_zero_margin(tiny_dir, tmp_path):
+    result = finetune(load_config(None, settings(tiny_dir, tmp_path / "dpo", data=str(DPO), objective="dpo",
+                                                 dpo_reference="live", max_steps=3, val_fraction=0.25)),
+                      progress=False)
+    rows = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and abs(rows[0]["val_margin"]) < 1e-3  # adapters off = the policy at step 0
+    assert all("margin" in r and "accuracy" in r for r in rows[1:4])
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        Trainer(load_config(None, settings(tiny_dir, tmp_path / "odd", data=str(DPO), batch_size=3)))
+    with pytest.raises(ValueError, match="live DPO reference needs LoRA"):
+        Trainer(load_config(None, settings(tiny_dir, tmp_path / "f", data=str(DPO), method="full",
+                                           dpo_reference="live")))
+
+
+def test_gemma4_chats_with_tools_and_reasoning(tokenizer, tmp_path):
+    """Gemma 4's template drops earlier thoughts, so each assistant turn becomes its own example; tool calls
+    are scored, tool results are not."""
+    from gemmakit.chat.template import ChatFormat
+
+    fmt = ChatFormat("gemma4")
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 21}"},
+        {"role": "assistant", "content": "It is 21 degrees."},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "<|channel>thought\nbe polite<channel|>You're welcome."},
+    ]
+    path = tmp_path / "g4.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    from gemmakit.chat.template import THOUGHT_CLOSE, THOUGHT_OPEN
+
+    data = load_dataset(path, tokenizer, _render(fmt), thought=lambda t: f"{THOUGHT_OPEN}{t}{THOUGHT_CLOSE}")
+    assert not data.problems and len(data.examples) == 3
+    assert "<|think|>" in tokenizer.decode(data.examples[0].ids)  # thinking on in the system turn
+    scored = [tokenizer.decode([i for i, label in zip(e.ids, e.labels, strict=True) if label != IGNORE])
+              for e in data.examples]
+    text = "".join(scored)
+    assert "call:get_weather" in text and "It is 21 degrees." in text and "You're welcome." in text
+    assert "temp" not in text and "Weather in Paris" not in text and "Thanks" not in text
+    assert scored[-1].startswith("<|channel>thought\nbe polite<channel|>You're welcome.")  # what it must write
+    assert "be polite" not in "".join(scored[:-1])
+    with pytest.raises(ValueError, match="g4.jsonl:1: the record has assistant reasoning, but this chat format "
+                                         "has no thinking mode"):
+        load_dataset(path, tokenizer, _render(ChatFormat("gemma3")))  # Gemma 3 cannot learn it: reported

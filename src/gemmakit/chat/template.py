@@ -50,7 +50,8 @@ Message = dict[str, Any]
 Tool = dict[str, Any]
 
 QUOTE = '<|"|>'  # Gemma 4's string delimiter inside tool blocks (token 52)
-EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
+THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>thought\n", "<channel|>"  # how a Gemma 4 model writes its reasoning
+EMPTY_THOUGHT = THOUGHT_OPEN + THOUGHT_CLOSE
 SYSTEM_ROLES = ("system", "developer")
 ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
 _MEDIA4 = {"image": "\n\n<|image|>\n\n", "audio": "<|audio|>", "video": "\n\n<|video|>\n\n"}

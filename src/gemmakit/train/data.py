@@ -16,6 +16,11 @@ turn's span; token offsets map spans to tokens. When a template rewrites earlier
 thoughts), the running render is not a prefix of the whole one, and each assistant turn becomes an example
 of its own with the history as the model sees it at inference.
 
+Reasoning (`reasoning` / `reasoning_content` on an assistant message, or a thought block in its content) is
+trained as Gemma 4 writes it: the prompt is rendered with thinking on, and the turn being learned starts with
+its thought channel. Templates drop earlier thoughts, so a chat with reasoning becomes one example per
+assistant turn. A format without a thinking mode (Gemma 3, the dialogue) reports such a record as bad.
+
 A bad record (invalid JSON, a missing field, a render error, too long) is reported with its line number and
 skipped; the run goes on. Batches are deterministic in (seed, epoch), which is what makes `--resume` exact.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +40,10 @@ from torch import Tensor
 
 IGNORE = -100  # label of a token that is not scored
 FORMATS = ("chat", "completion", "text", "preference")
-Render = Callable[[list[dict[str, Any]], bool], str]  # (messages, add_generation_prompt) -> prompt text
+# (messages, add_generation_prompt, enable_thinking) -> prompt text
+Render = Callable[[list[dict[str, Any]], bool, bool], str]
+Thought = Callable[[str], str]  # reasoning -> the thought channel the model writes before its answer
+_THOUGHT = re.compile(r"<\|channel>thought\n?(.*?)<channel\|>", re.S)
 
 
 @dataclass
@@ -102,23 +111,38 @@ class Tokenize:
         return [Example(ids[i:i + n], ids[i:i + n]) for i in range(0, len(ids), n) if len(ids[i:i + n]) > 1]
 
 
-def chat_examples(messages: list[dict[str, Any]], render: Render, tok: Tokenize) -> list[Example]:
+def reasoning_of(message: dict[str, Any]) -> str:
+    text = message.get("reasoning") or message.get("reasoning_content") or ""
+    if not text and isinstance(message.get("content"), str):
+        found = _THOUGHT.search(message["content"])
+        text = found.group(1) if found else ""
+    return str(text).strip()
+
+
+def chat_examples(messages: list[dict[str, Any]], render: Render, tok: Tokenize,
+                  thought: Thought | None = None) -> list[Example]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     turns = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
     if not turns:
         raise ValueError("no assistant message to learn from")
-    whole = render(messages, False)
-    spans, running = [], True
+    thinking = any(reasoning_of(messages[i]) for i in turns)
+    if thinking and thought is None:
+        raise ValueError("the record has assistant reasoning, but this chat format has no thinking mode "
+                         "(use a Gemma 4 format, or drop the reasoning)")
+    whole = render(messages, False, thinking)
+    turn_texts, running = [], not thinking
     for i in turns:
-        before, after = render(messages[:i], True), render(messages[:i + 1], False)
+        before, after = render(messages[:i], True, thinking), render(messages[:i + 1], False, thinking)
         if not after.startswith(before):
             raise ValueError(f"the chat format's prompt for message {i} is not a prefix of its rendered turn")
-        spans.append((len(before), len(after)))
+        if reasoning_of(messages[i]):
+            after = before + thought(reasoning_of(messages[i])) + after[len(before):]
+        turn_texts.append((after, (len(before), len(after))))
         running = running and whole.startswith(after)
     if running:
-        return [tok.spans(whole, spans)]
-    return [tok.spans(render(messages[:i + 1], False), [span]) for i, span in zip(turns, spans, strict=True)]
+        return [tok.spans(whole, [span for _, span in turn_texts])]
+    return [tok.spans(text, [span]) for text, span in turn_texts]
 
 
 def _as_messages(prompt: Any) -> list[dict[str, Any]]:
@@ -139,11 +163,12 @@ def _as_answer(answer: Any) -> dict[str, Any]:
     raise ValueError("chosen/rejected must be a string or one assistant message")
 
 
-def record_examples(record: Any, fmt: str, render: Render, tok: Tokenize) -> list[Example]:
+def record_examples(record: Any, fmt: str, render: Render, tok: Tokenize,
+                    thought: Thought | None = None) -> list[Example]:
     if not isinstance(record, dict):
         raise ValueError("a record must be a JSON object")
     if fmt == "chat":
-        return chat_examples(record["messages"], render, tok)
+        return chat_examples(record["messages"], render, tok, thought)
     if fmt == "completion":
         prompt, completion = record["prompt"], record["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -154,7 +179,8 @@ def record_examples(record: Any, fmt: str, render: Render, tok: Tokenize) -> lis
             raise ValueError("text must be a string")
         return tok.windows(record["text"])
     prompt = _as_messages(record["prompt"])
-    chosen, rejected = (chat_examples(prompt + [_as_answer(record[k])], render, tok) for k in ("chosen", "rejected"))
+    chosen, rejected = (chat_examples(prompt + [_as_answer(record[k])], render, tok, thought)
+                        for k in ("chosen", "rejected"))
     if len(chosen) != 1 or len(rejected) != 1:
         raise ValueError("a preference pair must end in one assistant answer")
     return [chosen[-1], rejected[-1]]
@@ -171,7 +197,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def load_dataset(path: str | Path, tokenizer: Any, render: Render, max_length: int = 1024,
-                 fmt: str = "auto") -> Dataset:
+                 fmt: str = "auto", thought: Thought | None = None) -> Dataset:
     """Read a .jsonl file (or a .txt file as one text) into examples; bad records land in `problems`."""
     path = Path(path)
     if not path.is_file():
@@ -187,7 +213,7 @@ def load_dataset(path: str | Path, tokenizer: Any, render: Render, max_length: i
             if isinstance(record, Exception):
                 raise ValueError(f"not valid JSON ({record.msg})")
             data.format = data.format or detect_format(record)
-            data.examples += record_examples(record, data.format, render, tok)
+            data.examples += record_examples(record, data.format, render, tok, thought)
         except (ValueError, KeyError, TypeError) as e:
             why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             data.problems.append(f"{path}:{number}: {why}")

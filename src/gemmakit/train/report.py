@@ -62,9 +62,10 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    k = max(1, len(train) // 20)
     if train:
-        ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.5, label="train loss")
-        k = max(1, len(train) // 20)
+        ax.plot(*zip(*train, strict=True), lw=0.8 if k > 1 else 1.6, alpha=0.5 if k > 1 else 1.0, label="train loss")
+    if k > 1:
         smooth = [sum(v for _, v in train[max(0, i - k + 1):i + 1]) / len(train[max(0, i - k + 1):i + 1])
                   for i in range(len(train))]
         ax.plot([s for s, _ in train], smooth, lw=1.6, label=f"train (mean of {k})")

@@ -33,6 +33,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from gemmakit.chat.template import THOUGHT_CLOSE, THOUGHT_OPEN
 from gemmakit.files import write_text_atomic
 from gemmakit.train import distributed as D
 from gemmakit.train.data import Dataset, Example, collate, load_dataset, split, step_batches
@@ -131,17 +132,22 @@ class Trainer:
         name = self.model.config.name if path.suffix == ".gguf" else path.name
         fmt = pick_chat_format(f"{name} {path.stem}", self.model.config.family, self.tokenizer, self.c.chat_format)
         self.chat_format = "dialogue" if fmt is None else ("template" if fmt.template else fmt.family)
+        self.thought = None
         if fmt is None:
-            self.render = lambda messages, gen: render_dialogue(messages, add_generation_prompt=gen)
+            self.render = lambda messages, gen, think: render_dialogue(messages, add_generation_prompt=gen)
         else:
-            self.render = lambda messages, gen: fmt.render(messages, add_generation_prompt=gen)
+            self.render = lambda messages, gen, think: fmt.render(messages, add_generation_prompt=gen,
+                                                                  enable_thinking=think)
+            if fmt.family == "gemma4":
+                self.thought = lambda text: f"{THOUGHT_OPEN}{text}{THOUGHT_CLOSE}"
         self.base_name = str(self.c.model or name)
 
     def _load_data(self) -> None:
         c = self.c
-        data = load_dataset(c.data, self.tokenizer, self.render, c.max_length, c.format)
+        data = load_dataset(c.data, self.tokenizer, self.render, c.max_length, c.format, self.thought)
         if c.val_data:
-            self.train, self.val = data, load_dataset(c.val_data, self.tokenizer, self.render, c.max_length, c.format)
+            self.train = data
+            self.val = load_dataset(c.val_data, self.tokenizer, self.render, c.max_length, c.format, self.thought)
             data.problems += self.val.problems
         else:
             self.train, self.val = split(data, c.val_fraction, c.seed)
