@@ -107,8 +107,9 @@ class _Reader(threading.Thread):
             self.dropped += max(len(chunk) - max(room, 0), 0)
 
 
-def run_python(program: str, limits: Limits = Limits()) -> Outcome:
+def run_python(program: str, limits: Limits | None = None) -> Outcome:
     """Run `program` (a whole Python file) in the box and say whether it ran to the end without error."""
+    limits = limits or Limits()
     box = Path(tempfile.mkdtemp(prefix="gemmakit-sandbox-"))
     try:
         (box / "program.py").write_text(program, encoding="utf-8")

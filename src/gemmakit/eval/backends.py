@@ -1,0 +1,222 @@
+"""The model under test, behind the three questions evaluation asks of it: how likely is this continuation
+(multiple choice, perplexity), what does it write after this prompt, and what does it answer in this chat.
+
+`LocalBackend` is any model gemmakit loads (with its quantization and adapters). Log-likelihoods follow
+lm-evaluation-harness exactly, so the numbers are comparable: BOS once at the start, the context's trailing
+spaces moved to the continuation, the continuation's tokens taken from the encoding of context +
+continuation, and the context truncated from the left when too long. Logits are computed only where a
+continuation token is predicted (the 262k head is the expensive part). Generation runs through the engine,
+many prompts at once.
+
+`OpenAIBackend` is any OpenAI-compatible endpoint (`gemmakit serve`, vLLM, a hosted judge), over plain HTTP:
+it can write and chat, but cannot score log-likelihoods (chat APIs do not return prompt log-probs).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gemmakit.chat.dialogue import STOP_STRINGS
+from gemmakit.sampling import SamplingParams
+
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = 0
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's `_encode_pair`: (context ids with BOS, continuation ids)."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    head = tokenizer.encode(context)
+    return head, whole[len(head):]
+
+
+class LocalBackend:
+    def __init__(self, llm: Any, batch_size: int = 8):
+        self.llm, self.batch_size = llm, batch_size
+        self.name = llm.name
+        self._engine = None
+
+    @property
+    def max_length(self) -> int:
+        return self.llm.context
+
+    # --- scoring -----------------------------------------------------------------------------
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(sum of log p of the continuation, whether greedy decoding would have produced it) per pair.
+        One-token continuations of one context (multiple-choice letters) share a single forward pass."""
+        encoded = [encode_pair(self.llm.tokenizer, c, x) for c, x in pairs]
+        shared: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(encoded):
+            if len(cont) == 1 and len(ctx) <= self.max_length:
+                shared.setdefault(tuple(ctx), []).append(i)
+        grouped = {i for members in shared.values() for i in members}
+        rest = [i for i in range(len(encoded)) if i not in grouped]
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+        for i, result in zip(rest, self.score_tokens([encoded[i] for i in rest]), strict=True):
+            out[i] = result
+        contexts = list(shared)
+        for start in range(0, len(contexts), self.batch_size):
+            chunk = contexts[start:start + self.batch_size]
+            for ctx, logp in zip(chunk, self._next_token_logps([list(c) for c in chunk]), strict=True):
+                best = int(logp.argmax())
+                for i in shared[ctx]:
+                    token = encoded[i][1][0]
+                    out[i] = (float(logp[token]), token == best)
+        return out
+
+    @torch.no_grad()
+    def _next_token_logps(self, contexts: list[list[int]]) -> torch.Tensor:
+        """log p of the next token after each context: [B, V]."""
+        device = next(self.llm.model.parameters()).device
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(contexts), width), self.llm.tokenizer.pad_id, dtype=torch.long)
+        keep = torch.zeros((len(contexts), width), dtype=torch.bool)
+        for b, c in enumerate(contexts):
+            ids[b, :len(c)] = torch.tensor(c)
+            keep[b, len(c) - 1] = True
+        return F.log_softmax(self.llm.model(ids.to(device), logits_to_keep=keep.to(device)).float(), dim=-1)
+
+    def score_tokens(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, result in zip(chunk, self._score_batch([encoded[i] for i in chunk]), strict=True):
+                out[i] = result
+        return out
+
+    @torch.no_grad()
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        limit = self.max_length
+        rows = [(ctx + cont)[-(limit + 1):] for ctx, cont in batch]  # the last id is only a target
+        inputs = [r[:-1] for r in rows]
+        width = max(len(r) for r in inputs)
+        device = next(self.llm.model.parameters()).device
+        ids = torch.full((len(rows), width), self.llm.tokenizer.pad_id, dtype=torch.long)
+        keep = torch.zeros((len(rows), width), dtype=torch.bool)
+        targets = []
+        for b, ((_, cont), row) in enumerate(zip(batch, inputs, strict=True)):
+            ids[b, :len(row)] = torch.tensor(row)
+            keep[b, len(row) - len(cont):len(row)] = True
+            targets += cont
+        logp = F.log_softmax(self.llm.model(ids.to(device), logits_to_keep=keep.to(device)).float(), dim=-1)
+        target = torch.tensor(targets, device=device)
+        picked = logp.gather(1, target[:, None])[:, 0]
+        greedy = logp.argmax(-1) == target
+        results, at = [], 0
+        for _, cont in batch:
+            n = len(cont)
+            results.append((float(picked[at:at + n].sum()), bool(greedy[at:at + n].all())))
+            at += n
+        return results
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        """(log p of every token of each text, token count), in windows of the context length, each token
+        predicted once and with as much preceding text as fits (lm-eval's rolling windows)."""
+        out = []
+        for text in texts:
+            ids = self.llm.tokenizer.encode(text)  # ids[0] is BOS, which only conditions
+            pieces, n, window = [], len(ids) - 1, self.max_length
+            for start in range(0, n, window):
+                end = min(start + window, n)
+                context_start = max(0, end + 1 - (window + 1))
+                pieces.append((ids[context_start:start + 1], ids[start + 1:end + 1]))
+            scores = self.score_tokens(pieces)
+            out.append((sum(s for s, _ in scores), n))
+        return out
+
+    # --- writing -----------------------------------------------------------------------------
+    @property
+    def engine(self):
+        if self._engine is None:
+            from gemmakit.engine import Engine
+
+            self._engine = Engine(self.llm.model, self.llm.tokenizer, max_batch=self.batch_size,
+                                  context=self.llm.context, compile=self.llm.compile)
+        return self._engine
+
+    def _run(self, prompts: list[list[int]], params: GenParams, stop_ids: list[int],
+             stop: tuple[str, ...]) -> list[str]:
+        sampling = [SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
+                                   seed=None if params.seed is None else params.seed + i,
+                                   stop_token_ids=tuple(stop_ids), stop=stop) for i in range(len(prompts))]
+        for p, s in zip(prompts, sampling, strict=True):
+            self.llm.check_fits(len(p), s.max_tokens)
+        return [req.text for req in self.engine.generate(prompts, sampling)]
+
+    def generate(self, prompts: Sequence[str], params: GenParams) -> list[str]:
+        ids = [self.llm.tokenizer.encode(p) for p in prompts]
+        return self._run(ids, params, self.llm.stop_ids(chat=False), params.stop)
+
+    def chat(self, conversations: Sequence[Messages], params: GenParams) -> list[str]:
+        """The answer text of each conversation (thoughts and markers removed)."""
+        from gemmakit.chat.parser import parse
+
+        llm = self.llm
+        ids = [llm.encode_prompt(llm.render(m)) for m in conversations]
+        stop = params.stop + (STOP_STRINGS if llm.is_base else ())
+        texts = self._run(ids, params, llm.stop_ids(), stop)
+        if llm.is_base:
+            return [t.strip() for t in texts]
+        return [parse(t, llm.chat_format.family).content.strip() for t in texts]
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server: /v1/completions and /v1/chat/completions over HTTP."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 600):
+        self.base_url, self.name, self.api_key, self.timeout = base_url.rstrip("/"), model, api_key, timeout
+
+    def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(f"{self.base_url}{route}", json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - user's URL
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise ValueError(f"{self.base_url}{route} answered {e.code}: {e.read()[:300]!r}") from None
+        except urllib.error.URLError as e:
+            raise ValueError(f"cannot reach {self.base_url}{route}: {e.reason}") from None
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        raise ValueError("log-likelihood tasks (MMLU, perplexity, choices) need a local model: an endpoint "
+                         "does not return prompt log-probabilities")
+
+    loglikelihood_rolling = loglikelihood
+
+    def _sampling(self, params: GenParams) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.name, "max_tokens": params.max_tokens,
+                                "temperature": params.temperature}
+        if params.stop:
+            body["stop"] = list(params.stop)[:4]  # OpenAI's limit
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return body
+
+    def generate(self, prompts: Sequence[str], params: GenParams) -> list[str]:
+        return [self._post("/completions", {**self._sampling(params), "prompt": p})["choices"][0]["text"]
+                for p in prompts]
+
+    def chat(self, conversations: Sequence[Messages], params: GenParams) -> list[str]:
+        return [(self._post("/chat/completions", {**self._sampling(params), "messages": m})
+                 ["choices"][0]["message"].get("content") or "").strip() for m in conversations]

@@ -1,0 +1,187 @@
+"""The evaluation harness: each task's protocol on small fixtures written in the published formats (the exact
+prompt text, BOS once, answer extraction, pass@k), the scorer's log-likelihoods against a plain forward pass,
+resumable runs, reports, and a real run of the 270M on every fixture.
+Run: .venv/bin/python -m pytest tests/test_eval.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemmakit.eval import gsm8k, humaneval, mmlu
+from gemmakit.eval.backends import LocalBackend, encode_pair
+from gemmakit.eval.runner import EvalConfig, evaluate
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+
+
+# --- protocols -----------------------------------------------------------------------------------
+def test_mmlu_prompt_is_the_harness_text():
+    dev, test = mmlu.load(FIX / "mmlu")
+    doc = next(d for d in test if d["question"].startswith("Which planet is known"))
+    pairs = mmlu.requests(doc, dev)
+    assert [x for _, x in pairs] == [" A", " B", " C", " D"]
+    text = pairs[0][0]
+    assert text.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n"
+                           "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Earth\nD. Mars\n"
+                           "Answer: B\n\nWhat is the Moon?\n")
+    assert text.endswith("Answer: C\n\nWhich planet is known as the Red Planet?\nA. Mars\nB. Venus\n"
+                         "C. Jupiter\nD. Mercury\nAnswer:")
+    assert text.count("Answer:") == 6  # five shots, then the question
+
+
+def test_mmlu_aggregates_micro_macro_and_categories():
+    samples = [{"subject": "astronomy", "correct": c} for c in (True, True, False)] + \
+              [{"subject": "philosophy", "correct": False}]
+    out = mmlu.aggregate(samples)
+    assert out["acc_micro"] == 0.5 and out["acc_macro"] == pytest.approx((2 / 3 + 0) / 2)
+    assert out["categories"] == {"humanities": 0.0, "stem": pytest.approx(2 / 3)}
+
+
+def test_gsm8k_prompt_and_extraction():
+    doc = gsm8k.load(FIX / "gsm8k_test.jsonl")[3]
+    text = gsm8k.prompt(doc)
+    assert text.startswith("Q: There are 15 trees in the grove.") and text.count("Q: ") == 9
+    assert text.endswith("The answer is 8.\n\nQ: A farm has 1,200 chickens and sells 200. How many chickens are "
+                         "left?\nA:")
+    assert gsm8k.target(doc) == "1,000"
+    cases = {
+        " 1,200 - 200 = 1,000. The answer is 1,000.": (True, True),
+        " So it costs $1,000.00 in total.": (False, False),  # flexible takes "$1,000.00": not 1000
+        " First 1200 - 200 = 1000 chickens.\n": (False, True),  # no "The answer is": strict fails
+        " The answer is 999. Wait, 1000": (False, True),
+        " I do not know.": (False, False),
+    }
+    for output, (strict, flexible) in cases.items():
+        scored = gsm8k.score(output, doc)
+        assert (scored["exact_match_strict"], scored["exact_match_flexible"]) == (strict, flexible), output
+    assert gsm8k.extract("no numbers")["strict"] == "[invalid]"
+
+
+def test_pass_at_k_equals_its_closed_form():
+    for n, c, k in [(10, 3, 1), (10, 3, 5), (20, 0, 3), (20, 20, 10), (200, 13, 100), (5, 4, 2)]:
+        closed = 1.0 if n - c < k else 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert humaneval.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12)
+    samples = [{"task_id": "a", "passed": p} for p in (True, False, False, False)] + \
+              [{"task_id": "b", "passed": p} for p in (True, True, False, True)]
+    out = humaneval.aggregate(samples, ks=(1, 2, 10))
+    assert out["pass@1"] == pytest.approx((0.25 + 0.75) / 2) and "pass@10" not in out
+
+
+def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
+    problems = humaneval.load(FIX / "HumanEval_fixture.jsonl.gz")
+    assert len(problems) == 4
+    for p in problems:
+        assert humaneval.check(p, p["canonical_solution"])["passed"], p["task_id"]
+    add, pal, fib, vowels = problems
+    assert not humaneval.check(add, "    return a - b\n")["passed"]
+    assert humaneval.check(pal, "    return text[::-1]\n")["result"].startswith("failed")
+    slow = humaneval.check(fib, "    while True:\n        pass\n")
+    assert slow == {"passed": False, "result": "timed out"}
+    assert humaneval.check(vowels, "    return len(\n")["result"].startswith("failed: SyntaxError")
+
+
+# --- the scorer ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm(default_model):
+    import gemmakit
+
+    return gemmakit.load(default_model)
+
+
+def test_bos_once_and_the_harness_pair_encoding(llm):
+    ctx, cont = encode_pair(llm.tokenizer, "Question: 2+2=\nAnswer: ", "4")
+    assert ctx[0] == llm.tokenizer.bos_id and llm.tokenizer.bos_id not in ctx[1:] + cont
+    assert llm.tokenizer.decode(cont) == " 4"  # the trailing space moves to the continuation
+
+
+def test_loglikelihoods_equal_a_plain_forward_pass(llm):
+    backend = LocalBackend(llm, batch_size=3)
+    pairs = [("The capital of France is", " Paris"), ("The capital of France is", " a city in Europe"),
+             ("1, 2, 3,", " 4"), ("Once upon a time", " there was")]
+    got = backend.loglikelihood(pairs)
+    for (context, continuation), (ll, greedy) in zip(pairs, got, strict=True):
+        ctx, cont = encode_pair(llm.tokenizer, context, continuation)
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(llm.model(ids).float()[0, len(ctx) - 1:-1], -1)
+        want = logp.gather(1, torch.tensor(cont)[:, None]).sum()
+        assert ll == pytest.approx(float(want), abs=2e-3)
+        assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+    assert got[0][0] > got[1][0] + 5  # " Paris" is far likelier than a vague continuation
+    rolling = backend.loglikelihood_rolling(["The Sun is a star."])
+    ids = llm.tokenizer.encode("The Sun is a star.")
+    assert rolling[0][1] == len(ids) - 1
+    with torch.no_grad():
+        logp = torch.log_softmax(llm.model(torch.tensor([ids])).float()[0, :-1], -1)
+    assert rolling[0][0] == pytest.approx(float(logp.gather(1, torch.tensor(ids[1:])[:, None]).sum()), abs=2e-3)
+
+
+# --- runs ----------------------------------------------------------------------------------------
+class Counting(LocalBackend):
+    calls = 0
+
+    def generate(self, prompts, params):
+        Counting.calls += len(prompts)
+        return super().generate(prompts, params)
+
+
+def test_a_killed_run_resumes_where_it_stopped(llm, tmp_path):
+    backend = Counting(llm, batch_size=2)
+    config = EvalConfig(task="gsm8k", data=str(FIX / "gsm8k_test.jsonl"), out=str(tmp_path / "run"), limit=2,
+                        max_tokens=16)
+    evaluate(config, backend)
+    assert Counting.calls == 2
+    lines = (tmp_path / "run" / "samples" / "gsm8k.jsonl").read_text().splitlines()
+    (tmp_path / "run" / "samples" / "gsm8k.jsonl").write_text("\n".join(lines) + '\n{"id": "2", "trunc')
+    config.limit = None  # the rest of the data set, as a restarted full run
+    result = evaluate(config, backend)
+    assert Counting.calls == 4 and result["metrics"]["n"] == 4  # two new answers, two from the cache
+    config.max_tokens = 32
+    with pytest.raises(ValueError, match="other settings \\(max_tokens differ\\)"):
+        evaluate(config, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,data", [("mmlu", "mmlu"), ("gsm8k", "gsm8k_test.jsonl"),
+                                       ("humaneval", "HumanEval_fixture.jsonl.gz"), ("perplexity", "perplexity.txt")])
+def test_the_270m_runs_every_task_end_to_end(task, data, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / task
+    done = subprocess.run([sys.executable, "-m", "gemmakit.cli", "eval", task, "--data", str(FIX / data), "--out",
+                           str(out), "--max-tokens", "96"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["task"] == task and result["versions"]["torch"]
+    assert (out / "report" / "report.md").read_text().startswith(f"# {task} results")
+    assert (out / "report" / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = result["metrics"]
+    expected = {"mmlu": "acc_micro", "gsm8k": "exact_match_flexible", "humaneval": "pass@1",
+                "perplexity": "token_perplexity"}[task]
+    assert isinstance(metrics[expected], float)
+    samples = (out / "samples" / f"{task}.jsonl").read_text().splitlines()
+    assert len(samples) == {"mmlu": 7, "gsm8k": 4, "humaneval": 4, "perplexity": 1}[task]
+
+
+def test_reports_put_two_runs_side_by_side(tmp_path):
+    from gemmakit.eval.report import write_report
+
+    files = []
+    for name, acc in (("base", 0.25), ("tuned", 0.5)):
+        result = {"task": "mmlu", "model": name, "config": {"model": name, "quantize": "none"}, "versions": {},
+                  "metrics": {"acc_micro": acc, "acc_macro": acc, "categories": {"stem": acc},
+                              "subjects": {"astronomy": acc}, "n": 4}}
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(result))
+    write_report(files, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| acc_micro | 0.2500 | 0.5000 |" in text and "| metric | base | tuned |" in text
+    assert "<table>" in (tmp_path / "report" / "report.html").read_text()
+    assert (tmp_path / "report" / "chart.png").stat().st_size > 5000
