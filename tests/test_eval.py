@@ -185,3 +185,69 @@ def test_reports_put_two_runs_side_by_side(tmp_path):
     assert "| acc_micro | 0.2500 | 0.5000 |" in text and "| metric | base | tuned |" in text
     assert "<table>" in (tmp_path / "report" / "report.html").read_text()
     assert (tmp_path / "report" / "chart.png").stat().st_size > 5000
+
+
+# --- MT-bench ------------------------------------------------------------------------------------
+def test_mtbench_judge_prompts_and_ratings():
+    from gemmakit.eval import mtbench
+
+    writing, math_q = mtbench.load(FIX / "mt_bench_question.jsonl")[:2]
+    system, user = (m["content"] for m in mtbench.judge_messages(writing, ["Dear Sam, ...", "P..."], 1))
+    assert system == "You are a helpful assistant."
+    assert user.startswith("[Instruction]\nPlease act as an impartial judge and evaluate the quality of the "
+                           "response provided by an AI assistant to the user question displayed below. Your "
+                           "evaluation should consider factors such as the helpfulness, relevance, accuracy, "
+                           "depth, creativity, and level of detail of the response. Begin your evaluation by "
+                           "providing a short explanation. Be as objective as possible. After providing your "
+                           "explanation, you must rate the response on a scale of 1 to 10 by strictly following "
+                           'this format: "[[rating]]", for example: "Rating: [[5]]".\n\n[Question]\nWrite a '
+                           "two-sentence postcard")
+    assert user.endswith("[The Start of Assistant's Answer]\nDear Sam, ...\n[The End of Assistant's Answer]")
+    system, user = (m["content"] for m in mtbench.judge_messages(math_q, ["84", "21"], 2))
+    assert "focus on the assistant's answer to the second question" in system
+    assert "### Reference answer:\n84 divided by 4 is 21." in user and "### Assistant A:\n21\n\n" in user
+    assert [mtbench.parse_rating(t) for t in ("Good. Rating: [[8]]", "[[7.5]]", "score [6]", "great!")] == \
+        [8.0, 7.5, 6.0, -1.0]
+    out = mtbench.aggregate([{"category": "math", "ratings": [8.0, -1.0]}, {"category": "writing",
+                                                                           "ratings": [4.0, 6.0]}])
+    assert out["score"] == 6.0 and out["score_turn2"] == 6.0 and out["failed_judgments"] == 1
+    assert out["categories"] == {"math": 8.0, "writing": 5.0}
+
+
+@pytest.mark.slow
+def test_mtbench_with_gemmakit_serving_the_judge(default_model, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--port", str(port), "--context",
+                              "2048", "--compile", "off", "--served-model-name", "judge", "--log-level", "warning"],
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:  # noqa: S310
+                    break
+            except OSError:
+                time.sleep(0.5)
+        out = tmp_path / "mt"
+        done = subprocess.run([sys.executable, "-m", "gemmakit.cli", "eval", "mtbench", "--data",
+                               str(FIX / "mt_bench_question.jsonl"), "--out", str(out), "--max-tokens", "48",
+                               "--judge-endpoint", f"http://127.0.0.1:{port}/v1", "--judge-model", "judge",
+                               "--judge-max-tokens", "48"], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        judge.terminate()
+        judge.wait(timeout=30)
+    samples = [json.loads(line) for line in (out / "samples" / "mtbench.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(len(s["answers"]) == 2 and len(s["judgments"]) == 2 for s in samples)
+    assert all(s["judgments"][0] and s["answers"][1] for s in samples)  # every turn answered and judged
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics["judgments"] == 8 and 0 <= metrics["failed_judgments"] <= 8
+    assert (out / "report" / "report.md").is_file()

@@ -207,7 +207,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                         limit=args.limit, batch_size=args.batch_size, samples=args.samples,
                         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
                         judge_endpoint=args.judge_endpoint, judge_model=args.judge_model,
-                        judge_api_key=args.judge_api_key or os.environ.get("GEMMAKIT_JUDGE_API_KEY"))
+                        judge_api_key=args.judge_api_key or os.environ.get("GEMMAKIT_JUDGE_API_KEY"),
+                        judge_max_tokens=args.judge_max_tokens, judge_prompts=args.judge_prompts)
     if args.endpoint:
         backend = OpenAIBackend(args.endpoint, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
     else:
@@ -246,6 +247,8 @@ def add_eval_parsers(sub: Any) -> None:
     e.add_argument("--judge-endpoint", default=None, help="mtbench: the judge's OpenAI-compatible base URL")
     e.add_argument("--judge-model", default="default", help="mtbench: the judge's model name")
     e.add_argument("--judge-api-key", default=None, help="mtbench: the judge's key (also GEMMAKIT_JUDGE_API_KEY)")
+    e.add_argument("--judge-max-tokens", type=int, default=2048, help="mtbench: the judge's budget (FastChat: 2048)")
+    e.add_argument("--judge-prompts", default=None, help="mtbench: FastChat's judge_prompts.jsonl, used verbatim")
     add_load_args(e)
     e.set_defaults(func=cmd_eval)
     r = sub.add_parser("report", help="a Markdown/HTML report with a chart from results.json files, side by side")

@@ -36,8 +36,9 @@ def _bars(results: list[dict[str, Any]]) -> tuple[list[str], list[list[float]]]:
         key = "subjects" if len(metrics[0]["subjects"]) <= 12 else "categories"
         names = sorted(metrics[0][key])
         return names, [[m[key].get(n, 0.0) for n in names] for m in metrics]
-    names = [k for k in HEADLINE.get(task, sorted(metrics[0])) if isinstance(metrics[0].get(k), (int, float))]
-    return names, [[m.get(n, 0.0) for n in names] for m in metrics]
+    names = [k for k in HEADLINE.get(task, sorted(metrics[0])) if k in metrics[0]]
+    number = lambda v: v if isinstance(v, (int, float)) else 0.0  # noqa: E731 - a missing score draws no bar
+    return names, [[number(m.get(n)) for n in names] for m in metrics]
 
 
 def chart(results: list[dict[str, Any]], png: Path) -> None:

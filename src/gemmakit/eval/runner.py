@@ -22,8 +22,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gemmakit.eval import gsm8k, humaneval, mmlu
-from gemmakit.eval.backends import GenParams
+from gemmakit.eval import gsm8k, humaneval, mmlu, mtbench
+from gemmakit.eval.backends import GenParams, OpenAIBackend
 from gemmakit.eval.data import read_records
 from gemmakit.files import write_text_atomic
 
@@ -53,6 +53,8 @@ class EvalConfig:
     judge_endpoint: str | None = None  # MT-bench
     judge_model: str = "default"
     judge_api_key: str | None = None
+    judge_max_tokens: int = 2048  # FastChat's
+    judge_prompts: str | None = None  # FastChat's judge_prompts.jsonl, to use it verbatim
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
@@ -182,8 +184,51 @@ def run_perplexity(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str,
             math.log(2), "word_perplexity": math.exp(-ll / sum(d["words"] for d in done)), "tokens": tokens}
 
 
+def run_mtbench(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, Any]:
+    if not c.judge_endpoint:
+        raise ValueError("mtbench needs a judge: --judge-endpoint URL of an OpenAI-compatible server (e.g. "
+                         "`gemmakit serve --model JUDGE`) and --judge-model")
+    judge = OpenAIBackend(c.judge_endpoint, c.judge_model, c.judge_api_key)
+    prompts = mtbench.load_prompts(c.judge_prompts)
+    questions = mtbench.load(c.data)[:c.limit]
+    items = [(str(q.get("question_id", i)), q) for i, q in enumerate(questions)]
+    judging = GenParams(c.judge_max_tokens, 0.0, (), c.seed)
+
+    def answer(chunk: list[tuple[str, dict]]) -> list[list[str]]:
+        answers: list[list[str]] = [[] for _ in chunk]
+        for turn in range(2):
+            for temperature in sorted({mtbench.TEMPERATURE.get(q["category"], 0.7) for _, q in chunk}):
+                rows = [j for j, (_, q) in enumerate(chunk) if mtbench.TEMPERATURE.get(q["category"], 0.7) ==
+                        temperature]
+                convs = [_conversation(chunk[j][1], answers[j], turn) for j in rows]
+                params = GenParams(c.max_tokens or 1024, temperature, (), c.seed)
+                for j, text in zip(rows, backend.chat(convs, params), strict=True):
+                    answers[j].append(text)
+        return answers
+
+    def work(chunk: list[tuple[str, dict]]) -> list[dict]:
+        answers = answer(chunk)
+        asks = [mtbench.judge_messages(q, a, turn, prompts) for (_, q), a in zip(chunk, answers, strict=True)
+                for turn in (1, 2)]
+        with ThreadPoolExecutor(max_workers=4) as pool:  # concurrent requests: the server batches them
+            verdicts = list(pool.map(lambda m: judge.chat([m], judging)[0], asks))
+        return [mtbench.record(q, a, verdicts[2 * k:2 * k + 2]) | {"id": i}
+                for k, ((i, q), a) in enumerate(zip(chunk, answers, strict=True))]
+
+    _batched(_pending(items, cache), c.batch_size, cache, work, "mtbench")
+    return mtbench.aggregate([cache.done[i] for i, _ in items])
+
+
+def _conversation(q: dict[str, Any], answers: list[str], turn: int) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": q["turns"][0]}]
+    if turn == 1:
+        messages += [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": q["turns"][1]}]
+    return messages
+
+
 RUNNERS: dict[str, Callable[[EvalConfig, Any, SampleCache], dict[str, Any]]] = {
-    "mmlu": run_mmlu, "gsm8k": run_gsm8k, "humaneval": run_humaneval, "perplexity": run_perplexity}
+    "mmlu": run_mmlu, "gsm8k": run_gsm8k, "humaneval": run_humaneval, "perplexity": run_perplexity,
+    "mtbench": run_mtbench}
 
 
 def versions() -> dict[str, str]:
