@@ -251,3 +251,47 @@ def test_mtbench_with_gemmakit_serving_the_judge(default_model, tmp_path):
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert metrics["judgments"] == 8 and 0 <= metrics["failed_judgments"] <= 8
     assert (out / "report" / "report.md").is_file()
+
+
+# --- lm-evaluation-harness -----------------------------------------------------------------------
+def test_lm_eval_runs_a_task_with_gemmakits_loglikelihoods(default_model, tmp_path, monkeypatch):
+    """A harness task (multiple choice over a local JSONL) on a tiny random Gemma 3 with the real tokenizer:
+    the harness's per-sample log-likelihoods are gemmakit's scorer's."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the local json loader only; nothing from the hub
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import dataclasses
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from gemmakit.api import load
+    from gemmakit.checkpoints.export import export_hf
+    from gemmakit.config import default_layer_types
+    from gemmakit.eval.lm_eval_model import GemmakitLM
+    from gemmakit.model import Gemma
+    from gemmakit.tokenizer import Tokenizer
+    from tests.helpers import tiny
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny("gemma3"), vocab_size=262144, num_hidden_layers=2,
+                                 layer_types=default_layer_types(2, period=2), max_position_embeddings=512)
+    model = Gemma(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    export_hf(model, tmp_path / "tiny", Tokenizer.from_gguf(default_model))
+    llm = load(tmp_path / "tiny")
+    tasks = FIX / "lm_eval"
+    monkeypatch.chdir(tasks)  # the task's data_files path is relative to it
+    result = lm_eval.simple_evaluate(model=GemmakitLM(llm=llm, batch_size=2), tasks=["gemmakit_capitals"],
+                                     task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
+    samples = result["samples"]["gemmakit_capitals"]
+    assert len(samples) == 3 and "acc,none" in result["results"]["gemmakit_capitals"]
+    ours = LocalBackend(llm, batch_size=8)
+    for s in samples:
+        pairs = [tuple(a) for a in s["arguments"]]
+        harness = [r[0] for r in s["resps"]]
+        assert [x for _, x in pairs][:1] == [" " + s["doc"]["choices"][0]]
+        for (ll, greedy), (want, want_greedy) in zip(harness, ours.loglikelihood(pairs), strict=True):
+            assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
