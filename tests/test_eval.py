@@ -86,6 +86,24 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     assert humaneval.check(vowels, "    return len(\n")["result"].startswith("failed: SyntaxError")
 
 
+def test_custom_tasks_score_choices_and_generations():
+    from gemmakit.eval import custom
+
+    doc = custom.check({"prompt": "Q", "choices": ["a", "bbbbbbbb"], "answer": "bbbbbbbb"}, 0)
+    assert doc["answer"] == 1
+    scored = custom.score_choices(doc, [-2.0, -4.0])  # a wins raw, the long choice wins per byte
+    assert (scored["acc"], scored["acc_norm"]) == (False, True)
+    gen = {"prompt": "Q", "reference": ["Paris", "paris, france"]}
+    assert custom.score_output(gen, " paris ")["correct"] and not custom.score_output(gen, "Lyon")["correct"]
+    assert custom.score_output({**gen, "metric": "contains"}, "It is Paris.")["correct"]
+    assert custom.score_output({"prompt": "Q", "reference": r"^\d+$", "metric": "regex"}, " 42 ")["correct"]
+    for bad, why in (({"choices": ["a", "b"]}, "string 'prompt'"), ({"prompt": "Q", "choices": ["a"]}, r"2\+"),
+                     ({"prompt": "Q"}, "give 'choices'"), ({"prompt": "Q", "reference": "x", "metric": "bleu"},
+                                                           "metric must be")):
+        with pytest.raises(ValueError, match=why):
+            custom.check(bad, 0)
+
+
 # --- the scorer ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llm(default_model):
@@ -149,7 +167,8 @@ def test_a_killed_run_resumes_where_it_stopped(llm, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task,data", [("mmlu", "mmlu"), ("gsm8k", "gsm8k_test.jsonl"),
-                                       ("humaneval", "HumanEval_fixture.jsonl.gz"), ("perplexity", "perplexity.txt")])
+                                       ("humaneval", "HumanEval_fixture.jsonl.gz"), ("perplexity", "perplexity.txt"),
+                                       ("custom", "custom_task.jsonl")])
 def test_the_270m_runs_every_task_end_to_end(task, data, tmp_path):
     import subprocess
     import sys
@@ -164,10 +183,10 @@ def test_the_270m_runs_every_task_end_to_end(task, data, tmp_path):
     assert (out / "report" / "chart.png").read_bytes()[:4] == b"\x89PNG"
     metrics = result["metrics"]
     expected = {"mmlu": "acc_micro", "gsm8k": "exact_match_flexible", "humaneval": "pass@1",
-                "perplexity": "token_perplexity"}[task]
+                "perplexity": "token_perplexity", "custom": "acc"}[task]
     assert isinstance(metrics[expected], float)
     samples = (out / "samples" / f"{task}.jsonl").read_text().splitlines()
-    assert len(samples) == {"mmlu": 7, "gsm8k": 4, "humaneval": 4, "perplexity": 1}[task]
+    assert len(samples) == {"mmlu": 7, "gsm8k": 4, "humaneval": 4, "perplexity": 1, "custom": 4}[task]
 
 
 def test_reports_put_two_runs_side_by_side(tmp_path):

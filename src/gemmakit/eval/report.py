@@ -16,7 +16,7 @@ from gemmakit.files import write_atomic, write_text_atomic
 
 HEADLINE = {"mmlu": ["acc_micro", "acc_macro"], "gsm8k": ["exact_match_strict", "exact_match_flexible"],
             "humaneval": ["pass@1", "pass@10", "pass@100"], "perplexity": ["token_perplexity", "bits_per_byte"],
-            "mtbench": ["score", "score_turn1", "score_turn2"]}
+            "mtbench": ["score", "score_turn1", "score_turn2"], "custom": ["acc", "acc_norm", "generation_accuracy"]}
 
 
 def _label(result: dict[str, Any]) -> str:

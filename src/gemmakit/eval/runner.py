@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gemmakit.eval import gsm8k, humaneval, mmlu, mtbench
+from gemmakit.eval import custom, gsm8k, humaneval, mmlu, mtbench
 from gemmakit.eval.backends import GenParams, OpenAIBackend
 from gemmakit.eval.data import read_records
 from gemmakit.files import write_text_atomic
@@ -219,6 +219,28 @@ def run_mtbench(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, An
     return mtbench.aggregate([cache.done[i] for i, _ in items])
 
 
+def run_custom(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, Any]:
+    docs = [custom.check(d, i) for i, d in enumerate(read_records(c.data))]
+    items = [(str(d.get("id", i)), d) for i, d in enumerate(docs)][:c.limit]
+
+    def work(chunk: list[tuple[str, dict]]) -> list[dict]:
+        out = []
+        for i, d in chunk:
+            if "choices" in d:
+                lls = [ll for ll, _ in backend.loglikelihood([(d["prompt"], f" {x}") for x in d["choices"]])]
+                out.append({"id": i, **custom.score_choices(d, lls)})
+                continue
+            params = GenParams(int(d.get("max_tokens", c.max_tokens or 64)), c.temperature, tuple(d.get("stop", ())),
+                               c.seed)
+            text = (backend.chat([[{"role": "user", "content": d["prompt"]}]], params) if c.chat
+                    else backend.generate([d["prompt"]], params))[0]
+            out.append({"id": i, **custom.score_output(d, text)})
+        return out
+
+    _batched(_pending(items, cache), c.batch_size, cache, work, "custom")
+    return custom.aggregate([cache.done[i] for i, _ in items])
+
+
 def _conversation(q: dict[str, Any], answers: list[str], turn: int) -> list[dict[str, str]]:
     messages = [{"role": "user", "content": q["turns"][0]}]
     if turn == 1:
@@ -228,7 +250,7 @@ def _conversation(q: dict[str, Any], answers: list[str], turn: int) -> list[dict
 
 RUNNERS: dict[str, Callable[[EvalConfig, Any, SampleCache], dict[str, Any]]] = {
     "mmlu": run_mmlu, "gsm8k": run_gsm8k, "humaneval": run_humaneval, "perplexity": run_perplexity,
-    "mtbench": run_mtbench}
+    "mtbench": run_mtbench, "custom": run_custom}
 
 
 def versions() -> dict[str, str]:
