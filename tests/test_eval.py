@@ -314,3 +314,26 @@ def test_lm_eval_runs_a_task_with_gemmakits_loglikelihoods(default_model, tmp_pa
         assert [x for _, x in pairs][:1] == [" " + s["doc"]["choices"][0]]
         for (ll, greedy), (want, want_greedy) in zip(harness, ours.loglikelihood(pairs), strict=True):
             assert ll == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+
+
+def test_mmlu_reads_the_hub_layout_as_parquet_or_jsonl(tmp_path):
+    """cais/mmlu's dev/test files (question, subject, choices, answer index) load like the original CSVs."""
+    dev_csv, test_csv = mmlu.load(FIX / "mmlu")
+    rows = lambda docs: [{"question": d["question"], "subject": d["subject"], "choices": d["choices"],  # noqa: E731
+                          "answer": d["answer"]} for d in docs]
+    (tmp_path / "jsonl").mkdir()
+    for split, docs in (("dev", [d for v in dev_csv.values() for d in v]), ("test", test_csv)):
+        (tmp_path / "jsonl" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(docs)))
+    dev_j, test_j = mmlu.load(tmp_path / "jsonl")
+    assert sorted(map(str, test_j)) == sorted(map(str, test_csv)) and dev_j.keys() == dev_csv.keys()
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pyarrow.Table.from_pylist(rows(test_csv)), tmp_path / "parquet" / "test-00000-of-00001.parquet")
+    pq.write_table(pyarrow.Table.from_pylist(rows([d for v in dev_csv.values() for d in v])),
+                   tmp_path / "parquet" / "dev-00000-of-00001.parquet")
+    dev_p, test_p = mmlu.load(tmp_path / "parquet")
+    assert sorted(map(str, test_p)) == sorted(map(str, test_csv))
+    doc = test_p[0]
+    assert mmlu.requests(doc, dev_p) == mmlu.requests(doc, dev_csv)
