@@ -118,7 +118,7 @@ def run_mmlu(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, Any]:
         return out
 
     _batched(_pending(items, cache), max(1, c.batch_size // 4), cache, work, "mmlu")
-    return mmlu.aggregate([cache.done[i] for i, _ in items])
+    return mmlu.aggregate([cache.done[i] for i, _ in items]) | {"shots": shots}
 
 
 def run_gsm8k(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def run_gsm8k(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, Any]
     _batched(_pending(items, cache), c.batch_size, cache, work, "gsm8k")
     done = [cache.done[i] for i, _ in items]
     return {f"exact_match_{k}": sum(s[f"exact_match_{k}"] for s in done) / len(done) for k in ("strict", "flexible")
-            } | {"n": len(done)}
+            } | {"n": len(done), "shots": shots}
 
 
 def run_humaneval(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, Any]:
