@@ -246,7 +246,7 @@ def test_ctrl_c_saves_then_resume_finishes(tiny_dir, tmp_path):
 def test_fsdp_on_two_gloo_processes_matches_one_process(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--model", str(tiny_dir), "--data", str(SFT), "--chat-format", "gemma3", "--max-steps", "6",
-              "--lr", "1e-2", "--save-every", "0", "--eval-every", "3", "--max-length", "256"]
+              "--lr", "1e-2", "--save-every", "3", "--eval-every", "3", "--max-length", "256"]
     single = subprocess.run(_cli(*common, "--out", str(tmp_path / "one"), "--batch-size", "4"), env=env,
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr

@@ -120,6 +120,7 @@ class Trainer:
         bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
         self.autocast = torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=bf16)
         self._epoch_cache: tuple[int, list[list[Example]]] | None = None
+        self.saved_step = -1
 
     # --- set-up ------------------------------------------------------------------------------
     def _load_model(self) -> None:
@@ -293,7 +294,7 @@ class Trainer:
         start = 0
         if found:
             info = load_checkpoint(found[-1], self.model, self.optimizer)
-            start = int(info["step"])
+            start = self.saved_step = int(info["step"])
             if self.world.main:
                 print(f"resuming from {found[-1]} (step {start} of {self.total_steps})", file=sys.stderr)
         elif self.world.main:
@@ -307,6 +308,7 @@ class Trainer:
         return start
 
     def save(self, step: int) -> Path:
+        self.saved_step = step
         info = {"epoch": step / self.steps_per_epoch, "config": self.c.to_dict()}
         return save_checkpoint(self.out, step, self.model, self.optimizer, info, self.c.keep_checkpoints,
                                write=self.world.main)
@@ -355,7 +357,7 @@ class Trainer:
         if self.world.main and final_eval:
             log.write({"step": step, **final_eval})
         log.close()
-        if not checkpoints(self.out) or checkpoints(self.out)[-1].name != f"step-{step:06d}":
+        if self.saved_step != step:  # decided from memory, not the disk: every rank must agree (collective)
             self.save(step)
         final = self.write_final()
         if self.world.main:
