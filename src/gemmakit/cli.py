@@ -257,6 +257,56 @@ def add_eval_parsers(sub: Any) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def cmd_classify(args: argparse.Namespace) -> None:
+    from gemmakit.eval.data import read_records
+    from gemmakit.files import write_text_atomic
+    from gemmakit.safety.classifier import POLICIES, PolicyClassifier, calibrate_on, load_policies
+
+    policies = load_policies(args.policies) if args.policies else dict(POLICIES)
+    if args.policy:
+        unknown = [p for p in args.policy if p not in policies]
+        if unknown:
+            raise ValueError(f"unknown policy {unknown}; known: {', '.join(policies)}")
+        policies = {k: policies[k] for k in args.policy}
+    if (args.text is None) == (args.data is None):
+        raise ValueError("give TEXT to classify, or --data LABELLED.jsonl to calibrate thresholds")
+    args.compiled = False
+    llm = load_llm(args)
+    classifier = PolicyClassifier(llm.model, llm.tokenizer, args.batch_size)
+    if args.text is not None:
+        thresholds = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
+        (scores,) = classifier.score([(args.text, args.response)], policies)
+        for key, p in scores.items():
+            t = thresholds.get(key, 0.5)
+            print(f"{key:12s} P(violation) {p:.3f}  threshold {t:.3f}  {'FLAGGED' if p >= t else 'ok'}")
+        return
+    report = calibrate_on(classifier, read_records(args.data), policies)
+    out = Path(args.out)
+    write_text_atomic(out / "calibration.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "thresholds.json", json.dumps({k: v["threshold"] for k, v in report.items()}, indent=2))
+    print("| policy | n | AUROC | threshold | F1 | accuracy at threshold | accuracy at 0.5 |")
+    print("|---|---|---|---|---|---|---|")
+    for k, v in report.items():
+        print(f"| {k} | {v['n']} | {v['auroc']:.3f} | {v['threshold']:.4f} | {v['f1']:.3f} | "
+              f"{v['accuracy_at_threshold']:.3f} | {v['accuracy_at_0.5']:.3f} |")
+    print(f"wrote {out / 'thresholds.json'} and {out / 'calibration.json'}")
+
+
+def add_classify_parser(sub: Any) -> None:
+    c = sub.add_parser("classify", help="P(policy violation) the ShieldGemma way, or calibrate thresholds")
+    c.add_argument("text", nargs="?", default=None, help="the user prompt to classify")
+    c.add_argument("--response", default=None, help="classify this model response to TEXT instead")
+    c.add_argument("--policy", action="append", default=[], help="only these policies (dangerous, harassment, "
+                                                                  "hate, sexual, or keys of --policies)")
+    c.add_argument("--policies", default=None, help="custom policies (YAML: key: {name, description})")
+    c.add_argument("--thresholds", default=None, help="thresholds.json from a calibration (default 0.5)")
+    c.add_argument("--data", default=None, help="labelled JSONL (policy, prompt, [response], label) to calibrate")
+    c.add_argument("--out", default="runs/classify", help="where calibration writes thresholds.json")
+    c.add_argument("--batch-size", type=int, default=8)
+    add_load_args(c)
+    c.set_defaults(func=cmd_classify)
+
+
 def add_finetune_parser(sub: Any) -> None:
     from gemmakit.train.recipe import add_arguments
 
@@ -424,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parsers(sub)
     add_finetune_parser(sub)
     add_eval_parsers(sub)
+    add_classify_parser(sub)
     return p
 
 
