@@ -130,7 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         return run_replicas(args)
     options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
                            compile=args.compiled, api_key=args.api_key or os.environ.get("GEMMAKIT_API_KEY"),
-                           cors_origins=tuple(args.cors_origin), model_name=args.served_model_name)
+                           cors_origins=tuple(args.cors_origin), model_name=args.served_model_name,
+                           guard=args.guard)
     app = create_app(lambda: load_llm(args), options)
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
@@ -153,6 +154,8 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--cpus-per-replica", type=int, default=1, help="Ray CPUs (and torch threads) per replica")
     s.add_argument("--gpus-per-replica", type=float, default=0, help="Ray GPUs per replica")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--guard", default=None, help="a guard YAML: PII redaction, pattern and policy rules on chat "
+                                                 "inputs and outputs (see gemmakit.safety.guard)")
     s.set_defaults(func=cmd_serve)
 
 

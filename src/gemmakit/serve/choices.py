@@ -29,6 +29,7 @@ class Choice:
     tokens: int = 0
     engine_reason: str | None = None
     filtered: bool = False
+    watch: Any = None  # a guard's OutputWatch (safety/guard.py): what of the content may be sent yet
 
     def feed(self, update: Update) -> Delta:
         """The new message parts of an update (and, when it is the last one, whatever the parser held)."""

@@ -80,6 +80,10 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     messages = P.check_messages(body.messages)
     if refusal := server.check_input(messages):
         return _refused(server, body, refusal)
+    if server.guard is not None:  # redacts personal data, may refuse; off the event loop (policies run a model)
+        messages, verdict = await asyncio.to_thread(server.guard.check_messages, messages)
+        if verdict.refusal:
+            return _refused(server, body, verdict.refusal)
     tools = None if body.tool_choice == "none" else body.tools
     try:
         ids = llm.encode_prompt(llm.render(messages, tools, body.thinking))
@@ -93,6 +97,12 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         params.stop += DIALOGUE_STOPS
     choices = [Choice(i, None if llm.is_base else StreamParser(llm.chat_format.family), llm.is_base)
                for i in range(body.n)]
+    if server.guard is not None:
+        from gemmakit.safety.guard import OutputWatch
+
+        last_user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), None)
+        for c in choices:
+            c.watch = OutputWatch(server.guard, last_user if isinstance(last_user, str) else None)
     if body.response_format or body.tool_choice not in (None, "auto", "none"):
         await asyncio.to_thread(server.grammars)  # built once (~3 s), off the event loop other streams need
     constraint = response_constraint(server, body.response_format)
@@ -203,7 +213,13 @@ class _Run:
                 if choice.filtered:  # cut by a guard: what was already in flight is dropped
                     continue
                 delta = choice.feed(update)
-                if (refusal := self.server.check_output(choice.content)) and not choice.filtered:
+                refusal = self.server.check_output(choice.content)
+                if choice.watch is not None and not refusal:
+                    delta.content = await asyncio.to_thread(choice.watch.update, choice.content, choice.finished)
+                    refusal = choice.watch.refusal
+                    if choice.finished and not refusal:
+                        choice.content = choice.watch.sent  # the redacted text, as it was sent
+                if refusal and not choice.filtered:
                     choice.filtered, choice.engine_reason = True, "content_filter"
                     choice.content = refusal
                     self.server.loop.cancel(self.tickets[index])

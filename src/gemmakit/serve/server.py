@@ -37,6 +37,7 @@ class ServeOptions:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_name: str | None = None
+    guard: str | None = None  # a guard YAML (safety/guard.py): input and output rules for chat completions
 
 
 class Server:
@@ -50,6 +51,11 @@ class Server:
         engine.warmup()
         self.context = engine.context
         self.loop = EngineLoop(engine, options.max_queue, metrics).start()
+        self.guard = None
+        if options.guard:
+            from gemmakit.safety.guard import load_guard
+
+            self.guard = load_guard(options.guard, llm)
         self.input_hooks: list[Hook] = []
         self.output_hooks: list[Hook] = []
         self._grammars: Any = None

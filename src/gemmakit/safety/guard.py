@@ -1,0 +1,189 @@
+"""Input and output guards in front of a model (`gemmakit serve --guard`, `gemmakit chat --guard`).
+
+A guard is a list of rules, each with an action:
+- `pii`: personal data (filters.py); `redact` replaces it ([EMAIL], [CARD], ...), `block` refuses;
+- `pattern`: regular expressions and keywords; `block`, `warn` or `log`;
+- `policy`: a ShieldGemma-style policy (classifier.py) scored by a Gemma model, flagged at its threshold;
+  `block`, `warn` or `log`.
+Rules apply to the input (the user's messages, before the model sees anything), the output, or both.
+`block` on input means the model never runs and the answer is a refusal with finish_reason
+"content_filter"; on output the stream is cut there, with the same finish reason. `warn` and `log` let text
+through and record an event (a log line; `warn` also reaches the caller).
+
+Output is checked as it streams: deterministic rules on every update, policy rules whenever `interval`
+more characters have arrived and at the end (each check is a forward pass). Redaction cannot take back
+text already sent, so the last `HOLD` characters are held until the text after them shows no personal data
+is being written there (no kind of PII this finds is longer).
+
+Configuration (YAML):
+
+    interval: 200
+    rules:
+      - {name: pii, kind: pii, action: redact}
+      - {name: secrets, kind: pattern, action: block, patterns: ['(?i)api[_-]?key\\s*[:=]'], where: output}
+      - {name: dangerous, kind: policy, policy: dangerous, threshold: 0.9, action: block, where: input}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemmakit.safety.filters import PatternFilter, find_pii, redact
+
+log = logging.getLogger("gemmakit.guard")
+HOLD = 64
+KINDS, ACTIONS, PLACES = ("pii", "pattern", "policy"), ("block", "redact", "warn", "log"), ("input", "output", "both")
+REFUSAL = "I can't help with that."
+
+
+@dataclass
+class Rule:
+    name: str
+    kind: str
+    action: str = "block"
+    where: str = "both"
+    patterns: list[str] = field(default_factory=list)
+    keywords: list[str] = field(default_factory=list)
+    policy: str | None = None
+    threshold: float = 0.5
+    message: str = REFUSAL
+
+    def __post_init__(self) -> None:
+        for label, value, allowed in (("kind", self.kind, KINDS), ("action", self.action, ACTIONS),
+                                      ("where", self.where, PLACES)):
+            if value not in allowed:
+                raise ValueError(f"guard rule {self.name!r}: {label} must be one of {', '.join(allowed)}")
+        if self.action == "redact" and self.kind != "pii":
+            raise ValueError(f"guard rule {self.name!r}: only pii rules can redact")
+        if self.kind == "policy" and not self.policy:
+            raise ValueError(f"guard rule {self.name!r}: a policy rule needs `policy:`")
+        self.filter = PatternFilter(self.patterns, self.keywords) if self.kind == "pattern" else None
+
+    def applies(self, place: str) -> bool:
+        return self.where in (place, "both")
+
+
+@dataclass
+class Verdict:
+    text: str
+    refusal: str | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Guard:
+    def __init__(self, rules: list[Rule], scorer: Callable[[str, str | None, str], float] | None = None,
+                 interval: int = 200):
+        self.rules, self.scorer, self.interval = rules, scorer, interval
+        if any(r.kind == "policy" for r in rules) and scorer is None:
+            raise ValueError("policy rules need a classifier model (gemmakit serve loads the served model)")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, scorer: Callable[[str, str | None, str], float] | None = None) -> Guard:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            rules = [Rule(**r) for r in data.get("rules", [])]
+        except TypeError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return cls(rules, scorer, int(data.get("interval", 200)))
+
+    @property
+    def needs_classifier(self) -> bool:
+        return any(r.kind == "policy" for r in self.rules)
+
+    def check(self, text: str, place: str, prompt: str | None = None, policies: bool = True) -> Verdict:
+        """Run the rules for `place` ("input" or "output") on `text`; redactions are applied to the result."""
+        verdict = Verdict(text)
+        for rule in self.rules:
+            if not rule.applies(place) or (rule.kind == "policy" and not policies):
+                continue
+            hit = self._hit(rule, verdict.text, place, prompt)
+            if hit is None:
+                continue
+            event = {"rule": rule.name, "action": rule.action, "where": place, "detail": hit}
+            verdict.events.append(event)
+            (log.warning if rule.action in ("warn", "block") else log.info)("guard %s", event)
+            if rule.action == "block":
+                verdict.refusal = rule.message
+                return verdict
+            if rule.action == "redact":
+                verdict.text = redact(verdict.text, find_pii(verdict.text))
+        return verdict
+
+    def _hit(self, rule: Rule, text: str, place: str, prompt: str | None) -> str | None:
+        if rule.kind == "pii":
+            found = find_pii(text)
+            return ", ".join(sorted({f.kind for f in found})) or None
+        if rule.kind == "pattern":
+            return rule.filter.match(text)
+        score = self.scorer(prompt if place == "output" else text, text if place == "output" else None,
+                            rule.policy) if text.strip() else 0.0
+        return f"P({rule.policy})={score:.3f}" if score >= rule.threshold else None
+
+    def check_messages(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Verdict]:
+        """The user messages checked (and redacted) one by one; the first refusal stops."""
+        out, events = [], []
+        for m in messages:
+            content = m.get("content")
+            if m.get("role") != "user" or not isinstance(content, str):
+                out.append(m)
+                continue
+            verdict = self.check(content, "input")
+            events += verdict.events
+            if verdict.refusal:
+                return messages, Verdict(content, verdict.refusal, events)
+            out.append({**m, "content": verdict.text})
+        return out, Verdict("", None, events)
+
+
+class OutputWatch:
+    """One generated message under a guard: feed the accumulated text, get what is safe to send now."""
+
+    def __init__(self, guard: Guard, prompt: str | None = None):
+        self.guard, self.prompt = guard, prompt
+        self.sent, self.scored_at, self.refusal = "", 0, None
+        self.events: list[dict[str, Any]] = []
+
+    def update(self, content: str, final: bool) -> str:
+        """New text to send (possibly redacted); after a block, `refusal` is set and nothing more is sent."""
+        if self.refusal is not None:
+            return ""
+        due = final or len(content) - self.scored_at >= self.guard.interval
+        verdict = self.guard.check(content, "output", self.prompt, policies=due)
+        if due:
+            self.scored_at = len(content)
+        self.events += verdict.events
+        if verdict.refusal:
+            self.refusal = verdict.refusal
+            return ""
+        ready = verdict.text if final else verdict.text[:max(0, len(verdict.text) - HOLD)]
+        if not ready.startswith(self.sent):  # a finding reached back into sent text: send no more of it
+            ready = self.sent
+        new, self.sent = ready[len(self.sent):], ready
+        return new
+
+
+def policy_scorer(model: Any, tokenizer: Any) -> Callable[[str, str | None, str], float]:
+    """P(violation) of (user text, response or None) for a built-in policy key, with `model` as classifier."""
+    from gemmakit.safety.classifier import POLICIES, PolicyClassifier
+
+    classifier = PolicyClassifier(model, tokenizer, batch_size=1)
+
+    def score(user: str, response: str | None, policy: str) -> float:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; built in: {', '.join(POLICIES)}")
+        return classifier.score([(user, response)], {policy: POLICIES[policy]})[0][policy]
+    return score
+
+
+def load_guard(path: str | Path, llm: Any) -> Guard:
+    """A guard from YAML, scoring policies with `llm`'s model when it has policy rules."""
+    guard = Guard.from_yaml(path, scorer=lambda *a: 0.0)
+    if guard.needs_classifier:
+        guard.scorer = policy_scorer(llm.model, llm.tokenizer)
+    return guard

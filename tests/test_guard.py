@@ -1,0 +1,112 @@
+"""Guards through the real server and the official client: a blocked input never reaches the model, a blocked
+output is cut with finish_reason "content_filter", personal data is redacted in both directions (what the
+model is given, and what the client receives, streamed or not); plus the rule logic on its own.
+Run: .venv/bin/python -m pytest tests/test_guard.py
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gemmakit.safety.guard import HOLD, Guard, OutputWatch, Rule
+from gemmakit.serve.app import create_app
+from gemmakit.serve.server import ServeOptions
+from tests.test_serve import CAPITAL, CONTEXT, Live, _scripted_llm
+
+GUARD = """
+rules:
+  - {name: pii, kind: pii, action: redact}
+  - {name: weapons, kind: pattern, keywords: [bomb, grenade], action: block, where: input,
+     message: "Sorry, I can't help with weapons."}
+  - {name: capital, kind: pattern, patterns: ['\\bParis\\b'], action: block, where: output, message: "[removed]"}
+"""
+
+
+def test_rules_and_the_output_watch():
+    guard = Guard([Rule("pii", "pii", "redact"), Rule("words", "pattern", "warn", keywords=["secret"])])
+    v = guard.check("mail a@b.co about the secret", "input")
+    assert v.text == "mail [EMAIL] about the secret" and v.refusal is None
+    assert [e["rule"] for e in v.events] == ["pii", "words"]
+    text = "Contact: jane.doe@example.com, thanks! " + "x" * 100
+    watch, sent = OutputWatch(guard), ""
+    for end in range(1, len(text) + 1):  # one character per update, as a stream
+        sent += watch.update(text[:end], end == len(text))
+    assert sent == "Contact: [EMAIL], thanks! " + "x" * 100 and "@" not in sent
+    with pytest.raises(ValueError, match="only pii rules can redact"):
+        Rule("x", "pattern", "redact")
+    with pytest.raises(ValueError, match="policy rules need a classifier"):
+        Guard([Rule("p", "policy", policy="dangerous")])
+    assert HOLD >= 42  # the longest IBAN with spaces fits in what is held back
+
+
+@pytest.fixture(scope="module")
+def llm(default_model):
+    import gemmakit
+
+    return gemmakit.load(default_model, context=CONTEXT)
+
+
+@pytest.fixture()
+def guard_file(tmp_path):
+    path = tmp_path / "guard.yaml"
+    path.write_text(GUARD)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_a_blocked_input_never_reaches_the_model(llm, guard_file):
+    live = Live(create_app(llm, ServeOptions(context=CONTEXT, guard=guard_file)))
+    try:
+        server = live.app.state.server
+        before = server.metrics.generated_tokens._value.get()
+        for stream in (False, True):
+            r = live.client().chat.completions.create(model=server.name, stream=stream, max_tokens=8, messages=[
+                {"role": "user", "content": "How do I build a bomb?"}])
+            if stream:
+                chunks = [c for c in r if c.choices]
+                content = "".join(c.choices[0].delta.content or "" for c in chunks)
+                finish = chunks[-1].choices[0].finish_reason
+            else:
+                content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            assert (content, finish) == ("Sorry, I can't help with weapons.", "content_filter")
+        assert server.metrics.generated_tokens._value.get() == before
+    finally:
+        live.close()
+
+
+@pytest.mark.slow
+def test_a_blocked_output_is_cut_with_content_filter(llm, guard_file):
+    live = Live(create_app(llm, ServeOptions(context=CONTEXT, guard=guard_file)))
+    try:
+        name = live.app.state.server.name
+        r = live.client().chat.completions.create(model=name, messages=CAPITAL, max_tokens=24, temperature=0)
+        assert r.choices[0].finish_reason == "content_filter" and r.choices[0].message.content == "[removed]"
+        chunks = [c for c in live.client().chat.completions.create(model=name, messages=CAPITAL, max_tokens=24,
+                                                                    temperature=0, stream=True) if c.choices]
+        assert chunks[-1].choices[0].finish_reason == "content_filter"
+        assert "Paris" not in "".join(c.choices[0].delta.content or "" for c in chunks)
+    finally:
+        live.close()
+
+
+@pytest.mark.slow
+def test_personal_data_is_redacted_both_ways(llm, guard_file):
+    reply = "Sure: write to bob@example.com or call +1 202 555 0143 today, and pay to DE89 3704 0044 0532 0130 00."
+    scripted = _scripted_llm(llm, reply + "<turn|>")
+    seen = []
+    render = scripted.render
+    scripted.render = lambda messages, *a, **k: (seen.append(messages), render(messages, *a, **k))[1]
+    live = Live(create_app(scripted, ServeOptions(max_batch=1, context=CONTEXT, guard=guard_file)))
+    want = "Sure: write to [EMAIL] or call [PHONE] today, and pay to [IBAN]."
+    try:
+        ask = dict(model="scripted-gemma4", max_tokens=80, temperature=0, messages=[
+            {"role": "user", "content": "My card is 4111 1111 1111 1111 and my mail jane@corp.example.org."}])
+        r = live.client().chat.completions.create(**ask)
+        assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+        assert seen[-1][-1]["content"] == "My card is [CARD] and my mail [EMAIL]."  # what the model was given
+        scripted.model.step = 0  # the script plays again
+        chunks = [c for c in live.client().chat.completions.create(stream=True, **ask) if c.choices]
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert streamed.strip() == want and "@" not in streamed
+    finally:
+        live.close()
