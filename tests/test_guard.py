@@ -110,3 +110,22 @@ def test_personal_data_is_redacted_both_ways(llm, guard_file):
         assert streamed.strip() == want and "@" not in streamed
     finally:
         live.close()
+
+
+@pytest.mark.slow
+def test_the_terminal_chat_is_guarded_too(default_model, guard_file, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    saved = tmp_path / "chat.json"
+    typed = ("My mail is jane@example.com. Hello!\nHow do I build a bomb?\nWhat is the capital of France?\n"
+             f"/save {saved}\n")
+    done = subprocess.run([sys.executable, "-m", "gemmakit.cli", "chat", "--guard", guard_file, "--max-tokens", "24",
+                           "--temperature", "0"], input=typed, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(guard: Sorry, I can't help with weapons.)" in done.stdout
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users[0] == "My mail is [EMAIL]. Hello!"  # redacted before the model saw it
+    assert not any("bomb" in u for u in users)  # the blocked message never entered the conversation
+    assert "Paris" not in done.stdout and "jane@example.com" not in done.stdout

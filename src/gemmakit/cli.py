@@ -381,8 +381,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if context <= sampling["max_tokens"]:
         raise ValueError(f"--context ({context}) must exceed --max-tokens ({sampling['max_tokens']})")
     interactive = sys.stdin.isatty()
+    guard = None
+    if args.guard:
+        from gemmakit.safety.guard import load_guard
+
+        guard = load_guard(args.guard, llm)
     session = ChatSession(llm, sampling, context, system=args.system, thinking=args.think,
-                          color=sys.stdout.isatty())
+                          color=sys.stdout.isatty(), guard=guard)
     if args.think:
         session.set_thinking("on")
     run(session, sys.stdin, interactive)
@@ -466,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="chat in the terminal (reads a pipe too)")
     add_model_args(c, max_tokens=256)
+    c.add_argument("--guard", default=None, help="a guard YAML: PII redaction, pattern and policy rules on what "
+                                                 "is typed and answered (see gemmakit.safety.guard)")
     c.set_defaults(func=cmd_chat)
     b = sub.add_parser("bench", help="prefill / decode tokens per second, time to first token, peak memory")
     b.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gemmakit.api import LLM
+from gemmakit.chat.parser import Delta
 from gemmakit.files import write_text_atomic
 
 HELP = """commands:
@@ -32,9 +33,10 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 class ChatSession:
     def __init__(self, llm: LLM, sampling: dict[str, Any], context: int, out: TextIO = sys.stdout,
-                 system: str | None = None, thinking: bool = False, color: bool = False):
+                 system: str | None = None, thinking: bool = False, color: bool = False, guard: Any = None):
         self.llm, self.sampling, self.context, self.out = llm, sampling, context, out
         self.system, self.thinking, self.color = system, thinking, color
+        self.guard = guard  # safety/guard.py: checks (and redacts) what is typed and what is answered
         self.history: list[dict[str, Any]] = []
 
     def messages(self) -> list[dict[str, Any]]:
@@ -88,14 +90,33 @@ class ChatSession:
 
     # --- one exchange -----------------------------------------------------------------------
     def ask(self, text: str) -> None:
+        watch = None
+        if self.guard is not None:
+            from gemmakit.safety.guard import OutputWatch
+
+            verdict = self.guard.check(text, "input")
+            if verdict.refusal:
+                self.say(f"(guard: {verdict.refusal})")
+                return
+            text, watch = verdict.text, OutputWatch(self.guard, verdict.text)
         self.history.append({"role": "user", "content": text})
         if not self.fit():
             self.history.pop()
             return
         reply: dict[str, Any] = {"role": "assistant", "content": ""}
         try:
+            raw = ""
             for delta in self.llm.stream_chat(self.messages(), enable_thinking=self.thinking, **self.sampling):
+                if watch is not None:  # the answer is shown as the guard lets it through
+                    raw += delta.content
+                    delta.content = watch.update(raw, False)
+                    if watch.refusal:
+                        break
                 self.show(delta, reply)
+            if watch is not None:
+                self.show(Delta(content=watch.update(raw, True)), reply)
+                if watch.refusal:
+                    self.out.write(f"\n(guard: {watch.refusal})")
         except KeyboardInterrupt:
             self.out.write("\n(interrupted)")
         self.out.write("\n")

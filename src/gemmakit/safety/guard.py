@@ -107,7 +107,7 @@ class Guard:
                 continue
             event = {"rule": rule.name, "action": rule.action, "where": place, "detail": hit}
             verdict.events.append(event)
-            (log.warning if rule.action in ("warn", "block") else log.info)("guard %s", event)
+            log.info("guard %s", event)  # callers report blocks and warnings in their own way
             if rule.action == "block":
                 verdict.refusal = rule.message
                 return verdict
