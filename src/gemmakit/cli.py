@@ -56,6 +56,10 @@ def sampling_of(args: argparse.Namespace) -> dict:
     fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   loop_guard=args.loop_guard)
+    if getattr(args, "watermark", None):
+        from gemmakit.safety.watermark import load_config
+
+        fields["watermark"] = load_config(args.watermark)
     SamplingParams(**fields).validate()  # before the model loads, so a typo costs nothing
     return fields
 
@@ -260,6 +264,43 @@ def add_eval_parsers(sub: Any) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def cmd_watermark(args: argparse.Namespace) -> None:
+    from gemmakit.files import write_text_atomic
+    from gemmakit.safety import watermark as W
+
+    if args.action == "keys":
+        if Path(args.file).exists():
+            raise ValueError(f"{args.file} exists; keys are never overwritten (text marked with them would be lost)")
+        write_text_atomic(Path(args.file), json.dumps({"keys": W.new_keys(args.depth), "ngram_len": args.ngram_len}))
+        print(f"wrote {args.file}: {args.depth} keys, n-gram length {args.ngram_len} (keep it secret)")
+        return
+    if not args.keys:
+        raise ValueError("detect needs --keys KEYS.json (the file the text was generated with)")
+    from gemmakit.checkpoints import resolve
+    from gemmakit.tokenizer import Tokenizer
+
+    config = W.load_config(args.keys)
+    path = resolve(args.model)
+    tokenizer = Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    found = W.detect(config, tokenizer.encode(text, add_bos=False), skip=(tokenizer.eos_id,))
+    verdict = "watermarked" if found.p_value < args.alpha else "no watermark found"
+    print(json.dumps({"verdict": verdict, "score": round(found.score, 4), "p_value": found.p_value,
+                      "tokens_scored": found.tokens, "alpha": args.alpha}))
+
+
+def add_watermark_parser(sub: Any) -> None:
+    w = sub.add_parser("watermark", help="SynthID-style watermark keys, and detection in a text file")
+    w.add_argument("action", choices=("keys", "detect"))
+    w.add_argument("file", help="keys: the key file to create; detect: the text file (- for stdin)")
+    w.add_argument("--keys", default=None, help="detect: the key file the text was generated with")
+    w.add_argument("--model", default=None, help="detect: whose tokenizer (default: the embedded 270M's)")
+    w.add_argument("--alpha", type=float, default=1e-3, help="detect: p-value below which text counts as marked")
+    w.add_argument("--depth", type=int, default=30, help="keys: how many (the tournament depth)")
+    w.add_argument("--ngram-len", type=int, default=5, help="keys: context length + 1")
+    w.set_defaults(func=cmd_watermark)
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
     from gemmakit.eval.data import read_records
     from gemmakit.files import write_text_atomic
@@ -420,6 +461,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     add_load_args(p)
+    p.add_argument("--watermark", default=None, help="watermark sampled text with the keys in this JSON file "
+                                                     "(gemmakit watermark keys; needs --temperature > 0)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate ({max_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
@@ -485,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_eval_parsers(sub)
     add_classify_parser(sub)
+    add_watermark_parser(sub)
     return p
 
 

@@ -73,6 +73,9 @@ class SamplingParams:
     # A grammar the output must follow (constrain.Constraint: JSON schema, Lark); the engine masks the logits
     # with it before this sampler runs and stops the request when the grammar is complete.
     constraint: Any = None
+    # SynthID-style watermark (safety/watermark.WatermarkConfig): sampled tokens are drawn from the keyed
+    # tournament-reweighted distribution. Off by default; needs temperature > 0.
+    watermark: Any = None
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first out-of-range field; give vocab_size to also check token ids."""
@@ -97,6 +100,8 @@ class SamplingParams:
              f"logprobs must be in [0, {MAX_LOGPROBS}] (None disables it), got {p.logprobs}"),
             (p.seed is None or (_is_int(p.seed) and -(2**63) <= p.seed < 2**64),
              f"seed must be an integer in [-2**63, 2**64), got {p.seed!r}"),
+            (p.watermark is None or p.temperature > 0.0,
+             "a watermark needs sampling: set temperature > 0 (greedy decoding has nothing to tilt)"),
         ]
 
     def _token_checks(self, vocab_size: int | None) -> list[tuple[bool, str]]:
@@ -252,7 +257,7 @@ class Sampler:
         """
         self._check(logits, params, history, prompt_lens, generators)
         x = self.process(logits, params, history, prompt_lens)
-        tokens = self._choose(x, params, generators)
+        tokens = self._choose(x, params, generators, history, prompt_lens)
         return tokens, self._logprobs(x, tokens, params)
 
     def process(self, logits: Tensor, params: list[SamplingParams], history: list[list[int]],
@@ -318,7 +323,8 @@ class Sampler:
                 x[i, h[-period]] = -math.inf
         return x
 
-    def _choose(self, x: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+    def _choose(self, x: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                history: list[list[int]], prompt_lens: list[int]) -> Tensor:
         tokens = x.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
         if not rows:
@@ -331,7 +337,13 @@ class Sampler:
             z = warp(z, temperature, top_k, _column(sub, "top_p", dev, 1.0), _column(sub, "min_p", dev))
         else:
             z = z / temperature[:, None]
-        picked = [self._race(p, generators[i]) for p, i in zip(z.softmax(dim=-1), rows, strict=True)]
+        probs = z.softmax(dim=-1)
+        if any(p.watermark is not None for p in sub):
+            from gemmakit.safety.watermark import tilt
+
+            probs = torch.stack([tilt(params[i].watermark, pr, history[i], prompt_lens[i])
+                                 if params[i].watermark is not None else pr for pr, i in zip(probs, rows, strict=True)])
+        picked = [self._race(p, generators[i]) for p, i in zip(probs, rows, strict=True)]
         return tokens.index_copy(0, index, torch.stack(picked))
 
     @staticmethod

@@ -1,0 +1,106 @@
+"""SynthID-style watermarking: the keyed bits, the tournament (a distribution that stays one and is unbiased over
+keys), detection from the tokenizer and keys alone, and the engine generating marked text from the real 270M
+that the detector tells apart from unmarked text, also after light edits.
+Run: .venv/bin/python -m pytest tests/test_watermark.py
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gemmakit.safety.watermark import WatermarkConfig, context_hash, detect, g_values, tilt
+from gemmakit.sampling import SamplingParams
+
+CONFIG = WatermarkConfig(keys=tuple(range(101, 131)), ngram_len=5)
+
+
+def test_g_values_are_deterministic_balanced_and_keyed():
+    tokens = torch.arange(20000)
+    g = g_values(CONFIG, context_hash([5, 6, 7, 8]), tokens)
+    assert g.shape == (20000, 30) and set(g.unique().tolist()) == {0, 1}
+    assert torch.equal(g, g_values(CONFIG, context_hash([5, 6, 7, 8]), tokens))
+    assert abs(g.float().mean().item() - 0.5) < 0.01
+    other = g_values(WatermarkConfig(keys=tuple(range(201, 231))), context_hash([5, 6, 7, 8]), tokens)
+    assert (g != other).float().mean().item() == pytest.approx(0.5, abs=0.02)  # other keys: unrelated bits
+    assert (g != g_values(CONFIG, context_hash([5, 6, 7, 9]), tokens)).float().mean() > 0.45  # context matters
+
+
+def test_the_tournament_keeps_a_distribution_and_is_unbiased_over_keys():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(50), 0)
+    probs[40:] = 0  # a top-k cut: dropped tokens stay dropped
+    probs /= probs.sum()
+    history = [1, 2, 3, 4, 9]
+    tilted = tilt(CONFIG, probs, history, prompt_len=4)
+    assert tilted.sum().item() == pytest.approx(1.0, abs=1e-6) and (tilted[40:] == 0).all()
+    assert not torch.allclose(tilted, probs)
+    mean = torch.stack([tilt(WatermarkConfig(keys=tuple(random.Random(s).randrange(2**62) for _ in range(30))),
+                             probs, history, 4) for s in range(300)]).mean(0)
+    assert (mean - probs).abs().max() < 0.02  # E_keys[tilted] = p: the watermark does not change what is likely
+    assert torch.equal(tilt(CONFIG, probs, history + [1, 2, 3, 4], prompt_len=4), probs)  # repeated context
+
+
+def test_detection_on_synthetic_text():
+    rng = random.Random(0)
+    plain = [rng.randrange(1000, 30000) for _ in range(300)]
+    found = detect(CONFIG, plain)
+    assert found.p_value > 1e-3 and abs(found.score - 0.5) < 0.03 and found.tokens == 296
+    marked, gen = [rng.randrange(1000, 30000) for _ in range(4)], torch.Generator().manual_seed(0)
+    for _ in range(200):  # a toy LM: uniform over 64 tokens, sampled through the tournament
+        probs = torch.zeros(30000)
+        probs[torch.randint(1000, 30000, (64,), generator=gen)] = 1 / 64
+        p = tilt(CONFIG, probs / probs.sum(), marked, prompt_len=4)
+        marked.append(int(torch.multinomial(p, 1, generator=gen)))
+    found = detect(CONFIG, marked[4:])
+    assert found.score > 0.6 and found.p_value < 1e-12
+    assert detect(CONFIG, [7, 8, 9, 10] * 50).tokens == 4  # a repeated context is scored once
+
+
+def test_greedy_rows_cannot_be_watermarked():
+    with pytest.raises(ValueError, match="a watermark needs sampling"):
+        SamplingParams(temperature=0.0, watermark=CONFIG).validate()
+
+
+@pytest.fixture(scope="module")
+def llm(default_model):
+    import gemmakit
+
+    return gemmakit.load(default_model, context=512)
+
+
+@pytest.mark.slow
+def test_the_270m_writes_text_the_detector_finds_even_after_edits(llm):
+    from gemmakit.engine import Engine
+
+    engine = Engine(llm.model, llm.tokenizer, max_batch=4, context=512)
+    prompts = [llm.tokenizer.encode(p) for p in ("The history of the city", "My favourite recipe is",
+                                                  "Scientists have discovered", "Once upon a time")]
+    out = {}
+    for marked in (False, True):
+        params = [SamplingParams(max_tokens=80, temperature=1.0, top_k=64, seed=i, stop_token_ids=(1,),
+                                 watermark=CONFIG if marked else None) for i in range(4)]
+        out[marked] = [llm.tokenizer.decode(r.tokens) for r in engine.generate(prompts, params)]
+    score = lambda text: detect(CONFIG, llm.tokenizer.encode(text, add_bos=False), skip=(1,))  # noqa: E731
+    assert all(score(t).p_value > 1e-4 for t in out[False])
+    assert all(score(t).p_value < 1e-6 for t in out[True])
+    rng = random.Random(0)
+    for text in out[True]:  # one word in ten replaced
+        words = text.split(" ")
+        for i in rng.sample(range(len(words)), len(words) // 10):
+            words[i] = rng.choice(["house", "blue", "quickly", "seven", "river"])
+        assert score(" ".join(words)).p_value < 1e-3
+
+
+def test_the_watermark_command(tmp_path):
+    keys = tmp_path / "keys.json"
+    made = subprocess.run([sys.executable, "-m", "gemmakit.cli", "watermark", "keys", str(keys)],
+                          capture_output=True, text=True)
+    assert made.returncode == 0 and keys.is_file()
+    again = subprocess.run([sys.executable, "-m", "gemmakit.cli", "watermark", "keys", str(keys)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "never overwritten" in again.stderr
