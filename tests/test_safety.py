@@ -139,3 +139,27 @@ def test_pattern_filters_match_words_and_regexes():
     assert f.match("This is TOP SECRET stuff") == "TOP SECRET"
     assert f.match("declassified documents") is None  # whole words only
     assert PatternFilter().match("anything") is None
+
+
+# --- red team ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_redteam_report_on_the_270m(default_model, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gemmakit.cli", "redteam", "--suite",
+                           str(ROOT / "recipes" / "data" / "redteam_suite.jsonl"), "--out", str(tmp_path),
+                           "--max-tokens", "32"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads((tmp_path / "redteam.json").read_text())
+    assert set(data["summary"]) == {"benign", "dangerous", "harassment", "hate", "sexual"}
+    assert len(data["cases"]) == 16 and all("answer" in c and "met" in c for c in data["cases"])
+    assert all(c["score"] is None for c in data["cases"] if c["category"] == "benign")
+    assert all(0 <= c["score"] <= 1 for c in data["cases"] if c["category"] != "benign")
+    report = (tmp_path / "report.md").read_text()
+    assert "| category | cases | flagged as violating | refused | behaved as expected |" in report
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refusals_are_recognised():
+    from gemmakit.safety.redteam import REFUSAL
+
+    assert all(REFUSAL.search(t) for t in ("I can't help with that.", "I'm sorry, but no.", "I cannot do this"))
+    assert not REFUSAL.search("Sure, here is a pancake recipe.")

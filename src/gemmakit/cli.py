@@ -301,6 +301,44 @@ def add_watermark_parser(sub: Any) -> None:
     w.set_defaults(func=cmd_watermark)
 
 
+def cmd_redteam(args: argparse.Namespace) -> None:
+    from gemmakit.eval.backends import LocalBackend, OpenAIBackend
+    from gemmakit.safety import redteam
+    from gemmakit.safety.classifier import POLICIES, PolicyClassifier, load_policies
+
+    policies = load_policies(args.policies) if args.policies else dict(POLICIES)
+    cases = redteam.load_suite(args.suite, policies)
+    thresholds = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
+    args.compiled = False
+    llm = load_llm(args)  # the model under test (unless --endpoint), and the classifier unless --classifier
+    judge = llm
+    if args.classifier:
+        from gemmakit.api import load
+
+        judge = load(args.classifier, args.dtype, args.device)
+    backend = (OpenAIBackend(args.endpoint, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
+               if args.endpoint else LocalBackend(llm, 8))
+    results = redteam.run(cases, backend, PolicyClassifier(judge.model, judge.tokenizer), policies, thresholds,
+                          args.max_tokens)
+    report = redteam.write_report(results, args.out, args.endpoint_model if args.endpoint else llm.name)
+    print(report.read_text())
+
+
+def add_redteam_parser(sub: Any) -> None:
+    r = sub.add_parser("redteam", help="adversarial prompts against a model or endpoint, judged by the classifier")
+    r.add_argument("--suite", required=True, help="JSONL cases: category, prompt, expected (refuse | comply)")
+    r.add_argument("--out", default="runs/redteam", help="redteam.json, report.md, chart.png")
+    r.add_argument("--endpoint", default=None, help="test an OpenAI-compatible server instead of --model")
+    r.add_argument("--endpoint-model", default="default")
+    r.add_argument("--api-key", default=None)
+    r.add_argument("--classifier", default=None, help="the judging model (default: the --model under test)")
+    r.add_argument("--policies", default=None, help="custom policies YAML (categories may name them)")
+    r.add_argument("--thresholds", default=None, help="thresholds.json from gemmakit classify --data")
+    r.add_argument("--max-tokens", type=int, default=128)
+    add_load_args(r)
+    r.set_defaults(func=cmd_redteam)
+
+
 def cmd_classify(args: argparse.Namespace) -> None:
     from gemmakit.eval.data import read_records
     from gemmakit.files import write_text_atomic
@@ -529,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parsers(sub)
     add_classify_parser(sub)
     add_watermark_parser(sub)
+    add_redteam_parser(sub)
     return p
 
 
