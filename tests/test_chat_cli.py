@@ -102,15 +102,19 @@ def test_ctrl_c_stops_the_answer_not_the_chat():
     # A budget far beyond what streams before the signal lands, even when this test process is starved of CPU
     # and reads the pseudo-terminal late (400 tokens once all arrived before the test looked).
     term = Terminal([*CHAT, "--max-tokens", "3000"])
-    term.read_until(">>> ")
-    term.send("Count from 1 to 200, separated by commas.")
-    term.read_until("commas.")
-    term.read_until("1")  # the answer has started streaming (it begins with a number)
-    term.proc.send_signal(signal.SIGINT)
-    term.read_until("(interrupted)", timeout=300)
-    term.read_until(">>> ")
-    term.send("What is the capital of France?")
-    term.read_until("France?")
-    assert "Paris" in term.read_until(">>> ")
-    term.send("/exit")
-    assert term.close() == 0
+    try:
+        term.read_until(">>> ")
+        term.send("Count from 1 to 200, separated by commas.")
+        term.read_until("commas.")
+        term.read_until("1")  # the answer has started streaming (it begins with a number)
+        term.proc.send_signal(signal.SIGINT)
+        term.read_until("(interrupted)", timeout=300)
+        term.read_until(">>> ")
+        term.send("What is the capital of France?")
+        term.read_until("France?")
+        assert "Paris" in term.read_until(">>> ")
+        term.send("/exit")
+        assert term.close() == 0
+    finally:  # a failed run must not leave a 3000-token answer generating behind it
+        if term.proc.poll() is None:
+            term.proc.kill()
