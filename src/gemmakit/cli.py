@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -203,192 +202,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"done: {result.steps} steps{val}; wrote {result.final} (metrics.jsonl, loss.png in {result.out})")
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from gemmakit.eval.backends import LocalBackend, OpenAIBackend
-    from gemmakit.eval.report import write_report
-    from gemmakit.eval.runner import EvalConfig, evaluate
-
-    config = EvalConfig(task=args.task, data=args.data, out=args.out, model=args.model, endpoint=args.endpoint,
-                        endpoint_model=args.endpoint_model, quantize=args.quantize, adapter=args.adapter,
-                        dtype=args.dtype, chat_format=args.chat_format, chat=args.chat, shots=args.shots,
-                        limit=args.limit, batch_size=args.batch_size, samples=args.samples,
-                        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
-                        judge_endpoint=args.judge_endpoint, judge_model=args.judge_model,
-                        judge_api_key=args.judge_api_key or os.environ.get("GEMMAKIT_JUDGE_API_KEY"),
-                        judge_max_tokens=args.judge_max_tokens, judge_prompts=args.judge_prompts)
-    if args.endpoint:
-        backend = OpenAIBackend(args.endpoint, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
-    else:
-        backend = LocalBackend(load_llm(args), args.batch_size)
-    result = evaluate(config, backend)
-    report = write_report([Path(args.out) / "results.json"], Path(args.out) / "report")
-    print(json.dumps(result["metrics"], indent=2)[:3000])
-    print(f"wrote {Path(args.out) / 'results.json'}, per-sample answers in {Path(args.out) / 'samples'}, "
-          f"report {report}")
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from gemmakit.eval.report import write_report
-
-    print(f"wrote {write_report(args.results, args.out)} (with report.html and chart.png)")
-
-
-def add_eval_parsers(sub: Any) -> None:
-    from gemmakit.eval.runner import TASKS
-
-    e = sub.add_parser("eval", help="benchmark a model: mmlu, gsm8k, humaneval, perplexity, mtbench, custom")
-    e.add_argument("task", choices=TASKS)
-    e.add_argument("--data", required=True, help="local data: a file or directory in the published format")
-    e.add_argument("--out", default="runs/eval", help="results.json, samples/ (resumable), report/")
-    e.add_argument("--endpoint", default=None, help="evaluate an OpenAI-compatible server instead of --model")
-    e.add_argument("--endpoint-model", default="default", help="the model name to send to --endpoint")
-    e.add_argument("--api-key", default=None, help="for --endpoint (also: OPENAI_API_KEY)")
-    e.add_argument("--chat", action="store_true", help="prompt through the chat format (instruction-tuned models)")
-    e.add_argument("--shots", type=int, default=None, help="few-shot examples (default: the protocol's)")
-    e.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    e.add_argument("--batch-size", type=int, default=8, help="sequences scored or generated together")
-    e.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (pass@k, k<=n)")
-    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    e.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: the task's)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--judge-endpoint", default=None, help="mtbench: the judge's OpenAI-compatible base URL")
-    e.add_argument("--judge-model", default="default", help="mtbench: the judge's model name")
-    e.add_argument("--judge-api-key", default=None, help="mtbench: the judge's key (also GEMMAKIT_JUDGE_API_KEY)")
-    e.add_argument("--judge-max-tokens", type=int, default=2048, help="mtbench: the judge's budget (FastChat: 2048)")
-    e.add_argument("--judge-prompts", default=None, help="mtbench: FastChat's judge_prompts.jsonl, used verbatim")
-    add_load_args(e)
-    e.set_defaults(func=cmd_eval)
-    r = sub.add_parser("report", help="a Markdown/HTML report with a chart from results.json files, side by side")
-    r.add_argument("results", nargs="+", help="results.json files of one task (e.g. base and fine-tune)")
-    r.add_argument("--out", required=True, help="the report's directory")
-    r.set_defaults(func=cmd_report)
-
-
-def cmd_watermark(args: argparse.Namespace) -> None:
-    from gemmakit.files import write_text_atomic
-    from gemmakit.safety import watermark as W
-
-    if args.action == "keys":
-        if Path(args.file).exists():
-            raise ValueError(f"{args.file} exists; keys are never overwritten (text marked with them would be lost)")
-        write_text_atomic(Path(args.file), json.dumps({"keys": W.new_keys(args.depth), "ngram_len": args.ngram_len}))
-        print(f"wrote {args.file}: {args.depth} keys, n-gram length {args.ngram_len} (keep it secret)")
-        return
-    if not args.keys:
-        raise ValueError("detect needs --keys KEYS.json (the file the text was generated with)")
-    from gemmakit.checkpoints import resolve
-    from gemmakit.tokenizer import Tokenizer
-
-    config = W.load_config(args.keys)
-    path = resolve(args.model)
-    tokenizer = Tokenizer.from_file(path) if path.is_dir() else Tokenizer.from_gguf(path)
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-    found = W.detect(config, tokenizer.encode(text, add_bos=False), skip=(tokenizer.eos_id,))
-    verdict = "watermarked" if found.p_value < args.alpha else "no watermark found"
-    print(json.dumps({"verdict": verdict, "score": round(found.score, 4), "p_value": found.p_value,
-                      "tokens_scored": found.tokens, "alpha": args.alpha}))
-
-
-def add_watermark_parser(sub: Any) -> None:
-    w = sub.add_parser("watermark", help="SynthID-style watermark keys, and detection in a text file")
-    w.add_argument("action", choices=("keys", "detect"))
-    w.add_argument("file", help="keys: the key file to create; detect: the text file (- for stdin)")
-    w.add_argument("--keys", default=None, help="detect: the key file the text was generated with")
-    w.add_argument("--model", default=None, help="detect: whose tokenizer (default: the embedded 270M's)")
-    w.add_argument("--alpha", type=float, default=1e-3, help="detect: p-value below which text counts as marked")
-    w.add_argument("--depth", type=int, default=30, help="keys: how many (the tournament depth)")
-    w.add_argument("--ngram-len", type=int, default=5, help="keys: context length + 1")
-    w.set_defaults(func=cmd_watermark)
-
-
-def cmd_redteam(args: argparse.Namespace) -> None:
-    from gemmakit.eval.backends import LocalBackend, OpenAIBackend
-    from gemmakit.safety import redteam
-    from gemmakit.safety.classifier import POLICIES, PolicyClassifier, load_policies
-
-    policies = load_policies(args.policies) if args.policies else dict(POLICIES)
-    cases = redteam.load_suite(args.suite, policies)
-    thresholds = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
-    args.compiled = False
-    llm = load_llm(args)  # the model under test (unless --endpoint), and the classifier unless --classifier
-    judge = llm
-    if args.classifier:
-        from gemmakit.api import load
-
-        judge = load(args.classifier, args.dtype, args.device)
-    backend = (OpenAIBackend(args.endpoint, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
-               if args.endpoint else LocalBackend(llm, 8))
-    results = redteam.run(cases, backend, PolicyClassifier(judge.model, judge.tokenizer), policies, thresholds,
-                          args.max_tokens)
-    report = redteam.write_report(results, args.out, args.endpoint_model if args.endpoint else llm.name)
-    print(report.read_text())
-
-
-def add_redteam_parser(sub: Any) -> None:
-    r = sub.add_parser("redteam", help="adversarial prompts against a model or endpoint, judged by the classifier")
-    r.add_argument("--suite", required=True, help="JSONL cases: category, prompt, expected (refuse | comply)")
-    r.add_argument("--out", default="runs/redteam", help="redteam.json, report.md, chart.png")
-    r.add_argument("--endpoint", default=None, help="test an OpenAI-compatible server instead of --model")
-    r.add_argument("--endpoint-model", default="default")
-    r.add_argument("--api-key", default=None)
-    r.add_argument("--classifier", default=None, help="the judging model (default: the --model under test)")
-    r.add_argument("--policies", default=None, help="custom policies YAML (categories may name them)")
-    r.add_argument("--thresholds", default=None, help="thresholds.json from gemmakit classify --data")
-    r.add_argument("--max-tokens", type=int, default=128)
-    add_load_args(r)
-    r.set_defaults(func=cmd_redteam)
-
-
-def cmd_classify(args: argparse.Namespace) -> None:
-    from gemmakit.eval.data import read_records
-    from gemmakit.files import write_text_atomic
-    from gemmakit.safety.classifier import POLICIES, PolicyClassifier, calibrate_on, load_policies
-
-    policies = load_policies(args.policies) if args.policies else dict(POLICIES)
-    if args.policy:
-        unknown = [p for p in args.policy if p not in policies]
-        if unknown:
-            raise ValueError(f"unknown policy {unknown}; known: {', '.join(policies)}")
-        policies = {k: policies[k] for k in args.policy}
-    if (args.text is None) == (args.data is None):
-        raise ValueError("give TEXT to classify, or --data LABELLED.jsonl to calibrate thresholds")
-    args.compiled = False
-    llm = load_llm(args)
-    classifier = PolicyClassifier(llm.model, llm.tokenizer, args.batch_size)
-    if args.text is not None:
-        thresholds = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
-        (scores,) = classifier.score([(args.text, args.response)], policies)
-        for key, p in scores.items():
-            t = thresholds.get(key, 0.5)
-            print(f"{key:12s} P(violation) {p:.3f}  threshold {t:.3f}  {'FLAGGED' if p >= t else 'ok'}")
-        return
-    report = calibrate_on(classifier, read_records(args.data), policies)
-    out = Path(args.out)
-    write_text_atomic(out / "calibration.json", json.dumps(report, indent=2))
-    write_text_atomic(out / "thresholds.json", json.dumps({k: v["threshold"] for k, v in report.items()}, indent=2))
-    print("| policy | n | AUROC | threshold | F1 | accuracy at threshold | accuracy at 0.5 |")
-    print("|---|---|---|---|---|---|---|")
-    for k, v in report.items():
-        print(f"| {k} | {v['n']} | {v['auroc']:.3f} | {v['threshold']:.4f} | {v['f1']:.3f} | "
-              f"{v['accuracy_at_threshold']:.3f} | {v['accuracy_at_0.5']:.3f} |")
-    print(f"wrote {out / 'thresholds.json'} and {out / 'calibration.json'}")
-
-
-def add_classify_parser(sub: Any) -> None:
-    c = sub.add_parser("classify", help="P(policy violation) the ShieldGemma way, or calibrate thresholds")
-    c.add_argument("text", nargs="?", default=None, help="the user prompt to classify")
-    c.add_argument("--response", default=None, help="classify this model response to TEXT instead")
-    c.add_argument("--policy", action="append", default=[], help="only these policies (dangerous, harassment, "
-                                                                  "hate, sexual, or keys of --policies)")
-    c.add_argument("--policies", default=None, help="custom policies (YAML: key: {name, description})")
-    c.add_argument("--thresholds", default=None, help="thresholds.json from a calibration (default 0.5)")
-    c.add_argument("--data", default=None, help="labelled JSONL (policy, prompt, [response], label) to calibrate")
-    c.add_argument("--out", default="runs/classify", help="where calibration writes thresholds.json")
-    c.add_argument("--batch-size", type=int, default=8)
-    add_load_args(c)
-    c.set_defaults(func=cmd_classify)
-
-
 def add_finetune_parser(sub: Any) -> None:
     from gemmakit.train.recipe import add_arguments
 
@@ -564,10 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_export_parsers(sub)
     add_finetune_parser(sub)
+    from gemmakit.eval.command import add_eval_parsers
+    from gemmakit.safety.command import add_safety_parsers
+
     add_eval_parsers(sub)
-    add_classify_parser(sub)
-    add_watermark_parser(sub)
-    add_redteam_parser(sub)
+    add_safety_parsers(sub)
     return p
 
 
