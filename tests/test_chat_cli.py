@@ -24,7 +24,10 @@ class Terminal:
 
     def __init__(self, argv: list[str]):
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        # A terminal program gets Ctrl-C; a test run started in the background (`cmd &`) has SIGINT ignored,
+        # and the child would inherit that, so the default disposition is restored for it.
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         os.close(slave)
         self.text, self.pos, self.chunks = "", 0, []
 
