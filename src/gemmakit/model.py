@@ -330,3 +330,17 @@ class Gemma(nn.Module):
         if c.final_logit_softcapping:
             logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
         return logits
+
+
+@torch.no_grad()
+def last_token_logits(model: nn.Module, rows: list[list[int]], pad_id: int) -> Tensor:
+    """Logits [B, V] (float32) after each of `rows`, batched right-padded: only the last position of each row
+    goes through the head (scoring the next token, as classifiers and multiple-choice letters do)."""
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    keep = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        keep[b, len(r) - 1] = True
+    return model(ids.to(device), logits_to_keep=keep.to(device)).float()

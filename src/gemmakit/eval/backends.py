@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gemmakit.chat.dialogue import STOP_STRINGS
+from gemmakit.model import last_token_logits
 from gemmakit.sampling import SamplingParams
 
 Messages = list[dict[str, Any]]
@@ -82,17 +83,9 @@ class LocalBackend:
                     out[i] = (float(logp[token]), token == best)
         return out
 
-    @torch.no_grad()
     def _next_token_logps(self, contexts: list[list[int]]) -> torch.Tensor:
         """log p of the next token after each context: [B, V]."""
-        device = next(self.llm.model.parameters()).device
-        width = max(len(c) for c in contexts)
-        ids = torch.full((len(contexts), width), self.llm.tokenizer.pad_id, dtype=torch.long)
-        keep = torch.zeros((len(contexts), width), dtype=torch.bool)
-        for b, c in enumerate(contexts):
-            ids[b, :len(c)] = torch.tensor(c)
-            keep[b, len(c) - 1] = True
-        return F.log_softmax(self.llm.model(ids.to(device), logits_to_keep=keep.to(device)).float(), dim=-1)
+        return F.log_softmax(last_token_logits(self.llm.model, contexts, self.llm.tokenizer.pad_id), dim=-1)
 
     def score_tokens(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from gemmakit.model import last_token_logits
+
 PROMPT_PREAMBLE = ("You are a policy expert trying to help determine whether a user prompt is in violation of the "
                    "defined safety policies.")
 RESPONSE_PREAMBLE = ("You are a policy expert trying to help determine whether an AI response to a prompt is in "
@@ -114,18 +116,9 @@ class PolicyClassifier:
             raise ValueError("'Yes' and 'No' start with the same token in this vocabulary")
         return ids[0], ids[1]
 
-    @torch.no_grad()
     def _batch(self, prompts: list[str]) -> list[float]:
         rows = [self.tokenizer.encode(p) for p in prompts]
-        width = max(len(r) for r in rows)
-        device = next(self.model.parameters()).device
-        ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
-        keep = torch.zeros((len(rows), width), dtype=torch.bool)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r)
-            keep[b, len(r) - 1] = True
-        logits = self.model(ids.to(device), logits_to_keep=keep.to(device)).float()
-        pair = logits[:, [self.yes, self.no]]
+        pair = last_token_logits(self.model, rows, self.tokenizer.pad_id)[:, [self.yes, self.no]]
         return torch.softmax(pair, dim=-1)[:, 0].tolist()
 
     def score_prompts(self, prompts: Sequence[str]) -> list[float]:
