@@ -129,3 +129,61 @@ def test_the_terminal_chat_is_guarded_too(default_model, guard_file, tmp_path):
     assert users[0] == "My mail is [EMAIL]. Hello!"  # redacted before the model saw it
     assert not any("bomb" in u for u in users)  # the blocked message never entered the conversation
     assert "Paris" not in done.stdout and "jane@example.com" not in done.stdout
+
+
+@pytest.mark.slow
+def test_text_completions_are_guarded_too(llm, guard_file):
+    live = Live(create_app(llm, ServeOptions(context=CONTEXT, guard=guard_file)))
+    try:
+        server, client = live.app.state.server, live.client()
+        ask = dict(model=server.name, max_tokens=8, temperature=0)
+        before = server.metrics.generated_tokens._value.get()
+        for stream in (False, True):
+            r = client.completions.create(prompt=["Tea is", "How to build a bomb:"], stream=stream, **ask)
+            choices = [c.choices[0] for c in r] if stream else r.choices
+            assert choices[-1].finish_reason == "content_filter"
+            assert "".join(c.text for c in choices).endswith("Sorry, I can't help with weapons.")
+        assert server.metrics.generated_tokens._value.get() == before  # neither prompt reached the model
+        capital = "The capital of France is the city of"  # the 270M continues " Paris."
+        r = client.completions.create(prompt=capital, **ask)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == ("[removed]", "content_filter")
+        chunks = [c.choices[0] for c in client.completions.create(prompt=capital, stream=True, **ask)]
+        assert chunks[-1].finish_reason == "content_filter" and "Paris" not in "".join(c.text for c in chunks)
+        r = client.completions.create(prompt="Mail jane@corp.example.org and", echo=True, **ask)
+        assert r.choices[0].text.startswith("Mail [EMAIL] and")  # echo shows what the model was given
+    finally:
+        live.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_and_tool_call_arguments_are_guarded(llm, guard_file, stream):
+    import json
+
+    redacted = ('<|channel>thought\nAsk bob@example.com first.<channel|>Sending. '
+                '<|tool_call>call:send{to:<|"|>jane@corp.example.org<|"|>}<tool_call|><turn|>')
+    blocked = '<|channel>thought\nThe answer is Paris.<channel|>It is a secret.<turn|>'
+    for reply in (redacted, blocked):
+        live = Live(create_app(_scripted_llm(llm, reply), ServeOptions(max_batch=1, context=CONTEXT,
+                                                                      guard=guard_file)))
+        try:
+            ask = dict(model="scripted-gemma4", messages=[{"role": "user", "content": "Go"}], max_tokens=80,
+                       tools=[{"type": "function", "function": {"name": "send", "parameters": {"type": "object"}}}],
+                       extra_body={"chat_template_kwargs": {"enable_thinking": True}}, temperature=0)
+            if stream:
+                deltas = [c.choices[0] for c in live.client().chat.completions.create(stream=True, **ask) if c.choices]
+                reasoning = "".join(getattr(d.delta, "reasoning_content", None) or "" for d in deltas)
+                calls = [t for d in deltas for t in (d.delta.tool_calls or [])]
+                finish = deltas[-1].finish_reason
+            else:
+                choice = live.client().chat.completions.create(**ask).choices[0]
+                reasoning = getattr(choice.message, "reasoning_content", None) or ""
+                calls = choice.message.tool_calls or []
+                finish = choice.finish_reason
+        finally:
+            live.close()
+        if reply is redacted:
+            assert reasoning.strip() == "Ask [EMAIL] first." and finish == "tool_calls"
+            assert [json.loads(c.function.arguments) for c in calls] == [{"to": "[EMAIL]"}]
+        else:
+            assert finish == "content_filter" and "Paris" not in reasoning

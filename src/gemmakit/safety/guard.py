@@ -5,7 +5,8 @@ A guard is a list of rules, each with an action:
 - `pattern`: regular expressions and keywords; `block`, `warn` or `log`;
 - `policy`: a ShieldGemma-style policy (classifier.py) scored by a Gemma model, flagged at its threshold;
   `block`, `warn` or `log`.
-Rules apply to the input (the user's messages, before the model sees anything), the output, or both.
+Rules apply to the input (the user's messages or a completion prompt, before the model sees anything), the
+output (content and thought channel as they stream, tool-call arguments whole), or both.
 `block` on input means the model never runs and the answer is a refusal with finish_reason
 "content_filter"; on output the stream is cut there, with the same finish reason. `warn` and `log` let text
 through and record an event (a log line; `warn` also reaches the caller).

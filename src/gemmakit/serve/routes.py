@@ -98,11 +98,9 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     choices = [Choice(i, None if llm.is_base else StreamParser(llm.chat_format.family), llm.is_base)
                for i in range(body.n)]
     if server.guard is not None:
-        from gemmakit.safety.guard import OutputWatch
-
         last_user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), None)
         for c in choices:
-            c.watch = OutputWatch(server.guard, last_user if isinstance(last_user, str) else None)
+            c.add_guard(server.guard, last_user if isinstance(last_user, str) else None)
     if body.response_format or body.tool_choice not in (None, "auto", "none"):
         await asyncio.to_thread(server.grammars)  # built once (~3 s), off the event loop other streams need
     constraint = response_constraint(server, body.response_format)
@@ -122,19 +120,21 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         for c in choices], run.usage())
 
 
-def _refused(server: Server, body: P.ChatRequest, message: str) -> Any:
-    """An input guard said no: the model never sees the request."""
-    rid = P.new_id("chatcmpl")
-    choices = [{"index": i, "message": {"role": "assistant", "content": message}, "finish_reason": "content_filter",
-                "logprobs": None} for i in range(body.n)]
+def _refused(server: Server, body: Any, message: str, count: int | None = None) -> Any:
+    """An input guard said no: the model never sees the request. Chat and text completions alike."""
+    chat = isinstance(body, P.ChatRequest)
+    kind, rid = ("chat.completion", P.new_id("chatcmpl")) if chat else ("text_completion", P.new_id("cmpl"))
+    answer = {"message": {"role": "assistant", "content": message}} if chat else {"text": message}
+    choices = [{"index": i, **answer, "finish_reason": "content_filter", "logprobs": None}
+               for i in range(body.n if count is None else count)]
     if not body.stream:
-        return P.envelope("chat.completion", rid, server.name, choices, P.usage(0, 0))
+        return P.envelope(kind, rid, server.name, choices, P.usage(0, 0))
 
     async def events() -> AsyncIterator[str]:
         for c in choices:
-            yield sse(P.envelope("chat.completion.chunk", rid, server.name, [
-                {"index": c["index"], "delta": {"role": "assistant", "content": message}, "logprobs": None,
-                 "finish_reason": "content_filter"}]))
+            delta = {"delta": {"role": "assistant", "content": message}} if chat else {"text": message}
+            yield sse(P.envelope(kind + (".chunk" if chat else ""), rid, server.name, [
+                {"index": c["index"], **delta, "logprobs": None, "finish_reason": "content_filter"}]))
         yield sse("[DONE]")
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -146,12 +146,20 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
     if body.suffix:
         raise P.ParamError("suffix is not supported", "suffix", "unsupported_value")
     prompts = _prompt_ids(server, body.prompt)
+    texts: list[str | None] = [None] * len(prompts)
+    if server.guard is not None:
+        prompts, texts, refusal = await asyncio.to_thread(_guard_prompts, server, prompts)
+        if refusal:
+            return _refused(server, body, refusal, len(prompts) * body.n)
     max_tokens = max(check_fits(server, len(ids), body.max_tokens, "prompt") for ids in prompts)
     params = body.sampling(max_tokens, body.logprobs, server.llm.model.config.vocab_size)
     params.stop_token_ids = tuple(server.llm.stop_ids(chat=False))
     all_ids = [ids for ids in prompts for _ in range(body.n)]
     all_params = [p for _ in prompts for p in per_choice(params, body.n, None)]
     choices = [Choice(i) for i in range(len(all_ids))]
+    if server.guard is not None:
+        for c in choices:
+            c.add_guard(server.guard, texts[c.index // body.n])
     tickets, events = submit_all(server, all_ids, all_params)
     run = _Run(server, request, tickets, events, choices, P.new_id("cmpl"), sum(map(len, prompts)))
     echo = [server.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in all_ids]
@@ -179,6 +187,20 @@ def _prompt_ids(server: Server, prompt: Any) -> list[list[int]]:
     if not out:
         raise P.ParamError("prompt is empty", "prompt")
     return out
+
+
+def _guard_prompts(server: Server, prompts: list[list[int]]) -> tuple[list[list[int]], list[str], str | None]:
+    """Each prompt's text through the input rules: (prompt ids, with redacted ones re-encoded from their redacted
+    text; the texts; the first refusal or None). Token-id prompts are checked as the text they decode to."""
+    tok, ids_out, texts = server.llm.tokenizer, [], []
+    for ids in prompts:
+        text = tok.decode(ids, skip_special_tokens=True)
+        verdict = server.guard.check(text, "input")
+        if verdict.refusal:
+            return prompts, texts, verdict.refusal
+        ids_out.append(ids if verdict.text == text else tok.encode(verdict.text))
+        texts.append(verdict.text)
+    return ids_out, texts, None
 
 
 # --- one request's run ----------------------------------------------------------------------------------
@@ -214,14 +236,11 @@ class _Run:
                     continue
                 delta = choice.feed(update)
                 refusal = self.server.check_output(choice.content)
-                if choice.watch is not None and not refusal:
-                    delta.content = await asyncio.to_thread(choice.watch.update, choice.content, choice.finished)
-                    refusal = choice.watch.refusal
-                    if choice.finished and not refusal:
-                        choice.content = choice.watch.sent  # the redacted text, as it was sent
+                if choice.watch is not None and not refusal:  # off the loop: policy rules run a model
+                    refusal = await asyncio.to_thread(choice.guard, delta)
                 if refusal and not choice.filtered:
                     choice.filtered, choice.engine_reason = True, "content_filter"
-                    choice.content = refusal
+                    choice.content, choice.reasoning, choice.tool_calls = refusal, "", []
                     self.server.loop.cancel(self.tickets[index])
                     delta.content, delta.reasoning, delta.tool_calls = "", "", []
                 yield choice, delta

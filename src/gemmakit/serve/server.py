@@ -37,7 +37,7 @@ class ServeOptions:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_name: str | None = None
-    guard: str | None = None  # a guard YAML (safety/guard.py): input and output rules for chat completions
+    guard: str | None = None  # a guard YAML (safety/guard.py): input and output rules for both completions
 
 
 class Server:
