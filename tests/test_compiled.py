@@ -63,3 +63,25 @@ def test_one_row_matmuls_are_decomposed_at_any_width():
     configure_inductor()
     bounds = inductor_config.post_grad_fusion_options["decompose_mm_pass"]
     assert bounds["cpu_max_other_dimension_decomposition"] >= 262_144
+
+
+def test_compiled_one_row_int8_matmul_is_a_fused_reduction():
+    """Under torch.compile a one-row int8 matmul is dequantize-multiply-reduce (the packed kernel's one-row path
+    is ~2.5x slower on CPU); it equals the kernel to bf16 rounding, and several rows still take the kernel."""
+    from torch.profiler import profile
+
+    from gemmakit.quantize import int8_matmul, quantize_int8
+
+    torch.manual_seed(0)
+    q, s = quantize_int8(torch.randn(4096, 640) * 0.02)
+    step = torch.compile(lambda x: int8_matmul(x, q, s), dynamic=False)
+    for rows, kernel in ((1, False), (3, True)):
+        x = torch.randn(rows, 640)
+        want = x @ (q.float() * s.float()[:, None]).T
+        with profile() as prof:
+            got = step(x)
+        called = any("_weight_int8pack_mm" in e.key for e in prof.key_averages())
+        assert called == kernel
+        assert torch.allclose(got.float(), want, atol=0.02 * want.abs().max().item())
+        if not kernel:
+            assert torch.allclose(got, want, atol=1e-4)  # fp32 all the way
