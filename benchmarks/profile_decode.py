@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=12, help="how many ops to list")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--shapes", action="store_true", help="one row per op and input shapes")
     ap.add_argument("--pack", action="store_true", help="oneDNN-packed float weights (packing.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,13 +49,15 @@ def main() -> None:
         engine.submit(prompt, SamplingParams(max_tokens=args.steps + 1))
     while engine.waiting or any(not r.tokens for r in engine.running.values()):  # prefills stay out
         engine.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         t0 = time.perf_counter()
         while engine.has_work:
             engine.step()
         wall = (time.perf_counter() - t0) / args.steps
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    rows = [{"op": e.key[:60], "ms/step": e.self_cpu_time_total / 1e3 / args.steps,
+    events = sorted(prof.key_averages(group_by_input_shape=args.shapes), key=lambda e: e.self_cpu_time_total,
+                    reverse=True)
+    rows = [{"op": e.key[:60] + (f" {e.input_shapes}"[:90] if args.shapes else ""),
+             "ms/step": e.self_cpu_time_total / 1e3 / args.steps,
              "share": e.self_cpu_time_total / 1e6 / (wall * args.steps), "calls/step": e.count / args.steps}
             for e in events[: args.rows]]
     print(f"Gemma 3 270M, {args.dtype}, quantize {args.quantize}, compiled {args.compile}, {args.threads} threads: "

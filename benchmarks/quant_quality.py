@@ -9,7 +9,8 @@ Variants: fp32 (the reference), bf16 (`model.to(bfloat16)`), and `quantize_model
 size, all quantized from the same fp32 weights; non-quantized parts (norms, residual stream) stay fp32.
 NB the fp32 model is itself the embedded Q4_K_M GGUF dequantized (embedding Q8_0; q/k/v, gate and up Q5_0; o_proj
 and half the down_proj Q4_K, the other half Q6_K), so this measures the loss of re-quantizing it: int8 keeps
-nearly all of it, while int4 rounds 5-bit and 8-bit weights onto a coarser grid.
+nearly all of it, while int4 rounds 5-bit and 8-bit weights onto a coarser grid. The last row is the model
+`--quantize int4` loads: the same, except that the GGUF's 4-bit (Q4_K) matrices keep their stored codes.
 
 Run: .venv/bin/python benchmarks/quant_quality.py [--window 512] [--group-sizes 32 64 128]
 """
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gemmakit.checkpoints import load_model_and_tokenizer
+from gemmakit.checkpoints import load_model, load_model_and_tokenizer
 from gemmakit.model import Gemma
 from gemmakit.quantize import quantize_model, quantized_bytes
 
@@ -59,6 +60,8 @@ def variants(fp32: Gemma, group_sizes: list[int]) -> Iterator[tuple[str, Gemma]]
     yield "int8", quantize_model(copy.deepcopy(fp32), "int8")
     for g in group_sizes:
         yield f"int4 g{g}", quantize_model(copy.deepcopy(fp32), "int4", group_size=g)
+    # What `--quantize int4` does with the GGUF: quantized while loading, its Q4_K matrices on their own codes.
+    yield "int4 g32, GGUF 4-bit codes kept", load_model(quantize="int4")
 
 
 def main() -> None:

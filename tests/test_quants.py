@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemmakit.checkpoints.quants import SUPPORTED, dequantize
+from gemmakit.checkpoints.quants import FOUR_BIT, SUPPORTED, dequantize, four_bit_codes
 from tests.helpers import default_gguf
 
 T = gguf.GGMLQuantizationType
@@ -146,3 +146,37 @@ def test_real_gguf_file_matches_reference():
             out = dequantize(tensor.data, qtype, shape)
             expected = reference(tensor.data, qtype).reshape(shape)
             assert torch.equal(out, expected), f"{tensor.name} ({qtype.name})"
+
+
+@pytest.mark.parametrize("qtype", sorted(FOUR_BIT, key=lambda t: t.name), ids=lambda t: t.name)
+def test_four_bit_codes_are_what_dequantize_decodes(qtype: T):
+    """Codes in 0..15 with a scale and zero per 32 values reproduce the decoded matrix exactly (same f32 ops)."""
+    data, (rows, cols) = random_quant(qtype, rows=4, blocks_per_row=2)
+    q, scale, zero = four_bit_codes(data, qtype, (rows, cols))
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == zero.shape == (rows, cols // 32)
+    groups = q.float().view(rows, -1, 32)
+    rebuilt = (groups * scale[..., None] + zero[..., None]).view(rows, cols)
+    torch.testing.assert_close(rebuilt, dequantize(data, qtype, (rows, cols)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="does not store 4-bit codes"):
+        four_bit_codes(data, T.Q8_0, (rows, cols))
+
+
+@pytest.mark.skipif(not GGUF_PATH.exists(), reason=f"{GGUF_PATH} not downloaded")
+def test_int4_loading_keeps_the_gguf_q4_codes():
+    """`--quantize int4` runs a Q4_K matrix of the real file on its stored codes: its int4 weight equals the
+    file's values up to bf16 rounding of scale and zero, far closer than re-fitting the decoded values."""
+    from gemmakit.checkpoints import load_model
+    from gemmakit.checkpoints.gguf_reader import open_gguf
+    from gemmakit.quantize import Int4Linear
+
+    tensor = next(t for t in open_gguf(GGUF_PATH).tensors if t.name == "blk.0.attn_output.weight")
+    assert tensor.tensor_type == T.Q4_K
+    shape = tuple(reversed(tensor.shape.tolist()))
+    want = dequantize(tensor.data, tensor.tensor_type, shape)
+    linear = load_model(GGUF_PATH, quantize="int4").model.layers[0].self_attn.o_proj
+    eye = torch.eye(shape[1])
+
+    def error(lin: Int4Linear) -> float:
+        return ((lin(eye).float().T - want).norm() / want.norm()).item()
+    kept, refit = error(linear), error(Int4Linear.from_weight(want, 32))
+    assert kept < 0.006 and kept < refit / 5, (kept, refit)

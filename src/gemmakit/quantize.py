@@ -222,6 +222,17 @@ class Int4Linear(nn.Module):
         packed, sz, _ = quantize_int4_packed(w.detach(), group_size)
         return cls(packed, sz, group_size, *w.shape)
 
+    @classmethod
+    def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor) -> Int4Linear:
+        """Codes chosen elsewhere, e.g. a GGUF's Q4 blocks: q [N, K] in 0..15 with w = scale * q + zero per
+        group (scale, zero [N, groups]), i.e. the kernel's (q - 8) * scale + (zero + 8 * scale). The codes
+        are kept as they are; only scale and zero are rounded to bf16."""
+        n, k = q.shape
+        group_size = k // scale.shape[1]
+        _check_int4(n, k, group_size, q.device)
+        sz = torch.stack([scale, zero + 8 * scale], dim=-1).to(COMPUTE_DTYPE).transpose(0, 1).contiguous()
+        return cls(pack_int4(q), sz, group_size, n, k)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != self.device_type:
             raise RuntimeError(f"this Int4Linear is packed for {self.device_type}, not {x.device.type}: "

@@ -93,6 +93,25 @@ class Loader:
             quantize_child(self.model, self.model.get_submodule(parent_name), name, self.quantize)
             return_freed_memory()  # else the freed fp32 weights pile up as heap garbage, module after module
 
+    def assign_int4_codes(self, key: str, codes: Callable[[], tuple[torch.Tensor, ...]]) -> bool:
+        """When quantizing to int4, a linear weight stored as 4-bit codes (a GGUF's Q4_0/Q4_1/Q4_K blocks)
+        becomes an `Int4Linear` on those very codes, not on a re-fit of their dequantized values: no second
+        rounding. `codes()` gives (q, scale, zero) as `quants.four_bit_codes` does. False when this does not
+        apply (another mode, not a plain linear, a shape the kernel refuses): the caller dequantizes."""
+        from gemmakit.model import Router
+        from gemmakit.quantize import Int4Linear, int4_problem
+
+        module_name, _, leaf = key.rpartition(".")
+        parent_name, _, name = module_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        linear = getattr(parent, name)
+        if (self.quantize != "int4" or leaf != "weight" or type(linear) is not nn.Linear
+                or isinstance(parent, Router) or int4_problem(*linear.weight.shape, 32, self.device)):
+            return False
+        setattr(parent, name, Int4Linear.from_codes(*(c.to(self.device) for c in codes())))
+        self.loaded.add(key)
+        return True
+
     def assign_rows(self, key: str, source: RowSource) -> None:
         """Like `assign`, for a tensor that may be read in row blocks: the tied embedding table is quantized
         straight from them when quantizing; anything else is read whole."""

@@ -19,7 +19,7 @@ import torch
 
 from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
 from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
-from gemmakit.checkpoints.quants import dequantize
+from gemmakit.checkpoints.quants import FOUR_BIT, dequantize, four_bit_codes
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
 
@@ -92,6 +92,13 @@ def _dequantize(t: Any, data: Any, shape: tuple[int, ...], path: Path | str) -> 
         raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
 
 
+def _codes(t: Any, shape: tuple[int, ...], path: Path | str) -> tuple[torch.Tensor, ...]:
+    try:
+        return four_bit_codes(t.data, t.tensor_type, shape)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               quantize: str | None = None) -> Gemma:
     reader = open_gguf(path)
@@ -116,6 +123,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
                 return w
 
             loader.assign_rows(key, RowSource(shape, loader.dtype, loader.device, rows))
+            continue
+        if t.tensor_type in FOUR_BIT and loader.assign_int4_codes(key, lambda t=t, shape=shape: _codes(t, shape, path)):
+            release_pages(reader, t.data_offset, t.n_bytes)
             continue
         w = _dequantize(t, t.data, shape, path)
         release_pages(reader, t.data_offset, t.n_bytes)

@@ -142,6 +142,42 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return q.float().mul_(dl).reshape(-1, 256)
 
 
+# -----------------------------------------------------------------------------
+# 4-bit codes as they are stored, for int4 kernels: [n_blocks, bytes] -> (q [n, G], scale [n, G/32], zero)
+# with value = scale * q + zero over each group of 32 consecutive values
+
+
+def _q4_0_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = _f16(blocks, 0)
+    return _nibbles(blocks[:, 2:]).reshape(-1, 32), d, -8 * d
+
+
+def _q4_1_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _nibbles(blocks[:, 4:]).reshape(-1, 32), _f16(blocks, 0), _f16(blocks, 2)
+
+
+def _q4_k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale, minimum = _k_scales(blocks[:, 4:16])
+    q = _nibbles(blocks[:, 16:].reshape(-1, 4, 32)).reshape(-1, 256)
+    return q, _f16(blocks, 0) * scale, -(_f16(blocks, 2) * minimum)
+
+
+_CODES = {T.Q4_0: _q4_0_codes, T.Q4_1: _q4_1_codes, T.Q4_K: _q4_k_codes}
+FOUR_BIT: frozenset[GGMLQuantizationType] = frozenset(_CODES)
+
+
+def four_bit_codes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stored 4-bit codes of a Q4_0 / Q4_1 / Q4_K matrix `shape` [N, K], undecoded: (q uint8 [N, K] in
+    0..15, scale and zero float32 [N, K / 32]) with w = scale * q + zero per group of 32 inputs, which is
+    what `dequantize` computes. An int4 kernel with groups of 32 can run these codes as they are."""
+    if qtype not in FOUR_BIT:
+        raise ValueError(f"{getattr(qtype, 'name', qtype)} does not store 4-bit codes")
+    n, k = shape
+    q, scale, zero = _CODES[qtype](_blocks(data, qtype, shape))
+    return q.reshape(n, k), scale.reshape(n, k // 32), zero.reshape(n, k // 32)
+
+
 def _f32(raw: torch.Tensor) -> torch.Tensor:
     # the only decoder whose result would alias the (read-only) file mapping, so copy it out
     return raw.view(torch.float32).clone()
@@ -202,6 +238,11 @@ def dequantize(
     happens once at the end.
     """
     _check_supported(qtype)
+    return _DECODERS[qtype](_blocks(data, qtype, shape)).reshape(shape).to(dtype)
+
+
+def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """The data as [n_blocks, type_size] bytes (float types: flat), checked against `shape`."""
     raw = _raw_bytes(data)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     numel = int(np.prod(shape, dtype=np.int64))
@@ -210,6 +251,4 @@ def dequantize(
             f"{qtype.name} data holds {raw.numel()} bytes, which does not match shape {tuple(shape)} "
             f"({numel} values at {type_size} bytes per {block_size} values)"
         )
-    decode = _DECODERS[qtype]
-    blocks = raw if qtype in _FLOAT_TYPES else raw.view(-1, type_size)
-    return decode(blocks).reshape(shape).to(dtype)
+    return raw if qtype in _FLOAT_TYPES else raw.view(-1, type_size)
