@@ -91,3 +91,13 @@ def test_engine_on_packed_weights_decodes_like_plain(keep_plain):
         assert a.tokens == b.tokens
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_gradients_through_packed_weights_are_refused():
+    """The packed op has no backward: asking for gradients fails loudly instead of silently dropping them."""
+    model = pack_linears(torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False)), head=False)
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="packed weights are for inference"):
+        model(x)
+    with torch.no_grad():
+        assert model(x).shape == (2, 32)

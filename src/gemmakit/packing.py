@@ -81,6 +81,9 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is not None and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
             return F.linear(x, self.weight)
+        if x.requires_grad and torch.is_grad_enabled():  # the op has no backward: fail, never drop gradients
+            raise RuntimeError("packed weights are for inference: load without packing (`pack=False`, "
+                               "`--pack off`) to train or to take gradients")
         return packed_linear(x, self.handle, self.out_features)
 
     def extra_repr(self) -> str:
