@@ -344,3 +344,17 @@ def test_sample_rejects_mismatched_inputs():
         step(sampler, torch.zeros(1, V), [SamplingParams(logit_bias={V: 1.0})])
     with pytest.raises(ValueError, match="history"):
         step(sampler, torch.zeros(1, V), [SamplingParams(repetition_penalty=1.2)], history=[[V]], prompt_lens=[1])
+
+
+def test_sampling_never_writes_into_the_callers_logits():
+    """The sampler reads the model's logits in place (no up-front copy); penalties, bias and the loop ban must
+    leave them as they were, since a compiled step may hand out its own output buffer."""
+    history = [1, 2] + CYCLE * 6
+    for params in (SamplingParams(loop_guard="penalize", loop_min_repeats=4, loop_min_span=12),
+                   SamplingParams(repetition_penalty=20.0, presence_penalty=0.5, frequency_penalty=0.5),
+                   SamplingParams(logit_bias={5: -100.0})):
+        logits = scripted_logits(history)[None]
+        before = logits.clone()
+        tokens, _ = Sampler(10).sample(logits, [params], [history], [2], [None])
+        assert torch.equal(logits, before), params
+        assert tokens.item() != before.argmax().item(), params  # each one did act, on its own copy
