@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from gemmakit.sampling import Sampler, SamplingParams, _truncate, find_loop, make_generator, warp
+from gemmakit.sampling import Sampler, SamplingParams, _truncate, argmax_rows, find_loop, make_generator, warp
 
 V = 8
 PROBS = [0.5, 0.25, 0.15, 0.1]  # a small distribution whose truncation sets are easy to work out by hand
@@ -358,3 +358,18 @@ def test_sampling_never_writes_into_the_callers_logits():
         tokens, _ = Sampler(10).sample(logits, [params], [history], [2], [None])
         assert torch.equal(logits, before), params
         assert tokens.item() != before.argmax().item(), params  # each one did act, on its own copy
+
+
+def test_blockwise_argmax_matches_torch_argmax_ties_and_nans_included():
+    """argmax_rows (block maxima, then one block) gives torch's answer: first maximum, NaN counts as maximum."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16 * 64, generator=g)
+    x[1, 100] = x[1, 900] = 50.0  # a tie across blocks: the first one wins
+    x[2, 70] = x[2, 71] = 50.0  # a tie inside a block
+    x[3, 600] = float("nan")
+    x[4, 5], x[4, 1000] = float("nan"), float("nan")
+    x[5] = 0.0
+    assert argmax_rows(x, chunk=64).tolist() == x.argmax(-1).tolist()
+    assert argmax_rows(x[:, :1000], 64).tolist() == x[:, :1000].argmax(-1).tolist()  # 1000 % 64: plain argmax
+    assert argmax_rows(x, chunk=64).tolist()[:5] == [int(x[0].argmax()), 100, 70, 600, 5]
+    assert argmax_rows(x[:, ::2], chunk=64).tolist() == x[:, ::2].argmax(-1).tolist()  # not contiguous

