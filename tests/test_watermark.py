@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from gemmakit.safety.watermark import WatermarkConfig, context_hash, detect, g_values, tilt
+from gemmakit.safety.watermark import WatermarkConfig, context_hash, detect, g_values, repeats_context, tilt
 from gemmakit.sampling import SamplingParams
 
 CONFIG = WatermarkConfig(keys=tuple(range(101, 131)), ngram_len=5)
@@ -43,6 +43,20 @@ def test_the_tournament_keeps_a_distribution_and_is_unbiased_over_keys():
                              probs, history, 4) for s in range(300)]).mean(0)
     assert (mean - probs).abs().max() < 0.02  # E_keys[tilted] = p: the watermark does not change what is likely
     assert torch.equal(tilt(CONFIG, probs, history + [1, 2, 3, 4], prompt_len=4), probs)  # repeated context
+
+
+def test_repeated_context_masking_agrees_between_generation_and_detection():
+    """The sampler's vectorised n-gram check and the detector's hash window skip exactly the same steps: a text
+    generated with a short window, scored token by token, is masked where the generator left it untilted."""
+    config = WatermarkConfig(keys=(1, 2, 3), ngram_len=3, history=6)
+    rng = random.Random(1)
+    ids = [rng.randrange(4) for _ in range(300)]  # 4 symbols: contexts repeat often, in and out of the window
+    start = 2
+    untilted = [repeats_context(config, ids[:t], start) for t in range(start, len(ids))]
+    hashes = [context_hash(ids[t - 2:t]) for t in range(start, len(ids))]
+    by_hash = [h in hashes[max(0, i - 6):i] for i, h in enumerate(hashes)]  # the definition, spelled out
+    assert untilted == by_hash and 20 < sum(untilted) < 280
+    assert detect(config, ids).tokens == untilted.count(False)
 
 
 def test_detection_on_synthetic_text():

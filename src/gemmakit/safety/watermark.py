@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,11 +79,17 @@ def g_values(config: WatermarkConfig, context: int, tokens: Tensor) -> Tensor:
     return (_fmix(k) >> 31) & 1
 
 
-def seen_contexts(config: WatermarkConfig, history: Sequence[int], start: int) -> set[int]:
-    """Hashes of the contexts of the tokens history[start:] (the generated ones), within the history window."""
+def repeats_context(config: WatermarkConfig, history: Sequence[int], start: int) -> bool:
+    """Whether the current context (the last ngram_len - 1 tokens) already preceded one of the generated tokens
+    history[start:] within the last `config.history` steps. Compared as token n-grams in one vectorised pass,
+    not hash by hash in Python: this runs on every sampled step of a watermarked row. (Equal n-grams have equal
+    hashes, so the detector, which compares hashes, masks the same steps.)"""
     n = config.ngram_len - 1
     first = max(start, len(history) - config.history, n)
-    return {context_hash(history[t - n:t]) for t in range(first, len(history))}
+    if first >= len(history):
+        return False
+    grams = torch.tensor(history[first - n:], dtype=torch.long).unfold(0, n, 1)  # row i: context of first + i
+    return bool((grams[:-1] == grams[-1]).all(dim=-1).any())  # the last row is the current context
 
 
 def tilt(config: WatermarkConfig, probs: Tensor, history: Sequence[int], prompt_len: int) -> Tensor:
@@ -91,9 +98,9 @@ def tilt(config: WatermarkConfig, probs: Tensor, history: Sequence[int], prompt_
     n = config.ngram_len - 1
     if len(history) < n:
         return probs
-    context = context_hash(history[-n:])
-    if context in seen_contexts(config, history, prompt_len):
+    if repeats_context(config, history, prompt_len):
         return probs
+    context = context_hash(history[-n:])
     kept = probs.nonzero()[:, 0]
     p = probs[kept].double()
     g = g_values(config, context, kept).double()
@@ -112,15 +119,19 @@ class Detection:
 def detect(config: WatermarkConfig, ids: Sequence[int], skip: Sequence[int] = ()) -> Detection:
     """Score token ids (a text's tokens, without BOS). `skip`: ids never scored (end-of-text markers)."""
     n, skip = config.ngram_len - 1, set(skip)
-    seen: list[int] = []
+    recent: deque[int] = deque()  # the contexts of the last `history` scored steps, and how often each occurs
+    counts: Counter[int] = Counter()
     bits, count = 0, 0
     for t in range(n, len(ids)):
         if ids[t] in skip:
             continue
         context = context_hash(ids[t - n:t])
-        window = seen[-config.history:]
-        seen.append(context)
-        if context in window:
+        repeated = counts[context] > 0
+        recent.append(context)
+        counts[context] += 1
+        if len(recent) > config.history:
+            counts[recent.popleft()] -= 1
+        if repeated:
             continue
         g = g_values(config, context, torch.tensor([ids[t]]))
         bits += int(g.sum())
