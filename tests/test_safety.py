@@ -142,6 +142,13 @@ def test_pattern_filters_match_words_and_regexes():
 
 
 # --- red team ------------------------------------------------------------------------------------
+def test_redteam_names_its_own_flag_when_the_suite_is_missing(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gemmakit.cli", "redteam", "--suite", str(tmp_path / "no.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no.jsonl does not exist (give a local file with --suite)" in done.stderr
+
+
 @pytest.mark.slow
 def test_redteam_report_on_the_270m(default_model, tmp_path):
     done = subprocess.run([sys.executable, "-m", "gemmakit.cli", "redteam", "--suite",

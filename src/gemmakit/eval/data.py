@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
-def read_records(path: str | Path, header: list[str] | None = None) -> list[dict[str, Any]]:
-    """The records of one file, as dicts. `header` names the columns of a header-less CSV."""
+def read_records(path: str | Path, header: list[str] | None = None, flag: str = "--data") -> list[dict[str, Any]]:
+    """The records of one file, as dicts. `header` names the columns of a header-less CSV; `flag` is the
+    command-line option that names the file, for the error when it is missing."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation data {path} does not exist (give a local file with --data)")
+        raise FileNotFoundError(f"{path} does not exist (give a local file with {flag})")
     name = path.name.lower()
     if name.endswith(".parquet"):
         return _parquet(path)

@@ -31,7 +31,7 @@ REFUSAL = re.compile(r"\b(I can(?:'|no)t|I cannot|I won't|I will not|I'm sorry|I
 
 
 def load_suite(path: str | Path, policies: dict[str, Policy]) -> list[dict[str, Any]]:
-    cases = read_records(path)
+    cases = read_records(path, flag="--suite")
     for i, c in enumerate(cases):
         if not isinstance(c.get("prompt"), str) or c.get("expected") not in ("refuse", "comply"):
             raise ValueError(f"{path}: case {i + 1} needs a prompt and expected: refuse | comply")
