@@ -77,10 +77,14 @@ def _cell(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def markdown(results: list[dict[str, Any]], png_name: str) -> str:
-    labels = [_label(r) for r in results]
+def _grid(results: list[dict[str, Any]]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(column labels, metric names in first-seen order, one flat metrics dict per run): both tables' content."""
     rows = [_flat(r["metrics"]) for r in results]
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return [_label(r) for r in results], list(dict.fromkeys(k for row in rows for k in row)), rows
+
+
+def markdown(results: list[dict[str, Any]], png_name: str) -> str:
+    labels, keys, rows = _grid(results)
     lines = [f"# {results[0]['task']} results", "", f"![chart]({png_name})", "",
              "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += [f"| {k} | " + " | ".join(_cell(row.get(k, "")) for row in rows) + " |" for k in keys]
@@ -112,9 +116,7 @@ def write_report(result_files: list[str | Path], out: str | Path) -> Path:
 
 
 def _html_table(results: list[dict[str, Any]]) -> str:
-    labels = [_label(r) for r in results]
-    rows = [_flat(r["metrics"]) for r in results]
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    labels, keys, rows = _grid(results)
     head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(x)}</th>" for x in labels) + "</tr>"
     body = "".join("<tr><th>" + html.escape(k) + "</th>" + "".join(
         f"<td>{html.escape(_cell(row.get(k, '')))}</td>" for row in rows) + "</tr>" for k in keys)
