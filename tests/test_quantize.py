@@ -15,6 +15,9 @@ from gemmakit.quantize import (
     Int8Linear,
     QuantizedEmbedding,
     QuantizedExperts,
+    cpu_int4_layout,
+    pack_int4,
+    quantize_int4_packed,
     quantize_model,
     quantized_bytes,
 )
@@ -127,6 +130,40 @@ def test_embedding_rows_equal_the_head(mode):
     from_head = head(torch.eye(64)).t()  # x = I gives the dequantized weight, in the kernel's bf16
     assert _rel(from_head, rows) < 0.005
     assert _rel(rows, _gemma().model.embed_tokens.weight) < (0.01 if mode == "int8" else 0.1)
+
+
+@pytest.mark.parametrize("k", [64, 640, 2048])
+def test_the_cpu_int4_layout_is_read_off_the_kernel(k):
+    """Each code of a packed block is found at its (byte, nibble): unpacking rebuilds any code matrix, block
+    after block (here 3 blocks of random codes)."""
+    offset, shift = cpu_int4_layout(k)
+    codes = torch.randint(0, 16, (3 * offset.shape[0], k), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    rows, width = offset.shape[0], packed.shape[1]
+    ids = torch.arange(codes.shape[0])
+    at = (ids - ids % rows)[:, None] * width + offset[ids % rows]
+    assert torch.equal((packed.flatten()[at] >> shift[ids % rows]) & 15, codes)
+
+
+def test_the_int4_table_reads_the_packed_head_in_place():
+    """The int4 embedding looks rows up in the head's own packed codes: the same rows, bit for bit, as a
+    separate nibble copy of those codes would give, one vocabulary's worth of memory less."""
+    model = quantize_model(_gemma(), "int4")
+    table, head = model.model.embed_tokens, model.lm_head
+    assert table.packed and table.qweight is head.weight
+    w = _gemma().model.embed_tokens.weight.detach()
+    _, sz, nibbles = quantize_int4_packed(w, 32, nibbles=True)
+    assert torch.equal(sz, head.scales_and_zeros)
+    separate = QuantizedEmbedding(nibbles, head.scales_and_zeros, w.dtype, None, 32)
+    ids = torch.tensor([[0, 1, 255, 256, 1023], [511, 512, 7, 900, 64]])
+    assert torch.equal(table(ids), separate(ids))
+    assert torch.equal(table.dequantize(), separate.dequantize())
+    before = quantized_bytes(model)
+    model.model.embed_tokens = separate
+    layout = table.code_offsets.nbytes + table.code_shifts.nbytes  # the map, for a block of 256 rows
+    assert quantized_bytes(model) - before == nibbles.numel() - layout  # the saving: the nibble copy, less the map
+    model.model.embed_tokens = table
+    assert "code_offsets" not in model.state_dict() and "(in the head)" in repr(table)
 
 
 @pytest.mark.parametrize("variant", ["gemma3", "e2b", "26b-a4b", "31b"])

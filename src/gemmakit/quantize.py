@@ -32,6 +32,7 @@ Hooks in model.py: `Gemma.forward` calls `self.lm_head(x)` when it is set, and `
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -152,6 +153,44 @@ def pack_int4(q: Tensor) -> Tensor:
     return torch._convert_weight_to_int4pack(_nibbles(q), inner_k_tiles)
 
 
+_PROBE_ROWS = 256  # the longest row period looked for in the CPU packing (64 with AVX-512)
+
+
+@functools.lru_cache(maxsize=8)
+def cpu_int4_layout(k: int) -> tuple[Tensor, Tensor] | None:
+    """Where the CPU int4 packing puts each code of a block of rows with `k` inputs: (byte offset into the
+    block's flattened bytes [R, k] int32, nibble shift 0 or 4 [R, k] uint8) for the packing's row period R, or
+    None when the packing is not such an arrangement of nibbles (then the table keeps its own nibble copy).
+
+    Why: the tied int4 head's codes are also the embedding table. Reading lookups straight from the packed head
+    saves a second copy of the vocabulary (84 MiB for the 270M). torch does not document the packing, and it
+    depends on the CPU's vector width, so it is read off this machine's kernel: pack probes whose codes spell out
+    each position's index four bits at a time, invert, find the shortest period of rows that repeats, and check
+    random codes."""
+    n = 2 * _PROBE_ROWS
+    index = torch.arange(n * k).view(n, k)
+    digits = (int(index.max()).bit_length() + 3) // 4
+    probes = [pack_int4(((index >> 4 * j) & 15).to(torch.uint8)).flatten() for j in range(digits)]
+    if probes[0].dtype != torch.uint8 or probes[0].numel() * 2 != index.numel():
+        return None
+    where = torch.empty(2, index.numel(), dtype=torch.long)  # (byte, shift) of each code, by its index
+    for shift in (0, 4):
+        spelled = sum(((p >> shift) & 15).long() << 4 * j for j, p in enumerate(probes))
+        if bool((spelled >= index.numel()).any()):
+            return None
+        where[0, spelled], where[1, spelled] = torch.arange(len(spelled)), shift
+    offset, shift = where[0].view(n, k), where[1].view(n, k)
+    rows = next((r for r in (16, 32, 64, 128, _PROBE_ROWS) if torch.equal(offset[r:], offset[:-r] + r * k // 2)
+                 and torch.equal(shift[r:], shift[:-r])), None)
+    if rows is None:
+        return None
+    offset, shift = offset[:rows].to(torch.int32), shift[:rows].to(torch.uint8)
+    codes = torch.randint(0, 16, (rows, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    if not torch.equal((pack_int4(codes).flatten()[offset.long()] >> shift) & 15, codes):
+        return None
+    return offset, shift
+
+
 def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(kernel-packed codes, scales_and_zeros, nibble-packed rows if asked) of w [N, K], `_ROWS` rows at a
@@ -256,18 +295,23 @@ class QuantizedEmbedding(nn.Module):
     """An `nn.Embedding` stand-in over quantized rows: `table(ids)` dequantizes only the rows looked up.
 
     There is no `.weight`: `dtype` is the dtype rows come back in (the original table's), `device` where the
-    codes live. Rows are int8 with one scale each (`group_size` None), or int4 codes two to a byte (even column
-    high) with the tinygemm `scales_and_zeros` [D/G, V, 2] shared with an int4 head.
+    codes live. Rows are int8 with one scale each (`group_size` None), or int4 codes with the tinygemm
+    `scales_and_zeros` [D/G, V, 2] shared with an int4 head. int4 codes are either two to a byte (even column
+    high), or, with `layout` from `cpu_int4_layout`, the int4 head's own CPU-packed matrix, read in place.
     """
 
     def __init__(self, qweight: Tensor, scales: Tensor, dtype: torch.dtype, padding_idx: int | None = None,
-                 group_size: int | None = None):
+                 group_size: int | None = None, layout: tuple[Tensor, Tensor] | None = None):
         super().__init__()
         self.num_embeddings = qweight.shape[0]
         self.embedding_dim = qweight.shape[1] * (1 if group_size is None else 2)
         self.dtype, self.padding_idx, self.group_size = dtype, padding_idx, group_size
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        self.packed = layout is not None
+        if layout is not None:  # derived from the kernel, not state: kept out of state_dict
+            self.register_buffer("code_offsets", layout[0], persistent=False)
+            self.register_buffer("code_shifts", layout[1], persistent=False)
 
     @classmethod
     def from_embedding(cls, table: nn.Embedding) -> QuantizedEmbedding:
@@ -282,17 +326,27 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if self.group_size is None:
             return self.qweight[ids].to(self.dtype) * self.scales[ids].to(self.dtype)[..., None]
-        b = self.qweight[ids]
-        q = torch.stack([b >> 4, b & 15], dim=-1).view(*ids.shape, -1, self.group_size)
+        q = self._codes(ids).view(*ids.shape, -1, self.group_size)
         sz = self.scales[:, ids].movedim(0, -2).to(self.dtype)  # [..., D/G, 2]
         return ((q.to(self.dtype) - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
+    def _codes(self, ids: Tensor) -> Tensor:
+        """int4 codes [..., D] of rows `ids`, from nibble pairs or from the packed head's blocks."""
+        if not self.packed:
+            b = self.qweight[ids]
+            return torch.stack([b >> 4, b & 15], dim=-1).flatten(-2)
+        rows, width = self.code_offsets.shape[0], self.qweight.shape[1]  # width: bytes per row
+        within = ids % rows
+        at = (ids - within)[..., None] * width + self.code_offsets[within]  # [..., D] byte positions
+        return (self.qweight.view(-1)[at] >> self.code_shifts[within]) & 15
+
     def dequantize(self) -> Tensor:
         """The whole table [V, D] in `dtype` (for export or inspection; this is the memory it saves)."""
-        return self(torch.arange(self.num_embeddings, device=self.device))
+        ids = torch.arange(self.num_embeddings, device=self.device)
+        return torch.cat([self(chunk) for chunk in ids.split(_ROWS)])  # bounds the index temporaries
 
     def extra_repr(self) -> str:
-        bits = "int8" if self.group_size is None else f"int4 g{self.group_size}"
+        bits = "int8" if self.group_size is None else f"int4 g{self.group_size}" + (" (in the head)" * self.packed)
         return f"{self.num_embeddings}, {self.embedding_dim}, {bits}, dtype={self.dtype}"
 
 
@@ -368,9 +422,13 @@ def quantize_tied_head(model: Gemma, mode: str, group_size: int = 32, weight: An
     table = model.model.embed_tokens
     w, pad = (table.weight.detach() if weight is None else weight), table.padding_idx
     if mode == "int4" and int4_problem(*w.shape, group_size, w.device) is None:
-        packed, sz, nibbles = quantize_int4_packed(w, group_size, nibbles=True)
+        layout = cpu_int4_layout(w.shape[1]) if w.device.type == "cpu" else None
+        if layout is not None and w.shape[0] % layout[0].shape[0]:
+            layout = None  # a vocabulary that is not whole blocks of the packing's row period
+        packed, sz, nibbles = quantize_int4_packed(w, group_size, nibbles=layout is None)
         model.lm_head = Int4Linear(packed, sz, group_size, *w.shape)
-        model.model.embed_tokens = QuantizedEmbedding(nibbles, sz, w.dtype, pad, group_size)
+        table = packed if layout is not None else nibbles  # lookups read the head's own codes where they can
+        model.model.embed_tokens = QuantizedEmbedding(table, sz, w.dtype, pad, group_size, layout)
     else:
         q, s = quantize_int8(w, _int8_dtype(w.shape[1]))
         model.lm_head = Int8Linear(q, s)
