@@ -6,8 +6,9 @@
   precision: it is 0.1% of an MoE layer, and a flipped top-k choice costs more than that saves;
 - MoE `Experts` become `QuantizedExperts` (int8 per output channel, in both modes);
 - the tied head becomes `model.lm_head`, and the embedding table a `QuantizedEmbedding` built from the *same*
-  quantized tensors (int8: shared storage; int4: shared scales and zeros), so the tie survives and the vocabulary
-  (~60% of the 270M model) is stored once. The E-series PLE table becomes int8 rows.
+  quantized tensors (int8: shared storage; int4 on CPU: the head's packed codes, read in place through the
+  layout `cpu_int4_layout` finds; elsewhere a nibble copy of the codes with shared scales and zeros), so the tie
+  survives and the vocabulary (~60% of the 270M model) is stored once. The E-series PLE table becomes int8 rows.
 
 Formats. All quantized tensors are buffers, so `.to()`, `state_dict()` and the remaining fp parameters behave.
 - int8: symmetric per output channel, w ~ q * s with q in [-127, 127]; `torch._weight_int8pack_mm(x, q, s)`
