@@ -7,10 +7,12 @@ perplexity, exp(mean NLL), and how often its most likely next token equals fp32'
 
 Variants: fp32 (the reference), bf16 (`model.to(bfloat16)`), and `quantize_model` int8 and int4 at each group
 size, all quantized from the same fp32 weights; non-quantized parts (norms, residual stream) stay fp32.
-NB the fp32 model is itself the embedded Q4_K_M GGUF dequantized (embedding Q8_0; q/k/v, gate and up Q5_0; o_proj
-and half the down_proj Q4_K, the other half Q6_K), so this measures the loss of re-quantizing it: int8 keeps
-nearly all of it, while int4 rounds 5-bit and 8-bit weights onto a coarser grid. The last row is the model
-`--quantize int4` loads: the same, except that the GGUF's 4-bit (Q4_K) matrices keep their stored codes.
+NB the fp32 model is itself the embedded Q4_K_M GGUF dequantized (embedding Q8_0; q/k, gate and up Q5_0; v half
+Q5_0, half Q8_0; o_proj and half the down_proj Q4_K, the other half Q6_K), so this measures the loss of
+re-quantizing it: int8 keeps nearly all of it, while int4 rounds 5-bit and 8-bit weights onto a coarser grid.
+The `--quantize int4` row is the model that flag loads: the GGUF's Q4_K matrices on their stored codes, its
+Q8_0 / Q6_K linears at int8, the rest (Q5_0, and the Q8_0 tied embedding/head) int4 g32. With llama-cpp-python
+installed, a last row scores llama.cpp running the file itself, the peer the engine benchmark compares with.
 
 Run: .venv/bin/python benchmarks/quant_quality.py [--window 512] [--group-sizes 32 64 128]
 """
@@ -61,7 +63,29 @@ def variants(fp32: Gemma, group_sizes: list[int]) -> Iterator[tuple[str, Gemma]]
     for g in group_sizes:
         yield f"int4 g{g}", quantize_model(copy.deepcopy(fp32), "int4", group_size=g)
     # What `--quantize int4` does with the GGUF: quantized while loading, its Q4_K matrices on their own codes.
-    yield "int4 g32, GGUF 4-bit codes kept", load_model(quantize="int4")
+    yield "--quantize int4 (Q4_K codes kept, Q6_K/Q8_0 linears int8)", load_model(quantize="int4")
+
+
+def llama_cpp_evaluate(chunks: list[Tensor]) -> tuple[float, Tensor] | None:
+    """`evaluate` for llama.cpp on the embedded GGUF (its own Q4_K_M kernels); None without llama-cpp-python."""
+    try:
+        import numpy as np
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from gemmakit.checkpoints.default import default_model_path
+
+    llm = Llama(model_path=str(default_model_path()), n_ctx=max(c.shape[1] for c in chunks), n_threads=2,
+                logits_all=True, verbose=False)
+    nll, count, top1 = 0.0, 0, []
+    for ids in chunks:
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        logits = torch.from_numpy(np.array(llm.scores[:ids.shape[1] - 1], dtype=np.float32))
+        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+        top1.append(logits.argmax(-1))
+    return nll / count, torch.cat(top1)
 
 
 def main() -> None:
@@ -80,10 +104,16 @@ def main() -> None:
         agree = (top1 == reference).float().mean().item()
         rows.append((name, quantized_bytes(m) / 2**20, math.exp(nll), agree))
         del m
+    peer = llama_cpp_evaluate(chunks)
+    if peer is not None:
+        nll, top1 = peer
+        rows.append(("llama.cpp on the GGUF (Q4_K_M as stored)", float("nan"), math.exp(nll),
+                     (top1 == reference).float().mean().item()))
     print("| variant | weights (MiB) | perplexity | top-1 agreement with fp32 |")
     print("|---|---:|---:|---:|")
     for name, mib, ppl, agree in rows:
-        print(f"| {name} | {mib:.0f} | {ppl:.3f} | {100 * agree:.2f}% |")
+        size = "-" if math.isnan(mib) else f"{mib:.0f}"
+        print(f"| {name} | {size} | {ppl:.3f} | {100 * agree:.2f}% |")
 
 
 if __name__ == "__main__":

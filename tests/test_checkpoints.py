@@ -105,8 +105,9 @@ def test_unknown_model_type_and_pickles_are_refused(tmp_path):
         load_model(tmp_path)
 
 
-def _write_gguf(path, ref, config, qtype=gguf.GGMLQuantizationType.Q8_0, arch="gemma3"):
-    """A GGUF as llama.cpp's converter writes Gemma 3: GGUF names, norms stored as 1 + w, Q8_0 matrices."""
+def _write_gguf(path, ref, config, qtype=gguf.GGMLQuantizationType.Q8_0, arch="gemma3", wide=()):
+    """A GGUF as llama.cpp's converter writes Gemma 3: GGUF names, norms stored as 1 + w, `qtype` matrices
+    (Q8_0 for keys containing one of `wide`, as a mixed Q4_K_M file keeps some matrices wider)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config.num_hidden_layers)
     w.add_embedding_length(config.hidden_size)
@@ -127,12 +128,13 @@ def _write_gguf(path, ref, config, qtype=gguf.GGMLQuantizationType.Q8_0, arch="g
         if "norm" in key:
             a = a + 1.0
         if a.ndim == 2 and a.shape[1] % 32 == 0:
-            if qtype == gguf.GGMLQuantizationType.IQ4_NL:  # gguf cannot quantize it; any bytes will do
-                block, size = gguf.GGML_QUANT_SIZES[qtype]
+            kind = gguf.GGMLQuantizationType.Q8_0 if any(part in key for part in wide) else qtype
+            if kind == gguf.GGMLQuantizationType.IQ4_NL:  # gguf cannot quantize it; any bytes will do
+                block, size = gguf.GGML_QUANT_SIZES[kind]
                 raw = np.random.default_rng(0).integers(0, 255, (a.shape[0], a.shape[1] // block * size), np.uint8)
             else:
-                raw = gguf.quants.quantize(a, qtype)
-            w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), raw, raw_dtype=qtype)
+                raw = gguf.quants.quantize(a, kind)
+            w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), raw, raw_dtype=kind)
         else:
             w.add_tensor(names.get_name(key, try_suffixes=(".weight",)), a.astype(np.float32))
     w.write_header_to_file()
@@ -198,3 +200,28 @@ def test_gguf_quantized_while_loading_equals_quantized_after(tmp_path, mode):
     got = load_model(path, quantize=mode).state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_int4_keeps_the_wide_matrices_of_a_mixed_gguf_at_int8(tmp_path):
+    """A 4-bit GGUF that keeps some matrices wider (Q8_0 here; Q4_K_M does it for half of attn_v and ffn_down)
+    loads under int4 with those at int8, close to the file's values, and the 4-bit ones on their codes. The
+    tied embedding/head stays int4 even when stored wide. An all-Q8_0 file stays all int4 (test above)."""
+    from gemmakit.quantize import Int4Linear, Int8Linear
+
+    config = tiny("gemma3").replace(vocab_size=1024)  # int4 on CPU needs whole blocks of 16 rows
+    path = tmp_path / "mixed.gguf"
+    _write_gguf(path, hf_model(config), config, qtype=gguf.GGMLQuantizationType.Q4_0,
+                wide=("v_proj", "down_proj", "embed_tokens"))
+    model, plain = load_model(path, quantize="int4"), load_model(path)
+    for layer, ref in zip(model.model.layers, plain.model.layers, strict=True):
+        assert isinstance(layer.self_attn.v_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
+        assert all(isinstance(m, Int4Linear) for m in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                                        layer.mlp.gate_proj, layer.mlp.up_proj))
+        w = ref.self_attn.v_proj.weight
+        assert _error(layer.self_attn.v_proj, w) < _error(Int4Linear.from_weight(w, 32), w) / 4
+    assert isinstance(model.lm_head, Int4Linear)
+
+
+def _error(linear: torch.nn.Module, w: torch.Tensor) -> float:
+    """Relative error of a quantized linear's effective weight against `w`."""
+    return ((linear(torch.eye(w.shape[1])).float().T - w).norm() / w.norm()).item()

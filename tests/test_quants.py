@@ -164,16 +164,20 @@ def test_four_bit_codes_are_what_dequantize_decodes(qtype: T):
 @pytest.mark.skipif(not GGUF_PATH.exists(), reason=f"{GGUF_PATH} not downloaded")
 def test_int4_loading_keeps_the_gguf_q4_codes():
     """`--quantize int4` runs a Q4_K matrix of the real file on its stored codes: its int4 weight equals the
-    file's values up to bf16 rounding of scale and zero, far closer than re-fitting the decoded values."""
+    file's values up to bf16 rounding of scale and zero, far closer than re-fitting the decoded values. The
+    file's Q8_0 / Q6_K matrices (layer 0's attn_v and ffn_down) stay int8; its Q5_0 ones go to int4."""
     from gemmakit.checkpoints import load_model
     from gemmakit.checkpoints.gguf_reader import open_gguf
-    from gemmakit.quantize import Int4Linear
+    from gemmakit.quantize import Int4Linear, Int8Linear
 
     tensor = next(t for t in open_gguf(GGUF_PATH).tensors if t.name == "blk.0.attn_output.weight")
     assert tensor.tensor_type == T.Q4_K
     shape = tuple(reversed(tensor.shape.tolist()))
     want = dequantize(tensor.data, tensor.tensor_type, shape)
-    linear = load_model(GGUF_PATH, quantize="int4").model.layers[0].self_attn.o_proj
+    layers = load_model(GGUF_PATH, quantize="int4").model.layers
+    linear = layers[0].self_attn.o_proj
+    assert isinstance(layers[0].self_attn.v_proj, Int8Linear) and isinstance(layers[0].mlp.down_proj, Int8Linear)
+    assert isinstance(layers[2].self_attn.v_proj, Int4Linear) and isinstance(layers[2].mlp.down_proj, Int4Linear)
     eye = torch.eye(shape[1])
 
     def error(lin: Int4Linear) -> float:

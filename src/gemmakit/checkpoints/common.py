@@ -77,7 +77,8 @@ class Loader:
             raise CheckpointError(f"{self.source}: tensor {key} has shape {list(shape)} but the config implies "
                                   f"{list(self.expected[key])}; the config does not match these weights")
 
-    def assign(self, key: str, tensor: torch.Tensor) -> None:
+    def assign(self, key: str, tensor: torch.Tensor, quantize: str | None = None) -> None:
+        """Place one tensor; `quantize` overrides the loader's mode for the module it completes."""
         module_name, _, leaf = key.rpartition(".")
         module = self.model.get_submodule(module_name)
         t = tensor.to(device=self.device, dtype=self.dtype)
@@ -90,7 +91,7 @@ class Loader:
             from gemmakit.quantize import quantize_child
 
             parent_name, _, name = module_name.rpartition(".")
-            quantize_child(self.model, self.model.get_submodule(parent_name), name, self.quantize)
+            quantize_child(self.model, self.model.get_submodule(parent_name), name, quantize or self.quantize)
             return_freed_memory()  # else the freed fp32 weights pile up as heap garbage, module after module
 
     def assign_int4_codes(self, key: str, codes: Callable[[], tuple[torch.Tensor, ...]]) -> bool:

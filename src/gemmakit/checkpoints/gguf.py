@@ -4,7 +4,12 @@ Three things differ from an HF checkpoint, and each is undone here:
 - names: gguf's own HF->GGUF tensor name map is inverted for the model's state-dict keys (no table of ours);
 - Gemma 3 norms: llama.cpp's converter stores the effective multiplier 1 + w, so 1 is subtracted again to get
   back the zero-centred weight that the (1 + w) RMSNorm expects (Gemma 4 norms are stored as they are);
-- quantization: block-quantized tensors are dequantized with vectorised torch code (`quants.py`).
+- quantization: block-quantized tensors are dequantized with vectorised torch code (`quants.py`). Loaded
+  with `quantize="int4"`, 4-bit blocks keep their codes, and a file that mixes 4-bit blocks with wider ones
+  (Q6_K, Q8_0: its quantizer's sensitive matrices) keeps those linears at int8 instead of rounding them to 4
+  bits (on the embedded 270M: perplexity 30.4 -> 28.5 at no measured speed cost). The tied embedding/head
+  stays int4 whatever its type: it is most of the weights, and at int8 an 8-row decode step's head takes
+  twice as long.
 The config comes from the GGUF metadata; what a file does not store (the local RoPE theta, the layer
 pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3.
 """
@@ -19,7 +24,7 @@ import torch
 
 from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
 from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
-from gemmakit.checkpoints.quants import FOUR_BIT, dequantize, four_bit_codes
+from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, four_bit_codes
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
 
@@ -106,6 +111,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
     name_map = gguf.get_tensor_name_map(_ARCHS["gemma3"], config.num_hidden_layers)
     to_key = {name_map.get_name(k, try_suffixes=(".weight", "")): k for k in loader.expected}
+    mixed = quantize == "int4" and any(t.tensor_type in FOUR_BIT for t in reader.tensors)
     for t in reader.tensors:
         key = to_key.get(t.name)
         if key is None:
@@ -131,5 +137,5 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
         release_pages(reader, t.data_offset, t.n_bytes)
         if key.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma 3's (1 + w); the model applies the offset itself
-        loader.assign(key, w)
+        loader.assign(key, w, quantize="int8" if mixed and t.tensor_type in WIDE and w.ndim == 2 else None)
     return loader.finish()

@@ -198,6 +198,11 @@ _DECODERS: dict[GGMLQuantizationType, Decoder] = {
 }
 _FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
+# Types a 4-bit file stores at 6 bits or more. In a mixed file (llama.cpp's Q4_K_M gives half the attn_v and
+# ffn_down matrices Q6_K or Q8_0) these are the matrices its quantizer judged sensitive, so `--quantize int4`
+# keeps them at int8 rather than rounding them to 4 bits (checkpoints.gguf).
+WIDE: frozenset[GGMLQuantizationType] = frozenset({T.Q6_K, T.Q8_0}) | _FLOAT_TYPES
+
 SUPPORTED: frozenset[GGMLQuantizationType] = frozenset(_DECODERS)
 
 # -----------------------------------------------------------------------------
