@@ -134,7 +134,7 @@ class Engine:
             cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
             self._decode_compiled = compile_decode(self._forward_decode, self.device, cache_tensors)
             self.compiled = True
-            # int4 prompts: unpack to bf16 for oneDNN's GEMM, 1.2-1.4x faster prefill than the int4 kernel.
+            # int4 prompts: unpack to bf16 for oneDNN's GEMM (270M forward: 1.1x at 128 tokens, 1.35x at 512).
             self.unpacked_prefill = self.device.type == "cpu" and enable_unpacked_prefill(model) > 0
         self.free_rows = list(range(max_batch))[::-1]
         self.running: dict[int, Request] = {}

@@ -343,8 +343,6 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-
-
 def enable_unpacked_prefill(model: nn.Module) -> int:
     """Give the CPU `Int4Linear`s of `model` whose packing `cpu_int4_rows` recognises the unpacked path for
     many-row products; returns how many got it. The unpacking is compiled (eager it is ~4x slower, and then
