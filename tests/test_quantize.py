@@ -17,13 +17,10 @@ from gemmakit.quantize import (
     QuantizedEmbedding,
     QuantizedExperts,
     cpu_int4_layout,
-    cpu_int4_rows,
-    enable_unpacked_prefill,
     pack_int4,
     quantize_int4_packed,
     quantize_model,
     quantized_bytes,
-    unpack_int4_cpu,
 )
 from tests.helpers import tiny
 
@@ -149,37 +146,15 @@ def test_the_cpu_int4_layout_is_read_off_the_kernel(k):
     assert torch.equal((packed.flatten()[at] >> shift[ids % rows]) & 15, codes)
 
 
-@pytest.mark.parametrize("k", [640, 2048])
-def test_packed_int4_blocks_unpack_to_the_kernels_weights(k):
-    """`unpack_int4_cpu` gives the weight the CPU kernel multiplies with (read through x = I), to bf16 rounding,
-    on the block arrangement `cpu_int4_rows` recognised from the probed layout."""
-    rows = cpu_int4_rows(k)
-    if rows is None:
-        pytest.skip("this CPU's int4 packing is not the blocked nibble arrangement")
-    lin = Int4Linear.from_weight(torch.randn(2 * rows, k), 32)
-    via_kernel = lin(torch.eye(k)).t()
-    unpacked = unpack_int4_cpu(lin.weight, lin.scales_and_zeros, 32, rows)
-    assert unpacked.dtype == torch.bfloat16
-    torch.testing.assert_close(unpacked.float(), via_kernel.float(), rtol=2**-7, atol=1e-6)
-
-
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_prompt_rows_run_unpacked_and_agree_with_the_kernel(mode, monkeypatch):
-    """From UNPACK_ROWS rows a quantized linear unpacks its weight to bf16 for a plain GEMM (int4 once
-    `enable_unpacked_prefill` is on); the result agrees with the quantized kernel to bf16 rounding, and
-    fewer rows still go through the kernel, bit for bit."""
-    lin = (Int8Linear if mode == "int8" else Int4Linear).from_weight(torch.randn(128, 640))
+def test_int8_prompt_rows_run_as_a_bf16_gemm(monkeypatch):
+    """From UNPACK_ROWS rows an int8 linear casts its weight to bf16 for a plain GEMM instead of the int8 kernel;
+    the result agrees with the kernel's to bf16 rounding, and fewer rows still take the kernel, bit for bit."""
+    lin = Int8Linear.from_weight(torch.randn(128, 640))
     x = torch.randn(UNPACK_ROWS, 640)
-    before_short, before_long = lin(x[:8]), lin(x)
-    if mode == "int4":
-        if cpu_int4_rows(640) is None:
-            pytest.skip("this CPU's int4 packing is not the blocked nibble arrangement")
-        assert enable_unpacked_prefill(nn.Sequential(lin)) == 1
-        lin.unpack = unpack_int4_cpu  # eager here: the compiled one is the same function
+    before_short, before_long = lin(x[:8]), torch._weight_int8pack_mm(x.bfloat16(), lin.weight, lin.scales)
     kernel_calls = []
-    kernel = "_weight_int8pack_mm" if mode == "int8" else "_weight_int4pack_mm_for_cpu"
-    original = getattr(torch, kernel)
-    monkeypatch.setattr(torch, kernel, lambda *a: kernel_calls.append(a[0].shape[0]) or original(*a))
+    original = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: kernel_calls.append(a[0].shape[0]) or original(*a))
     assert torch.equal(lin(x[:8]), before_short)
     assert _rel(lin(x), before_long) < 5e-3
     assert kernel_calls == [8]

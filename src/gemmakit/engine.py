@@ -12,8 +12,7 @@ How a request flows:
 - Decode steps of one row and of every row can run through torch.compile (`compile=True`, compiled.py):
   ~3x faster on CPU once built; partly filled batches take the full-batch step with throw-away rows. The
   model must not change afterwards (quantize it first): the compiled step does not re-check the model's
-  modules on every call. A compiled CPU engine also runs an int4 model's prompts through compiled
-  unpack-to-bf16 + oneDNN GEMMs instead of the int4 kernel (quantize.enable_unpacked_prefill).
+  modules on every call.
 - Memory is known before it is allocated: the KV cache for `max_batch` rows x `context` tokens plus working
   memory is estimated first (cache.estimate_bytes), and an engine that would not fit is refused with the
   numbers instead of crashing later.
@@ -38,7 +37,6 @@ from torch import Tensor
 from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, estimate_bytes
 from gemmakit.compiled import compile_decode, compile_supported
 from gemmakit.model import Gemma
-from gemmakit.quantize import UNPACK_ROWS, enable_unpacked_prefill
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
 
 
@@ -129,13 +127,11 @@ class Engine:
         self.sampler = Sampler(config.vocab_size)
         # Decode steps of one row (latency) or of every row (throughput) run compiled when asked and possible;
         # compiled.py says why not the others.
-        self._decode_compiled, self.compiled, self.unpacked_prefill = self._forward_decode, False, False
+        self._decode_compiled, self.compiled = self._forward_decode, False
         if compile and compile_supported(self.device):
             cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
             self._decode_compiled = compile_decode(self._forward_decode, self.device, cache_tensors)
             self.compiled = True
-            # int4 prompts: unpack to bf16 for oneDNN's GEMM (270M forward: 1.1x at 128 tokens, 1.35x at 512).
-            self.unpacked_prefill = self.device.type == "cpu" and enable_unpacked_prefill(model) > 0
         self.free_rows = list(range(max_batch))[::-1]
         self.running: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -171,8 +167,6 @@ class Engine:
         """Build the compiled decode steps now (throw-away tokens) rather than in the first requests."""
         if self.compiled and not self.has_work:
             bos = [self.model.config.bos_token_id or 0]
-            if self.unpacked_prefill and self.context > UNPACK_ROWS:  # compiles the unpacking of each shape
-                self.generate([bos * UNPACK_ROWS], SamplingParams(max_tokens=1))
             for rows in sorted({self.max_batch, 1}):
                 self.generate([bos] * rows, SamplingParams(max_tokens=2))
 

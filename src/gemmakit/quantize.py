@@ -25,11 +25,10 @@ Formats. All quantized tensors are buffers, so `.to()`, `state_dict()` and the r
 Activations go through the kernels in bf16, cast in and out: on CPU the fp32 paths are 4-15x slower and CUDA's
 int4 kernel takes bf16 only, and bf16 rounding (~0.3%) is small next to the weight quantization error. Scales
 are rounded to bf16 *before* the codes are chosen, so the codes fit the scale the kernel actually uses.
-Exceptions: a compiled one-row int8 step skips the kernel for an fp32 reduction (`int8_matmul`); and on CPU
-a product of `UNPACK_ROWS` rows or more (a prompt) unpacks the weight to bf16 and runs oneDNN's bf16 GEMM,
-because both CPU kernels redo the dequantization in fp32 for every few rows. int8 unpacks eagerly (one cast
-and a multiply); int4 unpacks through a compiled function, which a compiled engine switches on
-(`enable_unpacked_prefill`): eager, its unpacking costs more than it saves at a 128-token prompt.
+Exceptions, both int8: a compiled one-row step skips the kernel for an fp32 reduction, and on CPU a product
+of `UNPACK_ROWS` rows or more (a prompt) casts the weight to bf16 for oneDNN's GEMM, twice as fast as the
+kernel there (`int8_matmul`). int4 keeps its kernel for prompts too: unpacking its packed blocks eagerly costs
+more than it saves below ~512 rows, and a compiled unpack cost 70-190 MiB of resident compiler state.
 
 Hooks in model.py: `Gemma.forward` calls `self.lm_head(x)` when it is set, and `scaled_embedding` takes a
 `QuantizedEmbedding`'s dtype from `table.dtype` (it has no `.weight`).
@@ -48,9 +47,9 @@ from torch import Tensor, nn
 from gemmakit.model import Experts, Gemma, Router
 
 MODES = ("int8", "int4")
-# Rows from which unpacking a quantized weight to bf16 for oneDNN's GEMM beats the CPU quantized kernels (2 Zen 4
-# cores, the 270M's 2048 x 640 matrices: int4 1.3 against 2.1 ms at 128 rows and 3.8 against 8.7 at 512; int8
-# 1.2 against 2.4 and 4.2 against 9.5), and the largest weight (elements) unpacked that way.
+# Rows from which casting an int8 weight to bf16 for oneDNN's GEMM beats the CPU int8 kernel (2 Zen 4 cores, the
+# 270M's 640 x 2048 down_proj: 1.2 against 2.4 ms at 128 rows, 4.2 against 9.5 at 512), and the largest weight
+# (elements) cast that way.
 UNPACK_ROWS = 64
 _UNPACK_MAX = 1 << 24
 GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accept
@@ -201,34 +200,6 @@ def cpu_int4_layout(k: int) -> tuple[Tensor, Tensor] | None:
     return offset, shift
 
 
-@functools.lru_cache(maxsize=8)
-def cpu_int4_rows(k: int) -> int | None:
-    """The row block R when the CPU packing stores each block of R rows as [k, R/2] bytes, low nibbles rows
-    0..R/2-1 and high nibbles rows R/2..R-1 (AVX-512: R = 64, AVX2: 32); None for any other arrangement.
-    Checked against `cpu_int4_layout`, not assumed. Such blocks unpack in a few vectorised ops."""
-    layout = cpu_int4_layout(k)
-    if layout is None:
-        return None
-    offset, shift = layout
-    r, half = offset.shape[0], offset.shape[0] // 2
-    row = torch.arange(r)[:, None]
-    if torch.equal(offset.long(), torch.arange(k) * half + row % half) and \
-            torch.equal(shift.long(), (row >= half).long().expand(r, k) * 4):
-        return r
-    return None
-
-
-def unpack_int4_cpu(packed: Tensor, scales_and_zeros: Tensor, group_size: int, rows: int) -> Tensor:
-    """The bf16 weight [N, K] of a CPU-packed int4 matrix whose blocks of `rows` rows are laid out as
-    `cpu_int4_rows` describes: (q - 8) * scale + zero in fp32, rounded once to bf16."""
-    n = scales_and_zeros.shape[1]
-    k = packed.numel() * 2 // n
-    b = packed.view(n // rows, k, rows // 2)
-    q = torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(n, k // group_size, group_size)
-    sz = scales_and_zeros.float().transpose(0, 1)  # [N, K/G, 2]
-    return ((q.float() - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k).to(COMPUTE_DTYPE)
-
-
 def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(kernel-packed codes, scales_and_zeros, nibble-packed rows if asked) of w [N, K], `_ROWS` rows at a
@@ -267,8 +238,8 @@ def int8_matmul(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
 
 
 def _unpack_pays(x2: Tensor, out_features: int) -> bool:
-    """Whether a product is many-row enough for unpack + bf16 GEMM to beat the CPU quantized kernels, and its
-    weight small enough that a bf16 copy is a passing temporary (not a 262k-row head's 335 MB)."""
+    """Whether a product is many-row enough for cast + bf16 GEMM to beat the CPU int8 kernel, and its weight
+    small enough that a bf16 copy is a passing temporary (not a 262k-row head's 335 MB)."""
     return x2.device.type == "cpu" and x2.shape[0] >= UNPACK_ROWS and out_features * x2.shape[1] <= _UNPACK_MAX
 
 
@@ -293,14 +264,7 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """A bias-free linear with group-wise int4 weights packed for one device type's kernel.
-
-    `unpack` (set by `enable_unpacked_prefill`) runs products of at least `UNPACK_ROWS` rows (a prefill) as
-    unpack-to-bf16 + oneDNN's bf16 GEMM instead: the CPU kernel dequantizes in fp32 FMAs for every 4 rows, so a
-    prompt pays for the dequantization many times over."""
-
-    unpack: Callable[[Tensor, Tensor, int, int], Tensor] | None = None
-    unpack_rows = 0
+    """A bias-free linear with group-wise int4 weights packed for one device type's kernel."""
 
     def __init__(self, packed: Tensor, scales_and_zeros: Tensor, group_size: int, out_features: int,
                  in_features: int):
@@ -332,30 +296,12 @@ class Int4Linear(nn.Module):
             raise RuntimeError(f"this Int4Linear is packed for {self.device_type}, not {x.device.type}: "
                                "move the fp model first, then quantize")
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        if self.unpack is not None and _unpack_pays(x2, self.out_features):
-            y = F.linear(x2, self.unpack(self.weight, self.scales_and_zeros, self.group_size, self.unpack_rows))
-        else:
-            mm = torch._weight_int4pack_mm_for_cpu if self.device_type == "cpu" else torch._weight_int4pack_mm
-            y = mm(x2, self.weight, self.group_size, self.scales_and_zeros)
+        mm = torch._weight_int4pack_mm_for_cpu if self.device_type == "cpu" else torch._weight_int4pack_mm
+        y = mm(x2, self.weight, self.group_size, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-
-
-def enable_unpacked_prefill(model: nn.Module) -> int:
-    """Give the CPU `Int4Linear`s of `model` whose packing `cpu_int4_rows` recognises the unpacked path for
-    many-row products; returns how many got it. The unpacking is compiled (eager it is ~4x slower, and then
-    not worth it at a 128-token prompt), once per weight shape: call where compiling is allowed."""
-    unpack = torch.compile(unpack_int4_cpu, dynamic=False)
-    count = 0
-    for m in model.modules():
-        if isinstance(m, Int4Linear) and m.device_type == "cpu":
-            rows = cpu_int4_rows(m.in_features)
-            if rows and m.out_features % rows == 0:
-                m.unpack, m.unpack_rows = unpack, rows
-                count += 1
-    return count
 
 
 def _check_int4(out_features: int, in_features: int, group_size: int, device: torch.device) -> None:
