@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,9 +45,14 @@ def windows(ids: list[int], size: int, bos: int) -> list[Tensor]:
 @torch.inference_mode()
 def evaluate(model: Gemma, chunks: list[Tensor]) -> tuple[float, Tensor]:
     """(mean NLL over every scored token, the argmax prediction at each scored position, concatenated)."""
+    return score(lambda ids: model(ids)[0, :-1].float(), chunks)
+
+
+def score(next_logits: Callable[[Tensor], Tensor], chunks: list[Tensor]) -> tuple[float, Tensor]:
+    """`evaluate` for any scorer: `next_logits(ids [1, T])` gives fp32 logits [T - 1, V] for tokens 1..T-1."""
     nll, count, top1 = 0.0, 0, []
     for ids in chunks:
-        logits = model(ids)[0, :-1].float()
+        logits = next_logits(ids)
         target = ids[0, 1:]
         nll += F.cross_entropy(logits, target, reduction="sum").item()
         count += target.numel()
@@ -77,15 +82,12 @@ def llama_cpp_evaluate(chunks: list[Tensor]) -> tuple[float, Tensor] | None:
 
     llm = Llama(model_path=str(default_model_path()), n_ctx=max(c.shape[1] for c in chunks), n_threads=2,
                 logits_all=True, verbose=False)
-    nll, count, top1 = 0.0, 0, []
-    for ids in chunks:
+
+    def next_logits(ids: Tensor) -> Tensor:
         llm.reset()
         llm.eval(ids[0].tolist())
-        logits = torch.from_numpy(np.array(llm.scores[:ids.shape[1] - 1], dtype=np.float32))
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-        top1.append(logits.argmax(-1))
-    return nll / count, torch.cat(top1)
+        return torch.from_numpy(np.array(llm.scores[:ids.shape[1] - 1], dtype=np.float32))
+    return score(next_logits, chunks)
 
 
 def main() -> None:

@@ -76,3 +76,8 @@ def default_gguf() -> Path:
         return default_model_path()
     except CheckpointError:
         return Path("/nonexistent/default-model.gguf")
+
+
+def weight_error(linear: torch.nn.Module, w: torch.Tensor) -> float:
+    """Relative error of a (quantized) linear's effective weight, read through x = I, against `w` [N, K]."""
+    return ((linear(torch.eye(w.shape[1])).float().T - w).norm() / w.norm()).item()

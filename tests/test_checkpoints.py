@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemmakit.checkpoints import CheckpointError, load_model
-from tests.helpers import hf_model, tiny
+from tests.helpers import hf_model, tiny, weight_error
 
 IDS = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(3))
 
@@ -218,10 +218,5 @@ def test_int4_keeps_the_wide_matrices_of_a_mixed_gguf_at_int8(tmp_path):
         assert all(isinstance(m, Int4Linear) for m in (layer.self_attn.q_proj, layer.self_attn.o_proj,
                                                         layer.mlp.gate_proj, layer.mlp.up_proj))
         w = ref.self_attn.v_proj.weight
-        assert _error(layer.self_attn.v_proj, w) < _error(Int4Linear.from_weight(w, 32), w) / 4
+        assert weight_error(layer.self_attn.v_proj, w) < weight_error(Int4Linear.from_weight(w, 32), w) / 4
     assert isinstance(model.lm_head, Int4Linear)
-
-
-def _error(linear: torch.nn.Module, w: torch.Tensor) -> float:
-    """Relative error of a quantized linear's effective weight against `w`."""
-    return ((linear(torch.eye(w.shape[1])).float().T - w).norm() / w.norm()).item()

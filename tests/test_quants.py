@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemmakit.checkpoints.quants import FOUR_BIT, SUPPORTED, dequantize, four_bit_codes
-from tests.helpers import default_gguf
+from tests.helpers import default_gguf, weight_error
 
 T = gguf.GGMLQuantizationType
 GGUF_PATH = default_gguf()
@@ -178,9 +178,5 @@ def test_int4_loading_keeps_the_gguf_q4_codes():
     linear = layers[0].self_attn.o_proj
     assert isinstance(layers[0].self_attn.v_proj, Int8Linear) and isinstance(layers[0].mlp.down_proj, Int8Linear)
     assert isinstance(layers[2].self_attn.v_proj, Int4Linear) and isinstance(layers[2].mlp.down_proj, Int4Linear)
-    eye = torch.eye(shape[1])
-
-    def error(lin: Int4Linear) -> float:
-        return ((lin(eye).float().T - want).norm() / want.norm()).item()
-    kept, refit = error(linear), error(Int4Linear.from_weight(want, 32))
+    kept, refit = weight_error(linear, want), weight_error(Int4Linear.from_weight(want, 32), want)
     assert kept < 0.006 and kept < refit / 5, (kept, refit)
