@@ -68,7 +68,7 @@ def variants(fp32: Gemma, group_sizes: list[int]) -> Iterator[tuple[str, Gemma]]
     for g in group_sizes:
         yield f"int4 g{g}", quantize_model(copy.deepcopy(fp32), "int4", group_size=g)
     # What `--quantize int4` does with the GGUF: quantized while loading, its Q4_K matrices on their own codes.
-    yield "--quantize int4 (Q4_K codes kept, Q6_K/Q8_0 linears int8)", load_model(quantize="int4")
+    yield "--quantize int4 (Q4_K codes kept; v_proj, Q6_K, Q8_0 linears int8)", load_model(quantize="int4")
 
 
 def llama_cpp_evaluate(chunks: list[Tensor]) -> tuple[float, Tensor] | None:

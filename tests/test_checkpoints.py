@@ -205,18 +205,19 @@ def test_gguf_quantized_while_loading_equals_quantized_after(tmp_path, mode):
 def test_int4_keeps_the_wide_matrices_of_a_mixed_gguf_at_int8(tmp_path):
     """A 4-bit GGUF that keeps some matrices wider (Q8_0 here; Q4_K_M does it for half of attn_v and ffn_down)
     loads under int4 with those at int8, close to the file's values, and the 4-bit ones on their codes. The
-    tied embedding/head stays int4 even when stored wide. An all-Q8_0 file stays all int4 (test above)."""
+    tied embedding/head stays int4 even when stored wide. An all-Q8_0 file stays all int4 (test above), but
+    for v_proj, which int4 always keeps at int8."""
     from gemmakit.quantize import Int4Linear, Int8Linear
 
     config = tiny("gemma3").replace(vocab_size=1024)  # int4 on CPU needs whole blocks of 16 rows
     path = tmp_path / "mixed.gguf"
     _write_gguf(path, hf_model(config), config, qtype=gguf.GGMLQuantizationType.Q4_0,
-                wide=("v_proj", "down_proj", "embed_tokens"))
+                wide=("o_proj", "down_proj", "embed_tokens"))
     model, plain = load_model(path, quantize="int4"), load_model(path)
     for layer, ref in zip(model.model.layers, plain.model.layers, strict=True):
-        assert isinstance(layer.self_attn.v_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
-        assert all(isinstance(m, Int4Linear) for m in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+        assert isinstance(layer.self_attn.o_proj, Int8Linear) and isinstance(layer.mlp.down_proj, Int8Linear)
+        assert all(isinstance(m, Int4Linear) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
                                                         layer.mlp.gate_proj, layer.mlp.up_proj))
-        w = ref.self_attn.v_proj.weight
-        assert weight_error(layer.self_attn.v_proj, w) < weight_error(Int4Linear.from_weight(w, 32), w) / 4
+        w = ref.self_attn.o_proj.weight
+        assert weight_error(layer.self_attn.o_proj, w) < weight_error(Int4Linear.from_weight(w, 32), w) / 4
     assert isinstance(model.lm_head, Int4Linear)

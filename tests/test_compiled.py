@@ -68,8 +68,8 @@ def test_compiled_engines_of_different_models_share_a_process(tmp_path):
     want = Engine(int4, max_batch=1, context=64).generate([prompt], params)[0]
     got = Engine(int4, max_batch=1, context=64, compile=True).generate([prompt], params)[0]
     assert got.tokens == want.tokens
-    for a, b in zip(got.logprobs, want.logprobs, strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    for a, b in zip(got.logprobs, want.logprobs, strict=True):  # int4 keeps v_proj int8, whose compiled
+        assert a.logprob == pytest.approx(b.logprob, abs=0.05)   # one-row product is fp32, eager's bf16
 
 
 def test_one_row_matmuls_are_decomposed_at_any_width():

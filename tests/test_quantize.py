@@ -121,6 +121,16 @@ def test_int4_falls_back_to_int8_where_it_cannot_pack():
     assert isinstance(mlp.gate_proj, Int4Linear) and isinstance(mlp.down_proj, Int8Linear)
 
 
+def test_int4_keeps_attention_values_at_int8():
+    """Under int4 every v_proj is int8 (the most sensitive kind, INT8_UNDER_INT4) and its neighbours int4;
+    under int8 nothing changes."""
+    for layer in quantize_model(_gemma(), "int4").model.layers:
+        attn = layer.self_attn
+        assert isinstance(attn.v_proj, Int8Linear)
+        assert all(isinstance(m, Int4Linear) for m in (attn.q_proj, attn.k_proj, attn.o_proj, layer.mlp.up_proj))
+    assert isinstance(quantize_model(_gemma(), "int8").model.layers[0].self_attn.v_proj, Int8Linear)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_embedding_rows_equal_the_head(mode):
     """The quantized table looks up exactly the rows the quantized head multiplies with (the tie survives)."""

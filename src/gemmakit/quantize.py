@@ -3,7 +3,8 @@
 `quantize_model(model, "int8" | "int4", group_size=32)` works in place:
 - every `nn.Linear` under `model.model` (attention, MLP, PLE projections) becomes an `Int8Linear` or `Int4Linear`
   under the same name, so `model.layers.3.self_attn.q_proj` still reads the same. The MoE router stays in full
-  precision: it is 0.1% of an MoE layer, and a flipped top-k choice costs more than that saves;
+  precision: it is 0.1% of an MoE layer, and a flipped top-k choice costs more than that saves; under int4,
+  attention's `v_proj` stays int8 (`INT8_UNDER_INT4`: the most sensitive kind, and a small one);
 - MoE `Experts` become `QuantizedExperts` (int8 per output channel, in both modes);
 - the tied head becomes `model.lm_head`, and the embedding table a `QuantizedEmbedding` built from the *same*
   quantized tensors (int8: shared storage; int4 on CPU: the head's packed codes, read in place through the
@@ -47,6 +48,12 @@ from torch import Tensor, nn
 from gemmakit.model import Experts, Gemma, Router
 
 MODES = ("int8", "int4")
+# Linears that stay int8 when the model is quantized to int4. Attention's value projection is the most
+# sensitive kind per byte on Gemma 3 270M (rounded alone to int4 it adds 1.4 to the perplexity of
+# benchmarks/quant_quality.py, more than any other kind) and 3% of the layers' weights, so int8 there
+# costs ~0.6 MiB per decode step: `--quantize int4` perplexity 28.50 -> 27.85. llama.cpp's Q4_K_M mix
+# makes the same call for half of its attn_v matrices.
+INT8_UNDER_INT4 = frozenset({"v_proj"})
 # Rows from which casting an int8 weight to bf16 for oneDNN's GEMM beats the CPU int8 kernel (2 Zen 4 cores, the
 # 270M's 640 x 2048 down_proj: 1.2 against 2.4 ms at 128 rows, 4.2 against 9.5 at 512), and the largest weight
 # (elements) cast that way.
@@ -99,7 +106,7 @@ def _fit_int4_groups(g: Tensor, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8),
     clipped by each `shrinks` factor, alternate rounding with a least-squares refit of scale and zero (up to
     bf16 rounding neither step can raise the error) and keep each group's best candidate. On Gemma 3 270M this
     cuts the relative error 10-25% against min/max rounding, and int4 g32 perplexity on the benchmark corpus
-    from 33.8 to 30.7 (fp32: 24.5).
+    from 33.8 to 30.7 with every linear int4 (fp32: 24.5).
     """
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     best = None
@@ -407,7 +414,7 @@ def quantize_child(model: Gemma, parent: nn.Module, name: str, mode: str, group_
     The MoE router's projection stays in full precision (see the module docstring)."""
     child = getattr(parent, name)
     if isinstance(child, nn.Linear) and not isinstance(parent, Router):
-        setattr(parent, name, _quantized_linear(child, mode, group_size))
+        setattr(parent, name, _quantized_linear(child, linear_mode(name, mode), group_size))
     elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
         setattr(parent, name, QuantizedExperts(child))
     elif isinstance(child, nn.Embedding) and child is model.model.embed_tokens:
@@ -425,6 +432,11 @@ def _check_args(model: Gemma, mode: str, group_size: int) -> None:
         raise ValueError("this model is already quantized; load a fresh one to quantize differently")
     if any(isinstance(m, nn.Linear) and m.bias is not None for m in model.model.modules()):
         raise ValueError("weight-only quantization here covers bias-free linears only (Gemma has no biases)")
+
+
+def linear_mode(name: str, mode: str) -> str:
+    """The mode a linear called `name` (q_proj, v_proj, ...) is quantized in when the model is in `mode`."""
+    return "int8" if mode == "int4" and name in INT8_UNDER_INT4 else mode
 
 
 def _quantized_linear(linear: nn.Linear, mode: str, group_size: int) -> nn.Module:

@@ -98,15 +98,17 @@ class Loader:
         """When quantizing to int4, a linear weight stored as 4-bit codes (a GGUF's Q4_0/Q4_1/Q4_K blocks)
         becomes an `Int4Linear` on those very codes, not on a re-fit of their dequantized values: no second
         rounding. `codes()` gives (q, scale, zero) as `quants.four_bit_codes` does. False when this does not
-        apply (another mode, not a plain linear, a shape the kernel refuses): the caller dequantizes."""
+        apply (another mode, not a plain linear, one int4 keeps at int8, a shape the kernel refuses): the caller
+        dequantizes."""
         from gemmakit.model import Router
-        from gemmakit.quantize import Int4Linear, int4_problem
+        from gemmakit.quantize import Int4Linear, int4_problem, linear_mode
 
         module_name, _, leaf = key.rpartition(".")
         parent_name, _, name = module_name.rpartition(".")
         parent = self.model.get_submodule(parent_name)
         linear = getattr(parent, name)
-        if (self.quantize != "int4" or leaf != "weight" or type(linear) is not nn.Linear
+        if (self.quantize != "int4" or linear_mode(name, "int4") != "int4" or leaf != "weight"
+                or type(linear) is not nn.Linear
                 or isinstance(parent, Router) or int4_problem(*linear.weight.shape, 32, self.device)):
             return False
         setattr(parent, name, Int4Linear.from_codes(*(c.to(self.device) for c in codes())))
