@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from gemmakit.safety.guard import HOLD, Guard, OutputWatch, Rule
+from gemmakit.chat.parser import Delta, ToolCall
+from gemmakit.safety.guard import HOLD, Guard, MessageWatch, OutputWatch, Rule
 from gemmakit.serve.app import create_app
 from gemmakit.serve.server import ServeOptions
 from tests.test_serve import CAPITAL, CONTEXT, Live, _scripted_llm
@@ -37,6 +38,52 @@ def test_rules_and_the_output_watch():
     with pytest.raises(ValueError, match="policy rules need a classifier"):
         Guard([Rule("p", "policy", policy="dangerous")])
     assert HOLD >= 42  # the longest IBAN with spaces fits in what is held back
+
+
+def test_the_message_watch_guards_every_channel():
+    """Reasoning is redacted like content, tool-call arguments are checked whole, a block anywhere stops the
+    whole message, and what was held back comes out with the final update."""
+    guard = Guard([Rule("pii", "pii", "redact"), Rule("x", "pattern", "block", where="output", keywords=["bomb"],
+                                                      message="no")])
+    watch, seen = MessageWatch(guard), Delta()
+    parts = [Delta(reasoning="Ask bob@example.com"), Delta(reasoning=" first."), Delta(content="Sending."),
+             Delta(tool_calls=[ToolCall("send", '{"to": "jane@corp.example.org"}', "c1")]), Delta()]
+    for i, delta in enumerate(parts):
+        assert watch.update(delta, final=i == len(parts) - 1) is None
+        seen.content, seen.reasoning = seen.content + delta.content, seen.reasoning + delta.reasoning
+        seen.tool_calls += delta.tool_calls
+    assert seen.reasoning == "Ask [EMAIL] first." and seen.content == "Sending."
+    assert [c.arguments for c in seen.tool_calls] == ['{"to": "[EMAIL]"}']
+
+    watch = MessageWatch(guard)
+    blocked = Delta(reasoning="a bomb", content="fine", tool_calls=[ToolCall("f", "{}", "c2")])
+    assert watch.update(blocked, final=False) == "no"
+    assert (blocked.content, blocked.reasoning, blocked.tool_calls) == ("", "", [])
+    later = Delta(content="more")
+    assert watch.update(later, final=True) == "no" and later.content == ""
+
+
+@pytest.mark.slow
+def test_the_terminal_chat_guards_the_thought_channel(llm, tmp_path):
+    """`gemmakit chat --guard` streams reasoning through the same watch as the server: redacted, and a block in
+    the thought channel ends the answer with the guard's message."""
+    import io
+
+    from gemmakit.chat.repl import ChatSession
+    from tests.test_serve import _scripted_llm
+
+    guard = Guard([Rule("pii", "pii", "redact"), Rule("cap", "pattern", "block", where="output",
+                                                      patterns=[r"\bParis\b"], message="[removed]")])
+    for reply, shown, hidden in (
+            ("<|channel>thought\nAsk bob@example.com first.<channel|>Done.<turn|>", "Ask [EMAIL] first.",
+             "bob@"),
+            ("<|channel>thought\nThe answer is Paris.<channel|>It is a secret.<turn|>", "(guard: [removed])",
+             "Paris")):
+        out = io.StringIO()
+        session = ChatSession(_scripted_llm(llm, reply), {"max_tokens": 60, "temperature": 0}, CONTEXT, out=out,
+                              thinking=True, guard=guard)
+        session.ask("Go")
+        assert shown in out.getvalue() and hidden not in out.getvalue()
 
 
 @pytest.fixture(scope="module")

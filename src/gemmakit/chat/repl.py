@@ -92,29 +92,28 @@ class ChatSession:
     def ask(self, text: str) -> None:
         watch = None
         if self.guard is not None:
-            from gemmakit.safety.guard import OutputWatch
+            from gemmakit.safety.guard import MessageWatch
 
             verdict = self.guard.check(text, "input")
             if verdict.refusal:
                 self.say(f"(guard: {verdict.refusal})")
                 return
-            text, watch = verdict.text, OutputWatch(self.guard, verdict.text)
+            text, watch = verdict.text, MessageWatch(self.guard, verdict.text)
         self.history.append({"role": "user", "content": text})
         if not self.fit():
             self.history.pop()
             return
         reply: dict[str, Any] = {"role": "assistant", "content": ""}
         try:
-            raw = ""
             for delta in self.llm.stream_chat(self.messages(), enable_thinking=self.thinking, **self.sampling):
-                if watch is not None:  # the answer is shown as the guard lets it through
-                    raw += delta.content
-                    delta.content = watch.update(raw, False)
-                    if watch.refusal:
-                        break
+                if watch is not None and watch.update(delta, False):  # shown as the guard lets it through
+                    break
                 self.show(delta, reply)
             if watch is not None:
-                self.show(Delta(content=watch.update(raw, True)), reply)
+                if watch.refusal is None:
+                    tail = Delta()
+                    watch.update(tail, True)
+                    self.show(tail, reply)
                 if watch.refusal:
                     self.out.write(f"\n(guard: {watch.refusal})")
         except KeyboardInterrupt:

@@ -169,6 +169,39 @@ class OutputWatch:
         return new
 
 
+class MessageWatch:
+    """A streamed chat message under a guard, for the server's choices and the terminal chat alike: content
+    and the thought channel each go through an `OutputWatch` (held back, redacted), tool-call arguments are
+    checked whole (the parser hands them over whole). After a refusal nothing more is let through."""
+
+    def __init__(self, guard: Guard, prompt: str | None = None):
+        self.guard, self.prompt = guard, prompt
+        self.content, self.reasoning = OutputWatch(guard, prompt), OutputWatch(guard, prompt)
+        self.raw_content = self.raw_reasoning = ""
+
+    @property
+    def refusal(self) -> str | None:
+        return self.content.refusal or self.reasoning.refusal
+
+    def update(self, delta: Any, final: bool) -> str | None:
+        """Rewrite `delta` (a chat parser Delta, the message's next part) in place to what may be shown now;
+        the refusal if a rule blocks. With `final`, whatever was held back is released."""
+        self.raw_content += delta.content
+        self.raw_reasoning += delta.reasoning
+        delta.content = self.content.update(self.raw_content, final)
+        delta.reasoning = self.reasoning.update(self.raw_reasoning, final) if self.refusal is None else ""
+        for call in delta.tool_calls if self.refusal is None else ():
+            verdict = self.guard.check(call.arguments, "output", self.prompt)
+            self.content.events += verdict.events
+            call.arguments = verdict.text  # PII tags keep the JSON valid
+            if verdict.refusal:
+                self.content.refusal = verdict.refusal
+                break
+        if self.refusal is not None:
+            delta.content, delta.reasoning, delta.tool_calls = "", "", []
+        return self.refusal
+
+
 def policy_scorer(model: Any, tokenizer: Any) -> Callable[[str, str | None, str], float]:
     """P(violation) of (user text, response or None) for a built-in policy key, with `model` as classifier."""
     from gemmakit.safety.classifier import POLICIES, PolicyClassifier

@@ -29,31 +29,19 @@ class Choice:
     tokens: int = 0
     engine_reason: str | None = None
     filtered: bool = False
-    watch: Any = None  # a guard's OutputWatch (safety/guard.py): what of the content may be sent yet
-    reasoning_watch: Any = None  # the same for the thought channel
+    watch: Any = None  # a guard's MessageWatch (safety/guard.py): what of the message may be sent yet
 
     def add_guard(self, guard: Any, prompt: str | None) -> None:
-        from gemmakit.safety.guard import OutputWatch
+        from gemmakit.safety.guard import MessageWatch
 
-        self.watch, self.reasoning_watch = OutputWatch(guard, prompt), OutputWatch(guard, prompt)
+        self.watch = MessageWatch(guard, prompt)
 
     def guard(self, delta: Delta) -> str | None:
-        """Pass `delta` through the guard (after `feed`): content and reasoning are held back and redacted as
-        their watches say, tool-call arguments are checked whole (they arrive whole). The refusal if a rule
-        blocks, else None; at the end, content and reasoning become what was sent."""
-        delta.content = self.watch.update(self.content, self.finished)
-        refusal = self.watch.refusal
-        if refusal is None:
-            delta.reasoning = self.reasoning_watch.update(self.reasoning, self.finished)
-            refusal = self.reasoning_watch.refusal
-        for call in delta.tool_calls if refusal is None else ():
-            verdict = self.watch.guard.check(call.arguments, "output", self.watch.prompt)
-            self.watch.events += verdict.events
-            call.arguments, refusal = verdict.text, verdict.refusal  # PII tags keep the JSON valid
-            if refusal:
-                break
+        """Pass `delta` through the guard (after `feed`). The refusal if a rule blocks, else None; at the end,
+        content and reasoning become what was sent (redacted)."""
+        refusal = self.watch.update(delta, self.finished)
         if self.finished and refusal is None:
-            self.content, self.reasoning = self.watch.sent, self.reasoning_watch.sent
+            self.content, self.reasoning = self.watch.content.sent, self.watch.reasoning.sent
         return refusal
 
     def feed(self, update: Update) -> Delta:
