@@ -165,6 +165,24 @@ def test_a_killed_run_resumes_where_it_stopped(llm, tmp_path):
         evaluate(config, backend)
 
 
+class Recording(LocalBackend):
+    def generate(self, prompts, params, seeds=None):
+        self.calls = [*getattr(self, "calls", []), (len(prompts), seeds, params.temperature)]
+        return super().generate(prompts, params, seeds)
+
+
+def test_sampled_humaneval_runs_in_batches_with_a_seed_per_sample(llm, tmp_path):
+    """n > 1 completions per problem go to the engine together, each with the seed of its (problem, k), so
+    the batch a sample lands in (say after a resume) does not pick its seed."""
+    backend = Recording(llm, batch_size=4)
+    config = EvalConfig(task="humaneval", data=str(FIX / "HumanEval_fixture.jsonl.gz"), out=str(tmp_path / "run"),
+                        limit=2, samples=2, max_tokens=8, seed=5)
+    result = evaluate(config, backend)
+    assert backend.calls == [(4, [5, 1005, 5, 1005], 0.8)]
+    metrics = result["metrics"]
+    assert metrics["problems"] == 2 and metrics["samples_per_problem"] == 2 and 0 <= metrics["pass@1"] <= 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task,data", [("mmlu", "mmlu"), ("gsm8k", "gsm8k_test.jsonl"),
                                        ("humaneval", "HumanEval_fixture.jsonl.gz"), ("perplexity", "perplexity.txt"),

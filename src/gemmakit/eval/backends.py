@@ -18,7 +18,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -147,17 +147,20 @@ class LocalBackend:
         return self._engine
 
     def _run(self, prompts: list[list[int]], params: GenParams, stop_ids: list[int],
-             stop: tuple[str, ...]) -> list[str]:
-        sampling = [SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                                   seed=None if params.seed is None else params.seed + i,
-                                   stop_token_ids=tuple(stop_ids), stop=stop) for i in range(len(prompts))]
+             stop: tuple[str, ...], seeds: Sequence[int] | None = None) -> list[str]:
+        if seeds is None:
+            seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
+        sampling = [SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, seed=seed,
+                                   stop_token_ids=tuple(stop_ids), stop=stop) for seed in seeds]
         for p, s in zip(prompts, sampling, strict=True):
             self.llm.check_fits(len(p), s.max_tokens)
         return [req.text for req in self.engine.generate(prompts, sampling)]
 
-    def generate(self, prompts: Sequence[str], params: GenParams) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: GenParams, seeds: Sequence[int] | None = None) -> list[str]:
+        """Completions of `prompts`, generated together; prompt i samples with `seeds[i]` when given (so a
+        sample's draw does not depend on the batch it lands in), else with `params.seed + i`."""
         ids = [self.llm.tokenizer.encode(p) for p in prompts]
-        return self._run(ids, params, self.llm.stop_ids(chat=False), params.stop)
+        return self._run(ids, params, self.llm.stop_ids(chat=False), params.stop, seeds)
 
     def chat(self, conversations: Sequence[Messages], params: GenParams) -> list[str]:
         """The answer text of each conversation (thoughts and markers removed)."""
@@ -206,9 +209,10 @@ class OpenAIBackend:
             body["seed"] = params.seed
         return body
 
-    def generate(self, prompts: Sequence[str], params: GenParams) -> list[str]:
-        return [self._post("/completions", {**self._sampling(params), "prompt": p})["choices"][0]["text"]
-                for p in prompts]
+    def generate(self, prompts: Sequence[str], params: GenParams, seeds: Sequence[int] | None = None) -> list[str]:
+        seeds = seeds or [params.seed] * len(prompts)
+        return [self._post("/completions", {**self._sampling(replace(params, seed=seed)), "prompt": p})
+                ["choices"][0]["text"] for p, seed in zip(prompts, seeds, strict=True)]
 
     def chat(self, conversations: Sequence[Messages], params: GenParams) -> list[str]:
         return [(self._post("/chat/completions", {**self._sampling(params), "messages": m})

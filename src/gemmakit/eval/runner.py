@@ -147,15 +147,10 @@ def run_humaneval(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, 
     temperature = c.temperature if c.samples == 1 else (c.temperature or 0.8)
     params = GenParams(c.max_tokens or 512, temperature, humaneval.STOP, c.seed)
 
-    def write(chunk: list[tuple[str, tuple]]) -> list[str]:
-        if c.samples == 1:  # greedy: one batch
-            return backend.generate([p["prompt"] for _, (p, _) in chunk], params)
-        # Sampled: each completion has its own seed, so a resumed run draws the same ones.
-        return [backend.generate([p["prompt"]], GenParams(params.max_tokens, temperature, params.stop,
-                                                          c.seed + 1000 * k))[0] for _, (p, k) in chunk]
-
     def work(chunk: list[tuple[str, tuple]]) -> list[dict]:
-        outputs = write(chunk)
+        # Sampled completions are batched too, each with its own seed: a resumed run draws the same ones.
+        seeds = None if c.samples == 1 else [c.seed + 1000 * k for _, (_, k) in chunk]
+        outputs = backend.generate([p["prompt"] for _, (p, _) in chunk], params, seeds=seeds)
         programs = [(p, o) for (_, (p, _)), o in zip(chunk, outputs, strict=True)]
         with ThreadPoolExecutor(max_workers=4) as pool:  # each check is its own sandboxed process
             checks = list(pool.map(lambda a: humaneval.check(*a), programs))
