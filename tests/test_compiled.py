@@ -16,12 +16,14 @@ from tests.helpers import WINDOW, hf_model, tiny
 pytestmark = pytest.mark.skipif(not compile_supported("cpu"), reason="torch.compile needs a C++ compiler here")
 
 
-@pytest.mark.parametrize("name", ["gemma3", "e2b"])
-def test_compiled_decode_equals_eager(name, tmp_path):
+@pytest.mark.parametrize("name, dtype, tol", [("gemma3", torch.float32, 1e-4), ("e2b", torch.float32, 1e-4),
+                                             ("gemma3-27b", torch.bfloat16, 0.02)])
+def test_compiled_decode_equals_eager(name, dtype, tol, tmp_path):
     """Greedy tokens AND logits of the compiled one-row decode match eager decoding, past the sliding window,
-    on a Gemma 3 and a KV-sharing Gemma 4 layout."""
+    on a Gemma 3 and a KV-sharing Gemma 4 layout, and in bf16 (whose decode attention is SDPA over the query
+    heads grouped per KV head) with two KV heads."""
     hf_model(tiny(name)).save_pretrained(tmp_path)
-    model = load_model(tmp_path)
+    model = load_model(tmp_path, dtype=dtype)
     prompt = torch.randint(0, 1000, (WINDOW + 3,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_tokens=3 * WINDOW, logprobs=2)
     eager_engine = Engine(model, max_batch=1, context=128)
@@ -29,9 +31,13 @@ def test_compiled_decode_equals_eager(name, tmp_path):
     engine = Engine(model, max_batch=1, context=128, compile=True)
     assert engine.compiled and not eager_engine.compiled
     compiled = engine.generate([prompt], params)[0]
-    assert compiled.tokens == eager.tokens
     for a, b in zip(compiled.logprobs, eager.logprobs, strict=True):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert a.logprob == pytest.approx(b.logprob, abs=tol)
+        if a.token != b.token:  # only a tie to rounding may go either way (bf16); the two sequences part there
+            (_, first), (_, second) = b.top[:2]
+            assert first - second <= 2 * tol, (a, b)
+            break
+    assert compiled.tokens[:8] == eager.tokens[:8]
 
 
 def test_partly_filled_batches_run_the_padded_full_batch_step(tmp_path):

@@ -14,6 +14,7 @@ import torch
 from gemmakit.cache import Append, KVCache, Prefill
 from gemmakit.checkpoints import load_model
 from gemmakit.config import SLIDING
+from gemmakit.model import attend
 from tests.helpers import WINDOW, hf_model, tiny
 
 VARIANTS = ["gemma3", "gemma3-27b", "e2b", "e4b", "26b-a4b", "31b", "12b"]
@@ -93,3 +94,49 @@ def test_bf16_error_is_no_worse_than_the_references(tmp_path):
         ref_err = (ref.to(torch.bfloat16)(ids).logits.float() - exact).abs().max()
         our_err = (load_model(tmp_path, dtype=torch.bfloat16)(ids).float() - exact).abs().max()
     assert our_err <= 1.5 * ref_err, (our_err, ref_err)
+
+
+@pytest.mark.parametrize("variant", ["e2b", "gemma3-27b", "31b"])
+def test_bf16_cached_decode_is_no_worse_than_the_references(variant, tmp_path):
+    """bf16 decode steps through the cache (model.decode_sdpa: query heads grouped per KV head) stay within
+    the reference's own bf16 distance to the fp32 logits (x1.5), as the uncached forward does."""
+    config = tiny(variant)
+    ref = hf_model(config)
+    ref.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    ids = _ids(n=2 * WINDOW + 3, batch=1)
+    cache = KVCache(config, 1, ids.shape[1], torch.bfloat16, "cpu", slack=2)
+    row, split = torch.tensor([0]), 5
+    with torch.no_grad():
+        exact = ref(ids).logits
+        ref_err = (ref.to(torch.bfloat16)(ids).logits.float() - exact).abs().max()
+        steps = [model(ids[:, :split], step=Prefill(torch.arange(split)[None], cache, row))]
+        for t in range(split, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], step=Append(torch.tensor([[t]]), cache, row)))
+    our_err = (torch.cat(steps, dim=1).float() - exact).abs().max()
+    assert our_err <= 1.5 * ref_err, (our_err, ref_err)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("kv_heads, head_dim", [(1, 256), (2, 16), (4, 512)])
+def test_decode_attention_is_each_heads_own_softmax(dtype, tol, kv_heads, head_dim):
+    """One query per row: each query head attends over its own KV head (heads h*G..h*G+G-1 share KV head h)
+    with its row's mask, whichever kernel `attend` picks for the dtype; rows see different key sets."""
+    g = torch.Generator().manual_seed(0)
+    B, G, S = 3, 4, 40
+    q = torch.randn(B, kv_heads * G, 1, head_dim, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, kv_heads, S, head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(B, 1, 1, S, generator=g) < 0.6
+    mask[1] = False
+    mask[1, ..., 3:8] = True  # a row that sees only a few keys
+    mask[:, ..., 0] = True
+    scale = head_dim**-0.5
+    want = torch.empty_like(q)
+    for b in range(B):
+        for h in range(kv_heads * G):
+            scores = (k[b, h // G] @ q[b, h, 0]) * scale
+            probs = torch.softmax(scores.masked_fill(~mask[b, 0, 0], float("-inf")), dim=-1)
+            want[b, h, 0] = probs @ v[b, h // G]
+    got = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)

@@ -85,14 +85,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Softmax attention of q [B, Hq, T, D] over k, v [B, Hk, S, D] (Hq a multiple of Hk), mask [B, 1, T, S].
 
-    Chunks of queries go to SDPA's fused kernels. A single query per row (a decode step) is written out in
-    plain ops, grouped by KV head, with an fp32 softmax as SDPA has. On CPU this is where a long context's
-    decode time goes, and the orientation of the products matters (measured, 32K keys x 256 dims): CPU SDPA
-    takes ~0.35 ms even for 264 keys in bf16; q @ K^T runs at ~3 GB/s where K @ q^T streams the keys at ~15;
-    P @ V split into 32 partial sums runs ~2x faster than as one M=4 GEMM.
+    Chunks of queries go to SDPA's fused kernels. A single query per row (a decode step) is where a long
+    context's decode time goes, and it is regrouped first: the G query heads that share a KV head are G
+    queries over the same keys with the same mask, so every key is read once for all of them. Which kernel
+    then runs depends on the dtype, as measured in a compiled one-row step of the 270M (one KV head, 4 query
+    heads; benchmarks/decode_attention.py, 2 CPUs):
+    - half precision: SDPA's fused kernel, which accumulates and softmaxes in fp32 (`decode_sdpa`). bf16 step
+      18.8-19.2 ms against 19.8-20.3 with plain ops, 23.8 against 25.4 after an 8000-token prompt: the plain
+      ops first copy K and V to fp32.
+    - fp32: plain ops, which inductor fuses and spreads over the threads (`decode_plain`); 33.0 against 39.0
+      ms with SDPA, whose CPU kernel runs one (row, KV head) per thread.
     """
     if q.shape[2] != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return decode_plain(q, k, v, mask, scale) if q.dtype == torch.float32 else decode_sdpa(q, k, v, mask, scale)
+
+
+def decode_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """One query per row through SDPA, q [B, Hq, 1, D] viewed as [B, Hk, G, D] (G = Hq / Hk queries per KV
+    head); mask [B, 1, 1, S] broadcasts over the KV heads and the G queries alike."""
+    B, Hq, _, D = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(B, Hq, 1, D)
+
+
+def decode_plain(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """One query per row in plain ops with an fp32 softmax, for inductor to fuse. Their orientation matters
+    (measured, 32K keys x 256 dims): q @ K^T runs at ~3 GB/s where K @ q^T streams the keys at ~15; P @ V
+    split into 32 partial sums runs ~2x faster than as one M=4 GEMM. In half precision K and V would first
+    be copied to fp32, which is why `attend` sends those to `decode_sdpa`."""
     B, Hq, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hk, Hq // Hk, D).float()  # [B, Hk, G, D]: the query heads that share a KV head

@@ -1,0 +1,95 @@
+"""Which decode-attention kernel a compiled step should use, per dtype: `decode_sdpa` against `decode_plain`.
+
+`model.attend` sends a one-query-per-row step to SDPA's fused kernel in half precision and to plain ops in
+fp32. This script is the measurement behind that rule: for each dtype it builds one engine per kernel (each
+compiled with `attend` forced to that kernel), then times them in interleaved rounds of decode steps in one
+process, so that both see the same machine state, and prints the median milliseconds per step and the ratio.
+The context grows by `--steps` tokens each round; it stays well under the 512-token sliding window.
+
+Run: .venv/bin/python benchmarks/decode_attention.py [--dtypes bfloat16,float32] [--batch 1] [--narrow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from profile_decode import narrow_model
+
+import gemmakit.model as model_module
+from gemmakit.bench import format_table
+from gemmakit.checkpoints import load_model
+from gemmakit.engine import Engine
+from gemmakit.packing import pack_linears
+from gemmakit.sampling import SamplingParams
+
+KERNELS = {"sdpa": model_module.decode_sdpa, "plain": model_module.decode_plain}
+_attend = model_module.attend
+
+
+def forcing(kernel):
+    """`attend` with one-query steps sent to `kernel` whatever the dtype; prompts as usual."""
+    def attend(q, k, v, mask, scale):
+        return kernel(q, k, v, mask, scale) if q.shape[2] == 1 else _attend(q, k, v, mask, scale)
+    return attend
+
+
+def ready_engine(args: argparse.Namespace, dtype: str, kernel: str) -> Engine:
+    """A compiled engine of the chosen model whose rows are prefilled and mid-decode, `attend` forced."""
+    model_module.attend = forcing(KERNELS[kernel])
+    if args.narrow:
+        model = narrow_model(SimpleNamespace(dtype=dtype, quantize="none"))
+    else:
+        model = load_model(dtype=getattr(torch, dtype))
+        pack_linears(model, keep_plain=True)  # as gemmakit.api.load does for a compiled engine
+    total = args.rounds * args.steps
+    engine = Engine(model, max_batch=args.batch, context=args.prompt_len + total + 64, compile=True)
+    prompts = [[10 + (r + i) % 1000 for i in range(args.prompt_len)] for r in range(args.batch)]
+    engine.generate(prompts, SamplingParams(max_tokens=4))  # compile and warm up
+    for prompt in prompts:
+        engine.submit(prompt, SamplingParams(max_tokens=total + 32))
+    while engine.waiting or any(not r.tokens for r in engine.running.values()):
+        engine.step()
+    return engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per engine per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernels", default="sdpa,plain", help="also the order engines are built and timed in")
+    ap.add_argument("--narrow", action="store_true", help="the 270M's layers with 64-wide matrices (profile_decode)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for dtype in args.dtypes.split(","):
+        engines = {kernel: ready_engine(args, dtype, kernel) for kernel in args.kernels.split(",")}
+        times: dict[str, list[float]] = {kernel: [] for kernel in engines}
+        for _ in range(args.rounds):
+            for kernel, engine in engines.items():
+                model_module.attend = forcing(KERNELS[kernel])  # the compiled graph's guard checks it
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    engine.step()
+                times[kernel].append((time.perf_counter() - t0) / args.steps * 1e3)
+        medians = {kernel: statistics.median(ts) for kernel, ts in times.items()}
+        for kernel, ms in medians.items():
+            rows.append({"dtype": dtype, "kernel": kernel, "ms/step (median)": ms, "min": min(times[kernel]),
+                         "vs plain": medians["plain"] / ms if "plain" in medians else None})
+        del engines
+    model_module.attend = _attend
+    what = "64-wide 270M" if args.narrow else "Gemma 3 270M"
+    print(f"{what}, batch {args.batch}, {args.prompt_len}-token prompt, {args.rounds} rounds of {args.steps} "
+          f"compiled decode steps, {args.threads} threads\n")
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
