@@ -4,7 +4,8 @@
 fp32. This script is the measurement behind that rule: for each dtype it builds one engine per kernel (each
 compiled with `attend` forced to that kernel), then times them in interleaved rounds of decode steps in one
 process, so that both see the same machine state, and prints the median milliseconds per step and the ratio.
-The context grows by `--steps` tokens each round; it stays well under the 512-token sliding window.
+The context grows by `--steps` tokens each round; with the defaults it stays under the 512-token sliding
+window (`--prompt-len 8000` measures a long one).
 
 Run: .venv/bin/python benchmarks/decode_attention.py [--dtypes bfloat16,float32] [--batch 1] [--narrow]
 """
