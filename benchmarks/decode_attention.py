@@ -18,14 +18,13 @@ import time
 from types import SimpleNamespace
 
 import torch
-from profile_decode import narrow_model
+from profile_decode import narrow_model, start_decoding
 
 import gemmakit.model as model_module
 from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.packing import pack_linears
-from gemmakit.sampling import SamplingParams
 
 KERNELS = {"sdpa": model_module.decode_sdpa, "plain": model_module.decode_plain}
 _attend = model_module.attend
@@ -49,11 +48,7 @@ def ready_engine(args: argparse.Namespace, dtype: str, kernel: str) -> Engine:
     total = args.rounds * args.steps
     engine = Engine(model, max_batch=args.batch, context=args.prompt_len + total + 64, compile=True)
     prompts = [[10 + (r + i) % 1000 for i in range(args.prompt_len)] for r in range(args.batch)]
-    engine.generate(prompts, SamplingParams(max_tokens=4))  # compile and warm up
-    for prompt in prompts:
-        engine.submit(prompt, SamplingParams(max_tokens=total + 32))
-    while engine.waiting or any(not r.tokens for r in engine.running.values()):
-        engine.step()
+    start_decoding(engine, prompts, total + 32)
     return engine
 
 

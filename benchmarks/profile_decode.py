@@ -51,11 +51,7 @@ def main() -> None:
     engine = Engine(model, max_batch=args.batch, context=args.prompt_len + args.steps + timed + 8,
                     compile=args.compile)
     prompts = [list(range(10 + r, 10 + r + args.prompt_len)) for r in range(args.batch)]
-    engine.generate(prompts, SamplingParams(max_tokens=8))  # compile and warm up, untimed
-    for prompt in prompts:
-        engine.submit(prompt, SamplingParams(max_tokens=args.steps + timed + 1))
-    while engine.waiting or any(not r.tokens for r in engine.running.values()):  # prefills stay out
-        engine.step()
+    start_decoding(engine, prompts, args.steps + timed + 1)
     t0 = time.perf_counter()
     for _ in range(timed):
         engine.step()
@@ -75,6 +71,16 @@ def main() -> None:
           f"{args.compile}, {args.threads} threads: {plain * 1e3:.2f} ms per decode step ({1 / plain:.1f} tok/s); "
           f"{wall * 1e3:.1f} ms under the profiler\n")
     print(format_table(rows))
+
+
+def start_decoding(engine: Engine, prompts: list[list[int]], max_tokens: int) -> None:
+    """Compile and warm up untimed, then leave one request per prompt prefilled and mid-decode, so that every
+    later `engine.step()` is a decode step of all rows."""
+    engine.generate(prompts, SamplingParams(max_tokens=8))
+    for prompt in prompts:
+        engine.submit(prompt, SamplingParams(max_tokens=max_tokens))
+    while engine.waiting or any(not r.tokens for r in engine.running.values()):  # prefills stay out
+        engine.step()
 
 
 def narrow_model(args: argparse.Namespace) -> torch.nn.Module:

@@ -93,8 +93,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tenso
     - half precision: SDPA's fused kernel, which accumulates and softmaxes in fp32 (`decode_sdpa`). bf16 step
       18.8-19.2 ms against 19.8-20.3 with plain ops, 23.8 against 25.4 after an 8000-token prompt: the plain
       ops first copy K and V to fp32.
-    - fp32 (and fp64): plain ops, which inductor fuses and spreads over the threads (`decode_plain`); 33.0 against 39.0
-      ms with SDPA, whose CPU kernel runs one (row, KV head) per thread.
+    - fp32 (and fp64): plain ops, which inductor fuses and spreads over the threads (`decode_plain`); 33.0
+      against 39.0 ms with SDPA, whose CPU kernel runs one (row, KV head) per thread.
     """
     if q.shape[2] != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
