@@ -302,9 +302,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
           "(roofline = fraction of it the decode uses, one weight read per step)")
     print(format_table(rows))
     if args.context:
-        dtype, _ = model_dtype_device(llm.model)
+        dtype, device = model_dtype_device(llm.model)
         need = estimate_bytes(llm.model.config, max(args.batch), args.context, dtype, model_bytes(llm.model),
-                              compiled=args.compiled)
+                              compiled=args.compiled, device_type=device.type)
         print(f"memory estimate at --context {args.context}, batch {max(args.batch)}: " + ", ".join(
             f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
             "peak/est compares the measured peak with this forecast")

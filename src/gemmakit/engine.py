@@ -120,7 +120,8 @@ class Engine:
         self.dtype, self.device = model_dtype_device(model)
         self.prefill_chunk = prefill_chunk
         self.memory = estimate_bytes(config, max_batch, self.context, self.dtype, model_bytes(model), slack,
-                                     prefill_chunk, compiled=compile and compile_supported(self.device))
+                                     prefill_chunk, compiled=compile and compile_supported(self.device),
+                                     device_type=self.device.type)
         if check_memory:
             check_fits_memory(self.memory, self.device, already_resident=self.memory["weights"])
         self.cache = KVCache(config, max_batch, self.context, self.dtype, self.device, slack)
