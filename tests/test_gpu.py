@@ -106,7 +106,7 @@ def _graph_launches(fn) -> int:
 @pytest.mark.parametrize("name, dtype, tol", [("gemma3", torch.float32, 1e-3), ("e2b", torch.float32, 1e-3),
                                              ("gemma3-27b", torch.bfloat16, 0.03)])
 def test_cuda_graph_decode_equals_eager(name, dtype, tol, tmp_path):
-    """The compiled decode steps replay as CUDA graphs (mode reduce-overhead over the static KV cache), and
+    """The compiled decode steps replay as CUDA graphs (inductor's, over the static KV cache), and
     give eager decoding's tokens and logprobs: three rows of different lengths and stops, so the full-batch
     graph, the padded full-batch step and the one-row graph all run, and freed rows are reused."""
     from torch._dynamo.utils import counters
@@ -128,8 +128,8 @@ def test_cuda_graph_decode_equals_eager(name, dtype, tol, tmp_path):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_cuda_quantized_engine_compiled_equals_eager(mode, tmp_path):
-    """A model quantized while loading onto CUDA (tensor-core int4, int8 kernel) decodes through its CUDA
-    graphs what it decodes eagerly."""
+    """A model quantized while loading onto CUDA decodes through its CUDA graphs what it decodes eagerly
+    (int4: the tensor-core kernel in both; int8: torch's kernel eagerly, the fused reduction in the graph)."""
     hf_model(tiny("gemma3").replace(vocab_size=1024)).save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype=torch.bfloat16, device="cuda", quantize=mode)
     prompt = _prompts()[2]
