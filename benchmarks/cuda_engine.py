@@ -116,12 +116,16 @@ def transformers_runner(hf: torch.nn.Module, row: Row, prompt: list[int], new_to
     ids = torch.tensor([prompt], device=hf.device)
     extra = {"cache_implementation": "static"} if row.static else {}
 
+    def sync() -> None:
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+
     @torch.inference_mode()
     def once() -> dict:
-        torch.cuda.synchronize() if ids.is_cuda else None
+        sync()
         t = time.perf_counter()
         hf(ids, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize() if ids.is_cuda else None
+        sync()
         t_prefill = time.perf_counter() - t
         streamer = Stamps()
         t0 = time.perf_counter()
