@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from gemmakit.config import Config, default_layer_types
@@ -81,3 +82,25 @@ def default_gguf() -> Path:
 def weight_error(linear: torch.nn.Module, w: torch.Tensor) -> float:
     """Relative error of a (quantized) linear's effective weight, read through x = I, against `w` [N, K]."""
     return ((linear(torch.eye(w.shape[1])).float().T - w).norm() / w.norm()).item()
+
+
+def greedy_without_cache(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from full forward passes over the whole sequence, no cache, on the model's device."""
+    device = next(model.parameters()).device
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def assert_same_until_a_tie(got, want, tol: float, prefix: int) -> None:
+    """Two requests' logprobs agree to `tol` step by step until their tokens part, which only a tie to
+    rounding may cause (`want`'s top two within 2 x tol there); the first `prefix` tokens are equal."""
+    for x, y in zip(got.logprobs, want.logprobs, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=tol)
+        if x.token != y.token:
+            (_, first), (_, second) = y.top[:2]
+            assert first - second <= 2 * tol, (x, y)
+            break
+    assert got.tokens[:prefix] == want.tokens[:prefix]

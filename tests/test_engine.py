@@ -12,7 +12,7 @@ from gemmakit.engine import Engine
 from gemmakit.model import Gemma
 from gemmakit.sampling import SamplingParams
 from gemmakit.speculative import ModelDrafter, speculative_generate
-from tests.helpers import WINDOW, hf_model, tiny
+from tests.helpers import WINDOW, greedy_without_cache, hf_model, tiny
 
 PROMPT_LENGTHS = (3, 17, 4 * WINDOW + 1)
 
@@ -30,21 +30,13 @@ def _prompts(n: int = len(PROMPT_LENGTHS)) -> list[list[int]]:
             for i in range(n)]
 
 
-def _greedy_without_cache(model: Gemma, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 def test_batched_equals_unbatched_equals_uncached(model):
     """Prompts of different lengths decoded together give the tokens each gets alone and without a cache."""
     params = SamplingParams(max_tokens=3 * WINDOW)  # runs far past the sliding window
     batched = Engine(model, max_batch=4, context=128).generate(_prompts(), params)
     for prompt, req in zip(_prompts(), batched, strict=True):
         alone = Engine(model, max_batch=1, context=128).generate([prompt], params)[0]
-        assert req.tokens == alone.tokens == _greedy_without_cache(model, prompt, params.max_tokens)
+        assert req.tokens == alone.tokens == greedy_without_cache(model, prompt, params.max_tokens)
         assert req.finish_reason == "length"
 
 
@@ -56,8 +48,8 @@ def test_chunked_prefill_equals_one_shot(model, chunk):
     params = SamplingParams(max_tokens=2 * WINDOW)
     engine = Engine(model, max_batch=2, context=128, prefill_chunk=chunk)
     reqs = engine.generate([_prompts(1)[0], long_prompt], params)
-    assert reqs[1].tokens == _greedy_without_cache(model, long_prompt, params.max_tokens)
-    assert reqs[0].tokens == _greedy_without_cache(model, _prompts(1)[0], params.max_tokens)
+    assert reqs[1].tokens == greedy_without_cache(model, long_prompt, params.max_tokens)
+    assert reqs[0].tokens == greedy_without_cache(model, _prompts(1)[0], params.max_tokens)
 
 
 def test_continuous_batching_reuses_rows(model):
@@ -128,7 +120,7 @@ def test_a_constraint_masks_sampling_and_ends_the_request(model):
     row in the same batch is untouched."""
     vocab = model.config.vocab_size
     engine = Engine(model, max_batch=2, context=128)
-    free = _greedy_without_cache(model, _prompts(1)[0], 8)
+    free = greedy_without_cache(model, _prompts(1)[0], 8)
     rule = CountingConstraint(vocab, [7, 11, 13], length=5)
     constrained, plain = engine.generate(_prompts(1) * 2, [
         SamplingParams(max_tokens=50, temperature=1.0, seed=3, constraint=rule), SamplingParams(max_tokens=8)])

@@ -13,7 +13,7 @@ from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.sampling import SamplingParams
 from gemmakit.speculative import ModelDrafter, speculative_generate
-from tests.helpers import WINDOW, hf_model, tiny
+from tests.helpers import WINDOW, assert_same_until_a_tie, greedy_without_cache, hf_model, tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -65,14 +65,6 @@ def _prompts(lengths=(3, 17, 4 * WINDOW + 1)) -> list[list[int]]:
     return [torch.randint(0, 1000, (n,), generator=g).tolist() for n in lengths]
 
 
-def _greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids], device="cuda"))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 @pytest.mark.parametrize("variant", ["gemma3", "e2b"])
 def test_cuda_engine_batched_equals_unbatched_equals_uncached(variant, tmp_path):
     """On CUDA, prompts of different lengths decoded together (past the sliding window, through the rolling
@@ -82,19 +74,7 @@ def test_cuda_engine_batched_equals_unbatched_equals_uncached(variant, tmp_path)
     batched = Engine(model, max_batch=4, context=128).generate(_prompts(), params)
     for prompt, req in zip(_prompts(), batched, strict=True):
         alone = Engine(model, max_batch=1, context=128).generate([prompt], params)[0]
-        assert req.tokens == alone.tokens == _greedy_without_cache(model, prompt, params.max_tokens)
-
-
-def _same_until_a_tie(got, want, tol: float) -> None:
-    """Tokens and logprobs agree (to tol) until the sequences part, which only a near-tie may cause; at
-    least the first few tokens agree."""
-    for x, y in zip(got.logprobs, want.logprobs, strict=True):
-        assert x.logprob == pytest.approx(y.logprob, abs=tol)
-        if x.token != y.token:
-            (_, first), (_, second) = y.top[:2]
-            assert first - second <= 2 * tol, (x, y)
-            break
-    assert got.tokens[:4] == want.tokens[:4]
+        assert req.tokens == alone.tokens == greedy_without_cache(model, prompt, params.max_tokens)
 
 
 def _graph_launches(fn) -> int:
@@ -122,7 +102,7 @@ def test_cuda_graph_decode_equals_eager(name, dtype, tol, tmp_path):
     got += engine.generate(prompts[:2], params[:2])
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     for a, b in zip(got, want + want[:2], strict=True):
-        _same_until_a_tie(a, b, tol)
+        assert_same_until_a_tie(a, b, tol, prefix=4)
     assert _graph_launches(lambda: engine.generate(prompts[:1], SamplingParams(max_tokens=4))) >= 3
 
 
@@ -136,7 +116,7 @@ def test_cuda_quantized_engine_compiled_equals_eager(mode, tmp_path):
     params = SamplingParams(max_tokens=2 * WINDOW, logprobs=2)
     want = Engine(model, max_batch=1, context=128).generate([prompt], params)[0]
     got = Engine(model, max_batch=1, context=128, compile=True).generate([prompt], params)[0]
-    _same_until_a_tie(got, want, tol=0.05)
+    assert_same_until_a_tie(got, want, tol=0.05, prefix=4)
 
 
 def test_cuda_speculative_greedy_equals_plain_greedy(tmp_path):
