@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_vs_peers import common_prefix, gemmakit_engine, timed_stream  # noqa: E402
+from engine_vs_peers import common_prefix, gemmakit_engine, timed_stream, token_stamps  # noqa: E402
 
 from gemmakit.bench import MiB, format_table, measure_bandwidth  # noqa: E402
 from gemmakit.config import Config  # noqa: E402
@@ -98,21 +98,6 @@ def random_checkpoint(model: str, device: str, folder: Path, layers: int | None)
 
 
 def transformers_runner(hf: torch.nn.Module, row: Row, prompt: list[int], new_tokens: int):
-    from transformers.generation.streamers import BaseStreamer
-
-    class Stamps(BaseStreamer):
-        def __init__(self):
-            self.stamps: list[float] = []
-            self.seen_prompt = False
-
-        def put(self, value) -> None:  # the first put is the prompt
-            if self.seen_prompt:
-                self.stamps.append(time.perf_counter())
-            self.seen_prompt = True
-
-        def end(self) -> None:
-            pass
-
     ids = torch.tensor([prompt], device=hf.device)
     extra = {"cache_implementation": "static"} if row.static else {}
 
@@ -127,7 +112,7 @@ def transformers_runner(hf: torch.nn.Module, row: Row, prompt: list[int], new_to
         hf(ids, use_cache=True, logits_to_keep=1)
         sync()
         t_prefill = time.perf_counter() - t
-        streamer = Stamps()
+        streamer = token_stamps()
         t0 = time.perf_counter()
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None, streamer=streamer,

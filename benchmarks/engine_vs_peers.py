@@ -150,19 +150,16 @@ def run_llama_cpp(prompt: list[int], new_tokens: int, threads: int) -> dict:
 
 
 # ---- transformers ----------------------------------------------------------------------------------------
-def run_transformers(dtype: str, prompt: list[int], new_tokens: int) -> dict:
-    import transformers
-    from transformers import AutoModelForCausalLM
+def token_stamps():
+    """A streamer for transformers' `generate` that records when each new token is handed over (`.stamps`)."""
     from transformers.generation.streamers import BaseStreamer
 
     class Stamps(BaseStreamer):
-        """Records when generate hands over each new token (its first `put` is the prompt)."""
-
         def __init__(self):
             self.stamps: list[float] = []
             self.seen_prompt = False
 
-        def put(self, value) -> None:
+        def put(self, value) -> None:  # the first put is the prompt
             if self.seen_prompt:
                 self.stamps.append(time.perf_counter())
             self.seen_prompt = True
@@ -170,13 +167,20 @@ def run_transformers(dtype: str, prompt: list[int], new_tokens: int) -> dict:
         def end(self) -> None:
             pass
 
+    return Stamps()
+
+
+def run_transformers(dtype: str, prompt: list[int], new_tokens: int) -> dict:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
     transformers.logging.set_verbosity_error()
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype]).eval()
     ids = torch.tensor([prompt])
 
     def generate(n: int) -> tuple[float, list[float], list[int]]:
-        streamer = Stamps()
+        streamer = token_stamps()
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, top_p=None, top_k=None, streamer=streamer)
