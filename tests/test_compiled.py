@@ -72,6 +72,34 @@ def test_compiled_engines_of_different_models_share_a_process(tmp_path):
         assert a.logprob == pytest.approx(b.logprob, abs=0.05)   # one-row product is fp32, eager's bf16
 
 
+def test_compiled_int4_engines_run_prompts_as_unpacked_gemms(monkeypatch, tmp_path):
+    """A compiled CPU engine gives its int4 linears a compiled unpack: a prompt of UNPACK_ROWS rows or more
+    multiplies a bf16 W^T instead of calling the int4 kernel (which runs at the fp32 FMA rate), and the tokens
+    and logprobs are the eager engine's, whose prompts take the kernel."""
+    from gemmakit.cache import COMPILED_BYTES, UNPACK_KERNEL_BYTES
+    from gemmakit.quantize import UNPACK_ROWS, Int4Linear
+
+    hf_model(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).save_pretrained(tmp_path)
+    int4 = load_model(tmp_path, quantize="int4")
+    prompt = torch.randint(0, 1000, (UNPACK_ROWS + 16,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(max_tokens=6, logprobs=2)
+    want = Engine(int4, max_batch=1, context=128).generate([prompt], params)[0]
+    engine = Engine(int4, max_batch=1, context=128, compile=True)
+    unpacking = [m for m in int4.modules() if isinstance(m, Int4Linear) and m.unpack is not None]
+    assert len(unpacking) >= 3 * int4.config.num_hidden_layers  # q, o, gate, up, down: those tiled by 64 rows
+    # One kernel per weight shape (q = o, gate = up, down, the tiny head), each counted in the memory forecast.
+    assert engine.memory["compiled"] == COMPILED_BYTES + 4 * UNPACK_KERNEL_BYTES
+    kernel_rows = []
+    original = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu",
+                        lambda x, *a: kernel_rows.append(x.shape[0]) or original(x, *a))
+    got = engine.generate([prompt], params)[0]
+    # The prompt's only kernel calls are the k_projs (16 rows out: not tiled by 64); one-row calls remain.
+    assert [r for r in kernel_rows if r > 1] == [len(prompt)] * int4.config.num_hidden_layers
+    assert 1 in kernel_rows
+    assert_same_until_a_tie(got, want, 0.05, prefix=2)
+
+
 def test_one_row_matmuls_are_decomposed_at_any_width():
     """The inductor setting that makes CPU decode fast covers a vocabulary-sized head (262k rows)."""
     import torch._inductor.config as inductor_config

@@ -16,6 +16,7 @@ from gemmakit.quantize import (
     Int8Linear,
     QuantizedEmbedding,
     QuantizedExperts,
+    cpu_int4_block_rows,
     cpu_int4_layout,
     pack_int4,
     quantize_int4_packed,
@@ -154,6 +155,23 @@ def test_the_cpu_int4_layout_is_read_off_the_kernel(k):
     ids = torch.arange(codes.shape[0])
     at = (ids - ids % rows)[:, None] * width + offset[ids % rows]
     assert torch.equal((packed.flatten()[at] >> shift[ids % rows]) & 15, codes)
+
+
+@pytest.mark.parametrize("n, k", [(128, 64), (2048, 640), (640, 2048)])
+def test_int4_unpack_gives_the_kernels_weight(n, k):
+    """The strided unpack that compiled prompts use rebuilds the weight the int4 kernel multiplies by: the
+    kernel applied to I gives W^T (in bf16); both must agree to bf16 rounding of the dequantized values."""
+    from gemmakit.quantize import unpack_int4_transposed
+
+    rows = cpu_int4_block_rows(k)
+    if rows is None:
+        pytest.skip("this machine's int4 packing is not the blocked nibble layout the unpack reads")
+    lin = Int4Linear.from_weight(torch.randn(n, k) * 0.02, group_size=32)
+    want = torch._weight_int4pack_mm_for_cpu(torch.eye(k, dtype=torch.bfloat16), lin.weight, 32, lin.scales_and_zeros)
+    scales, zeros = lin.scales_and_zeros.permute(2, 0, 1).contiguous()
+    got = unpack_int4_transposed(lin.weight, scales, zeros, rows)
+    assert got.dtype == torch.bfloat16 and got.shape == (k, n)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8, atol=1e-6)
 
 
 def test_int8_prompt_rows_run_as_a_bf16_gemm(monkeypatch):

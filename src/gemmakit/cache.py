@@ -172,6 +172,9 @@ class Extend(Prefill):
 # Resident memory torch.compile leaves behind for a one-row decode step (dynamo/inductor state, generated
 # code): measured at ~140-150 MiB for Gemma 3 270M on CPU; it scales with the graph (layers), not the weights.
 COMPILED_BYTES = 160 << 20
+# What each compiled int4 prompt unpack adds (quantize.compile_prompt_unpack; one kernel per weight shape): the
+# 270M's five kernels left 32 MiB more resident than its compiled decode step alone.
+UNPACK_KERNEL_BYTES = 8 << 20
 # On a GPU that code stays in host memory; what the device holds besides the eager working set is the CUDA
 # graphs' private pool and the cuBLAS workspace of the stream they were captured on: for the 270M on an H200,
 # compiled engines peaked 32-76 MiB (median 44, 10 rows of two runs, any dtype or quantization) above the
@@ -181,11 +184,11 @@ CUDA_GRAPHS_BYTES = 64 << 20
 
 def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, weight_bytes: int,
                    slack: int = 8, prefill_tokens: int = 512, compiled: bool = False,
-                   device_type: str = "cpu") -> dict[str, int]:
+                   device_type: str = "cpu", unpack_kernels: int = 0) -> dict[str, int]:
     """Memory a model + cache needs on `device_type` before anything is allocated: weights, KV cache, a
     working set for the largest forward pass (activations of a prefill chunk, its attention over the whole
     context, fp32 logits of a decode batch) and, when the decode step is compiled, the compiler's resident
-    code (CPU) or the CUDA graphs' memory (GPU)."""
+    code (CPU, with `unpack_kernels` compiled int4 prompt unpacks) or the CUDA graphs' memory (GPU)."""
     elt = torch.tensor([], dtype=dtype).element_size()
     slots = {FULL: context, SLIDING: min(context, config.sliding_window + slack)}
     kv = sum(2 * rows * config.layer_kv_heads(i) * slots[config.layer_types[i]] * config.layer_head_dim(i) * elt
@@ -202,7 +205,8 @@ def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, 
     work = activations + scores + logits
     out = {"weights": weight_bytes, "kv_cache": kv, "workspace": work}
     if compiled:
-        out["compiled"] = CUDA_GRAPHS_BYTES if device_type == "cuda" else COMPILED_BYTES
+        out["compiled"] = (CUDA_GRAPHS_BYTES if device_type == "cuda"
+                           else COMPILED_BYTES + unpack_kernels * UNPACK_KERNEL_BYTES)
     return {**out, "total": sum(out.values())}
 
 

@@ -289,6 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from gemmakit.bench import MiB, current_rss_bytes, format_table, measure_bandwidth, run_engine_bench
     from gemmakit.cache import estimate_bytes
     from gemmakit.engine import model_bytes, model_dtype_device
+    from gemmakit.quantize import compile_prompt_unpack
 
     llm = load_llm(args)
     runtime = max(current_rss_bytes() - model_bytes(llm.model), 0)  # Python, torch, the tokenizer: not weights
@@ -303,8 +304,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(format_table(rows))
     if args.context:
         dtype, device = model_dtype_device(llm.model)
+        unpacks = compile_prompt_unpack(llm.model) if args.compiled else 0  # what the engines set up: a count
         need = estimate_bytes(llm.model.config, max(args.batch), args.context, dtype, model_bytes(llm.model),
-                              compiled=args.compiled, device_type=device.type)
+                              compiled=args.compiled, device_type=device.type, unpack_kernels=unpacks)
         print(f"memory estimate at --context {args.context}, batch {max(args.batch)}: " + ", ".join(
             f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
             "peak/est compares the measured peak with this forecast")

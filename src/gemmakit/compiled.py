@@ -91,6 +91,13 @@ def compile_decode(fn: Callable, device: torch.device | str, static_tensors: lis
     return torch.compile(fn, dynamic=False, options=options or None)
 
 
+def compile_static(fn: Callable) -> Callable:
+    """`fn` compiled for static shapes, with a code object of its own: a kernel built per weight shape keeps
+    its graph in its own cache, never counting against dynamo's recompile limit for one function."""
+    configure_inductor()
+    return torch.compile(_own_code(fn), dynamic=False)
+
+
 def _own_code(fn: Callable) -> Callable:
     """`fn` (a function or bound method) rebuilt around a fresh copy of its code object."""
     func = getattr(fn, "__func__", fn)

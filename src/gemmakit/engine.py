@@ -37,6 +37,7 @@ from torch import Tensor
 from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, estimate_bytes
 from gemmakit.compiled import compile_decode, compile_supported
 from gemmakit.model import Gemma
+from gemmakit.quantize import compile_prompt_unpack
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
 
 
@@ -119,9 +120,12 @@ class Engine:
         self.context = min(context or config.max_position_embeddings, config.max_position_embeddings)
         self.dtype, self.device = model_dtype_device(model)
         self.prefill_chunk = prefill_chunk
+        compiled = compile and compile_supported(self.device)
+        # int4 prompts take a bf16 GEMM on CPU in compiled engines (quantize.py says why): kernels to count.
+        unpacks = compile_prompt_unpack(model) if compiled else 0
         self.memory = estimate_bytes(config, max_batch, self.context, self.dtype, model_bytes(model), slack,
-                                     prefill_chunk, compiled=compile and compile_supported(self.device),
-                                     device_type=self.device.type)
+                                     prefill_chunk, compiled=compiled, device_type=self.device.type,
+                                     unpack_kernels=unpacks)
         if check_memory:
             check_fits_memory(self.memory, self.device, already_resident=self.memory["weights"])
         self.cache = KVCache(config, max_batch, self.context, self.dtype, self.device, slack)
@@ -129,7 +133,7 @@ class Engine:
         # Decode steps of one row (latency) or of every row (throughput) run compiled when asked and possible;
         # compiled.py says why not the others.
         self._decode_compiled, self.compiled = self._forward_decode, False
-        if compile and compile_supported(self.device):
+        if compiled:
             cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
             self._decode_compiled = compile_decode(self._forward_decode, self.device, cache_tensors)
             self.compiled = True
