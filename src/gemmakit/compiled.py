@@ -14,7 +14,9 @@ batch sizes in between would be a graph each; the engine runs them through the f
 with throw-away rows (`Engine._decode_padded`). On CUDA the same steps are compiled with
 inductor's CUDA graphs (what `mode="reduce-overhead"` turns on), i.e. replayed as one graph launch each; the
 cache tensors they write are marked static so the graphs may mutate them in place. On an H200 that made a
-bf16 270M step 13x faster than eager (2.2 against 29 ms; README, "The engine on a GPU").
+bf16 270M step 13x faster than eager (2.2 against 29 ms; README, "The engine on a GPU"). Besides the
+steps, `compile_static` builds one small kernel per weight shape that compiled engines use for prompts:
+quantize.py's int4 unpack, a loop eager ops cannot match.
 
 Compilation costs tens of seconds once per process and shape (inductor's on-disk cache makes later runs
 faster), too long for a chat prompt that should be ready in seconds: the CLI compiles for `bench` and long
