@@ -74,8 +74,8 @@ def test_compiled_engines_of_different_models_share_a_process(tmp_path):
 
 def test_compiled_int4_engines_run_prompts_as_unpacked_gemms(monkeypatch, tmp_path):
     """A compiled CPU engine gives its int4 linears a compiled unpack: a prompt of UNPACK_ROWS rows or more
-    multiplies a bf16 W^T instead of calling the int4 kernel (which runs at the fp32 FMA rate), and the tokens
-    and logprobs are the eager engine's, whose prompts take the kernel."""
+    multiplies a bf16 W^T instead of calling the int4 kernel (which runs at the fp32 FMA rate), warm-up builds
+    those kernels, and the tokens and logprobs are the eager engine's, whose prompts take the kernel."""
     from gemmakit.cache import COMPILED_BYTES, UNPACK_KERNEL_BYTES
     from gemmakit.quantize import UNPACK_ROWS, Int4Linear
 
@@ -89,6 +89,10 @@ def test_compiled_int4_engines_run_prompts_as_unpacked_gemms(monkeypatch, tmp_pa
     assert len(unpacking) >= 3 * int4.config.num_hidden_layers  # q, o, gate, up, down: those tiled by 64 rows
     # One kernel per weight shape (q = o, gate = up, down, the tiny head), each counted in the memory forecast.
     assert engine.memory["compiled"] == COMPILED_BYTES + 4 * UNPACK_KERNEL_BYTES
+    engine.warmup()  # builds the unpack kernels too: the first long prompt compiles nothing more
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert engine.generate([prompt], params)[0].tokens
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     kernel_rows = []
     original = torch._weight_int4pack_mm_for_cpu
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu",

@@ -37,7 +37,7 @@ from torch import Tensor
 from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, estimate_bytes
 from gemmakit.compiled import compile_decode, compile_supported
 from gemmakit.model import Gemma
-from gemmakit.quantize import compile_prompt_unpack
+from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
 
 
@@ -122,10 +122,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         compiled = compile and compile_supported(self.device)
         # int4 prompts take a bf16 GEMM on CPU in compiled engines (quantize.py says why): kernels to count.
-        unpacks = compile_prompt_unpack(model) if compiled else 0
+        self.unpack_kernels = compile_prompt_unpack(model) if compiled else 0
         self.memory = estimate_bytes(config, max_batch, self.context, self.dtype, model_bytes(model), slack,
                                      prefill_chunk, compiled=compiled, device_type=self.device.type,
-                                     unpack_kernels=unpacks)
+                                     unpack_kernels=self.unpack_kernels)
         if check_memory:
             check_fits_memory(self.memory, self.device, already_resident=self.memory["weights"])
         self.cache = KVCache(config, max_batch, self.context, self.dtype, self.device, slack)
@@ -169,11 +169,14 @@ class Engine:
         self._release(req)
 
     def warmup(self) -> None:
-        """Build the compiled decode steps now (throw-away tokens) rather than in the first requests."""
+        """Build the compiled decode steps (and int4 prompt unpacks) now, on throw-away tokens, rather than
+        in the first requests."""
         if self.compiled and not self.has_work:
             bos = [self.model.config.bos_token_id or 0]
             for rows in sorted({self.max_batch, 1}):
                 self.generate([bos] * rows, SamplingParams(max_tokens=2))
+            if self.unpack_kernels and self.context > UNPACK_ROWS:  # only prompts this long reach them
+                self.generate([bos * UNPACK_ROWS], SamplingParams(max_tokens=1))
 
     @property
     def has_work(self) -> bool:
