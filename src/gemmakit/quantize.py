@@ -230,8 +230,8 @@ def unpack_int4_transposed(packed: Tensor, scales: Tensor, zeros: Tensor, rows: 
     """W^T [K, N] in bf16 of a CPU-packed int4 weight [N, K/2] whose blocks are laid out as
     `cpu_int4_block_rows` says (`rows` = R), with `scales` and `zeros` [K/G, N] contiguous (a strided read of
     the interleaved `scales_and_zeros` would keep inductor from vectorising). One broadcast expression, so
-    that inductor emits a single vectorised loop: 0.17 ms for a 2048 x 640 weight on 2 Zen 4 cores, where
-    eager ops take 0.6 ms."""
+    that inductor emits a single vectorised loop: ~0.2 ms for a 2048 x 640 weight on 2 Zen 4 cores, where
+    eager ops take 0.6 ms (benchmarks/int4_prompt.py)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     blocks = packed.view(n // rows, k, rows // 2).transpose(0, 1)  # [K, N/R, R/2]
     shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device).view(2, 1)
@@ -255,9 +255,10 @@ def compile_prompt_unpack(model: nn.Module) -> int:
 
     The CPU int4 kernel multiplies at the fp32 FMA rate whatever the rows (170 GFLOP/s on 2 Zen 4 cores), while
     oneDNN's bf16 GEMM reaches 370 at 128 rows. So from `UNPACK_ROWS` rows a linear unpacks its codes to a
-    bf16 W^T (`unpack_int4_transposed`, compiled) and takes the GEMM: 1.3 against 2.0 ms for the 270M's
-    gate_proj at 128 rows, 0.7 against 1.0 for q_proj. Compiled engines call this; eager ones do not, because
-    the compiler's resident state (`cache.COMPILED_BYTES`) is only paid for where it already is.
+    bf16 W^T (`unpack_int4_transposed`, compiled) and takes the GEMM: 1.1 against 2.0 ms for the 270M's
+    gate_proj at 128 rows, 0.6 against 1.0 for q_proj, 1.3-1.5x at 64 rows (benchmarks/int4_prompt.py). Only
+    k_proj, 256 wide, loses a little between 64 and ~100 rows. Compiled engines call this; eager ones do
+    not, because the compiler's resident state (`cache.COMPILED_BYTES`) is only paid for where it already is.
     """
     shapes = set()
     for m in model.modules():
