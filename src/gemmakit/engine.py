@@ -133,11 +133,10 @@ class Engine:
         self.sampler = Sampler(config.vocab_size)
         # Decode steps of one row (latency) or of every row (throughput) run compiled when asked and possible;
         # compiled.py says why not the others.
-        self._decode_compiled, self.compiled = self._forward_decode, False
+        self.compiled, self._decode_compiled = compiled, self._forward_decode
         if compiled:
             cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
             self._decode_compiled = compile_decode(self._forward_decode, self.device, cache_tensors)
-            self.compiled = True
         self.free_rows = list(range(max_batch))[::-1]
         self.running: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
