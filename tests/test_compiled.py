@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gemmakit.checkpoints import load_model
 from gemmakit.compiled import compile_supported, configure_inductor
@@ -115,23 +116,27 @@ def test_one_row_matmuls_are_decomposed_at_any_width():
     assert bounds["cpu_max_other_dimension_decomposition"] >= 262_144
 
 
-def test_compiled_one_row_int8_matmul_is_a_fused_reduction():
-    """Under torch.compile a one-row int8 matmul is dequantize-multiply-reduce (the packed kernel's one-row path
-    is ~2.5x slower on CPU); it equals the kernel to bf16 rounding, and several rows still take the kernel."""
+def test_compiled_decode_rows_run_int8_matmuls_as_fused_reductions():
+    """Under torch.compile a decode step's int8 matmul (one row, or up to REDUCE_ROWS on CPU) is an fp32
+    dequantize-multiply-reduce per row: the packed kernel reads the codes at a fraction of the bandwidth. Its
+    input is materialised first when there are several rows, or inductor would recompute a cheap producer (a
+    norm, here) once per row for every weight row. It equals the fp32 product; more rows take the kernel."""
     from torch.profiler import profile
 
-    from gemmakit.quantize import int8_matmul, quantize_int8
+    from gemmakit.quantize import REDUCE_ROWS, int8_matmul, quantize_int8
 
     torch.manual_seed(0)
     q, s = quantize_int8(torch.randn(4096, 640) * 0.02)
-    step = torch.compile(lambda x: int8_matmul(x, q, s), dynamic=False)
-    for rows, kernel in ((1, False), (3, True)):
-        x = torch.randn(rows, 640)
-        want = x @ (q.float() * s.float()[:, None]).T
+    gain = torch.randn(640)
+    step = torch.compile(lambda h: int8_matmul(F.rms_norm(h, (640,), gain), q, s), dynamic=False)
+    for rows, kernel in ((1, False), (3, False), (REDUCE_ROWS, False), (REDUCE_ROWS + 1, True)):
+        h = torch.randn(rows, 640)
+        want = F.rms_norm(h, (640,), gain) @ (q.float() * s.float()[:, None]).T
         with profile() as prof:
-            got = step(x)
-        called = any("_weight_int8pack_mm" in e.key for e in prof.key_averages())
-        assert called == kernel
+            got = step(h)
+        ops = {e.key for e in prof.key_averages()}
+        assert any("_weight_int8pack_mm" in k for k in ops) == kernel
+        assert any("materialize" in k for k in ops) == (1 < rows <= REDUCE_ROWS)
         assert torch.allclose(got.float(), want, atol=0.02 * want.abs().max().item())
         if not kernel:
             assert torch.allclose(got, want, atol=1e-4)  # fp32 all the way

@@ -26,11 +26,11 @@ Formats. All quantized tensors are buffers, so `.to()`, `state_dict()` and the r
 Activations go through the kernels in bf16, cast in and out: on CPU the fp32 paths are 4-15x slower and CUDA's
 int4 kernel takes bf16 only, and bf16 rounding (~0.3%) is small next to the weight quantization error. Scales
 are rounded to bf16 *before* the codes are chosen, so the codes fit the scale the kernel actually uses.
-Exceptions, both int8: a compiled one-row step skips the kernel for an fp32 reduction, and on CPU a product
-of `UNPACK_ROWS` rows or more (a prompt) casts the weight to bf16 for oneDNN's GEMM, twice as fast as the
-kernel there (`int8_matmul`). int4 prompts do the same in compiled engines only (`compile_prompt_unpack`): the
-unpack pays only as one compiled loop, and eager engines should not load the compiler for it (~50 MiB); an
-eager unpack costs more than it saves below ~512 rows.
+Exceptions, both int8: a compiled one-row step (and on CPU one of up to `REDUCE_ROWS` rows) skips the kernel
+for fp32 reductions, and on CPU a product of `UNPACK_ROWS` rows or more (a prompt) casts the weight to bf16
+for oneDNN's GEMM, twice as fast as the kernel there (`int8_matmul`). int4 prompts do the same in compiled
+engines only (`compile_prompt_unpack`): the unpack pays only as one compiled loop, and eager engines should
+not load the compiler for it (~50 MiB); an eager unpack costs more than it saves below ~512 rows.
 
 Hooks in model.py: `Gemma.forward` calls `self.lm_head(x)` when it is set, and `scaled_embedding` takes a
 `QuantizedEmbedding`'s dtype from `table.dtype` (it has no `.weight`).
@@ -59,6 +59,10 @@ INT8_UNDER_INT4 = frozenset({"v_proj"})
 # 270M's 640 x 2048 down_proj: 1.2 against 2.4 ms at 128 rows, 4.2 against 9.5 at 512), and the largest weight
 # (elements) cast that way.
 UNPACK_ROWS = 64
+# Rows up to which a compiled CPU int8 product is one fused reduction per row (`_reduce_rows`): every decode
+# step of an engine of up to 8 rows. Each row is an accumulator in the generated loop, so far more rows would
+# spill registers; at 16 rows the reduction still wins on the 262k head (60 against 74 ms), but by less.
+REDUCE_ROWS = 8
 _UNPACK_MAX = 1 << 24
 GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accept
 COMPUTE_DTYPE = torch.bfloat16
@@ -293,20 +297,45 @@ def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
 
 
 def int8_matmul(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
-    """x [..., K] @ (q [N, K] * scales[:, None]).T on the packed kernel, run in the scales' dtype; one row
-    under torch.compile as a dequantize-multiply-reduce that inductor fuses and vectorises. That streams the
-    codes near the memory bandwidth, where the packed kernel's one-row path does not (262k x 640 head on 2
-    Zen 4 cores: 6.6 ms against 17 ms; on an H200 the kernel made int8 decoding of the 270M 3.5x slower than
-    bf16); at 8 rows the CPU kernel wins (41 ms against 45); from `UNPACK_ROWS` rows (a prompt) the weight is
-    cast to bf16 for oneDNN's GEMM, twice as fast as the kernel there."""
-    if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-        y = (x.reshape(1, -1).float() * q.float()).sum(-1) * scales.float()
-        return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+    """x [..., K] @ (q [N, K] * scales[:, None]).T on the packed kernel, run in the scales' dtype; under
+    torch.compile, a decode step's few rows as fp32 dequantize-multiply-reduces that inductor fuses and
+    vectorises (`_reduce_rows`). From `UNPACK_ROWS` rows (a prompt) the weight is cast to bf16 for oneDNN's
+    GEMM, twice as fast as the kernel there."""
+    rows = x.shape[:-1].numel()
+    if torch.compiler.is_compiling() and (rows == 1 or (rows <= REDUCE_ROWS and x.device.type == "cpu")):
+        return _reduce_rows(x, q, scales)
     x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
     if _unpack_pays(x2, q.shape[0]) and scales.dtype == COMPUTE_DTYPE:  # a prompt: exact int8 -> bf16, oneDNN's GEMM
         y = F.linear(x2, q.to(COMPUTE_DTYPE) * scales[:, None])
     else:
         y = torch._weight_int8pack_mm(x2, q, scales)
+    return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+
+
+@torch.library.custom_op("gemmakit::materialize", mutates_args=())
+def _materialize(x: Tensor) -> Tensor:
+    """A copy inductor cannot see into, so it stores x once. Otherwise it inlines a cheap producer of x (a
+    norm) into each row's reduction, recomputed for every weight row: an int8 8-row step took 189 ms, not 47."""
+    return x.clone()
+
+
+@_materialize.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _reduce_rows(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    """`int8_matmul` as one fp32 row reduction per row of x over the same codes. Inductor fuses the
+    reductions into one pass over q with an accumulator per row, so the codes are read once and at close to
+    the memory bandwidth. The packed kernel reads them poorly from memory: its one-row path streams at a
+    third of the bandwidth (262k x 640 head on 2 Zen 4 cores: 6.4 ms against 12; on an H200 it made int8
+    decoding of the 270M 3.5x slower than bf16), and at 8 rows a cold 2048 x 640 weight takes it 0.29 ms
+    against 0.17 here (the head: 32 ms against 23). A broadcast [rows, N, K] product instead re-reads q per
+    row, and bf16 activations would be converted again for every weight row, so x goes to fp32 once."""
+    x2, w = x.reshape(-1, x.shape[-1]).float(), q.float()
+    if x2.shape[0] > 1:
+        x2 = _materialize(x2)
+    y = torch.stack([(row * w).sum(-1) for row in x2.unbind(0)]) * scales.float()
     return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
 
 
