@@ -164,20 +164,30 @@ def test_four_bit_codes_are_what_dequantize_decodes(qtype: T):
 @pytest.mark.skipif(not GGUF_PATH.exists(), reason=f"{GGUF_PATH} not downloaded")
 def test_int4_loading_keeps_the_gguf_q4_codes():
     """`--quantize int4` runs a Q4_K matrix of the real file on its stored codes: its int4 weight equals the
-    file's values up to bf16 rounding of scale and zero, far closer than re-fitting the decoded values. The
-    file's Q6_K matrices (layer 0's ffn_down) stay int8, its Q5_0 ones (layer 2's ffn_down) go to int4, and
-    attn_v is int8 in every layer (Q8_0 in layer 0, Q5_0 in layer 2): int4 keeps v_proj at int8."""
+    file's values up to bf16 rounding of scale and zero, far closer than re-fitting the decoded values. Every
+    linear the file stores wider than 4 bits (Q5_0, Q6_K, Q8_0) is int8 instead, and only its 4-bit ones int4
+    (but v_proj, which int4 always keeps at int8)."""
     from gemmakit.checkpoints import load_model
     from gemmakit.checkpoints.gguf_reader import open_gguf
     from gemmakit.quantize import Int4Linear, Int8Linear
 
-    tensor = next(t for t in open_gguf(GGUF_PATH).tensors if t.name == "blk.0.attn_output.weight")
+    tensors = {t.name: t for t in open_gguf(GGUF_PATH).tensors}
+    tensor = tensors["blk.0.attn_output.weight"]
     assert tensor.tensor_type == T.Q4_K
     shape = tuple(reversed(tensor.shape.tolist()))
     want = dequantize(tensor.data, tensor.tensor_type, shape)
-    layers = load_model(GGUF_PATH, quantize="int4").model.layers
-    linear = layers[0].self_attn.o_proj
-    assert isinstance(layers[0].self_attn.v_proj, Int8Linear) and isinstance(layers[0].mlp.down_proj, Int8Linear)
-    assert isinstance(layers[2].self_attn.v_proj, Int8Linear) and isinstance(layers[2].mlp.down_proj, Int4Linear)
+    model = load_model(GGUF_PATH, quantize="int4")
+    kinds = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    seen = set()
+    for i, layer in enumerate(model.model.layers):
+        for kind, name in kinds.items():
+            stored = tensors[f"blk.{i}.{kind}.weight"].tensor_type
+            seen.add(stored)
+            four_bit = stored in (T.Q4_0, T.Q4_1, T.Q4_K) and kind != "attn_v"
+            assert isinstance(layer.get_submodule(name), Int4Linear if four_bit else Int8Linear), (i, kind, stored)
+    assert {T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0} <= seen
+    linear = model.model.layers[0].self_attn.o_proj
     kept, refit = weight_error(linear, want), weight_error(Int4Linear.from_weight(want, 32), want)
     assert kept < 0.006 and kept < refit / 5, (kept, refit)

@@ -6,10 +6,10 @@ Three things differ from an HF checkpoint, and each is undone here:
   back the zero-centred weight that the (1 + w) RMSNorm expects (Gemma 4 norms are stored as they are);
 - quantization: block-quantized tensors are dequantized with vectorised torch code (`quants.py`). Loaded
   with `quantize="int4"`, 4-bit blocks keep their codes, and a file that mixes 4-bit blocks with wider ones
-  (Q6_K, Q8_0: its quantizer's sensitive matrices) keeps those linears at int8 instead of rounding them to 4
-  bits (on the embedded 270M: perplexity 30.4 -> 28.5 at no measured speed cost). The tied embedding/head
-  stays int4 whatever its type: it is most of the weights, and at int8 an 8-row decode step's head takes
-  twice as long.
+  (`quants.WIDE`: Q5_0 to Q8_0, where its quantizer judged a matrix sensitive or Q4_K did not fit the rows)
+  keeps those linears at int8 instead of rounding them to 4 bits (on the embedded 270M: perplexity 30.4 ->
+  25.8, one-row decode as fast). The tied embedding/head stays int4 whatever its type: it is most of the
+  weights, and at int8 a one-row step reads twice the bytes for it and an 8-row step's head takes longer.
 The config comes from the GGUF metadata; what a file does not store (the local RoPE theta, the layer
 pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3.
 """
