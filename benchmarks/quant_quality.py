@@ -11,7 +11,7 @@ NB the fp32 model is itself the embedded Q4_K_M GGUF dequantized (embedding Q8_0
 Q5_0, half Q8_0; o_proj and half the down_proj Q4_K, the other half Q6_K), so this measures the loss of
 re-quantizing it: int8 keeps nearly all of it, while int4 rounds 5-bit and 8-bit weights onto a coarser grid.
 The `--quantize int4` row is the model that flag loads: the GGUF's Q4_K matrices on their stored codes, its
-Q8_0 / Q6_K linears at int8, the rest (Q5_0, and the Q8_0 tied embedding/head) int4 g32. With llama-cpp-python
+wider Q5_0 / Q6_K / Q8_0 linears at int8, and the Q8_0 tied embedding/head int4 g32. With llama-cpp-python
 installed, a last row scores llama.cpp running the file itself, the peer the engine benchmark compares with.
 
 Run: .venv/bin/python benchmarks/quant_quality.py [--window 512] [--group-sizes 32 64 128]
@@ -68,7 +68,7 @@ def variants(fp32: Gemma, group_sizes: list[int]) -> Iterator[tuple[str, Gemma]]
     for g in group_sizes:
         yield f"int4 g{g}", quantize_model(copy.deepcopy(fp32), "int4", group_size=g)
     # What `--quantize int4` does with the GGUF: quantized while loading, its Q4_K matrices on their own codes.
-    yield "--quantize int4 (Q4_K codes kept; v_proj, Q6_K, Q8_0 linears int8)", load_model(quantize="int4")
+    yield "--quantize int4 (Q4_K codes kept; v_proj, Q5_0/Q6_K/Q8_0 linears int8)", load_model(quantize="int4")
 
 
 def llama_cpp_evaluate(chunks: list[Tensor]) -> tuple[float, Tensor] | None:
