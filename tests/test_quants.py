@@ -177,16 +177,16 @@ def test_int4_loading_keeps_the_gguf_q4_codes():
     shape = tuple(reversed(tensor.shape.tolist()))
     want = dequantize(tensor.data, tensor.tensor_type, shape)
     model = load_model(GGUF_PATH, quantize="int4")
-    kinds = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj"}
+    # The loader's own name map (gguf's HF -> GGUF table) finds each linear's stored tensor.
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, model.config.num_hidden_layers)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, Int4Linear | Int8Linear) and ".layers." in n]
     seen = set()
-    for i, layer in enumerate(model.model.layers):
-        for kind, name in kinds.items():
-            stored = tensors[f"blk.{i}.{kind}.weight"].tensor_type
-            seen.add(stored)
-            four_bit = stored in (T.Q4_0, T.Q4_1, T.Q4_K) and kind != "attn_v"
-            assert isinstance(layer.get_submodule(name), Int4Linear if four_bit else Int8Linear), (i, kind, stored)
+    for name, linear in linears:
+        stored = tensors[name_map.get_name(name) + ".weight"].tensor_type
+        seen.add(stored)
+        four_bit = stored in FOUR_BIT and not name.endswith("v_proj")
+        assert isinstance(linear, Int4Linear if four_bit else Int8Linear), (name, stored)
+    assert len(linears) == 7 * model.config.num_hidden_layers
     assert {T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0} <= seen
     linear = model.model.layers[0].self_attn.o_proj
     kept, refit = weight_error(linear, want), weight_error(Int4Linear.from_weight(want, 32), want)

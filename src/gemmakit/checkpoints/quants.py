@@ -198,14 +198,15 @@ _DECODERS: dict[GGMLQuantizationType, Decoder] = {
 }
 _FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
-# Types that store more than 4 bits a weight. In a file that mixes them with 4-bit blocks, `--quantize int4`
-# keeps the precision its quantizer chose, to the nearest kernel: these matrices go to int8 rather than being
-# rounded to 4 bits (checkpoints.gguf). llama.cpp's Q4_K_M gives half the attn_v and ffn_down matrices Q6_K or
-# Q8_0 as sensitive ones, and Q5_0 to every matrix whose rows are not whole Q4_K super-blocks (the 270M's
-# 640-wide q/k/gate/up); re-fitted to int4, the 270M's Q5_0 ones cost 2 points of perplexity (25.8 -> 27.8).
-WIDE: frozenset[GGMLQuantizationType] = frozenset({T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0}) | _FLOAT_TYPES
-
 SUPPORTED: frozenset[GGMLQuantizationType] = frozenset(_DECODERS)
+
+# Types that store more than 4 bits a weight (Q5_*, Q6_K, Q8_0, floats). In a file that mixes them with 4-bit
+# blocks, `--quantize int4` keeps the precision its quantizer chose, to the nearest kernel: these matrices go
+# to int8 rather than being rounded to 4 bits (checkpoints.gguf). llama.cpp's Q4_K_M gives half the attn_v and
+# ffn_down matrices Q6_K or Q8_0 as sensitive ones, and Q5_0 to every matrix whose rows are not whole Q4_K
+# super-blocks (the 270M's 640-wide q/k/gate/up); re-fitted to int4, the 270M's Q5_0 ones cost 2 points of
+# perplexity (25.8 -> 27.8).
+WIDE: frozenset[GGMLQuantizationType] = SUPPORTED - FOUR_BIT
 
 # -----------------------------------------------------------------------------
 # public entry point
