@@ -75,11 +75,14 @@ def test_damaged_gguf_is_reported_by_the_cli(default_model, tmp_path):
 
 
 def test_bench_prints_a_table(default_model):
-    """`gemmakit bench` measures the engine and prints rates, memory and the roofline fraction."""
-    out = gemmakit("bench", "--batch", "1", "2", "--prompt-len", "16", "--new-tokens", "4", "--quantize", "int8")
+    """`gemmakit bench` measures the engine and prints rates, memory and the roofline fraction, and a memory
+    forecast for --context, capped at the model's own context as the engines cap it."""
+    out = gemmakit("bench", "--batch", "1", "2", "--prompt-len", "16", "--new-tokens", "4", "--quantize", "int8",
+                   "--context", "100000")
     assert out.returncode == 0, out.stderr
     assert "memory bandwidth" in out.stdout and "| roofline |" in out.stdout
     assert len([line for line in out.stdout.splitlines() if line.startswith("| auto | int8 |")]) == 2
+    assert "memory estimate at --context 32768 (capped at the model's 32768), batch 2:" in out.stdout
 
 
 def test_compile_policy_per_verb(monkeypatch):

@@ -303,11 +303,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
           "(roofline = fraction of it the decode uses, one weight read per step)")
     print(format_table(rows))
     if args.context:
+        # Engines cap the context at the model's own, as the option's help says; so does the forecast.
+        limit = llm.model.config.max_position_embeddings
+        context = min(args.context, limit)
+        capped = f" (capped at the model's {limit})" if context < args.context else ""
         dtype, device = model_dtype_device(llm.model)
         unpacks = compile_prompt_unpack(llm.model) if args.compiled else 0  # what the engines set up: a count
-        need = estimate_bytes(llm.model.config, max(args.batch), args.context, dtype, model_bytes(llm.model),
+        need = estimate_bytes(llm.model.config, max(args.batch), context, dtype, model_bytes(llm.model),
                               compiled=args.compiled, device_type=device.type, unpack_kernels=unpacks)
-        print(f"memory estimate at --context {args.context}, batch {max(args.batch)}: " + ", ".join(
+        print(f"memory estimate at --context {context}{capped}, batch {max(args.batch)}: " + ", ".join(
             f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
             "peak/est compares the measured peak with this forecast")
 
