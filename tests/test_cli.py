@@ -57,6 +57,7 @@ def test_seeded_sampling_repeats(default_model):
     (("generate", "x", "--max-tokens", "40000", "--context", "65536"), "exceeds the context of 32768"),
     (("generate", "x", "--top-p", "1.5"), "top_p"),
     (("generate", "x", "--quantize", "int3"), "invalid choice"),
+    (("serve", "--model", "/no/such/model", "--port", "0"), "no such model path"),
 ])
 def test_bad_input_is_one_clear_error_line(default_model, args, message):
     """Bad arguments exit with status 2 and an `error:` line, never a traceback or partial output."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -300,21 +301,50 @@ def test_api_key_health_metrics_page_and_schema(fresh, llm):
                for s in ("400", "401", "404", "429", "503"))
 
 
-def test_health_is_503_while_loading(llm):
+def _health_after_loading(live: Live) -> httpx.Response:
+    deadline = time.time() + 30
+    while (health := httpx.get(live.url + "/health")).status_code == 503 and time.time() < deadline:
+        time.sleep(0.1)
+    return health
+
+
+def test_health_is_503_while_loading(llm, caplog):
+    """503 while loading, then 200; the console says when loading starts and when the model is ready."""
     release = threading.Event()
-    live = Live(create_app(lambda: release.wait() and llm, ServeOptions(context=CONTEXT)), wait_ready=False)
-    try:
-        assert httpx.get(live.url + "/health").status_code == 503
-        r = httpx.post(live.url + "/v1/chat/completions", json={"messages": CAPITAL})
-        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
-        release.set()
-        deadline = time.time() + 30
-        while httpx.get(live.url + "/health").status_code != 200 and time.time() < deadline:
-            time.sleep(0.1)
-        assert httpx.get(live.url + "/health").status_code == 200
-    finally:
-        release.set()
-        live.close()
+    with caplog.at_level(logging.INFO, logger="gemmakit.serve"):
+        live = Live(create_app(lambda: release.wait() and llm, ServeOptions(context=CONTEXT)), wait_ready=False)
+        try:
+            assert httpx.get(live.url + "/health").status_code == 503
+            r = httpx.post(live.url + "/v1/chat/completions", json={"messages": CAPITAL})
+            assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+            release.set()
+            assert _health_after_loading(live).status_code == 200
+        finally:
+            release.set()
+            live.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "gemmakit.serve"]
+    assert said[0].startswith("loading the model") and any(m.startswith(f"ready: {llm.name}") for m in said)
+
+
+def test_a_model_that_fails_to_load_is_reported_everywhere(caplog):
+    """A load that fails in the server's loading thread: /health and requests say why (500), and so does the
+    console, once, as an error; the server does not pretend to be loading forever."""
+    from gemmakit.checkpoints import CheckpointError
+
+    def broken():
+        raise CheckpointError("/models/cut.gguf is truncated: download it again")
+
+    with caplog.at_level(logging.INFO, logger="gemmakit.serve"):
+        live = Live(create_app(broken, ServeOptions(context=CONTEXT)), wait_ready=False)
+        try:
+            health = _health_after_loading(live)
+            assert health.status_code == 500 and "truncated" in health.json()["status"]
+            r = httpx.post(live.url + "/v1/chat/completions", json={"messages": CAPITAL})
+            assert r.status_code == 500 and "truncated" in r.json()["error"]["message"]
+        finally:
+            live.close()
+    errors = [r.getMessage() for r in caplog.records if r.name == "gemmakit.serve" and r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "the model failed to load: CheckpointError" in errors[0] and "truncated" in errors[0]
 
 
 # --- hooks, tools and reasoning -------------------------------------------------------------------------

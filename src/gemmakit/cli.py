@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -124,9 +125,16 @@ def load_llm(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
+    from uvicorn.logging import DefaultFormatter
 
+    from gemmakit.checkpoints import resolve
     from gemmakit.serve.app import ServeOptions, create_app
 
+    resolve(args.model)  # a wrong path fails here, as for every other verb, not later in the loading thread
+    console = logging.StreamHandler()
+    console.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))  # lines like uvicorn's own
+    logging.getLogger("gemmakit.serve").addHandler(console)
+    logging.getLogger("gemmakit.serve").setLevel(args.log_level.upper())
     if args.replicas > 1:
         from gemmakit.serve.ray_serve import run_replicas
 

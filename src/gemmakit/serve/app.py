@@ -17,9 +17,11 @@ Security defaults: the CLI binds 127.0.0.1, CORS is off unless origins are given
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +36,9 @@ from gemmakit.serve.metrics import Metrics
 from gemmakit.serve.routes import install_routes
 from gemmakit.serve.server import HTTPFail, ServeOptions, Server, fail
 
+# Loading, compiling, ready or failed: what someone watching the console needs while /health says 503.
+log = logging.getLogger("gemmakit.serve")
+
 
 def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = None) -> FastAPI:
     """The app; `load` is an LLM, or a function that loads one (in a thread, /health says 503 meanwhile)."""
@@ -41,10 +46,17 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
     metrics = Metrics()
 
     def start(app: FastAPI) -> None:
+        t0 = time.perf_counter()
+        log.info("loading the model; /health answers 503 until it is ready")
         try:
-            app.state.server = Server(load() if callable(load) else load, options, metrics)
-        except Exception as e:  # reported by /health and every request, not swallowed
+            app.state.server = server = Server(load() if callable(load) else load, options, metrics)
+        except Exception as e:  # reported by /health, every request and the console, not swallowed
             app.state.load_error = f"{type(e).__name__}: {e}"
+            log.error("the model failed to load: %s. /health and every request report this; fix it and restart",
+                      app.state.load_error)
+            return
+        log.info("ready: %s, context %d tokens, up to %d sequences at once (%.0f s)", server.name, server.context,
+                 options.max_batch, time.perf_counter() - t0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

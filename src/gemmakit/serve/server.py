@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,6 +49,10 @@ class Server:
         self.name = options.model_name or llm.name or "gemma"
         engine = Engine(llm.model, llm.tokenizer, max_batch=options.max_batch,
                         context=options.context or llm.context, compile=options.compile)
+        if engine.compiled:
+            logging.getLogger("gemmakit.serve").info(
+                "compiling the decode steps: minutes the first time on this machine, seconds once cached "
+                "(--compile off skips it)")
         engine.warmup()
         self.context = engine.context
         self.loop = EngineLoop(engine, options.max_queue, metrics).start()
