@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from gemmakit.files import publish_mode
+
 SHARD_BYTES = 2 * 1024**3
 
 
@@ -38,6 +40,7 @@ def export_hf(model: nn.Module, directory: str | Path, tokenizer: Any = None, sh
         _write_shards(state, tmp, shard_bytes)
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
+        publish_mode(tmp, directory)
         os.replace(tmp, directory)
     finally:
         if tmp.exists():

@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from gemmakit.files import publish_mode
+
 PREFIX = "step-"
 
 
@@ -82,6 +84,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     save_file(weights, str(tmp / "trainable.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps({**info, "step": step, "optimizer": opt_info}, indent=2))
+    publish_mode(tmp, final)
     shutil.rmtree(final, ignore_errors=True)  # a step saved again after an interrupted resume
     os.replace(tmp, final)
     for old in checkpoints(root)[:-keep]:
