@@ -130,15 +130,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from gemmakit.checkpoints import resolve
     from gemmakit.serve.app import ServeOptions, create_app
 
-    resolve(args.model)  # a wrong path fails here, as for every other verb, not later in the loading thread
     console = logging.StreamHandler()
     console.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))  # lines like uvicorn's own
     logging.getLogger("gemmakit.serve").addHandler(console)
     logging.getLogger("gemmakit.serve").setLevel(args.log_level.upper())
-    if args.replicas > 1:
+    if args.replicas > 1:  # replicas load on their Ray nodes, which may see paths this one does not
         from gemmakit.serve.ray_serve import run_replicas
 
         return run_replicas(args)
+    resolve(args.model)  # a wrong path fails here, as for every other verb, not later in the loading thread
     options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
                            compile=args.compiled, api_key=args.api_key or os.environ.get("GEMMAKIT_API_KEY"),
                            cors_origins=tuple(args.cors_origin), model_name=args.served_model_name,
