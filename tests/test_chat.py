@@ -91,6 +91,19 @@ def test_api_chat_answers_a_factual_question(llm: LLM):
     assert reply.finish_reason == "stop" and reply.prompt_tokens > 20 and reply.completion_tokens > 0
 
 
+def test_api_chat_takes_one_string_and_says_what_it_takes(llm: LLM):
+    """A plain string is one user message (the same reply as the list form); other shapes are a TypeError that
+    says what to pass, not an AttributeError from deep inside; so is a list of prompts given to generate."""
+    question = "What is the capital of France?"
+    assert llm.chat(question, max_tokens=16).content == llm.chat([{"role": "user", "content": question}],
+                                                                  max_tokens=16).content
+    for bad in ({"role": "user", "content": "hi"}, ["hi"], 42):
+        with pytest.raises(TypeError, match="list of .*dicts"):
+            llm.chat(bad, max_tokens=4)
+    with pytest.raises(TypeError, match="one prompt string.*Engine"):
+        llm.generate(["a", "b"], max_tokens=4)
+
+
 def test_api_generate_and_no_double_bos(llm: LLM):
     """Raw generate continues text; a rendered prompt that starts with <bos> gets no second BOS."""
     assert llm.generate("The capital of France is", max_tokens=8)

@@ -131,6 +131,9 @@ class LLM:
 
     def generate(self, prompt: str, stop: Sequence[str] = (), **sampling: Any) -> str:
         """Raw completion of `prompt` (BOS added); stops at EOS, a stop string, or max_tokens."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"generate takes one prompt string, got {type(prompt).__name__}; for many prompts "
+                            "at once use gemmakit.engine.Engine(model, tokenizer, max_batch=N) or the server")
         cut, text = StopText(stop), ""
         for piece in self.stream_text(self.tokenizer.encode(prompt), self.params(self.stop_ids(chat=False),
                                                                                   **sampling)):
@@ -139,10 +142,11 @@ class LLM:
                 break
         return text + cut.finish()
 
-    def stream_chat(self, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None,
+    def stream_chat(self, messages: str | Sequence[dict[str, Any]], tools: list[dict] | None = None,
                     enable_thinking: bool = False, **sampling: Any) -> Iterator[Delta]:
-        """The reply to `messages` as it is generated: content, reasoning and tool-call deltas."""
-        ids = self.encode_prompt(self.render(messages, tools, enable_thinking))
+        """The reply to `messages` as it is generated: content, reasoning and tool-call deltas. A plain string
+        is one user message."""
+        ids = self.encode_prompt(self.render(_as_messages(messages), tools, enable_thinking))
         self.prompt_tokens = len(ids)
         pieces = self.stream_text(ids, self.params(self.stop_ids(), **sampling))
         if self.chat_format is None:
@@ -156,9 +160,9 @@ class LLM:
         yield parser.finish()
         self.warnings = parser.warnings
 
-    def chat(self, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None,
+    def chat(self, messages: str | Sequence[dict[str, Any]], tools: list[dict] | None = None,
              enable_thinking: bool = False, **sampling: Any) -> ChatResult:
-        """The whole reply to `messages` (OpenAI-style dicts)."""
+        """The whole reply to `messages` (OpenAI-style dicts, or one string for a single user message)."""
         self.warnings = []
         r = ChatResult()
         for d in self.stream_chat(messages, tools, enable_thinking, **sampling):
@@ -170,6 +174,15 @@ class LLM:
                                                                  self.completion_tokens)
         r.warnings = list(self.warnings)
         return r
+
+
+def _as_messages(messages: str | Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, Sequence) or not all(isinstance(m, dict) for m in messages):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} dicts (OpenAI style), "
+                        "or one string for a single user message")
+    return list(messages)
 
 
 def _dialogue_deltas(pieces: Iterator[str]) -> Iterator[Delta]:
