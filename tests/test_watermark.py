@@ -115,6 +115,7 @@ def test_the_watermark_command(tmp_path):
     made = subprocess.run([sys.executable, "-m", "gemmakit.cli", "watermark", "keys", str(keys)],
                           capture_output=True, text=True)
     assert made.returncode == 0 and keys.is_file()
+    assert keys.stat().st_mode & 0o777 == 0o600  # a secret: not published with the umask's read bits
     again = subprocess.run([sys.executable, "-m", "gemmakit.cli", "watermark", "keys", str(keys)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "never overwritten" in again.stderr

@@ -19,7 +19,8 @@ def cmd_watermark(args: argparse.Namespace) -> None:
     if args.action == "keys":
         if Path(args.file).exists():
             raise ValueError(f"{args.file} exists; keys are never overwritten (text marked with them would be lost)")
-        write_text_atomic(Path(args.file), json.dumps({"keys": W.new_keys(args.depth), "ngram_len": args.ngram_len}))
+        keys = json.dumps({"keys": W.new_keys(args.depth), "ngram_len": args.ngram_len})
+        write_text_atomic(Path(args.file), keys, mode=0o600)  # a secret: whoever reads it can forge or strip
         print(f"wrote {args.file}: {args.depth} keys, n-gram length {args.ngram_len} (keep it secret)")
         return
     if not args.keys:
