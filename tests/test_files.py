@@ -19,14 +19,9 @@ def mode(path: Path) -> int:
 
 @pytest.fixture
 def with_umask():
-    """Run with a chosen umask, then restore the process's."""
+    """`os.umask` to set the test's umask; the process's own is restored after the test."""
     old = os.umask(0o022)
-    os.umask(old)
-
-    def set_to(mask: int) -> None:
-        os.umask(mask)
-
-    yield set_to
+    yield os.umask
     os.umask(old)
 
 
@@ -38,7 +33,7 @@ def test_a_new_file_gets_the_mode_open_would_give(tmp_path, with_umask, mask):
     write_text_atomic(tmp_path / "chat.json", "{}")
     (tmp_path / "plain.json").write_text("{}")
     assert mode(tmp_path / "chat.json") == mode(tmp_path / "plain.json") == 0o666 & ~mask
-    assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob(".*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "plain.json"]  # no temporary left
 
 
 def test_a_replaced_file_keeps_its_mode_and_a_failed_write_keeps_the_old_file(tmp_path, with_umask):

@@ -128,12 +128,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from uvicorn.logging import DefaultFormatter
 
     from gemmakit.checkpoints import resolve
-    from gemmakit.serve.app import ServeOptions, create_app
+    from gemmakit.serve.app import ServeOptions, create_app, log
 
     console = logging.StreamHandler()
     console.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))  # lines like uvicorn's own
-    logging.getLogger("gemmakit.serve").addHandler(console)
-    logging.getLogger("gemmakit.serve").setLevel(args.log_level.upper())
+    log.addHandler(console)
+    log.setLevel(args.log_level.upper())
     if args.replicas > 1:  # replicas load on their Ray nodes, which may see paths this one does not
         from gemmakit.serve.ray_serve import run_replicas
 
@@ -311,10 +311,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
           "(roofline = fraction of it the decode uses, one weight read per step)")
     print(format_table(rows))
     if args.context:
-        # Engines cap the context at the model's own, as the option's help says; so does the forecast.
-        limit = llm.model.config.max_position_embeddings
-        context = min(args.context, limit)
-        capped = f" (capped at the model's {limit})" if context < args.context else ""
+        context = llm.context  # --context as loading capped it at the model's own, as the engines cap it
+        capped = f" (capped at the model's {context})" if context < args.context else ""
         dtype, device = model_dtype_device(llm.model)
         unpacks = compile_prompt_unpack(llm.model) if args.compiled else 0  # what the engines set up: a count
         need = estimate_bytes(llm.model.config, max(args.batch), context, dtype, model_bytes(llm.model),

@@ -17,7 +17,6 @@ Security defaults: the CLI binds 127.0.0.1, CORS is off unless origins are given
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -34,10 +33,7 @@ from gemmakit.api import LLM
 from gemmakit.serve import protocol as P
 from gemmakit.serve.metrics import Metrics
 from gemmakit.serve.routes import install_routes
-from gemmakit.serve.server import HTTPFail, ServeOptions, Server, fail
-
-# Loading, compiling, ready or failed: what someone watching the console needs while /health says 503.
-log = logging.getLogger("gemmakit.serve")
+from gemmakit.serve.server import HTTPFail, ServeOptions, Server, fail, log
 
 
 def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = None) -> FastAPI:

@@ -27,6 +27,8 @@ from gemmakit.serve.loop import EngineLoop, QueueFull, Ticket
 from gemmakit.serve.metrics import Metrics
 
 Hook = Callable[[Any], "str | None"]
+# Loading, compiling, ready or failed: what someone watching the console needs while /health says 503.
+log = logging.getLogger("gemmakit.serve")
 
 
 @dataclass
@@ -50,9 +52,8 @@ class Server:
         engine = Engine(llm.model, llm.tokenizer, max_batch=options.max_batch,
                         context=options.context or llm.context, compile=options.compile)
         if engine.compiled:
-            logging.getLogger("gemmakit.serve").info(
-                "compiling the decode steps: minutes the first time on this machine, seconds once cached "
-                "(--compile off skips it)")
+            log.info("compiling the decode steps: minutes the first time on this machine, seconds once cached "
+                     "(--compile off skips it)")
         engine.warmup()
         self.context = engine.context
         self.loop = EngineLoop(engine, options.max_queue, metrics).start()
