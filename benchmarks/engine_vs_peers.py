@@ -21,8 +21,10 @@ Definitions, the same for every engine:
   `model.generate(...)` call with a streamer recording when each token arrives, so its per-step overhead
   (logits processors, stopping criteria) counts, as it does for users. A batch row counts all rows' tokens;
 - TTFT: from the call to the first generated token; roofline: decode steps/s x weight bytes / read bandwidth
-  (gemmakit.bench), the fraction of the memory-bound ceiling; agree: how many leading greedy tokens match
-  llama.cpp's (quantized vs dequantized weights drift apart eventually; a 0 would mean a broken engine);
+  (gemmakit.bench), the fraction of the memory-bound ceiling, where weight bytes are what one greedy step
+  reads (gemmakit float32 rows read the head's bf16 screen, gemmakit.bench.decode_read_bytes); agree: how
+  many leading greedy tokens match llama.cpp's (quantized vs dequantized weights drift apart eventually; a
+  0 would mean a broken engine);
   other load: cores that other processes kept busy while the worker ran. On a shared machine a busy
   neighbour wrecks thread pools that expect their cores (OpenMP spin-waits), so medians are taken over the
   quiet runs (other load < 0.25 cores) when there are any; `runs` says how many of all were used.
@@ -46,7 +48,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from gemmakit.bench import MiB, format_table, measure_bandwidth, peak_rss_bytes
+from gemmakit.bench import MiB, decode_read_bytes, format_table, measure_bandwidth, peak_rss_bytes
 from gemmakit.checkpoints import default_model_path
 from gemmakit.quantize import quantized_bytes
 
@@ -65,9 +67,10 @@ PROMPT_TEXT = (
 
 @dataclass(frozen=True)
 class Spec:
-    """An engine to measure, named `lib[-dtype][-int8|-int4][-eager][-plain][-bN]`: llama.cpp, transformers-bf16,
-    gemmakit-fp32-b8, gemmakit-fp32-int4 (weight-only quantized), gemmakit-fp32-eager (torch.compile off),
-    gemmakit-fp32-plain (float weights not packed for oneDNN)."""
+    """An engine to measure, named `lib[-dtype][-int8|-int4][-eager][-plain][-full][-bN]`: llama.cpp,
+    transformers-bf16, gemmakit-fp32-b8, gemmakit-fp32-int4 (weight-only quantized), gemmakit-fp32-eager
+    (torch.compile off), gemmakit-fp32-plain (float weights not packed for oneDNN), gemmakit-fp32-full (greedy
+    picks from the full float32 head, not the engine's bf16 screen of it: gemmakit.screen)."""
 
     lib: str
     dtype: str = "fp32"
@@ -75,6 +78,7 @@ class Spec:
     quant: str = "none"
     compiled: bool = True
     packed: bool = True
+    screen: bool = True
 
     @classmethod
     def parse(cls, name: str) -> Spec:
@@ -84,15 +88,18 @@ class Spec:
         batches = [int(p[1:]) for p in rest if p[:1] == "b" and p[1:].isdigit()]
         eager = [p for p in rest if p == "eager"]
         plain = [p for p in rest if p == "plain"]
-        groups = (dtypes, quants, batches, eager, plain)
+        full = [p for p in rest if p == "full"]
+        groups = (dtypes, quants, batches, eager, plain, full)
         if sum(map(len, groups)) != len(rest) or max(map(len, groups)) > 1:
-            raise ValueError(f"cannot read engine {name!r}: use lib[-fp32|-bf16][-int8|-int4][-eager][-plain][-bN]")
+            raise ValueError(f"cannot read engine {name!r}: use "
+                             "lib[-fp32|-bf16][-int8|-int4][-eager][-plain][-full][-bN]")
         spec = cls(lib, *dtypes[:1] or ["fp32"], *batches[:1] or [1], *quants[:1] or ["none"], not eager,
-                   not plain)
+                   not plain, not full)
         if spec.lib not in ("llama.cpp", "transformers", "gemmakit"):
             raise ValueError(f"unknown engine {name!r}: use llama.cpp, transformers-fp32|bf16, gemmakit-...")
-        if spec.lib != "gemmakit" and (spec.batch > 1 or spec.quant != "none" or eager or plain):
-            raise ValueError(f"{name}: only gemmakit rows can be batched, quantized, unpacked or run eagerly here")
+        if spec.lib != "gemmakit" and (spec.batch > 1 or spec.quant != "none" or eager or plain or full):
+            raise ValueError(f"{name}: only gemmakit rows can be batched, quantized, unpacked, run eagerly or "
+                             "without the head screen here")
         return spec
 
     @property
@@ -101,6 +108,7 @@ class Spec:
             return "llama.cpp"
         return "-".join([self.lib, self.dtype, *([self.quant] if self.quant != "none" else []),
                          *([] if self.compiled else ["eager"]), *([] if self.packed else ["plain"]),
+                         *([] if self.screen else ["full"]),
                          *([f"b{self.batch}"] if self.batch > 1 else [])])
 
 
@@ -206,11 +214,12 @@ def run_gemmakit(spec: Spec, prompt: list[int], new_tokens: int) -> dict:
 
     # Quantized rows load the way `gemmakit --quantize` does: module by module, never the whole fp32 model.
     model = load_model(dtype=DTYPES[spec.dtype], quantize=spec.quant)
-    weight_bytes = quantized_bytes(model)  # what one decode step reads, whichever layout holds it
     if spec.packed:  # as gemmakit.api.load does: quantized modules are left alone
         pack_linears(model, keep_plain=spec.compiled)
     # The warm-up generation inside gemmakit_engine builds the compiled decode step before any timing.
-    engine = Engine(model, max_batch=spec.batch, context=len(prompt) + new_tokens, compile=spec.compiled)
+    engine = Engine(model, max_batch=spec.batch, context=len(prompt) + new_tokens, compile=spec.compiled,
+                    screen=spec.screen)
+    weight_bytes = decode_read_bytes(engine)  # what one greedy decode step reads, whichever layout holds it
     # SamplingParams defaults: greedy, no stop tokens, loop guard off, so every row runs to max_tokens.
     result = gemmakit_engine(engine, lambda n: SamplingParams(max_tokens=n, temperature=0.0), spec.batch, prompt,
                              new_tokens)

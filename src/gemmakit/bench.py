@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -120,6 +121,19 @@ def roofline_fraction(decode_tok_s: float, bytes_per_token: float, bandwidth_gb_
     if bandwidth_gb_s <= 0:
         raise ValueError(f"bandwidth must be positive, got {bandwidth_gb_s} GB/s")
     return decode_tok_s * bytes_per_token / (bandwidth_gb_s * 1e9)
+
+
+def decode_read_bytes(engine: Any) -> int:
+    """Weight bytes a greedy decode step of `engine` streams: every weight once, in the layout the step reads
+    (a packed-only linear in oneDNN's; the plain one where both are kept), and the bf16 copy of the head
+    instead of its float32 table where the engine screens greedy picks (screen.py)."""
+    from gemmakit.packing import PackedLinear
+    from gemmakit.quantize import quantized_bytes
+
+    model = engine.model
+    packed_only = sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear) and m.weight is None)
+    screened = engine.screen.exact.numel() * 2 if engine.screen is not None else 0  # 4 bytes read as 2
+    return quantized_bytes(model) + packed_only - screened
 
 
 @dataclass
@@ -226,5 +240,5 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
     t_decode = time.perf_counter() - t0 - t_prefill
     return BenchResult(prefill_tok_s=batch * prompt_len / t_prefill, decode_tok_s=batch * steps / max(t_decode, 1e-9),
                        ttft_s=t_prefill / batch, peak_rss_bytes=peak_memory_bytes(device), batch=batch,
-                       prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=model_bytes(model),
+                       prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=decode_read_bytes(engine),
                        estimate_bytes=runtime + engine.memory["total"])

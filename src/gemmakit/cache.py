@@ -184,11 +184,12 @@ CUDA_GRAPHS_BYTES = 64 << 20
 
 def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, weight_bytes: int,
                    slack: int = 8, prefill_tokens: int = 512, compiled: bool = False,
-                   device_type: str = "cpu", unpack_kernels: int = 0) -> dict[str, int]:
+                   device_type: str = "cpu", unpack_kernels: int = 0, head_screen: int = 0) -> dict[str, int]:
     """Memory a model + cache needs on `device_type` before anything is allocated: weights, KV cache, a
     working set for the largest forward pass (activations of a prefill chunk, its attention over the whole
     context, fp32 logits of a decode batch) and, when the decode step is compiled, the compiler's resident
-    code (CPU, with `unpack_kernels` compiled int4 prompt unpacks) or the CUDA graphs' memory (GPU)."""
+    code (CPU, with `unpack_kernels` compiled int4 prompt unpacks) or the CUDA graphs' memory (GPU), and the
+    `head_screen` bytes of a greedy screen (screen.py), not yet allocated."""
     elt = torch.tensor([], dtype=dtype).element_size()
     slots = {FULL: context, SLIDING: min(context, config.sliding_window + slack)}
     kv = sum(2 * rows * config.layer_kv_heads(i) * slots[config.layer_types[i]] * config.layer_head_dim(i) * elt
@@ -204,6 +205,8 @@ def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, 
     logits = max(rows, 1) * config.vocab_size * 4 * 2
     work = activations + scores + logits
     out = {"weights": weight_bytes, "kv_cache": kv, "workspace": work}
+    if head_screen:
+        out["head_screen"] = head_screen
     if compiled:
         out["compiled"] = (CUDA_GRAPHS_BYTES if device_type == "cuda"
                            else COMPILED_BYTES + unpack_kernels * UNPACK_KERNEL_BYTES)

@@ -295,8 +295,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from gemmakit.bench import MiB, current_rss_bytes, format_table, measure_bandwidth, run_engine_bench
-    from gemmakit.cache import estimate_bytes
-    from gemmakit.engine import model_bytes, model_dtype_device
+    from gemmakit.engine import forecast_bytes, model_bytes
     from gemmakit.quantize import compile_prompt_unpack
 
     llm = load_llm(args)
@@ -313,10 +312,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.context:
         context = llm.context  # --context as loading capped it at the model's own, as the engines cap it
         capped = f" (capped at the model's {context})" if context < args.context else ""
-        dtype, device = model_dtype_device(llm.model)
         unpacks = compile_prompt_unpack(llm.model) if args.compiled else 0  # what the engines set up: a count
-        need = estimate_bytes(llm.model.config, max(args.batch), context, dtype, model_bytes(llm.model),
-                              compiled=args.compiled, device_type=device.type, unpack_kernels=unpacks)
+        need = forecast_bytes(llm.model, max(args.batch), context, args.compiled, unpacks)
         print(f"memory estimate at --context {context}{capped}, batch {max(args.batch)}: " + ", ".join(
             f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
             "peak/est compares the measured peak with this forecast")

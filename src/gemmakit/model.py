@@ -323,6 +323,11 @@ class Gemma(nn.Module):
         [B, T], default 0..T-1). Returns logits [B, T', V] for the last `logits_to_keep` positions (0 = all),
         or, when `logits_to_keep` is a bool mask [B, T], logits [N, V] for its N true positions: a training
         loss over a 262k vocabulary then pays for the scored tokens only."""
+        return self.head(self.hidden(input_ids, input_pos, logits_to_keep, step))
+
+    def hidden(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int | Tensor = 0,
+               step: Step | None = None) -> Tensor:
+        """What `forward` feeds the head: the final-normed hidden states at the kept positions, [..., H]."""
         c, m = self.config, self.model
         B, T = input_ids.shape
         if step is None:
@@ -346,7 +351,11 @@ class Gemma(nn.Module):
             x = x[logits_to_keep]
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
-        x = m.norm(x)
+        return m.norm(x)
+
+    def head(self, x: Tensor) -> Tensor:
+        """Logits of final-normed hidden states x [..., H]."""
+        c, m = self.config, self.model
         # A quantized model carries its own output projection; otherwise the head is the tied embedding.
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, m.embed_tokens.weight)
         if c.final_logit_softcapping:

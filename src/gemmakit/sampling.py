@@ -77,6 +77,13 @@ class SamplingParams:
     # tournament-reweighted distribution. Off by default; needs temperature > 0.
     watermark: Any = None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The token is the argmax of the raw logits and nothing else reads them (screen.py relies on it)."""
+        return (self.temperature == 0.0 and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias and self.loop_guard != "penalize"
+                and self.logprobs is None and self.constraint is None and self.watermark is None)
+
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first out-of-range field; give vocab_size to also check token ids."""
         for ok, message in [*self._number_checks(), *self._token_checks(vocab_size), *self._loop_checks()]:

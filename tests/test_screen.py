@@ -1,0 +1,183 @@
+"""The bf16 head screen (screen.py): its bounds hold, a certified pick is the float32 argmax, and an engine
+that screens decodes the tokens of one that computes the full head.
+Run: .venv/bin/python -m pytest tests/test_screen.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemmakit.checkpoints import load_model
+from gemmakit.compiled import compile_supported
+from gemmakit.engine import Engine
+from gemmakit.packing import pack_linears
+from gemmakit.sampling import SamplingParams
+from gemmakit.screen import HeadScreen, top_k
+from tests.helpers import WINDOW, hf_model, tiny
+
+needs_compiler = pytest.mark.skipif(not compile_supported("cpu"), reason="torch.compile needs a C++ compiler")
+
+
+def near_tied_head(vocab: int = 72 * 1024, width: int = 64, crowd: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 table whose rows include pairs a bf16 copy cannot tell apart and, for the first 8 states,
+    a crowd of `crowd` near-copies of the best row (more than the screen's candidates), plus 64 states."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(vocab, width, generator=g)
+    w[1::2][:200] = w[0::2][:200] + 1e-4 * torch.randn(200, width, generator=g)  # pairs within bf16 rounding
+    x = 4 * torch.randn(64, width, generator=g)
+    best = (x[:8].double() @ w.double().T).argmax(-1)
+    for r, b in enumerate(best.tolist()):  # rows 3000+: near-copies of state r's best token
+        block = slice(3000 + r * crowd, 3000 + (r + 1) * crowd)
+        w[block] = w[b] + 1e-5 * torch.randn(crowd, width, generator=g)
+    return w, x
+
+
+@pytest.mark.parametrize("path", ["packed", pytest.param("compiled", marks=needs_compiler)])
+def test_bounds_hold_and_a_certified_pick_is_the_exact_argmax(path):
+    """Upper bounds are never below the float64 logit, every certified pick is the float64 argmax (up to
+    float32 rounding of the top two), and a crowd of near-copies larger than the candidate list is reported
+    as uncertified rather than guessed."""
+    w, x = near_tied_head()
+    screen = HeadScreen(w, packed=path == "packed")
+    exact = x.double() @ w.double().T
+    if path == "packed":
+        upper = screen._screen(x, x.norm(dim=-1, keepdim=True))
+        assert (upper.double() >= exact - 1e-9).all()
+        tokens, certified = screen(x)
+    else:
+        step = torch.compile(screen, dynamic=False)  # one-row steps: the compiled pass over the bf16 copy
+        tokens, certified = (torch.cat(t) for t in zip(*(step(row[None]) for row in x), strict=True))
+    assert not certified[:8].all() and certified[8:].float().mean() > 0.9
+    picked = exact.gather(1, tokens[:, None].long())[:, 0]
+    gap = exact.max(dim=-1).values - picked
+    assert (gap[certified] <= 1e-5 * exact.abs().max(dim=-1).values[certified]).all()
+
+
+def hidden_winner(width: int = 64, crowd: int = 24) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A head whose true best token looks worse than a crowd of others through bf16: its row is a bf16-exact
+    row `a` plus less than half a bf16 step per value (so its bf16 copy is `a`) in the direction of x, while
+    each of `crowd` rows is `a` with one value moved a full step (exact in bf16). Returns (table, x, best)."""
+    g = torch.Generator().manual_seed(6)
+    w = 0.1 * torch.randn(72 * 1024, width, generator=g)
+    x = torch.randn(1, width, generator=g)
+    a = (3 * x[0] / x.norm()).to(torch.bfloat16).float()
+    step = 2.0 ** (torch.frexp(a).exponent - 8).float()  # one bf16 step at each value of a
+    w[2000] = a + 0.4 * step * x[0].sign()
+    for j in range(crowd):
+        w[2001 + j] = a
+        w[2001 + j, j] += step[j] * x[0, j].sign()
+    assert (w[2000:2001 + crowd].to(torch.bfloat16).float()[0] == a).all()
+    logits = x.double() @ w.double().T
+    assert int(logits.argmax()) == 2000
+    return w, x, 2000
+
+
+@pytest.mark.parametrize("path", ["packed", pytest.param("compiled", marks=needs_compiler)])
+def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
+    """Without the error bound the crowd fills the candidates and one of them is certified (measured: token
+    2010 on the compiled path). The packed path rounds x and its sums to bf16 too, so its bound covers the
+    whole crowd: it must then decline to certify rather than guess."""
+    w, x, best = hidden_winner()
+    screen = HeadScreen(w, packed=path == "packed")
+    pick = screen if path == "packed" else torch.compile(screen, dynamic=False)
+    tokens, certified = pick(x)
+    if path == "compiled":
+        assert int(tokens[0]) == best and bool(certified[0])
+    else:
+        assert int(tokens[0]) == best or not bool(certified[0])
+
+
+def test_block_top_k_is_torchs_top_k():
+    """Wide rows take the block-maxima route, narrow ones torch's: the same values and indices either way."""
+    x = torch.randn(3, 80 * 1024, generator=torch.Generator().manual_seed(5))
+    x[1, 5000:5040] += 10  # the top values crowded into few blocks
+    x[2, ::1024] += 10  # one in every block
+    for width in (x.shape[1], 4096):
+        values, indices = top_k(x[:, :width], 17)
+        want = x[:, :width].topk(17)
+        assert torch.equal(values, want.values) and torch.equal(indices, want.indices)
+
+
+def greedy_engines(tmp_path, **kw):
+    hf_model(tiny("gemma3")).save_pretrained(tmp_path)
+    model = pack_linears(load_model(tmp_path), keep_plain=kw.get("compile", False))
+    return Engine(model, max_batch=4, context=128, **kw), Engine(model, max_batch=4, context=128, screen=False, **kw)
+
+
+def prompts_and_params(n: int = 3) -> tuple[list[list[int]], list[SamplingParams]]:
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 1000, (k,), generator=g).tolist() for k in (5, WINDOW + 3, 2)[:n]]
+    return prompts, [SamplingParams(max_tokens=k) for k in (2 * WINDOW, WINDOW, 3 * WINDOW)[:n]]
+
+
+def spy(screen: HeadScreen, certify: bool = True) -> list[int]:
+    """Count the screen's calls; with certify=False it returns wrong tokens, uncertified."""
+    calls, forward = [], screen.forward
+
+    def counted(x):
+        calls.append(x.shape[0])
+        tokens, certified = forward(x)
+        return (tokens, certified) if certify else (tokens * 0 + 7, certified & False)
+    screen.forward = counted
+    return calls
+
+
+def test_greedy_rows_take_the_screen_and_decode_the_full_heads_tokens(tmp_path):
+    """Greedy batches of rows at different positions: the screened engine's tokens are the full head's; a
+    step with a row that needs logits (logprobs here) computes the full head for all its rows."""
+    screened, full = greedy_engines(tmp_path)
+    assert screened.screen is not None and full.screen is None
+    calls = spy(screened.screen)
+    prompts, params = prompts_and_params()
+    want = [r.tokens for r in full.generate(prompts, params)]
+    assert [r.tokens for r in screened.generate(prompts, params)] == want
+    assert len(calls) > 2 * WINDOW and 3 in calls  # prompts and every step (3 rows, then 2, then 1)
+    calls.clear()
+    mixed = params[:2] + [SamplingParams(max_tokens=3 * WINDOW, logprobs=0)]
+    assert [r.tokens for r in screened.generate(prompts, mixed)] == want
+    assert calls == [1, 1]  # the greedy prompts' first tokens; every decode step holds the logprobs row
+
+
+def test_an_uncertified_step_falls_back_to_the_full_head(tmp_path):
+    screened, full = greedy_engines(tmp_path)
+    calls = spy(screened.screen, certify=False)
+    prompts, params = prompts_and_params()
+    assert [r.tokens for r in screened.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
+    assert calls and screened.screen.fallbacks == len(calls)
+
+
+@needs_compiler
+def test_compiled_screened_steps_decode_the_eager_full_heads_tokens(tmp_path):
+    """One-row steps (the compiled pass over the plain bf16 copy) and padded full-batch steps (the packed
+    copy inside the compiled graph) give the tokens of the eager engine without a screen."""
+    screened, _ = greedy_engines(tmp_path, compile=True)
+    full = Engine(screened.model, max_batch=4, context=128, screen=False)
+    calls = spy(screened.screen)
+    prompts, params = prompts_and_params()
+    assert [r.tokens for r in screened.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
+    assert screened.screen.fallbacks == 0 and calls  # the compiled graph calls `forward` while tracing
+
+
+def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path):
+    screened, full = greedy_engines(tmp_path)
+    assert screened.memory["head_screen"] == screened.screen.nbytes > 0
+    assert "head_screen" not in full.memory
+    assert screened.memory["total"] - full.memory["total"] == screened.screen.nbytes
+    bf16 = Engine(load_model(tmp_path, dtype=torch.bfloat16), max_batch=2, context=64)
+    assert bf16.screen is None and "head_screen" not in bf16.memory
+    unpacked = Engine(load_model(tmp_path), max_batch=2, context=64)  # eager, unpacked: it could not pay
+    assert unpacked.screen is None
+
+
+@pytest.mark.slow
+def test_the_real_model_decodes_the_same_greedy_tokens(default_model):
+    """The 270M in float32, 4 prompts of 64 greedy tokens at once: screened tokens equal the full head's,
+    with no fallback."""
+    model = pack_linears(load_model(default_model))
+    prompts = [[2, *range(1000 + 97 * i, 1000 + 97 * i + 12)] for i in range(4)]
+    params = SamplingParams(max_tokens=64)
+    screened = Engine(model, max_batch=4, context=128)
+    got = [r.tokens for r in screened.generate(prompts, params)]
+    want = [r.tokens for r in Engine(model, max_batch=4, context=128, screen=False).generate(prompts, params)]
+    assert got == want and screened.screen.fallbacks == 0
