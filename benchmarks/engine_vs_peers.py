@@ -22,7 +22,7 @@ Definitions, the same for every engine:
   (logits processors, stopping criteria) counts, as it does for users. A batch row counts all rows' tokens;
 - TTFT: from the call to the first generated token; roofline: decode steps/s x weight bytes / read bandwidth
   (gemmakit.bench), the fraction of the memory-bound ceiling, where weight bytes are what one greedy step
-  reads (gemmakit float32 rows read the head's bf16 screen, gemmakit.bench.decode_read_bytes); agree: how
+  reads (where gemmakit screens the head, its bf16 or int8 copy: gemmakit.bench.decode_read_bytes); agree: how
   many leading greedy tokens match llama.cpp's (quantized vs dequantized weights drift apart eventually; a
   0 would mean a broken engine);
   other load: cores that other processes kept busy while the worker ran. On a shared machine a busy
@@ -70,7 +70,7 @@ class Spec:
     """An engine to measure, named `lib[-dtype][-int8|-int4][-eager][-plain][-full][-bN]`: llama.cpp,
     transformers-bf16, gemmakit-fp32-b8, gemmakit-fp32-int4 (weight-only quantized), gemmakit-fp32-eager
     (torch.compile off), gemmakit-fp32-plain (float weights not packed for oneDNN), gemmakit-fp32-full (greedy
-    picks from the full float32 head, not the engine's bf16 screen of it: gemmakit.screen)."""
+    picks from the full head, not the engine's screen of it: gemmakit.screen)."""
 
     lib: str
     dtype: str = "fp32"

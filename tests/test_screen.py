@@ -1,5 +1,5 @@
-"""The bf16 head screen (screen.py): its bounds hold, a certified pick is the float32 argmax, and an engine
-that screens decodes the tokens of one that computes the full head.
+"""The head screen (screen.py): its bounds hold, a certified pick is the full head's argmax, and an engine
+that screens decodes the tokens of one that computes the full head, in float32 and bf16.
 Run: .venv/bin/python -m pytest tests/test_screen.py
 """
 
@@ -88,6 +88,23 @@ def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
         assert int(tokens[0]) == best or not bool(certified[0])
 
 
+@needs_compiler
+def test_a_bf16_head_screens_in_int8_and_breaks_ties_as_argmax_does():
+    """Two identical best rows tie exactly in bf16: the pick is the lower id, as the full head's argmax; the
+    int8 copy's bound covers the table (upper bounds never below the logits)."""
+    g = torch.Generator().manual_seed(7)
+    w = (0.1 * torch.randn(72 * 1024, 64, generator=g)).to(torch.bfloat16)
+    x = torch.randn(1, 64, generator=g)
+    w[900] = w[300] = (3 * x[0] / x.norm()).to(torch.bfloat16)
+    screen = HeadScreen(w)
+    assert screen.cheap.dtype == torch.int8 and screen.packed is None and not screen.usable(2, compiled=True)
+    tokens, certified = torch.compile(screen, dynamic=False)(x)
+    assert int(tokens[0]) == 300 and bool(certified[0])
+    logits = x.double() @ w.double().T
+    upper = torch.compile(screen._screen, dynamic=False)(x, x.norm(dim=-1, keepdim=True))  # one compiled row
+    assert (upper.double() >= logits - 1e-9).all()
+
+
 def test_block_top_k_is_torchs_top_k():
     """Wide rows take the block-maxima route, narrow ones torch's: the same values and indices either way."""
     x = torch.randn(3, 80 * 1024, generator=torch.Generator().manual_seed(5))
@@ -159,13 +176,54 @@ def test_compiled_screened_steps_decode_the_eager_full_heads_tokens(tmp_path):
     assert screened.screen.fallbacks == 0 and calls  # the compiled graph calls `forward` while tracing
 
 
+@needs_compiler
+def test_compiled_bf16_engines_screen_one_row_steps_only(tmp_path):
+    """A bf16 model: one-row compiled steps take the int8 screen and decode the full head's tokens; a full
+    batch's steps take the full head; a soft-capped bf16 head (Gemma 4) gets no screen."""
+    hf_model(tiny("gemma3")).save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    screened = Engine(model, max_batch=2, context=128, compile=True)
+    assert screened.screen is not None and screened.memory["head_screen"] == screened.screen.nbytes
+    steps, greedy_step = [], screened._greedy_compiled
+
+    def counted(ids, *args):
+        steps.append(ids.shape[0])
+        return greedy_step(ids, *args)
+    screened._greedy_compiled = counted
+    full = Engine(model, max_batch=2, context=128, compile=True, screen=False)
+    prompts, params = prompts_and_params(2)
+    for p, sp in zip(prompts, params, strict=True):
+        same_until_a_bf16_tie(model, p, screened.generate([p], sp)[0].tokens, full.generate([p], sp)[0].tokens)
+    assert len(steps) == sum(sp.max_tokens - 1 for sp in params) and set(steps) == {1}
+    assert screened.screen.fallbacks == 0
+    steps.clear()
+    screened.generate(prompts, params)  # together for WINDOW - 1 steps, then the longer one alone
+    assert steps == [1] * WINDOW
+    hf_model(tiny("e2b")).save_pretrained(tmp_path / "e2b")
+    assert Engine(load_model(tmp_path / "e2b", dtype=torch.bfloat16), max_batch=1, context=64,
+                  compile=True).screen is None
+
+
+def same_until_a_bf16_tie(model, prompt: list[int], got: list[int], want: list[int]) -> None:
+    """Equal tokens, or equal until two whose bf16 logits tie after the common prefix. Compiled bf16 steps
+    keep some intermediates in float32 (measured here: the full head's compiled step parted from eager
+    decoding at two logits that both round to 2.21875, while the screened step kept eager's token)."""
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a != b:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + got[:i]]))[0, -1].float()
+            step = 2.0 ** (torch.frexp(logits[a]).exponent - 8)
+            assert abs(logits[a] - logits[b]) <= step, (i, a, b, logits[a], logits[b])
+            return
+
+
 def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path):
     screened, full = greedy_engines(tmp_path)
     assert screened.memory["head_screen"] == screened.screen.nbytes > 0
     assert "head_screen" not in full.memory
     assert screened.memory["total"] - full.memory["total"] == screened.screen.nbytes
     bf16 = Engine(load_model(tmp_path, dtype=torch.bfloat16), max_batch=2, context=64)
-    assert bf16.screen is None and "head_screen" not in bf16.memory
+    assert bf16.screen is None and "head_screen" not in bf16.memory  # eager bf16: no int8 kernel pays
     unpacked = Engine(load_model(tmp_path), max_batch=2, context=64)  # eager, unpacked: it could not pay
     assert unpacked.screen is None
 

@@ -124,16 +124,17 @@ def roofline_fraction(decode_tok_s: float, bytes_per_token: float, bandwidth_gb_
 
 
 def decode_read_bytes(engine: Any) -> int:
-    """Weight bytes a greedy decode step of `engine` streams: every weight once, in the layout the step reads
-    (a packed-only linear in oneDNN's; the plain one where both are kept), and the bf16 copy of the head
-    instead of its float32 table where the engine screens greedy picks (screen.py)."""
+    """Weight bytes a greedy decode step of all `engine`'s rows streams: every weight once, in the layout the step reads
+    (a packed-only linear in oneDNN's; the plain one where both are kept), and the cheap copy of the head
+    instead of the head itself where the engine screens greedy picks (screen.py)."""
     from gemmakit.packing import PackedLinear
     from gemmakit.quantize import quantized_bytes
 
     model = engine.model
     packed_only = sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear) and m.weight is None)
-    screened = engine.screen.exact.numel() * 2 if engine.screen is not None else 0  # 4 bytes read as 2
-    return quantized_bytes(model) + packed_only - screened
+    screened = engine.screen is not None and engine.screen.usable(engine.max_batch, engine.compiled)
+    saved = engine.screen.bytes_saved if screened else 0
+    return quantized_bytes(model) + packed_only - saved
 
 
 @dataclass

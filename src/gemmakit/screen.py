@@ -1,30 +1,37 @@
-"""Exact greedy picks that read the output head at half its size: screen in bf16, certify, rescore in fp32.
+"""Exact greedy picks that read a cheaper copy of the output head: screen, certify, rescore exactly.
 
 Why. A one-row decode step of Gemma 3 270M in float32 streams 1.07 GB of weights, and 671 MB of that is the
 tied 262k x 640 output head, read in full to take one argmax. Decoding is bound by memory bandwidth on CPU,
-so the head alone is ~60% of the step. A bf16 copy of the head gives every logit to within a bound known
-exactly per token, at half the bytes; only the few tokens whose bound reaches the best one need their exact
-float32 logit, which is 16 rows of the table, not 262,144.
+so the head alone is ~60% of the step. A copy of the head at half the bytes (bf16 for a float32 head, int8
+with a scale per row for a bf16 one) gives every logit to within a bound known exactly per token; only the
+few tokens whose bound reaches the best one need their exact logit: 16 rows of the table, not 262,144.
 
-The bound. For vocabulary row w (float32), its bf16 copy b and the step's final hidden state x, the screen
-computes s = x~ . b in float32 (x~ = x, or x rounded to bf16 where oneDNN's bf16 kernel does the product) and
+The bound. For vocabulary row w, its copy b and the step's final hidden state x, the screen computes
+s = x~ . b in float32 (x~ = x, or x rounded to bf16 where oneDNN's bf16 kernel does the product) and
   |x . w - s| <= |x| |w - b| + |x - x~| |b| + g |x~| |b| (+ the rounding of s to bf16, where it is rounded)
 by Cauchy-Schwarz, with g = n u / (1 - n u) the worst float32 error of an n-term dot product in any order
-(u = 2^-24). |w - b| and |b| are per token and precomputed; the norms of x are per step.
+(u = 2^-24; a few u more for the scales and for computing |b|). |w - b| and |b| are per token and
+precomputed; the norms of x are per step.
 
 The certificate. Take the K + 1 highest upper bounds (s + bound), compute exact logits for the first K from
-the float32 table, and pick their argmax. If the (K + 1)-th upper bound is below that best logit less its
-own rounding allowance, no token outside the K can beat it, so the pick is the argmax of the float32 logits:
-the token plain greedy decoding gives, except where the two best exact logits are within float32 rounding
-of each other (where two float32 kernels may disagree anyway). A step whose certificate fails for a row
-computes the full head instead (counted in `HeadScreen.fallbacks`; none in 128 greedy steps of the 270M).
+the table (float32 sums, rounded to the head's dtype as the model's head rounds them) and pick their best,
+ties to the lowest id as argmax does. If the (K + 1)-th upper bound is below that best less its rounding
+allowance (for bf16, one bf16 step: an outside token must round below the best, not tie it), no token
+outside the K can beat it: the pick is the full head's argmax, except where two logits are within float32
+summation error of a tie or of a bf16 rounding boundary (where two kernels of the full head may differ too).
+A step whose certificate fails for a row computes the full head instead (`HeadScreen.fallbacks`; none in
+the real-model test, 2 of 128 eight-row steps with the packed path's wider bound).
 
-When it applies. Float32 models with the tied head, on CPU, for rows whose token is a plain argmax of the raw
-logits: temperature 0, no penalties, bias, loop-guard penalty, constraint or logprobs (each of those reads
-logits the screen never computes). The engine decides per step (engine.py); a step with any other row uses
-the full head. Memory: the bf16 copy (+336 MiB for the 270M) and, for multi-row steps on packed models,
-oneDNN's packed layout of it (another 336 MiB); the engine's forecast counts both. Measured effect
-(benchmarks/engine_vs_peers.py, README): one-row fp32 decode of the 270M 1.4-1.5x faster.
+When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes
+ties the screen would not reproduce), for rows whose token is a plain argmax of the raw logits: temperature
+0 with no penalties, bias, loop-guard penalty, constraint or logprobs (each of those reads logits the screen
+never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
+copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
+on packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads:
+no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Memory: the
+copy (+336 MiB bf16 or +168 MiB int8 for the 270M; +336 more for the packed layout); the engine's forecast
+counts it. Measured (benchmarks/engine_vs_peers.py, README): one-row decode of the 270M fp32 2.0x, bf16
+1.16x faster; fp32 at 8 rows 1.2x.
 """
 
 from __future__ import annotations
@@ -39,45 +46,71 @@ _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
 
 
 def head_weight(model: nn.Module) -> Tensor | None:
-    """The float32 tied output head (the embedding table) of a Gemma on CPU, or None where there is no such
-    head to screen (a quantized head, another dtype or device)."""
+    """The tied output head (the embedding table) of a Gemma on CPU that a screen applies to, or None: a
+    float32 one, or a bfloat16 one whose logits are not soft-capped (capping bf16 logits ties tokens that
+    the screen would tell apart); not a quantized head or another device."""
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     head = getattr(model, "lm_head", "absent")
     tied = head is None or (isinstance(head, PackedLinear) and head.weight is not None
                             and embed is not None and head.weight.data_ptr() == embed.weight.data_ptr())
-    if not tied or not isinstance(embed, nn.Embedding):
+    if not tied or not isinstance(embed, nn.Embedding) or embed.weight.device.type != "cpu":
         return None
-    w = embed.weight
-    return w.detach() if w.dtype == torch.float32 and w.device.type == "cpu" else None
+    w = embed.weight.detach()
+    capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return w if w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and not capped) else None
 
 
 class HeadScreen(nn.Module):
-    """A bf16 screen over a float32 head `weight` [V, H] (not copied: rescoring reads it). `packed` also
-    keeps oneDNN's layout of the copy, for multi-row steps (packing.py says why that layout is faster)."""
+    """A screen over a float32 head `weight` [V, H] in bf16, or over a bf16 one in int8 with a scale per row
+    (not copied: rescoring reads it). `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy,
+    for multi-row steps (packing.py says why that layout is faster)."""
 
     def __init__(self, weight: Tensor, packed: bool = False, candidates: int = CANDIDATES):
         super().__init__()
         self.exact, self.k = weight, candidates
-        cheap = weight.to(torch.bfloat16)
+        if weight.dtype == torch.float32:
+            cheap, scale = weight.to(torch.bfloat16), None
+        else:  # int8 with a scale per row, built in blocks of rows (no float32 copy of the table)
+            cheap, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0])
+            for i in range(0, weight.shape[0], 1024):
+                w = weight[i:i + 1024].float()
+                scale[i:i + 1024] = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
+                cheap[i:i + 1024] = (w / scale[i:i + 1024, None]).round().clamp(-127, 127)
         self.register_buffer("cheap", cheap, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
         # Norms in small blocks of rows: a float32 copy of the table would be a transient of its size, and
         # blocks of tens of MB fragment the heap (8192 rows left 0.6 GiB behind on the 270M; 1024: nothing).
         delta_norm, cheap_norm = [], []
-        for w, c in zip(weight.split(1024), cheap.split(1024), strict=True):
-            delta_norm.append((w - c.float()).norm(dim=-1))
-            cheap_norm.append(c.float().norm(dim=-1))
+        for i in range(0, weight.shape[0], 1024):
+            w, c = weight[i:i + 1024].float(), self._decoded(i, i + 1024)
+            delta_norm.append((w - c).norm(dim=-1))
+            cheap_norm.append(c.norm(dim=-1))
         self.register_buffer("delta_norm", torch.cat(delta_norm), persistent=False)
         self.register_buffer("cheap_norm", torch.cat(cheap_norm), persistent=False)
         n = weight.shape[1]
-        self.gamma = n * _U32 / (1 - n * _U32)
+        # Worst float32 error of an n-term dot product, plus the scale product and computing the copy's norms.
+        self.gamma = n * _U32 / (1 - n * _U32) + 4 * _U32
         self.rescore_slack = self.gamma * float(weight.norm(dim=-1).max())
-        self.packed = PackedLinear(cheap) if packed and packing_supported(cheap) else None
+        self.packed = None
+        if packed and scale is None and packing_supported(cheap):
+            self.packed = PackedLinear(cheap)
         self.fallbacks = 0
 
+    def _decoded(self, start: int, stop: int) -> Tensor:
+        c = self.cheap[start:stop].float()
+        return c if self.scale is None else c * self.scale[start:stop, None]
+
     def usable(self, rows: int, compiled: bool) -> bool:
-        """Whether a step of `rows` rows can use the screen: eager float32 GEMMs over the bf16 copy would
-        read more than the head itself, so it needs inductor's one-row pass or oneDNN's packed copy."""
+        """Whether a step of `rows` rows can use the screen: eager float32 GEMMs over the copy would read
+        more than the head itself, so it needs inductor's one-row pass or oneDNN's packed copy."""
         return (compiled and rows == 1) or self.packed is not None
+
+    @property
+    def bytes_saved(self) -> int:
+        """How many fewer bytes a screened one-row step reads than the full head: the head, less the copy and
+        the per-token numbers read with it."""
+        return self.exact.numel() * self.exact.element_size() - sum(
+            t.numel() * t.element_size() for t in self.buffers())
 
     @property
     def nbytes(self) -> int:
@@ -90,17 +123,23 @@ class HeadScreen(nn.Module):
         x_norm = x.norm(dim=-1, keepdim=True)
         values, indices = top_k(self._screen(x, x_norm), self.k + 1)
         idx = indices[:, : self.k]
-        exact = (x[:, None, :] * self.exact[idx]).sum(-1)  # [B, K] float32 logits of the candidates
-        best = exact.argmax(dim=-1, keepdim=True)
-        tokens = idx.gather(1, best)[:, 0]
-        certified = values[:, self.k] < exact.gather(1, best)[:, 0] - x_norm[:, 0] * self.rescore_slack
+        exact = (x[:, None, :] * self.exact[idx].float()).sum(-1)  # [B, K] float32 logits of the candidates
+        if self.exact.dtype != torch.float32:  # the model's head rounds its logits to its dtype
+            exact = exact.to(self.exact.dtype).float()
+        best = exact.amax(dim=-1)
+        # Ties go to the lowest token id, as argmax over the full head does.
+        tokens = idx.masked_fill(exact != best[:, None], self.exact.shape[0]).amin(dim=-1)
+        if self.exact.dtype != torch.float32:  # an outside token must round below the best, not tie it
+            best = best - torch.ldexp(torch.ones_like(best), torch.frexp(best).exponent - 8)
+        certified = values[:, self.k] < best - x_norm[:, 0] * self.rescore_slack
         return tokens, certified
 
     def _screen(self, x: Tensor, x_norm: Tensor) -> Tensor:
         """Upper bounds [B, V] of the float32 logits (module docstring)."""
         if x.shape[0] == 1 and torch.compiler.is_compiling():
-            # Inductor turns this into one vectorised pass over the bf16 table (compiled.py), float32 sums.
+            # Inductor turns this into one vectorised pass over the copy (compiled.py), float32 sums.
             s = (x[:, None, :] * self.cheap.float()).sum(-1)
+            s = s if self.scale is None else s * self.scale
             return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 4 * _U32)
         if self.packed is None:
             raise RuntimeError("this screen has no packed copy: use it in compiled one-row steps (see `usable`)")
@@ -134,12 +173,15 @@ def plan_screen(model: nn.Module, max_batch: int, compiled: bool) -> tuple[Tenso
     weight = head_weight(model)
     if weight is None:
         return None
-    packed = (isinstance(getattr(model, "lm_head", None), PackedLinear) and (max_batch > 1 or not compiled)
-              and packing_supported(weight[:1].to(torch.bfloat16)))
+    packed = (weight.dtype == torch.float32 and isinstance(getattr(model, "lm_head", None), PackedLinear)
+              and (max_batch > 1 or not compiled) and packing_supported(weight[:1].to(torch.bfloat16)))
     return (weight, packed) if packed or compiled else None
 
 
 def screen_bytes(weight: Tensor, packed: bool) -> int:
-    """Memory a `HeadScreen(weight, packed)` holds: the bf16 copy (twice when packed) and two norms a token."""
+    """Memory a `HeadScreen(weight, packed)` holds: the bf16 copy (twice when packed) or the int8 one and its
+    scales, and two norms a token."""
     vocab, width = weight.shape
+    if weight.dtype != torch.float32:
+        return vocab * width + 3 * vocab * 4
     return vocab * width * 2 * (2 if packed else 1) + 2 * vocab * 4
