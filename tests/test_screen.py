@@ -217,7 +217,7 @@ def same_until_a_bf16_tie(model, prompt: list[int], got: list[int], want: list[i
             return
 
 
-def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path):
+def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path, monkeypatch):
     screened, full = greedy_engines(tmp_path)
     assert screened.memory["head_screen"] == screened.screen.nbytes > 0
     assert "head_screen" not in full.memory
@@ -226,6 +226,11 @@ def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path
     assert bf16.screen is None and "head_screen" not in bf16.memory  # eager bf16: no int8 kernel pays
     unpacked = Engine(load_model(tmp_path), max_batch=2, context=64)  # eager, unpacked: it could not pay
     assert unpacked.screen is None
+    monkeypatch.setenv("GEMMAKIT_SCREEN", "off")  # engines the CLI and the server build
+    assert Engine(screened.model, max_batch=2, context=64).screen is None
+    monkeypatch.setenv("GEMMAKIT_SCREEN", "maybe")
+    with pytest.raises(ValueError, match="GEMMAKIT_SCREEN must be on or off"):
+        Engine(screened.model, max_batch=2, context=64)
 
 
 @pytest.mark.slow

@@ -14,10 +14,11 @@ How a request flows:
   model must not change afterwards (quantize it first): the compiled step does not re-check the model's
   modules on every call. On CPU a compiled engine also gives the model's int4 linears a compiled unpack for
   prompts (quantize.compile_prompt_unpack: a bf16 GEMM instead of the int4 kernel, ~1.3x faster prefill).
-- Greedy steps of float32 models skip most of the output head: the token comes from a bf16 screen of it,
-  certified against the float32 logits of the 16 best candidates (screen.py), so a one-row step reads ~0.7
-  of the bytes for the same tokens. A step with any row that needs logits (sampling, penalties, logprobs)
-  computes the full head, and so does a step the screen cannot certify.
+- Greedy steps of float models skip most of the output head: the token comes from a half-size copy of it
+  (bf16 for fp32, int8 for bf16), certified against the exact logits of the 16 best candidates (screen.py),
+  so a one-row fp32 step reads ~0.7 of the bytes for the same tokens. A step with any row that needs logits
+  (sampling, penalties, logprobs) computes the full head, and so does a step the screen cannot certify.
+  `screen=False` (or GEMMAKIT_SCREEN=off, for engines the CLI and server build) saves the copy's memory.
 - Memory is known before it is allocated: the KV cache for `max_batch` rows x `context` tokens plus working
   memory is estimated first (cache.estimate_bytes), and an engine that would not fit is refused with the
   numbers instead of crashing later.
@@ -31,6 +32,7 @@ model of the same tokenizer, and Gemma 4's MTP heads can implement the same two 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +63,14 @@ def forecast_bytes(model: Gemma, max_batch: int, context: int, compiled: bool, u
     return estimate_bytes(model.config, max_batch, context, dtype, model_bytes(model), slack, prefill_chunk,
                           compiled=compiled, device_type=device.type, unpack_kernels=unpack_kernels,
                           head_screen=screen_bytes(*plan) if plan else 0)
+
+
+def screen_wanted() -> bool:
+    """GEMMAKIT_SCREEN: on (default) or off, for engines built without an explicit `screen=`."""
+    value = os.environ.get("GEMMAKIT_SCREEN", "on").strip().lower()
+    if value not in ("on", "off", "1", "0"):
+        raise ValueError(f"GEMMAKIT_SCREEN must be on or off, not {value!r}")
+    return value in ("on", "1")
 
 
 def model_dtype_device(model: Gemma) -> tuple[torch.dtype, torch.device]:
@@ -131,7 +141,7 @@ class Request:
 class Engine:
     def __init__(self, model: Gemma, tokenizer: Any = None, max_batch: int = 8, context: int | None = None,
                  slack: int = 8, check_memory: bool = True, compile: bool = False, prefill_chunk: int = 512,
-                 screen: bool = True):
+                 screen: bool | None = None):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         config = model.config
         self.context = min(context or config.max_position_embeddings, config.max_position_embeddings)
@@ -140,8 +150,8 @@ class Engine:
         compiled = compile and compile_supported(self.device)
         # int4 prompts take a bf16 GEMM on CPU in compiled engines (quantize.py says why): kernels to count.
         self.unpack_kernels = compile_prompt_unpack(model) if compiled else 0
-        # Greedy rows of float32 models pick from a bf16 screen of the head (screen.py): same tokens, half
-        # the head's bytes. `screen=False` always computes the full head.
+        # Greedy rows pick from a screen of the head (screen.py): same tokens, half the head's bytes.
+        screen = screen_wanted() if screen is None else screen
         self.memory = forecast_bytes(model, max_batch, self.context, compiled, self.unpack_kernels, screen, slack,
                                      prefill_chunk)
         if check_memory:

@@ -78,19 +78,21 @@ class HeadScreen(nn.Module):
                 cheap[i:i + 1024] = (w / scale[i:i + 1024, None]).round().clamp(-127, 127)
         self.register_buffer("cheap", cheap, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
-        # Norms in small blocks of rows: a float32 copy of the table would be a transient of its size, and
-        # blocks of tens of MB fragment the heap (8192 rows left 0.6 GiB behind on the 270M; 1024: nothing).
-        delta_norm, cheap_norm = [], []
-        for i in range(0, weight.shape[0], 1024):
+        # Norms by blocks of rows, into preallocated outputs: a float32 copy of the table would be a transient
+        # of its size (a bf16 table's own norm() makes one), and small per-block results kept between the
+        # blocks' temporaries fragment the heap (both left 0.6-1.1 GiB of RSS behind on the 270M).
+        vocab, widest = weight.shape[0], 0.0
+        self.register_buffer("delta_norm", torch.empty(vocab), persistent=False)
+        self.register_buffer("cheap_norm", torch.empty(vocab), persistent=False)
+        for i in range(0, vocab, 1024):
             w, c = weight[i:i + 1024].float(), self._decoded(i, i + 1024)
-            delta_norm.append((w - c).norm(dim=-1))
-            cheap_norm.append(c.norm(dim=-1))
-        self.register_buffer("delta_norm", torch.cat(delta_norm), persistent=False)
-        self.register_buffer("cheap_norm", torch.cat(cheap_norm), persistent=False)
+            self.delta_norm[i:i + 1024] = (w - c).norm(dim=-1)
+            self.cheap_norm[i:i + 1024] = c.norm(dim=-1)
+            widest = max(widest, float(w.norm(dim=-1).max()))
         n = weight.shape[1]
         # Worst float32 error of an n-term dot product, plus the scale product and computing the copy's norms.
         self.gamma = n * _U32 / (1 - n * _U32) + 4 * _U32
-        self.rescore_slack = self.gamma * float(weight.norm(dim=-1).max())
+        self.rescore_slack = self.gamma * widest
         self.packed = None
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
@@ -140,7 +142,8 @@ class HeadScreen(nn.Module):
             # Inductor turns this into one vectorised pass over the copy (compiled.py), float32 sums.
             s = (x[:, None, :] * self.cheap.float()).sum(-1)
             s = s if self.scale is None else s * self.scale
-            return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 4 * _U32)
+            # (1 + 2 gamma): the norms themselves carry float32 error.
+            return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 2 * self.gamma)
         if self.packed is None:
             raise RuntimeError("this screen has no packed copy: use it in compiled one-row steps (see `usable`)")
         x16 = x.to(torch.bfloat16)
@@ -149,7 +152,7 @@ class HeadScreen(nn.Module):
         rounding = (x - x16f).norm(dim=-1, keepdim=True)
         bound = (x_norm * self.delta_norm + (rounding + self.gamma * x16f.norm(dim=-1, keepdim=True))
                  * self.cheap_norm + 2 * _U16 * s.abs())
-        return s + bound * (1 + 4 * _U32)
+        return s + bound * (1 + 2 * self.gamma)
 
 
 def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
