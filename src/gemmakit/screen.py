@@ -29,8 +29,8 @@ never computes). The engine decides per step (engine.py); a step with any other 
 copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
 on packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads:
 no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Memory: the
-copy (+336 MiB bf16 or +168 MiB int8 for the 270M; +336 more for the packed layout); the engine's forecast
-counts it. Measured (benchmarks/engine_vs_peers.py, README): one-row decode of the 270M fp32 2.0x, bf16
+copy in each layout the engine's steps read (270M: +336 MiB bf16 per layout, or +168 MiB int8); the engine's
+forecast counts it. Measured (benchmarks/engine_vs_peers.py, README): one-row decode of the 270M fp32 2.0x, bf16
 1.16x faster; fp32 at 8 rows 1.2x.
 """
 
@@ -63,9 +63,10 @@ def head_weight(model: nn.Module) -> Tensor | None:
 class HeadScreen(nn.Module):
     """A screen over a float32 head `weight` [V, H] in bf16, or over a bf16 one in int8 with a scale per row
     (not copied: rescoring reads it). `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy,
-    for multi-row steps (packing.py says why that layout is faster)."""
+    for multi-row and eager steps (packing.py says why that layout is faster); `plain` keeps the copy in its
+    ordinary layout, for compiled one-row steps (at least one of the two)."""
 
-    def __init__(self, weight: Tensor, packed: bool = False, candidates: int = CANDIDATES):
+    def __init__(self, weight: Tensor, packed: bool = False, plain: bool = True, candidates: int = CANDIDATES):
         super().__init__()
         self.exact, self.k = weight, candidates
         if weight.dtype == torch.float32:
@@ -96,6 +97,9 @@ class HeadScreen(nn.Module):
         self.packed = None
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
+        self.copy_bytes = cheap.numel() * cheap.element_size()
+        if not plain and self.packed is not None:
+            self.cheap = None  # only the packed layout is read
         self.fallbacks = 0
 
     def _decoded(self, start: int, stop: int) -> Tensor:
@@ -105,14 +109,14 @@ class HeadScreen(nn.Module):
     def usable(self, rows: int, compiled: bool) -> bool:
         """Whether a step of `rows` rows can use the screen: eager float32 GEMMs over the copy would read
         more than the head itself, so it needs inductor's one-row pass or oneDNN's packed copy."""
-        return (compiled and rows == 1) or self.packed is not None
+        return (compiled and rows == 1 and self.cheap is not None) or self.packed is not None
 
     @property
     def bytes_saved(self) -> int:
         """How many fewer bytes a screened one-row step reads than the full head: the head, less the copy and
         the per-token numbers read with it."""
-        return self.exact.numel() * self.exact.element_size() - sum(
-            t.numel() * t.element_size() for t in self.buffers())
+        per_token = sum(t.numel() * t.element_size() for t in self.buffers() if t is not self.cheap)
+        return self.exact.numel() * self.exact.element_size() - self.copy_bytes - per_token
 
     @property
     def nbytes(self) -> int:
@@ -169,22 +173,23 @@ def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     return values, chosen.gather(1, at // block) * block + at % block
 
 
-def plan_screen(model: nn.Module, max_batch: int, compiled: bool) -> tuple[Tensor, bool] | None:
-    """(head weight, packed) for an engine of `max_batch` rows over `model`, or None where no screen applies
-    or none could be used: the packed copy is for multi-row or eager steps, and only on a packed model (an
-    unpacked one is a model set up for something other than fast decoding)."""
+def plan_screen(model: nn.Module, max_batch: int, compiled: bool) -> tuple[Tensor, bool, bool] | None:
+    """(head weight, packed, plain) for an engine of `max_batch` rows over `model`, or None where no screen
+    applies or none could be used: the plain copy is for compiled one-row steps, the packed one for multi-row
+    or eager steps, and only on a packed model (an unpacked one is a model set up for something other than
+    fast decoding)."""
     weight = head_weight(model)
     if weight is None:
         return None
     packed = (weight.dtype == torch.float32 and isinstance(getattr(model, "lm_head", None), PackedLinear)
               and (max_batch > 1 or not compiled) and packing_supported(weight[:1].to(torch.bfloat16)))
-    return (weight, packed) if packed or compiled else None
+    return (weight, packed, compiled) if packed or compiled else None
 
 
-def screen_bytes(weight: Tensor, packed: bool) -> int:
-    """Memory a `HeadScreen(weight, packed)` holds: the bf16 copy (twice when packed) or the int8 one and its
-    scales, and two norms a token."""
+def screen_bytes(weight: Tensor, packed: bool, plain: bool = True) -> int:
+    """Memory a `HeadScreen(weight, packed, plain)` holds: the bf16 copy in one or both layouts, or the int8
+    one and its scales, and two norms a token."""
     vocab, width = weight.shape
     if weight.dtype != torch.float32:
         return vocab * width + 3 * vocab * 4
-    return vocab * width * 2 * (2 if packed else 1) + 2 * vocab * 4
+    return vocab * width * 2 * (int(packed) + int(plain or not packed)) + 2 * vocab * 4
