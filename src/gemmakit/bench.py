@@ -124,9 +124,9 @@ def roofline_fraction(decode_tok_s: float, bytes_per_token: float, bandwidth_gb_
 
 
 def decode_read_bytes(engine: Any) -> int:
-    """Weight bytes a greedy decode step of all `engine`'s rows streams: every weight once, in the layout the step reads
-    (a packed-only linear in oneDNN's; the plain one where both are kept), and the cheap copy of the head
-    instead of the head itself where the engine screens greedy picks (screen.py)."""
+    """Weight bytes a greedy decode step of all `engine`'s rows streams: every weight once, in the layout
+    the step reads (a packed-only linear in oneDNN's; the plain one where both are kept), and the cheap copy
+    of the head instead of the head itself where the engine screens greedy picks (screen.py)."""
     from gemmakit.packing import PackedLinear
     from gemmakit.quantize import quantized_bytes
 

@@ -206,7 +206,9 @@ class Engine:
         if self.compiled and not self.has_work:
             bos = [self.model.config.bos_token_id or 0]
             # Greedy rows and the rest take different compiled steps where the head is screened.
-            kinds = [SamplingParams(max_tokens=2)] + [SamplingParams(max_tokens=2, logprobs=0)] * bool(self.screen)
+            kinds = [SamplingParams(max_tokens=2)]
+            if self.screen is not None:
+                kinds.append(SamplingParams(max_tokens=2, logprobs=0))
             for rows in sorted({self.max_batch, 1}):
                 for params in kinds:
                     self.generate([bos] * rows, params)
