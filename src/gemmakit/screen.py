@@ -30,8 +30,8 @@ copy is read by compiled one-row steps (inductor's vectorised reduction, compile
 on packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads:
 no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Memory: the
 copy in each layout the engine's steps read (270M: +336 MiB bf16 per layout, or +168 MiB int8); the engine's
-forecast counts it. Measured (benchmarks/engine_vs_peers.py, README): one-row decode of the 270M fp32 2.0x, bf16
-1.16x faster; fp32 at 8 rows 1.2x.
+forecast counts it. Measured (benchmarks/engine_vs_peers.py, README): one-row decode of the 270M 1.56x
+faster in fp32 (2.0x in another run), 1.12x in bf16; 8-row fp32 steps 1.33x.
 """
 
 from __future__ import annotations
