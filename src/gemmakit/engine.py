@@ -296,11 +296,7 @@ class Engine:
         if not bool(certified.all()):
             self.screen.fallbacks += 1
             return self._sample(reqs, self.model.head(x))
-        events = []
-        for req, token in zip(reqs, tokens.tolist(), strict=True):
-            self._accept(req, token, None)
-            events.append((req, token))
-        return events
+        return self._accept_all(reqs, tokens, [None] * len(reqs))
 
     def _sample(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
         constrained = [i for i, r in enumerate(reqs) if r.params.constraint is not None]
@@ -311,6 +307,10 @@ class Engine:
                 logits[i].masked_fill_(~allowed[: logits.shape[-1]], -math.inf)
         tokens, logprobs = self.sampler.sample(logits, [r.params for r in reqs], [r.prompt + r.tokens for r in reqs],
                                                [len(r.prompt) for r in reqs], [r.generator for r in reqs])
+        return self._accept_all(reqs, tokens, logprobs)
+
+    def _accept_all(self, reqs: list[Request], tokens: Tensor, logprobs: list[TokenLogprobs | None]
+                    ) -> list[tuple[Request, int]]:
         events = []
         for req, token, lp in zip(reqs, tokens.tolist(), logprobs, strict=True):
             self._accept(req, token, lp)
