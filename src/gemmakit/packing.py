@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmakit.runtime.probe import onednn_packs
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # Row count oneDNN chooses the blocked layout for; any count works, the engine's batches are about this size.
 _LAYOUT_ROWS = 8
@@ -56,8 +58,9 @@ def _(x: Tensor, handle: int, out_features: int) -> Tensor:
 
 
 def packing_supported(weight: Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES
-            and torch.backends.mkldnn.is_available())
+    """Whether `weight` can be packed here: a CPU weight of a dtype this machine's oneDNN really packs (its bf16
+    reorder needs AVX-512 or AVX-NE-CONVERT; runtime/probe.py asks it rather than reading CPU flags)."""
+    return weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and onednn_packs(weight.dtype)
 
 
 class PackedLinear(nn.Module):
