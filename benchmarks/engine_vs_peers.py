@@ -30,26 +30,40 @@ Definitions, the same for every engine:
   quiet runs (other load < 0.25 cores) when there are any; `runs` says how many of all were used.
   --wait-idle also holds each measurement back until the machine is quiet; --save keeps every raw run.
 
+--json PATH writes the table's rows with the setup and the machine they ran on (CPU model, the CPU flags that
+decide which kernels can run, the oneDNN / ATen ISA limits in the environment, torch's CPU capability, torch
+version, threads, date); benchmarks/render_performance.py turns one or more such files into the side-by-side
+table of docs/performance.md. A run under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` measures the
+AVX2 machine class on an AVX-512 machine (the workers inherit the environment).
+
 Run: .venv/bin/python benchmarks/engine_vs_peers.py [--repeats 3] [--engines llama.cpp,gemmakit-fp32]
+     [--json runs/engine_vs_peers.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import os
+import platform
 import resource
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from gemmakit.bench import MiB, decode_read_bytes, format_table, measure_bandwidth, peak_rss_bytes
 from gemmakit.checkpoints import default_model_path
+from gemmakit.files import write_text_atomic
 from gemmakit.quantize import quantized_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -274,7 +288,11 @@ def spawn(spec: Spec, prompt: list[int], args: argparse.Namespace) -> dict:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     other = (busy_cpu_seconds() - busy0 - (children_cpu_seconds() - child0)) / (time.perf_counter() - t0)
     if out.returncode != 0:
-        return {"error": f"worker failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else '?'}"}
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?"
+        if out.returncode < 0:  # a crash in native code: its last stderr line is some log line, not the cause
+            name = signal.Signals(-out.returncode).name if -out.returncode in signal.valid_signals() else "a signal"
+            return {"error": f"worker killed by {name} (last output: {last})"}
+        return {"error": f"worker failed: {last}"}
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "other_load": max(other, 0.0)}
 
 
@@ -385,6 +403,9 @@ def parse_args() -> argparse.Namespace:
                     help="before each measurement, wait up to this many seconds for other processes to go quiet "
                          "(0: do not wait)")
     ap.add_argument("--save", help="write every raw run (JSON) to this file")
+    ap.add_argument("--json", metavar="PATH", help="write the table's rows, the setup and the machine (CPU model "
+                                                   "and flags, ISA limits, torch) to this JSON file, atomically; "
+                                                   "benchmarks/render_performance.py reads it")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ids", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -425,10 +446,72 @@ def main() -> None:
         with open(args.save, "w") as f:
             json.dump({s.name: runs[s] for s in specs}, f, indent=1)
     rows = [median_row(s, runs[s]) for s in specs]
-    print(f"\nGemma 3 270M Q4_K_M GGUF, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), "
-          f"{args.threads} threads of {os.cpu_count()} CPUs, read bandwidth {bandwidth:.1f} GB/s, "
-          f"median of {args.repeats}\n")
-    print(format_table(table_rows(specs, rows, bandwidth)))
+    title = (f"Gemma 3 270M Q4_K_M GGUF, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), "
+             f"{args.threads} threads of {os.cpu_count()} CPUs, read bandwidth {bandwidth:.1f} GB/s, "
+             f"median of {args.repeats}")
+    table = table_rows(specs, rows, bandwidth)
+    print(f"\n{title}\n")
+    print(format_table(table))
+    if args.json:
+        write_json(Path(args.json), args, specs, title, bandwidth, table)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+def write_json(path: Path, args: argparse.Namespace, specs: list[Spec], title: str, bandwidth: float,
+               table: list[dict]) -> None:
+    """The printed rows (same keys, null for '-'), the setup and the machine, written atomically (a temporary
+    file beside `path`, then renamed: an interrupted run never leaves half a file for render_performance.py)."""
+    setup = {"title": title, "model": "Gemma 3 270M Q4_K_M GGUF", "prompt_len": args.prompt_len,
+             "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
+             "read_bandwidth_gb_s": bandwidth, "engines": [s.name for s in specs],
+             "command": shlex.join(["python", *sys.argv])}
+    report = {"benchmark": "engine_vs_peers", "version": 1, "setup": setup, "machine": machine_info(args.threads),
+              "rows": [plain_json(r) for r in table]}
+    write_text_atomic(path, json.dumps(report, indent=1, allow_nan=False) + "\n")
+
+
+# ---- the machine, for --json -----------------------------------------------------------------------------
+# The flags that decide which CPU kernels can run (oneDNN's bf16 reorders and GEMMs, VNNI int8, AMX), and the
+# environment variables that hold oneDNN and ATen below what the CPU has.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "avx_vnni")
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and flags from /proc/cpuinfo (Linux); elsewhere platform's name and no flags."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not name:
+                    name = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine() or "unknown", flags
+
+
+def machine_info(threads: int) -> dict:
+    name, flags = cpuinfo()
+    return {
+        "cpu_model": name,
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "isa_limits": {k: os.environ.get(k) for k in ISA_LIMITS},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "arch": platform.machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def plain_json(row: dict) -> dict:
+    """A table row as strict JSON: NaN and infinities (a run too short to time) become null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
 if __name__ == "__main__":
