@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from gemmakit.config import Config, param_counts
-from gemmakit.registry import REGISTRY
+from gemmakit.config import param_counts
+from gemmakit.registry import REGISTRY, config_for
 
 
 def gemmakit(*args: str) -> subprocess.CompletedProcess:
@@ -29,7 +29,7 @@ def test_models_lists_every_variant_with_its_size():
     out = gemmakit("models")
     assert out.returncode == 0
     for name in REGISTRY:
-        total = param_counts(Config.from_name(name))["total"]
+        total = param_counts(config_for(name))["total"]
         line = next(line for line in out.stdout.splitlines() if line.startswith(name + " "))
         assert (f"{total / 1e9:.2f}B" if total >= 0.95e9 else f"{total / 1e6:.0f}M") in line
     assert "3.82B active" in out.stdout and "30.70B" in out.stdout

@@ -27,12 +27,12 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from gemmakit.config import Config, param_counts
-    from gemmakit.registry import REGISTRY
+    from gemmakit.config import param_counts
+    from gemmakit.registry import REGISTRY, config_for
 
     rows = [("model", "family", "layers", "hidden", "params", "notes")]
     for name in REGISTRY:
-        c = Config.from_name(name)
+        c = config_for(name)
         p = param_counts(c)
         notes = []
         if p["ple"]:

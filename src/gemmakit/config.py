@@ -1,4 +1,5 @@
-"""One config dataclass for every Gemma 3 and Gemma 4 text backbone, and a registry of the released ones.
+"""One config dataclass for every Gemma 3 and Gemma 4 text backbone (the released ones are in registry.py,
+which builds on this module: `registry.config_for(name)`).
 
 Field names are the HF `config.json` names, so a checkpoint's config maps onto `Config` without a rename
 table and `Config.to_hf()` writes a `config.json` that `transformers` loads. The two generations differ in a
@@ -161,16 +162,6 @@ class Config:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read {p}: {e}. Is this a Hugging Face model directory?") from e
         return from_hf_dict(d, name=p.parent.name or "custom")
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> Config:
-        from gemmakit.registry import REGISTRY
-
-        key = name.lower()
-        if key not in REGISTRY:
-            raise ConfigError(f"unknown model {name!r}; `gemmakit models` lists the known ones: "
-                              + ", ".join(REGISTRY))
-        return cls(**{**REGISTRY[key], "name": key, **overrides})
 
 
 def default_layer_types(n_layers: int, period: int = 6, last_full: bool = True) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gemmakit.config import default_layer_types
+from gemmakit.config import Config, ConfigError, default_layer_types
 
 _GEMMA3: dict[str, Any] = dict(family="gemma3", head_dim=256, query_pre_attn_scalar=256, rope_theta=1_000_000.0,
                                rope_local_base_freq=10_000.0, eos_token_id=[1, 106])
@@ -71,6 +71,15 @@ REGISTRY: dict[str, dict[str, Any]] = {
                         num_attention_heads=32, num_key_value_heads=16, attention_k_eq_v=True,
                         num_global_key_value_heads=4),
 }
+
+
+def config_for(name: str, **overrides: Any) -> Config:
+    """The `Config` of a released model by its registry name (any case), with `overrides` applied."""
+    key = name.lower()
+    if key not in REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; `gemmakit models` lists the known ones: " + ", ".join(REGISTRY))
+    return Config(**{**REGISTRY[key], "name": key, **overrides})
+
 
 # Published sizes (model cards / technical reports), billions: what the computed counts must agree with.
 # Gemma 3 sizes are text-only; E-series "effective" excludes the PLE table; 26B-A4B also has an active count.
