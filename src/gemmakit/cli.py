@@ -16,14 +16,12 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from gemmakit.cli_common import DTYPES, add_load_args, load_llm, spinner
+from gemmakit.flags import parse_switch
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -64,63 +62,23 @@ def sampling_of(args: argparse.Namespace) -> dict:
     return fields
 
 
-@contextmanager
-def spinner(label: str) -> Iterator[None]:
-    """A spinner on stderr while something slow runs (only when stderr is a terminal)."""
-    if not sys.stderr.isatty():
-        yield
-        return
-    done = threading.Event()
-
-    def spin() -> None:
-        frames, i, t0 = "|/-\\", 0, time.perf_counter()
-        while not done.wait(0.1):
-            sys.stderr.write(f"\r{label} {frames[i % 4]} {time.perf_counter() - t0:.1f}s")
-            sys.stderr.flush()
-            i += 1
-        sys.stderr.write("\r" + " " * (len(label) + 12) + "\r")
-
-    thread = threading.Thread(target=spin, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
-_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
-
-
-# A compiled step saves ~85 ms per token on the 270M (CPU) and costs ~10 s to build from a warm cache
-# (45 s cold): it pays from about this many tokens on.
+# A compiled step costs a one-off build (seconds from a warm cache, most of a minute cold) and saves time on
+# every token after it: it pays from about this many tokens on.
 COMPILE_PAYS_FROM = 256
 
 
 def wants_compile(args: argparse.Namespace) -> bool:
-    """--compile on|off|auto, else GEMMAKIT_COMPILE, else auto: compiled decode (~3x faster on CPU) for
-    `bench`, and for `generate` when it may produce COMPILE_PAYS_FROM tokens or more; eager for `chat`, whose
-    prompt must be ready in seconds rather than after a build."""
-    value = (args.compile or os.environ.get("GEMMAKIT_COMPILE") or "auto").strip().lower()
-    if value not in (*_ON, *_OFF, "auto"):
-        raise ValueError(f"--compile / GEMMAKIT_COMPILE must be on, off or auto, not {value!r}")
-    if value != "auto":
-        return value in _ON
+    """--compile on|off|auto, else GEMMAKIT_COMPILE, else auto: compiled decode for `bench` and `serve`, and
+    for `generate` when it may produce COMPILE_PAYS_FROM tokens or more; eager for `chat`, whose prompt must
+    be ready in seconds rather than after a build."""
+    if args.compile:
+        wanted = parse_switch("--compile", args.compile, allow_auto=True)
+    else:
+        wanted = parse_switch("--compile / GEMMAKIT_COMPILE", os.environ.get("GEMMAKIT_COMPILE") or "auto",
+                              allow_auto=True)
+    if wanted is not None:
+        return wanted
     return args.func in (cmd_bench, cmd_serve) or (args.func is cmd_generate and args.max_tokens >= COMPILE_PAYS_FROM)
-
-
-def load_llm(args: argparse.Namespace):
-    from gemmakit.api import load
-
-    label = "loading model" + (f" and quantizing it to {args.quantize}" if args.quantize != "none" else "")
-    with spinner(label):
-        llm = load(args.model, args.dtype, args.device, args.chat_format, args.context, compile=args.compiled,
-                   quantize=args.quantize, pack={"on": True, "off": False}.get(args.pack),
-                   adapter=getattr(args, "adapter", None))
-    if args.compiled and args.func not in (cmd_bench, cmd_serve):  # these build engines of their own
-        with spinner("compiling the decode step (a minute the first time; --compile off skips it)"):
-            llm.engine.warmup()
-    return llm
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -143,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            compile=args.compiled, api_key=args.api_key or os.environ.get("GEMMAKIT_API_KEY"),
                            cors_origins=tuple(args.cors_origin), model_name=args.served_model_name,
                            guard=args.guard)
-    app = create_app(lambda: load_llm(args), options)
+    app = create_app(lambda: load_llm(args, warm_up=False), options)  # the server builds its own engine
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -298,7 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from gemmakit.engine import forecast_bytes, model_bytes
     from gemmakit.quantize import compile_prompt_unpack
 
-    llm = load_llm(args)
+    llm = load_llm(args, warm_up=False)  # each measured engine is built (and compiled) below
     runtime = max(current_rss_bytes() - model_bytes(llm.model), 0)  # Python, torch, the tokenizer: not weights
     bandwidth = measure_bandwidth(device=args.device)
     rows = []
@@ -334,30 +292,6 @@ def add_model_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--think", action="store_true", help="thinking mode (Gemma 4 instruction-tuned models)")
-
-
-def add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded "
-                                                 "Gemma 3 270M)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format, e.g. from gemmakit "
-                                                   "finetune) merged into the weights as they load")
-    p.add_argument("--chat-format", default="auto",
-                   choices=("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue"),
-                   help="how to prompt for chat: auto (the checkpoint's template; a plain dialogue for base "
-                        "models), or force one")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                   help="weight-only quantization of the loaded model")
-    p.add_argument("--context", type=int, default=None,
-                   help="tokens of context to allocate the KV cache for (default 8192, at most the model's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default=None,
-                   help="torch.compile the decode step: ~3x faster decode on CPU after a one-off build (~45 s, "
-                        "then cached); auto (default) = on for bench and for generate of 256+ tokens, off for chat "
-                        "(also: GEMMAKIT_COMPILE)")
-    p.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
-                   help="hold float weights in oneDNN's blocked layout: faster prefill and batched decode on CPU, "
-                        "for a second copy of the output head in memory; auto (default) = on for CPU float models")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gemmakit.cli import add_load_args, load_llm
+from gemmakit.cli_common import add_load_args, load_llm
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gemmakit.cli import add_load_args, load_llm
+from gemmakit.cli_common import add_load_args, load_llm
 
 
 def cmd_watermark(args: argparse.Namespace) -> None:
