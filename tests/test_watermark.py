@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_watermark.py
 
 from __future__ import annotations
 
+import math
 import random
 import subprocess
 import sys
@@ -13,8 +14,16 @@ import sys
 import pytest
 import torch
 
-from gemmakit.safety.watermark import WatermarkConfig, context_hash, detect, g_values, repeats_context, tilt
-from gemmakit.sampling import SamplingParams
+from gemmakit.safety.watermark import (
+    WatermarkConfig,
+    WatermarkProcessor,
+    context_hash,
+    detect,
+    g_values,
+    repeats_context,
+    tilt,
+)
+from gemmakit.sampling import Sampler, SamplingParams, make_generator
 
 CONFIG = WatermarkConfig(keys=tuple(range(101, 131)), ngram_len=5)
 
@@ -77,7 +86,28 @@ def test_detection_on_synthetic_text():
 
 def test_greedy_rows_cannot_be_watermarked():
     with pytest.raises(ValueError, match="a watermark needs sampling"):
-        SamplingParams(temperature=0.0, watermark=CONFIG).validate()
+        SamplingParams(temperature=0.0, logits_processors=(WatermarkProcessor(CONFIG),)).validate()
+
+
+def test_the_sampler_draws_from_the_tilted_distribution_it_is_handed():
+    """The watermark reaches the sampler only as a logits processor: a marked row draws what a race over
+    tilt(softmax(tempered, truncated logits)) draws with the same seed; an unmarked row in the same batch is
+    untouched."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 300)
+    history = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10]]
+    marked = SamplingParams(temperature=0.8, top_k=40, seed=3, logits_processors=(WatermarkProcessor(CONFIG),))
+    plain = SamplingParams(temperature=0.8, top_k=40, seed=3)
+    sampler = Sampler(300)
+    for _ in range(20):  # several steps: the history grows as the sampler's caller would grow it
+        gens = [make_generator(3, "cpu"), make_generator(3, "cpu")]
+        tokens, _ = sampler.sample(logits, [marked, plain], history, [4, 4], gens)
+        z = logits / 0.8
+        z = z.masked_fill(z < z.topk(40).values[:, -1:], -math.inf)
+        expected = Sampler._race(tilt(CONFIG, z[0].softmax(-1), history[0], 4), make_generator(3, "cpu"))
+        assert int(tokens[0]) == int(expected)
+        assert int(tokens[1]) == int(Sampler._race(z[1].softmax(-1), make_generator(3, "cpu")))
+        history = [h + [int(t)] for h, t in zip(history, tokens, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +127,7 @@ def test_the_270m_writes_text_the_detector_finds_even_after_edits(llm):
     out = {}
     for marked in (False, True):
         params = [SamplingParams(max_tokens=80, temperature=1.0, top_k=64, seed=i, stop_token_ids=(1,),
-                                 watermark=CONFIG if marked else None) for i in range(4)]
+                                 logits_processors=(WatermarkProcessor(CONFIG),) if marked else ()) for i in range(4)]
         out[marked] = [llm.tokenizer.decode(r.tokens) for r in engine.generate(prompts, params)]
     score = lambda text: detect(CONFIG, llm.tokenizer.encode(text, add_bos=False), skip=(1,))  # noqa: E731
     assert all(score(t).p_value > 1e-4 for t in out[False])

@@ -104,7 +104,15 @@ class LLM:
                                   compile=self.compile)
         return self._engine
 
-    def params(self, stop_ids: Sequence[int], **sampling: Any) -> SamplingParams:
+    def params(self, stop_ids: Sequence[int], watermark: Any = None, **sampling: Any) -> SamplingParams:
+        """SamplingParams from keyword arguments. `watermark` (a safety.watermark.WatermarkConfig, or the path
+        of a key file from `gemmakit watermark keys`) marks sampled text: its logits processor is handed to the
+        sampler after any given in `logits_processors`."""
+        if watermark is not None:
+            from gemmakit.safety.watermark import WatermarkConfig, WatermarkProcessor, load_config
+
+            config = watermark if isinstance(watermark, WatermarkConfig) else load_config(watermark)
+            sampling["logits_processors"] = (*sampling.get("logits_processors", ()), WatermarkProcessor(config))
         p = SamplingParams(**sampling)
         p.stop_token_ids = tuple(stop_ids)
         p.validate(self.model.config.vocab_size)

@@ -54,10 +54,10 @@ def sampling_of(args: argparse.Namespace) -> dict:
     fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   loop_guard=args.loop_guard)
-    if getattr(args, "watermark", None):
-        from gemmakit.safety.watermark import load_config
+    if getattr(args, "watermark", None):  # the sampler is handed the watermark as one of its logits processors
+        from gemmakit.safety.watermark import WatermarkProcessor, load_config
 
-        fields["watermark"] = load_config(args.watermark)
+        fields["logits_processors"] = (WatermarkProcessor(load_config(args.watermark)),)
     SamplingParams(**fields).validate()  # before the model loads, so a typo costs nothing
     return fields
 

@@ -12,7 +12,9 @@ Order of processing, per row, in float32 (HF and vLLM use the same order):
    -> these are the "processed logits": greedy rows (temperature 0) take their argmax, and logprobs are read
    from their log_softmax (so reported logprobs reflect penalties and bias but not temperature or truncation,
    and mean the same thing at every temperature, greedy included);
-4. temperature, then top-k, top-p, min-p on the tempered distribution, then a draw.
+4. temperature, then top-k, top-p, min-p on the tempered distribution;
+5. the row's logits processors (`SamplingParams.logits_processors`, e.g. safety/watermark.py's watermark),
+   in order, on those tempered and truncated logits; then a draw from their softmax.
 
 Notable choices:
 - top-k keeps every token tied with the k-th (value threshold, as `generate.sample` does); top-p keeps a token
@@ -25,7 +27,8 @@ Notable choices:
 - A row whose processing bans every token falls back to its raw logits rather than failing the whole batch.
 - Loop detection (`find_loop`) looks at generated tokens only, so a repetitive prompt never trips it.
 
-What this file does not do: stop strings (the engine applies them on text; they are only carried and checked
+What this file does not do: know about any particular processor (the front end that enables one hands it
+in; the sampler only calls it), stop strings (the engine applies them on text; they are only carried and checked
 here) or keeping counts across steps (they are rebuilt from `history` each step, only for rows that use a
 penalty).
 """
@@ -35,13 +38,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 LOOP_GUARDS = ("off", "stop", "penalize")
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+class LogitsProcessor(Protocol):
+    """Reshapes the distribution one sampled row draws its next token from; handed to the sampler in
+    `SamplingParams.logits_processors` (safety/watermark.py's `WatermarkProcessor` is one).
+
+    Called once per sampled step of a row with temperature > 0 (greedy rows take the argmax of the processed
+    logits and never reach it), after penalties, bias, temperature and top-k / top-p / min-p:
+
+    - `logits`: [V] float32, the row's tempered logits, -inf for every token the truncation dropped;
+    - `tokens`: the row's prompt followed by the tokens generated so far;
+    - `prompt_len`: how many of `tokens` are the prompt.
+
+    Returns new [V] logits (-inf bans a token); the draw uses their softmax, so any additive constant is
+    irrelevant. A processor must not modify `logits` in place, and must be safe to share: one instance may
+    serve every row of a batch and every choice of a request. An optional `name` attribute ("a watermark")
+    names it in error messages.
+    """
+
+    def __call__(self, logits: Tensor, tokens: Sequence[int], prompt_len: int) -> Tensor: ...
 
 
 @dataclass
@@ -73,16 +96,16 @@ class SamplingParams:
     # A grammar the output must follow (constrain.Constraint: JSON schema, Lark); the engine masks the logits
     # with it before this sampler runs and stops the request when the grammar is complete.
     constraint: Any = None
-    # SynthID-style watermark (safety/watermark.WatermarkConfig): sampled tokens are drawn from the keyed
-    # tournament-reweighted distribution. Off by default; needs temperature > 0.
-    watermark: Any = None
+    # Processors of a sampled row's distribution, applied in order just before the draw (see LogitsProcessor):
+    # how a watermark (safety/watermark.WatermarkProcessor) plugs in. Need temperature > 0.
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
     @property
     def plain_greedy(self) -> bool:
         """The token is the argmax of the raw logits and nothing else reads them (screen.py relies on it)."""
         return (self.temperature == 0.0 and self.repetition_penalty == 1.0 and not self.presence_penalty
                 and not self.frequency_penalty and not self.logit_bias and self.loop_guard != "penalize"
-                and self.logprobs is None and self.constraint is None and self.watermark is None)
+                and self.logprobs is None and self.constraint is None and not self.logits_processors)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first out-of-range field; give vocab_size to also check token ids."""
@@ -107,8 +130,12 @@ class SamplingParams:
              f"logprobs must be in [0, {MAX_LOGPROBS}] (None disables it), got {p.logprobs}"),
             (p.seed is None or (_is_int(p.seed) and -(2**63) <= p.seed < 2**64),
              f"seed must be an integer in [-2**63, 2**64), got {p.seed!r}"),
-            (p.watermark is None or p.temperature > 0.0,
-             "a watermark needs sampling: set temperature > 0 (greedy decoding has nothing to tilt)"),
+            (all(callable(f) for f in p.logits_processors),
+             f"logits_processors must be callables (logits, tokens, prompt_len) -> logits, got "
+             f"{p.logits_processors!r}"),
+            (not p.logits_processors or p.temperature > 0.0,
+             f"{_processor_name(p.logits_processors)} needs sampling: set temperature > 0 (greedy decoding takes "
+             "the most likely token, so there is no distribution to reshape)"),
         ]
 
     def _token_checks(self, vocab_size: int | None) -> list[tuple[bool, str]]:
@@ -136,6 +163,10 @@ class SamplingParams:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _processor_name(processors: Sequence[Any]) -> str:
+    return next((name for f in processors if (name := getattr(f, "name", None))), "a logits processor")
 
 
 @dataclass
@@ -364,14 +395,18 @@ class Sampler:
             z = warp(z, temperature, top_k, _column(sub, "top_p", dev, 1.0), _column(sub, "min_p", dev))
         else:
             z = z / temperature[:, None]
+        if any(p.logits_processors for p in sub):
+            z = torch.stack([self._run_processors(zz, params[i], history[i], prompt_lens[i])
+                             for zz, i in zip(z, rows, strict=True)])
         probs = z.softmax(dim=-1)
-        if any(p.watermark is not None for p in sub):
-            from gemmakit.safety.watermark import tilt
-
-            probs = torch.stack([tilt(params[i].watermark, pr, history[i], prompt_lens[i])
-                                 if params[i].watermark is not None else pr for pr, i in zip(probs, rows, strict=True)])
         picked = [self._race(p, generators[i]) for p, i in zip(probs, rows, strict=True)]
         return tokens.index_copy(0, index, torch.stack(picked))
+
+    @staticmethod
+    def _run_processors(z: Tensor, p: SamplingParams, tokens: list[int], prompt_len: int) -> Tensor:
+        for f in p.logits_processors:
+            z = f(z, tokens, prompt_len)
+        return z
 
     @staticmethod
     def _race(p: Tensor, generator: torch.Generator | None) -> Tensor:

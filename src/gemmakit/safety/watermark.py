@@ -1,10 +1,11 @@
 """SynthID-Text-style watermarking (Dathathri et al., Nature 2024): tournament sampling keyed by secret integers,
 and a detector that needs only the tokenizer and the keys.
 
-Generation (in the sampler, `SamplingParams.watermark`): at each sampled step the last `ngram_len - 1` tokens
-are hashed into a context; every candidate token, with each of the `depth` keys, gets a pseudo-random bit
-g(context, token, key). The distribution the sampler would draw from (after temperature, top-k, top-p) is
-then reweighted by a non-distortionary two-leaf tournament per key,
+Generation (`WatermarkProcessor`, a logits processor that the front end enabling the watermark hands the
+sampler in `SamplingParams.logits_processors`; the sampler knows nothing of watermarks): at each sampled step
+the last `ngram_len - 1` tokens are hashed into a context; every candidate token, with each of the `depth`
+keys, gets a pseudo-random bit g(context, token, key). The distribution the sampler would draw from (after
+temperature, top-k, top-p) is then reweighted by a non-distortionary two-leaf tournament per key,
 
     p <- p * (1 + g_l - sum_v g_l(v) p(v))       for l = 1..depth,
 
@@ -27,6 +28,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -107,6 +109,20 @@ def tilt(config: WatermarkConfig, probs: Tensor, history: Sequence[int], prompt_
     for layer in range(config.depth):
         p = p * (1 + g[:, layer] - (g[:, layer] * p).sum())
     return torch.zeros_like(probs).index_copy(0, kept, p.to(probs.dtype))
+
+
+@dataclass(frozen=True)
+class WatermarkProcessor:
+    """The watermark as a logits processor (sampling.LogitsProcessor): `SamplingParams(logits_processors=
+    (WatermarkProcessor(config),), temperature=...)`. It turns the row's tempered, truncated logits into the
+    distribution the sampler would draw from, tilts it (`tilt`) and hands back its log; dropped tokens stay
+    dropped. Stateless, so one instance can serve every row and request."""
+
+    config: WatermarkConfig
+    name: ClassVar[str] = "a watermark"  # in the sampler's messages ("a watermark needs sampling: ...")
+
+    def __call__(self, logits: Tensor, tokens: Sequence[int], prompt_len: int) -> Tensor:
+        return tilt(self.config, logits.softmax(dim=-1), tokens, prompt_len).log()
 
 
 @dataclass
