@@ -69,7 +69,7 @@ def test_the_terminal_chat_guards_the_thought_channel(llm, tmp_path):
     the thought channel ends the answer with the guard's message."""
     import io
 
-    from gemmakit.chat.repl import ChatSession
+    from gemmakit.repl import ChatSession
     from tests.test_serve import _scripted_llm
 
     guard = Guard([Rule("pii", "pii", "redact"), Rule("cap", "pattern", "block", where="output",

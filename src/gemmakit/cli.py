@@ -231,7 +231,7 @@ def stream_completion(llm, prompt: str, sampling: dict, verbose: bool) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from gemmakit.chat.repl import ChatSession, run
+    from gemmakit.repl import ChatSession, run
 
     sampling = sampling_of(args)
     llm = load_llm(args)

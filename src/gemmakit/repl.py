@@ -1,5 +1,7 @@
 """`gemmakit chat`: a terminal chat that streams the answer as it is generated.
 
+A front end beside cli.py, over `api.LLM`; the prompt formats it talks through live below it in chat/.
+
 Input is read line by line, from a terminal or a pipe alike. A line ending in a backslash continues on the
 next line, and a `\"\"\"` line opens (and closes) a multi-line block. Commands start with a slash (/help lists
 them). The conversation is kept as OpenAI-style messages; when the next prompt would not fit the context
@@ -18,6 +20,7 @@ from typing import Any, TextIO
 from gemmakit.api import LLM
 from gemmakit.chat.parser import Delta
 from gemmakit.files import write_text_atomic
+from gemmakit.flags import parse_switch
 
 HELP = """commands:
   /system TEXT    set the system message (and start over)
@@ -69,11 +72,13 @@ class ChatSession:
         fmt = self.llm.chat_format
         if fmt is None or fmt.family != "gemma4":
             self.say("(thinking needs an instruction-tuned Gemma 4 model; this one has no thinking mode)")
-        elif arg in ("on", "off"):
-            self.thinking = arg == "on"
-            self.say(f"(thinking {arg})")
         else:
-            self.say("(usage: /think on|off)")
+            try:
+                self.thinking = bool(parse_switch("/think", arg))
+            except ValueError:
+                self.say("(usage: /think on|off)")
+                return
+            self.say(f"(thinking {'on' if self.thinking else 'off'})")
 
     def save(self, arg: str) -> None:
         if not arg:
