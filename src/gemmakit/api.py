@@ -28,7 +28,7 @@ from gemmakit.chat.parser import Delta, StreamParser, ToolCall
 from gemmakit.chat.template import ChatFormat
 from gemmakit.engine import Engine, StopText
 from gemmakit.model import Gemma
-from gemmakit.sampling import SamplingParams
+from gemmakit.sampling import SamplingParams, fit_context
 from gemmakit.tokenizer import Tokenizer
 
 # The KV cache is preallocated for this many tokens unless the caller asks for more (up to the model's limit).
@@ -119,10 +119,8 @@ class LLM:
         return p
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        """Refuse, with the numbers, a request that cannot fit the context."""
-        if n_prompt + max_tokens > self.context:
-            raise ValueError(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                             f"{self.context} tokens; shorten the prompt or lower max_tokens")
+        """Refuse, with the numbers, a request that cannot fit the context (sampling.fit_context's rule)."""
+        fit_context(n_prompt, max_tokens, self.context)
 
     def stream_text(self, ids: list[int], p: SamplingParams) -> Iterator[str]:
         """Decoded text pieces of the continuation of `ids`; keeps `finish_reason` and token counts current."""

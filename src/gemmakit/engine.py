@@ -45,7 +45,7 @@ from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, 
 from gemmakit.compiled import compile_decode, compile_supported
 from gemmakit.model import Gemma
 from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack
-from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, make_generator
+from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, fit_context, make_generator
 from gemmakit.screen import HeadScreen, plan_screen, screen_bytes
 
 
@@ -180,9 +180,7 @@ class Engine:
         params.validate()
         if not prompt:
             raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt) + params.max_tokens > self.context:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context of {self.context} tokens; shorten the prompt or lower max_tokens")
+        fit_context(len(prompt), params.max_tokens, self.context)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine to have a tokenizer")
         req = Request(list(prompt), params, id=self._next_id,

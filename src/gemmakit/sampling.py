@@ -67,6 +67,26 @@ class LogitsProcessor(Protocol):
     def __call__(self, logits: Tensor, tokens: Sequence[int], prompt_len: int) -> Tensor: ...
 
 
+class ContextOverflow(ValueError):
+    """A request whose prompt + max_tokens does not fit the context (see fit_context)."""
+
+
+def fit_context(n_prompt: int, max_tokens: int | None, context: int) -> int:
+    """The one rule for whether a request fits a context of `context` tokens: the prompt and every token it
+    may generate must fit. Returns `max_tokens`, or with None all the room the prompt leaves; raises
+    ContextOverflow (a ValueError) with the numbers and what to do otherwise. Used by Engine.submit, api.LLM
+    and the server, so all three refuse the same requests with the same words."""
+    if max_tokens is None:
+        if n_prompt >= context:
+            raise ContextOverflow(f"prompt ({n_prompt} tokens) leaves no room to generate in the context of "
+                                  f"{context} tokens; shorten the prompt")
+        return context - n_prompt
+    if n_prompt + max_tokens > context:
+        raise ContextOverflow(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                              f"{context} tokens; shorten the prompt or lower max_tokens")
+    return max_tokens
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from gemmakit.api import LLM
 from gemmakit.chat.parser import tool_call_grammar
 from gemmakit.engine import Engine
+from gemmakit.sampling import ContextOverflow, fit_context
 from gemmakit.serve import protocol as P
 from gemmakit.serve.loop import EngineLoop, QueueFull, Ticket
 from gemmakit.serve.metrics import Metrics
@@ -112,17 +113,12 @@ def check_model(server: Server, model: str | None) -> None:
 
 
 def check_fits(server: Server, n_prompt: int, max_tokens: int | None, param: str) -> int:
-    room = server.context - n_prompt
-    if max_tokens is None:
-        if room < 1:
-            raise P.ParamError(f"the prompt has {n_prompt} tokens; this server's context is {server.context} "
-                               "tokens; shorten the prompt", param, "context_length_exceeded")
-        return room
-    if n_prompt + max_tokens > server.context:
-        raise P.ParamError(f"the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
-                           f"exceeds this server's context of {server.context} tokens; shorten the prompt or lower "
-                           "max_tokens", param, "context_length_exceeded")
-    return max_tokens
+    """The max_tokens to use (all the room the prompt leaves when the client gave none), by the engine's own
+    rule (sampling.fit_context); a request that does not fit is a 400 naming `param`."""
+    try:
+        return fit_context(n_prompt, max_tokens, server.context)
+    except ContextOverflow as e:
+        raise P.ParamError(str(e), param, "context_length_exceeded") from None
 
 
 def submit_all(server: Server, prompts: list[list[int]], params: list[Any]) -> tuple[list[Ticket], asyncio.Queue]:
