@@ -27,13 +27,13 @@ from gemmakit.chat.dialogue import STOP_STRINGS, render_dialogue
 from gemmakit.chat.parser import Delta, StreamParser, ToolCall
 from gemmakit.chat.template import ChatFormat
 from gemmakit.engine import Engine, StopText
+from gemmakit.flags import check_chat_format, normalize_quantize
 from gemmakit.model import Gemma
 from gemmakit.sampling import SamplingParams, fit_context
 from gemmakit.tokenizer import Tokenizer
 
 # The KV cache is preallocated for this many tokens unless the caller asks for more (up to the model's limit).
 DEFAULT_CONTEXT = 8192
-CHAT_FORMATS = ("auto", "template", "gemma3", "gemma4", "gemma4-empty-thought", "dialogue")
 _INSTRUCTION_TUNED = re.compile(r"(^|[-_ .])(it|instruct|chat)($|[-_ .])", re.IGNORECASE)
 
 
@@ -208,8 +208,7 @@ def _dialogue_deltas(pieces: Iterator[str]) -> Iterator[Delta]:
 
 def pick_chat_format(name: str, family: str, tokenizer: Tokenizer, choice: str = "auto") -> ChatFormat | None:
     """How to prompt this checkpoint for chat (None = base model, dialogue transcript); see module docstring."""
-    if choice not in CHAT_FORMATS:
-        raise ValueError(f"unknown chat format {choice!r}; choose one of {', '.join(CHAT_FORMATS)}")
+    check_chat_format(choice)
     if choice == "dialogue":
         return None
     if choice == "template":
@@ -268,12 +267,12 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cp
     from gemmakit.packing import pack_linears
 
     path = resolve(model)
-    quantize = None if quantize == "none" else quantize
+    quantize = normalize_quantize(quantize)
     m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, None if adapter else quantize)
     if adapter:
         chat_format = _merge_adapter(m, adapter, quantize, chat_format)
     if pack is None:  # CPU float models; quantized modules have kernels of their own
-        pack = torch.device(device).type == "cpu" and quantize in (None, "none")
+        pack = torch.device(device).type == "cpu" and quantize is None
     if pack:
         pack_linears(m, keep_plain=compile)
     name = m.config.name if path.suffix == ".gguf" else path.name

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, estimate_bytes
 from gemmakit.compiled import compile_decode, compile_supported
+from gemmakit.flags import parse_switch
 from gemmakit.model import Gemma
 from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, fit_context, make_generator
@@ -67,10 +68,7 @@ def forecast_bytes(model: Gemma, max_batch: int, context: int, compiled: bool, u
 
 def screen_wanted() -> bool:
     """GEMMAKIT_SCREEN: on (default) or off, for engines built without an explicit `screen=`."""
-    value = os.environ.get("GEMMAKIT_SCREEN", "on").strip().lower()
-    if value not in ("on", "off", "1", "0"):
-        raise ValueError(f"GEMMAKIT_SCREEN must be on or off, not {value!r}")
-    return value in ("on", "1")
+    return bool(parse_switch("GEMMAKIT_SCREEN", os.environ.get("GEMMAKIT_SCREEN", "on")))
 
 
 def model_dtype_device(model: Gemma) -> tuple[torch.dtype, torch.device]:

@@ -8,6 +8,7 @@ import torch
 
 from gemmakit.checkpoints.common import CheckpointError, return_freed_memory
 from gemmakit.checkpoints.default import default_model_path
+from gemmakit.flags import normalize_quantize
 from gemmakit.model import Gemma
 
 __all__ = ["CheckpointError", "default_model_path", "load_model", "load_model_and_tokenizer", "resolve"]
@@ -27,9 +28,7 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
                device: str | torch.device = "cpu", quantize: str | None = None) -> Gemma:
     """Load an HF model directory or a GGUF file (default: the embedded Gemma 3 270M). `quantize` ("int8",
     "int4") quantizes module by module while loading (quantize.py), never holding the full-precision model."""
-    if quantize not in (None, "none", "int8", "int4"):
-        raise ValueError(f"unknown quantization {quantize!r}: use none, int8 or int4")
-    quantize = None if quantize == "none" else quantize
+    quantize = normalize_quantize(quantize)
     p = resolve(path)
     if p.is_dir():
         from gemmakit.checkpoints.hf import load_hf

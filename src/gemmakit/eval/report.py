@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gemmakit.files import write_atomic, write_text_atomic
+from gemmakit.flags import normalize_quantize
 
 HEADLINE = {"mmlu": ["acc_micro", "acc_macro"], "gsm8k": ["exact_match_strict", "exact_match_flexible"],
             "humaneval": ["pass@1", "pass@10", "pass@100"], "perplexity": ["token_perplexity", "bits_per_byte"],
@@ -22,8 +23,8 @@ HEADLINE = {"mmlu": ["acc_micro", "acc_macro"], "gsm8k": ["exact_match_strict", 
 def _label(result: dict[str, Any]) -> str:
     c = result["config"]
     parts = [str(result.get("model") or c.get("model") or "default")]
-    if c.get("quantize") not in (None, "none"):
-        parts.append(c["quantize"])
+    if quantize := normalize_quantize(c.get("quantize")):
+        parts.append(quantize)
     if c.get("adapter"):
         parts.append(f"+{Path(c['adapter']).parent.name or Path(c['adapter']).name}")
     return " ".join(parts)
