@@ -8,15 +8,15 @@ Round by round, with the target's cache holding the context up to the last token
 4. keys/values of rejected drafts are rolled back (the cache forgets positions past the kept ones; the
    sliding-window rings have `slack` spare slots so writing a rejected chunk never overwrote a needed key).
 
-A drafter is anything with `propose(tokens, k) -> list[int]` (tokens: everything so far, so it can catch up
-on what it has not seen) and `rollback(n)` (forget all but the first n tokens). `ModelDrafter` is a small
-model of the same tokenizer with its own cache; Gemma 4's MTP drafter can implement the same two methods.
+The drafter contract is `Drafter` below, defined here once: `propose(tokens, k)` and `rollback(n)`.
+`ModelDrafter` (a small model of the same tokenizer with its own cache) is one; Gemma 4's MTP heads can be
+another by implementing the same two methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -25,10 +25,30 @@ from gemmakit.engine import model_dtype_device
 from gemmakit.model import Gemma
 
 
+@runtime_checkable
 class Drafter(Protocol):
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]: ...
+    """What `speculative_generate` needs from a drafter: cheap guesses at the target's next tokens.
 
-    def rollback(self, n: int) -> None: ...
+    A drafter may keep state (a KV cache) about the tokens it has seen. It is told the whole sequence at every
+    round rather than only the new tokens, so it can catch up on what it has not seen (the target's own token
+    after a rejected draft, or several accepted ones), and is told how much of what it has seen still stands.
+    Its guesses affect only speed: the target checks every one, and greedy output is exactly the target's.
+    """
+
+    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+        """Up to `k` (k >= 1) guesses of the tokens that follow `tokens`, in order.
+
+        `tokens` is the whole sequence so far (prompt and generated); it extends, by at least one token, what
+        the drafter kept at the last `rollback`. Fewer than k guesses (even none) is allowed: the round then
+        verifies fewer; guesses past the k-th are ignored."""
+        ...
+
+    def rollback(self, n: int) -> None:
+        """Forget everything after the first `n` tokens of the sequence: the drafts the target rejected.
+
+        `n` may exceed what the drafter has seen (every draft accepted, plus the target's next token): then
+        nothing is forgotten, and the next `propose` catches up."""
+        ...
 
 
 class CachedRunner:
@@ -55,7 +75,8 @@ class CachedRunner:
 
 
 class ModelDrafter:
-    """A small model of the same tokenizer, drafting greedily."""
+    """A `Drafter`: a small model of the same tokenizer, drafting greedily (exactly k guesses), with its own
+    cache of the tokens it has been fed."""
 
     def __init__(self, model: Gemma, context: int, slack: int = 16):
         self.runner = CachedRunner(model, context, slack)
@@ -90,7 +111,8 @@ def speculative_generate(target: Gemma, drafter: Drafter, prompt: Sequence[int],
         produced += 1
         if produced >= max_tokens:
             break
-        drafts = drafter.propose(tokens, min(k, max_tokens - produced))
+        want = min(k, max_tokens - produced)
+        drafts = [int(d) for d in drafter.propose(tokens, want)][:want]  # Drafter: at most `want` guesses
         choice = runner.feed([last, *drafts]).argmax(-1).tolist()  # target's pick after last, d1, ..., dk
         n = next((i for i, (d, c) in enumerate(zip(drafts, choice, strict=False)) if d != c), len(drafts))
         rounds += 1
