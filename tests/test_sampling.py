@@ -373,3 +373,15 @@ def test_blockwise_argmax_matches_torch_argmax_ties_and_nans_included():
     assert argmax_rows(x[:, :1000], 64).tolist() == x[:, :1000].argmax(-1).tolist()  # 1000 % 64: plain argmax
     assert argmax_rows(x, chunk=64).tolist()[:5] == [int(x[0].argmax()), 100, 70, 600, 5]
     assert argmax_rows(x[:, ::2], chunk=64).tolist() == x[:, ::2].argmax(-1).tolist()  # not contiguous
+
+
+def test_one_rule_for_fitting_the_context():
+    """fit_context: prompt + max_tokens must fit; without max_tokens, all the room left; one message."""
+    from gemmakit.sampling import ContextOverflow, fit_context
+
+    assert fit_context(10, 54, 64) == 54 and fit_context(10, None, 64) == 54
+    with pytest.raises(ContextOverflow, match=r"prompt \(60 tokens\) \+ max_tokens \(10\) exceeds the context of "
+                                              r"64 tokens; shorten the prompt or lower max_tokens"):
+        fit_context(60, 10, 64)
+    with pytest.raises(ValueError, match="leaves no room to generate in the context of 64 tokens"):
+        fit_context(64, None, 64)

@@ -110,6 +110,26 @@ def test_the_sampler_draws_from_the_tilted_distribution_it_is_handed():
         history = [h + [int(t)] for h, t in zip(history, tokens, strict=True)]
 
 
+def test_the_front_ends_hand_the_watermark_in(tmp_path):
+    """`gemmakit generate --watermark KEYS` and the API's `watermark=` (keys or a key file) become the
+    sampler's logits processor; nothing else turns a watermark on."""
+    import json
+    from types import SimpleNamespace
+
+    from gemmakit.api import LLM
+    from gemmakit.cli import build_parser, sampling_of
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": list(CONFIG.keys), "ngram_len": 5}))
+    args = build_parser().parse_args(["generate", "x", "--temperature", "1", "--watermark", str(keys)])
+    assert sampling_of(args)["logits_processors"] == (WatermarkProcessor(CONFIG),)
+    fake = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vocab_size=300)))
+    for given in (CONFIG, str(keys)):
+        p = LLM.params(fake, [1], watermark=given, temperature=1.0)
+        assert p.logits_processors == (WatermarkProcessor(CONFIG),) and p.stop_token_ids == (1,)
+    assert LLM.params(fake, [1], temperature=1.0).logits_processors == ()
+
+
 @pytest.fixture(scope="module")
 def llm(default_model):
     import gemmakit
