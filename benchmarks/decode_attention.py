@@ -24,7 +24,7 @@ import gemmakit.model as model_module
 from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
-from gemmakit.packing import pack_linears
+from gemmakit.runtime.packing import pack_linears
 
 KERNELS = {"sdpa": model_module.decode_sdpa, "plain": model_module.decode_plain}
 _attend = model_module.attend

@@ -3,9 +3,9 @@
 Setup: the embedded Gemma 3 270M Q4_K_M GGUF for every engine (llama.cpp runs it quantized; transformers and
 gemmakit dequantize it to fp32 or bf16 at load, and the -int8/-int4 gemmakit rows requantize that with
 gemmakit.quantize; gemmakit rows decode one row through torch.compile unless named -eager, and hold float
-weights in oneDNN's packed layout (gemmakit.packing, the CLI's default on CPU) unless named -plain), the same prompt
-token ids (BOS + text, `--prompt-len` tokens), `--new-tokens` greedy tokens that never stop early at EOS,
-`--threads` threads.
+weights in oneDNN's packed layout (gemmakit.runtime.packing, the CLI's default on CPU) unless named -plain),
+the same prompt token ids (BOS + text, `--prompt-len` tokens), `--new-tokens` greedy tokens that never stop
+early at EOS, `--threads` threads.
 
 Each measurement is a fresh process (this script with --worker), so every engine starts from the same cold
 state and reports its own peak RSS: the process high-water mark, loading included (transformers' GGUF
@@ -22,7 +22,7 @@ Definitions, the same for every engine:
   (logits processors, stopping criteria) counts, as it does for users. A batch row counts all rows' tokens;
 - TTFT: from the call to the first generated token; roofline: decode steps/s x weight bytes / read bandwidth
   (gemmakit.bench), the fraction of the memory-bound ceiling, where weight bytes are what one greedy step
-  reads (where gemmakit screens the head, its bf16 or int8 copy: gemmakit.bench.decode_read_bytes); agree: how
+  reads (where gemmakit screens the head, its bf16 or int8 copy: gemmakit.runtime.steps); agree: how
   many leading greedy tokens match llama.cpp's (quantized vs dequantized weights drift apart eventually; a
   0 would mean a broken engine);
   other load: cores that other processes kept busy while the worker ran. On a shared machine a busy
@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.bench import MiB, decode_read_bytes, format_table, measure_bandwidth, peak_rss_bytes
+from gemmakit.bench import MiB, format_table, measure_bandwidth, peak_rss_bytes
 from gemmakit.checkpoints import default_model_path
 from gemmakit.files import write_text_atomic
 from gemmakit.quantize import quantized_bytes
@@ -84,7 +84,7 @@ class Spec:
     """An engine to measure, named `lib[-dtype][-int8|-int4][-eager][-plain][-full][-bN]`: llama.cpp,
     transformers-bf16, gemmakit-fp32-b8, gemmakit-fp32-int4 (weight-only quantized), gemmakit-fp32-eager
     (torch.compile off), gemmakit-fp32-plain (float weights not packed for oneDNN), gemmakit-fp32-full (greedy
-    picks from the full head, not the engine's screen of it: gemmakit.screen)."""
+    picks from the full head, not the engine's screen of it: gemmakit.runtime.screen)."""
 
     lib: str
     dtype: str = "fp32"
@@ -223,17 +223,17 @@ def run_transformers(dtype: str, prompt: list[int], new_tokens: int) -> dict:
 def run_gemmakit(spec: Spec, prompt: list[int], new_tokens: int) -> dict:
     from gemmakit.checkpoints import load_model
     from gemmakit.engine import Engine
-    from gemmakit.packing import pack_linears
+    from gemmakit.runtime.plan import prepare_weights
     from gemmakit.sampling import SamplingParams
 
     # Quantized rows load the way `gemmakit --quantize` does: module by module, never the whole fp32 model.
     model = load_model(dtype=DTYPES[spec.dtype], quantize=spec.quant)
-    if spec.packed:  # as gemmakit.api.load does: quantized modules are left alone
-        pack_linears(model, keep_plain=spec.compiled)
+    # As gemmakit.api.load does: oneDNN's layout where this machine's oneDNN packs the dtype.
+    prepare_weights(model, spec.packed, spec.compiled)
     # The warm-up generation inside gemmakit_engine builds the compiled decode step before any timing.
     engine = Engine(model, max_batch=spec.batch, context=len(prompt) + new_tokens, compile=spec.compiled,
                     screen=spec.screen)
-    weight_bytes = decode_read_bytes(engine)  # what one greedy decode step reads, whichever layout holds it
+    weight_bytes = engine.runtime.read_bytes_per_step()  # what a greedy decode step reads, in the layouts it reads
     # SamplingParams defaults: greedy, no stop tokens, loop guard off, so every row runs to max_tokens.
     result = gemmakit_engine(engine, lambda n: SamplingParams(max_tokens=n, temperature=0.0), spec.batch, prompt,
                              new_tokens)

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: torch.profiler over `--steps` one-row decode steps of the default model.
 
-The engine's decode step is one compiled graph (gemmakit.compiled) plus the host work around it: building the
+The engine's decode step is one compiled graph (gemmakit.runtime.compiled) plus the host work around it: building the
 step's index tensors, dynamo's guard check, the sampler's argmax. The profiler sees the compiled graph as one
 "CompiledFxGraph" call and the extern kernels inside it (the packed int4/int8 matmuls, attention matmuls)
 as their own rows, so the table splits a step into: weight matmuls, attention, fused elementwise code and
@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
-from gemmakit.packing import pack_linears
+from gemmakit.runtime.packing import pack_linears
 from gemmakit.sampling import SamplingParams
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from gemmakit.checkpoints import load_model
-from gemmakit.compiled import compile_supported, configure_inductor
 from gemmakit.engine import Engine
+from gemmakit.runtime.compiled import compile_supported, configure_inductor
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, assert_same_until_a_tie, hf_model, tiny
 
@@ -48,7 +48,7 @@ def test_partly_filled_batches_run_the_padded_full_batch_step(tmp_path):
 
     def eager(*args):
         raise AssertionError("a partly filled batch took the eager step")
-    engine._forward_decode = eager  # the compiled step keeps the original; only eager calls land here
+    engine.runtime._forward_logits = eager  # the compiled step keeps the original; only eager calls land here
     got = engine.generate(prompts, params)
     got += engine.generate(prompts[:2], params[:2])  # rows that held throw-away tokens, prefilled again
     for a, b in zip(got, want + want[:2], strict=True):
@@ -117,13 +117,14 @@ def test_one_row_matmuls_are_decomposed_at_any_width():
 
 
 def test_compiled_decode_rows_run_int8_matmuls_as_fused_reductions():
-    """Under torch.compile a decode step's int8 matmul (one row, or up to REDUCE_ROWS on CPU) is an fp32
-    dequantize-multiply-reduce per row: the packed kernel reads the codes at a fraction of the bandwidth. Its
-    input is materialised first when there are several rows, or inductor would recompute a cheap producer (a
-    norm, here) once per row for every weight row. It equals the fp32 product; more rows take the kernel."""
+    """Inside `small_row_reductions` (the runtime's compiled decode steps) an int8 matmul of up to
+    REDUCE_ROWS rows is an fp32 dequantize-multiply-reduce per row: the packed kernel reads the codes at a
+    fraction of the bandwidth. Its input is materialised first when there are several rows, or inductor would
+    recompute a cheap producer (a norm, here) once per row for every weight row. It equals the fp32 product;
+    more rows, or a call outside the block, take the kernel."""
     from torch.profiler import profile
 
-    from gemmakit.quantize import REDUCE_ROWS, int8_matmul, quantize_int8
+    from gemmakit.quantize import REDUCE_ROWS, int8_matmul, quantize_int8, small_row_reductions
 
     torch.manual_seed(0)
     q, s = quantize_int8(torch.randn(4096, 640) * 0.02)
@@ -132,7 +133,7 @@ def test_compiled_decode_rows_run_int8_matmuls_as_fused_reductions():
     for rows, kernel in ((1, False), (3, False), (REDUCE_ROWS, False), (REDUCE_ROWS + 1, True)):
         h = torch.randn(rows, 640)
         want = F.rms_norm(h, (640,), gain) @ (q.float() * s.float()[:, None]).T
-        with profile() as prof:
+        with profile() as prof, small_row_reductions(REDUCE_ROWS):
             got = step(h)
         ops = {e.key for e in prof.key_averages()}
         assert any("_weight_int8pack_mm" in k for k in ops) == kernel
@@ -140,3 +141,6 @@ def test_compiled_decode_rows_run_int8_matmuls_as_fused_reductions():
         assert torch.allclose(got.float(), want, atol=0.02 * want.abs().max().item())
         if not kernel:
             assert torch.allclose(got, want, atol=1e-4)  # fp32 all the way
+    with profile() as prof:  # outside the runtime's compiled steps: the kernel, whatever the rows
+        step(torch.randn(1, 640))
+    assert any("_weight_int8pack_mm" in e.key for e in prof.key_averages())

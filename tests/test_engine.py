@@ -142,7 +142,7 @@ def test_bad_requests_are_refused(model):
 def test_memory_is_estimated_before_allocation(model):
     """The KV cache allocated is exactly the estimate, and a context that cannot fit is refused up front."""
     engine = Engine(model, max_batch=3, context=100)
-    assert engine.cache.nbytes() == engine.memory["kv_cache"]
+    assert engine.runtime.cache.nbytes() == engine.memory["kv_cache"]
     huge = Gemma.__new__(Gemma)
     torch.nn.Module.__init__(huge)
     huge.config = model.config.replace(max_position_embeddings=2**40)

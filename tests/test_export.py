@@ -10,7 +10,7 @@ import transformers
 
 from gemmakit.checkpoints import load_model, load_model_and_tokenizer
 from gemmakit.checkpoints.export import export_hf
-from gemmakit.packing import pack_linears
+from gemmakit.runtime.packing import pack_linears
 from gemmakit.train.lora import LoRALinear, add_lora, merge_lora
 from tests.helpers import WINDOW, hf_model, tiny
 

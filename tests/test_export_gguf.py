@@ -14,8 +14,8 @@ from gemmakit.checkpoints import load_model_and_tokenizer
 from gemmakit.checkpoints.export_gguf import export_gguf
 from gemmakit.checkpoints.gguf import load_gguf
 from gemmakit.model import Gemma
-from gemmakit.packing import pack_linears
 from gemmakit.quantize import quantize_model
+from gemmakit.runtime.packing import pack_linears
 from gemmakit.tokenizer import Tokenizer
 from tests.helpers import tiny
 

@@ -151,7 +151,7 @@ def test_cuda_kv_cache_is_the_estimate(tmp_path):
     before = torch.cuda.memory_allocated()
     engine = Engine(model, max_batch=3, context=200)
     torch.cuda.synchronize()
-    cache = engine.cache
+    cache = engine.runtime.cache
     tensors = [*cache.k.values(), *cache.v.values(), *cache.slot_pos.values()]
     bookkeeping = sum(t.numel() * t.element_size() for t in cache.slot_pos.values())
     grown = torch.cuda.memory_allocated() - before - bookkeeping

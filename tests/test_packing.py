@@ -9,11 +9,12 @@ import copy
 import pytest
 import torch
 
-from gemmakit.compiled import compile_supported
-from gemmakit.engine import Engine, model_bytes
+from gemmakit.engine import Engine
 from gemmakit.model import Gemma
-from gemmakit.packing import PackedLinear, pack_linears, packed_bytes, packing_supported
 from gemmakit.quantize import Int4Linear, quantize_model
+from gemmakit.runtime.compiled import compile_supported
+from gemmakit.runtime.packing import PackedLinear, pack_linears, packed_bytes, packing_supported
+from gemmakit.runtime.plan import model_bytes
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, tiny
 

@@ -29,7 +29,7 @@ _CHILD = r"""
 import copy, json, torch
 from gemmakit.engine import Engine
 from gemmakit.model import Gemma
-from gemmakit.packing import pack_linears
+from gemmakit.runtime.packing import pack_linears
 from gemmakit.runtime.probe import report
 from gemmakit.sampling import SamplingParams
 from tests.helpers import tiny
@@ -74,3 +74,36 @@ def test_packed_engines_run_under_avx2_limits():
     assert out["probes"]["onednn_bf16_pack"] is False
     for dtype, run in out["runs"].items():
         assert run["packed"] == run["plain"], dtype
+
+
+_PLAN_CHILD = r"""
+import json, torch
+from gemmakit.model import Gemma
+from gemmakit.quantize import quantize_model
+from gemmakit.runtime.plan import make_plan
+from gemmakit.runtime.probe import inductor_isa
+from tests.helpers import tiny
+
+torch.manual_seed(0)
+model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval(), "int8")
+plan = make_plan(model, max_batch=2, context=64, compile=True, screen=True)
+print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": plan.describe()}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not torch.backends.mkldnn.is_available(),
+                    reason="holding ATen to AVX2 needs an x86 build")
+def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
+    """Inductor's int8 reductions pay on AVX-512 only: under AVX2 the plan keeps torch's int8 kernel in
+    compiled steps (they were many times slower than eager decoding there) and says so."""
+    from gemmakit.runtime.compiled import compile_supported
+
+    if not compile_supported("cpu"):
+        pytest.skip("torch.compile needs a C++ compiler here")
+    env = {**os.environ, **AVX2, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", _PLAN_CHILD], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    held = json.loads(done.stdout.strip().splitlines()[-1])
+    assert held["isa"] == "avx2" and held["rows"] == 0
+    assert "int8 decode: int8 kernel (inductor's avx2 reductions are slower)" in held["line"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from gemmakit.checkpoints import load_model
-from gemmakit.compiled import compile_supported
 from gemmakit.engine import Engine
-from gemmakit.packing import pack_linears
+from gemmakit.runtime.compiled import compile_supported
+from gemmakit.runtime.packing import pack_linears
+from gemmakit.runtime.screen import HeadScreen, top_k
 from gemmakit.sampling import SamplingParams
-from gemmakit.screen import HeadScreen, top_k
 from tests.helpers import WINDOW, hf_model, tiny
 
 needs_compiler = pytest.mark.skipif(not compile_supported("cpu"), reason="torch.compile needs a C++ compiler")
@@ -42,12 +42,12 @@ def test_bounds_hold_and_a_certified_pick_is_the_exact_argmax(path):
     screen = HeadScreen(w, packed=path == "packed")
     exact = x.double() @ w.double().T
     if path == "packed":
-        upper = screen._screen(x, x.norm(dim=-1, keepdim=True))
+        upper = screen._screen(x, x.norm(dim=-1, keepdim=True), "packed")
         assert (upper.double() >= exact - 1e-9).all()
         tokens, certified = screen(x)
     else:
         step = torch.compile(screen, dynamic=False)  # one-row steps: the compiled pass over the bf16 copy
-        tokens, certified = (torch.cat(t) for t in zip(*(step(row[None]) for row in x), strict=True))
+        tokens, certified = (torch.cat(t) for t in zip(*(step(row[None], "plain") for row in x), strict=True))
     assert not certified[:8].all() and certified[8:].float().mean() > 0.9
     picked = exact.gather(1, tokens[:, None].long())[:, 0]
     gap = exact.max(dim=-1).values - picked
@@ -81,7 +81,7 @@ def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
     w, x, best = hidden_winner()
     screen = HeadScreen(w, packed=path == "packed")
     pick = screen if path == "packed" else torch.compile(screen, dynamic=False)
-    tokens, certified = pick(x)
+    tokens, certified = pick(x, "packed" if path == "packed" else "plain")
     if path == "compiled":
         assert int(tokens[0]) == best and bool(certified[0])
     else:
@@ -98,10 +98,10 @@ def test_a_bf16_head_screens_in_int8_and_breaks_ties_as_argmax_does():
     w[900] = w[300] = (3 * x[0] / x.norm()).to(torch.bfloat16)
     screen = HeadScreen(w)
     assert screen.cheap.dtype == torch.int8 and screen.packed is None and not screen.usable(2, compiled=True)
-    tokens, certified = torch.compile(screen, dynamic=False)(x)
+    tokens, certified = torch.compile(screen, dynamic=False)(x, "plain")
     assert int(tokens[0]) == 300 and bool(certified[0])
     logits = x.double() @ w.double().T
-    upper = torch.compile(screen._screen, dynamic=False)(x, x.norm(dim=-1, keepdim=True))  # one compiled row
+    upper = torch.compile(screen._screen, dynamic=False)(x, x.norm(dim=-1, keepdim=True), "plain")  # one row
     assert (upper.double() >= logits - 1e-9).all()
 
 
@@ -132,9 +132,9 @@ def spy(screen: HeadScreen, certify: bool = True) -> list[int]:
     """Count the screen's calls; with certify=False it returns wrong tokens, uncertified."""
     calls, forward = [], screen.forward
 
-    def counted(x):
+    def counted(x, layout="packed"):
         calls.append(x.shape[0])
-        tokens, certified = forward(x)
+        tokens, certified = forward(x, layout)
         return (tokens, certified) if certify else (tokens * 0 + 7, certified & False)
     screen.forward = counted
     return calls
@@ -144,8 +144,8 @@ def test_greedy_rows_take_the_screen_and_decode_the_full_heads_tokens(tmp_path):
     """Greedy batches of rows at different positions: the screened engine's tokens are the full head's; a
     step with a row that needs logits (logprobs here) computes the full head for all its rows."""
     screened, full = greedy_engines(tmp_path)
-    assert screened.screen is not None and full.screen is None
-    calls = spy(screened.screen)
+    assert screened.runtime.screen is not None and full.runtime.screen is None
+    calls = spy(screened.runtime.screen)
     prompts, params = prompts_and_params()
     want = [r.tokens for r in full.generate(prompts, params)]
     assert [r.tokens for r in screened.generate(prompts, params)] == want
@@ -158,10 +158,10 @@ def test_greedy_rows_take_the_screen_and_decode_the_full_heads_tokens(tmp_path):
 
 def test_an_uncertified_step_falls_back_to_the_full_head(tmp_path):
     screened, full = greedy_engines(tmp_path)
-    calls = spy(screened.screen, certify=False)
+    calls = spy(screened.runtime.screen, certify=False)
     prompts, params = prompts_and_params()
     assert [r.tokens for r in screened.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
-    assert calls and screened.screen.fallbacks == len(calls)
+    assert calls and screened.runtime.screen.fallbacks == len(calls)
 
 
 @needs_compiler
@@ -170,10 +170,10 @@ def test_compiled_screened_steps_decode_the_eager_full_heads_tokens(tmp_path):
     copy inside the compiled graph) give the tokens of the eager engine without a screen."""
     screened, _ = greedy_engines(tmp_path, compile=True)
     full = Engine(screened.model, max_batch=4, context=128, screen=False)
-    calls = spy(screened.screen)
+    calls = spy(screened.runtime.screen)
     prompts, params = prompts_and_params()
     assert [r.tokens for r in screened.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
-    assert screened.screen.fallbacks == 0 and calls  # the compiled graph calls `forward` while tracing
+    assert screened.runtime.screen.fallbacks == 0 and calls  # the compiled graph calls `forward` while tracing
 
 
 @needs_compiler
@@ -183,25 +183,25 @@ def test_compiled_bf16_engines_screen_one_row_steps_only(tmp_path):
     hf_model(tiny("gemma3")).save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype=torch.bfloat16)
     screened = Engine(model, max_batch=2, context=128, compile=True)
-    assert screened.screen is not None and screened.memory["head_screen"] == screened.screen.nbytes
-    steps, greedy_step = [], screened._greedy_compiled
+    assert screened.runtime.screen is not None and screened.memory["head_screen"] == screened.runtime.screen.nbytes
+    steps, greedy_step = [], screened.runtime._greedy_step
 
     def counted(ids, *args):
         steps.append(ids.shape[0])
         return greedy_step(ids, *args)
-    screened._greedy_compiled = counted
+    screened.runtime._greedy_step = counted
     full = Engine(model, max_batch=2, context=128, compile=True, screen=False)
     prompts, params = prompts_and_params(2)
     for p, sp in zip(prompts, params, strict=True):
         same_until_a_bf16_tie(model, p, screened.generate([p], sp)[0].tokens, full.generate([p], sp)[0].tokens)
     assert len(steps) == sum(sp.max_tokens - 1 for sp in params) and set(steps) == {1}
-    assert screened.screen.fallbacks == 0
+    assert screened.runtime.screen.fallbacks == 0
     steps.clear()
     screened.generate(prompts, params)  # together for WINDOW - 1 steps, then the longer one alone
     assert steps == [1] * WINDOW
     hf_model(tiny("e2b")).save_pretrained(tmp_path / "e2b")
     assert Engine(load_model(tmp_path / "e2b", dtype=torch.bfloat16), max_batch=1, context=64,
-                  compile=True).screen is None
+                  compile=True).runtime.screen is None
 
 
 def same_until_a_bf16_tie(model, prompt: list[int], got: list[int], want: list[int]) -> None:
@@ -219,15 +219,15 @@ def same_until_a_bf16_tie(model, prompt: list[int], got: list[int], want: list[i
 
 def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path, monkeypatch):
     screened, full = greedy_engines(tmp_path)
-    assert screened.memory["head_screen"] == screened.screen.nbytes > 0
+    assert screened.memory["head_screen"] == screened.runtime.screen.nbytes > 0
     assert "head_screen" not in full.memory
-    assert screened.memory["total"] - full.memory["total"] == screened.screen.nbytes
+    assert screened.memory["total"] - full.memory["total"] == screened.runtime.screen.nbytes
     bf16 = Engine(load_model(tmp_path, dtype=torch.bfloat16), max_batch=2, context=64)
-    assert bf16.screen is None and "head_screen" not in bf16.memory  # eager bf16: no int8 kernel pays
+    assert bf16.runtime.screen is None and "head_screen" not in bf16.memory  # eager bf16: no int8 kernel pays
     unpacked = Engine(load_model(tmp_path), max_batch=2, context=64)  # eager, unpacked: it could not pay
-    assert unpacked.screen is None
+    assert unpacked.runtime.screen is None
     monkeypatch.setenv("GEMMAKIT_SCREEN", "off")  # engines the CLI and the server build
-    assert Engine(screened.model, max_batch=2, context=64).screen is None
+    assert Engine(screened.model, max_batch=2, context=64).runtime.screen is None
     monkeypatch.setenv("GEMMAKIT_SCREEN", "maybe")
     with pytest.raises(ValueError, match="GEMMAKIT_SCREEN must be on or off"):
         Engine(screened.model, max_batch=2, context=64)
@@ -243,4 +243,4 @@ def test_the_real_model_decodes_the_same_greedy_tokens(default_model):
     screened = Engine(model, max_batch=4, context=128)
     got = [r.tokens for r in screened.generate(prompts, params)]
     want = [r.tokens for r in Engine(model, max_batch=4, context=128, screen=False).generate(prompts, params)]
-    assert got == want and screened.screen.fallbacks == 0
+    assert got == want and screened.runtime.screen.fallbacks == 0

@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gemmakit.chat.dialogue import STOP_STRINGS, render_dialogue
 from gemmakit.chat.parser import Delta, StreamParser, ToolCall
 from gemmakit.chat.template import ChatFormat
 from gemmakit.engine import Engine, StopText
 from gemmakit.flags import check_chat_format, normalize_quantize
 from gemmakit.model import Gemma
+from gemmakit.runtime.device import resolve_device, resolve_dtype
 from gemmakit.sampling import SamplingParams, fit_context
 from gemmakit.tokenizer import Tokenizer
 
@@ -243,16 +242,7 @@ def _merge_adapter(model: Gemma, adapter: str | Path, quantize: str | None, chat
     return chat_format
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """"auto" is float32 on CPU (fastest there) and bfloat16 on CUDA."""
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return getattr(torch, name)
-
-
-def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
+def load(model: str | Path | None = None, dtype: str = "auto", device: str = "auto",
          chat_format: str = "auto", context: int | None = None, compile: bool = False,
          quantize: str | None = None, pack: bool | None = None, adapter: str | Path | None = None) -> LLM:
     """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat. `compile` runs
@@ -264,17 +254,17 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "cp
     before quantization or packing; the chat format it was trained with is used unless `chat_format` says
     otherwise."""
     from gemmakit.checkpoints import load_model_and_tokenizer, resolve
-    from gemmakit.packing import pack_linears
+    from gemmakit.runtime.compiled import compile_supported
+    from gemmakit.runtime.plan import prepare_weights
 
     path = resolve(model)
     quantize = normalize_quantize(quantize)
+    device = resolve_device(device)  # "auto": CUDA where present, else the CPU
     m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, None if adapter else quantize)
     if adapter:
         chat_format = _merge_adapter(m, adapter, quantize, chat_format)
-    if pack is None:  # CPU float models; quantized modules have kernels of their own
-        pack = torch.device(device).type == "cpu" and quantize is None
-    if pack:
-        pack_linears(m, keep_plain=compile)
+    # The weight layout is the runtime's choice (oneDNN-packed CPU float models where oneDNN packs the dtype).
+    prepare_weights(m, pack, compile and compile_supported(device))
     name = m.config.name if path.suffix == ".gguf" else path.name
     fmt = pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format)
     return LLM(m, tok, fmt, name, context, compile)

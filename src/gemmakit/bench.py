@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
@@ -123,20 +122,6 @@ def roofline_fraction(decode_tok_s: float, bytes_per_token: float, bandwidth_gb_
     return decode_tok_s * bytes_per_token / (bandwidth_gb_s * 1e9)
 
 
-def decode_read_bytes(engine: Any) -> int:
-    """Weight bytes a greedy decode step of all `engine`'s rows streams: every weight once, in the layout
-    the step reads (a packed-only linear in oneDNN's; the plain one where both are kept), and the cheap copy
-    of the head instead of the head itself where the engine screens greedy picks (screen.py)."""
-    from gemmakit.packing import PackedLinear
-    from gemmakit.quantize import quantized_bytes
-
-    model = engine.model
-    packed_only = sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear) and m.weight is None)
-    screened = engine.screen is not None and engine.screen.usable(engine.max_batch, engine.compiled)
-    saved = engine.screen.bytes_saved if screened else 0
-    return quantized_bytes(model) + packed_only - saved
-
-
 @dataclass
 class BenchResult:
     """One measured generation run. Rates are tokens per second summed over the batch."""
@@ -214,7 +199,8 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
     do not count, the resident weights do) to the end of the run; the estimate is the engine's own forecast
     (weights + KV cache + working memory + compiled code, cache.estimate_bytes) plus the runtime, measured
     at the same moment: what the process holds besides the weights (Python, torch, the tokenizer)."""
-    from gemmakit.engine import Engine, model_bytes, model_dtype_device
+    from gemmakit.engine import Engine
+    from gemmakit.runtime.plan import model_bytes, model_dtype_device
     from gemmakit.sampling import SamplingParams
 
     on_cpu = model_dtype_device(model)[1].type == "cpu"
@@ -241,5 +227,5 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
     t_decode = time.perf_counter() - t0 - t_prefill
     return BenchResult(prefill_tok_s=batch * prompt_len / t_prefill, decode_tok_s=batch * steps / max(t_decode, 1e-9),
                        ttft_s=t_prefill / batch, peak_rss_bytes=peak_memory_bytes(device), batch=batch,
-                       prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=decode_read_bytes(engine),
+                       prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=engine.runtime.read_bytes_per_step(),
                        estimate_bytes=runtime + engine.memory["total"])

@@ -169,16 +169,17 @@ class Extend(Prefill):
         return chunk_mask(self.positions, key_pos, window if kind == SLIDING else None)[:, None]
 
 
-# Resident memory torch.compile leaves behind for a one-row decode step (dynamo/inductor state, generated
-# code): measured at ~140-150 MiB for Gemma 3 270M on CPU; it scales with the graph (layers), not the weights.
+# The forecast's allowances for compiled code, calibrated against the peaks `gemmakit bench` and the benchmarks/
+# scripts measure (docs/performance.md, "Memory forecast calibration", lists the runs).
+# Resident memory torch.compile leaves behind on CPU for a one-row decode step (dynamo/inductor state, generated
+# code); it scales with the graph (layers), not the weights.
 COMPILED_BYTES = 160 << 20
-# What each compiled int4 prompt unpack adds (quantize.compile_prompt_unpack; one kernel per weight shape): the
-# 270M's five kernels left 32 MiB more resident than its compiled decode step alone.
+# What each compiled int4 prompt unpack adds (quantize.compile_prompt_unpack; one kernel per weight shape),
+# over the compiled decode steps alone.
 UNPACK_KERNEL_BYTES = 8 << 20
 # On a GPU that code stays in host memory; what the device holds besides the eager working set is the CUDA
-# graphs' private pool and the cuBLAS workspace of the stream they were captured on: for the 270M on an H200,
-# compiled engines peaked 32-76 MiB (median 44, 10 rows of two runs, any dtype or quantization) above the
-# forecast without this term (benchmarks/cuda_engine.py).
+# graphs' private pool and the cuBLAS workspace of the stream they were captured on; one allowance serves any
+# dtype or quantization (benchmarks/cuda_engine.py compares the peak with the forecast).
 CUDA_GRAPHS_BYTES = 64 << 20
 
 

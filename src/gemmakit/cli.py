@@ -130,9 +130,9 @@ def add_serve_parser(sub: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """`export` (and `merge`, which needs --adapter): an HF directory, with any adapter folded in."""
-    from gemmakit.api import resolve_dtype
     from gemmakit.checkpoints import load_model, load_model_and_tokenizer
     from gemmakit.checkpoints.export import export_hf
+    from gemmakit.runtime.device import resolve_dtype
     from gemmakit.train.lora import load_adapter, merge_lora
 
     dtype = resolve_dtype(args.dtype, "cpu")
@@ -226,6 +226,7 @@ def stream_completion(llm, prompt: str, sampling: dict, verbose: bool) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if verbose:
+        print(llm.engine.plan.describe(), file=sys.stderr)
         print(f"[{len(ids)} prompt tokens, {llm.completion_tokens} generated, {time.perf_counter() - t0:.1f}s]",
               file=sys.stderr)
 
@@ -238,6 +239,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     context = llm.context
     if context <= sampling["max_tokens"]:
         raise ValueError(f"--context ({context}) must exceed --max-tokens ({sampling['max_tokens']})")
+    if args.verbose:
+        print(llm.engine.plan.describe(), file=sys.stderr)
     interactive = sys.stdin.isatty()
     guard = None
     if args.guard:
@@ -253,8 +256,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from gemmakit.bench import MiB, current_rss_bytes, format_table, measure_bandwidth, run_engine_bench
-    from gemmakit.engine import forecast_bytes, model_bytes
-    from gemmakit.quantize import compile_prompt_unpack
+    from gemmakit.engine import screen_wanted
+    from gemmakit.runtime.plan import make_plan, model_bytes
 
     llm = load_llm(args, warm_up=False)  # each measured engine is built (and compiled) below
     runtime = max(current_rss_bytes() - model_bytes(llm.model), 0)  # Python, torch, the tokenizer: not weights
@@ -264,14 +267,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for prompt_len in args.prompt_len:
             r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, args.context, args.compiled)
             rows.append({"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()})
+    # The plan of the largest engine measured: what it chose on this machine, and why.
+    context = llm.context if args.context else max(args.prompt_len) + args.new_tokens + 8
+    plan = make_plan(llm.model, max(args.batch), context, args.compiled, screen_wanted())
     print(f"{llm.name} on {args.device}; measured memory bandwidth {bandwidth:.1f} GB/s "
           "(roofline = fraction of it the decode uses, one weight read per step)")
+    print(plan.describe())
     print(format_table(rows))
     if args.context:
-        context = llm.context  # --context as loading capped it at the model's own, as the engines cap it
+        # --context as loading capped it at the model's own, as the engines cap it
         capped = f" (capped at the model's {context})" if context < args.context else ""
-        unpacks = compile_prompt_unpack(llm.model) if args.compiled else 0  # what the engines set up: a count
-        need = forecast_bytes(llm.model, max(args.batch), context, args.compiled, unpacks)
+        need = plan.forecast
         print(f"memory estimate at --context {context}{capped}, batch {max(args.batch)}: " + ", ".join(
             f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
             "peak/est compares the measured peak with this forecast")
@@ -308,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="chat in the terminal (reads a pipe too)")
     add_model_args(c, max_tokens=256)
+    c.add_argument("-v", "--verbose", action="store_true", help="print the runtime plan (kernels chosen for this "
+                                                                "machine, and why) to stderr")
     c.add_argument("--guard", default=None, help="a guard YAML: PII redaction, pattern and policy rules on what "
                                                  "is typed and answered (see gemmakit.safety.guard)")
     c.set_defaults(func=cmd_chat)

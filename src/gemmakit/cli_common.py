@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from gemmakit.flags import CHAT_FORMATS, QUANTIZATIONS, SWITCH_CHOICES, normalize_quantize, parse_switch
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from gemmakit.runtime.device import DTYPES, resolve_device
 
 
 @contextmanager
@@ -52,12 +51,13 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS,
                    help="how to prompt for chat: auto (the checkpoint's template; a plain dialogue for base "
                         "models), or force one")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto = float32 on CPU, bfloat16 on CUDA "
+                   "(float16 is refused: Gemma overflows it)")
     p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                    help="weight-only quantization of the loaded model")
     p.add_argument("--context", type=int, default=None,
                    help="tokens of context to allocate the KV cache for (default 8192, at most the model's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default="auto", help="auto (CUDA where present, else CPU), cpu or cuda[:N]")
     p.add_argument("--compile", choices=SWITCH_CHOICES, default=None,
                    help="torch.compile the decode step: faster decode on CPU after a one-off build (cached "
                         "afterwards); auto (default) = on for bench and for generate of 256+ tokens, off for chat "
@@ -74,6 +74,7 @@ def load_llm(args: argparse.Namespace, warm_up: bool = True):
     warm_up=False."""
     from gemmakit.api import load
 
+    args.device = resolve_device(args.device)  # "auto" once, so every later use names the same device
     quantize = normalize_quantize(args.quantize)
     label = "loading model" + (f" and quantizing it to {quantize}" if quantize else "")
     with spinner(label):

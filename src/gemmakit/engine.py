@@ -9,24 +9,18 @@ How a request flows:
   string, max_tokens, a detected repetition loop) leave their row at once, and the next step may admit
   someone else into it: continuous batching. The server drives `step` from its loop; `generate` is the
   blocking convenience on top.
-- Decode steps of one row and of every row can run through torch.compile (`compile=True`, compiled.py):
-  ~3x faster on CPU once built; partly filled batches take the full-batch step with throw-away rows. The
-  model must not change afterwards (quantize it first): the compiled step does not re-check the model's
-  modules on every call. On CPU a compiled engine also gives the model's int4 linears a compiled unpack for
-  prompts (quantize.compile_prompt_unpack: a bf16 GEMM instead of the int4 kernel, ~1.3x faster prefill).
-- Greedy steps of float models skip most of the output head: the token comes from a half-size copy of it
-  (bf16 for fp32, int8 for bf16), certified against the exact logits of the 16 best candidates (screen.py),
-  so a one-row fp32 step reads ~0.7 of the bytes for the same tokens. A step with any row that needs logits
-  (sampling, penalties, logprobs) computes the full head, and so does a step the screen cannot certify.
-  `screen=False` (or GEMMAKIT_SCREEN=off, for engines the CLI and server build) saves the copy's memory.
+- How each forward pass runs on this machine is the runtime's business (runtime/): a plan made once per
+  engine decides weight layout, compiled decode steps (`compile=True`), the head screen that picks greedy
+  tokens from a cheaper copy of the output head (`screen=False` or GEMMAKIT_SCREEN=off turns it off), the
+  int4 prompt unpack and the decode-attention kernel, each with the reason (`engine.plan.describe()`). The
+  engine calls `runtime.prefill` / `runtime.decode` and gets logits to sample from, or greedy tokens the
+  screen certified equal to the full head's. Build a compiled engine after quantizing: its steps do not
+  re-check the model's modules.
 - Memory is known before it is allocated: the KV cache for `max_batch` rows x `context` tokens plus working
   memory is estimated first (cache.estimate_bytes), and an engine that would not fit is refused with the
   numbers instead of crashing later.
 
-Speculative decoding (`speculative_generate`) runs a cheap drafter ahead and verifies its tokens with one
-target forward pass; for greedy sampling the output is exactly plain greedy decoding. A drafter is anything
-with `propose(last_token, position, k) -> list[int]` and `rollback(position)`; `ModelDrafter` wraps a small
-model of the same tokenizer, and Gemma 4's MTP heads can implement the same two methods.
+Speculative decoding lives in speculative.py, which defines the drafter contract (`Drafter`) once.
 """
 
 from __future__ import annotations
@@ -41,42 +35,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, estimate_bytes
-from gemmakit.compiled import compile_decode, compile_supported
 from gemmakit.flags import parse_switch
 from gemmakit.model import Gemma
-from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack
+from gemmakit.runtime.plan import model_dtype_device
+from gemmakit.runtime.steps import Runtime, StepOut
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, fit_context, make_generator
-from gemmakit.screen import HeadScreen, plan_screen, screen_bytes
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    from gemmakit.packing import packed_bytes
-
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) + packed_bytes(model)
-
-
-def forecast_bytes(model: Gemma, max_batch: int, context: int, compiled: bool, unpack_kernels: int = 0,
-                   screen: bool = True, slack: int = 8, prefill_chunk: int = 512) -> dict[str, int]:
-    """What an `Engine` with these settings will hold (cache.estimate_bytes), its head screen included."""
-    dtype, device = model_dtype_device(model)
-    plan = plan_screen(model, max_batch, compiled) if screen else None
-    return estimate_bytes(model.config, max_batch, context, dtype, model_bytes(model), slack, prefill_chunk,
-                          compiled=compiled, device_type=device.type, unpack_kernels=unpack_kernels,
-                          head_screen=screen_bytes(*plan) if plan else 0)
 
 
 def screen_wanted() -> bool:
     """GEMMAKIT_SCREEN: on (default) or off, for engines built without an explicit `screen=`."""
     return bool(parse_switch("GEMMAKIT_SCREEN", os.environ.get("GEMMAKIT_SCREEN", "on")))
-
-
-def model_dtype_device(model: Gemma) -> tuple[torch.dtype, torch.device]:
-    """The activation dtype and device: those of the first floating-point parameter or buffer."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.is_floating_point():
-            return t.dtype, t.device
-    raise ValueError("the model has no floating-point weights")
 
 
 class StopText:
@@ -144,29 +112,11 @@ class Engine:
         config = model.config
         self.context = min(context or config.max_position_embeddings, config.max_position_embeddings)
         self.dtype, self.device = model_dtype_device(model)
-        self.prefill_chunk = prefill_chunk
-        compiled = compile and compile_supported(self.device)
-        # int4 prompts take a bf16 GEMM on CPU in compiled engines (quantize.py says why): kernels to count.
-        self.unpack_kernels = compile_prompt_unpack(model) if compiled else 0
-        # Greedy rows pick from a screen of the head (screen.py): same tokens, half the head's bytes.
         screen = screen_wanted() if screen is None else screen
-        self.memory = forecast_bytes(model, max_batch, self.context, compiled, self.unpack_kernels, screen, slack,
-                                     prefill_chunk)
-        if check_memory:
-            check_fits_memory(self.memory, self.device, already_resident=self.memory["weights"])
-        plan = plan_screen(model, max_batch, compiled) if screen else None
-        self.screen: HeadScreen | None = HeadScreen(*plan) if plan else None
-        self.cache = KVCache(config, max_batch, self.context, self.dtype, self.device, slack)
+        self.runtime = Runtime(model, max_batch, self.context, compile, screen, slack, prefill_chunk, check_memory)
+        self.plan, self.memory = self.runtime.plan, self.runtime.plan.forecast
+        self.compiled = self.plan.compiled
         self.sampler = Sampler(config.vocab_size)
-        # Decode steps of one row (latency) or of every row (throughput) run compiled when asked and possible;
-        # compiled.py says why not the others.
-        self.compiled, self._decode_compiled = compiled, self._forward_decode
-        self._greedy_compiled = self._forward_greedy
-        if compiled:
-            cache_tensors = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
-            self._decode_compiled = compile_decode(self._forward_decode, self.device, cache_tensors)
-            if self.screen is not None:
-                self._greedy_compiled = compile_decode(self._forward_greedy, self.device, cache_tensors)
         self.free_rows = list(range(max_batch))[::-1]
         self.running: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -203,13 +153,14 @@ class Engine:
             bos = [self.model.config.bos_token_id or 0]
             # Greedy rows and the rest take different compiled steps where the head is screened.
             kinds = [SamplingParams(max_tokens=2)]
-            if self.screen is not None:
+            if self.plan.screen is not None:
                 kinds.append(SamplingParams(max_tokens=2, logprobs=0))
             for rows in sorted({self.max_batch, 1}):
                 for params in kinds:
                     self.generate([bos] * rows, params)
-            if self.unpack_kernels and self.context > UNPACK_ROWS:  # only prompts this long reach them
-                self.generate([bos * UNPACK_ROWS], SamplingParams(max_tokens=1))
+            prompt = self.runtime.longest_warmup_prompt(self.context)
+            if prompt:  # the compiled int4 prompt unpacks are reached only by prompts this long
+                self.generate([bos * prompt], SamplingParams(max_tokens=1))
 
     @property
     def has_work(self) -> bool:
@@ -229,70 +180,21 @@ class Engine:
     def _prefill(self, req: Request) -> list[tuple[Request, int]]:
         req.row = self.free_rows.pop()
         self.running[req.row] = req
-        row = torch.tensor([req.row], device=self.device)
-        screened = self._screens([req], 1, compiled=False)
-        forward = self.model.hidden if screened else self.model  # hidden states for the screen, else logits
-        # In chunks, so a long prompt's working memory stays that of `prefill_chunk` tokens (as estimated).
-        for start in range(0, len(req.prompt), self.prefill_chunk):
-            chunk = req.prompt[start:start + self.prefill_chunk]
-            pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-            step = (Prefill if start == 0 else Extend)(pos, self.cache, row)
-            out = forward(torch.tensor([chunk], device=self.device), step=step, logits_to_keep=1)[:, -1]
-        return self._pick([req], *self.screen(out), out) if screened else self._sample([req], out)
+        return self._take([req], self.runtime.prefill(req.prompt, req.row, req.params.plain_greedy))
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         if not reqs:
             return []
         reqs = sorted(reqs, key=lambda r: r.row)
-        rows = torch.tensor([r.row for r in reqs], device=self.device)
-        ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=self.device)
-        pos = torch.tensor([[r.position] for r in reqs], device=self.device)
-        padded = self.compiled and 1 < len(reqs) < self.max_batch
-        compiled = self.compiled and (padded or len(reqs) in (1, self.max_batch))
-        greedy = self._screens(reqs, self.max_batch if padded else len(reqs), compiled)
-        if greedy:
-            forward = self._greedy_compiled if compiled else self._forward_greedy
-        else:
-            forward = self._decode_compiled if compiled else self._forward_decode
-        out = self._decode_padded(forward, ids, pos, rows) if padded else forward(
-            ids, pos, rows, len(reqs) == self.max_batch)
-        return self._pick(reqs, *out) if greedy else self._sample(reqs, out)
+        out = self.runtime.decode([r.tokens[-1] for r in reqs], [r.position for r in reqs], [r.row for r in reqs],
+                                  greedy=all(r.params.plain_greedy for r in reqs))
+        return self._take(reqs, out)
 
-    def _decode_padded(self, forward: Any, ids: Tensor, pos: Tensor, rows: Tensor) -> Any:
-        """A partly filled batch through the compiled full-batch step: free rows decode a throw-away token at
-        position 0, which the next prefill of that row clears and rewrites. On CPU the matmuls of 8 rows cost
-        about what 2 rows cost, while an eager step costs ~3x a compiled one; a graph per batch size would
-        cost a compilation each."""
-        full_ids = torch.zeros(self.max_batch, 1, dtype=ids.dtype, device=self.device)
-        full_pos = torch.zeros(self.max_batch, 1, dtype=pos.dtype, device=self.device)
-        full_ids[rows], full_pos[rows] = ids, pos
-        every_row = torch.arange(self.max_batch, device=self.device)
-        out = forward(full_ids, full_pos, every_row, True)
-        return tuple(t[rows] for t in out) if isinstance(out, tuple) else out[rows]
-
-    def _forward_decode(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool) -> Tensor:
-        # Every row decoding (rows sorted): attend over the cache in place rather than gathering a copy of it.
-        return self.model(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
-
-    def _forward_greedy(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-        """A decode step whose rows are all plain greedy: (screened tokens, certified, hidden states)."""
-        x = self.model.hidden(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
-        return (*self.screen(x), x)
-
-    def _screens(self, reqs: list[Request], rows: int, compiled: bool) -> bool:
-        """Whether this step's tokens come from the head screen: every row a plain argmax, and the screen
-        usable for a step of `rows` rows."""
-        return (self.screen is not None and self.screen.usable(rows, compiled)
-                and all(r.params.plain_greedy for r in reqs))
-
-    def _pick(self, reqs: list[Request], tokens: Tensor, certified: Tensor, x: Tensor
-              ) -> list[tuple[Request, int]]:
-        """Accept screened greedy tokens; a step the screen could not certify takes the full head."""
-        if not bool(certified.all()):
-            self.screen.fallbacks += 1
-            return self._sample(reqs, self.model.head(x))
-        return self._accept_all(reqs, tokens, [None] * len(reqs))
+    def _take(self, reqs: list[Request], out: StepOut) -> list[tuple[Request, int]]:
+        """Accept a step's certified greedy tokens, or sample from its logits."""
+        if out.tokens is not None:
+            return self._accept_all(reqs, out.tokens, [None] * len(reqs))
+        return self._sample(reqs, out.logits)
 
     def _sample(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
         constrained = [i for i, r in enumerate(reqs) if r.params.constraint is not None]
@@ -342,7 +244,7 @@ class Engine:
     def _release(self, req: Request) -> None:
         if req.row >= 0 and self.running.get(req.row) is req:
             del self.running[req.row]
-            self.cache.clear([req.row])
+            self.runtime.clear([req.row])
             self.free_rows.append(req.row)
 
     # --- conveniences -----------------------------------------------------------------------

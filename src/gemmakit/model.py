@@ -82,24 +82,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, decode: str | None = None) -> Tensor:
     """Softmax attention of q [B, Hq, T, D] over k, v [B, Hk, S, D] (Hq a multiple of Hk), mask [B, 1, T, S].
 
     Chunks of queries go to SDPA's fused kernels. A single query per row (a decode step) is where a long
     context's decode time goes, and it is regrouped first: the G query heads that share a KV head are G
     queries over the same keys with the same mask, so every key is read once for all of them. Which kernel
-    then runs depends on the dtype, as measured in a compiled one-row step of the 270M (one KV head, 4 query
-    heads; benchmarks/decode_attention.py, 2 CPUs):
-    - half precision: SDPA's fused kernel, which accumulates and softmaxes in fp32 (`decode_sdpa`). bf16 step
-      18.8-19.2 ms against 19.8-20.3 with plain ops, 23.8 against 25.4 after an 8000-token prompt: the plain
-      ops first copy K and V to fp32.
-    - fp32 (and fp64): plain ops, which inductor fuses and spreads over the threads (`decode_plain`); 33.0
-      against 39.0 ms with SDPA, whose CPU kernel runs one (row, KV head) per thread.
+    then runs depends on the dtype (the runtime plan passes it as `decode`; benchmarks/decode_attention.py
+    measures both in a compiled one-row step of the 270M, whose 4 query heads share one KV head):
+    - half precision: SDPA's fused kernel, which accumulates and softmaxes in fp32 (`decode_sdpa`); the plain
+      ops would first copy K and V to fp32, which makes them the slower choice, more so over a long context.
+    - fp32 (and fp64): plain ops, which inductor fuses and spreads over the threads (`decode_plain`); SDPA's
+      CPU kernel runs one (row, KV head) per thread, which leaves threads idle with so few KV heads.
     """
     if q.shape[2] != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    half = q.dtype in (torch.bfloat16, torch.float16)
-    return decode_sdpa(q, k, v, mask, scale) if half else decode_plain(q, k, v, mask, scale)
+    if decode is None:  # no runtime plan chose (runtime/plan.py): the dtype's usual choice
+        decode = "sdpa" if q.dtype in (torch.bfloat16, torch.float16) else "plain"
+    return decode_sdpa(q, k, v, mask, scale) if decode == "sdpa" else decode_plain(q, k, v, mask, scale)
 
 
 def decode_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -112,9 +112,10 @@ def decode_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> 
 
 def decode_plain(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """One query per row in plain ops with an fp32 softmax, for inductor to fuse. Their orientation matters
-    (measured, 32K keys x 256 dims): q @ K^T runs at ~3 GB/s where K @ q^T streams the keys at ~15; P @ V
-    split into 32 partial sums runs ~2x faster than as one M=4 GEMM. In half precision K and V would first
-    be copied to fp32, which is why `attend` sends those to `decode_sdpa`."""
+    over a long context: K @ q^T streams the keys where q @ K^T, the same product, reads them at a fraction of
+    that rate, and P @ V split into 32 partial sums runs faster than as one GEMM of the G query rows
+    (docs/performance.md, "Decode attention"). In half precision K and V would first be copied to fp32, which
+    is why `attend` sends those to `decode_sdpa`."""
     B, Hq, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hk, Hq // Hk, D).float()  # [B, Hk, G, D]: the query heads that share a KV head
@@ -135,6 +136,7 @@ class Attention(nn.Module):
         self.k_eq_v = c.layer_k_eq_v(i)
         self.scale = c.attention_scale
         self.window = c.sliding_window if self.kind == SLIDING else None
+        self.decode_kernel: str | None = None  # "sdpa" or "plain" for one-query steps, set by the runtime plan
         g3, H, d = not c.is_gemma4, c.hidden_size, self.head_dim
         self.q_proj = nn.Linear(H, self.n_heads * d, bias=False)
         self.q_norm = RMSNorm(d, c.rms_norm_eps, offset=g3)
@@ -158,7 +160,7 @@ class Attention(nn.Module):
             k, v = step.kv(layer, self.kind, k, self.v_norm(v_raw).transpose(1, 2))
             # Later KV-shared layers of this type read the last non-shared layer's keys and values.
             published[self.kind] = (k, v)
-        y = attend(q, k, v, mask, self.scale)
+        y = attend(q, k, v, mask, self.scale, self.decode_kernel)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -294,7 +296,7 @@ class TextModel(nn.Module):
 
 def embedding(rows: int, width: int, pad: int) -> nn.Embedding:
     # Passing the storage skips nn.Embedding's normal_ init: on the meta device that first call alone
-    # imports torch's reference decompositions (~1.5 s of start-up). Fresh weights get N(0, 1) here.
+    # imports torch's reference decompositions, a visible part of start-up. Fresh weights get N(0, 1) here.
     return nn.Embedding(rows, width, padding_idx=pad, _weight=torch.randn(rows, width))
 
 

@@ -23,14 +23,16 @@ Formats. All quantized tensors are buffers, so `.to()`, `state_dict()` and the r
   CUDA) — layers that fail these fall back to int8. The bf16 CPU int8 kernel returns garbage, or crashes, unless
   K % 16 == 0, so such layers run that kernel in fp32.
 
-Activations go through the kernels in bf16, cast in and out: on CPU the fp32 paths are 4-15x slower and CUDA's
-int4 kernel takes bf16 only, and bf16 rounding (~0.3%) is small next to the weight quantization error. Scales
-are rounded to bf16 *before* the codes are chosen, so the codes fit the scale the kernel actually uses.
+Activations go through the kernels in bf16, cast in and out: on CPU the kernels' fp32 paths are several times
+slower and CUDA's int4 kernel takes bf16 only, and bf16 rounding (~0.3%) is small next to the weight
+quantization error. Scales are rounded to bf16 *before* the codes are chosen, so the codes fit the scale the
+kernel actually uses.
 Exceptions, both int8: a compiled one-row step (and on CPU one of up to `REDUCE_ROWS` rows) skips the kernel
 for fp32 reductions, and on CPU a product of `UNPACK_ROWS` rows or more (a prompt) casts the weight to bf16
-for oneDNN's GEMM, twice as fast as the kernel there (`int8_matmul`). int4 prompts do the same in compiled
+for oneDNN's GEMM, which is faster than the kernel there (`int8_matmul`). int4 prompts do the same in compiled
 engines only (`compile_prompt_unpack`): the unpack pays only as one compiled loop, and eager engines should
-not load the compiler for it (~50 MiB); an eager unpack costs more than it saves below ~512 rows.
+not load the compiler, and hold its resident memory, for it; unpacked with eager ops, the codes cost more than
+the GEMM saves at all but the largest prompt chunks.
 
 Hooks in model.py: `Gemma.forward` calls `self.lm_head(x)` when it is set, and `scaled_embedding` takes a
 `QuantizedEmbedding`'s dtype from `table.dtype` (it has no `.weight`).
@@ -38,8 +40,9 @@ Hooks in model.py: `Gemma.forward` calls `self.lm_head(x)` when it is set, and `
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,18 +53,18 @@ from gemmakit.model import Experts, Gemma, Router
 
 MODES = ("int8", "int4")
 # Linears that stay int8 when the model is quantized to int4. Attention's value projection is the most
-# sensitive kind per byte on Gemma 3 270M (rounded alone to int4 it adds 1.4 to the perplexity of
-# benchmarks/quant_quality.py, more than any other kind) and 3% of the layers' weights, so int8 there
-# costs ~0.6 MiB per decode step: `--quantize int4` perplexity 28.50 -> 27.85. llama.cpp's Q4_K_M mix
-# makes the same call for half of its attn_v matrices.
+# sensitive kind per byte on Gemma 3 270M (rounded alone to int4 it raises the perplexity of
+# benchmarks/quant_quality.py more than any other kind) and 3% of the layers' weights, so int8 there adds
+# little to the bytes a decode step reads and lowers `--quantize int4` perplexity (docs/performance.md,
+# "Quantization"). llama.cpp's Q4_K_M mix makes the same call for half of its attn_v matrices.
 INT8_UNDER_INT4 = frozenset({"v_proj"})
-# Rows from which casting an int8 weight to bf16 for oneDNN's GEMM beats the CPU int8 kernel (2 Zen 4 cores, the
-# 270M's 640 x 2048 down_proj: 1.2 against 2.4 ms at 128 rows, 4.2 against 9.5 at 512), and the largest weight
-# (elements) cast that way.
+# Rows from which casting an int8 weight to bf16 for oneDNN's GEMM beats the CPU int8 kernel, which redoes the
+# dequantization in fp32 for every few rows (docs/performance.md, "Quantization", has the timings), and the
+# largest weight (elements) cast that way.
 UNPACK_ROWS = 64
 # Rows up to which a compiled CPU int8 product is one fused reduction per row (`_reduce_rows`): every decode
 # step of an engine of up to 8 rows. Each row is an accumulator in the generated loop, so far more rows would
-# spill registers; at 16 rows the reduction still wins on the 262k head (60 against 74 ms), but by less.
+# spill registers; at 16 rows the reduction still beats the kernel on the 262k head, but by less.
 REDUCE_ROWS = 8
 _UNPACK_MAX = 1 << 24
 GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accept
@@ -110,8 +113,8 @@ def _fit_int4_groups(g: Tensor, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8),
     Plain min/max rounding spends levels on outliers and ignores where the mass is. From a min/max grid,
     clipped by each `shrinks` factor, alternate rounding with a least-squares refit of scale and zero (up to
     bf16 rounding neither step can raise the error) and keep each group's best candidate. On Gemma 3 270M this
-    cuts the relative error 10-25% against min/max rounding, and int4 g32 perplexity on the benchmark corpus
-    from 33.8 to 30.7 with every linear int4 (fp32: 24.5).
+    lowers both the weights' relative error and the int4 perplexity of benchmarks/quant_quality.py against
+    min/max rounding (docs/performance.md, "Quantization").
     """
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     best = None
@@ -184,7 +187,7 @@ def cpu_int4_layout(k: int) -> tuple[Tensor, Tensor] | None:
     None when the packing is not such an arrangement of nibbles (then the table keeps its own nibble copy).
 
     Why: the tied int4 head's codes are also the embedding table. Reading lookups straight from the packed head
-    saves a second copy of the vocabulary (84 MiB for the 270M). torch does not document the packing, and it
+    saves a second copy of the vocabulary's codes (84 MB for the 270M). torch does not document the packing, and it
     depends on the CPU's vector width, so it is read off this machine's kernel: pack probes whose codes spell out
     each position's index four bits at a time, invert, find the shortest period of rows that repeats, and check
     random codes."""
@@ -234,8 +237,8 @@ def unpack_int4_transposed(packed: Tensor, scales: Tensor, zeros: Tensor, rows: 
     """W^T [K, N] in bf16 of a CPU-packed int4 weight [N, K/2] whose blocks are laid out as
     `cpu_int4_block_rows` says (`rows` = R), with `scales` and `zeros` [K/G, N] contiguous (a strided read of
     the interleaved `scales_and_zeros` would keep inductor from vectorising). One broadcast expression, so
-    that inductor emits a single vectorised loop: ~0.2 ms for a 2048 x 640 weight on 2 Zen 4 cores, where
-    eager ops take 0.6 ms (benchmarks/int4_prompt.py)."""
+    that inductor emits a single vectorised loop, much faster than the same expression in eager ops
+    (docs/performance.md, "Quantization")."""
     n, k = packed.shape[0], packed.shape[1] * 2
     blocks = packed.view(n // rows, k, rows // 2).transpose(0, 1)  # [K, N/R, R/2]
     shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device).view(2, 1)
@@ -248,32 +251,43 @@ def unpack_int4_transposed(packed: Tensor, scales: Tensor, zeros: Tensor, rows: 
 
 @functools.cache
 def _unpacker(out_features: int, in_features: int, group_size: int) -> Callable:
-    from gemmakit.compiled import compile_static
+    from gemmakit.runtime.compiled import compile_static
 
     return compile_static(unpack_int4_transposed)  # a graph of its own per weight shape
 
 
 def compile_prompt_unpack(model: nn.Module) -> int:
     """Give `model`'s CPU `Int4Linear`s a compiled unpack for prompts; return how many kernels that makes
-    (one per weight shape: each keeps ~6 MiB of compiled state, `cache.UNPACK_KERNEL_BYTES`).
+    (one per weight shape: each keeps compiled state resident, which the forecast counts as
+    `cache.UNPACK_KERNEL_BYTES`).
 
-    The CPU int4 kernel multiplies at the fp32 FMA rate whatever the rows (170 GFLOP/s on 2 Zen 4 cores), while
-    oneDNN's bf16 GEMM reaches 370 at 128 rows. So from `UNPACK_ROWS` rows a linear unpacks its codes to a
-    bf16 W^T (`unpack_int4_transposed`, compiled) and takes the GEMM: 1.1 against 2.0 ms for the 270M's
-    gate_proj at 128 rows, 0.6 against 1.0 for q_proj, 1.3-1.5x at 64 rows (benchmarks/int4_prompt.py). Only
-    k_proj, 256 wide, loses a little between 64 and ~100 rows. Compiled engines call this; eager ones do
-    not, because the compiler's resident state (`cache.COMPILED_BYTES`) is only paid for where it already is.
+    The CPU int4 kernel multiplies at the fp32 FMA rate whatever the rows, while oneDNN's bf16 GEMM speeds up
+    with them and is well ahead by prefill's row counts. So from `UNPACK_ROWS` rows a linear unpacks its codes
+    to a bf16 W^T (`unpack_int4_transposed`, compiled) and takes the GEMM, which beats the kernel from there on
+    every weight shape of the 270M except k_proj, 256 wide, which loses a little just above `UNPACK_ROWS`
+    (benchmarks/int4_prompt.py measures each shape at several row counts). Compiled engines call this; eager
+    ones do not, because the compiler's resident state (`cache.COMPILED_BYTES`) is only paid for where it
+    already is.
     """
-    shapes = set()
+    for m, rows in _unpackable(model):
+        m.unpack_rows = rows
+        m.unpack = _unpacker(m.out_features, m.in_features, m.group_size)
+    return len(prompt_unpack_shapes(model))
+
+
+def prompt_unpack_shapes(model: nn.Module) -> set[tuple[int, int, int]]:
+    """The weight shapes `compile_prompt_unpack` would build a kernel for (each costs resident memory)."""
+    return {(m.out_features, m.in_features, m.group_size) for m, _ in _unpackable(model)}
+
+
+def _unpackable(model: nn.Module) -> Iterator[tuple[Int4Linear, int]]:
+    """(CPU Int4Linear, its packing's row period) for every linear a compiled prompt unpack can serve."""
     for m in model.modules():
         if not isinstance(m, Int4Linear) or m.device_type != "cpu" or m.out_features * m.in_features > _UNPACK_MAX:
             continue
         rows = cpu_int4_block_rows(m.in_features)
         if rows is not None and m.out_features % rows == 0:
-            m.unpack_rows = rows
-            m.unpack = _unpacker(m.out_features, m.in_features, m.group_size)
-            shapes.add((m.out_features, m.in_features, m.group_size))
-    return len(shapes)
+            yield m, rows
 
 
 def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
@@ -296,13 +310,31 @@ def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
     return packed, sz.transpose(0, 1).contiguous(), nib
 
 
+# Rows up to which int8 products are fp32 row reductions (`_reduce_rows`) rather than the int8 kernel. Zero
+# except inside `small_row_reductions`, which the runtime wraps around its compiled decode steps
+# (runtime/steps.py): there inductor fuses the reductions into one pass over the codes; eager, they would
+# first make a float copy of the weight.
+_reduce_up_to = 0
+
+
+@contextlib.contextmanager
+def small_row_reductions(rows: int) -> Iterator[None]:
+    """Within the block, int8 products of up to `rows` rows run as fused fp32 reductions (compiled steps)."""
+    global _reduce_up_to
+    before, _reduce_up_to = _reduce_up_to, rows
+    try:
+        yield
+    finally:
+        _reduce_up_to = before
+
+
 def int8_matmul(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
-    """x [..., K] @ (q [N, K] * scales[:, None]).T on the packed kernel, run in the scales' dtype; under
-    torch.compile, a decode step's few rows as fp32 dequantize-multiply-reduces that inductor fuses and
-    vectorises (`_reduce_rows`). From `UNPACK_ROWS` rows (a prompt) the weight is cast to bf16 for oneDNN's
-    GEMM, twice as fast as the kernel there."""
+    """x [..., K] @ (q [N, K] * scales[:, None]).T on the packed kernel, run in the scales' dtype; inside
+    `small_row_reductions` (compiled decode steps), a step's few rows as fp32 dequantize-multiply-reduces that
+    inductor fuses and vectorises (`_reduce_rows`). From `UNPACK_ROWS` rows (a prompt) the weight is cast to
+    bf16 for oneDNN's GEMM, faster than the kernel there."""
     rows = x.shape[:-1].numel()
-    if torch.compiler.is_compiling() and (rows == 1 or (rows <= REDUCE_ROWS and x.device.type == "cpu")):
+    if rows <= _reduce_up_to:
         return _reduce_rows(x, q, scales)
     x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
     if _unpack_pays(x2, q.shape[0]) and scales.dtype == COMPUTE_DTYPE:  # a prompt: exact int8 -> bf16, oneDNN's GEMM
@@ -315,7 +347,8 @@ def int8_matmul(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
 @torch.library.custom_op("gemmakit::materialize", mutates_args=())
 def _materialize(x: Tensor) -> Tensor:
     """A copy inductor cannot see into, so it stores x once. Otherwise it inlines a cheap producer of x (a
-    norm) into each row's reduction, recomputed for every weight row: an int8 8-row step took 189 ms, not 47."""
+    norm) into each row's reduction, recomputed for every weight row, which made an int8 8-row step several
+    times slower."""
     return x.clone()
 
 
@@ -328,10 +361,10 @@ def _reduce_rows(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
     """`int8_matmul` as one fp32 row reduction per row of x over the same codes. Inductor fuses the
     reductions into one pass over q with an accumulator per row, so the codes are read once and at close to
     the memory bandwidth. The packed kernel reads them poorly from memory: its one-row path streams at a
-    third of the bandwidth (262k x 640 head on 2 Zen 4 cores: 6.4 ms against 12; on an H200 it made int8
-    decoding of the 270M 3.5x slower than bf16), and at 8 rows a cold 2048 x 640 weight takes it 0.29 ms
-    against 0.17 here (the head: 32 ms against 23). A broadcast [rows, N, K] product instead re-reads q per
-    row, and bf16 activations would be converted again for every weight row, so x goes to fp32 once."""
+    fraction of the bandwidth (on an H200 too, where it made int8 decoding slower than bf16's), and at 8 rows
+    it is slower than this reduction on the layers' matrices and the head alike (docs/performance.md,
+    "Quantization"). A broadcast [rows, N, K] product instead re-reads q per row, and bf16 activations would
+    be converted again for every weight row, so x goes to fp32 once."""
     x2, w = x.reshape(-1, x.shape[-1]).float(), q.float()
     if x2.shape[0] > 1:
         x2 = _materialize(x2)

@@ -52,7 +52,7 @@ def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype 
     p = resolve(path)
     model = load_model(p, dtype, device, quantize)
     tokenizer = Tokenizer.from_file(p) if p.is_dir() else Tokenizer.from_gguf(p)
-    return_freed_memory()  # reading a 262k-entry GGUF vocabulary leaves ~280 MiB of freed heap behind
+    return_freed_memory()  # reading a 262k-entry GGUF vocabulary leaves much freed heap behind
     return model, tokenizer
 
 

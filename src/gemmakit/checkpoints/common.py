@@ -20,8 +20,8 @@ from gemmakit.model import Gemma
 
 def return_freed_memory() -> None:
     """Hand freed heap memory back to the OS. glibc keeps freed pages mapped, so the temporaries of a load
-    (a GGUF dequantization: ~20% of the resident memory, 285 MiB on the 270M) would otherwise count against
-    the process for its whole life; it takes a few milliseconds."""
+    (a GGUF dequantization's are a sizeable share of the resident memory) would otherwise count against the
+    process for its whole life; the call is cheap next to a load."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         _libc().malloc_trim(0)
 
@@ -41,7 +41,7 @@ _SHARED_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_nor
 @dataclass
 class RowSource:
     """A 2-D checkpoint tensor read a block of rows at a time. Quantize-while-loading turns the 262k-row
-    vocabulary into int4/int8 through this without ever holding it in full precision (fp32: 671 MiB)."""
+    vocabulary into int4/int8 through this without ever holding it in full precision (fp32: 671 MB)."""
 
     shape: tuple[int, int]
     dtype: torch.dtype

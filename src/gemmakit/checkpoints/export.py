@@ -49,8 +49,8 @@ def export_hf(model: nn.Module, directory: str | Path, tokenizer: Any = None, sh
 
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    from gemmakit.packing import PackedLinear
     from gemmakit.quantize import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedExperts
+    from gemmakit.runtime.packing import PackedLinear
     from gemmakit.train.lora import LoRALinear
 
     kinds = (PackedLinear, LoRALinear, Int8Linear, Int4Linear, QuantizedEmbedding, QuantizedExperts)

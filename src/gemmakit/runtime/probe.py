@@ -7,8 +7,9 @@ AVX-512 or AVX-NE-CONVERT and raises elsewhere). So each fast path is tried once
 `try`; a path that fails is recorded as missing and the caller takes its fallback. A missing feature costs
 speed, never correctness: nothing here raises.
 
-Results are cached per process (the answer cannot change while it runs) and can be listed with `report()`,
-which `gemmakit bench` and `gemmakit chat --verbose` print in the runtime plan's line.
+Results are cached per process (the answer cannot change while it runs) and listed by `report()`; the
+runtime plan's one line (`gemmakit bench`, `gemmakit chat --verbose`) names ATen's level and every probe that
+changed one of its choices.
 """
 
 from __future__ import annotations
@@ -43,7 +44,26 @@ def cpu_capability() -> str:
         return "unknown"
 
 
+@functools.cache
+def inductor_isa() -> str:
+    """The vector instruction set inductor generates CPU code for here ("avx512", "avx2", "asimd", ...; "" if
+    none). It follows ATEN_CPU_CAPABILITY, so a run held to AVX2 compiles AVX2 code as an AVX2 CPU would."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return str(pick_vec_isa()).split()[0] if pick_vec_isa() else ""
+    except Exception:  # a private module: any failure means "unknown", never a crash
+        return ""
+
+
+def wide_vectors() -> bool:
+    """Whether inductor's CPU code runs on 512-bit vectors (AVX-512). On narrower ISAs its code for int8
+    dequantize-and-reduce loops is slower than torch's int8 kernel (benchmarks/profile_decode.py shows it),
+    so the plan keeps the kernel there."""
+    return inductor_isa().startswith("avx512")
+
+
 def report() -> dict[str, object]:
     """Every probe's answer, for the one-line description of a runtime plan."""
-    return {"aten": cpu_capability(), "onednn_fp32_pack": onednn_packs(torch.float32),
+    return {"aten": cpu_capability(), "inductor": inductor_isa(), "onednn_fp32_pack": onednn_packs(torch.float32),
             "onednn_bf16_pack": onednn_packs(torch.bfloat16)}

@@ -2,21 +2,21 @@
 
 Why compile at all. A single-sequence decode step is ~130 small kernels whose launch overhead is larger than
 their work, plus matrix-vector products. On CPU the second part dominates: MKL's GEMV for [1, H] x [N, H]^T
-streams weights at about a third of the machine's memory bandwidth (10 GB/s of ~30 here, measured on the
-tied 262k x 640 output head). Inductor can instead lower a one-row matmul to a fused multiply + row
-reduction that it vectorises itself; that reaches the bandwidth roofline (28.8 GB/s on the same head). Its
+streams weights at a fraction of the machine's memory bandwidth. Inductor can instead lower a one-row matmul
+to a fused multiply + row reduction that it vectorises itself, which reaches the bandwidth roofline
+(docs/performance.md, "Compiled decode steps", has both rates on the tied 262k x 640 output head). Its
 `decompose_mm_pass` does exactly that, but by default only for matrices up to 2048 wide, which excludes the
 vocabulary head that is half of the weights; `configure_inductor` lifts that bound.
 
 What is compiled. Decode steps of one row (the latency case) and of every row of the engine at once (the
 throughput case), with static shapes. Not prefill: prompt lengths vary, and each would be a new graph. The
 batch sizes in between would be a graph each; the engine runs them through the full-batch graph instead,
-with throw-away rows (`Engine._decode_padded`). On CUDA the same steps are compiled with
-inductor's CUDA graphs (what `mode="reduce-overhead"` turns on), i.e. replayed as one graph launch each; the
-cache tensors they write are marked static so the graphs may mutate them in place. On an H200 that made a
-bf16 270M step 13x faster than eager (2.2 against 29 ms; README, "The engine on a GPU"). Besides the
-steps, `compile_static` builds one small kernel per weight shape that compiled engines use for prompts:
-quantize.py's int4 unpack, a loop eager ops cannot match.
+with throw-away rows (`Runtime._padded`, steps.py). On CUDA the same steps are compiled with inductor's CUDA
+graphs (what `mode="reduce-overhead"` turns on), i.e. replayed as one graph launch each; the cache tensors they
+write are marked static so the graphs may mutate them in place. A small model's step there is latency-bound,
+so replaying it as one launch is most of the gain over eager (benchmarks/cuda_engine.py measures it;
+docs/performance.md, "The engine on a GPU"). Besides the steps, `compile_static` builds one small kernel per
+weight shape that compiled engines use for prompts: quantize.py's int4 unpack, a loop eager ops cannot match.
 
 Compilation costs tens of seconds once per process and shape (inductor's on-disk cache makes later runs
 faster), too long for a chat prompt that should be ready in seconds: the CLI compiles for `bench` and long
@@ -74,7 +74,7 @@ def compile_decode(fn: Callable, device: torch.device | str, static_tensors: lis
     """`fn` compiled for static shapes; on CUDA as a CUDA graph over the (static) cache tensors it writes.
 
     The guards dynamo re-checks on every call for the model's modules and parameters are dropped: on CPU they
-    cost ~1 ms per step (7-9% of an int4 270M step; on a GPU, where a replayed step is short, a larger share),
+    cost a noticeable part of a small model's step (on a GPU, where a replayed step is short, a larger share),
     and an engine's model is fixed once the engine is built. Hence the rule: quantize or otherwise change the
     model before building a compiled `Engine`.
     Dynamo keeps its graphs per code object, so `fn` is compiled as a copy with a code object of its own: two

@@ -19,8 +19,8 @@ ties to the lowest id as argmax does. If the (K + 1)-th upper bound is below tha
 allowance (for bf16, one bf16 step: an outside token must round below the best, not tie it), no token
 outside the K can beat it: the pick is the full head's argmax, except where two logits are within float32
 summation error of a tie or of a bf16 rounding boundary (where two kernels of the full head may differ too).
-A step whose certificate fails for a row computes the full head instead (`HeadScreen.fallbacks`; none in
-the real-model test, 2 of 128 eight-row steps with the packed path's wider bound).
+A step whose certificate fails for a row computes the full head instead (`HeadScreen.fallbacks`; rare, a
+little less rare on the packed path, whose bound is wider).
 
 When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes
 ties the screen would not reproduce), for rows whose token is a plain argmax of the raw logits: temperature
@@ -29,9 +29,10 @@ never computes). The engine decides per step (engine.py); a step with any other 
 copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
 on packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads:
 no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Memory: the
-copy in each layout the engine's steps read (270M: +336 MiB bf16 per layout, or +168 MiB int8); the engine's
-forecast counts it. Measured (benchmarks/engine_vs_peers.py, README): one-row decode of the 270M 1.56x
-faster in fp32 (2.0x in another run), 1.12x in bf16; 8-row fp32 steps 1.33x.
+copy in each layout the engine's steps read (270M: +336 MB bf16 per layout, or +168 MB int8); the engine's
+forecast counts it. The gain is largest for fp32 one-row steps, where the head is most of the bytes; less at 8
+rows, and less for bf16 models, whose int8 pass is compute-bound rather than bandwidth-bound
+(benchmarks/engine_vs_peers.py measures it; docs/performance.md, "The greedy head screen").
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gemmakit.packing import PackedLinear, packed_linear, packing_supported
+from gemmakit.runtime.packing import PackedLinear, packed_linear, packing_supported
 
 CANDIDATES = 16  # exact rescoring costs 16 x 640 x 4 bytes; a wider gap fails the certificate less often
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
@@ -81,7 +82,8 @@ class HeadScreen(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         # Norms by blocks of rows, into preallocated outputs: a float32 copy of the table would be a transient
         # of its size (a bf16 table's own norm() makes one), and small per-block results kept between the
-        # blocks' temporaries fragment the heap (both left 0.6-1.1 GiB of RSS behind on the 270M).
+        # blocks' temporaries fragment the heap (either left resident memory behind that the process never
+        # handed back).
         vocab, widest = weight.shape[0], 0.0
         self.register_buffer("delta_norm", torch.empty(vocab), persistent=False)
         self.register_buffer("cheap_norm", torch.empty(vocab), persistent=False)
@@ -123,11 +125,12 @@ class HeadScreen(nn.Module):
         own = sum(t.numel() * t.element_size() for t in self.buffers())
         return own + (self.packed.packed_bytes if self.packed is not None else 0)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: [B, H] final hidden states (after the norm). Returns (tokens [B], certified [B] bool)."""
+    def forward(self, x: Tensor, layout: str = "packed") -> tuple[Tensor, Tensor]:
+        """x: [B, H] final hidden states (after the norm), screened through the copy in `layout` ("plain": one
+        row, for compiled steps; "packed": any rows). Returns (tokens [B], certified [B] bool)."""
         x = x.float()
         x_norm = x.norm(dim=-1, keepdim=True)
-        values, indices = top_k(self._screen(x, x_norm), self.k + 1)
+        values, indices = top_k(self._screen(x, x_norm, layout), self.k + 1)
         idx = indices[:, : self.k]
         exact = (x[:, None, :] * self.exact[idx].float()).sum(-1)  # [B, K] float32 logits of the candidates
         if self.exact.dtype != torch.float32:  # the model's head rounds its logits to its dtype
@@ -140,16 +143,21 @@ class HeadScreen(nn.Module):
         certified = values[:, self.k] < best - x_norm[:, 0] * self.rescore_slack
         return tokens, certified
 
-    def _screen(self, x: Tensor, x_norm: Tensor) -> Tensor:
+    def _screen(self, x: Tensor, x_norm: Tensor, layout: str) -> Tensor:
         """Upper bounds [B, V] of the float32 logits (module docstring)."""
-        if x.shape[0] == 1 and torch.compiler.is_compiling():
-            # Inductor turns this into one vectorised pass over the copy (compiled.py), float32 sums.
+        if layout == "plain":
+            if self.cheap is None or x.shape[0] != 1:
+                raise RuntimeError("the plain copy serves one-row steps of screens built with plain=True")
+            # Compiled, inductor turns this into one vectorised pass over the copy (compiled.py), float32 sums;
+            # eager, it would make a float32 copy of the table, which is why only compiled steps take it.
             s = (x[:, None, :] * self.cheap.float()).sum(-1)
             s = s if self.scale is None else s * self.scale
             # (1 + 2 gamma): the norms themselves carry float32 error.
             return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 2 * self.gamma)
         if self.packed is None:
             raise RuntimeError("this screen has no packed copy: use it in compiled one-row steps (see `usable`)")
+        if layout != "packed":
+            raise ValueError(f"unknown screen layout {layout!r}: plain or packed")
         x16 = x.to(torch.bfloat16)
         s = packed_linear(x16, self.packed.handle, self.packed.out_features).float()
         x16f = x16.float()
@@ -162,8 +170,8 @@ class HeadScreen(nn.Module):
 def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     """x.topk(k) of [B, V] rows (values, indices), over the k blocks of `block` values with the highest
     maxima: the k largest values lie in those, since each block outside holds nothing above the k-th largest
-    block maximum. torch's CPU topk over a 262k row takes ~0.2 ms a row (1.4 ms of an 8-row step); block
-    maxima vectorise."""
+    block maximum. torch's CPU topk over a 262k row is slow, a visible share of an 8-row step; block maxima
+    vectorise."""
     rows, width = x.shape
     if width % block or width < 4 * k * block:
         return x.topk(k, dim=-1)
@@ -171,19 +179,6 @@ def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     chosen = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [B, k]
     values, at = blocks.gather(1, chosen[..., None].expand(-1, -1, block)).flatten(1).topk(k, dim=-1)
     return values, chosen.gather(1, at // block) * block + at % block
-
-
-def plan_screen(model: nn.Module, max_batch: int, compiled: bool) -> tuple[Tensor, bool, bool] | None:
-    """(head weight, packed, plain) for an engine of `max_batch` rows over `model`, or None where no screen
-    applies or none could be used: the plain copy is for compiled one-row steps, the packed one for multi-row
-    or eager steps, and only on a packed model (an unpacked one is a model set up for something other than
-    fast decoding)."""
-    weight = head_weight(model)
-    if weight is None:
-        return None
-    packed = (weight.dtype == torch.float32 and isinstance(getattr(model, "lm_head", None), PackedLinear)
-              and (max_batch > 1 or not compiled) and packing_supported(weight[:1].to(torch.bfloat16)))
-    return (weight, packed, compiled) if packed or compiled else None
 
 
 def screen_bytes(weight: Tensor, packed: bool, plain: bool = True) -> int:

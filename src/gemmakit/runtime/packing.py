@@ -1,14 +1,13 @@
 """oneDNN weight prepacking: faster CPU matmuls for inference, at every batch size the engine runs.
 
 Why. On CPU a plain `x @ W.T` goes to MKL. For the row counts of decoding (1 to 8 rows against [N, K]
-weights) MKL runs far below the memory bandwidth on this class of machine (AMD Zen 4, 2 cores, measured),
-and gets slower as rows are added: the 262k x 640 tied head of Gemma 3 270M takes 64 ms for one row and
-144 ms for eight (fp32). oneDNN, given the weight once in its own blocked layout
-(`mkldnn._reorder_linear_weight`), runs the same products in 33 and 31 ms (bf16: 17 and 18 ms against
-30 and 34), the layers' matrices in half of MKL's time at 1-8 rows, and 20-25% faster at prefill's
-128-512 rows. Inductor's `freezing` mode does the same for a whole compiled graph, but then holds its
-own constant copy of every weight; packing per module keeps eager prefill and the compiled decode steps
-on one set of weights.
+weights) MKL's small-row GEMV runs well below the memory bandwidth and gets slower as rows are added, on
+the 262k x 640 tied head of Gemma 3 270M as on the layers' matrices. oneDNN, given the weight once in its
+own blocked layout (`mkldnn._reorder_linear_weight`), streams it faster and holds its time nearly flat from
+1 to 8 rows, in fp32 and bf16 alike, and is faster at prefill's hundreds of rows too (docs/performance.md,
+"Packed weights", has the figures). Inductor's `freezing` mode does the same for a whole compiled graph,
+but then holds its own constant copy of every weight; packing per module keeps eager prefill and the
+compiled decode steps on one set of weights.
 
 How. `pack_linears(model)` replaces each float `nn.Linear` on CPU by a `PackedLinear` that keeps only the
 packed weight. A packed weight is an opaque MKLDNN tensor that torch.compile cannot take as a graph input,
@@ -17,10 +16,10 @@ into a table of packed weights: dynamo sees a constant and an opaque call with a
 the compiled step calls oneDNN directly.
 
 The tied head. The output head is the embedding table, which lookups still need in its plain layout, so
-`head=True` adds a packed copy (the table's size again: +336 MiB for the 270M in bf16, counted by
+`head=True` adds a packed copy (the table's size again: +336 MB for the 270M in bf16, counted by
 `packed_bytes` and so by the engine's memory forecast). One-row steps under torch.compile still use the plain
-table: there inductor's decomposed row reduction (compiled.py) streams it faster than oneDNN (23 vs 33 ms
-fp32, 13 vs 17 ms bf16).
+table: there inductor's decomposed row reduction (compiled.py) streams it at close to the memory bandwidth,
+faster than oneDNN's packed product, in fp32 and bf16.
 
 Limits. Inference only (no autograd through the op), CPU, float32 and bfloat16; the packed weights are not
 in `state_dict`, so pack a model loaded for serving, not one that will be trained or saved. Quantized
@@ -65,11 +64,15 @@ def packing_supported(weight: Tensor) -> bool:
 
 class PackedLinear(nn.Module):
     """A bias-free linear whose weight is held in oneDNN's blocked layout. `plain`, when given, is the same
-    weight in its ordinary layout, kept as `weight` for the one-row steps under torch.compile that stream it
-    faster (and so `state_dict` keeps the checkpoint's names); a tied head passes the embedding table."""
+    weight in its ordinary layout, kept as `weight` (so `state_dict` keeps the checkpoint's names) for one-row
+    products, which compiled steps stream faster from it; a tied head passes the embedding table, and
+    `plain_one_row=False` where its one-row products should still take the packed layout (eager engines)."""
 
-    def __init__(self, weight: Tensor, plain: Tensor | None = None):
+    def __init__(self, weight: Tensor, plain: Tensor | None = None, plain_one_row: bool | None = None):
         super().__init__()
+        # One-row products read the plain layout where it is kept for them (compiled one-row steps stream it
+        # faster); a tied head keeps it anyway, for the embedding lookups, and says here whether to read it.
+        self.plain_one_row = plain is not None if plain_one_row is None else plain_one_row and plain is not None
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.handle = next(_handles)
@@ -82,7 +85,7 @@ class PackedLinear(nn.Module):
         return self.out_features * self.in_features * self.dtype.itemsize
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight is not None and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+        if self.plain_one_row and x.shape[:-1].numel() == 1:
             return F.linear(x, self.weight)
         if x.requires_grad and torch.is_grad_enabled():  # the op has no backward: fail, never drop gradients
             raise RuntimeError("packed weights are for inference: load without packing (`pack=False`, "
@@ -106,7 +109,7 @@ def pack_linears(model: nn.Module, keep_plain: bool = False, head: bool = True) 
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if head and getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding) \
             and packing_supported(embed.weight):
-        model.lm_head = PackedLinear(embed.weight, embed.weight.detach())
+        model.lm_head = PackedLinear(embed.weight, embed.weight.detach(), plain_one_row=keep_plain)
     return model
 
 

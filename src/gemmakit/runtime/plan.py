@@ -1,0 +1,170 @@
+"""The runtime plan: every machine-specific choice for one engine, made once, with the reason for each.
+
+An engine runs the same model on very different machines: a GPU, an AVX-512 server whose oneDNN packs bf16,
+an AVX2 laptop whose oneDNN does not, an ARM board without oneDNN's x86 kernels, a machine with no C++
+compiler for torch.compile. What is fastest, or possible at all, differs; the tokens must not. So the choices
+live here, not spread over the model's modules:
+
+| choice              | options                                  | decided by                                    |
+|---------------------|------------------------------------------|-----------------------------------------------|
+| weight layout       | oneDNN-packed / plain                    | `prepare_weights`, at load: CPU float models   |
+|                     |                                          | whose dtype oneDNN really packs (probe.py)     |
+| compiled steps      | one-row + full-batch decode / eager      | asked for, and a compiler present (compiled.py)|
+| head screen         | bf16 copy (plain / packed) / int8 / off  | head dtype, soft-cap, packing, compile         |
+|                     |                                          | (screen.py)                                   |
+| int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
+| decode attention    | SDPA (half precision) / plain ops (fp32) | the activation dtype                          |
+| memory forecast     | what all of the above will hold          | cache.estimate_bytes                          |
+
+`Plan.describe()` is the one line `gemmakit bench` and `gemmakit chat --verbose` print, with why each choice
+fell as it did. docs/architecture.md explains the kernels behind each option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gemmakit.cache import estimate_bytes
+from gemmakit.runtime.compiled import compile_supported
+from gemmakit.runtime.packing import PackedLinear, pack_linears, packed_bytes, packing_supported
+from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
+from gemmakit.runtime.screen import head_weight, screen_bytes
+
+
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The activation dtype and device: those of the first floating-point parameter or buffer."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    raise ValueError("the model has no floating-point weights")
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Memory the weights hold: parameters, buffers and packed copies (which are neither)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) + packed_bytes(model)
+
+
+def quantization(model: nn.Module) -> str:
+    """"int4", "int8" or "none", from the kinds of linear the model holds (int4 models keep some int8)."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    return "int4" if "Int4Linear" in kinds else "int8" if "Int8Linear" in kinds else "none"
+
+
+def prepare_weights(model: nn.Module, pack: bool | None, compile: bool) -> str:
+    """Put `model`'s weights in the layout this machine runs fastest, at load time, and say what was done.
+    `pack` None: pack CPU float models whose dtype oneDNN packs here. `compile`: keep the plain layout too
+    (compiled one-row steps stream it faster than oneDNN; runtime/packing.py)."""
+    dtype, device = model_dtype_device(model)
+    if pack is None:
+        pack = device.type == "cpu" and quantization(model) == "none"
+    if not pack:
+        return "plain layout"
+    if not packing_supported(torch.empty(0, dtype=dtype, device=device)):
+        return f"plain layout (oneDNN cannot pack {_name(dtype)} on this {device.type})"
+    pack_linears(model, keep_plain=compile)
+    return "oneDNN-packed" + (" + plain" if compile else "")
+
+
+@dataclass
+class Plan:
+    """The choices for one engine over one model (see the module docstring); `why` says what decided each."""
+
+    device: str
+    dtype: torch.dtype
+    quantization: str
+    packed: bool
+    compiled: bool
+    screen: tuple[torch.Tensor, bool, bool] | None  # (head weight, packed copy, plain copy) for HeadScreen
+    decode_attention: str  # "sdpa" or "plain"
+    int4_unpack: bool
+    int8_reduce_rows: int  # rows up to which compiled steps take int8 products as fused reductions (0: never)
+    forecast: dict[str, int] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line: the machine, then each choice and the reason it fell that way."""
+        gib = self.forecast.get("total", 0) / 2**30
+        machine = self.device if self.device != "cpu" else f"cpu ({cpu_capability()})"
+        parts = [f"{machine} {_name(self.dtype)}, weights {self.quantization}",
+                 *(f"{k}: {v}" for k, v in self.why.items()), f"memory forecast {gib:.2f} GiB"]
+        return "plan: " + "; ".join(parts)
+
+
+def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, screen: bool, slack: int = 8,
+              prefill_chunk: int = 512) -> Plan:
+    """Decide every machine-specific choice for an engine of `max_batch` rows and `context` tokens."""
+    dtype, device = model_dtype_device(model)
+    why: dict[str, str] = {}
+    packed = isinstance(getattr(model, "lm_head", None), PackedLinear) or any(
+        isinstance(m, PackedLinear) for m in model.modules())
+    why["layout"] = "oneDNN-packed" if packed else "plain"
+    compiled = compile and compile_supported(device)
+    why["compile"] = ("on" if compiled else "off (not asked)" if not compile
+                      else f"off (torch.compile cannot build for {device.type} here)")
+    int4_unpack = compiled and device.type == "cpu" and quantization(model) == "int4"
+    if quantization(model) == "int4" and device.type == "cpu":
+        why["int4 prompts"] = "compiled bf16 unpack" if int4_unpack else "int4 kernel (unpack needs compile)"
+    int8_reduce_rows = 0
+    if compiled and quantization(model) != "none":
+        int8_reduce_rows, why["int8 decode"] = _int8_choice(device)
+    plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed)
+    half = dtype in (torch.bfloat16, torch.float16)
+    decode_attention = "sdpa" if half else "plain"
+    why["decode attention"] = "SDPA (half precision)" if half else "plain ops (fp32, fused by inductor)"
+    plan = Plan(device.type, dtype, quantization(model), packed, compiled, plan_of_screen, decode_attention,
+                int4_unpack, int8_reduce_rows, why=why)
+    plan.forecast = forecast(model, plan, max_batch, context, slack, prefill_chunk)
+    return plan
+
+
+def _int8_choice(device: torch.device) -> tuple[int, str]:
+    """(rows, why) for int8 products in compiled decode steps: fused fp32 reductions that inductor vectorises
+    read the codes at close to the memory bandwidth where its vectors are 512 bits wide (every row of a CPU
+    decode step shares one pass; on CUDA only one row beats the kernel), but fall behind the int8 kernel on
+    AVX2 and narrower."""
+    from gemmakit.quantize import REDUCE_ROWS
+
+    if device.type == "cuda":
+        return 1, "fused reduction for one row, kernel for more"
+    if wide_vectors():
+        return REDUCE_ROWS, f"fused reductions up to {REDUCE_ROWS} rows (AVX-512 code)"
+    return 0, f"int8 kernel (inductor's {inductor_isa() or 'scalar'} reductions are slower)"
+
+
+def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: bool, packed: bool
+                   ) -> tuple[tuple[torch.Tensor, bool, bool] | None, str]:
+    """(HeadScreen arguments or None, why): a plain copy serves compiled one-row steps, oneDNN's packed copy
+    every other step, and only float32 heads of packed models get one (bf16 heads: no int8 kernel beats
+    oneDNN's bf16 one on several rows)."""
+    if not wanted:
+        return None, "off (asked)"
+    weight = head_weight(model)
+    if weight is None:
+        return None, "off (no tied float head it applies to)"
+    packed_copy = (weight.dtype == torch.float32 and packed and (max_batch > 1 or not compiled)
+                   and onednn_packs(torch.bfloat16))
+    if not (packed_copy or compiled):
+        reason = ("oneDNN cannot pack bf16 here" if weight.dtype == torch.float32 and packed
+                  else "needs a packed fp32 model or a compiled step")
+        return None, f"off ({reason})"
+    copy = "bf16" if weight.dtype == torch.float32 else "int8"
+    layouts = [name for name, on in (("plain", compiled), ("packed", packed_copy)) if on]
+    return (weight, packed_copy, compiled), f"{copy} copy ({' + '.join(layouts)})"
+
+
+def forecast(model: nn.Module, plan: Plan, max_batch: int, context: int, slack: int = 8,
+             prefill_chunk: int = 512) -> dict[str, int]:
+    """What an engine under `plan` will hold (cache.estimate_bytes), screen and compiled code included."""
+    from gemmakit.quantize import prompt_unpack_shapes
+
+    kernels = len(prompt_unpack_shapes(model)) if plan.int4_unpack else 0
+    return estimate_bytes(model.config, max_batch, context, plan.dtype, model_bytes(model), slack, prefill_chunk,
+                          compiled=plan.compiled, device_type=plan.device, unpack_kernels=kernels,
+                          head_screen=screen_bytes(*plan.screen) if plan.screen else 0)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

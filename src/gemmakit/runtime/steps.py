@@ -1,0 +1,148 @@
+"""Forward passes for the engine, run the way the plan says: `prefill` a prompt into a cache row, `decode` one
+token for a set of rows, each returning either logits to sample from or certified greedy tokens.
+
+The engine decides what runs (which requests, which rows, how to sample); this module decides how: which
+compiled graph or eager call, whether a greedy step reads the head screen or the full head, how a partly
+filled batch goes through the full-batch graph. Nothing here changes the tokens: every path gives what the
+plain eager model gives, up to the dtype's rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory
+from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack, quantized_bytes, small_row_reductions
+from gemmakit.runtime.compiled import compile_decode
+from gemmakit.runtime.packing import PackedLinear
+from gemmakit.runtime.plan import Plan, make_plan, model_dtype_device
+from gemmakit.runtime.screen import HeadScreen
+
+
+@dataclass
+class StepOut:
+    """A step's result: `tokens` [B] where the head screen certified every row's greedy pick, else `logits`
+    [B, V] to sample from."""
+
+    logits: Tensor | None = None
+    tokens: Tensor | None = None
+
+
+class Runtime:
+    """One model's cache and forward passes on this machine, for an engine of `max_batch` rows."""
+
+    def __init__(self, model: Any, max_batch: int, context: int, compile: bool = False, screen: bool = True,
+                 slack: int = 8, prefill_chunk: int = 512, check_memory: bool = True):
+        self.model, self.max_batch, self.prefill_chunk = model, max_batch, prefill_chunk
+        self.dtype, self.device = model_dtype_device(model)
+        self.plan: Plan = make_plan(model, max_batch, context, compile, screen, slack, prefill_chunk)
+        if check_memory:
+            check_fits_memory(self.plan.forecast, self.device, already_resident=self.plan.forecast["weights"])
+        set_decode_attention(model, self.plan.decode_attention)
+        if self.plan.int4_unpack:
+            compile_prompt_unpack(model)
+        self.screen: HeadScreen | None = HeadScreen(*self.plan.screen) if self.plan.screen else None
+        self.cache = KVCache(model.config, max_batch, context, self.dtype, self.device, slack)
+        self.compiled = self.plan.compiled
+        self._logits_step, self._greedy_step = self._forward_logits, self._forward_greedy
+        if self.compiled:
+            static = [*self.cache.k.values(), *self.cache.v.values(), *self.cache.slot_pos.values()]
+            self._logits_step = compile_decode(self._forward_logits, self.device, static)
+            if self.screen is not None:
+                self._greedy_step = compile_decode(self._forward_greedy, self.device, static)
+
+    # --- the two calls the engine makes ---------------------------------------------------
+    def prefill(self, tokens: list[int], row: int, greedy: bool) -> StepOut:
+        """Prompt `tokens` into cache `row` (cleared before), in chunks of `prefill_chunk` tokens so a long
+        prompt's working memory stays that of one chunk (as forecast); the last position's result."""
+        rows = torch.tensor([row], device=self.device)
+        screened = greedy and self._screens(1, compiled=False)
+        forward = self.model.hidden if screened else self.model
+        for start in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[start:start + self.prefill_chunk]
+            pos = torch.arange(start, start + len(chunk), device=self.device)[None]
+            step = (Prefill if start == 0 else Extend)(pos, self.cache, rows)
+            out = forward(torch.tensor([chunk], device=self.device), step=step, logits_to_keep=1)[:, -1]
+        return self._certify(*self.screen(out, layout="packed"), out) if screened else StepOut(logits=out)
+
+    def decode(self, last_tokens: list[int], positions: list[int], rows: list[int], greedy: bool) -> StepOut:
+        """One token for each of `rows` (ascending), fed `last_tokens` at `positions`. `greedy`: every row is a
+        plain argmax, so the head screen may pick."""
+        n = len(rows)
+        ids = torch.tensor([[t] for t in last_tokens], device=self.device)
+        pos = torch.tensor([[p] for p in positions], device=self.device)
+        rows_t = torch.tensor(rows, device=self.device)
+        padded = self.compiled and 1 < n < self.max_batch
+        compiled = self.compiled and (padded or n in (1, self.max_batch))
+        screened = greedy and self._screens(self.max_batch if padded else n, compiled)
+        if screened:
+            forward = self._greedy_step if compiled else self._forward_greedy
+        else:
+            forward = self._logits_step if compiled else self._forward_logits
+        # Compiled steps take int8 products of a step's few rows as fused reductions (quantize.py).
+        with small_row_reductions(self.plan.int8_reduce_rows if compiled else 0):
+            out = self._padded(forward, ids, pos, rows_t) if padded else forward(ids, pos, rows_t, n == self.max_batch)
+        return self._certify(*out) if screened else StepOut(logits=out)
+
+    def longest_warmup_prompt(self, context: int) -> int:
+        """A prompt length that reaches every compiled prompt kernel (0: there are none to build)."""
+        return UNPACK_ROWS if self.plan.int4_unpack and context > UNPACK_ROWS else 0
+
+    def clear(self, rows: list[int]) -> None:
+        """Forget what `rows` hold (their sequences finished)."""
+        self.cache.clear(rows)
+
+    # --- how ----------------------------------------------------------------------------------
+    def _screens(self, rows: int, compiled: bool) -> bool:
+        return self.screen is not None and self.screen.usable(rows, compiled)
+
+    def _certify(self, tokens: Tensor, certified: Tensor, hidden: Tensor) -> StepOut:
+        """Screened tokens, or the full head's logits for a step the screen could not certify."""
+        if bool(certified.all()):
+            return StepOut(tokens=tokens)
+        self.screen.fallbacks += 1
+        return StepOut(logits=self.model.head(hidden))
+
+    def _padded(self, forward: Any, ids: Tensor, pos: Tensor, rows: Tensor) -> Any:
+        """A partly filled batch through the compiled full-batch step: free rows decode a throw-away token at
+        position 0, which the next prefill of that row clears and rewrites. On CPU the matmuls of 8 rows cost
+        about what 2 rows cost, while an eager step costs several compiled ones, and a graph per batch size
+        would cost a compilation each."""
+        full_ids = torch.zeros(self.max_batch, 1, dtype=ids.dtype, device=self.device)
+        full_pos = torch.zeros(self.max_batch, 1, dtype=pos.dtype, device=self.device)
+        full_ids[rows], full_pos[rows] = ids, pos
+        every_row = torch.arange(self.max_batch, device=self.device)
+        out = forward(full_ids, full_pos, every_row, True)
+        return tuple(t[rows] for t in out) if isinstance(out, tuple) else out[rows]
+
+    def _forward_logits(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool) -> Tensor:
+        # Every row decoding (rows sorted): attend over the cache in place rather than gathering a copy of it.
+        return self.model(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
+
+    def _forward_greedy(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+        """A decode step whose rows are all plain greedy: (screened tokens, certified, hidden states). One-row
+        steps read the plain copy of the head where there is one (compiled steps stream it fastest)."""
+        x = self.model.hidden(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
+        layout = "plain" if x.shape[0] == 1 and self.screen.cheap is not None else "packed"
+        return (*self.screen(x, layout=layout), x)
+
+    def read_bytes_per_step(self) -> int:
+        """Weight bytes a greedy decode step of every row streams: every weight once, in the layout the step
+        reads (a packed-only linear in oneDNN's; the plain one where both are kept), and the screen's copy of
+        the head instead of the head itself where a full-batch step is screened."""
+        packed_only = sum(m.packed_bytes for m in self.model.modules()
+                          if isinstance(m, PackedLinear) and m.weight is None)
+        saved = self.screen.bytes_saved if self._screens(self.max_batch, self.compiled) else 0
+        return quantized_bytes(self.model) + packed_only - saved
+
+
+def set_decode_attention(model: Any, kernel: str) -> None:
+    """Give every attention layer of `model` the plan's kernel for one-query (decode) steps."""
+    for m in model.modules():
+        if hasattr(m, "decode_kernel"):
+            m.decode_kernel = kernel
