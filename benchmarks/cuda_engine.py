@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_vs_peers import common_prefix, gemmakit_engine, timed_stream, token_stamps  # noqa: E402
 
 from gemmakit.bench import MiB, format_table, measure_bandwidth  # noqa: E402
-from gemmakit.config import Config  # noqa: E402
 from gemmakit.quantize import quantized_bytes  # noqa: E402
+from gemmakit.registry import config_for  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Built in this order, the most telling first (each prints its first run: a run cut short keeps those), then
@@ -83,7 +83,7 @@ def random_checkpoint(model: str, device: str, folder: Path, layers: int | None)
     """An HF checkpoint of the variant's shapes with random weights, saved in `folder`; the bf16 HF model."""
     import transformers
 
-    config = Config.from_name(model)
+    config = config_for(model)
     if layers:  # a smaller smoke test of this script (CPU)
         config = config.replace(num_hidden_layers=layers, layer_types=config.layer_types[:layers])
     d = config.to_hf()

@@ -85,11 +85,11 @@ def start_decoding(engine: Engine, prompts: list[list[int]], max_tokens: int) ->
 
 def narrow_model(args: argparse.Namespace) -> torch.nn.Module:
     """The 270M's layers, heads and attention with 64-wide matrices and a 1024-word vocabulary, random weights."""
-    from gemmakit.config import Config
     from gemmakit.model import Gemma
     from gemmakit.quantize import quantize_model
+    from gemmakit.registry import config_for
 
-    config = Config.from_name("gemma-3-270m").replace(hidden_size=64, intermediate_size=64, vocab_size=1024)
+    config = config_for("gemma-3-270m").replace(hidden_size=64, intermediate_size=64, vocab_size=1024)
     model = Gemma(config).to(getattr(torch, args.dtype)).eval()
     torch.manual_seed(0)
     for p in model.parameters():

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import gemmakit
 from gemmakit.engine import Engine
 from gemmakit.safety.classifier import auroc
-from gemmakit.safety.watermark import WatermarkConfig, detect
+from gemmakit.safety.watermark import WatermarkConfig, WatermarkProcessor, detect
 from gemmakit.sampling import SamplingParams
 
 # Google's SynthID demo keys (30: tournament depth 30), n-gram length 5.
@@ -41,7 +41,8 @@ def generate(engine: Engine, prompts: list[list[int]], tokens: int, config: Wate
     out = []
     for start in tqdm(range(0, len(prompts), batch), desc="marked" if config else "plain", leave=False):
         chunk = prompts[start:start + batch]
-        params = [SamplingParams(max_tokens=tokens, temperature=1.0, top_k=64, seed=start + i, watermark=config)
+        params = [SamplingParams(max_tokens=tokens, temperature=1.0, top_k=64, seed=start + i,
+                                 logits_processors=(WatermarkProcessor(config),) if config else ())
                   for i in range(len(chunk))]
         out += [r.tokens for r in engine.generate(chunk, params)]
     return out

@@ -21,8 +21,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from gemmakit.cache import Append, KVCache, Prefill
-from gemmakit.engine import model_dtype_device
 from gemmakit.model import Gemma
+from gemmakit.runtime.plan import model_dtype_device
 
 
 @runtime_checkable
