@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ]; then
       CMAKE_ARGS="-DCMAKE_C_FLAGS='$flags' -DCMAKE_CXX_FLAGS='$flags'" .venv/bin/pip wheel -q --no-deps \
         --no-cache-dir --no-binary llama-cpp-python -w "$wheels" llama-cpp-python==0.3.36
     fi
-    .venv/bin/pip install -q --no-deps "$wheels"/llama_cpp_python-0.3.36-*.whl
+    .venv/bin/pip install -q --no-deps --force-reinstall "$wheels"/llama_cpp_python-0.3.36-*.whl
   fi
   .venv/bin/pip install -q -e ".[${extras}]"
   rm -f .venv/.gemmakit-setup-*
