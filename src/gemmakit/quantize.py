@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemmakit.model import Experts, Gemma, Router
+from gemmakit.runtime.probe import onednn_packs
 
 MODES = ("int8", "int4")
 # Linears that stay int8 when the model is quantized to int4. Attention's value projection is the most
@@ -338,7 +339,9 @@ def int8_matmul(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
         return _reduce_rows(x, q, scales)
     x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
     if _unpack_pays(x2, q.shape[0]) and scales.dtype == COMPUTE_DTYPE:  # a prompt: exact int8 -> bf16, oneDNN's GEMM
-        y = F.linear(x2, q.to(COMPUTE_DTYPE) * scales[:, None])
+        # Where oneDNN has no fast bf16 path (AVX2 CPUs: probe.py), the same exact weights in fp32 GEMM instead.
+        dtype = COMPUTE_DTYPE if onednn_packs(COMPUTE_DTYPE) else torch.float32
+        y = F.linear(x2.to(dtype), q.to(dtype) * scales[:, None].to(dtype)).to(scales.dtype)
     else:
         y = torch._weight_int8pack_mm(x2, q, scales)
     return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)

@@ -104,9 +104,11 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     compiled = compile and compile_supported(device)
     why["compile"] = ("on" if compiled else "off (not asked)" if not compile
                       else f"off (torch.compile cannot build for {device.type} here)")
-    int4_unpack = compiled and device.type == "cpu" and quantization(model) == "int4"
+    # The unpack feeds a bf16 GEMM: it pays where oneDNN has a fast bf16 path (AVX-512 and up), not on AVX2.
+    int4_unpack = compiled and device.type == "cpu" and quantization(model) == "int4" and onednn_packs(torch.bfloat16)
     if quantization(model) == "int4" and device.type == "cpu":
-        why["int4 prompts"] = "compiled bf16 unpack" if int4_unpack else "int4 kernel (unpack needs compile)"
+        why["int4 prompts"] = ("compiled bf16 unpack" if int4_unpack else "int4 kernel (unpack needs compile)"
+                               if not compiled else "int4 kernel (no fast bf16 GEMM here)")
     int8_reduce_rows = 0
     if compiled and quantization(model) != "none":
         int8_reduce_rows, why["int8 decode"] = _int8_choice(device)
