@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from gemmakit.runtime.compiled import inductor_cache_dir
 from tests.helpers import default_gguf
 
 # `gemmakit generate` compiles its decode step by default (a minute per new shape); tests that drive the CLI
 # run eagerly, and tests/test_compiled.py checks the compiled path on its own.
 os.environ.setdefault("GEMMAKIT_COMPILE", "0")
+# Tests that call torch.compile themselves use gemmakit's cache too: one directory per vector ISA, since
+# inductor's shared /tmp default hands kernels cached by CI's AVX-512 pass to its AVX2 pass (wrong results).
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.runtime.compiled import compile_supported, configure_inductor
+from gemmakit.runtime.probe import onednn_packs
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, assert_same_until_a_tie, hf_model, tiny
 
@@ -82,6 +83,8 @@ def test_compiled_int4_engines_run_prompts_as_unpacked_gemms(monkeypatch, tmp_pa
 
     if cpu_int4_block_rows(64) is None:
         pytest.skip("this machine's int4 packing is not the blocked nibble layout the unpack reads")
+    if not onednn_packs(torch.bfloat16):  # test_runtime_probe.py checks the plan's choice there
+        pytest.skip("no fast oneDNN bf16 GEMM here: the plan keeps int4 prompts on the int4 kernel")
     hf_model(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).save_pretrained(tmp_path)
     int4 = load_model(tmp_path, quantize="int4")
     prompt = torch.randint(0, 1000, (UNPACK_ROWS + 16,), generator=torch.Generator().manual_seed(4)).tolist()
@@ -144,3 +147,46 @@ def test_compiled_decode_rows_run_int8_matmuls_as_fused_reductions():
     with profile() as prof:  # outside the runtime's compiled steps: the kernel, whatever the rows
         step(torch.randn(1, 640))
     assert any("_weight_int8pack_mm" in e.key for e in prof.key_averages())
+
+
+# Compiles a norm + one-row matmul (a decode step in miniature) and prints how far it is from eager.
+_ISA_CHILD = r"""
+import json, torch, torch.nn.functional as F
+from gemmakit.runtime.compiled import configure_inductor, inductor_cache_dir
+from gemmakit.runtime.probe import inductor_isa
+configure_inductor()
+torch.manual_seed(0)
+w, gain, h = torch.randn(4096, 640) * 0.02, torch.randn(640), torch.randn(1, 640)
+got = torch.compile(lambda h: F.rms_norm(h, (640,), gain) @ w.T, dynamic=False)(h)
+print(json.dumps({"isa": inductor_isa(), "dir": inductor_cache_dir(),
+                  "err": (got - F.rms_norm(h, (640,), gain) @ w.T).abs().max().item()}))
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="holding ATen to AVX2 needs an x86 build")
+def test_kernels_cached_for_one_isa_are_not_reused_under_another(tmp_path):
+    """Two runs share one gemmakit cache (a home directory seen by an AVX-512 and an AVX2 machine; CI's second
+    pass): the run held to AVX2 must not load the kernel the AVX-512 run cached. Inductor's cache does not key
+    by ISA, and that kernel gave errors of order 1 there; gemmakit keeps one cache directory per ISA."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gemmakit.runtime.probe import inductor_isa
+
+    if inductor_isa() in ("", "avx2"):
+        pytest.skip("needs a CPU whose native vector ISA is wider than AVX2")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(GEMMAKIT_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))
+    runs = []
+    for held in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}):
+        done = subprocess.run([sys.executable, "-c", _ISA_CHILD], env={**env, **held}, cwd=root,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[1]["isa"] == "avx2" and runs[0]["isa"] != "avx2"
+    assert all(r["err"] < 1e-4 for r in runs), runs
+    assert runs[0]["dir"] != runs[1]["dir"] and all(r["dir"].startswith(str(tmp_path)) for r in runs)

@@ -34,6 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from gemmakit.runtime.probe import inductor_isa
 
 # Wide enough for any vocabulary head: decompose every one-row matmul.
 _MAX_DECOMPOSED_WIDTH = 1 << 22
@@ -53,13 +56,27 @@ def compile_supported(device: torch.device | str) -> bool:
     return False
 
 
+def inductor_cache_dir() -> str:
+    """Where inductor keeps compiled kernels: the user's TORCHINDUCTOR_CACHE_DIR if they chose one, else
+    ~/.cache/gemmakit/inductor/<vector ISA>, which survives reboots (inductor's default is under /tmp).
+
+    One directory per instruction set because inductor's cache does not key its entries by the ISA it
+    generated code for: a kernel cached by an AVX-512 run was handed to a later run held to AVX2 (a home
+    directory shared by two machine classes, or CI's second pass) and computed garbage there
+    (tests/test_compiled.py::test_kernels_cached_for_one_isa_are_not_reused_under_another)."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Importing inductor writes its /tmp default into the variable, so a value equal to it was not a choice.
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
+    root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser()
+    return str(root / "inductor" / (inductor_isa() or "generic"))
+
+
 def configure_inductor() -> None:
     """Let inductor turn one-row matmuls of any width into fused multiply-reductions (see module docstring)."""
     import torch._inductor.config as inductor_config
 
-    # Keep compiled kernels across reboots (the default is /tmp): later runs start in seconds.
-    cache_root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser()
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root / "inductor"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
 
     options = dict(inductor_config.post_grad_fusion_options)
     options["decompose_mm_pass"] = {"cpu_max_other_dimension_decomposition": _MAX_DECOMPOSED_WIDTH}
