@@ -12,11 +12,17 @@ from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.runtime.compiled import compile_supported
 from gemmakit.runtime.packing import pack_linears
+from gemmakit.runtime.probe import onednn_packs
 from gemmakit.runtime.screen import HeadScreen, top_k
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, hf_model, tiny
 
 needs_compiler = pytest.mark.skipif(not compile_supported("cpu"), reason="torch.compile needs a C++ compiler")
+# The packed copy of a float32 head is bf16 in oneDNN's layout; eager engines' screens read only that one.
+needs_bf16_packing = pytest.mark.skipif(
+    not onednn_packs(torch.bfloat16),
+    reason="oneDNN cannot pack bf16 here (AVX2): no packed screen; the plan computes the full head "
+           "(tests/test_runtime_probe.py checks that choice)")
 
 
 def near_tied_head(vocab: int = 72 * 1024, width: int = 64, crowd: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +39,8 @@ def near_tied_head(vocab: int = 72 * 1024, width: int = 64, crowd: int = 40) -> 
     return w, x
 
 
-@pytest.mark.parametrize("path", ["packed", pytest.param("compiled", marks=needs_compiler)])
+@pytest.mark.parametrize("path", [pytest.param("packed", marks=needs_bf16_packing),
+                                  pytest.param("compiled", marks=needs_compiler)])
 def test_bounds_hold_and_a_certified_pick_is_the_exact_argmax(path):
     """Upper bounds are never below the float64 logit, every certified pick is the float64 argmax (up to
     float32 rounding of the top two), and a crowd of near-copies larger than the candidate list is reported
@@ -73,7 +80,8 @@ def hidden_winner(width: int = 64, crowd: int = 24) -> tuple[torch.Tensor, torch
     return w, x, 2000
 
 
-@pytest.mark.parametrize("path", ["packed", pytest.param("compiled", marks=needs_compiler)])
+@pytest.mark.parametrize("path", [pytest.param("packed", marks=needs_bf16_packing),
+                                  pytest.param("compiled", marks=needs_compiler)])
 def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
     """Without the error bound the crowd fills the candidates and one of them is certified (measured: token
     2010 on the compiled path). The packed path rounds x and its sums to bf16 too, so its bound covers the
@@ -90,12 +98,20 @@ def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
 
 @needs_compiler
 def test_a_bf16_head_screens_in_int8_and_breaks_ties_as_argmax_does():
-    """Two identical best rows tie exactly in bf16: the pick is the lower id, as the full head's argmax; the
-    int8 copy's bound covers the table (upper bounds never below the logits)."""
+    """Two identical best rows tie exactly in bf16, and a third is better in float32 but rounds to the same
+    bf16 logit: the pick is the lowest id, as the full head's argmax over bf16 logits (inductor dropped the
+    rounding, which picked 1200); the int8 copy's bound covers the table (upper bounds never below the
+    logits)."""
     g = torch.Generator().manual_seed(7)
     w = (0.1 * torch.randn(72 * 1024, 64, generator=g)).to(torch.bfloat16)
     x = torch.randn(1, 64, generator=g)
     w[900] = w[300] = (3 * x[0] / x.norm()).to(torch.bfloat16)
+    j = int(x[0].abs().argmin())  # one bf16 step up in the direction of x, where x is smallest
+    w[1200] = w[300]
+    w[1200, j] = w[300, j] + 2.0 ** (int(torch.frexp(w[300, j].float()).exponent) - 8) * x[0, j].sign()
+    full = x.float() @ w.float().T
+    assert full[0, 1200] > full[0, 300] and full[0, 1200].to(torch.bfloat16) == full[0, 300].to(torch.bfloat16)
+    assert int(full.to(torch.bfloat16).argmax()) == 300
     screen = HeadScreen(w)
     assert screen.cheap.dtype == torch.int8 and screen.packed is None and not screen.usable(2, compiled=True)
     tokens, certified = torch.compile(screen, dynamic=False)(x, "plain")
@@ -140,6 +156,7 @@ def spy(screen: HeadScreen, certify: bool = True) -> list[int]:
     return calls
 
 
+@needs_bf16_packing
 def test_greedy_rows_take_the_screen_and_decode_the_full_heads_tokens(tmp_path):
     """Greedy batches of rows at different positions: the screened engine's tokens are the full head's; a
     step with a row that needs logits (logprobs here) computes the full head for all its rows."""
@@ -156,6 +173,7 @@ def test_greedy_rows_take_the_screen_and_decode_the_full_heads_tokens(tmp_path):
     assert calls == [1, 1]  # the greedy prompts' first tokens; every decode step holds the logprobs row
 
 
+@needs_bf16_packing
 def test_an_uncertified_step_falls_back_to_the_full_head(tmp_path):
     screened, full = greedy_engines(tmp_path)
     calls = spy(screened.runtime.screen, certify=False)
@@ -217,6 +235,7 @@ def same_until_a_bf16_tie(model, prompt: list[int], got: list[int], want: list[i
             return
 
 
+@needs_bf16_packing
 def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path, monkeypatch):
     screened, full = greedy_engines(tmp_path)
     assert screened.memory["head_screen"] == screened.runtime.screen.nbytes > 0

@@ -134,10 +134,12 @@ class HeadScreen(nn.Module):
         idx = indices[:, : self.k]
         exact = (x[:, None, :] * self.exact[idx].float()).sum(-1)  # [B, K] float32 logits of the candidates
         if self.exact.dtype != torch.float32:  # the model's head rounds its logits to its dtype
-            exact = exact.to(self.exact.dtype).float()
+            exact = round_to_bf16(exact)
         best = exact.amax(dim=-1)
-        # Ties go to the lowest token id, as argmax over the full head does.
-        tokens = idx.masked_fill(exact != best[:, None], self.exact.shape[0]).amin(dim=-1)
+        # Ties go to the lowest token id, as argmax over the full head does. The ids are reduced as int32:
+        # inductor's AVX2 code for this masked int64 min returned the reduction's identity, 2^63 - 1
+        # (tests/test_screen.py runs under AVX2 in CI); a vocabulary is far below 2^31.
+        tokens = idx.int().masked_fill(exact != best[:, None], self.exact.shape[0]).amin(dim=-1).long()
         if self.exact.dtype != torch.float32:  # an outside token must round below the best, not tie it
             best = best - torch.ldexp(torch.ones_like(best), torch.frexp(best).exponent - 8)
         certified = values[:, self.k] < best - x_norm[:, 0] * self.rescore_slack
@@ -165,6 +167,15 @@ class HeadScreen(nn.Module):
         bound = (x_norm * self.delta_norm + (rounding + self.gamma * x16f.norm(dim=-1, keepdim=True))
                  * self.cheap_norm + 2 * _U16 * s.abs())
         return s + bound * (1 + 2 * self.gamma)
+
+
+def round_to_bf16(x: Tensor) -> Tensor:
+    """float32 `x` rounded to the nearest bfloat16 (ties to even), kept in float32. In integer operations
+    because inductor drops a `.to(torch.bfloat16).float()` round trip inside a fused kernel, and the screen's
+    ties must be the bf16 head's ties. Infinities stay; NaN stays NaN (its bits could carry over)."""
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return torch.where(x.isnan(), x, bits.view(torch.float32))
 
 
 def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
