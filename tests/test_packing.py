@@ -39,11 +39,13 @@ def _ids(batch: int = 2, length: int = 3 * WINDOW) -> torch.Tensor:
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @torch.inference_mode()
 def test_packed_model_logits_match(variant, dtype, tol):
-    """Every linear and the tied head packed; logits equal the plain model's within the dtype's rounding."""
+    """Every linear and the tied head packed (bf16: where oneDNN packs bf16; elsewhere left plain, as on AVX2
+    CPUs); logits equal the plain model's within the dtype's rounding."""
     plain = _gemma(variant, dtype)
     packed = pack_linears(copy.deepcopy(plain))
-    assert isinstance(packed.lm_head, PackedLinear)
-    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    assert isinstance(packed.lm_head, PackedLinear) == packing_supported(torch.zeros(1, dtype=dtype))
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear) == packing_supported(
+        torch.zeros(1, dtype=dtype))
     want, got = plain(_ids()).float(), packed(_ids()).float()
     assert ((got - want).norm() / want.norm()).item() < tol
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95

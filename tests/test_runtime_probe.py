@@ -41,9 +41,10 @@ for dtype in (torch.float32, torch.bfloat16):
     packed = pack_linears(copy.deepcopy(plain))
     prompts = [[2, 5, 9, 14], [2, 7]]
     params = SamplingParams(max_tokens=6)
-    got = [r.tokens for r in Engine(packed, max_batch=2, context=64).generate(prompts, params)]
+    engine = Engine(packed, max_batch=2, context=64)
+    got = [r.tokens for r in engine.generate(prompts, params)]
     want = [r.tokens for r in Engine(plain, max_batch=2, context=64, screen=False).generate(prompts, params)]
-    out["runs"][str(dtype)] = {"packed": got, "plain": want}
+    out["runs"][str(dtype)] = {"packed": got, "plain": want, "plan": engine.plan.describe()}
 print(json.dumps(out))
 """
 
@@ -74,6 +75,8 @@ def test_packed_engines_run_under_avx2_limits():
     assert out["probes"]["onednn_bf16_pack"] is False
     for dtype, run in out["runs"].items():
         assert run["packed"] == run["plain"], dtype
+    # An eager fp32 engine's screen reads a packed bf16 copy: there is none, so the full head is computed.
+    assert "head screen: off (oneDNN cannot pack bf16 here)" in out["runs"]["torch.float32"]["plan"]
 
 
 _PLAN_CHILD = r"""
@@ -87,7 +90,10 @@ from tests.helpers import tiny
 torch.manual_seed(0)
 model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval(), "int8")
 plan = make_plan(model, max_batch=2, context=64, compile=True, screen=True)
-print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": plan.describe()}))
+int4 = make_plan(quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval(), "int4", group_size=32),
+                 max_batch=2, context=64, compile=True, screen=True)
+print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": plan.describe(),
+                  "int4_unpack": int4.int4_unpack, "int4_line": int4.describe()}))
 """
 
 
@@ -95,7 +101,8 @@ print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": 
                     reason="holding ATen to AVX2 needs an x86 build")
 def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     """Inductor's int8 reductions pay on AVX-512 only: under AVX2 the plan keeps torch's int8 kernel in
-    compiled steps (they were many times slower than eager decoding there) and says so."""
+    compiled steps (they were many times slower than eager decoding there) and says so; int4 prompts stay on
+    the int4 kernel too (their unpack feeds a bf16 GEMM that AVX2 emulates)."""
     from gemmakit.runtime.compiled import compile_supported
 
     if not compile_supported("cpu"):
@@ -107,3 +114,4 @@ def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     held = json.loads(done.stdout.strip().splitlines()[-1])
     assert held["isa"] == "avx2" and held["rows"] == 0
     assert "int8 decode: int8 kernel (inductor's avx2 reductions are slower)" in held["line"]
+    assert not held["int4_unpack"] and "int4 prompts: int4 kernel (no fast bf16 GEMM here)" in held["int4_line"]
