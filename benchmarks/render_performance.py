@@ -5,7 +5,8 @@ Each JSON file is one run on one machine class (a CPU, or the same CPU held to A
 and for each run its tok/s, the ratio to llama.cpp and the ratio to transformers of the same dtype, both
 measured in that same run (never across runs, whose machines and days differ). Decode and prefill get a
 table each; under them, what each column ran on (CPU model and flags, ISA limits, torch's CPU capability,
-torch version, threads, read bandwidth, date) and the command that produced it. `--full` adds every run's
+torch version, threads, read bandwidth, date) and the command that produced it. A row whose greedy tokens
+part from llama.cpp's within AGREE_MIN tokens is shown as wrong, not timed. `--full` adds every run's
 complete table as the benchmark printed it.
 
 Run: .venv/bin/python benchmarks/render_performance.py native.json avx2.json [--out perf.md]
@@ -20,6 +21,9 @@ import sys
 from pathlib import Path
 
 METRICS = {"decode": "decode tok/s", "prefill": "prefill tok/s"}
+# Fewer leading greedy tokens than this in common with llama.cpp's means the engine computed garbage (fp32
+# and dequantized rows agree for 100+ tokens on the default GGUF): its speed is not a figure to print.
+AGREE_MIN = 16
 
 
 def load_run(path: str) -> dict:
@@ -97,6 +101,9 @@ def side_by_side(runs: list[dict], labels: list[str], metric: str) -> str:
                 continue
             if key not in row:  # the benchmark could not run this engine; its note says why
                 cells += ["failed", "-", "-"]
+                continue
+            if engine != "llama.cpp" and isinstance(row.get("agree"), int) and row["agree"] < AGREE_MIN:
+                cells += [f"wrong tokens (agree {row['agree']})", "-", "-"]
                 continue
             llama = rows.get("llama.cpp", {}).get(key)
             dtype = peer_dtype(engine)
