@@ -92,8 +92,10 @@ model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval(), "i
 plan = make_plan(model, max_batch=2, context=64, compile=True, screen=True)
 int4 = make_plan(quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval(), "int4", group_size=32),
                  max_batch=2, context=64, compile=True, screen=True)
+bf16 = make_plan(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval().to(torch.bfloat16), max_batch=1,
+                 context=64, compile=True, screen=True)
 print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": plan.describe(),
-                  "int4_unpack": int4.int4_unpack, "int4_line": int4.describe()}))
+                  "int4_unpack": int4.int4_unpack, "int4_line": int4.describe(), "bf16_line": bf16.describe()}))
 """
 
 
@@ -102,7 +104,8 @@ print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": 
 def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     """Inductor's int8 reductions pay on AVX-512 only: under AVX2 the plan keeps torch's int8 kernel in
     compiled steps (they were many times slower than eager decoding there) and says so; int4 prompts stay on
-    the int4 kernel too (their unpack feeds a bf16 GEMM that AVX2 emulates)."""
+    the int4 kernel too (their unpack feeds a bf16 GEMM that AVX2 emulates), and bf16 heads get no int8
+    screen."""
     from gemmakit.runtime.compiled import compile_supported
 
     if not compile_supported("cpu"):
@@ -115,3 +118,5 @@ def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     assert held["isa"] == "avx2" and held["rows"] == 0
     assert "int8 decode: int8 kernel (inductor's avx2 reductions are slower)" in held["line"]
     assert not held["int4_unpack"] and "int4 prompts: int4 kernel (no fast bf16 GEMM here)" in held["int4_line"]
+    # A bf16 head's screen is an int8 pass of the same kind: the full head is faster there.
+    assert "head screen: off (int8 copy: inductor's avx2 reductions are slower)" in held["bf16_line"]

@@ -12,7 +12,7 @@ from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.runtime.compiled import compile_supported
 from gemmakit.runtime.packing import pack_linears
-from gemmakit.runtime.probe import onednn_packs
+from gemmakit.runtime.probe import onednn_packs, wide_vectors
 from gemmakit.runtime.screen import HeadScreen, top_k
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, hf_model, tiny
@@ -195,6 +195,8 @@ def test_compiled_screened_steps_decode_the_eager_full_heads_tokens(tmp_path):
 
 
 @needs_compiler
+@pytest.mark.skipif(not wide_vectors(), reason="the plan screens bf16 heads only with AVX-512 code "
+                    "(tests/test_runtime_probe.py checks that choice)")
 def test_compiled_bf16_engines_screen_one_row_steps_only(tmp_path):
     """A bf16 model: one-row compiled steps take the int8 screen and decode the full head's tokens; a full
     batch's steps take the full head; a soft-capped bf16 head (Gemma 4) gets no screen."""

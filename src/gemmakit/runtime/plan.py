@@ -140,12 +140,16 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
                    ) -> tuple[tuple[torch.Tensor, bool, bool] | None, str]:
     """(HeadScreen arguments or None, why): a plain copy serves compiled one-row steps, oneDNN's packed copy
     every other step, and only float32 heads of packed models get one (bf16 heads: no int8 kernel beats
-    oneDNN's bf16 one on several rows)."""
+    oneDNN's bf16 one on several rows, and inductor's int8 pass beats it on one row only with AVX-512)."""
     if not wanted:
         return None, "off (asked)"
     weight = head_weight(model)
     if weight is None:
         return None, "off (no tied float head it applies to)"
+    if weight.dtype != torch.float32 and not wide_vectors():
+        # A bf16 head's copy is int8, read by inductor's int8 reductions: slower than the full bf16 head
+        # where vectors are narrower than AVX-512 (the int8 decode choice above, measured the same way).
+        return None, f"off (int8 copy: inductor's {inductor_isa() or 'scalar'} reductions are slower)"
     packed_copy = (weight.dtype == torch.float32 and packed and (max_batch > 1 or not compiled)
                    and onednn_packs(torch.bfloat16))
     if not (packed_copy or compiled):
