@@ -34,7 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from gemmakit.runtime.probe import inductor_isa
 
@@ -64,6 +63,8 @@ def inductor_cache_dir() -> str:
     generated code for: a kernel cached by an AVX-512 run was handed to a later run held to AVX2 (a home
     directory shared by two machine classes, or CI's second pass) and computed garbage there
     (tests/test_compiled.py::test_kernels_cached_for_one_isa_are_not_reused_under_another)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # Importing inductor writes its /tmp default into the variable, so a value equal to it was not a choice.
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
