@@ -167,7 +167,8 @@ print(json.dumps({"isa": inductor_isa(), "dir": inductor_cache_dir(),
 def test_kernels_cached_for_one_isa_are_not_reused_under_another(tmp_path):
     """Two runs share one gemmakit cache (a home directory seen by an AVX-512 and an AVX2 machine; CI's second
     pass): the run held to AVX2 must not load the kernel the AVX-512 run cached. Inductor's cache does not key
-    by ISA, and that kernel gave errors of order 1 there; gemmakit keeps one cache directory per ISA."""
+    by ISA, and that kernel gave errors of order 1 there; gemmakit keeps one cache directory per ISA, also when
+    a parent process passed its own directory on (as tests/conftest.py does to the CLI runs it starts)."""
     import json
     import os
     import subprocess
@@ -179,8 +180,8 @@ def test_kernels_cached_for_one_isa_are_not_reused_under_another(tmp_path):
     if inductor_isa() in ("", "avx2"):
         pytest.skip("needs a CPU whose native vector ISA is wider than AVX2")
     root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-    env.update(GEMMAKIT_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))
+    env = {**os.environ, "GEMMAKIT_CACHE_DIR": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR":
+           str(tmp_path / "inductor" / inductor_isa()), "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
     runs = []
     for held in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}):
         done = subprocess.run([sys.executable, "-c", _ISA_CHILD], env={**env, **held}, cwd=root,

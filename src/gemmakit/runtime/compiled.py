@@ -65,12 +65,14 @@ def inductor_cache_dir() -> str:
     (tests/test_compiled.py::test_kernels_cached_for_one_isa_are_not_reused_under_another)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser().resolve() / "inductor"
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    # Importing inductor writes its /tmp default into the variable, so a value equal to it was not a choice.
-    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+    # Not a choice: inductor's /tmp default (importing inductor writes it into the variable), or a directory
+    # of ours that a parent process of another ISA passed on in its environment.
+    if chosen and Path(chosen).resolve() != Path(default_cache_dir()).resolve() \
+            and Path(chosen).resolve().parent != root:
         return chosen
-    root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser()
-    return str(root / "inductor" / (inductor_isa() or "generic"))
+    return str(root / (inductor_isa() or "generic"))
 
 
 def configure_inductor() -> None:
