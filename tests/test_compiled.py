@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.runtime.compiled import compile_supported, configure_inductor
-from gemmakit.runtime.probe import onednn_packs
+from gemmakit.runtime.probe import onednn_packs, wide_vectors
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, assert_same_until_a_tie, hf_model, tiny
 
@@ -111,8 +111,12 @@ def test_compiled_int4_engines_run_prompts_as_unpacked_gemms(monkeypatch, tmp_pa
 
 
 def test_one_row_matmuls_are_decomposed_at_any_width():
-    """The inductor setting that makes CPU decode fast covers a vocabulary-sized head (262k rows)."""
+    """The inductor setting that makes CPU decode fast covers a vocabulary-sized head (262k rows), where its
+    code is AVX-512 (under AVX2 the bound stays: tests/test_runtime_probe.py checks that)."""
     import torch._inductor.config as inductor_config
+
+    if not wide_vectors():
+        pytest.skip("inductor's reduction over the head is slower than torch's GEMV below AVX-512")
 
     configure_inductor()
     bounds = inductor_config.post_grad_fusion_options["decompose_mm_pass"]

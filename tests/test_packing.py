@@ -8,13 +8,23 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gemmakit.engine import Engine
 from gemmakit.model import Gemma
 from gemmakit.quantize import Int4Linear, quantize_model
+from gemmakit.runtime import packing
+from gemmakit.runtime import plan as plan_module
 from gemmakit.runtime.compiled import compile_supported
-from gemmakit.runtime.packing import PackedLinear, pack_linears, packed_bytes, packing_supported
-from gemmakit.runtime.plan import model_bytes
+from gemmakit.runtime.packing import (
+    UPCAST_ROWS,
+    PackedLinear,
+    UpcastLinear,
+    pack_linears,
+    packed_bytes,
+    packing_supported,
+)
+from gemmakit.runtime.plan import make_plan, model_bytes, prepare_weights
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, tiny
 
@@ -104,3 +114,40 @@ def test_gradients_through_packed_weights_are_refused():
         model(x)
     with torch.no_grad():
         assert model(x).shape == (2, 32)
+
+
+@torch.inference_mode()
+def test_upcast_linear_multiplies_many_rows_in_fp32_a_block_at_a_time(monkeypatch):
+    """Where bf16 has no fast GEMM (AVX2), prompts multiply in fp32 on the exact upcast weight: the result is
+    the fp32 product rounded once to bf16, however many weight blocks it is split into; a step of fewer than
+    UPCAST_ROWS rows takes the ordinary bf16 product."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80, bias=False).to(torch.bfloat16)
+    up = UpcastLinear.wrap(linear)
+    assert up.weight is linear.weight and up.state_dict().keys() == linear.state_dict().keys()
+    x = torch.randn(3, UPCAST_ROWS, 96).to(torch.bfloat16)
+    want = F.linear(x.float(), linear.weight.float()).to(torch.bfloat16)
+    assert torch.equal(up(x), want)
+    monkeypatch.setattr(packing, "_UPCAST_BLOCK", 96 * 7)  # 7 weight rows at a time: 12 blocks, a short tail
+    assert torch.equal(up(x), want)
+    few = x[0, : UPCAST_ROWS - 1]
+    assert torch.equal(up(few), F.linear(few, linear.weight))
+
+
+@torch.inference_mode()
+def test_bf16_models_multiply_prompts_in_fp32_where_onednn_packs_no_bf16(monkeypatch):
+    """prepare_weights on a machine whose oneDNN refuses bf16 (as AVX2 CPUs do) gives every bf16 linear an
+    UpcastLinear, keeps the checkpoint's names, computes what the plain model does, and the plan says so."""
+    monkeypatch.setattr(plan_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
+    plain = _gemma("gemma3", torch.bfloat16)
+    model = copy.deepcopy(plain)
+    assert "bf16 linears multiply prompts in fp32" in prepare_weights(model, pack=None, compile=False)
+    assert isinstance(model.model.layers[0].mlp.down_proj, UpcastLinear)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    want, got = plain(_ids()).float(), model(_ids()).float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+    line = make_plan(model, max_batch=1, context=64, compile=False, screen=False).describe()
+    assert f"bf16 products of {UPCAST_ROWS}+ rows in fp32" in line
+    fp32 = _gemma("gemma3")
+    prepare_weights(fp32, pack=False, compile=False)  # fp32 models are never upcast
+    assert not any(isinstance(m, UpcastLinear) for m in fp32.modules())

@@ -83,7 +83,7 @@ _PLAN_CHILD = r"""
 import json, torch
 from gemmakit.model import Gemma
 from gemmakit.quantize import quantize_model
-from gemmakit.runtime.plan import make_plan
+from gemmakit.runtime.plan import make_plan, prepare_weights
 from gemmakit.runtime.probe import inductor_isa
 from tests.helpers import tiny
 
@@ -92,10 +92,17 @@ model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval(), "i
 plan = make_plan(model, max_batch=2, context=64, compile=True, screen=True)
 int4 = make_plan(quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval(), "int4", group_size=32),
                  max_batch=2, context=64, compile=True, screen=True)
-bf16 = make_plan(Gemma(tiny("gemma3").replace(vocab_size=1024)).eval().to(torch.bfloat16), max_batch=1,
-                 context=64, compile=True, screen=True)
+bf16_model = Gemma(tiny("gemma3").replace(vocab_size=1024)).eval().to(torch.bfloat16)
+layout = prepare_weights(bf16_model, pack=None, compile=True)
+bf16 = make_plan(bf16_model, max_batch=1, context=64, compile=True, screen=True)
+from gemmakit.runtime.compiled import configure_inductor
+configure_inductor()
+from torch._inductor.fx_passes import decompose_mem_bound_mm as decompose
 print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": plan.describe(),
-                  "int4_unpack": int4.int4_unpack, "int4_line": int4.describe(), "bf16_line": bf16.describe()}))
+                  "decompose_width": decompose.cpu_max_other_dimension_decomposition,
+                  "default_width": decompose.CPU_MAX_OTHER_DIMENSION_DECOMPOSITION,
+                  "int4_unpack": int4.int4_unpack, "int4_line": int4.describe(), "bf16_line": bf16.describe(),
+                  "bf16_layout": layout}))
 """
 
 
@@ -104,8 +111,8 @@ print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": 
 def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     """Inductor's int8 reductions pay on AVX-512 only: under AVX2 the plan keeps torch's int8 kernel in
     compiled steps (they were many times slower than eager decoding there) and says so; int4 prompts stay on
-    the int4 kernel too (their unpack feeds a bf16 GEMM that AVX2 emulates), and bf16 heads get no int8
-    screen."""
+    the int4 kernel too (their unpack feeds a bf16 GEMM that AVX2 emulates), bf16 heads get no int8
+    screen, and bf16 models multiply prompts in fp32."""
     from gemmakit.runtime.compiled import compile_supported
 
     if not compile_supported("cpu"):
@@ -120,3 +127,9 @@ def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     assert not held["int4_unpack"] and "int4 prompts: int4 kernel (no fast bf16 GEMM here)" in held["int4_line"]
     # A bf16 head's screen is an int8 pass of the same kind: the full head is faster there.
     assert "head screen: off (int8 copy: inductor's avx2 reductions are slower)" in held["bf16_line"]
+    # Inductor's reduction over the vocabulary head is slower than torch's GEMV there: the bound stays.
+    assert held["decompose_width"] == held["default_width"] < 262144
+    assert "one-row head product on torch's GEMV: inductor's avx2 reduction is slower" in held["line"]
+    # No fast bf16 GEMM either: a bf16 model's prompts multiply in fp32 (packing.UpcastLinear).
+    assert "bf16 linears multiply prompts in fp32" in held["bf16_layout"]
+    assert "bf16 products of 8+ rows in fp32" in held["bf16_line"]

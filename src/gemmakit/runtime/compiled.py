@@ -6,7 +6,9 @@ streams weights at a fraction of the machine's memory bandwidth. Inductor can in
 to a fused multiply + row reduction that it vectorises itself, which reaches the bandwidth roofline
 (docs/performance.md, "Compiled decode steps", has both rates on the tied 262k x 640 output head). Its
 `decompose_mm_pass` does exactly that, but by default only for matrices up to 2048 wide, which excludes the
-vocabulary head that is half of the weights; `configure_inductor` lifts that bound.
+vocabulary head that is half of the weights; `configure_inductor` lifts that bound where inductor's vectors
+are 512 bits wide (`decomposes_head`). On AVX2 its reduction over the head is slower than torch's GEMV, in
+fp32 and bf16 alike (docs/performance.md, "AVX2-only CPUs"), so the bound stays.
 
 What is compiled. Decode steps of one row (the latency case) and of every row of the engine at once (the
 throughput case), with static shapes. Not prefill: prompt lengths vary, and each would be a new graph. The
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.runtime.probe import inductor_isa
+from gemmakit.runtime.probe import inductor_isa, wide_vectors
 
 # Wide enough for any vocabulary head: decompose every one-row matmul.
 _MAX_DECOMPOSED_WIDTH = 1 << 22
@@ -75,11 +77,20 @@ def inductor_cache_dir() -> str:
     return str(root / (inductor_isa() or "generic"))
 
 
+def decomposes_head() -> bool:
+    """Whether compiled CPU steps take one-row matmuls of any width, the vocabulary head's included, as
+    inductor's fused reductions (AVX-512 code), or leave those wider than inductor's bound to torch's GEMV."""
+    return wide_vectors()
+
+
 def configure_inductor() -> None:
-    """Let inductor turn one-row matmuls of any width into fused multiply-reductions (see module docstring)."""
+    """Use a cache directory of this ISA, and where it pays (`decomposes_head`) let inductor turn one-row
+    matmuls of any width into fused multiply-reductions (see the module docstring)."""
     import torch._inductor.config as inductor_config
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
+    if not decomposes_head():
+        return
 
     options = dict(inductor_config.post_grad_fusion_options)
     options["decompose_mm_pass"] = {"cpu_max_other_dimension_decomposition": _MAX_DECOMPOSED_WIDTH}

@@ -24,6 +24,13 @@ faster than oneDNN's packed product, in fp32 and bf16.
 Limits. Inference only (no autograd through the op), CPU, float32 and bfloat16; the packed weights are not
 in `state_dict`, so pack a model loaded for serving, not one that will be trained or saved. Quantized
 modules (quantize.py) have their own kernels and are left alone.
+
+Where oneDNN cannot pack bf16 (AVX2 CPUs: probe.py), it has no fast bf16 GEMM either, and torch's bf16
+product of many rows runs several times slower than fp32's on the same machine (docs/performance.md,
+"AVX2-only CPUs"). There `upcast_linears` gives bf16 linears an `UpcastLinear`: prompts and batched steps
+multiply in fp32 by a passing fp32 copy of the weight (bf16 -> fp32 is exact, and oneDNN's bf16 GEMM
+accumulates in fp32 too), a block of weight rows at a time so the copy stays small; one-row steps, which
+only stream the weight, read the bf16 weight as before.
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ from gemmakit.runtime.probe import onednn_packs
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # Row count oneDNN chooses the blocked layout for; any count works, the engine's batches are about this size.
 _LAYOUT_ROWS = 8
+
+# Rows from which an `UpcastLinear` multiplies in fp32: below it, converting the weight costs more than the
+# slow bf16 product does. Weight elements converted at a time, so the fp32 copy stays a passing few MB.
+UPCAST_ROWS = 8
+_UPCAST_BLOCK = 1 << 22
 
 _PACKED: dict[int, Tensor] = {}
 _handles = itertools.count()
@@ -116,3 +128,35 @@ def pack_linears(model: nn.Module, keep_plain: bool = False, head: bool = True) 
 def packed_bytes(model: nn.Module) -> int:
     """Memory held by the model's packed weights, which are neither parameters nor buffers."""
     return sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear))
+
+
+class UpcastLinear(nn.Linear):
+    """A bias-free bf16 linear for CPUs without a fast bf16 GEMM (see the module docstring): products of
+    `UPCAST_ROWS` rows or more run in fp32 on the upcast weight, a block of rows at a time; fewer rows, or
+    weights of another dtype, take the ordinary product. Same parameter, so `state_dict` is unchanged."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> UpcastLinear:
+        m = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        m.weight = linear.weight
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[:-1].numel() < UPCAST_ROWS or self.weight.dtype != torch.bfloat16:
+            return F.linear(x, self.weight)
+        xf = x.float()
+        block = max(1, _UPCAST_BLOCK // self.in_features)
+        parts = [F.linear(xf, w.float()) for w in self.weight.split(block)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(x.dtype)
+
+
+def upcast_linears(model: nn.Module) -> int:
+    """Give every bias-free bf16 CPU `nn.Linear` of `model` an `UpcastLinear` in place; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            w = child.weight if type(child) is nn.Linear and child.bias is None else None
+            if w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu":
+                setattr(parent, name, UpcastLinear.wrap(child))
+                count += 1
+    return count

@@ -9,6 +9,7 @@ live here, not spread over the model's modules:
 |---------------------|------------------------------------------|-----------------------------------------------|
 | weight layout       | oneDNN-packed / plain                    | `prepare_weights`, at load: CPU float models   |
 |                     |                                          | whose dtype oneDNN really packs (probe.py)     |
+|                     | plain, bf16 prompts in fp32 (Upcast...)  | bf16 CPU models where oneDNN packs no bf16     |
 | compiled steps      | one-row + full-batch decode / eager      | asked for, and a compiler present (compiled.py)|
 | head screen         | bf16 copy (plain / packed) / int8 / off  | head dtype, soft-cap, packing, compile         |
 |                     |                                          | (screen.py)                                   |
@@ -28,8 +29,16 @@ import torch
 from torch import nn
 
 from gemmakit.cache import estimate_bytes
-from gemmakit.runtime.compiled import compile_supported
-from gemmakit.runtime.packing import PackedLinear, pack_linears, packed_bytes, packing_supported
+from gemmakit.runtime.compiled import compile_supported, decomposes_head
+from gemmakit.runtime.packing import (
+    UPCAST_ROWS,
+    PackedLinear,
+    UpcastLinear,
+    pack_linears,
+    packed_bytes,
+    packing_supported,
+    upcast_linears,
+)
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
 from gemmakit.runtime.screen import head_weight, screen_bytes
 
@@ -60,6 +69,10 @@ def prepare_weights(model: nn.Module, pack: bool | None, compile: bool) -> str:
     dtype, device = model_dtype_device(model)
     if pack is None:
         pack = device.type == "cpu" and quantization(model) == "none"
+    if device.type == "cpu" and dtype == torch.bfloat16 and not onednn_packs(dtype):
+        # No fast bf16 GEMM here (what oneDNN's failed bf16 reorder also tells): many-row products in fp32.
+        upcast = upcast_linears(model)
+        return "plain layout" + f", {upcast} bf16 linears multiply prompts in fp32" * bool(upcast)
     if not pack:
         return "plain layout"
     if not packing_supported(torch.empty(0, dtype=dtype, device=device)):
@@ -101,9 +114,13 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     packed = isinstance(getattr(model, "lm_head", None), PackedLinear) or any(
         isinstance(m, PackedLinear) for m in model.modules())
     why["layout"] = "oneDNN-packed" if packed else "plain"
+    if any(isinstance(m, UpcastLinear) for m in model.modules()):
+        why["layout"] += f" (bf16 products of {UPCAST_ROWS}+ rows in fp32: no fast bf16 GEMM here)"
     compiled = compile and compile_supported(device)
     why["compile"] = ("on" if compiled else "off (not asked)" if not compile
                       else f"off (torch.compile cannot build for {device.type} here)")
+    if compiled and device.type == "cpu" and not decomposes_head():
+        why["compile"] += f" (one-row head product on torch's GEMV: inductor's {inductor_isa()} reduction is slower)"
     # The unpack feeds a bf16 GEMM: it pays where oneDNN has a fast bf16 path (AVX-512 and up), not on AVX2.
     int4_unpack = compiled and device.type == "cpu" and quantization(model) == "int4" and onednn_packs(torch.bfloat16)
     if quantization(model) == "int4" and device.type == "cpu":
