@@ -5,11 +5,20 @@ the way transformers sets it up (trim_blocks, lstrip_blocks, loop controls, `toj
 `strftime_now`, the `{% generation %}` tag, namespaces), so a template from the hub renders the same bytes here
 and there. One deliberate difference: unsafe (dunder) attribute access raises at once instead of quietly
 rendering an empty string. Whatever goes wrong inside a template surfaces as one ValueError.
+
+Bounds. The template is code from the checkpoint the operator chose, but what it loops over (messages, tools)
+comes from clients, so one render is bounded in time and size: a deadline checked at every call, attribute
+and item access the sandbox mediates (every loop over `range` or data passes through them), the output
+streamed and cut at `RENDER_CHARS`, and values that could grow without output (`*` and `**` results,
+namespace attributes, call arguments) held to the same size. Past a bound the render fails like any other
+template error. transformers renders without bounds; nothing a bounded render returns differs from its output.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -26,11 +35,57 @@ Message = dict[str, Any]
 Tool = dict[str, Any]
 
 
+# One render's bounds (module docstring): far above any real chat prompt, which fits a model's context.
+RENDER_SECONDS = 5.0
+RENDER_CHARS = 8 << 20
+_render = threading.local()  # the deadline of the render running in this thread
+
+
+def _check_budget() -> None:
+    deadline = getattr(_render, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise SecurityError(f"the chat template ran longer than {RENDER_SECONDS:g} s on this input")
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > RENDER_CHARS:
+        raise SecurityError(f"the chat template built a value of {len(value)} items (at most {RENDER_CHARS})")
+    return value
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """transformers' chat-template sandbox, except that unsafe attribute access raises instead of rendering ''."""
+    """transformers' chat-template sandbox, except that unsafe attribute access raises instead of rendering '',
+    and that a render is bounded (module docstring)."""
+
+    intercepted_binops = frozenset({"*", "**"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _check_budget()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _check_budget()
+        return super().getitem(obj, argument)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's names)
+        _check_budget()
+        for value in (*args, *kwargs.values()):
+            _check_size(value)
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_budget()
+        if operator == "*":  # repetition: size it before building it
+            seq, times = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > RENDER_CHARS:
+                raise SecurityError(f"the chat template built a value of {len(seq) * times} items "
+                                    f"(at most {RENDER_CHARS})")
+        elif operator == "**" and isinstance(right, int) and right > 64 and abs(left) > 1:
+            raise SecurityError(f"the chat template raised a number to the power {right}")
+        return _check_size(super().call_binop(context, operator, left, right))
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -59,7 +114,8 @@ class _Namespace(Namespace):
 
     def __setitem__(self, name: str, value: Any) -> None:
         _check_name(name)
-        Namespace.__setitem__(self, name, value)
+        _check_budget()
+        Namespace.__setitem__(self, name, _check_size(value))
 
 
 def _check_name(name: Any) -> None:
@@ -139,8 +195,22 @@ def render_jinja(template: str, messages: list[Message], tools: list[Tool] | Non
         raise ValueError("tools must be JSON-schema dicts: {'type': 'function', 'function': {...}}")
     documents = _plain(kwargs.pop("documents", None))
     variables = _plain({"bos_token": bos_token, "eos_token": eos_token, **kwargs})
+    _render.deadline = time.monotonic() + RENDER_SECONDS
     try:
-        return _compile(template).render(messages=chat, tools=_plain(tools), documents=documents,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+        return _bounded(_compile(template).generate(messages=chat, tools=_plain(tools), documents=documents,
+                                                    add_generation_prompt=add_generation_prompt, **variables))
     except Exception as e:  # the template is untrusted code: whatever goes wrong in it is a template error
         raise ValueError(f"the chat template failed: {type(e).__name__}: {e}") from e
+    finally:
+        _render.deadline = None
+
+
+def _bounded(pieces: Any) -> str:
+    """The rendered text, cut off with an error once it passes RENDER_CHARS."""
+    out, size = [], 0
+    for piece in pieces:
+        size += len(piece)
+        if size > RENDER_CHARS:
+            raise SecurityError(f"the chat template's output passed {RENDER_CHARS} characters")
+        out.append(piece)
+    return "".join(out)
