@@ -276,8 +276,9 @@ def test_api_key_health_metrics_page_and_schema(fresh, llm):
     with pytest.raises(openai.AuthenticationError):
         live.client("wrong").models.list()
     assert live.client("sekret").chat.completions.create(model=llm.name or "gemma", messages=CAPITAL, max_tokens=2)
-    assert httpx.get(live.url + "/health").json()["status"] == "ok"
-    metrics = httpx.get(live.url + "/metrics").text
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}  # the rest only to key holders
+    assert httpx.get(live.url + "/metrics").status_code == 401
+    metrics = httpx.get(live.url + "/metrics", headers={"authorization": "Bearer sekret"}).text
     assert 'gemmakit_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in metrics  # one so far
     assert "gemmakit_time_to_first_token_seconds_count 1.0" in metrics
     assert 'gemmakit_requests_total{endpoint="/v1/models",status="401"} 1.0' in metrics

@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
                            compile=args.compiled, api_key=args.api_key or os.environ.get("GEMMAKIT_API_KEY"),
                            cors_origins=tuple(args.cors_origin), model_name=args.served_model_name,
-                           guard=args.guard)
+                           guard=args.guard, max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_app(lambda: load_llm(args, warm_up=False), options)  # the server builds its own engine
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
@@ -115,6 +115,7 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also: GEMMAKIT_API_KEY)")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row before 429s")
+    s.add_argument("--max-body-mb", type=float, default=8, help="largest request body taken, in MiB (default 8)")
     s.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable; "
                                                                       "CORS is off by default)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's)")

@@ -12,7 +12,15 @@ queue (429 with Retry-After). A client that disconnects cancels its tickets: its
 step. `/health` is 503 until the model is loaded; `/metrics` is Prometheus text.
 
 Security defaults: the CLI binds 127.0.0.1, CORS is off unless origins are given, and with an API key every
-/v1 route needs `Authorization: Bearer <key>`.
+/v1 route and /metrics need `Authorization: Bearer <key>` (or `x-api-key: <key>`). The check is a dependency
+of each route, not a path prefix, so it holds wherever the app is mounted (uvicorn `--root-path`, a proxy, Ray
+Serve's route prefix), and keys are compared in constant time. Without the key, /health says only "ok",
+"loading" or "failed" (the reason names files), and the chat page and the API schema (/docs, /openapi.json)
+stay public: they describe the API and hold no data.
+
+Limits before any work: a request body over `max_body_bytes` is a 413 while it is still arriving (FastAPI's
+`max_body_size`), and metrics label requests by route template (paths that match no route share one label), so
+no client can grow them.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from gemmakit.api import LLM
 from gemmakit.serve import protocol as P
@@ -61,8 +70,10 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
         if app.state.server is not None:
             app.state.server.loop.stop()
 
-    app = FastAPI(title="gemmakit", version="0.1.0", summary="OpenAI-compatible Gemma server", lifespan=lifespan)
+    app = FastAPI(title="gemmakit", version="0.1.0", summary="OpenAI-compatible Gemma server", lifespan=lifespan,
+                  max_body_size=options.max_body_bytes)
     app.state.server, app.state.load_error, app.state.metrics = None, None, metrics
+    app.state.options = options
 
     _install_middleware(app, options, metrics)
     install_routes(app)
@@ -77,19 +88,7 @@ def _install_middleware(app: FastAPI, options: ServeOptions, metrics: Metrics) -
         app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if options.api_key and path.startswith("/v1") and request.method != "OPTIONS" and \
-                request.headers.get("authorization", "") != f"Bearer {options.api_key}":
-            response: Response = fail(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-        else:
-            response = await call_next(request)
-        if path.startswith("/v1"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        response.headers["X-Gemmakit-Replica"] = replica  # which process answered (several behind Ray Serve)
-        return response
+    app.add_middleware(_CountAndTag, metrics=metrics, replica=replica)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,6 +103,41 @@ def _install_middleware(app: FastAPI, options: ServeOptions, metrics: Metrics) -
     async def _failed(request: Request, exc: HTTPFail) -> JSONResponse:
         return exc.response
 
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (no such route, a body over max_body_size) in OpenAI's error shape too.
+        message = (f"the request body is larger than this server takes ({options.max_body_bytes} bytes)"
+                   if exc.status_code == 413 else f"{request.method} {request.url.path}: {exc.detail}")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return fail(exc.status_code, message, code=code, headers=exc.headers)
+
     @app.exception_handler(P.ParamError)
     async def _param(request: Request, exc: P.ParamError) -> JSONResponse:
         return fail(400, str(exc), exc.param, exc.code)
+
+
+class _CountAndTag:
+    """Pure ASGI middleware: counts each request by route template (the router sets `scope["route"]`; paths
+    that match none share "unmatched") and status, and names the process that answered (several run behind
+    Ray Serve). Not `@app.middleware("http")`: that wrapper hides a client's disconnect from the handlers."""
+
+    def __init__(self, app: Any, metrics: Metrics, replica: str):
+        self.app, self.metrics, self.replica = app, metrics, replica
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def tagged(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-gemmakit-replica", self.replica.encode())]}
+            await send(message)
+        try:
+            await self.app(scope, receive, tagged)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()

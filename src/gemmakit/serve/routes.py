@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from gemmakit.chat.dialogue import STOP_STRINGS as DIALOGUE_STOPS
@@ -26,10 +26,13 @@ from gemmakit.serve.server import (
     Server,
     check_fits,
     check_model,
+    check_room,
     fail,
+    key_matches,
     next_update,
     per_choice,
     ready,
+    require_key,
     response_constraint,
     sse,
     submit_all,
@@ -38,22 +41,29 @@ from gemmakit.serve.server import (
 
 
 def install_routes(app: FastAPI) -> None:
-    app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)",
+    keyed = [Depends(require_key)]  # on the routes themselves: holds under any mount prefix (app.py)
+    app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)", dependencies=keyed,
              responses={200: {"model": P.ChatCompletion}, **P.ERRORS})(chat_completions)
-    app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)",
+    app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)", dependencies=keyed,
              responses={200: {"model": P.TextCompletion}, **P.ERRORS})(completions)
-    app.get("/v1/models", summary="List the served model")(models)
-    app.get("/health", summary="200 when the model is loaded, 503 while loading")(health)
-    app.get("/metrics", summary="Prometheus metrics", response_class=Response)(metrics)
+    app.get("/v1/models", summary="List the served model", dependencies=keyed)(models)
+    app.get("/health", summary="200 when the model is loaded and the engine runs, 503 while loading")(health)
+    app.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=keyed)(metrics)
     app.get("/", response_class=HTMLResponse, include_in_schema=False)(page)
 
 
 async def health(request: Request) -> JSONResponse:
+    """ok / loading / failed; why it failed (which names files) and the model only to key holders."""
     state = request.app.state
-    if state.server is not None:
-        return JSONResponse({"status": "ok", "model": state.server.name})
-    status = "failed: " + state.load_error if state.load_error else "loading"
-    return JSONResponse({"status": status}, status_code=500 if state.load_error else 503)
+    key = state.options.api_key
+    detailed = not key or key_matches(request, key)
+    server = state.server
+    failure = state.load_error or (server is not None and getattr(server.loop, "failure", None)) or None
+    if failure:
+        return JSONResponse({"status": "failed: " + failure if detailed else "failed"}, status_code=500)
+    if server is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok", "model": server.name} if detailed else {"status": "ok"})
 
 
 async def metrics(request: Request) -> Response:
@@ -76,6 +86,7 @@ async def page() -> HTMLResponse:
 async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     server = ready(request)
     check_model(server, body.model)
+    check_room(server, body.n)
     llm = server.llm
     messages = P.check_messages(body.messages)
     if refusal := server.check_input(messages):
@@ -85,10 +96,8 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         if verdict.refusal:
             return _refused(server, body, verdict.refusal)
     tools = None if body.tool_choice == "none" else body.tools
-    try:
-        ids = llm.encode_prompt(llm.render(messages, tools, body.thinking))
-    except ValueError as e:  # e.g. tools for a base model, a template that refuses the messages
-        raise P.ParamError(str(e), "messages") from None
+    # Rendering (a checkpoint's template) and tokenizing are CPU work: off the event loop other requests need.
+    ids = await asyncio.to_thread(_chat_ids, llm, messages, tools, body.thinking)
     max_tokens = check_fits(server, len(ids), body.max_completion_tokens or body.max_tokens, "messages")
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                            llm.model.config.vocab_size)
@@ -103,11 +112,11 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
             c.add_guard(server.guard, last_user if isinstance(last_user, str) else None)
     if body.response_format or body.tool_choice not in (None, "auto", "none"):
         await asyncio.to_thread(server.grammars)  # built once (~3 s), off the event loop other streams need
-    constraint = response_constraint(server, body.response_format)
+    constraint = await asyncio.to_thread(response_constraint, server, body.response_format)  # compiles it
     if body.tool_choice not in (None, "auto", "none"):
         if constraint is not None:
             raise P.ParamError("tool_choice and response_format cannot both constrain one output", "tool_choice")
-        constraint = tool_constraint(server, body.tool_choice, tools)
+        constraint = await asyncio.to_thread(tool_constraint, server, body.tool_choice, tools)
     tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint))
     run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids))
     if body.stream:
@@ -118,6 +127,13 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         {"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
          "logprobs": {"content": P.chat_logprobs(c.logprobs, server.piece)} if body.logprobs else None}
         for c in choices], run.usage())
+
+
+def _chat_ids(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: Any) -> list[int]:
+    try:
+        return llm.encode_prompt(llm.render(messages, tools, thinking))
+    except ValueError as e:  # e.g. tools for a base model, a template that refuses the messages
+        raise P.ParamError(str(e), "messages") from None
 
 
 def _refused(server: Server, body: Any, message: str, count: int | None = None) -> Any:
@@ -145,7 +161,8 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
     check_model(server, body.model)
     if body.suffix:
         raise P.ParamError("suffix is not supported", "suffix", "unsupported_value")
-    prompts = _prompt_ids(server, body.prompt)
+    check_room(server, _prompt_count(body.prompt) * body.n, "prompt")  # before any work is built for them
+    prompts = await asyncio.to_thread(_prompt_ids, server, body.prompt)
     texts: list[str | None] = [None] * len(prompts)
     if server.guard is not None:
         prompts, texts, refusal = await asyncio.to_thread(_guard_prompts, server, prompts)
@@ -174,10 +191,19 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
         for c in choices], run.usage())
 
 
+def _prompt_items(prompt: Any) -> list[Any]:
+    """The prompts of a completion request: a string, strings, token ids, or lists of token ids."""
+    return prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+
+
+def _prompt_count(prompt: Any) -> int:
+    return len(_prompt_items(prompt))
+
+
 def _prompt_ids(server: Server, prompt: Any) -> list[list[int]]:
     """The prompt as token-id lists: a string, strings, token ids, or lists of token ids."""
     tok, vocab = server.llm.tokenizer, server.llm.model.config.vocab_size
-    items = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    items = _prompt_items(prompt)
     out = []
     for item in items:
         ids = tok.encode(item) if isinstance(item, str) else list(item)

@@ -9,6 +9,7 @@ and may cut it (finish_reason "content_filter"). Both return None to let it pass
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -42,6 +43,7 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = ()
     model_name: str | None = None
     guard: str | None = None  # a guard YAML (safety/guard.py): input and output rules for both completions
+    max_body_bytes: int = 8 << 20  # far above a full context of text; an oversized body is a 413
 
 
 class Server:
@@ -96,6 +98,21 @@ class HTTPFail(Exception):
         self.response = response
 
 
+def require_key(request: Request) -> None:
+    """The API-key check, a dependency of every guarded route (so it holds under any mount prefix); the key is
+    compared in constant time, so response timing says nothing about how much of a guess was right."""
+    key = request.app.state.options.api_key
+    if key and not key_matches(request, key):
+        raise HTTPFail(fail(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                            code="invalid_api_key"))
+
+
+def key_matches(request: Request, key: str) -> bool:
+    bearer = request.headers.get("authorization", "")
+    given = bearer[7:] if bearer[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
 def ready(request: Request) -> Server:
     app = request.app
     if app.state.server is None:
@@ -103,6 +120,8 @@ def ready(request: Request) -> Server:
             raise HTTPFail(fail(500, f"the model failed to load: {app.state.load_error}", type="server_error"))
         raise HTTPFail(fail(503, "the model is still loading; retry shortly", type="server_error",
                             headers={"Retry-After": "5"}))
+    if failure := getattr(app.state.server.loop, "failure", None):
+        raise HTTPFail(fail(500, f"the engine stopped: {failure}; restart the server", type="server_error"))
     return app.state.server
 
 
@@ -110,6 +129,19 @@ def check_model(server: Server, model: str | None) -> None:
     if model not in (None, "", server.name):
         raise HTTPFail(fail(404, f"model {model!r} is not served here; this server has {server.name!r} "
                                  "(GET /v1/models)", "model", "model_not_found"))
+
+
+def check_room(server: Server, sequences: int, param: str = "n") -> None:
+    """Refuse a request's `sequences` (prompts x n) before any work is built for them: a 400 when they could
+    never all queue here, a 429 when the queue has no room for them now."""
+    loop = server.loop
+    if sequences > loop.max_queue:
+        raise P.ParamError(f"this request asks for {sequences} sequences (prompts x n); this server queues at most "
+                           f"{loop.max_queue} at once (--max-queue): send fewer prompts or a lower n", param)
+    if loop.waiting + sequences > loop.max_queue:
+        raise HTTPFail(fail(429, f"the server is busy: {loop.waiting} sequences are waiting for a slot "
+                                 f"(--max-queue {loop.max_queue}); retry later", code="rate_limit_exceeded",
+                            type="rate_limit_error", headers={"Retry-After": "1"}))
 
 
 def check_fits(server: Server, n_prompt: int, max_tokens: int | None, param: str) -> int:
@@ -187,13 +219,15 @@ def tool_constraint(server: Server, choice: Any, tools: list[dict] | None) -> Ca
 
 
 async def next_update(events: asyncio.Queue, request: Request) -> tuple[int, Any] | None:
-    """The next update, or None once the client has gone away."""
+    """The next update, or None once the client has gone away. Asked at every update, not only in silences:
+    tokens may flow for minutes to a client that left, and each one costs the other rows a step."""
     while True:
+        if await request.is_disconnected():
+            return None
         try:
             return await asyncio.wait_for(events.get(), timeout=0.5)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                return None
+            continue
 
 
 def sse(obj: dict | str) -> str:
