@@ -315,7 +315,8 @@ def test_make_generator_seeds_reproducibly():
     ("top_p", 0.0), ("top_p", 1.5), ("min_p", -0.1), ("min_p", 1.1), ("repetition_penalty", 0.0),
     ("presence_penalty", 2.5), ("frequency_penalty", -2.5), ("logprobs", 21), ("logprobs", -1),
     ("loop_guard", "maybe"), ("logit_bias", {-1: 1.0}), ("logit_bias", {5: float("inf")}),
-    ("loop_min_repeats", 1),
+    ("loop_min_repeats", 1), ("logit_bias", {5: 1e39}), ("logit_bias", {5: 100.5}), ("logit_bias", {5: math.nan}),
+    ("repetition_penalty", 1e-38), ("repetition_penalty", math.nan), ("repetition_penalty", 1e39),
 ])
 def test_validate_rejects_each_bad_value(field, value):
     """Every out-of-range value raises a ValueError that names its field."""
@@ -385,3 +386,27 @@ def test_one_rule_for_fitting_the_context():
         fit_context(60, 10, 64)
     with pytest.raises(ValueError, match="leaves no room to generate in the context of 64 tokens"):
         fit_context(64, None, 64)
+
+
+def test_draws_never_come_from_nans():
+    """Whatever reaches the draw, the token is a real choice: a processor's +inf logit is a certainty, a row a
+    processor turned to NaN falls back to the argmax of the processed logits, and a temperature so small that
+    dividing by it overflows float32 samples at 0.01 instead (vLLM's floor) rather than drawing from NaNs."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0]])
+
+    def inf_at_5(z, tokens, prompt_len):
+        return torch.where(torch.arange(V) == 5, math.inf, z)
+
+    def all_nan(z, tokens, prompt_len):
+        return torch.full_like(z, math.nan)
+
+    for processor, want in ((inf_at_5, 5), (all_nan, 1)):
+        params = SamplingParams(temperature=1.0, logits_processors=(processor,))
+        for seed in range(5):
+            tokens, _ = step(Sampler(V), logits, [params], generators=[make_generator(seed, "cpu")])
+            assert tokens.tolist() == [want], processor.__name__
+    big = torch.tensor([[0.0, 30.0, 29.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    for seed in range(5):
+        tokens, lps = step(Sampler(V), big, [SamplingParams(temperature=1e-38, logprobs=2)],
+                           generators=[make_generator(seed, "cpu")])
+        assert tokens.tolist() == [1] and all(math.isfinite(lp) for _, lp in lps[0].top)

@@ -25,6 +25,10 @@ Notable choices:
   seeded row gives the same tokens whatever else is in the batch. Rows without a generator draw from torch's
   default RNG.
 - A row whose processing bans every token falls back to its raw logits rather than failing the whole batch.
+- Numbers stay finite in float32: bias and repetition penalty are bounded (MAX_BIAS, MIN/MAX_PENALTY),
+  temperatures below 0.01 sample at 0.01, and a row whose draw logits are still no distribution (+inf from a
+  processor, NaN) falls back to `_last_resort` instead of drawing from NaNs. NaN in the model's own logits
+  is the caller's to catch: the engine ends that request with an error.
 - Loop detection (`find_loop`) looks at generated tokens only, so a repetitive prompt never trips it.
 
 What this file does not do: know about any particular processor (the front end that enables one hands it
@@ -45,6 +49,12 @@ from torch import Tensor
 
 LOOP_GUARDS = ("off", "stop", "penalize")
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+# Ranges that keep every processed logit finite in float32: a bias of 1e39 is +inf there (and -inf + inf is
+# NaN), and a repetition penalty of 1e-38 divides a logit into +inf. The bias range is OpenAI's.
+MAX_BIAS = 100.0
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
+# Temperatures in (0, MIN_TEMPERATURE) sample at MIN_TEMPERATURE, as vLLM does: dividing by less overflows.
+MIN_TEMPERATURE = 0.01
 
 
 class LogitsProcessor(Protocol):
@@ -142,8 +152,8 @@ class SamplingParams:
              f"top_k must be at least 1 (None disables it), got {p.top_k}"),
             (p.top_p is None or 0.0 < p.top_p <= 1.0, f"top_p must be in (0, 1] (None disables it), got {p.top_p}"),
             (p.min_p is None or 0.0 <= p.min_p <= 1.0, f"min_p must be in [0, 1] (None disables it), got {p.min_p}"),
-            (0.0 < p.repetition_penalty < math.inf,
-             f"repetition_penalty must be positive and finite (1 = off), got {p.repetition_penalty}"),
+            (MIN_PENALTY <= p.repetition_penalty <= MAX_PENALTY,
+             f"repetition_penalty must be in [{MIN_PENALTY}, {MAX_PENALTY}] (1 = off), got {p.repetition_penalty}"),
             (-2.0 <= p.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {p.presence_penalty}"),
             (-2.0 <= p.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}"),
             (p.logprobs is None or (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_LOGPROBS),
@@ -162,10 +172,11 @@ class SamplingParams:
         limit = vocab_size if vocab_size is not None else math.inf
         bias = self.logit_bias or {}
         bad_ids = [t for t in [*bias, *self.stop_token_ids] if not (_is_int(t) and 0 <= t < limit)]
-        bad_bias = {t: b for t, b in bias.items() if not -math.inf <= b < math.inf}
+        bad_bias = {t: b for t, b in list(bias.items())[:10] if not (-MAX_BIAS <= b <= MAX_BIAS or b == -math.inf)}
         return [
-            (not bad_ids, f"token ids in logit_bias and stop_token_ids must be in [0, {limit}), got {bad_ids}"),
-            (not bad_bias, f"logit_bias values must be numbers below +inf (-inf bans a token), got {bad_bias}"),
+            (not bad_ids, f"token ids in logit_bias and stop_token_ids must be in [0, {limit}), got {bad_ids[:10]}"),
+            (not bad_bias, f"logit_bias values must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}] (or -inf, which bans a "
+                           f"token), got {bad_bias}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop!r}"),
         ]
 
@@ -298,6 +309,16 @@ def _truncate(sorted_x: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, log
     return ~drop
 
 
+def _last_resort(z: Tensor, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A token for a row whose draw logits `z` are no distribution. +inf logits (a processor's, or an
+    overflow) are the limit of a distribution that puts all its mass on them: draw among those. Otherwise
+    (NaN, or all -inf) take the argmax of the processed logits `x`, NaN counted as -inf, as greedy would."""
+    top = z == math.inf
+    if bool(top.any()):
+        return Sampler._race(top.float() / top.sum(), generator)
+    return x.nan_to_num(nan=-math.inf).argmax()
+
+
 def _counts(seqs: list[Sequence[int]], vocab_size: int, device: torch.device) -> Tensor:
     """[B, V] float32: how often each token occurs in each row's sequence."""
     rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(s) for s in seqs]))
@@ -409,7 +430,7 @@ class Sampler:
             return tokens
         sub, dev = [params[i] for i in rows], x.device
         index = torch.tensor(rows, device=dev)
-        z, temperature = x[index], _column(sub, "temperature", dev)
+        z, temperature = x[index], _column(sub, "temperature", dev).clamp_min(MIN_TEMPERATURE)
         if any(p.top_k or p.top_p or p.min_p for p in sub):
             top_k = torch.tensor([min(p.top_k or self.vocab_size, self.vocab_size) for p in sub], device=dev)
             z = warp(z, temperature, top_k, _column(sub, "top_p", dev, 1.0), _column(sub, "min_p", dev))
@@ -420,6 +441,8 @@ class Sampler:
                              for zz, i in zip(z, rows, strict=True)])
         probs = z.softmax(dim=-1)
         picked = [self._race(p, generators[i]) for p, i in zip(probs, rows, strict=True)]
+        picked = [t if t is not None else _last_resort(zz, x[i], generators[i])
+                  for t, zz, i in zip(picked, z, rows, strict=True)]
         return tokens.index_copy(0, index, torch.stack(picked))
 
     @staticmethod
@@ -429,11 +452,14 @@ class Sampler:
         return z
 
     @staticmethod
-    def _race(p: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _race(p: Tensor, generator: torch.Generator | None) -> Tensor | None:
         """argmax(p / q), q ~ Exp(1), over the tokens p keeps, in id order: one draw per kept token from the
         row's own generator, so a seeded row draws the same numbers whatever the batch. Drawing only for the
-        kept tokens (64 under Gemma's top-k, not all 262k) takes ~4 ms per row out of every sampled step."""
+        kept tokens (64 under Gemma's top-k, not all 262k) takes ~4 ms per row out of every sampled step.
+        None when p is not a distribution (NaN: its logits held +inf, NaN, or nothing but -inf)."""
         kept = p.nonzero()[:, 0]
+        if not len(kept) or not bool(torch.isfinite(p[kept]).all()):
+            return None
         q = torch.empty(len(kept), dtype=torch.float32, device=p.device).exponential_(generator=generator)
         return kept[(p[kept] / q.clamp_min_(torch.finfo(torch.float32).tiny)).argmax()]
 
