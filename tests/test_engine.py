@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gemmakit.checkpoints import load_model, load_model_and_tokenizer
-from gemmakit.engine import Engine
+from gemmakit.engine import Engine, StopText
 from gemmakit.model import Gemma
 from gemmakit.sampling import SamplingParams
 from gemmakit.speculative import ModelDrafter, speculative_generate
@@ -198,3 +198,120 @@ def test_loop_guard_stops_a_repetition_collapse(real):
     assert loose.finish_reason == "length" and len(set(loose.tokens[-30:])) <= 2
     guarded = engine.generate([prompt], SamplingParams(max_tokens=80, loop_guard="stop"))[0]
     assert guarded.finish_reason == "loop" and len(guarded.tokens) < 80
+
+
+class RefusingConstraint(CountingConstraint):
+    """A grammar that allows its ids, then refuses the token it is given at step `refuse_at` (as llguidance does
+    when a sampler picks a token the mask forbade)."""
+
+    def __init__(self, vocab: int, allowed_ids: list[int], refuse_at: int):
+        super().__init__(vocab, allowed_ids, length=10**6)
+        self.refuse_at = refuse_at
+
+    def advance(self, token: int) -> None:
+        if len(self.seen) == self.refuse_at:
+            raise RuntimeError(f"token {token} was outside the grammar")
+        super().advance(token)
+
+
+def _raises(z, tokens, prompt_len):
+    raise ValueError("a broken logits processor")
+
+
+def test_a_failing_request_ends_alone(model):
+    """A grammar that refuses a token, a grammar that allows nothing and a processor that raises each end their
+    own request with "error" and a reason; the plain request batched with them gets exactly its tokens."""
+    vocab, prompt = model.config.vocab_size, _prompts(1)[0]
+    engine = Engine(model, max_batch=4, context=128)
+    want = greedy_without_cache(model, prompt, 8)
+    refused, empty, broken, plain = engine.generate([prompt] * 4, [
+        SamplingParams(max_tokens=20, constraint=RefusingConstraint(vocab, [7, 11], refuse_at=2)),
+        SamplingParams(max_tokens=20, constraint=CountingConstraint(vocab, [], length=5)),
+        SamplingParams(max_tokens=20, temperature=1.0, logits_processors=(_raises,)),
+        SamplingParams(max_tokens=8)])
+    assert plain.tokens == want and plain.finish_reason == "length" and plain.error is None
+    assert [r.finish_reason for r in (refused, empty, broken)] == ["error"] * 3
+    assert "outside the grammar" in refused.error and len(refused.tokens) == 2
+    assert "no token is allowed" in empty.error and "broken logits processor" in broken.error
+    assert sorted(engine.free_rows) == [0, 1, 2, 3] and not engine.has_work
+
+
+def test_a_decode_step_that_fails_is_pinned_on_its_row(model, monkeypatch):
+    """When the batched decode raises, each row is stepped alone: only the row that fails by itself ends, with
+    the error; the others continue to exactly their tokens. abort() then frees every row."""
+    prompts = _prompts(3)
+    engine = Engine(model, max_batch=3, context=128)
+    decode = engine.runtime.decode
+
+    def fails_for_row_1(tokens, positions, rows, greedy):
+        if 1 in rows and positions[rows.index(1)] >= len(prompts[1]) + 2:
+            raise RuntimeError("row 1 is cursed")
+        return decode(tokens, positions, rows, greedy=greedy)
+
+    monkeypatch.setattr(engine.runtime, "decode", fails_for_row_1)
+    reqs = engine.generate(prompts, SamplingParams(max_tokens=6))
+    assert [r.finish_reason for r in reqs] == ["length", "error", "length"]
+    assert "row 1 is cursed" in reqs[1].error and len(reqs[1].tokens) == 3
+    assert [reqs[0].tokens, reqs[2].tokens] == [greedy_without_cache(model, prompts[i], 6) for i in (0, 2)]
+    running = engine.submit(prompts[0], SamplingParams(max_tokens=50))
+    engine.step()
+    assert engine.abort("the step failed") == [running] and running.error == "the step failed"
+    assert sorted(engine.free_rows) == [0, 1, 2] and not engine.has_work
+    assert engine.generate([prompts[2]], SamplingParams(max_tokens=6))[0].tokens == reqs[2].tokens
+
+
+class SearchStopText:
+    """The reference: search the held text for every stop string, and for every prefix of one at its end."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending, self.stopped = stops, "", False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, out, self.pending = True, self.pending[:min(hits)], ""
+            return out
+        keep = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+
+def test_stop_text_cuts_like_a_search_of_the_held_text():
+    """Fed the same random pieces, StopText releases exactly what searching the held text does (the earliest
+    stop string, nothing past it), and holds back less than the longest stop string."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (), generator=g))
+
+    def word(n: int) -> str:
+        return "".join("ab\n"[rand(0, 3)] for _ in range(n))
+
+    for _ in range(1000):
+        stops = [word(rand(1, 6)) for _ in range(rand(1, 5))]
+        text, at, cuts = word(rand(0, 40)), 0, []
+        while at < len(text):
+            cuts.append(text[at:at + (n := rand(1, 5))])
+            at += n
+        ours, reference = StopText(stops), SearchStopText(stops)
+        for piece in cuts:
+            assert ours.feed(piece) == reference.feed(piece), (stops, cuts)
+            assert len(ours.pending) < max(map(len, stops))
+        assert ours.finish() == ("" if reference.stopped else reference.pending)
+
+
+def test_a_long_stop_string_costs_no_more_per_token():
+    """The matcher is linear: with four 64k-character stop strings that the text keeps almost matching, a token
+    costs microseconds (the old prefix search took ~50 ms per token, for every request on the server)."""
+    import time
+
+    stops = ["a" * 65535 + c for c in "bcde"]
+    cut = StopText(stops)
+    t0 = time.perf_counter()
+    released = "".join(cut.feed("aaaa") for _ in range(200))
+    per_token = (time.perf_counter() - t0) / 200
+    assert released == "" and per_token < 2e-3, per_token
+    assert cut.feed("a" * 70000) == "a" * (800 + 70000 - 65535) and len(cut.pending) == 65535

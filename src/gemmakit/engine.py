@@ -19,6 +19,11 @@ How a request flows:
 - Memory is known before it is allocated: the KV cache for `max_batch` rows x `context` tokens plus working
   memory is estimated first (cache.estimate_bytes), and an engine that would not fit is refused with the
   numbers instead of crashing later.
+- Failures stay with the request that caused them. A grammar that refuses the sampled token, logits that are
+  NaN or allow no token, a logits processor or a prefill that raises: that request finishes with "error"
+  (`Request.error` says why) and leaves its row, and every other row goes on. A batched decode step that
+  raises is retried row by row, so only the rows that fail alone end. `abort` ends everything and frees
+  every row, for the errors nobody can be blamed for.
 
 Speculative decoding lives in speculative.py, which defines the drafter contract (`Drafter`) once.
 """
@@ -51,31 +56,69 @@ class StopText:
     """Cuts streamed text at the first stop string, holding back any tail that could still become one.
 
     Stop strings may span tokens ("\\nUser:" arrives as "\\n", "User", ":"), so a piece is only released
-    once no stop string can start inside it.
+    once no stop string can start inside it. Each stop string is matched by a KMP automaton whose state is the
+    longest prefix of it that the text ends with: every character costs O(1) amortised per stop string, however
+    long the strings are, and the held-back tail is never longer than the longest of them. (Searching the
+    held text for every prefix of every stop string on each token was quadratic in their length, and it runs
+    in the engine thread that every request waits on.)
     """
 
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
+        self._fail = [_kmp_table(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
         self.pending = ""
         self.stopped = False
 
     def feed(self, text: str) -> str:
         if self.stopped:
             return ""
+        base = len(self.pending)
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        first = None  # the earliest start of a stop string that ends inside `text`
+        for k, (stop, fail) in enumerate(zip(self.stops, self._fail, strict=True)):
+            state, hit = self._state[k], None
+            for i, ch in enumerate(text):
+                state = _kmp_step(stop, fail, state, ch)
+                if state == len(stop):
+                    hit = base + i + 1 - len(stop)
+                    break
+            self._state[k] = state
+            if hit is not None and (first is None or hit < first):
+                first = hit
+        if first is not None:
             self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
+            out, self.pending = self.pending[:first], ""
             return out
-        keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1)
-                    if self.pending.endswith(s[:n])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        keep = max(self._state, default=0)  # the longest tail that is still the start of a stop string
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
 
     def finish(self) -> str:
         out, self.pending = ("" if self.stopped else self.pending), ""
         return out
+
+
+def _kmp_table(s: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+def _kmp_step(s: str, fail: list[int], state: int, ch: str) -> int:
+    """The automaton's next state: how much of `s` the text ends with after `ch`."""
+    if state == len(s):
+        state = fail[state - 1]
+    while state and s[state] != ch:
+        state = fail[state - 1]
+    return state + 1 if s[state] == ch else 0
 
 
 @dataclass
@@ -88,7 +131,8 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # only when stop strings need it (a tokenizer was given)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "loop"
+    finish_reason: str | None = None  # "stop", "length", "loop", "cancelled" or "error" (then `error` says why)
+    error: str | None = None
     row: int = -1
     generator: torch.Generator | None = None
     decoder: Any = None
@@ -171,11 +215,26 @@ class Engine:
     def step(self) -> list[tuple[Request, int]]:
         """Decode one token for every running sequence, then admit (prefill) what fits into free rows; the
         newcomers join the batch at the next step. Returns (request, token) for every token produced;
-        finished requests have `finish_reason` set and have already left the batch."""
+        finished requests have `finish_reason` set and have already left the batch. A request that fails
+        (see the module docstring) finishes with "error" and its `error`, and is returned as (request, -1)."""
         events = self._decode(list(self.running.values()))
         while self.waiting and self.free_rows:
-            events += self._prefill(self.waiting.popleft())
+            req = self.waiting.popleft()
+            events += self._guarded([req], lambda r=req: self._prefill(r), "prefill failed")
         return events
+
+    def abort(self, message: str) -> list[Request]:
+        """End every running and waiting request with `message` and free every row: the way back to a
+        consistent engine after an error nobody can be blamed for. Returns the requests it ended."""
+        ended = [*self.running.values(), *self.waiting]
+        self.waiting.clear()
+        for req in ended:
+            req.finish_reason, req.error = "error", req.error or message
+            req.row = -1
+        self.running.clear()
+        self.runtime.clear(list(range(self.max_batch)))
+        self.free_rows = list(range(self.max_batch))[::-1]
+        return ended
 
     def _prefill(self, req: Request) -> list[tuple[Request, int]]:
         req.row = self.free_rows.pop()
@@ -186,32 +245,83 @@ class Engine:
         if not reqs:
             return []
         reqs = sorted(reqs, key=lambda r: r.row)
+        try:
+            return self._decode_rows(reqs)
+        except Exception as e:
+            if len(reqs) == 1:
+                return [self._fail(reqs[0], f"decoding failed: {type(e).__name__}: {e}")]
+        # Which row broke the batch is unknown: step each alone (writing a row's K/V again at the same position
+        # is harmless), so only the rows that fail by themselves end.
+        return [e for r in reqs for e in self._guarded([r], lambda r=r: self._decode_rows([r]), "decoding failed")]
+
+    def _decode_rows(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         out = self.runtime.decode([r.tokens[-1] for r in reqs], [r.position for r in reqs], [r.row for r in reqs],
                                   greedy=all(r.params.plain_greedy for r in reqs))
         return self._take(reqs, out)
 
+    def _guarded(self, reqs: list[Request], work: Any, what: str) -> list[tuple[Request, int]]:
+        """`work()`'s events; if it raises, `reqs` (the only rows it touched) end with the error instead."""
+        try:
+            return work()
+        except Exception as e:
+            return [self._fail(r, f"{what}: {type(e).__name__}: {e}") for r in reqs if not r.finished]
+
+    def _fail(self, req: Request, message: str) -> tuple[Request, int]:
+        req.error = message
+        self._finish(req, "error")
+        return req, -1
+
     def _take(self, reqs: list[Request], out: StepOut) -> list[tuple[Request, int]]:
         """Accept a step's certified greedy tokens, or sample from its logits."""
         if out.tokens is not None:
-            return self._accept_all(reqs, out.tokens, [None] * len(reqs))
+            return self._accept_all(reqs, out.tokens.tolist(), [None] * len(reqs))
         return self._sample(reqs, out.logits)
 
     def _sample(self, reqs: list[Request], logits: Tensor) -> list[tuple[Request, int]]:
+        """Sample every row that can be sampled; a row whose logits are NaN, or that allows no token at all,
+        ends with an error of its own."""
+        failed: list[tuple[Request, int]] = []
         constrained = [i for i, r in enumerate(reqs) if r.params.constraint is not None]
         if constrained:  # a copy: a compiled step may hand out its own output buffer
             logits = logits.clone()
             for i in constrained:
-                allowed = reqs[i].params.constraint.allowed().to(logits.device)
+                try:
+                    allowed = reqs[i].params.constraint.allowed().to(logits.device)
+                except Exception as e:
+                    failed.append(self._fail(reqs[i], f"the grammar failed: {type(e).__name__}: {e}"))
+                    continue
                 logits[i].masked_fill_(~allowed[: logits.shape[-1]], -math.inf)
+        top = logits.amax(dim=-1).tolist()  # NaN if a row holds one, -inf if it allows nothing: one pass
+        for i in (i for i, t in enumerate(top) if not t > -math.inf and not reqs[i].finished):
+            failed.append(self._fail(reqs[i], "the model's logits for this sequence are NaN" if math.isnan(top[i])
+                                     else "no token is allowed here: the grammar (response_format / tool_choice) "
+                                     "admits none of the model's tokens"))
+        keep = [i for i, r in enumerate(reqs) if not r.finished]
+        if len(keep) < len(reqs):
+            reqs, logits = [reqs[i] for i in keep], logits[torch.tensor(keep, device=logits.device)]
+        if not reqs:
+            return failed
+        try:
+            tokens, logprobs = self._draw(reqs, logits)
+        except Exception:  # one row's parameters or processors: find which, row by row
+            return failed + [e for i, r in enumerate(reqs) for e in self._guarded(
+                [r], lambda i=i, r=r: self._accept_all([r], *self._draw([r], logits[i:i + 1])), "sampling failed")]
+        return failed + self._accept_all(reqs, tokens, logprobs)
+
+    def _draw(self, reqs: list[Request], logits: Tensor) -> tuple[list[int], list[TokenLogprobs | None]]:
         tokens, logprobs = self.sampler.sample(logits, [r.params for r in reqs], [r.prompt + r.tokens for r in reqs],
                                                [len(r.prompt) for r in reqs], [r.generator for r in reqs])
-        return self._accept_all(reqs, tokens, logprobs)
+        return tokens.tolist(), logprobs
 
-    def _accept_all(self, reqs: list[Request], tokens: Tensor, logprobs: list[TokenLogprobs | None]
+    def _accept_all(self, reqs: list[Request], tokens: list[int], logprobs: list[TokenLogprobs | None]
                     ) -> list[tuple[Request, int]]:
         events = []
-        for req, token, lp in zip(reqs, tokens.tolist(), logprobs, strict=True):
-            self._accept(req, token, lp)
+        for req, token, lp in zip(reqs, tokens, logprobs, strict=True):
+            try:
+                self._accept(req, token, lp)
+            except Exception as e:  # e.g. the grammar refused the token: this request ends, the batch goes on
+                events.append(self._fail(req, f"{type(e).__name__}: {e}"))
+                continue
             events.append((req, token))
         return events
 
@@ -265,6 +375,8 @@ class Engine:
                 self.step()
                 yield from req.tokens[sent:]
                 sent = len(req.tokens)
+            if req.error is not None:
+                raise RuntimeError(req.error)
         finally:
             if not req.finished:
                 self.cancel(req)
