@@ -40,6 +40,26 @@ def test_rules_and_the_output_watch():
     assert HOLD >= 42  # the longest IBAN with spaces fits in what is held back
 
 
+def test_the_output_watch_checks_each_update_in_bounded_time():
+    """Each update checks the unsent text and a bounded window before it, not the whole message again: a 108k
+    character stream in 4-character updates takes seconds (rescanning everything took 3.8 s for just 20k), and
+    findings far into it are still redacted, and a block far into it still blocks."""
+    import time
+
+    guard = Guard([Rule("pii", "pii", "redact"), Rule("x", "pattern", "block", where="output", keywords=["bomb"])])
+    filler = "lorem ipsum dolor sit amet " * 4000
+    text = filler + "write to jane.doe@example.com today " + "x" * 100
+    watch, sent, t0 = OutputWatch(guard), "", time.perf_counter()
+    for end in range(4, len(text) + 4, 4):
+        sent += watch.update(text[:end], end >= len(text))
+    assert time.perf_counter() - t0 < 20
+    assert sent == filler + "write to [EMAIL] today " + "x" * 100
+    watch, sent = OutputWatch(guard), ""
+    for end in range(4, len(filler) + 4, 4):
+        sent += watch.update((filler + "a bomb")[:end], False)
+    assert watch.update(filler + "a bomb", True) == "" and watch.refusal and "bomb" not in sent
+
+
 def test_the_message_watch_guards_every_channel():
     """Reasoning is redacted like content, tool-call arguments are checked whole, a block anywhere stops the
     whole message, and what was held back comes out with the final update."""

@@ -14,7 +14,8 @@ through and record an event (a log line; `warn` also reaches the caller).
 Output is checked as it streams: deterministic rules on every update, policy rules whenever `interval`
 more characters have arrived and at the end (each check is a forward pass). Redaction cannot take back
 text already sent, so the last `HOLD` characters are held until the text after them shows no personal data
-is being written there (no kind of PII this finds is longer).
+is being written there (no kind of PII this finds is longer). The deterministic rules see only the unsent
+text and the `WINDOW` characters before it, so a long stream costs linear time, not a rescan per token.
 
 Configuration (YAML):
 
@@ -33,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gemmakit.safety.filters import PatternFilter, find_pii, redact
+from gemmakit.safety.filters import Finding, PatternFilter, find_pii, redact
 
 log = logging.getLogger("gemmakit.guard")
 HOLD = 64
+WINDOW = 4096  # characters before the unsent text that each output check also sees
 KINDS, ACTIONS, PLACES = ("pii", "pattern", "policy"), ("block", "redact", "warn", "log"), ("input", "output", "both")
 REFUSAL = "I can't help with that."
 
@@ -73,6 +75,7 @@ class Verdict:
     text: str
     refusal: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    redacted: list[Finding] = field(default_factory=list)  # what `text` had replaced, at positions in the input
 
 
 class Guard:
@@ -97,13 +100,17 @@ class Guard:
     def needs_classifier(self) -> bool:
         return any(r.kind == "policy" for r in self.rules)
 
-    def check(self, text: str, place: str, prompt: str | None = None, policies: bool = True) -> Verdict:
-        """Run the rules for `place` ("input" or "output") on `text`; redactions are applied to the result."""
-        verdict = Verdict(text)
+    def check(self, text: str, place: str, prompt: str | None = None, policies: bool = True,
+              deterministic: bool = True) -> Verdict:
+        """Run the rules for `place` ("input" or "output") on `text`; redactions are applied to the result.
+        `policies` / `deterministic` leave out the policy rules (a model) or the pii and pattern rules."""
+        verdict, pii = Verdict(text), None
         for rule in self.rules:
-            if not rule.applies(place) or (rule.kind == "policy" and not policies):
+            if not rule.applies(place) or not (policies if rule.kind == "policy" else deterministic):
                 continue
-            hit = self._hit(rule, verdict.text, place, prompt)
+            if rule.kind == "pii" and pii is None:
+                pii = find_pii(text)  # every pii rule looks for the same findings: once per check
+            hit = self._hit(rule, verdict.text, place, prompt, pii)
             if hit is None:
                 continue
             event = {"rule": rule.name, "action": rule.action, "where": place, "detail": hit}
@@ -112,14 +119,13 @@ class Guard:
             if rule.action == "block":
                 verdict.refusal = rule.message
                 return verdict
-            if rule.action == "redact":
-                verdict.text = redact(verdict.text, find_pii(verdict.text))
+            if rule.action == "redact" and not verdict.redacted:
+                verdict.text, verdict.redacted = redact(text, pii), pii
         return verdict
 
-    def _hit(self, rule: Rule, text: str, place: str, prompt: str | None) -> str | None:
+    def _hit(self, rule: Rule, text: str, place: str, prompt: str | None, pii: list[Finding] | None) -> str | None:
         if rule.kind == "pii":
-            found = find_pii(text)
-            return ", ".join(sorted({f.kind for f in found})) or None
+            return ", ".join(sorted({f.kind for f in pii or []})) or None
         if rule.kind == "pattern":
             return rule.filter.match(text)
         score = self.scorer(prompt if place == "output" else text, text if place == "output" else None,
@@ -143,30 +149,54 @@ class Guard:
 
 
 class OutputWatch:
-    """One generated message under a guard: feed the accumulated text, get what is safe to send now."""
+    """One generated message under a guard: feed the accumulated text, get what is safe to send now.
+
+    Each update checks only the text not yet sent plus the `WINDOW` characters before it, so a long message
+    costs linear time overall rather than a rescan of everything on every token; a pattern match longer than
+    `WINDOW` can go unseen. Policy rules (a model) still score the whole message, every `interval` characters.
+    """
 
     def __init__(self, guard: Guard, prompt: str | None = None):
         self.guard, self.prompt = guard, prompt
         self.sent, self.scored_at, self.refusal = "", 0, None
+        self.done = 0  # characters of the raw text already released (redacted, they make up `sent`)
         self.events: list[dict[str, Any]] = []
 
     def update(self, content: str, final: bool) -> str:
         """New text to send (possibly redacted); after a block, `refusal` is set and nothing more is sent."""
         if self.refusal is not None:
             return ""
-        due = final or len(content) - self.scored_at >= self.guard.interval
-        verdict = self.guard.check(content, "output", self.prompt, policies=due)
-        if due:
+        if final or len(content) - self.scored_at >= self.guard.interval:
             self.scored_at = len(content)
-        self.events += verdict.events
-        if verdict.refusal:
-            self.refusal = verdict.refusal
+            if self._blocked(self.guard.check(content, "output", self.prompt, deterministic=False)):
+                return ""
+        start = max(0, self.done - WINDOW)
+        verdict = self.guard.check(content[start:], "output", self.prompt, policies=False)
+        if self._blocked(verdict):
             return ""
-        ready = verdict.text if final else verdict.text[:max(0, len(verdict.text) - HOLD)]
-        if not ready.startswith(self.sent):  # a finding reached back into sent text: send no more of it
-            ready = self.sent
-        new, self.sent = ready[len(self.sent):], ready
+        found = [Finding(f.kind, f.start + start, f.end + start, f.text) for f in verdict.redacted]
+        if any(f.start < self.done < f.end for f in found):  # a finding reached back into sent text: no more
+            return ""
+        cut = len(content) if final else self._cut(found, len(content) - HOLD)
+        inside = [Finding(f.kind, f.start - self.done, f.end - self.done, f.text) for f in found
+                  if self.done <= f.start and f.end <= cut]
+        new = redact(content[self.done:cut], inside)
+        self.sent, self.done = self.sent + new, cut
         return new
+
+    def _blocked(self, verdict: Verdict) -> bool:
+        self.events += verdict.events
+        self.refusal = verdict.refusal
+        return verdict.refusal is not None
+
+    def _cut(self, found: list[Finding], cut: int) -> int:
+        """Where to stop releasing: before `cut`, and never inside a finding (nor at the end of one that more
+        text could still extend)."""
+        for f in reversed(found):  # sorted and disjoint: at most one holds the cut
+            if f.start < cut <= f.end:
+                cut = f.start
+                break
+        return max(cut, self.done)
 
 
 class MessageWatch:
