@@ -1,6 +1,9 @@
 """HumanEval as openai/human-eval scores it: the model completes each function from its prompt (signature
-and docstring), the program `prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"` runs in the
-sandbox (eval/sandbox.py), and pass@k is the unbiased estimator over n samples per problem,
+and docstring) and the problem's `check(candidate)` test must pass, with one difference in how it runs.
+human-eval runs `prompt + completion + test + check(entry_point)` as one program, which a completion can end
+with a forged pass; here `prompt + completion` runs in one sandbox and the test in another, calling the entry
+point through a pipe and alone deciding the verdict (eval/sandbox.py). pass@k is the unbiased estimator over
+n samples per problem,
 
     pass@k = 1 - C(n - c, k) / C(n, k)   (= 1 when n - c < k),  averaged over problems,
 
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gemmakit.eval.data import read_records
-from gemmakit.eval.sandbox import Limits, run_python
+from gemmakit.eval.sandbox import Limits, check_function
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 FIELDS = ("task_id", "prompt", "test", "entry_point")
@@ -34,11 +37,15 @@ def load(path: str | Path) -> list[dict[str, Any]]:
 
 
 def program(problem: dict[str, Any], completion: str) -> str:
+    """The whole program as human-eval runs it, for reading; check() splits it between two boxes."""
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
 def check(problem: dict[str, Any], completion: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
-    outcome = run_python(program(problem, completion), limits)
+    """Run the completed function in one box and the problem's test in another, which calls it through a pipe
+    and alone decides the verdict (eval/sandbox.py): a completion cannot forge a pass."""
+    outcome = check_function(problem["prompt"] + completion, problem["test"], problem["entry_point"],
+                             setup=problem["prompt"], limits=limits)
     return {"passed": outcome.passed, "result": outcome.status}
 
 

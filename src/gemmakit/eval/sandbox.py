@@ -1,43 +1,58 @@
-"""Run model-written Python in a box: a separate process that can burn its own time and memory, and nothing
-else. Every layer below is there because one of the adversarial tests (tests/test_sandbox.py) gets past the
-others on some machine.
+"""Run model-written Python where it can burn its own time and memory and nothing else, and judge it with a
+verdict it cannot forge. Every layer is there because an adversarial test (tests/test_sandbox.py) needs it.
 
-- **Process**: `python -I` (no environment variables read, no user site) on a program file in a fresh
-  temporary directory, with an empty environment (PATH and LANG only: the caller's secrets never reach it)
-  and that directory as its working directory; the directory is removed afterwards.
-- **Limits** (setrlimit in the child): CPU seconds, address space, file size, open files, no core dumps, and a
-  process count, which binds because the program runs as `nobody` when we are root.
-- **Namespaces**, where `unshare` works (root, or unprivileged user namespaces): a new network namespace (no
-  interface but a down loopback: nothing to connect to) and a new PID namespace whose init is killed with the
-  box, taking every process the program forked with it. Without them the guard below still blocks sockets
-  and the whole process group is killed.
-- **Guard** (`_guard.py`, run before the program): an audit hook that refuses sockets, new processes
-  (fork, exec, subprocess, os.system), writes outside the working directory, ctypes, and frame or
-  garbage-collector introspection. It is defense in depth, not the boundary: code can always burn CPU.
-- **Verdict**: a run passes only when the guard prints a one-time nonce after the program returns. The
-  nonce arrives on stdin, which is closed before the program starts, so `os._exit(0)` half-way, or a
-  program that prints "passed", is a failure.
-- **Output** is captured up to `max_output` bytes and the rest drained and dropped, so a flood cannot fill the
-  caller's memory; the wall-clock timeout kills the process group.
+**Isolation is the operating system's** (eval/_box.py builds it): each run is a process in fresh user, mount,
+PID, network, IPC and UTS namespaces, made by bubblewrap when it is installed and by util-linux `unshare`
+otherwise. Its file system is built from an allowlist: the system directories read-only, a new /proc that
+shows only the box's own processes, the run's files read-only at /src, and a size-limited tmpfs at /box, the
+only writable place. The home directory, the project, /etc and every host process are simply not there, and
+there is no network interface to reach anything. Root runs it as `nobody`. Inside (eval/_inbox.py), a seccomp
+filter refuses the syscalls that reach other processes, the kernel or new namespaces, and rlimits bound CPU,
+memory, file size, open files and processes. The wall-clock timeout kills the whole box.
+
+An earlier version put an audit hook inside the interpreter instead. Code in the same interpreter can always
+undo such a hook (frames, monkeypatching, C functions with no audit event), which is why the boundary moved
+to the kernel. Where no namespace can be made, `select` refuses with a message that names the opt-out,
+$GEMMAKIT_SANDBOX=unsafe-none, which keeps the rlimits and seccomp and says loudly that it is unsafe.
+
+**The verdict** (`check_function`) never comes from a process that ran candidate code. Whatever such a
+process can produce, the candidate can produce first: an exit status (`os._exit(0)`), a marker on stdout,
+a result file, a secret it was handed (it reads its own memory, and an HMAC key would be in that memory
+too). So the candidate runs in one box and answers calls on a pipe, and the problem's test runs in a second
+box with the entry point bound to a proxy. Answers cross as text rebuilt by `ast.literal_eval`, plain data
+only, so no object of the candidate's (an `__eq__` that always says yes) reaches the test. The harness's exit
+status, set by the kernel when the test's own code returns, is the verdict; the candidate cannot signal,
+trace or write to the harness, which lives in another PID and mount namespace. The cost: arguments and
+results must be plain data, which HumanEval's are.
+
+`run_python` runs a whole program and reports its exit status: the program's own word, fine for running
+code, never for scoring it.
+
+Output is captured up to `max_output` bytes and the rest drained and dropped, so a flood cannot fill the
+caller's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
+from typing import IO
 
-NOBODY = 65534
-_GUARD = Path(__file__).with_name("_guard.py")
+from gemmakit.eval._box import ENV, MODES, Backend, SandboxUnavailable, current, prepare, select
+
+__all__ = ["ENV", "MODES", "Limits", "Outcome", "SandboxUnavailable", "check_function", "describe", "run_python",
+           "select"]
+
+GONE = 3  # _inbox.py's harness: the candidate ended before the test did
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/box", "TMPDIR": "/box"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class Limits:
     file_bytes: int = 1 << 20
     processes: int = 32
     max_output: int = 64 * 1024
+    disk_bytes: int = 64 << 20  # the /box tmpfs: everything the program may write
 
 
 @dataclass
@@ -57,108 +73,128 @@ class Outcome:
     output: str = ""
 
 
-@cache
-def box_command() -> tuple[list[str], str]:
-    """(the `unshare` prefix, the Python interpreter) that work together on this machine, tried once. The
-    interpreter must be one `nobody` can execute: a virtual environment under /root is not, so the system
-    Python 3 stands in (HumanEval-style programs need only the standard library). ([], sys.executable)
-    where no namespace can be made."""
-    pythons = [sys.executable, os.path.realpath(sys.executable), shutil.which("python3", path="/usr/bin:/bin")]
-    base = ["unshare", "--fork", "--pid", "--net", "--kill-child"]
-    prefixes = [base + ["--setuid", str(NOBODY), "--setgid", str(NOBODY)]] if os.geteuid() == 0 else []
-    prefixes.append(base + ["--map-root-user"])
-    if shutil.which("unshare"):
-        for prefix in prefixes:
-            for python in filter(None, pythons):
-                try:
-                    probe = subprocess.run([*prefix, python, "-I", "-c", "pass"], capture_output=True, timeout=20)
-                except (OSError, subprocess.TimeoutExpired):
-                    continue
-                if probe.returncode == 0:
-                    return prefix, python
-    return [], sys.executable
-
-
-def _limit(limits: Limits, drop_root: bool) -> None:
-    """Runs in the child between fork and exec."""
-    import resource
-
-    for kind, value in ((resource.RLIMIT_CPU, limits.cpu_seconds), (resource.RLIMIT_AS, limits.memory_bytes),
-                        (resource.RLIMIT_FSIZE, limits.file_bytes), (resource.RLIMIT_NOFILE, 64),
-                        (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, limits.processes)):
-        resource.setrlimit(kind, (value, value))
-    if drop_root:  # no unshare to do it: become nobody here, so the process limit binds
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+def describe(backend: Backend | None = None) -> str:
+    """One line for logs and reports: how code is isolated here."""
+    b = backend or current()
+    seccomp = "seccomp on" if b.seccomp else "no seccomp (libseccomp.so.2 not found)"
+    if b.name == "unsafe-none":
+        return f"UNSAFE: no isolation ({ENV}=unsafe-none), rlimits and {seccomp}"
+    return f"{b.name}: user, mount, pid, net, ipc, uts namespaces, rlimits, {seccomp}"
 
 
 class _Reader(threading.Thread):
     """Keeps the first `limit` bytes of a pipe and drains the rest."""
 
-    def __init__(self, pipe, limit: int):
+    def __init__(self, pipe: IO[bytes], limit: int):
         super().__init__(daemon=True)
         self.pipe, self.limit, self.data, self.dropped = pipe, limit, bytearray(), 0
 
     def run(self) -> None:
         while chunk := self.pipe.read(65536):
-            room = self.limit - len(self.data)
-            self.data += chunk[:max(room, 0)]
-            self.dropped += max(len(chunk) - max(room, 0), 0)
+            room = max(self.limit - len(self.data), 0)
+            self.data += chunk[:room]
+            self.dropped += max(len(chunk) - room, 0)
+
+
+class _Box:
+    """One process in its own box: the run's directory, the process and what it printed."""
+
+    def __init__(self, backend: Backend, role: str, files: dict[str, str], limits: Limits,
+                 args: tuple[str, ...] = (), fds: tuple[int, ...] = ()):
+        self.work = Path(tempfile.mkdtemp(prefix="gemmakit-sandbox-"))
+        try:
+            prepare(self.work, files)
+            caps = f"{limits.cpu_seconds},{limits.memory_bytes},{limits.file_bytes},{limits.processes}"
+            cmd = backend.command(self.work, limits.disk_bytes, [role, caps, *args])
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.work / "box", env=_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=fds,
+                preexec_fn=backend.preexec if backend.name == "unsafe-none" else None)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
+        self.reader = _Reader(self.proc.stdout, limits.max_output)
+        self.reader.start()
+
+    def wait(self, deadline: float) -> int | None:
+        """The exit status, or None when the deadline passed first."""
+        try:
+            return self.proc.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> str:
+        """Kill the whole box (a PID namespace's init takes every process along) and return its output."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.reader.join(timeout=5)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return bytes(self.reader.data).decode("utf-8", "replace")
+
+    @property
+    def note(self) -> str:
+        return f" ({self.reader.dropped} more bytes of output dropped)" if self.reader.dropped else ""
 
 
 def run_python(program: str, limits: Limits | None = None) -> Outcome:
-    """Run `program` (a whole Python file) in the box and say whether it ran to the end without error."""
+    """Run `program` (a whole Python file) in a box; passed means it exited with status 0, which is the
+    program's own claim (`os._exit(0)` makes it): score with check_function instead."""
     limits = limits or Limits()
-    box = Path(tempfile.mkdtemp(prefix="gemmakit-sandbox-"))
+    box = _Box(current(), "program", {"program.py": program}, limits)
     try:
-        (box / "program.py").write_text(program, encoding="utf-8")
-        shutil.copy(_GUARD, box / "_guard.py")
-        prefix, python = box_command()
-        root = os.geteuid() == 0
-        if root:
-            os.chown(box, NOBODY, NOBODY)
-        nonce = secrets.token_hex(16)
-        cmd = [*prefix, python, "-I", str(box / "_guard.py"), str(box / "program.py")]
-        proc = subprocess.Popen(cmd, cwd=box, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=lambda: _limit(limits, root and not prefix))
-        reader = _Reader(proc.stdout, limits.max_output)
-        reader.start()
-        try:
-            proc.stdin.write(nonce.encode() + b"\n")
-            proc.stdin.close()
-        except BrokenPipeError:  # it died at once; the verdict says why
-            pass
-        try:
-            code = proc.wait(timeout=limits.timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        _kill(proc)
-        reader.join(timeout=5)
-        return _verdict(code, bytes(reader.data).decode("utf-8", "replace"), nonce, reader.dropped)
+        code = box.wait(time.monotonic() + limits.timeout)
     finally:
-        shutil.rmtree(box, ignore_errors=True)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the whole session (with a PID namespace its init's death takes the rest along)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _verdict(code: int | None, output: str, nonce: str, dropped: int) -> Outcome:
-    marker = f"\n{nonce}\n"
+        output = box.close()
     if code is None:
         return Outcome(False, "timed out", output)
-    if code == 0 and marker in f"\n{output}":
-        return Outcome(True, "passed", output.replace(nonce, "").rstrip())
-    note = f" ({dropped} more bytes of output dropped)" if dropped else ""
+    if code == 0:
+        return Outcome(True, "passed", output.rstrip())
+    return Outcome(False, _failure(code, output) + box.note, output)
+
+
+def check_function(program: str, test: str, entry_point: str, setup: str = "",
+                   limits: Limits | None = None) -> Outcome:
+    """Judge `program`'s function `entry_point` with `test`, which defines `check(candidate)` and may use the
+    helpers of `setup` (HumanEval's prompt). The program runs in one box, the test in another; passed is
+    True only when the test's own code returned (see the module docstring)."""
+    limits = limits or Limits()
+    backend = current()
+    requests, answers = os.pipe(), os.pipe()  # (read, write) each: harness -> candidate, candidate -> harness
+    boxes: list[_Box] = []
+    try:
+        boxes.append(_Box(backend, "candidate", {"program.py": program}, limits,
+                          (str(requests[0]), str(answers[1])), (requests[0], answers[1])))
+        boxes.append(_Box(backend, "harness", {"setup.py": setup, "test.py": test}, limits,
+                          (entry_point, str(requests[1]), str(answers[0])), (requests[1], answers[0])))
+    finally:
+        for fd in (*requests, *answers):  # only the boxes may hold the pipes: EOF must mean the peer is gone
+            os.close(fd)
+        if len(boxes) < 2:
+            for box in boxes:
+                box.close()
+    candidate, harness = boxes
+    code = harness.wait(time.monotonic() + limits.timeout)
+    candidate_code = candidate.wait(time.monotonic() + 0.5) if code == GONE else candidate.proc.poll()
+    program_output, test_output = candidate.close(), harness.close()
+    if code is None:
+        return Outcome(False, "timed out", program_output)
+    if code == 0:
+        return Outcome(True, "passed", program_output.rstrip())
+    if code == GONE:
+        status = "failed: the candidate ended before the test did" if candidate_code is None \
+            else _failure(candidate_code, program_output)
+    else:
+        status = _failure(code, test_output)
+    return Outcome(False, status + candidate.note, f"{program_output}\n--- test ---\n{test_output}".strip())
+
+
+def _failure(code: int, output: str) -> str:
     if code < 0 or code >= 128:
         signum = -code if code < 0 else code - 128
-        return Outcome(False, f"failed: killed by {signal.Signals(signum).name}{note}", output)
-    last = output.strip().splitlines()[-1] if output.strip() else f"exit status {code}"
+        with contextlib.suppress(ValueError):
+            return f"failed: killed by {signal.Signals(signum).name}"
     if code == 0:
-        last = "the program exited before its checks finished"
-    return Outcome(False, f"failed: {last[:200]}{note}", output)
+        return "failed: the program exited before its checks finished"
+    last = output.strip().splitlines()[-1] if output.strip() else f"exit status {code}"
+    return f"failed: {last[:200]}"
