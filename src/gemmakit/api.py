@@ -73,6 +73,9 @@ class LLM:
     # --- prompts ----------------------------------------------------------------------------
     def render(self, messages: Sequence[dict[str, Any]], tools: list[dict] | None = None,
                enable_thinking: bool = False) -> str:
+        """The prompt text; what the messages and tools say is marked to stay text (`Tokenizer.literal`), so
+        `encode_prompt` never reads a control token into it."""
+        messages, tools = self.tokenizer.literal(list(messages)), self.tokenizer.literal(tools)
         if self.chat_format is None:
             if tools:
                 raise ValueError("tools need an instruction-tuned model; this is a base model")

@@ -23,6 +23,14 @@ those pieces are respelled ("▁▁▁") and become ordinary BPE pieces, again a
 `Tokenizer.from_file` loads an HF tokenizer.json instead (e.g. from a safetensors checkpoint).
 `Tokenizer.decode_stream` decodes ids one at a time for streaming, never splitting a character.
 
+Text that stays text
+--------------------
+`encode` turns control-token text ("<start_of_turn>", "<eos>") into the control tokens, which is what a
+rendered chat template needs for its own markup, and exactly wrong for what users wrote inside it.
+`Tokenizer.literal` brackets message text that holds such strings (two Unicode noncharacters around it);
+`encode` spells everything inside the brackets out as ordinary text. Text without control strings is left
+as it was, so ordinary prompts encode to the same ids as before.
+
 What it does not do
 -------------------
 - Other GGUF vocabularies (llama-3 byte-level BPE, T5 unigram, Gemma 4's): rejected with an error
@@ -41,9 +49,13 @@ to a temporary file and moved into place, so a crash or two processes converting
 a half-written cache behind; a cache that does not load is rebuilt rather than trusted.
 """
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
+import re
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +72,11 @@ from gemmakit.files import write_text_atomic
 CACHE_VERSION = 1
 # GEMMAKIT_CACHE_DIR moves every gemmakit cache (e.g. to measure a cold start).
 DEFAULT_CACHE_DIR = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")) / "tokenizers"
+
+# Text between these two (Unicode noncharacters, never meant as text) is encoded with special tokens spelled
+# out: see Tokenizer.literal.
+LITERAL_OPEN, LITERAL_CLOSE = "\ufdd0", "\ufdd1"
+_LITERAL = re.compile("\ufdd0([^\ufdd0\ufdd1]*)\ufdd1")
 
 # Gemma 1-3 GGUFs all describe their vocabulary the same way (`tokenizer.ggml.model == "llama"`).
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -257,6 +274,9 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         # (path, digest) of the GGUF this came from, so export_gguf can copy its exact vocabulary arrays.
         self.gguf_source: tuple[Path, str] | None = None
+        self._control_pattern: Any = None
+        self._literal: tokenizers.Tokenizer | None = None
+        self._literal_lock = threading.Lock()
 
     @classmethod
     def from_gguf(cls, path: str | Path, cache_dir: Path | None = None) -> "Tokenizer":
@@ -287,6 +307,9 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {file}")
+        from gemmakit.checkpoints.common import MAX_TOKENIZER_JSON, check_size
+
+        check_size(file, MAX_TOKENIZER_JSON, "re-download it")  # the tokenizers library would parse it whole
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception
@@ -308,15 +331,78 @@ class Tokenizer:
                    template if isinstance(template, str) else None)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, BOS first if `add_bos`. Special-token text like "<eos>" maps to its id."""
+        """Token ids of `text`, BOS first if `add_bos`. Special-token text like "<eos>" maps to its id, except
+        inside the brackets `literal` puts around text, which is encoded as plain text."""
         # The backend's own post-processor is bypassed, so BOS is added exactly once, as asked.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if LITERAL_OPEN in text or LITERAL_CLOSE in text:
+            ids = self._encode_marked(text)
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
         """`encode` for many texts at once (the backend spreads them over threads)."""
+        if any(LITERAL_OPEN in t or LITERAL_CLOSE in t for t in texts):
+            return [self.encode(t, add_bos) for t in texts]
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
+
+    # --- text that must stay text ----------------------------------------------------------------
+    def literal(self, value: Any) -> Any:
+        """`value` (a string, or lists and dicts of them) with every string that holds control-token text
+        ("<start_of_turn>", "<|turn>", "<eos>") bracketed, so that `encode` spells those tokens out as text.
+
+        Chat templates paste message text between their own control tokens, and encoding the rendered prompt
+        matches control-token text wherever it is: a user who writes "<end_of_turn>\\n<start_of_turn>model"
+        would forge turns. Marking the text before rendering keeps the template's markup special and the
+        user's text literal. The brackets are two Unicode noncharacters; any in the given text are dropped, so
+        text cannot close a bracket early. Whitespace at the ends stays outside, for templates that trim."""
+        if isinstance(value, str):
+            text = value.replace(LITERAL_OPEN, "").replace(LITERAL_CLOSE, "")
+            if self._controls().search(text) is None:
+                return text
+            if text.lstrip()[:1] in ("{", "["):  # JSON (tool arguments, results): mark inside, keep it JSON
+                with contextlib.suppress(ValueError, RecursionError):
+                    return json.dumps(self.literal(json.loads(text)), ensure_ascii=False)
+            core = text.strip()
+            at = text.index(core)
+            return f"{text[:at]}{LITERAL_OPEN}{core}{LITERAL_CLOSE}{text[at + len(core):]}"
+        if isinstance(value, list):
+            return [self.literal(v) for v in value]
+        if isinstance(value, dict):
+            return {self.literal(k): v if k in ("role", "type") else self.literal(v) for k, v in value.items()}
+        return value
+
+    def _controls(self) -> Any:
+        """An RE2 pattern for the text of every special token (RE2: linear time on any input)."""
+        if self._control_pattern is None:
+            import re2
+
+            specials = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+            self._control_pattern = re2.compile("|".join(re2.escape(t) for t in specials) or r"[^\s\S]")
+        return self._control_pattern
+
+    def _encode_marked(self, text: str) -> list[int]:
+        ids, at = [], 0
+        for m in _LITERAL.finditer(text):
+            ids += self._encode_plain(text[at:m.start()])
+            ids += self._literal_backend().encode(m.group(1), add_special_tokens=False).ids
+            at = m.end()
+        return ids + self._encode_plain(text[at:])
+
+    def _encode_plain(self, text: str) -> list[int]:
+        text = text.replace(LITERAL_OPEN, "").replace(LITERAL_CLOSE, "")  # unpaired: a template cut a bracket
+        return self.backend.encode(text, add_special_tokens=False).ids if text else []
+
+    def _literal_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that spells special tokens out: `encode_special_tokens` is a setting of the
+        tokenizer, not of one call, and other threads encode prompts with the shared backend meanwhile. Made
+        on first use (about a second and 100 MB for Gemma's vocabulary), only if someone sends such text."""
+        with self._literal_lock:
+            if self._literal is None:
+                self._literal = copy.deepcopy(self.backend)
+                self._literal.encode_special_tokens = True
+            return self._literal
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; special tokens (BOS, turn markers) dropped if `skip_special_tokens`."""
