@@ -15,7 +15,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gemmakit.eval.backends import LocalBackend, OpenAIBackend
     from gemmakit.eval.report import write_report
     from gemmakit.eval.runner import EvalConfig, evaluate
+    from gemmakit.eval.sandbox import ENV, describe
 
+    if args.sandbox:
+        os.environ[ENV] = args.sandbox
+    if args.task == "humaneval":  # refuse before generating for an hour when no sandbox can be made
+        print(f"sandbox: {describe()}")
     config = EvalConfig(task=args.task, data=args.data, out=args.out, model=args.model, endpoint=args.endpoint,
                         endpoint_model=args.endpoint_model, quantize=args.quantize, adapter=args.adapter,
                         dtype=args.dtype, chat_format=args.chat_format, chat=args.chat, shots=args.shots,
@@ -42,6 +47,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def add_eval_parsers(sub: Any) -> None:
+    from gemmakit.eval._box import MODES
     from gemmakit.eval.runner import TASKS
 
     e = sub.add_parser("eval", help="benchmark a model: mmlu, gsm8k, humaneval, perplexity, mtbench, custom")
@@ -59,6 +65,9 @@ def add_eval_parsers(sub: Any) -> None:
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     e.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: the task's)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--sandbox", choices=MODES, default=None,
+                   help="humaneval: how model-written code is isolated (also GEMMAKIT_SANDBOX; default auto: "
+                        "bubblewrap, else unshare, else refuse). unsafe-none runs it with rlimits only")
     e.add_argument("--judge-endpoint", default=None, help="mtbench: the judge's OpenAI-compatible base URL")
     e.add_argument("--judge-model", default="default", help="mtbench: the judge's model name")
     e.add_argument("--judge-api-key", default=None, help="mtbench: the judge's key (also GEMMAKIT_JUDGE_API_KEY)")
