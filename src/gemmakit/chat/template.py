@@ -152,7 +152,7 @@ def _tool_call(call: Mapping) -> tuple[str, str]:
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested past what json can parse
             raise ValueError(f"arguments of tool call {fn['name']!r} are not valid JSON: {e}") from e
     if not isinstance(args, Mapping):
         raise ValueError(f"arguments of tool call {fn['name']!r} must be a JSON object, got {args!r}")
@@ -162,7 +162,7 @@ def _tool_call(call: Mapping) -> tuple[str, str]:
 def _tool_response(name: str, response: Any) -> str:
     if isinstance(response, str) and response.lstrip().startswith("{"):
         # OpenAI tool results are strings; a JSON object among them is written as the object the model was trained on.
-        with suppress(json.JSONDecodeError):
+        with suppress(json.JSONDecodeError, RecursionError):
             response = json.loads(response)
     body = format_value(response) if isinstance(response, Mapping) else "{value:" + format_value(response) + "}"
     return f"<|tool_response>response:{name}{body}<tool_response|>"
@@ -345,6 +345,13 @@ class ChatFormat:
 
     def render(self, messages: list[Message], tools: list[Tool] | None = None, *,
                add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
+        try:
+            return self._render(messages, tools, add_generation_prompt, enable_thinking)
+        except RecursionError:  # the renderers recurse into tool schemas and arguments
+            raise ValueError("the messages or tools are nested too deeply to render") from None
+
+    def _render(self, messages: list[Message], tools: list[Tool] | None, add_generation_prompt: bool,
+                enable_thinking: bool) -> str:
         if self.template is not None:
             return render_jinja(self.template, messages, tools, add_generation_prompt=add_generation_prompt,
                                 bos_token=self.bos_token, eos_token=self.eos_token, enable_thinking=enable_thinking)
