@@ -215,15 +215,15 @@ def test_the_parent_environment_does_not_leak(box, monkeypatch):
 
 
 def test_the_box_sees_only_itself(box):
-    """A fresh /proc with the box's own processes, no network but loopback, a read-only root, and /box (with
-    /tmp pointing to it) the only place to write."""
+    """A fresh /proc with the box's own processes, no network but loopback, a read-only root and /dev (no
+    tmpfs in memory to fill), and /box (with /tmp pointing to it) the only place to write."""
     program = ("import os\n"
                "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
                "assert len(pids) < 5 and os.getpid() < 5, pids\n"
                "ifaces = [line.split(':')[0].strip() for line in open('/proc/net/dev').readlines()[2:]]\n"
                "assert ifaces == ['lo'], ifaces\n"
                "open('/tmp/scratch', 'w').write('x')\nassert os.listdir('/box') == ['scratch']\n"
-               "for path in ('/usr/x', '/x', '/src/x', '/proc/x'):\n"
+               "for path in ('/usr/x', '/x', '/etc/x', '/src/x', '/proc/x', '/dev/x', '/dev/shm/x'):\n"
                "    try:\n        open(path, 'w')\n    except OSError:\n        pass\n"
                "    else:\n        raise AssertionError(path)\n"
                "print(sorted(os.listdir('/')))\n")

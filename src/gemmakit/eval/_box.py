@@ -93,7 +93,7 @@ class Backend:
         become = ["setpriv", *BECOME_NOBODY, "--"] if os.geteuid() == 0 else []
         if self.name == "bwrap":
             return [*become, "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-                    *_bwrap_system(self.python_prefix), "--dev", "/dev", "--proc", "/proc",
+                    *_bwrap_system(self.python_prefix), "--dev", "/dev", "--remount-ro", "/dev", "--proc", "/proc",
                     "--ro-bind", str(work / "src"), "/src", "--size", str(disk_bytes), "--perms", "1777",
                     "--tmpfs", "/box", "--symlink", "box", "/tmp", "--chdir", "/box", "--remount-ro", "/",
                     *inner]
