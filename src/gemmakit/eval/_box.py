@@ -185,7 +185,8 @@ def unavailable_message(mode: str, tried: dict[str, str]) -> str:
     return (f"No sandbox for model-written code can be made here (mode {mode!r}; {why}). It needs bubblewrap "
             "(`bwrap`) or util-linux `unshare` with user namespaces: install bubblewrap, or enable "
             "unprivileged user namespaces (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone, "
-            "or the container's seccomp/AppArmor profile). To run the code anyway with rlimits and seccomp "
+            "or the container's seccomp/AppArmor profile), and a Python 3 the sandbox user can run (/usr/bin/python3, "
+            "or one installed outside home directories). To run the code anyway with rlimits and seccomp "
             f"only, able to read whatever you can read, set {ENV}=unsafe-none (or `gemmakit eval --sandbox "
             "unsafe-none`).")
 
