@@ -221,3 +221,32 @@ def test_int4_keeps_the_wide_matrices_of_a_mixed_gguf_at_int8(tmp_path):
         w = ref.self_attn.o_proj.weight
         assert weight_error(layer.self_attn.o_proj, w) < weight_error(Int4Linear.from_weight(w, 32), w) / 4
     assert isinstance(model.lm_head, Int4Linear)
+
+
+def test_hf_cache_snapshot_symlinks_into_blobs_load(tmp_path):
+    """The Hugging Face cache keeps files in models--org--name/blobs/ and links each snapshot's names to them
+    (../../blobs/<hash>): links that stay inside that repository load; shards outside it are refused
+    (the corpus in tests/test_corrupt_corpus.py has the hostile cases)."""
+    repo = tmp_path / "models--google--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    expected = _saved(snap)
+    blobs.mkdir()
+    for f in list(snap.iterdir()):
+        f.rename(blobs / f.name)
+        (snap / f.name).symlink_to(f"../../blobs/{f.name}")
+    _assert_same(load_model(snap), expected)
+
+
+def test_float_checkpoints_cast_to_the_asked_dtype_and_integers_are_refused(tmp_path):
+    """A bf16 release loads in fp32 (the caller's `dtype` decides); an integer weight is never cast."""
+    expected = _saved(tmp_path, variant="gemma3")
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    model = load_model(tmp_path, dtype=torch.float32)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, atol=0.15, rtol=0)  # bf16 rounding of the weights
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].long()
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight is stored as I64.*never reinterprets"):
+        load_model(tmp_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from gemmakit.checkpoints.common import CheckpointError, return_freed_memory
+from gemmakit.checkpoints.common import MAX_TOKENIZER_JSON, CheckpointError, check_size, return_freed_memory
 from gemmakit.checkpoints.default import default_model_path
 from gemmakit.flags import normalize_quantize
 from gemmakit.model import Gemma
@@ -50,6 +50,8 @@ def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype 
     from gemmakit.tokenizer import Tokenizer
 
     p = resolve(path)
+    if p.is_dir():  # refused before minutes of model loading, not after
+        check_size(p / "tokenizer.json", MAX_TOKENIZER_JSON, "re-download the checkpoint's tokenizer.json")
     model = load_model(p, dtype, device, quantize)
     tokenizer = Tokenizer.from_file(p) if p.is_dir() else Tokenizer.from_gguf(p)
     return_freed_memory()  # reading a 262k-entry GGUF vocabulary leaves much freed heap behind

@@ -10,6 +10,8 @@ import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +34,41 @@ def _libc() -> ctypes.CDLL:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
+    """A checkpoint that cannot be loaded or saved; the message says what is wrong and what to do."""
+
+
+def check_size(path: Path, limit: int, advice: str) -> None:
+    """Refuse a file larger than `limit` bytes before reading it (parsers hold several times a file's size)."""
+    with contextlib.suppress(OSError):  # a missing file is reported by whoever opens it
+        size = path.stat().st_size
+        if size > limit:
+            raise CheckpointError(f"{path} is {size / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB such "
+                                  f"a file can sensibly be; it is damaged or not what its name says: {advice}")
+
+
+MAX_TOKENIZER_JSON = 128 << 20  # Gemma's 262k-entry tokenizer.json is 33 MB; the tokenizers library parses it whole
+
+
+# safetensors dtype names -> torch. Float checkpoints are cast to the dtype the caller asked for (a bf16
+# release loaded in fp32, or fp32 weights in bf16, is the user's explicit choice and loses nothing that
+# matters); anything else is refused: casting int64 or bool data to floats yields a silently broken model,
+# and fp8 weights need scales stored in other tensors that a plain cast ignores.
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+# (field, least, most) for a config: generous next to the largest Gemma (62 layers, 5376 wide, 262k vocabulary),
+# tight enough that a damaged config cannot make building the model on the meta device take hours.
+CONFIG_BOUNDS = (("num_hidden_layers", 1, 1024), ("hidden_size", 1, 1 << 16), ("intermediate_size", 0, 1 << 18),
+                 ("num_attention_heads", 1, 1024), ("num_key_value_heads", 1, 1024), ("head_dim", 1, 1 << 12),
+                 ("vocab_size", 1, 1 << 22), ("num_experts", 0, 1024), ("hidden_size_per_layer_input", 0, 1 << 12))
+
+
+def check_bounds(values: dict[str, Any], source: str) -> None:
+    """Refuse a config whose sizes are not integers within CONFIG_BOUNDS (absent ones are left to defaults)."""
+    for field, least, most in CONFIG_BOUNDS:
+        value = values.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most):
+            raise CheckpointError(f"{source}: {field} = {value!r} is not an integer in [{least}, {most}]; the "
+                                  "config is damaged or not for a Gemma model: re-download it")
 
 
 _SHARED_KV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
@@ -61,6 +97,7 @@ class Loader:
                  quantize: str | None = None):
         self.config, self.dtype, self.device, self.source = config, dtype, torch.device(device), source
         self.quantize = quantize
+        check_bounds({field: getattr(config, field) for field, _, _ in CONFIG_BOUNDS}, source)
         with torch.device("meta"):
             self.model = Gemma(config)
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
@@ -76,6 +113,14 @@ class Loader:
         if shape != self.expected[key]:
             raise CheckpointError(f"{self.source}: tensor {key} has shape {list(shape)} but the config implies "
                                   f"{list(self.expected[key])}; the config does not match these weights")
+
+    def check_dtype(self, key: str, dtype: str) -> None:
+        """Refuse a stored dtype that is not a float format (see FLOAT_DTYPES) where a float is expected."""
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{self.source}: tensor {key} is stored as {dtype}, but gemmakit expects a float "
+                                  f"tensor ({', '.join(FLOAT_DTYPES)}) and never reinterprets other types; the "
+                                  "checkpoint is damaged or uses a format gemmakit cannot load (e.g. fp8 or "
+                                  "GPTQ/AWQ-quantized weights): use an unquantized release")
 
     def assign(self, key: str, tensor: torch.Tensor, quantize: str | None = None) -> None:
         """Place one tensor; `quantize` overrides the loader's mode for the module it completes."""

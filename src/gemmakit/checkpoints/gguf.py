@@ -16,6 +16,7 @@ pattern, the attention scalar) takes the values llama.cpp itself assumes for Gem
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,15 @@ from gemmakit.model import Gemma
 _ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3}
 
 
+_SHORT = 4096  # longer metadata arrays (the vocabulary, merges, scores) are never needed for the config
+
+
 def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Scalar and short-array metadata; the tokenizer's 262k-entry arrays are left to the tokenizer."""
+    """Scalar and short-array metadata. Long arrays are left to the tokenizer: as Python lists, the 262k-entry
+    vocabulary would cost far more memory than the file, and a hostile file could hold 16M-entry arrays."""
     out = {}
     for key, f in reader.fields.items():
-        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and key.startswith("tokenizer.ggml."):
+        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY and int(f.parts[4][0]) > _SHORT:
             continue
         try:
             out[key] = f.contents()
@@ -44,42 +49,86 @@ def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return out
 
 
+# (lowest, highest) for the hyperparameters read from a file: generous next to the largest Gemma (62 layers,
+# 5376 wide, 21504 FFN, 128k context), tight enough that a damaged value cannot make building the model (on
+# the meta device, one module per layer) or its RoPE tables take hours.
+_BOUNDS = {"block_count": (1, 1024), "embedding_length": (1, 1 << 16), "attention.head_count": (1, 1024),
+           "attention.head_count_kv": (1, 1024), "attention.key_length": (1, 1 << 12),
+           "feed_forward_length": (1, 1 << 18), "context_length": (1, 1 << 24),
+           "attention.sliding_window": (1, 1 << 24)}
+_MISSING = object()
+
+
+class _Meta:
+    """Typed access to `{arch}.*` metadata: a missing or mistyped value is a `CheckpointError` naming the key."""
+
+    def __init__(self, meta: dict[str, Any], arch: str, path: str | Path):
+        self.meta, self.arch, self.path = meta, arch, path
+
+    def _get(self, key: str, default: Any) -> tuple[str, Any]:
+        full = key if key.startswith(("general.", "tokenizer.")) else f"{self.arch}.{key}"
+        value = self.meta.get(full, default)
+        if value is _MISSING:
+            raise CheckpointError(f"{self.path}: the GGUF metadata has no {full}, which gemmakit needs; the file "
+                                  "is incomplete or was not written by llama.cpp's converter: re-convert it")
+        return full, value
+
+    def integer(self, key: str, default: Any = _MISSING) -> int:
+        full, value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(f"{self.path}: GGUF metadata {full} is {value!r}, not an integer; re-convert it")
+        lo, hi = _BOUNDS.get(key, (0, 1 << 31))
+        if not lo <= value <= hi:
+            raise CheckpointError(f"{self.path}: GGUF metadata {full} = {value} is outside [{lo}, {hi}]; the file "
+                                  "is damaged or not a Gemma model")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING) -> float | None:
+        full, value = self._get(key, default)
+        if value is None and default is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise CheckpointError(f"{self.path}: GGUF metadata {full} is {value!r}, not a number; re-convert it")
+        return float(value)
+
+
 def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
     meta = metadata(reader)
     arch = meta.get("general.architecture")
     if arch == "gemma4":
         raise CheckpointError(f"{path}: Gemma 4 GGUF files are not supported yet; load the HF safetensors "
                               "checkpoint directory instead")
-    if arch not in _ARCHS:
+    if not isinstance(arch, str) or arch not in _ARCHS:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not a Gemma model gemmakit can load "
                               f"(supported: {', '.join(_ARCHS)})")
-    g = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731
-    n_layers, hidden, heads = int(g("block_count")), int(g("embedding_length")), int(g("attention.head_count"))
-    head_dim = int(g("attention.key_length", hidden // heads))
+    m = _Meta(meta, arch, path)
+    n_layers, hidden, heads = m.integer("block_count"), m.integer("embedding_length"), m.integer("attention.head_count")
+    head_dim = m.integer("attention.key_length", hidden // heads)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embd is None:
-        raise CheckpointError(f"{path}: GGUF file has no token_embd.weight tensor")
+    if embd is None or len(embd.shape) != 2:
+        raise CheckpointError(f"{path}: GGUF file has no 2-D token_embd.weight tensor; re-convert it")
     kw: dict[str, Any] = dict(
         name=str(meta.get("general.name", Path(path).stem)), family="gemma3", num_hidden_layers=n_layers,
         hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim,
-        intermediate_size=int(g("feed_forward_length")),
-        num_key_value_heads=int(g("attention.head_count_kv", heads)),
-        max_position_embeddings=int(g("context_length", 131072)),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-        sliding_window=int(g("attention.sliding_window", 512)), rope_theta=float(g("rope.freq_base", 1e6)),
-        vocab_size=int(embd.shape[1]), layer_types=_layer_types(g("attention.sliding_window_pattern"), n_layers),
-        rope_local_base_freq=float(g("rope.freq_base_swa", 10_000.0)),
+        intermediate_size=m.integer("feed_forward_length"),
+        num_key_value_heads=m.integer("attention.head_count_kv", heads),
+        max_position_embeddings=m.integer("context_length", 131072),
+        rms_norm_eps=m.number("attention.layer_norm_rms_epsilon", 1e-6),
+        sliding_window=m.integer("attention.sliding_window", 512), rope_theta=m.number("rope.freq_base", 1e6),
+        vocab_size=int(embd.shape[1]), layer_types=_layer_types(meta.get(f"{arch}.attention.sliding_window_pattern"),
+                                                                n_layers),
+        rope_local_base_freq=m.number("rope.freq_base_swa", 10_000.0),
         # llama.cpp scales Gemma 3 27B queries by (H / heads)**-0.5 and every other size by head_dim**-0.5.
         query_pre_attn_scalar=hidden // heads if n_layers == 62 else head_dim,
-        final_logit_softcapping=g("final_logit_softcapping"),
-        bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
-        eos_token_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
+        final_logit_softcapping=m.number("final_logit_softcapping", None),
+        bos_token_id=m.integer("tokenizer.ggml.bos_token_id", 2),
+        eos_token_id=m.integer("tokenizer.ggml.eos_token_id", 1),
     )
-    if g("rope.scaling.type") == "linear":
-        kw["rope_scaling_factor"] = float(g("rope.scaling.factor", 1.0))
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        kw["rope_scaling_factor"] = m.number("rope.scaling.factor", 1.0)
     try:
         return Config(**kw)
-    except ConfigError as e:
+    except (ConfigError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: {e}") from e
 
 

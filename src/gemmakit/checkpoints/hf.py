@@ -14,11 +14,12 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
+from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource, check_bounds, check_size
 from gemmakit.config import Config, ConfigError
 from gemmakit.model import Gemma
 
@@ -34,21 +35,67 @@ def normalise_key(key: str) -> str:
     return key
 
 
+MAX_JSON = 64 << 20  # config.json and the shard index are kilobytes; a bigger one is damaged or hostile
+
+
+def read_json(path: Path, limit: int = MAX_JSON) -> Any:
+    """A checkpoint's JSON file, refused before reading when larger than `limit` (json holds ~10x in memory)."""
+    check_size(path, limit, "re-download the checkpoint")
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from e
+
+
+def _roots(path: Path) -> list[Path]:
+    """Where a checkpoint's files may live: the directory itself, and for a Hugging Face cache snapshot
+    (models--org--name/snapshots/<rev>/, whose files are symlinks to ../../blobs/<hash>) its blobs folder."""
+    real = path.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def contained(path: Path, name: Any) -> Path:
+    """`path / name` for a file named by the index, refused unless it is a plain relative name whose real
+    location (symlinks followed) is a regular file inside the checkpoint: an index must not make gemmakit
+    read /etc/shadow, a file in another directory, or block forever on a FIFO or a device."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{path}: the shard index names {name!r}; shards must be files inside the model "
+                              "directory. The index is damaged or hostile: re-download the checkpoint")
+    f = path / name
+    try:
+        real = f.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise CheckpointError(f"{f} cannot be resolved ({e}); replace it with the downloaded shard") from e
+    if not any(real.is_relative_to(root) for root in _roots(path)):
+        raise CheckpointError(f"{f} leads to {real}, outside the model directory {path}; gemmakit reads shards "
+                              "only from inside it. Copy the real file into the directory instead of linking it")
+    if real.exists() and not real.is_file():
+        raise CheckpointError(f"{f} is not a regular file; replace it with the downloaded shard")
+    return f
+
+
 def shard_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, checked to exist before anything is loaded."""
+    """The safetensors files of a checkpoint directory, checked to exist and to lie inside it before anything
+    is loaded."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from e
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map); re-download it")
+        odd = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+        if odd is not None:
+            contained(path, odd)  # refuses it, with the message
+        files = [contained(path, name) for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{path} is missing {len(missing)} shard(s) listed in its index: "
                                   f"{', '.join(missing[:5])}. Download the complete checkpoint.")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = [contained(path, f.name) for f in sorted(path.glob("*.safetensors"))]
     if files:
         return files
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
@@ -69,15 +116,26 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, str, torch.Tensor]]:
                                   "Re-download it.") from e
 
 
+def read_config(path: Path) -> Config:
+    """config.json, with its sizes checked before `Config` builds per-layer lists from them."""
+    d = read_json(path / "config.json")
+    text = d.get("text_config") if isinstance(d, dict) else None
+    check_bounds(text if isinstance(text, dict) else d if isinstance(d, dict) else {}, str(path / "config.json"))
+    try:
+        return Config.from_hf(d, name=path.resolve().name or "custom")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError) as e:  # a value of the wrong type
+        raise CheckpointError(f"{path / 'config.json'} does not describe a model gemmakit can build "
+                              f"({type(e).__name__}: {e}); re-download it") from e
+
+
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
             quantize: str | None = None) -> Gemma:
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; point gemmakit at a Hugging Face model directory")
-    try:
-        config = Config.from_json(path / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
+    config = read_config(path)
     loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
     files = shard_files(path)
     for raw, key, tensor_slice in iter_tensors(files):
@@ -85,6 +143,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
             try:
                 shape = tuple(tensor_slice.get_shape())
                 loader.check_shape(key, shape)
+                loader.check_dtype(key, tensor_slice.get_dtype())
                 if key == "model.embed_tokens.weight":  # row blocks: quantizing never holds the whole table
                     source = RowSource(shape, loader.dtype, loader.device, lambda a, b, s=tensor_slice: s[a:b])
                     loader.assign_rows(key, source)
