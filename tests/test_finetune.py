@@ -267,6 +267,63 @@ def test_fsdp_on_two_gloo_processes_matches_one_process(tiny_dir, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
 
 
+
+def _rank(rank: int, port: int, args: list[str], file_limit: int | None) -> subprocess.Popen:
+    """One process of a 2-process gloo run, started as torchrun would (without its supervisor, which would
+    kill the others once one fails: each rank must stop by itself). `file_limit` caps the size of any file
+    this process writes (RLIMIT_FSIZE, with SIGXFSZ ignored so a write fails with EFBIG like on a full disk)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+           "LOCAL_WORLD_SIZE": "2"}
+    return subprocess.Popen(_cli(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit if file_limit else None)
+
+
+def test_a_failed_save_on_rank_0_stops_every_rank_with_what_to_do(tiny_dir, tmp_path):
+    """Rank 0 alone writes checkpoints; when its disk is full every rank stops with the same message (the
+    others used to go on to the next step and wait there for rank 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--model", str(tiny_dir), "--data", str(SFT), "--chat-format", "gemma3", "--max-steps", "6",
+            "--batch-size", "2", "--save-every", "3", "--eval-every", "0", "--max-length", "256",
+            "--out", str(tmp_path / "run")]
+    ranks = [_rank(0, port, args, file_limit=16 << 10), _rank(1, port, args, file_limit=None)]
+    errs = []
+    for proc in ranks:
+        try:
+            errs.append(proc.communicate(timeout=300)[1])
+        except subprocess.TimeoutExpired:
+            for p in ranks:
+                p.kill()
+            pytest.fail("a rank was still running 300 s after starting: it hung after rank 0's failed save")
+    for proc, err in zip(ranks, errs, strict=True):
+        assert proc.returncode == 2, err[-3000:]
+        assert "could not write checkpoint" in err and "File too large" in err, err[-3000:]
+        assert "free space on that disk (or move --out) and run again with --resume" in err
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no partial checkpoint left behind
+
+
+def test_resume_after_an_interrupted_final_swap(tiny_dir, tmp_path):
+    """A run killed while swapping in its adapter leaves .adapter.old beside the new adapter: a later
+    --resume still finishes (a rename onto the leftover used to fail every time)."""
+    out = tmp_path / "run"
+    finetune(load_config(None, settings(tiny_dir, out, max_steps=3, eval_every=0)), progress=False)
+    (out / ".adapter.old").mkdir()
+    (out / ".adapter.old" / "adapter_model.safetensors").write_bytes(b"stale")
+    result = finetune(load_config(None, settings(tiny_dir, out, max_steps=6, eval_every=0, resume=True)),
+                      progress=False)
+    assert result.steps == 6 and result.final == out / "adapter"
+    assert not (out / ".adapter.old").exists() and len(losses(out)) == 6
+
 # --- configuration -------------------------------------------------------------------------------
 def test_recipes_load_and_unknown_settings_are_refused(tmp_path):
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gemmakit.files import publish_mode
+from gemmakit.files import fsync_path, fsync_tree, publish_mode
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -41,7 +41,9 @@ def export_hf(model: nn.Module, directory: str | Path, tokenizer: Any = None, sh
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
         publish_mode(tmp, directory)
+        fsync_tree(tmp)  # else a power cut can leave a complete-looking directory of empty files
         os.replace(tmp, directory)
+        fsync_path(directory.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

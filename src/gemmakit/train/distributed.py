@@ -72,6 +72,17 @@ def any_rank(flag: bool, world: World) -> bool:
     return all_sum([float(flag)], world)[0] > 0
 
 
+def shared_error(error: str | None) -> str | None:
+    """The first rank's error among all ranks' (collective when distributed; else `error` itself). A failure
+    only one rank saw (rank 0's disk filling up while it alone writes a checkpoint) must stop every rank with
+    the same message: otherwise the others wait at their next collective for a rank that has left."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -9,20 +9,30 @@ Everything is safetensors or JSON: nothing is unpickled on resume. State dicts g
 `torch.distributed.checkpoint.state_dict`, which gathers FSDP-sharded tensors into whole ones and scatters them
 back, so a checkpoint does not depend on how many processes wrote it.
 
-The directory is written under a hidden temporary name and renamed into place: a run killed while saving
-leaves the previous checkpoint as the latest. The newest `keep` checkpoints are kept.
+Durability, in the order things go wrong:
+- the directory is written under a hidden name (`.step-000050.partial`), fsynced file by file, and renamed
+  into place (files.swap_dir), so neither a killed run nor a power cut leaves a complete-looking checkpoint of
+  empty files; `tidy` removes what a killed save left, never a finished checkpoint;
+- names are six digits as they always were, but ordered by their number: step-1000000 comes after
+  step-999999 (names grow a digit there; older runs read back unchanged);
+- `resume` takes the newest checkpoint that reads back whole and fits the model, and names each newer one it
+  skipped and why (a run killed mid-save on a file system without ordered renames, a truncated copy);
+- only rank 0 writes, and its failure (a full disk) is shared with every rank before anyone moves on, so all
+  stop with the same message instead of the others waiting for rank 0 at the next step.
+The newest `keep` checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
@@ -33,9 +43,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from gemmakit.files import publish_mode
+from gemmakit.checkpoints.common import CheckpointError
+from gemmakit.files import fsync_path, publish_mode, recover, swap_dir
+from gemmakit.train.distributed import shared_error
 
 PREFIX = "step-"
+_NAME = re.compile(r"^step-(\d+)$")
+_PARTIAL = re.compile(r"^\.step-\d+\.partial$")
+_OLD = re.compile(r"^\.(step-\d+)\.old$")
 
 
 def _options(strict: bool = True) -> StateDictOptions:
@@ -66,62 +81,152 @@ def _flat_optimizer(osd: dict[str, Any]) -> tuple[dict[str, Tensor], dict]:
     return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
 
 
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / "checkpoints" / f"{PREFIX}{step:06d}"
+
+
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     info: dict[str, Any], keep: int = 2, write: bool = True) -> Path:
-    """Write checkpoint `step` under root/checkpoints (every rank calls it; only `write` ranks touch disk)."""
+    """Write checkpoint `step` under root/checkpoints (every rank calls it; only `write` ranks touch disk).
+    A failure to write is a `CheckpointError` on every rank, saying what to do."""
     weights = trainable_state(model)
     osd = get_optimizer_state_dict(model, optimizer, options=_options())
-    final = root / "checkpoints" / f"{PREFIX}{step:06d}"
-    if not write:  # under FSDP, only rank 0 receives the gathered state
-        return final
+    final = checkpoint_dir(root, step)
+    error = None
+    if write:  # under FSDP, only rank 0 receives the gathered state
+        try:
+            _write(final, step, weights, osd, info)
+            for old in checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(final.parent / f".{final.name}.partial", ignore_errors=True)  # give the space back
+            done = checkpoints(root)
+            since = f"from {done[-1].name}" if done else "from the start"
+            error = (f"could not write checkpoint {final} ({type(e).__name__}: {e}). Earlier checkpoints are "
+                     f"intact: free space on that disk (or move --out) and run again with --resume, which "
+                     f"continues {since}")
+    error = shared_error(error)
+    if error is not None:
+        raise CheckpointError(error)
+    return final
+
+
+def _write(final: Path, step: int, weights: dict[str, Tensor], osd: dict[str, Any], info: dict[str, Any]) -> None:
     opt_tensors, opt_info = _flat_optimizer(osd)
     weights["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         weights["rng/cuda"] = torch.cuda.get_rng_state()
+    tidy(final.parent.parent)
     tmp = final.parent / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(weights, str(tmp / "trainable.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps({**info, "step": step, "optimizer": opt_info}, indent=2))
     publish_mode(tmp, final)
-    shutil.rmtree(final, ignore_errors=True)  # a step saved again after an interrupted resume
-    os.replace(tmp, final)
-    for old in checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    swap_dir(tmp, final)  # fsyncs the files, the folder and, after the rename, checkpoints/
+
+
+def tidy(root: Path) -> None:
+    """Clear what a run killed while saving left in root/checkpoints: unfinished `.partial` folders are
+    deleted (never finished data), and a checkpoint moved aside for a re-save of its step is put back if
+    nothing replaced it (files.recover). Only the writing rank calls it."""
+    folder = root / "checkpoints"
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if _PARTIAL.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+        elif m := _OLD.match(p.name):
+            recover(folder / m.group(1))
+    fsync_path(folder)
 
 
 def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first: ordered by step number, not by name."""
     folder = root / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "trainer.json").is_file())
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _NAME.match(p.name)) and (p / "trainer.json").is_file()]
+    return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore the model's trained parameters, the optimizer and the RNG; returns trainer.json."""
+def read_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+    """(trainer.json, weights, optimizer tensors) of a checkpoint, checked to be whole and to fit `model`
+    before anything is changed; a `CheckpointError` says what is wrong."""
     try:
         info = json.loads((path / "trainer.json").read_text())
         weights = load_file(str(path / "trainable.safetensors"))
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({e}); delete it to resume from the one before") from e
+    except (OSError, ValueError, SafetensorError) as e:  # truncated, emptied, or not what the name says
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    problem = _mismatch(info, weights, opt_tensors, model)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}")
+    return info, weights, opt_tensors
+
+
+def _mismatch(info: Any, weights: dict[str, Tensor], opt_tensors: dict[str, Tensor], model: nn.Module) -> str:
+    opt = info.get("optimizer") if isinstance(info, dict) else None
+    if not (isinstance(opt, dict) and isinstance(info.get("step"), int) and isinstance(opt.get("scalars"), dict)
+            and isinstance(opt.get("param_groups"), list)):
+        return "has a damaged trainer.json (no step or optimizer state)"
+    if "rng/cpu" not in weights:
+        return "has no RNG state"
+    trained = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(trained) - weights.keys())
+    if missing:
+        return (f"does not match this run's model: no {missing[:3]} (was it written with another --method or "
+                "LoRA targets?)")
+    odd = [n for n, shape in trained.items() if tuple(weights[n].shape) != shape]
+    if odd:
+        shape = list(weights[odd[0]].shape)
+        return f"does not match this run's model: {odd[0]} is {shape}, not {list(trained[odd[0]])}"
+    strays = [k for k in opt_tensors if k.rpartition("/")[0] not in trained]
+    return f"has optimizer state for parameters this run does not train: {strays[:3]}" if strays else ""
+
+
+def _apply(state: tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]], model: nn.Module,
+           optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    info, weights, opt_tensors = state
     torch.set_rng_state(weights.pop("rng/cpu"))
     cuda_rng = weights.pop("rng/cuda", None)
     if cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_rng)
-    missing = {n for n, p in model.named_parameters() if p.requires_grad} - weights.keys()
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match this run's model: no {sorted(missing)[:3]} "
-                         "(was it written with another --method or LoRA targets?)")
     set_model_state_dict(model, weights, options=_options(strict=False))
     opt_info = info.pop("optimizer")
-    state: dict[str, dict[str, Any]] = {}
+    opt_state: dict[str, dict[str, Any]] = {}
     for key, value in [*opt_tensors.items(), *opt_info["scalars"].items()]:
         name, _, field = key.rpartition("/")
-        state.setdefault(name, {})[field] = value
-    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": opt_info["param_groups"]},
+        opt_state.setdefault(name, {})[field] = value
+    set_optimizer_state_dict(model, optimizer, {"state": opt_state, "param_groups": opt_info["param_groups"]},
                              options=_options())
     return info
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the model's trained parameters, the optimizer and the RNG; returns trainer.json."""
+    return _apply(read_checkpoint(path, model), model, optimizer)
+
+
+def resume(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+           ) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """Restore the newest checkpoint under root that reads back whole and fits `model`: (its path, its
+    trainer.json, why each newer one was skipped), or None when there is none at all. Every rank checks
+    every candidate and they skip together (collective under FSDP). When none can be used this is an error,
+    not a fresh start: a fresh start would write over the run's metrics."""
+    found, skipped = checkpoints(root), []
+    for path in reversed(found):
+        try:
+            state, error = read_checkpoint(path, model), None
+        except CheckpointError as e:
+            state, error = None, str(e)
+        error = shared_error(error)
+        if error is None and state is not None:
+            return path, _apply(state, model, optimizer), skipped
+        skipped.append(str(error))
+    if not found:
+        return None
+    raise CheckpointError(f"none of the {len(found)} checkpoint(s) in {root / 'checkpoints'} can be resumed "
+                          "from:\n  " + "\n  ".join(skipped) + "\nMove them out of the way (or pass another --out) "
+                          "to start the run afresh, or resume with the settings the run was started with.")

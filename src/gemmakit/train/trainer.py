@@ -31,17 +31,19 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from gemmakit.chat.template import THOUGHT_CLOSE, THOUGHT_OPEN
-from gemmakit.files import write_text_atomic
+from gemmakit.checkpoints.common import CheckpointError
+from gemmakit.files import recover, swap_dir, write_text_atomic
 from gemmakit.train import distributed as D
 from gemmakit.train.data import Dataset, Example, collate, load_dataset, split, step_batches
 from gemmakit.train.lora import LoRALinear, add_lora, is_target, save_adapter
 from gemmakit.train.objectives import dpo_loss, sequence_logps, sft_loss
 from gemmakit.train.recipe import TrainConfig
 from gemmakit.train.report import MetricsLog, plot_losses
-from gemmakit.train.state import checkpoints, full_state, load_checkpoint, save_checkpoint, trainable_state
+from gemmakit.train.state import checkpoints, full_state, resume, save_checkpoint, tidy, trainable_state
 
 
 @dataclass
@@ -284,7 +286,12 @@ class Trainer:
 
     # --- the run -----------------------------------------------------------------------------
     def _start(self) -> int:
-        """Prepare out/ and return the step to start from (0, or the newest checkpoint's on resume)."""
+        """Prepare out/ and return the step to start from (0, or the newest usable checkpoint's on resume)."""
+        if self.world.main:  # what a run killed while saving left behind (never a finished checkpoint)
+            tidy(self.out)
+            for name in ("adapter", "model"):
+                recover(self.out / name)
+        D.barrier(self.world)
         found = checkpoints(self.out)
         if found and not self.c.resume:
             raise ValueError(f"{self.out} already holds a run (checkpoints in {self.out / 'checkpoints'}): pass "
@@ -292,11 +299,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         D.barrier(self.world)
         start = 0
-        if found:
-            info = load_checkpoint(found[-1], self.model, self.optimizer)
+        resumed = resume(self.out, self.model, self.optimizer) if found else None
+        if resumed:
+            path, info, skipped = resumed
             start = self.saved_step = int(info["step"])
             if self.world.main:
-                print(f"resuming from {found[-1]} (step {start} of {self.total_steps})", file=sys.stderr)
+                for why in skipped:
+                    print(f"skipping a newer checkpoint: {why}", file=sys.stderr)
+                print(f"resuming from {path} (step {start} of {self.total_steps})", file=sys.stderr)
         elif self.world.main:
             write_text_atomic(self.out / "config.yaml", yaml.safe_dump(self.c.to_dict(), sort_keys=False))
         if self.world.main and self.problems:
@@ -371,11 +381,24 @@ class Trainer:
         state = full_state(self.model) if full else trainable_state(self.model)  # collective under FSDP
         name = "model" if full else "adapter"
         final = self.out / name
-        if not self.world.main:
-            return final
+        error = None
+        if self.world.main:
+            try:
+                self._write_final(name, state)
+            except (OSError, SafetensorError) as e:
+                shutil.rmtree(self.out / f".{name}.partial", ignore_errors=True)
+                error = (f"could not write the {name} to {final} ({type(e).__name__}: {e}); checkpoint step "
+                         f"{self.saved_step} is saved: free space on that disk (or move --out) and run again with "
+                         "--resume to write it")
+        error = D.shared_error(error)  # the other ranks must not wait for rank 0 at the next barrier
+        if error is not None:
+            raise CheckpointError(error)
+        return final
+
+    def _write_final(self, name: str, state: dict[str, torch.Tensor]) -> None:
         tmp = self.out / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        if full:
+        if name == "model":
             from gemmakit.checkpoints.export import export_hf
             from gemmakit.model import Gemma
 
@@ -386,12 +409,7 @@ class Trainer:
             save_adapter(self.model, tmp, self.base_name, state=state)
         (tmp / "gemmakit.json").write_text(json.dumps({"chat_format": self.chat_format, "base_model": self.base_name,
                                                       "method": self.c.method}, indent=2))
-        old = self.out / f".{name}.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        return final
+        swap_dir(tmp, self.out / name)
 
 
 def finetune(config: TrainConfig, progress: bool = True, device: str | None = None) -> Result:
