@@ -285,9 +285,16 @@ def _rank(rank: int, port: int, args: list[str], file_limit: int | None) -> subp
                             preexec_fn=limit if file_limit else None)
 
 
-def test_a_failed_save_on_rank_0_stops_every_rank_with_what_to_do(tiny_dir, tmp_path):
-    """Rank 0 alone writes checkpoints; when its disk is full every rank stops with the same message (the
-    others used to go on to the next step and wait there for rank 0)."""
+@pytest.mark.parametrize(("limit", "extra", "failure"), [
+    (16 << 10, [], "could not write checkpoint"),  # the first checkpoint
+    (512, [], "could not write .*config.yaml"),  # the first file of the run
+    (1024, ["--save-every", "0", "--max-steps", "12"], "could not write .*metrics.jsonl"),  # mid-run, a log line
+])
+def test_a_failed_write_on_rank_0_stops_every_rank_with_what_to_do(tiny_dir, tmp_path, limit, extra, failure):
+    """Rank 0 alone writes checkpoints, logs and outputs; when its disk fills every rank stops with the same
+    message (the others used to go on and wait for rank 0 at the next collective, or die on a closed gloo
+    connection with no advice)."""
+    import re
     import socket
 
     with socket.socket() as s:
@@ -295,8 +302,8 @@ def test_a_failed_save_on_rank_0_stops_every_rank_with_what_to_do(tiny_dir, tmp_
         port = s.getsockname()[1]
     args = ["--model", str(tiny_dir), "--data", str(SFT), "--chat-format", "gemma3", "--max-steps", "6",
             "--batch-size", "2", "--save-every", "3", "--eval-every", "0", "--max-length", "256",
-            "--out", str(tmp_path / "run")]
-    ranks = [_rank(0, port, args, file_limit=16 << 10), _rank(1, port, args, file_limit=None)]
+            "--out", str(tmp_path / "run"), *extra]
+    ranks = [_rank(0, port, args, file_limit=limit), _rank(1, port, args, file_limit=None)]
     errs = []
     for proc in ranks:
         try:
@@ -307,9 +314,10 @@ def test_a_failed_save_on_rank_0_stops_every_rank_with_what_to_do(tiny_dir, tmp_
             pytest.fail("a rank was still running 300 s after starting: it hung after rank 0's failed save")
     for proc, err in zip(ranks, errs, strict=True):
         assert proc.returncode == 2, err[-3000:]
-        assert "could not write checkpoint" in err and "File too large" in err, err[-3000:]
+        assert re.search(failure, err) and "File too large" in err, err[-3000:]
         assert "free space on that disk (or move --out) and run again with --resume" in err
-    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no partial checkpoint left behind
+    folder = tmp_path / "run" / "checkpoints"
+    assert not folder.exists() or not list(folder.iterdir())  # no partial checkpoint left behind
 
 
 def test_resume_after_an_interrupted_final_swap(tiny_dir, tmp_path):

@@ -92,23 +92,29 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     weights = trainable_state(model)
     osd = get_optimizer_state_dict(model, optimizer, options=_options())
     final = checkpoint_dir(root, step)
-    error = None
+    error, cause = None, None
     if write:  # under FSDP, only rank 0 receives the gathered state
         try:
             _write(final, step, weights, osd, info)
             for old in checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        except (OSError, SafetensorError) as e:
+        except Exception as e:  # whatever it is, the other ranks must hear of it (see shared_error)
             shutil.rmtree(final.parent / f".{final.name}.partial", ignore_errors=True)  # give the space back
-            done = checkpoints(root)
-            since = f"from {done[-1].name}" if done else "from the start"
-            error = (f"could not write checkpoint {final} ({type(e).__name__}: {e}). Earlier checkpoints are "
-                     f"intact: free space on that disk (or move --out) and run again with --resume, which "
-                     f"continues {since}")
+            error, cause = _save_error(root, final, e), e
     error = shared_error(error)
     if error is not None:
-        raise CheckpointError(error)
+        raise CheckpointError(error) from cause
     return final
+
+
+def _save_error(root: Path, final: Path, e: Exception) -> str:
+    what = f"could not write checkpoint {final} ({type(e).__name__}: {e})"
+    if not isinstance(e, OSError | SafetensorError):
+        return f"{what}; this is a bug in gemmakit: please report it with the traceback of rank 0"
+    done = checkpoints(root)
+    since = f"from {done[-1].name}" if done else "from the start"
+    return (f"{what}. Earlier checkpoints are intact: free space on that disk (or move --out) and run again "
+            f"with --resume, which continues {since}")
 
 
 def _write(final: Path, step: int, weights: dict[str, Tensor], osd: dict[str, Any], info: dict[str, Any]) -> None:

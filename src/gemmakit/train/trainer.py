@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,8 +274,7 @@ class Trainer:
                 bar.update(len(chunk))
             bar.close()
             self.model.train()
-            if self.world.main:
-                write_text_atomic(path, json.dumps(values))
+            self._on_main(lambda: write_text_atomic(path, json.dumps(values)), path)
         if len(values) != len(examples):
             raise ValueError(f"{path} does not match the data ({len(values)} vs {len(examples)} answers): "
                              "delete it, or resume with the data the run started with")
@@ -307,15 +307,33 @@ class Trainer:
                 for why in skipped:
                     print(f"skipping a newer checkpoint: {why}", file=sys.stderr)
                 print(f"resuming from {path} (step {start} of {self.total_steps})", file=sys.stderr)
-        elif self.world.main:
-            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(self.c.to_dict(), sort_keys=False))
+        else:
+            config = yaml.safe_dump(self.c.to_dict(), sort_keys=False)
+            self._on_main(lambda: write_text_atomic(self.out / "config.yaml", config), self.out / "config.yaml")
+        if self.problems:  # every rank read the same data
+            problems = self.out / "data_problems.txt"
+            self._on_main(lambda: write_text_atomic(problems, "\n".join(self.problems) + "\n"), problems)
         if self.world.main and self.problems:
-            write_text_atomic(self.out / "data_problems.txt", "\n".join(self.problems) + "\n")
             shown = "\n  ".join(self.problems[:10])
             more = f"\n  ... and {len(self.problems) - 10} more" if len(self.problems) > 10 else ""
             print(f"skipped {len(self.problems)} bad records (all in {self.out / 'data_problems.txt'}):\n  "
                   f"{shown}{more}", file=sys.stderr)
         return start
+
+    def _on_main(self, write: Callable[[], object], what: Path | str) -> None:
+        """Make a write that only rank 0 makes (collective when distributed). Its failure (a full disk) is
+        every rank's: all raise the same CheckpointError, rather than the others running on to a collective
+        that rank 0 never reaches."""
+        error = None
+        if self.world.main:
+            try:
+                write()
+            except OSError as e:
+                error = (f"could not write {what} ({type(e).__name__}: {e}): free space on that disk (or move "
+                         "--out) and run again with --resume")
+        error = D.shared_error(error)
+        if error is not None:
+            raise CheckpointError(error)
 
     def save(self, step: int) -> Path:
         self.saved_step = step
@@ -328,12 +346,10 @@ class Trainer:
         if self.dpo and self.c.dpo_reference == "cache":
             self.cache_reference()
         log = MetricsLog(self.out / "metrics.jsonl", self.out / "tensorboard" if self.c.tensorboard else None)
-        if self.world.main:
-            log.truncate(start)
+        self._on_main(lambda: log.truncate(start), log.path)
         if start == 0 and self.val.examples:  # the starting point of the validation curve
             baseline = self.evaluate(self.val)
-            if self.world.main:
-                log.write({"step": 0, **baseline})
+            self._on_main(lambda: log.write({"step": 0, **baseline}), log.path)
         bar = tqdm(total=self.total_steps, initial=start, desc="finetune", disable=not self._bar_on(),
                    unit="step", dynamic_ncols=True)
         step, stopped = start, False
@@ -345,12 +361,20 @@ class Trainer:
                     step += 1
                     if self.c.eval_every and step % self.c.eval_every == 0 and step < self.total_steps:
                         record.update(self.evaluate(self.val))
+                    failed = False
                     if self.world.main:
-                        log.write(record)
+                        try:
+                            log.write(record)
+                        except OSError:
+                            failed = True
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                     bar.update(1)
-                    stopped = D.any_rank(stop.requested, self.world)
+                    # one all-reduce per step for both: Ctrl-C seen by any rank, rank 0's log write failing
+                    votes = D.all_sum([float(stop.requested), float(failed)], self.world)
+                    if votes[1]:  # write again on rank 0 (a brief hiccup passes), else every rank stops
+                        self._on_main(lambda record=record: log.write(record), log.path)
+                    stopped = votes[0] > 0
                     if stopped or (self.c.save_every and step % self.c.save_every == 0):
                         self.save(step)
         finally:
@@ -364,15 +388,15 @@ class Trainer:
                 print(f"interrupted: saved step {step}; continue with --resume", file=sys.stderr)
             return Result(self.out, step, None, None, interrupted=True)
         final_eval = self.evaluate(self.val)
-        if self.world.main and final_eval:
-            log.write({"step": step, **final_eval})
+        if final_eval:
+            self._on_main(lambda: log.write({"step": step, **final_eval}), log.path)
         log.close()
         if self.saved_step != step:  # decided from memory, not the disk: every rank must agree (collective)
             self.save(step)
         final = self.write_final()
-        if self.world.main:
-            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", f"{self.c.method} {self.base_name}")
-        D.barrier(self.world)
+        title = f"{self.c.method} {self.base_name}"
+        self._on_main(lambda: plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", title),
+                      self.out / "loss.png")
         return Result(self.out, step, final, final_eval.get("val_loss"))
 
     def write_final(self) -> Path:
