@@ -26,7 +26,7 @@ import json, resource, sys, time
 from pathlib import Path
 import gemmakit.checkpoints as C
 root, headroom = Path(sys.argv[1]), int(sys.argv[2])
-C.load_model(root / "valid.gguf"), C.load_model(root / "valid-hf")  # both load; imports and pools warmed
+C.load_model_and_tokenizer(root / "valid.gguf"), C.load_model(root / "valid-hf")  # they load; imports, pools warm
 vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:")) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + headroom, vm + headroom))
 for case in json.loads((root / "manifest.json").read_text()):

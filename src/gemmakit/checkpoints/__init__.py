@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,9 +54,26 @@ def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype 
     if p.is_dir():  # refused before minutes of model loading, not after
         check_size(p / "tokenizer.json", MAX_TOKENIZER_JSON, "re-download the checkpoint's tokenizer.json")
     model = load_model(p, dtype, device, quantize)
-    tokenizer = Tokenizer.from_file(p) if p.is_dir() else Tokenizer.from_gguf(p)
+    try:
+        tokenizer = Tokenizer.from_file(p) if p.is_dir() else Tokenizer.from_gguf(p)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # damaged vocabulary metadata
+        raise CheckpointError(f"{p}: its tokenizer cannot be loaded ({type(e).__name__}: {e}); re-download or "
+                              "re-convert the checkpoint") from e
+    _check_special_ids(tokenizer, p)
     return_freed_memory()  # reading a 262k-entry GGUF vocabulary leaves much freed heap behind
     return model, tokenizer
+
+
+def _check_special_ids(tokenizer: Any, p: Path) -> None:
+    """BOS/EOS/PAD ids come from the file: each must be a token of the vocabulary."""
+    for name in ("bos_id", "eos_id", "pad_id"):
+        value = getattr(tokenizer, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < tokenizer.vocab_size):
+            raise CheckpointError(f"{p}: the tokenizer's {name} is {value!r}, not a token id below "
+                                  f"{tokenizer.vocab_size}; the file is damaged: re-download or re-convert it")
 
 
 def _magic(p: Path) -> bytes:
