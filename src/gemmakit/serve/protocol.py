@@ -11,17 +11,29 @@ generation config (OpenAI's own default temperature is also 1.0).
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import uuid
+from itertools import accumulate
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gemmakit.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from gemmakit.sampling import MAX_BIAS, MAX_LOGPROBS, SamplingParams, TokenLogprobs
 
 GEMMA_DEFAULTS = {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
 MAX_N = 16
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# Bounds on what one request can make the server do (OpenAI's where it has them: 4 stop strings, 300 biased
+# tokens of at most +-100). Stop strings are short markers in practice; 256 characters leaves room and keeps the
+# text the engine holds back per request small. Nesting: 32 levels is deeper than any real tool schema or
+# argument object, and far below what recursive rendering, JSON parsing and grammar compilation survive.
+MAX_STOPS, MAX_STOP_CHARS = 4, 256
+MAX_BIAS_ENTRIES = 300
+MAX_DEPTH = 32
+NO_LOGPROB = -9999.0  # what OpenAI reports for a token the model gives no chance (JSON has no -Infinity)
+_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 
 
 def error(message: str, param: str | None = None, code: str | None = None,
@@ -50,14 +62,7 @@ class _Request(BaseModel):
     def sampling(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
         given = {k: v for k in GEMMA_DEFAULTS if (v := getattr(self, k)) is not None}
         s = {**GEMMA_DEFAULTS, **given}
-        bias = {}
-        for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
-            bias[int(key)] = value
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4 or any(not x for x in stop):
-            raise ParamError("stop takes up to 4 non-empty strings", "stop")
+        bias, stop = self._bias(), self._stops()
         params = SamplingParams(
             max_tokens=max_tokens, temperature=s["temperature"], top_k=None if s["top_k"] in (0, -1) else s["top_k"],
             top_p=s["top_p"], min_p=self.min_p, repetition_penalty=self.repetition_penalty,
@@ -69,6 +74,28 @@ class _Request(BaseModel):
             first = str(e).split(" ")[0]
             raise ParamError(str(e), first if hasattr(params, first) else "logit_bias") from None
         return params
+
+    def _bias(self) -> dict[int, float]:
+        """OpenAI's rules: at most 300 entries, token-id keys, values in [-100, 100]."""
+        given = self.logit_bias or {}
+        if len(given) > MAX_BIAS_ENTRIES:
+            raise ParamError(f"logit_bias takes at most {MAX_BIAS_ENTRIES} entries, got {len(given)}", "logit_bias")
+        bias = {}
+        for key, value in given.items():
+            if not _TOKEN_ID.fullmatch(key):  # ASCII digits only: "²".isdigit() is True, int("²") is not
+                raise ParamError(f"logit_bias keys must be token ids, got {key[:20]!r}", "logit_bias")
+            if not -MAX_BIAS <= value <= MAX_BIAS:  # NaN fails too
+                raise ParamError(f"logit_bias values must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {value} for "
+                                 f"token {key}", "logit_bias")
+            bias[int(key)] = value
+        return bias
+
+    def _stops(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > MAX_STOPS or any(not x or len(x) > MAX_STOP_CHARS for x in stop):
+            raise ParamError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                             "characters each", "stop")
+        return stop
 
     @property
     def include_usage(self) -> bool:
@@ -86,6 +113,48 @@ class ChatRequest(_Request):
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _shallow_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, m in enumerate(messages):
+            check_depth(m, f"messages[{i}]")
+            calls = m.get("tool_calls") if isinstance(m.get("tool_calls"), list) else []
+            texts = [c["function"].get("arguments") for c in calls
+                     if isinstance(c, dict) and isinstance(c.get("function"), dict)]
+            for text in [*texts, m.get("content")]:
+                if isinstance(text, str) and json_depth(text) > MAX_DEPTH:  # parsed as JSON when rendered
+                    raise ValueError(f"messages[{i}] holds JSON nested deeper than {MAX_DEPTH} levels")
+        return messages
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(tools or []):
+            fn = tool.get("function")
+            if tool.get("type", "function") != "function" or not isinstance(fn, dict):
+                raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+            if not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+            if not isinstance(fn.get("parameters") or {}, dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON-schema object")
+            check_depth(tool, f"tools[{i}]")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+            choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+        if choice is not None and choice not in ("none", "auto", "required") and not named:
+            raise ValueError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                             "{'name': ...}}")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _shallow_format(cls, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_depth(fmt, "response_format")
 
     @property
     def thinking(self) -> bool:
@@ -107,6 +176,31 @@ class ParamError(ValueError):
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param, self.code = param, code
+
+
+def check_depth(value: Any, what: str, limit: int = MAX_DEPTH) -> Any:
+    """`value`, if its lists and objects nest at most `limit` deep; else a ValueError naming `what`. Walked
+    without recursion: the point is to refuse what recursive code further on could not handle."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= limit:
+                raise ValueError(f"{what} is nested deeper than {limit} levels")
+            stack += [(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return value
+
+
+def json_depth(text: str) -> int:
+    """How deep the brackets of a JSON text nest (strings skipped), in linear time, without parsing it."""
+    if "[" not in text and "{" not in text:
+        return 0
+    bare = _JSON_STRING.sub("", text)
+    steps = (1 if c in "[{" else -1 for c in bare if c in "[]{}")
+    return max(accumulate(steps, initial=0))
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -238,11 +332,16 @@ def finish_reason(engine_reason: str | None, tool_calls: bool) -> str | None:
     return {"length": "length", "content_filter": "content_filter"}.get(engine_reason, "stop")
 
 
+def logprob(value: float) -> float:
+    """A logprob JSON can carry: -inf (a banned token) and NaN become OpenAI's -9999.0."""
+    return value if math.isfinite(value) else NO_LOGPROB
+
+
 def chat_logprobs(items: list[TokenLogprobs], piece: Any) -> list[dict]:
     """OpenAI's chat `logprobs.content` entries; `piece(id)` is a token's text."""
     def entry(token: int, lp: float) -> dict:
         text = piece(token)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return {"token": text, "logprob": logprob(lp), "bytes": list(text.encode())}
     return [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]} for x in items]
 
 
@@ -252,8 +351,8 @@ def completion_logprobs(items: list[TokenLogprobs], piece: Any, offset: int) -> 
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": [x.logprob for x in items],
-            "top_logprobs": [{piece(t): lp for t, lp in x.top} for x in items], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [logprob(x.logprob) for x in items],
+            "top_logprobs": [{piece(t): logprob(lp) for t, lp in x.top} for x in items], "text_offset": offsets}
 
 
 def tool_call_json(call: Any, index: int) -> dict:
