@@ -69,7 +69,9 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"token {token} was outside the grammar: {self.matcher.get_error()}")
+            # The client sees this: llguidance's first line says what failed, the rest is its parser state.
+            reason = (self.matcher.get_error() or "").strip().splitlines()[:1]
+            raise RuntimeError(f"token {token} was outside the grammar{': ' + reason[0][:300] if reason else ''}")
 
     @property
     def done(self) -> bool:
