@@ -5,6 +5,11 @@ error shape (`error(...)`). Unknown fields are accepted and ignored, as OpenAI-c
 send extras (`user`, `metadata`, vendor options). gemmakit's own extensions follow vLLM's names: `top_k`,
 `min_p`, `repetition_penalty`, `chat_template_kwargs` (`enable_thinking`).
 
+A request is also bounded in what it can make the server do (MAX_STOP_CHARS, MAX_BIAS_ENTRIES, MAX_DEPTH and
+the sampling ranges): every value that reaches the engine stays finite in float32, no stop string makes matching
+slow, and nothing is nested deeper than the recursive code after it (rendering, JSON parsing, grammar
+compilation) handles. Logprobs JSON cannot carry (-inf for a banned token) are sent as OpenAI's -9999.0.
+
 Defaults when a request leaves sampling unset: temperature 1.0, top_p 0.95, top_k 64, Gemma's published
 generation config (OpenAI's own default temperature is also 1.0).
 """
