@@ -27,6 +27,7 @@ from gemmakit.serve.server import (
     check_fits,
     check_model,
     check_room,
+    engine_failure,
     fail,
     key_matches,
     next_update,
@@ -58,7 +59,7 @@ async def health(request: Request) -> JSONResponse:
     key = state.options.api_key
     detailed = not key or key_matches(request, key)
     server = state.server
-    failure = state.load_error or (server is not None and getattr(server.loop, "failure", None)) or None
+    failure = state.load_error or (server is not None and engine_failure(server)) or None
     if failure:
         return JSONResponse({"status": "failed: " + failure if detailed else "failed"}, status_code=500)
     if server is None:
@@ -253,10 +254,10 @@ class _Run:
                 if got is None:  # the client went away
                     return
                 index, update = got
-                if update.error:
-                    status = 400 if update.finish_reason == "invalid" else 500
-                    raise HTTPFail(fail(status, update.error, type="invalid_request_error" if status == 400
-                                        else "server_error"))
+                if update.error:  # this request's own failure: the other rows went on (loop.py)
+                    if update.finish_reason == "invalid":
+                        raise HTTPFail(fail(400, update.error))
+                    raise HTTPFail(fail(500, update.error, code="generation_failed", type="server_error"))
                 choice = self.choices[index]
                 if choice.filtered:  # cut by a guard: what was already in flight is dropped
                     continue

@@ -120,9 +120,15 @@ def ready(request: Request) -> Server:
             raise HTTPFail(fail(500, f"the model failed to load: {app.state.load_error}", type="server_error"))
         raise HTTPFail(fail(503, "the model is still loading; retry shortly", type="server_error",
                             headers={"Retry-After": "5"}))
-    if failure := getattr(app.state.server.loop, "failure", None):
-        raise HTTPFail(fail(500, f"the engine stopped: {failure}; restart the server", type="server_error"))
+    if failure := engine_failure(app.state.server):
+        raise HTTPFail(fail(500, f"{failure}; restart the server", type="server_error"))
     return app.state.server
+
+
+def engine_failure(server: Server) -> str | None:
+    """Why the engine loop no longer serves (its thread died, or was never running), or None."""
+    loop = server.loop
+    return loop.failure or (None if loop.alive else "the engine thread is not running")
 
 
 def check_model(server: Server, model: str | None) -> None:
