@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,12 +157,16 @@ class EngineLoop:
         self._busy = True
         self._dispatch(self.engine.step())
 
-    def _drain_inbox(self) -> None:
+    def _take_inbox(self) -> Iterator[tuple[str, Ticket]]:
+        """What the asyncio side has put in the inbox so far, ("add" | "cancel", ticket), oldest first."""
         while True:
             try:
-                op, ticket = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for op, ticket in self._take_inbox():
             if op == "add":
                 try:
                     ticket.request = self.engine.submit(ticket.prompt, ticket.params)
@@ -212,10 +217,6 @@ class EngineLoop:
         for ticket in list(self._tickets.values()):
             ticket.push(Update(error=self._failure or "the engine stopped", finish_reason="error"))
         self._tickets.clear()
-        while True:
-            try:
-                op, ticket = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for op, ticket in self._take_inbox():
             if op == "add":
                 ticket.push(Update(error=self._failure or "the engine stopped", finish_reason="error"))
