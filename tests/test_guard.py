@@ -12,7 +12,8 @@ from gemmakit.chat.parser import Delta, ToolCall
 from gemmakit.safety.guard import HOLD, Guard, MessageWatch, OutputWatch, Rule
 from gemmakit.serve.app import create_app
 from gemmakit.serve.server import ServeOptions
-from tests.test_serve import CAPITAL, CONTEXT, Live, _scripted_llm
+from tests.live import CAPITAL, CONTEXT, Live
+from tests.test_serve import _scripted_llm
 
 GUARD = """
 rules:
@@ -104,13 +105,6 @@ def test_the_terminal_chat_guards_the_thought_channel(llm, tmp_path):
                               thinking=True, guard=guard)
         session.ask("Go")
         assert shown in out.getvalue() and hidden not in out.getvalue()
-
-
-@pytest.fixture(scope="module")
-def llm(default_model):
-    import gemmakit
-
-    return gemmakit.load(default_model, context=CONTEXT)
 
 
 @pytest.fixture()

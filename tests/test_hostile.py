@@ -24,38 +24,18 @@ import openai
 import pytest
 
 from gemmakit.serve.app import ServeOptions, create_app
-from tests.test_serve import CAPITAL, CONTEXT, Live
+from tests.live import CAPITAL, CONTEXT, Live
 
 pytestmark = pytest.mark.slow
 
 
 # --- servers and the check that follows every case -----------------------------------------------------
 @pytest.fixture(scope="module")
-def llm(default_model):
-    import gemmakit
-
-    return gemmakit.load(default_model, context=CONTEXT)
-
-
-@pytest.fixture(scope="module")
 def live(llm):
     """The server every case shares: a hostile case must leave it serving the next one."""
     server = Live(create_app(llm, ServeOptions(max_batch=4, max_queue=16, context=CONTEXT)))
     yield server
     server.close()
-
-
-@pytest.fixture()
-def fresh(llm):
-    """A server of its own, for cases that break or rewire it."""
-    made = []
-
-    def make(**options):
-        made.append(Live(create_app(llm, ServeOptions(context=CONTEXT, **options))))
-        return made[-1]
-    yield make
-    for server in made:
-        server.close()
 
 
 def assert_still_serving(client: openai.OpenAI) -> None:

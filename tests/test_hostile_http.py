@@ -19,17 +19,11 @@ from fastapi import FastAPI
 
 from gemmakit.chat import jinja
 from gemmakit.serve.app import ServeOptions, create_app
+from tests.live import CAPITAL, CONTEXT, Live
 from tests.test_hostile import assert_still_serving
-from tests.test_serve import CAPITAL, CONTEXT, ENDLESS, Live
+from tests.test_serve import ENDLESS
 
 KEY = "hostile-test-key"
-
-
-@pytest.fixture(scope="module")
-def llm(default_model):
-    import gemmakit
-
-    return gemmakit.load(default_model, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
