@@ -114,10 +114,11 @@ def test_read_only_input_emits_no_warning():
 
 
 def test_unsupported_type_raises():
-    """An unsupported type raises ValueError naming the type and suggesting a re-quantization."""
-    data = np.zeros((1, gguf.GGML_QUANT_SIZES[T.IQ2_XXS][1]), dtype=np.uint8)
-    with pytest.raises(ValueError, match="IQ2_XXS") as err:
-        dequantize(data, T.IQ2_XXS, (1, 256))
+    """An unsupported type (Q8_K, which llama.cpp uses for activations only) raises ValueError naming the type
+    and suggesting a re-quantization."""
+    data = np.zeros((1, gguf.GGML_QUANT_SIZES[T.Q8_K][1]), dtype=np.uint8)
+    with pytest.raises(ValueError, match="Q8_K") as err:
+        dequantize(data, T.Q8_K, (1, 256))
     assert "Q8_0" in str(err.value) and "llama-quantize" in str(err.value)
 
 
