@@ -23,7 +23,8 @@ import torch
 from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
-from gemmakit.quantize import COMPUTE_DTYPE, Int4Linear
+from gemmakit.quantize import Int4Linear
+from gemmakit.quantize_codes import COMPUTE_DTYPE
 from gemmakit.sampling import SamplingParams
 
 

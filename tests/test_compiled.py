@@ -79,7 +79,8 @@ def test_compiled_int4_engines_run_prompts_as_unpacked_gemms(monkeypatch, tmp_pa
     multiplies a bf16 W^T instead of calling the int4 kernel (which runs at the fp32 FMA rate), warm-up builds
     those kernels, and the tokens and logprobs are the eager engine's, whose prompts take the kernel."""
     from gemmakit.cache import COMPILED_BYTES, UNPACK_KERNEL_BYTES
-    from gemmakit.quantize import UNPACK_ROWS, Int4Linear, cpu_int4_block_rows
+    from gemmakit.quantize import UNPACK_ROWS, Int4Linear
+    from gemmakit.quantize_codes import cpu_int4_block_rows
 
     if cpu_int4_block_rows(64) is None:
         pytest.skip("this machine's int4 packing is not the blocked nibble layout the unpack reads")
@@ -131,7 +132,8 @@ def test_compiled_decode_rows_run_int8_matmuls_as_fused_reductions():
     more rows, or a call outside the block, take the kernel."""
     from torch.profiler import profile
 
-    from gemmakit.quantize import REDUCE_ROWS, int8_matmul, quantize_int8, small_row_reductions
+    from gemmakit.quantize import REDUCE_ROWS, int8_matmul, small_row_reductions
+    from gemmakit.quantize_codes import quantize_int8
 
     torch.manual_seed(0)
     q, s = quantize_int8(torch.randn(4096, 640) * 0.02)

@@ -9,20 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmakit.model import Gemma
+from gemmakit.model import Experts, Gemma
 from gemmakit.quantize import (
     UNPACK_ROWS,
     Int4Linear,
     Int8Linear,
     QuantizedEmbedding,
     QuantizedExperts,
-    cpu_int4_block_rows,
-    cpu_int4_layout,
-    pack_int4,
-    quantize_int4_packed,
     quantize_model,
     quantized_bytes,
 )
+from gemmakit.quantize_codes import cpu_int4_block_rows, cpu_int4_layout, pack_int4, quantize_int4_packed
 from tests.helpers import tiny
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -161,7 +158,7 @@ def test_the_cpu_int4_layout_is_read_off_the_kernel(k):
 def test_int4_unpack_gives_the_kernels_weight(n, k):
     """The strided unpack that compiled prompts use rebuilds the weight the int4 kernel multiplies by: the
     kernel applied to I gives W^T (in bf16); both must agree to bf16 rounding of the dequantized values."""
-    from gemmakit.quantize import unpack_int4_transposed
+    from gemmakit.quantize_codes import unpack_int4_transposed
 
     rows = cpu_int4_block_rows(k)
     if rows is None:
@@ -234,10 +231,61 @@ def test_greedy_tokens_mostly_agree(mode, min_agree):
 
 
 def test_moe_experts_are_quantized():
-    """MoE experts become int8 QuantizedExperts under the same names; the router stays full precision."""
-    layer = quantize_model(_gemma("26b-a4b"), "int4").model.layers[0]
+    """MoE experts keep their names quantized: int8 rows under int8; under int4, int4 groups for each matrix the
+    kernel takes (the tiny down_proj's 24 inputs are not whole groups of 32, so it stays int8); the router stays
+    full precision."""
+    layer = quantize_model(_gemma("26b-a4b"), "int8").model.layers[0]
     assert isinstance(layer.experts, QuantizedExperts) and layer.experts.down_proj.dtype == torch.int8
+    assert layer.experts.group_sizes == {"gate_up_proj": 0, "down_proj": 0}
+    layer = quantize_model(_gemma("26b-a4b"), "int4").model.layers[0]
+    assert layer.experts.group_sizes == {"gate_up_proj": 32, "down_proj": 0}
     assert isinstance(layer.router.proj, nn.Linear)
+
+
+def _experts(inter: int = 64, hidden: int = 64, experts: int = 4) -> Experts:
+    torch.manual_seed(0)
+    e = Experts(tiny("26b-a4b").replace(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts))
+    with torch.no_grad():
+        for p in e.parameters():
+            p.normal_(0.0, 0.1)
+    return e
+
+
+def test_int4_experts_compute_what_their_codes_say():
+    """Each int4 expert's product equals the product with its own dequantized codes (bf16 activations), so the
+    stacked per-expert operands are the right ones; and they stay near the fp32 experts."""
+    e = _experts()
+    q = QuantizedExperts.from_experts(e, "int4")
+    assert q.group_sizes == {"gate_up_proj": 32, "down_proj": 32} and q.gate_up_proj.shape[0] == 4
+    x = torch.randn(5, 64)
+    weights, index = torch.rand(5, 2), torch.tensor([[0, 3], [1, 2], [3, 0], [2, 2], [1, 0]])
+    with torch.no_grad():
+        got, want = q(x, weights, index), e(x, weights, index)
+        for i in range(4):  # one expert at a time against a linear rebuilt from that expert's codes
+            lin = Int4Linear(q.gate_up_proj[i], q.gate_up_proj_scales[i], 32, 128, 64)
+            assert torch.equal(q._product("gate_up_proj", i, x), lin(x))
+    assert (got - want).norm() / want.norm() < 0.2  # two int4 matrices in a row; a wrong operand gives ~1
+
+
+def test_int4_experts_keep_codes_given_to_them():
+    """Codes from a file (w = scale * q + zero per group of 32) become the experts' operands unchanged: the
+    product equals the one with those weights decoded in float, to bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    codes, dense = {}, {}
+    for name, (n, k) in {"gate_up_proj": (128, 64), "down_proj": (64, 64)}.items():
+        q = torch.randint(0, 16, (4 * n, k), dtype=torch.uint8, generator=g)
+        scale, zero = torch.rand(4 * n, k // 32, generator=g) * 0.02, torch.randn(4 * n, k // 32, generator=g) * 0.05
+        codes[name] = (q, scale, zero)
+        s, z = (t.to(torch.bfloat16).float()[..., None] for t in (scale, zero + 8 * scale))  # what the kernel keeps
+        dense[name] = ((q.float().view(4 * n, k // 32, 32) - 8) * s + z).view(4, n, k)
+    q = QuantizedExperts.from_int4_codes(codes, experts=4)
+    e = _experts()
+    with torch.no_grad():
+        e.gate_up_proj.copy_(dense["gate_up_proj"])
+        e.down_proj.copy_(dense["down_proj"])
+        x, weights, index = torch.randn(3, 64), torch.rand(3, 2), torch.tensor([[0, 1], [2, 3], [3, 1]])
+        got, want = q(x, weights, index), e(x.to(torch.bfloat16).float(), weights, index)
+    assert (got - want).norm() / want.norm() < 0.02
 
 
 @pytest.mark.parametrize("mode, ratio", [("int8", 0.3), ("int4", 0.25)])
@@ -304,7 +352,7 @@ def test_quantize_while_loading_equals_quantizing_after(variant, mode, tmp_path)
 
 def test_chunked_int4_packing_equals_whole_matrix_packing():
     """A table taller than the quantizer's row chunk (with a ragged last chunk) packs exactly as one piece."""
-    from gemmakit.quantize import _ROWS, _nibbles, pack_int4, quantize_int4, quantize_int4_packed
+    from gemmakit.quantize_codes import _ROWS, _nibbles, pack_int4, quantize_int4, quantize_int4_packed
 
     w = torch.randn(2 * _ROWS + 64, 64, generator=torch.Generator().manual_seed(3))
     packed, sz, nibbles = quantize_int4_packed(w, 32, nibbles=True)

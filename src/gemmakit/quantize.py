@@ -5,23 +5,18 @@
   under the same name, so `model.layers.3.self_attn.q_proj` still reads the same. The MoE router stays in full
   precision: it is 0.1% of an MoE layer, and a flipped top-k choice costs more than that saves; under int4,
   attention's `v_proj` stays int8 (`INT8_UNDER_INT4`: the most sensitive kind, and a small one);
-- MoE `Experts` become `QuantizedExperts` (int8 per output channel, in both modes);
+- MoE `Experts` become `QuantizedExperts`: int8 per output channel, or under int4 each expert's matrix in
+  int4 groups where the kernel takes its shape (the experts are nearly all of a 26B-A4B's bytes, so int4 is
+  what lets it fit in the memory of the machines people run it on);
 - the tied head becomes `model.lm_head`, and the embedding table a `QuantizedEmbedding` built from the *same*
   quantized tensors (int8: shared storage; int4 on CPU: the head's packed codes, read in place through the
   layout `cpu_int4_layout` finds; elsewhere a nibble copy of the codes with shared scales and zeros), so the tie
   survives and the vocabulary (~60% of the 270M model) is stored once. The E-series PLE table becomes int8 rows.
 
-Formats. All quantized tensors are buffers, so `.to()`, `state_dict()` and the remaining fp parameters behave.
-- int8: symmetric per output channel, w ~ q * s with q in [-127, 127]; `torch._weight_int8pack_mm(x, q, s)`
-  with x and s of one dtype (fp32, fp16 or bf16).
-- int4: asymmetric per group of `group_size` inputs, the gpt-fast / torchao "tinygemm" convention: q in 0..15,
-  w ~ (q - 8) * scale + zero, `scales_and_zeros` [K/G, N, 2]. CPU packs an int32 [N, K] matrix of codes
-  (`_convert_weight_to_int4pack_for_cpu(q, 1)`, the tile argument is ignored); CUDA packs uint8 [N, K/2], even
-  column in the high nibble, into its tensor-core tile layout (`_convert_weight_to_int4pack(q, inner_k_tiles)`).
-  The two layouts differ, so an `Int4Linear` is packed for one device type: quantize after moving the model.
-- Limits found on torch 2.13: int4 needs G in {32, 64, 128, 256}, K % G == 0 and N % 16 == 0 on CPU (N % 8 on
-  CUDA) — layers that fail these fall back to int8. The bf16 CPU int8 kernel returns garbage, or crashes, unless
-  K % 16 == 0, so such layers run that kernel in fp32.
+Formats (`quantize_codes.py` fits and packs the codes). All quantized tensors are buffers, so `.to()`,
+`state_dict()` and the remaining fp parameters behave. int8 runs `torch._weight_int8pack_mm(x, q, s)` with x
+and s of one dtype; int4 runs the tinygemm kernels, whose packing belongs to one device type: quantize after
+moving the model. Weights int4 cannot take (`int4_problem`) fall back to int8.
 
 Activations go through the kernels in bf16, cast in and out: on CPU the kernels' fp32 paths are several times
 slower and CUDA's int4 kernel takes bf16 only, and bf16 rounding (~0.3%) is small next to the weight
@@ -50,6 +45,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemmakit.model import Experts, Gemma, Router
+from gemmakit.quantize_codes import (
+    _ROWS,
+    COMPUTE_DTYPE,
+    GROUP_SIZES,
+    _int8_dtype,
+    cpu_int4_block_rows,
+    cpu_int4_layout,
+    int4_kernel_operands,
+    int4_problem,
+    quantize_int4_packed,
+    quantize_int8,
+    unpack_int4_transposed,
+)
 from gemmakit.runtime.probe import onednn_packs
 
 MODES = ("int8", "int4")
@@ -68,186 +76,7 @@ UNPACK_ROWS = 64
 # spill registers; at 16 rows the reduction still beats the kernel on the 262k head, but by less.
 REDUCE_ROWS = 8
 _UNPACK_MAX = 1 << 24
-GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accept
-COMPUTE_DTYPE = torch.bfloat16
-_ROWS = 2048  # rows quantized at once: bounds the fp32 temporaries of a 262k-row vocabulary (a multiple of 64)
 
-
-def _by_rows(fn: Callable[[Tensor], tuple[Tensor, ...]], w: Tensor) -> tuple[Tensor, ...]:
-    """Apply a row-wise quantizer to `w` in chunks of rows and concatenate each of its outputs."""
-    outs = [fn(chunk) for chunk in w.split(_ROWS)]
-    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-
-
-def _int8_dtype(in_features: int) -> torch.dtype:
-    # The bf16 int8 kernel on CPU reads past a K tail that is not a multiple of 16 (torch 2.13): use fp32 there.
-    return COMPUTE_DTYPE if in_features % 16 == 0 else torch.float32
-
-
-def quantize_int8(w: Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8 of w [N, K]: (q int8 [N, K], scales [N] in `dtype`), w ~ q * scales[:, None]."""
-
-    def rows(c: Tensor) -> tuple[Tensor, Tensor]:
-        c = c.float()
-        s = (c.abs().amax(-1) / 127).clamp(min=1e-8).to(dtype)  # floor: an all-zero row would divide by 0
-        return (c / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8), s
-
-    return _by_rows(rows, w)
-
-
-def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """Asymmetric group-wise int4 of w [N, K]: (q uint8 [N, K] in 0..15, scales_and_zeros bf16 [K/G, N, 2]),
-    w ~ (q - 8) * scale + zero over each group of `group_size` consecutive inputs."""
-
-    def rows(c: Tensor) -> tuple[Tensor, Tensor]:
-        q, scale, zero = _fit_int4_groups(c.float().reshape(c.shape[0], -1, group_size))
-        return q.to(torch.uint8).reshape(c.shape), torch.cat([scale, zero], dim=-1).to(COMPUTE_DTYPE)
-
-    q, sz = _by_rows(rows, w)
-    return q, sz.transpose(0, 1).contiguous()
-
-
-def _fit_int4_groups(g: Tensor, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8),
-                     refits: int = 2) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes, scales and zeros for groups g [..., G] that (nearly) minimise the squared error.
-
-    Plain min/max rounding spends levels on outliers and ignores where the mass is. From a min/max grid,
-    clipped by each `shrinks` factor, alternate rounding with a least-squares refit of scale and zero (up to
-    bf16 rounding neither step can raise the error) and keep each group's best candidate. On Gemma 3 270M this
-    lowers both the weights' relative error and the int4 perplexity of benchmarks/quant_quality.py against
-    min/max rounding (docs/performance.md, "Quantization").
-    """
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    best = None
-    for shrink in shrinks:
-        scale = _bf16((hi - lo) * shrink / 15).clamp(min=1e-6)
-        zero = _bf16((lo + hi) / 2 + 0.5 * scale)  # code 8 decodes to `zero`: the grid centred on the range
-        for _ in range(refits):
-            scale, zero = _refit(g, _codes(g, scale, zero) - 8, scale)
-        q = _codes(g, scale, zero)
-        err = ((q - 8) * scale + zero - g).square().sum(-1, keepdim=True)
-        if best is None:
-            best = (err, q, scale, zero)
-        else:
-            better = err < best[0]
-            best = tuple(torch.where(better, new, old) for new, old in zip((err, q, scale, zero), best, strict=True))
-    return best[1:]
-
-
-def _codes(g: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    return ((g - zero) / scale).round().add(8).clamp(0, 15)
-
-
-def _refit(g: Tensor, c: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Least-squares (scale, zero) of g ~ scale * c + zero per group, rounded to bf16 as the kernel keeps them."""
-    cm, gm = c.mean(-1, keepdim=True), g.mean(-1, keepdim=True)
-    var = (c - cm).square().mean(-1, keepdim=True)
-    cov = ((c - cm) * (g - gm)).mean(-1, keepdim=True)
-    new_scale = torch.where(var > 0, cov / var.clamp(min=1e-12), scale).clamp(min=1e-6)  # one code: keep scale
-    return _bf16(new_scale), _bf16(gm - new_scale * cm)
-
-
-def _bf16(t: Tensor) -> Tensor:
-    return t.to(COMPUTE_DTYPE).float()
-
-
-def int4_problem(out_features: int, in_features: int, group_size: int, device: torch.device) -> str | None:
-    """Why an [out, in] weight cannot take the int4 kernel on `device`; None when it can."""
-    if group_size not in GROUP_SIZES:
-        return f"group_size must be one of {GROUP_SIZES}, got {group_size}"
-    if in_features % group_size:
-        return f"in_features={in_features} is not a multiple of group_size={group_size}"
-    tile = 16 if device.type == "cpu" else 8
-    if out_features % tile:
-        return f"out_features={out_features} is not a multiple of {tile} (the {device.type} int4 packing tile)"
-    return None
-
-
-def _nibbles(q: Tensor) -> Tensor:
-    """Codes [N, K] in 0..15 -> uint8 [N, K/2], the even column in the high nibble (CUDA's packing input)."""
-    return (q[:, ::2] << 4) | q[:, 1::2]
-
-
-def pack_int4(q: Tensor) -> Tensor:
-    """The kernel layout of codes q [N, K] on their device (see the module docstring)."""
-    if q.device.type == "cpu":
-        # Packing is independent per block of rows (64 with AVX-512), so chunks keep the int32 copy small.
-        return torch.cat([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1) for c in q.split(_ROWS)])
-    k = q.shape[1]
-    inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
-    return torch._convert_weight_to_int4pack(_nibbles(q), inner_k_tiles)
-
-
-_PROBE_ROWS = 256  # the longest row period looked for in the CPU packing (64 with AVX-512)
-
-
-@functools.lru_cache(maxsize=8)
-def cpu_int4_layout(k: int) -> tuple[Tensor, Tensor] | None:
-    """Where the CPU int4 packing puts each code of a block of rows with `k` inputs: (byte offset into the
-    block's flattened bytes [R, k] int32, nibble shift 0 or 4 [R, k] uint8) for the packing's row period R, or
-    None when the packing is not such an arrangement of nibbles (then the table keeps its own nibble copy).
-
-    Why: the tied int4 head's codes are also the embedding table. Reading lookups straight from the packed head
-    saves a second copy of the vocabulary's codes (84 MB for the 270M). torch does not document the packing, and it
-    depends on the CPU's vector width, so it is read off this machine's kernel: pack probes whose codes spell out
-    each position's index four bits at a time, invert, find the shortest period of rows that repeats, and check
-    random codes."""
-    n = 2 * _PROBE_ROWS
-    index = torch.arange(n * k).view(n, k)
-    digits = (int(index.max()).bit_length() + 3) // 4
-    probes = [pack_int4(((index >> 4 * j) & 15).to(torch.uint8)).flatten() for j in range(digits)]
-    if probes[0].dtype != torch.uint8 or probes[0].numel() * 2 != index.numel():
-        return None
-    where = torch.empty(2, index.numel(), dtype=torch.long)  # (byte, shift) of each code, by its index
-    for shift in (0, 4):
-        spelled = sum(((p >> shift) & 15).long() << 4 * j for j, p in enumerate(probes))
-        if bool((spelled >= index.numel()).any()):
-            return None
-        where[0, spelled], where[1, spelled] = torch.arange(len(spelled)), shift
-    offset, shift = where[0].view(n, k), where[1].view(n, k)
-    rows = next((r for r in (16, 32, 64, 128, _PROBE_ROWS) if torch.equal(offset[r:], offset[:-r] + r * k // 2)
-                 and torch.equal(shift[r:], shift[:-r])), None)
-    if rows is None:
-        return None
-    offset, shift = offset[:rows].to(torch.int32), shift[:rows].to(torch.uint8)
-    codes = torch.randint(0, 16, (rows, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    if not torch.equal((pack_int4(codes).flatten()[offset.long()] >> shift) & 15, codes):
-        return None
-    return offset, shift
-
-
-@functools.lru_cache(maxsize=8)
-def cpu_int4_block_rows(k: int) -> int | None:
-    """R when this machine's CPU int4 packing of `k` inputs stores each block of R rows as [k, R/2] bytes, row
-    i < R/2 of the block in the low nibble of byte i and row R/2 + i in the high nibble (torch 2.13's AVX-512
-    build does, with R = 64); None otherwise. In that arrangement one strided pass unpacks a whole weight.
-    Checked on random codes against each candidate R, which costs far less memory than `cpu_int4_layout`."""
-    n = 256
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    packed = pack_int4(codes)
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != codes.numel():
-        return None
-    for r in (64, 32, 16, 128, 256):
-        halves = codes.view(n // r, 2, r // 2, k)
-        if torch.equal(packed.flatten(), (halves[:, 0] | halves[:, 1] << 4).transpose(1, 2).flatten()):
-            return r
-    return None
-
-
-def unpack_int4_transposed(packed: Tensor, scales: Tensor, zeros: Tensor, rows: int) -> Tensor:
-    """W^T [K, N] in bf16 of a CPU-packed int4 weight [N, K/2] whose blocks are laid out as
-    `cpu_int4_block_rows` says (`rows` = R), with `scales` and `zeros` [K/G, N] contiguous (a strided read of
-    the interleaved `scales_and_zeros` would keep inductor from vectorising). One broadcast expression, so
-    that inductor emits a single vectorised loop, much faster than the same expression in eager ops
-    (docs/performance.md, "Quantization")."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    blocks = packed.view(n // rows, k, rows // 2).transpose(0, 1)  # [K, N/R, R/2]
-    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device).view(2, 1)
-    codes = (blocks[:, :, None, :] >> shifts) & 15  # [K, N/R, 2, R/2]: rows i and R/2 + i of each block
-    scale = scales.float()[:, None, :]  # [K/G, 1, N]
-    zero = zeros.float()[:, None, :] - 8 * scale
-    w = codes.reshape(scales.shape[0], -1, n).float() * scale + zero
-    return w.to(COMPUTE_DTYPE).view(k, n)
 
 
 @functools.cache
@@ -291,24 +120,6 @@ def _unpackable(model: nn.Module) -> Iterator[tuple[Int4Linear, int]]:
             yield m, rows
 
 
-def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
-                         ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(kernel-packed codes, scales_and_zeros, nibble-packed rows if asked) of w [N, K], `_ROWS` rows at a
-    time: the code matrix of a 262k-row vocabulary is never whole, which keeps quantize-while-loading's peak
-    memory near the size of the quantized model."""
-    outs: list[Tensor | None] = [None, None, None]
-    for i, chunk in enumerate(w.split(_ROWS)):
-        q, sz = quantize_int4(chunk, group_size)
-        parts = (pack_int4(q), sz.transpose(0, 1), _nibbles(q) if nibbles else None)
-        for j, part in enumerate(parts):
-            if part is None:
-                continue
-            if outs[j] is None:  # both packed layouts grow linearly with the rows along dim 0
-                outs[j] = part.new_empty((part.shape[0] * w.shape[0] // chunk.shape[0], *part.shape[1:]))
-            start = i * _ROWS * part.shape[0] // chunk.shape[0]
-            outs[j][start:start + part.shape[0]] = part
-    packed, sz, nib = outs
-    return packed, sz.transpose(0, 1).contiguous(), nib
 
 
 # Rows up to which int8 products are fp32 row reductions (`_reduce_rows`) rather than the int8 kernel. Zero
@@ -423,14 +234,9 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor) -> Int4Linear:
-        """Codes chosen elsewhere, e.g. a GGUF's Q4 blocks: q [N, K] in 0..15 with w = scale * q + zero per
-        group (scale, zero [N, groups]), i.e. the kernel's (q - 8) * scale + (zero + 8 * scale). The codes
-        are kept as they are; only scale and zero are rounded to bf16."""
-        n, k = q.shape
-        group_size = k // scale.shape[1]
-        _check_int4(n, k, group_size, q.device)
-        sz = torch.stack([scale, zero + 8 * scale], dim=-1).to(COMPUTE_DTYPE).transpose(0, 1).contiguous()
-        return cls(pack_int4(q), sz, group_size, n, k)
+        """Codes chosen elsewhere, e.g. a GGUF's Q4 blocks (see `int4_kernel_operands`): kept as they are."""
+        packed, sz, group_size = int4_kernel_operands(q, scale, zero)
+        return cls(packed, sz, group_size, *q.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != self.device_type:
@@ -515,21 +321,63 @@ class QuantizedEmbedding(nn.Module):
 
 
 class QuantizedExperts(Experts):
-    """`Experts` with int8 per-output-channel weights; buffers keep the names gate_up_proj and down_proj.
-    The routing loop is Experts.forward's; only the per-expert matmuls change."""
+    """`Experts` with quantized weights under the checkpoint's names gate_up_proj and down_proj ([E, ...] stacks,
+    one kernel operand per expert) and `<name>_scales`: per matrix, int4 groups when asked and the int4 kernel
+    takes its shape, else int8 per output channel. The routing loop is Experts.forward's; only the per-expert
+    matmuls change."""
 
-    def __init__(self, experts: Experts):
+    def __init__(self, parts: dict[str, tuple[Tensor, Tensor, int]]):
+        """`parts`: name -> (stacked weights, stacked scales, group size; 0 for int8 per output channel)."""
         nn.Module.__init__(self)  # not Experts.__init__: it would allocate full-precision parameters
-        for name in ("gate_up_proj", "down_proj"):
-            w = getattr(experts, name).detach()
-            E, N, K = w.shape
-            q, s = quantize_int8(w.reshape(E * N, K), _int8_dtype(K))
-            self.register_buffer(name, q.view(E, N, K))
-            self.register_buffer(f"{name}_scales", s.view(E, N))
+        self.group_sizes = {}
+        for name, (w, scales, group_size) in parts.items():
+            self.register_buffer(name, w)
+            self.register_buffer(f"{name}_scales", scales)
+            self.group_sizes[name] = group_size
+
+    @classmethod
+    def from_experts(cls, experts: Experts, mode: str = "int8", group_size: int = 32) -> QuantizedExperts:
+        return cls({name: _quantize_stack(getattr(experts, name).detach(), mode, group_size)
+                    for name in EXPERT_MATRICES})
+
+    @classmethod
+    def from_int4_codes(cls, codes: dict[str, tuple[Tensor, Tensor, Tensor]], experts: int) -> QuantizedExperts:
+        """Codes chosen elsewhere (a GGUF's 4-bit blocks) for both matrices, as `Int4Linear.from_codes` takes
+        them but over the experts' stacked rows: q [E * N, K]. The caller checks `int4_problem` first."""
+        parts = {}
+        for name, (q, scale, zero) in codes.items():
+            per_expert = [int4_kernel_operands(*(t.view(experts, -1, t.shape[-1])[e] for t in (q, scale, zero)))
+                          for e in range(experts)]
+            packed, sz, group_size = zip(*per_expert, strict=True)
+            parts[name] = (torch.stack(packed), torch.stack(sz), group_size[0])
+        return cls(parts)
+
+    def _product(self, name: str, e: int, x: Tensor) -> Tensor:
+        w, scales, group_size = getattr(self, name)[e], getattr(self, f"{name}_scales")[e], self.group_sizes[name]
+        if not group_size:
+            return int8_matmul(x, w, scales)
+        mm = torch._weight_int4pack_mm_for_cpu if w.device.type == "cpu" else torch._weight_int4pack_mm
+        return mm(x.to(COMPUTE_DTYPE).contiguous(), w, group_size, scales).to(x.dtype)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
-        gate, up = int8_matmul(x, self.gate_up_proj[e], self.gate_up_proj_scales[e]).chunk(2, dim=-1)
-        return int8_matmul(F.gelu(gate, approximate="tanh") * up, self.down_proj[e], self.down_proj_scales[e])
+        gate, up = self._product("gate_up_proj", e, x).chunk(2, dim=-1)
+        return self._product("down_proj", e, F.gelu(gate, approximate="tanh") * up)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: {f'int4 g{g}' if g else 'int8'}" for n, g in self.group_sizes.items())
+
+
+EXPERT_MATRICES = ("gate_up_proj", "down_proj")
+
+
+def _quantize_stack(w: Tensor, mode: str, group_size: int) -> tuple[Tensor, Tensor, int]:
+    """One experts matrix [E, N, K] as (stacked weights, stacked scales, group size or 0 for int8)."""
+    E, N, K = w.shape
+    if mode == "int4" and int4_problem(N, K, group_size, w.device) is None:
+        packed, sz = zip(*(quantize_int4_packed(w[e], group_size)[:2] for e in range(E)), strict=True)
+        return torch.stack(packed), torch.stack(sz), group_size
+    q, s = quantize_int8(w.reshape(E * N, K), _int8_dtype(K))
+    return q.view(E, N, K), s.view(E, N), 0
 
 
 def quantize_model(model: Gemma, mode: str, group_size: int = 32) -> Gemma:
@@ -554,7 +402,7 @@ def quantize_child(model: Gemma, parent: nn.Module, name: str, mode: str, group_
     if isinstance(child, nn.Linear) and not isinstance(parent, Router):
         setattr(parent, name, _quantized_linear(child, linear_mode(name, mode), group_size))
     elif isinstance(child, Experts) and not isinstance(child, QuantizedExperts):
-        setattr(parent, name, QuantizedExperts(child))
+        setattr(parent, name, QuantizedExperts.from_experts(child, mode, group_size))
     elif isinstance(child, nn.Embedding) and child is model.model.embed_tokens:
         quantize_tied_head(model, mode, group_size)
     elif isinstance(child, nn.Embedding):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemmakit.quantize import quantize_int4, quantize_int8
+from gemmakit.quantize_codes import quantize_int4, quantize_int8
 
 
 class QuantizedBase(nn.Module):
