@@ -10,8 +10,11 @@ Three things differ from an HF checkpoint, and each is undone here:
   keeps those linears at int8 instead of rounding them to 4 bits (on the embedded 270M: perplexity 30.4 ->
   25.8, one-row decode as fast). The tied embedding/head stays int4 whatever its type: it is most of the
   weights, and at int8 a one-row step reads twice the bytes for it and an 8-row step's head takes longer.
-The config comes from the GGUF metadata; what a file does not store (the local RoPE theta, the layer
-pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3.
+The config comes from the GGUF metadata; what a Gemma 3 file does not store (the local RoPE theta, the layer
+pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3. Gemma 4 files
+("gemma4") spread more of the config over per-layer arrays and the tensors themselves; gguf_gemma4.py reads
+them as llama.cpp does, and names the tensors gguf's map leaves out. Large tables (the vocabulary, E2B/E4B's
+per-layer table) are read a block of rows at a time, every tensor's file pages released once read.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import torch
 
 from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
+from gemmakit.checkpoints.gguf_gemma4 import gemma4_config, gemma4_tensor_name, shared_kv_names
 from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
 from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, four_bit_codes
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
 
-_ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3}
+_ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3, "gemma4": gguf.MODEL_ARCH.GEMMA4}
 
 
 _SHORT = 4096  # longer metadata arrays (the vocabulary, merges, scores) are never needed for the config
@@ -55,7 +60,9 @@ def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
 _BOUNDS = {"block_count": (1, 1024), "embedding_length": (1, 1 << 16), "attention.head_count": (1, 1024),
            "attention.head_count_kv": (1, 1024), "attention.key_length": (1, 1 << 12),
            "feed_forward_length": (1, 1 << 18), "context_length": (1, 1 << 24),
-           "attention.sliding_window": (1, 1 << 24)}
+           "attention.sliding_window": (1, 1 << 24), "attention.key_length_swa": (1, 1 << 12),
+           "attention.shared_kv_layers": (0, 1024), "embedding_length_per_layer_input": (0, 1 << 12),
+           "expert_count": (0, 1024), "expert_used_count": (1, 1024), "expert_feed_forward_length": (1, 1 << 18)}
 _MISSING = object()
 
 
@@ -74,7 +81,9 @@ class _Meta:
         return full, value
 
     def integer(self, key: str, default: Any = _MISSING) -> int:
-        full, value = self._get(key, default)
+        return self._check_int(*self._get(key, default), key)
+
+    def _check_int(self, full: str, value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise CheckpointError(f"{self.path}: GGUF metadata {full} is {value!r}, not an integer; re-convert it")
         lo, hi = _BOUNDS.get(key, (0, 1 << 31))
@@ -83,53 +92,78 @@ class _Meta:
                                   "is damaged or not a Gemma model")
         return value
 
+    def per_layer(self, key: str, n_layers: int, default: Any = _MISSING) -> list[int]:
+        """An integer per layer, stored as one scalar for all or as an array of `n_layers` entries."""
+        full, value = self._get(key, default)
+        if not isinstance(value, list):
+            return [self._check_int(full, value, key)] * n_layers
+        if len(value) != n_layers:
+            raise CheckpointError(f"{self.path}: GGUF metadata {full} has {len(value)} entries for {n_layers} "
+                                  "layers (block_count); the file is damaged: re-convert it")
+        return [self._check_int(full, v, key) for v in value]
+
+    def flags(self, key: str, n_layers: int) -> list[bool]:
+        """A bool per layer (an array of `n_layers` entries)."""
+        full, value = self._get(key, _MISSING)
+        if not isinstance(value, list) or len(value) != n_layers or not all(isinstance(v, bool) for v in value):
+            raise CheckpointError(f"{self.path}: GGUF metadata {full} must be {n_layers} booleans (one per layer), "
+                                  f"not {str(value)[:80]}; the file is damaged: re-convert it")
+        return value
+
     def number(self, key: str, default: Any = _MISSING) -> float | None:
         full, value = self._get(key, default)
         if value is None and default is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise CheckpointError(f"{self.path}: GGUF metadata {full} is {value!r}, not a number; re-convert it")
+        if isinstance(value, float) and float(np.float32(value)) == value:
+            return float(str(np.float32(value)))  # the decimal the converter wrote (1e-06, not 9.99999997e-07)
         return float(value)
 
 
 def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
     meta = metadata(reader)
     arch = meta.get("general.architecture")
-    if arch == "gemma4":
-        raise CheckpointError(f"{path}: Gemma 4 GGUF files are not supported yet; load the HF safetensors "
-                              "checkpoint directory instead")
     if not isinstance(arch, str) or arch not in _ARCHS:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not a Gemma model gemmakit can load "
                               f"(supported: {', '.join(_ARCHS)})")
     m = _Meta(meta, arch, path)
-    n_layers, hidden, heads = m.integer("block_count"), m.integer("embedding_length"), m.integer("attention.head_count")
-    head_dim = m.integer("attention.key_length", hidden // heads)
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    tensors = {t.name: t for t in reader.tensors}
+    embd = tensors.get("token_embd.weight")
     if embd is None or len(embd.shape) != 2:
         raise CheckpointError(f"{path}: GGUF file has no 2-D token_embd.weight tensor; re-convert it")
+    kw = gemma4_config(m, tensors, path) if arch == "gemma4" else _gemma3_config(m, meta, arch)
+    eos: int | list[int] = m.integer("tokenizer.ggml.eos_token_id", 1)
+    eot = m.integer("tokenizer.ggml.eot_token_id", eos)
+    kw.update(name=str(meta.get("general.name", Path(path).stem)), vocab_size=int(embd.shape[1]),
+              bos_token_id=m.integer("tokenizer.ggml.bos_token_id", 2),
+              eos_token_id=eos if eot == eos else [eos, eot])
+    try:
+        return Config(**kw)
+    except (ConfigError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _gemma3_config(m: _Meta, meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    n_layers, hidden, heads = m.integer("block_count"), m.integer("embedding_length"), m.integer("attention.head_count")
+    head_dim = m.integer("attention.key_length", hidden // heads)
     kw: dict[str, Any] = dict(
-        name=str(meta.get("general.name", Path(path).stem)), family="gemma3", num_hidden_layers=n_layers,
+        family="gemma3", num_hidden_layers=n_layers,
         hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim,
         intermediate_size=m.integer("feed_forward_length"),
         num_key_value_heads=m.integer("attention.head_count_kv", heads),
         max_position_embeddings=m.integer("context_length", 131072),
         rms_norm_eps=m.number("attention.layer_norm_rms_epsilon", 1e-6),
         sliding_window=m.integer("attention.sliding_window", 512), rope_theta=m.number("rope.freq_base", 1e6),
-        vocab_size=int(embd.shape[1]), layer_types=_layer_types(meta.get(f"{arch}.attention.sliding_window_pattern"),
-                                                                n_layers),
+        layer_types=_layer_types(meta.get(f"{arch}.attention.sliding_window_pattern"), n_layers),
         rope_local_base_freq=m.number("rope.freq_base_swa", 10_000.0),
         # llama.cpp scales Gemma 3 27B queries by (H / heads)**-0.5 and every other size by head_dim**-0.5.
         query_pre_attn_scalar=hidden // heads if n_layers == 62 else head_dim,
         final_logit_softcapping=m.number("final_logit_softcapping", None),
-        bos_token_id=m.integer("tokenizer.ggml.bos_token_id", 2),
-        eos_token_id=m.integer("tokenizer.ggml.eos_token_id", 1),
     )
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         kw["rope_scaling_factor"] = m.number("rope.scaling.factor", 1.0)
-    try:
-        return Config(**kw)
-    except (ConfigError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    return kw
 
 
 def _layer_types(pattern: Any, n_layers: int) -> list[str]:
@@ -153,38 +187,73 @@ def _codes(t: Any, shape: tuple[int, ...], path: Path | str) -> tuple[torch.Tens
         raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
 
 
+_TABLES = ("model.embed_tokens.weight", "model.embed_tokens_per_layer.weight")  # read in row blocks
+_BLOCK_BYTES = 64 << 20  # float32 bytes of one row block of a table
+
+
+def _tensor_keys(config: Config, expected: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
+    """{GGUF tensor name: state-dict key} and the names a file may hold that are deliberately not loaded."""
+    names = gguf.get_tensor_name_map(_ARCHS[config.family], config.num_hidden_layers)
+    skip = {"output.weight", "rope_freqs.weight"}  # a tied head / RoPE factors the model computes itself
+    if config.is_gemma4:
+        to_key = {gemma4_tensor_name(names, k): k for k in expected}
+        skip |= shared_kv_names(config.num_hidden_layers, config.first_kv_shared_layer)
+    else:
+        to_key = {names.get_name(k, try_suffixes=(".weight", "")): k for k in expected}
+    to_key.pop(None, None)  # type: ignore[call-overload]  # a key gguf cannot name is reported missing
+    return to_key, skip
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
               quantize: str | None = None) -> Gemma:
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
-    name_map = gguf.get_tensor_name_map(_ARCHS["gemma3"], config.num_hidden_layers)
-    to_key = {name_map.get_name(k, try_suffixes=(".weight", "")): k for k in loader.expected}
+    to_key, skip = _tensor_keys(config, loader.expected)
     mixed = quantize == "int4" and any(t.tensor_type in FOUR_BIT for t in reader.tensors)
     for t in reader.tensors:
         key = to_key.get(t.name)
         if key is None:
-            if t.name not in ("output.weight", "rope_freqs.weight"):  # a tied head / RoPE factors we compute
+            if t.name not in skip:
                 loader.unexpected.append(t.name)
             continue
         shape = tuple(int(n) for n in reversed(t.shape))
         loader.check_shape(key, shape)
-        if key == "model.embed_tokens.weight" and len(shape) == 2:
-            # Read in row blocks: each row of a GGUF tensor is a whole number of quantization blocks.
-            def rows(a: int, b: int, t=t, shape=shape) -> torch.Tensor:
-                w = _dequantize(t, t.data[a:b], (b - a, shape[1]), path)
-                row_bytes = t.n_bytes // shape[0]
-                release_pages(reader, t.data_offset + a * row_bytes, (b - a) * row_bytes)
-                return w
-
-            loader.assign_rows(key, RowSource(shape, loader.dtype, loader.device, rows))
+        if key in _TABLES and len(shape) == 2:
+            source = RowSource(shape, loader.dtype, loader.device, _row_reader(reader, t, shape, path))
+            if key == "model.embed_tokens.weight":
+                loader.assign_rows(key, source)  # quantizing: straight from the row blocks
+            else:
+                loader.assign(key, _read_table(source))
             continue
         if t.tensor_type in FOUR_BIT and loader.assign_int4_codes(key, lambda t=t, shape=shape: _codes(t, shape, path)):
             release_pages(reader, t.data_offset, t.n_bytes)
             continue
         w = _dequantize(t, t.data, shape, path)
         release_pages(reader, t.data_offset, t.n_bytes)
-        if key.endswith("norm.weight"):
+        if not config.is_gemma4 and key.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma 3's (1 + w); the model applies the offset itself
         loader.assign(key, w, quantize="int8" if mixed and t.tensor_type in WIDE and w.ndim == 2 else None)
     return loader.finish()
+
+
+def _row_reader(reader: gguf.GGUFReader, t: Any, shape: tuple[int, ...], path: str | Path) -> Any:
+    """Rows [a, b) of a 2-D tensor, dequantized; each row of a GGUF tensor is a whole number of blocks, and
+    the file pages read are released at once."""
+    def rows(a: int, b: int) -> torch.Tensor:
+        w = _dequantize(t, t.data[a:b], (b - a, shape[1]), path)
+        row_bytes = t.n_bytes // shape[0]
+        release_pages(reader, t.data_offset + a * row_bytes, (b - a) * row_bytes)
+        return w
+
+    return rows
+
+
+def _read_table(source: RowSource) -> torch.Tensor:
+    """A whole table in the loader's dtype, filled a row block at a time: E2B's per-layer table is 262144 x
+    8960, and dequantizing it in one go would hold it in float32 on top of the result."""
+    out = torch.empty(source.shape, dtype=source.dtype, device=source.device)
+    step = max(1, _BLOCK_BYTES // (4 * source.shape[1]))
+    for a, block in zip(range(0, source.shape[0], step), source.split(step), strict=True):
+        out[a:a + block.shape[0]] = block
+    return out
