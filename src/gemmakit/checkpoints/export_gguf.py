@@ -1,5 +1,5 @@
-"""Write a Gemma 3 model as one GGUF file that llama.cpp (and gemmakit's own GGUF loader) runs, through the
-`gguf` library's `GGUFWriter`: no binary format of ours.
+"""Write a Gemma model as one GGUF file that llama.cpp runs (and gemmakit's own GGUF loader reads), through
+the `gguf` library's `GGUFWriter`: no binary format of ours. This module holds the entry point and Gemma 3.
 
 The file is what llama.cpp's converter would write for the same checkpoint, with three choices made explicit:
 - names: gguf's own HF->GGUF tensor name map for GEMMA3 (the one `gguf.py` inverts to read), no table of ours;
@@ -19,11 +19,10 @@ piece's score is minus the rank of the first BPE merge that makes it (llama.cpp 
 first), special added tokens become control tokens, other added tokens user-defined ones (matched whole in the
 raw text, as `tokenizers` does), `<0xNN>` pieces byte tokens.
 
-Not written: Gemma 4. llama.cpp has a gemma4 loader, but it needs its own BPE vocabulary with merges,
-per-layer geometry, PLE and MoE tensors that this writer does not produce (and gemmakit cannot read them
-back); Gemma 4 goes out as an HF directory (`gemmakit export`) for llama.cpp's convert_hf_to_gguf.py.
-Like `export_hf`, a packed, quantized or LoRA-wrapped model is refused, an existing file is never
-overwritten, and the file is written beside its destination and renamed into place.
+Gemma 4 goes through export_gguf4.py (llama.cpp's gemma4 architecture, with its BPE vocabulary); both share
+the streaming writer of gguf_write.py, which also holds what the two have in common: an existing file is
+never overwritten, the file is written beside its destination and renamed into place, and a packed,
+quantized or LoRA-wrapped model is refused as by `export_hf`.
 """
 
 from __future__ import annotations
@@ -31,73 +30,58 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 from torch import nn
 
 from gemmakit.checkpoints.export import _plain_state
+from gemmakit.checkpoints.export_gguf4 import write_gemma4_gguf
+from gemmakit.checkpoints.gguf_write import (
+    SPECIAL_SCORE,
+    Entry,
+    Q,
+    T,
+    Vocab,
+    add_special_ids,
+    check_destination,
+    check_dtype,
+    padded,
+    tensor_type,
+    write_file,
+)
 from gemmakit.config import SLIDING, Config
-from gemmakit.files import write_atomic
 
-Q = gguf.GGMLQuantizationType
-# --gguf-type -> (the type of matrices, the file type llama.cpp reports)
-DTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-          "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
-T = gguf.TokenType
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-_SPECIAL_SCORE = -1000.0  # what the converter gives control / user-defined / padding tokens
-
-
-@dataclass
-class Vocab:
-    """llama.cpp's SentencePiece vocabulary: one piece, score and token type per id."""
-
-    tokens: list[str]
-    scores: list[float]
-    types: list[int]
-    unk_id: int | None = None
 
 
 def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any, dtype: str = "f16") -> Path:
-    """Write `model` (a plain Gemma 3) with `tokenizer`'s vocabulary as the GGUF file `path`; returns it."""
-    path = Path(path)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown GGUF type {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; choose a new file name (nothing is overwritten)")
+    """Write `model` (a plain Gemma 3 or Gemma 4) with `tokenizer`'s vocabulary as the GGUF file `path`
+    (`dtype`: f32, f16, bf16 or q8_0 for the matrices); returns it."""
+    check_dtype(dtype)
+    path = check_destination(path)
     if tokenizer is None:
         raise ValueError("a GGUF file carries its vocabulary, so export_gguf needs the model's tokenizer")
     config: Config = model.config
+    if config.is_gemma4:
+        return write_gemma4_gguf(path, config, _plain_state(model), tokenizer, dtype)
     check_config(config)
     state = _plain_state(model)
-    qtype, file_type = DTYPES[dtype]
-    plan = tensor_plan(state, config.num_hidden_layers, qtype)  # before any file: an unknown tensor fails here
+    qtype, file_type = check_dtype(dtype)
+    entries = tensor_plan(state, config.num_hidden_layers, qtype)  # before any file: an unknown tensor fails here
     vocab = padded(gguf_vocab(tokenizer), config.vocab_size)
 
-    def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3])
-        try:
-            add_hparams(w, config, file_type)
-            add_vocab(w, vocab, tokenizer)
-            write_tensors(w, state, plan)
-        finally:
-            w.close()
+    def metadata(w: gguf.GGUFWriter) -> None:
+        add_hparams(w, config, file_type)
+        add_vocab(w, vocab, tokenizer)
 
-    write_atomic(path, write)
-    return path
+    return write_file(path, gguf.MODEL_ARCH.GEMMA3, metadata, entries)
 
 
 def check_config(config: Config) -> None:
     """Refuse what llama.cpp's gemma3 architecture would run differently from the model."""
-    if config.is_gemma4:
-        raise ValueError("Gemma 4 GGUF export is not supported: gemmakit writes only llama.cpp's gemma3 "
-                         "architecture. Write an HF directory with `gemmakit export` (export_hf) instead and "
-                         "convert it with llama.cpp's convert_hf_to_gguf.py")
     if config.family != "gemma3" or config.partial_rotary_factor != 1.0 or config.global_head_dim not in (
             None, config.head_dim):
         raise ValueError(f"{config.name}: only Gemma 3 geometry (one head_dim, full rotary) fits llama.cpp's gemma3")
@@ -109,19 +93,6 @@ def check_config(config: Config) -> None:
         raise ValueError(f"{config.name}: attention scale {config.attention_scale:.6g} (query_pre_attn_scalar "
                          f"{config.query_pre_attn_scalar}) differs from the {llama_scale:.6g} llama.cpp derives "
                          "from the geometry, so llama.cpp would run another model")
-
-
-def write_tensors(w: gguf.GGUFWriter, state: dict[str, torch.Tensor], plan: list[tuple[str, str, Q]]) -> None:
-    """The header and tensor infos (sizes known from the shapes), then the tensors one at a time, each
-    converted just before it is written: `add_tensor` would hold every converted tensor until the end."""
-    for name, key, qtype in plan:
-        shape = gguf.quant_shape_to_byte_shape(tuple(state[key].shape), qtype)
-        w.add_tensor_info(name, shape, np.dtype(np.uint8), math.prod(shape), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for name, key, qtype in plan:
-        w.write_tensor_data(convert(state[key], name, qtype))
 
 
 def add_hparams(w: gguf.GGUFWriter, c: Config, file_type: gguf.LlamaFileType) -> None:
@@ -150,27 +121,18 @@ def add_hparams(w: gguf.GGUFWriter, c: Config, file_type: gguf.LlamaFileType) ->
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def tensor_plan(state: dict[str, torch.Tensor], n_layers: int, qtype: Q) -> list[tuple[str, str, Q]]:
-    """(GGUF name, state-dict key, GGUF type) for every tensor, in the model's order."""
+def tensor_plan(state: dict[str, torch.Tensor], n_layers: int, qtype: Q) -> list[Entry]:
+    """Every tensor under its GGUF name, in the model's order; norms store the multiplier 1 + w."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, n_layers)
     plan = []
     for key, t in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ""))
         if name is None:
             raise ValueError(f"parameter {key} has no GGUF name in llama.cpp's gemma3 architecture")
-        if t.ndim <= 1 or name.endswith("norm.weight"):
-            plan.append((name, key, Q.F32))
-            continue
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        plan.append((name, key, qtype if t.shape[-1] % block == 0 else Q.F16))
+        shape = tuple(t.shape)
+        shift = 1.0 if name.endswith("norm.weight") else 0.0
+        plan.append(Entry(name, shape, tensor_type(name, shape, qtype), lambda t=t: t, shift))
     return plan
-
-
-def convert(t: torch.Tensor, name: str, qtype: Q) -> np.ndarray:
-    a = t.detach().to("cpu", torch.float32).numpy()
-    if name.endswith("norm.weight"):
-        a = a + 1.0  # Gemma 3 norms multiply by (1 + w); llama.cpp stores the multiplier itself
-    return gguf.quants.quantize(a, qtype)
 
 
 def add_vocab(w: gguf.GGUFWriter, vocab: Vocab, tokenizer: Any) -> None:
@@ -179,17 +141,7 @@ def add_vocab(w: gguf.GGUFWriter, vocab: Vocab, tokenizer: Any) -> None:
     w.add_token_list(vocab.tokens)
     w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
-    w.add_bos_token_id(tokenizer.bos_id)
-    w.add_eos_token_id(tokenizer.eos_id)
-    if vocab.unk_id is not None:
-        w.add_unk_token_id(vocab.unk_id)
-    if tokenizer.pad_id is not None:
-        w.add_pad_token_id(tokenizer.pad_id)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(False)  # llama.cpp's SPM default is to prepend a space; Gemma does not
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
+    add_special_ids(w, tokenizer, vocab.unk_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,26 +201,15 @@ def merge_ranks(merges: list[Any]) -> dict[str, int]:
 
 def _entry(piece: str, added: dict[str, Any] | None, ranks: dict[str, int], unk: bool) -> tuple[str, int, float]:
     if added is not None and added["special"]:
-        return piece, T.CONTROL, _SPECIAL_SCORE
+        return piece, T.CONTROL, SPECIAL_SCORE
     if added is not None:
         # A normalized added token matches after spaces became "▁"; llama.cpp matches user-defined tokens in
         # the raw text, before that escape, so it gets the spelling with real spaces.
         text = piece.replace("\u2581", " ") if added.get("normalized") else piece
-        return text, T.USER_DEFINED, _SPECIAL_SCORE
+        return text, T.USER_DEFINED, SPECIAL_SCORE
     if unk:
-        return piece, T.UNKNOWN, _SPECIAL_SCORE
+        return piece, T.UNKNOWN, SPECIAL_SCORE
     if _BYTE_PIECE.fullmatch(piece):
         return piece, T.BYTE, 0.0
     # Pieces no merge makes (single characters) rank below every merge; llama.cpp only scores merge results.
     return piece, T.NORMAL, -float(ranks.get(piece, len(ranks)))
-
-
-def padded(vocab: Vocab, vocab_size: int) -> Vocab:
-    """Pad to the embedding's rows as the converter does ([PADi], unused): llama.cpp sizes the embedding by
-    the token list."""
-    n = len(vocab.tokens)
-    if n > vocab_size:
-        raise ValueError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows")
-    pad = range(n, vocab_size)
-    return Vocab(vocab.tokens + [f"[PAD{i}]" for i in pad], vocab.scores + [_SPECIAL_SCORE] * len(pad),
-                 vocab.types + [int(T.UNUSED)] * len(pad), vocab.unk_id)
