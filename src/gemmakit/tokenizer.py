@@ -33,10 +33,20 @@ as it was, so ordinary prompts encode to the same ids as before.
 
 What it does not do
 -------------------
-- Other GGUF vocabularies (llama-3 byte-level BPE, T5 unigram, Gemma 4's): rejected with an error
-  that says to use the model's tokenizer.json instead.
+- Other GGUF vocabularies (llama-3 byte-level BPE, T5 unigram): rejected with an error that says to
+  use the model's tokenizer.json instead.
 - Chat templates: the file's template string is kept in `chat_template`, but not rendered here.
 - Truncation, padding and attention masks: callers do that with the ids.
+
+Gemma 4 GGUFs
+-------------
+Gemma 4's vocabulary is stored differently (`tokenizer.ggml.model == "gemma4"`): the file carries the BPE
+merges, and llama.cpp tokenizes it as "SentencePiece-style BPE" (llama-vocab.cpp, pre-type GEMMA4): spaces
+become "▁", the text is cut into runs of newlines and runs of everything else, and each run is merged with the
+file's merges over whole characters, falling back to <0xNN> byte pieces. `build_gemma4_backend` builds exactly
+that, so `encode` gives llama.cpp's ids (tests/test_gguf_gemma4.py checks them against llama.cpp itself).
+Control tokens (<bos>, <|turn>, ...) are special; the tool-call, channel and <|"|> markers, which Gemma 4's
+converter marks user-defined so a chat parser can read them, are plain added tokens, matched whole.
 
 Why the cache
 -------------
@@ -188,6 +198,42 @@ def build_gemma_backend(meta: dict[str, Any]) -> tokenizers.Tokenizer:
     return backend
 
 
+def build_gemma4_backend(meta: dict[str, Any]) -> tokenizers.Tokenizer:
+    """A `tokenizers.Tokenizer` for a Gemma 4 GGUF vocabulary (`tokenizer.ggml.model == "gemma4"`), encoding
+    as llama.cpp's tokenizer does for it (llama-vocab.cpp, pre-type GEMMA4): spaces become "▁", the text is
+    cut into runs of newlines and runs of anything else, and each run is merged with the file's own BPE merges
+    over whole characters, a character no piece covers falling back to its UTF-8 bytes as <0xNN> pieces."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type")
+    types = types.tolist() if types is not None else [0] * len(tokens)
+    vocab = {piece: index for index, piece in enumerate(tokens)}
+    merges = [_split_merge(m) for m in meta["tokenizer.ggml.merges"]]
+    model = BPE(vocab=vocab, merges=[m for m in merges if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab],
+                unk_token=_token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id")) or "<unk>",
+                byte_fallback=True, dropout=None)
+    backend = tokenizers.Tokenizer(model)
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex("\n+"), behavior="isolated")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # llama.cpp matches control tokens (with special parsing, as a chat prompt needs) and user-defined ones
+    # (always) whole in the raw text before anything else.
+    kinds = list(zip(tokens, types, strict=True))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in kinds if k == _USER_DEFINED])
+    bos_id = meta["tokenizer.ggml.bos_token_id"]
+    # llama.cpp always adds BOS for Gemma 4, whatever add_bos_token says
+    backend.post_processor = _special_template((tokens[bos_id], bos_id), None)
+    return backend
+
+
+def _split_merge(merge: str) -> tuple[str, str]:
+    """"a b" -> ("a", "b"), split at the first space after the first character, as llama.cpp reads merges."""
+    cut = merge.find(" ", 1)
+    if cut < 0:
+        raise ValueError(f"tokenizer.ggml.merges holds {merge!r}, which is not two pieces separated by a space")
+    return merge[:cut], merge[cut + 1:]
+
+
 def _token_at(tokens: Sequence[str], index: int | None) -> str | None:
     return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
@@ -197,10 +243,14 @@ def _check_gemma_gguf(meta: dict[str, Any], path: Path) -> None:
     arch, model = meta.get("general.architecture"), meta.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError(f"{path}: this GGUF has no vocabulary; load a tokenizer.json with from_file.")
-    if model != "llama" or arch not in GEMMA_ARCHITECTURES:
+    if model == "gemma4" and arch == "gemma4":
+        if "tokenizer.ggml.merges" not in meta:
+            raise ValueError(f"{path}: this Gemma 4 GGUF has no tokenizer.ggml.merges; re-convert it.")
+    elif model != "llama" or arch not in GEMMA_ARCHITECTURES:
         raise ValueError(
             f"{path}: a {arch!r} GGUF with a {model!r} vocabulary is not supported; only Gemma 1-3 "
-            f"(architectures {GEMMA_ARCHITECTURES}, tokenizer 'llama'). Use Tokenizer.from_file with "
+            f"(architectures {GEMMA_ARCHITECTURES}, tokenizer 'llama') and Gemma 4 (architecture and tokenizer "
+            "'gemma4'). Use Tokenizer.from_file with "
             "the model's tokenizer.json instead."
         )
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type")
@@ -287,7 +337,8 @@ class Tokenizer:
         cache_file = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"gguf-{digest[:32]}.tokenizer.json"
         backend = _load_cached(cache_file)
         if backend is None:
-            backend = build_gemma_backend(meta)
+            build = build_gemma4_backend if meta.get("tokenizer.ggml.model") == "gemma4" else build_gemma_backend
+            backend = build(meta)
             _write_cache(backend, cache_file)
         eos_id = meta["tokenizer.ggml.eos_token_id"]
         tokenizer = cls(
