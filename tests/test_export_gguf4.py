@@ -1,6 +1,7 @@
 """Gemma 4 GGUF export (checkpoints/export_gguf4.py, gguf_write.py): tiny random models of each released
 variant's structure, written by gemmakit, run in llama.cpp (llama-cpp-python) with gemmakit's logits and greedy
-tokens, tokenize text as gemmakit does, and stream one tensor at a time.
+tokens (and read back by gemmakit's own GGUF loader), tokenize text as gemmakit does, and stream one tensor at a
+time.
 Run: .venv/bin/python -m pytest tests/test_export_gguf4.py
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from gemmakit.checkpoints.export_gguf import export_gguf
 from gemmakit.checkpoints.export_gguf4 import gguf_name, hf_shapes, write_gemma4_gguf
+from gemmakit.checkpoints.gguf import load_gguf
 from gemmakit.model import Gemma
 from gemmakit.quantize import quantize_model
 from gemmakit.runtime.packing import pack_linears
@@ -140,6 +142,8 @@ def test_f32_export_runs_in_llama_cpp_with_gemmakit_logits(variant, models, toke
     assert err.max() < 5e-2 and err.mean() < 5e-3, (err.max(), err.mean())
     assert torch.equal(theirs.argmax(-1), want.argmax(-1))
     assert greedy_after(llm, theirs, 8) == greedy_without_cache(model, IDS, 8)
+    # and gemmakit's own GGUF loader reads the file back to the same model, bit for bit
+    torch.testing.assert_close(load_gguf(path)(torch.tensor([IDS]))[0], want, atol=1e-6, rtol=0)
 
 
 # (variant, type, max and mean logit error allowed): llama.cpp also rounds the activations to the weights'
@@ -173,6 +177,7 @@ def test_rounded_types_store_gguf_rounding_and_run_in_llama_cpp(variant, dtype, 
     rounded_model = Gemma(model.config).eval()
     rounded_model.load_state_dict(rounded)
     want = rounded_model(torch.tensor([IDS]))[0]
+    torch.testing.assert_close(load_gguf(path)(torch.tensor([IDS]))[0], want, atol=1e-4, rtol=0)
     llm = llama(path)
     theirs = llama_logits(llm, IDS)
     err = (theirs - want).abs()
