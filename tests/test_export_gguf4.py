@@ -197,7 +197,8 @@ def _round(key: str, t: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def test_vocabulary_tokenizes_in_llama_cpp_as_in_gemmakit(models, tokenizer, tmp_path):
     """llama.cpp's gemma4 BPE, given the pieces and merges, splits text id for id as the tokenizer does
-    (spaces, newlines, byte fallback, special and channel tokens) and keeps the chat template."""
+    (spaces, newlines, byte fallback, special and channel tokens) and keeps the chat template; the vocabulary
+    survives a round trip through gemmakit."""
     path = export_gguf(models["31b"], tmp_path / "vocab.gguf", tokenizer, "f16")
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     assert llm.metadata["tokenizer.ggml.model"] == "gemma4"
@@ -208,6 +209,10 @@ def test_vocabulary_tokenizes_in_llama_cpp_as_in_gemmakit(models, tokenizer, tmp
     kinds = [int(types.parts[i][0]) for i in types.data]
     assert kinds[5] == gguf.TokenType.CONTROL and kinds[7] == gguf.TokenType.USER_DEFINED  # <|turn>, <|channel>
     assert kinds[9] == gguf.TokenType.BYTE and kinds[999] == gguf.TokenType.UNUSED
+    # gemmakit reads the vocabulary back as the same tokenizer, and writes it out again unchanged
+    again = Tokenizer.from_gguf(path, cache_dir=tmp_path / "cache")
+    assert [again.encode(text) for text in STRINGS] == [tokenizer.encode(text) for text in STRINGS]
+    assert export_gguf(models["31b"], tmp_path / "again.gguf", again, "f16").read_bytes() == path.read_bytes()
 
 
 def test_streaming_writer_fetches_each_tensor_once_and_holds_one_at_a_time(tokenizer, tmp_path):
