@@ -129,7 +129,7 @@ def _write_gguf(path, ref, config, qtype=gguf.GGMLQuantizationType.Q8_0, arch="g
             a = a + 1.0
         if a.ndim == 2 and a.shape[1] % 32 == 0:
             kind = gguf.GGMLQuantizationType.Q8_0 if any(part in key for part in wide) else qtype
-            if kind == gguf.GGMLQuantizationType.IQ4_NL:  # gguf cannot quantize it; any bytes will do
+            if kind == gguf.GGMLQuantizationType.Q8_1:  # gguf cannot quantize it; any bytes will do
                 block, size = gguf.GGML_QUANT_SIZES[kind]
                 raw = np.random.default_rng(0).integers(0, 255, (a.shape[0], a.shape[1] // block * size), np.uint8)
             else:
@@ -181,9 +181,9 @@ def test_damaged_gguf_files_are_reported(tmp_path):
 def test_unsupported_gguf_quant_type_is_reported(tmp_path):
     """A GGUF quantized to a type gemmakit cannot dequantize names the tensor and the type."""
     config = tiny("gemma3")
-    path = tmp_path / "iq4.gguf"
-    _write_gguf(path, hf_model(config), config, qtype=gguf.GGMLQuantizationType.IQ4_NL)
-    with pytest.raises(CheckpointError, match=r"tensor \S+\.weight: .*IQ4_NL"):
+    path = tmp_path / "q8_1.gguf"  # llama.cpp's activation type: never a weight, so gemmakit has no decoder
+    _write_gguf(path, hf_model(config), config, qtype=gguf.GGMLQuantizationType.Q8_1)
+    with pytest.raises(CheckpointError, match=r"tensor \S+\.weight: .*Q8_1"):
         load_model(path)
 
 
