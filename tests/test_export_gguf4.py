@@ -280,4 +280,12 @@ def test_what_llama_cpp_would_run_differently_is_refused(tokenizer, tmp_path):
 
     with pytest.raises(ValueError, match="no BPE merges"):
         export_gguf(Gemma(tiny("31b")), tmp_path / "refused.gguf", byte_tokenizer())
+    # tensors that do not fit the config: before writing (a mapping), or as the odd one comes (a callable)
+    config, state = tiny("31b"), Gemma(tiny("31b")).state_dict()
+    with pytest.raises(ValueError, match="layer_scalar is missing from the tensors"):
+        write_gemma4_gguf(tmp_path / "refused.gguf", config, {k: v for k, v in state.items()
+                                                              if k != "model.layers.0.layer_scalar"}, tokenizer)
+    with pytest.raises(ValueError, match=r"o_proj.weight: got a tensor of shape \(64, 64\), expected \(64, 128\)"):
+        write_gemma4_gguf(tmp_path / "refused.gguf", config, lambda k: state[k] if "o_proj" not in k
+                          else torch.zeros(64, 64), tokenizer)
     assert not list(tmp_path.iterdir())

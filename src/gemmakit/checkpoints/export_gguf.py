@@ -131,7 +131,7 @@ def tensor_plan(state: dict[str, torch.Tensor], n_layers: int, qtype: Q) -> list
             raise ValueError(f"parameter {key} has no GGUF name in llama.cpp's gemma3 architecture")
         shape = tuple(t.shape)
         shift = 1.0 if name.endswith("norm.weight") else 0.0
-        plan.append(Entry(name, shape, tensor_type(name, shape, qtype), lambda t=t: t, shift))
+        plan.append(Entry(name, shape, tensor_type(name, shape, qtype), lambda t=t: t, shift, key))
     return plan
 
 

@@ -74,13 +74,13 @@ def write_gemma4_gguf(path: str | Path, config: Config,
     qtype, file_type = check_dtype(dtype)
     path = check_destination(path)
     check_config(config)
+    shapes = hf_shapes(config)
     fetch = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
-    if isinstance(tensors, Mapping):
-        extra = set(tensors) - set(hf_shapes(config))
-        if extra:
-            raise ValueError(f"{sorted(extra)[0]} (and {len(extra) - 1} more) have no place in {config.name}'s "
-                             "Gemma 4 layout")
-    entries = tensor_plan(config, fetch, qtype)
+    if isinstance(tensors, Mapping) and (odd := set(tensors) ^ set(shapes)):
+        key = sorted(odd)[0]
+        where = "is missing from the tensors" if key in shapes else f"has no place in {config.name}'s layout"
+        raise ValueError(f"{key} {where} ({len(odd)} such names): the tensors and the config disagree")
+    entries = tensor_plan(config, shapes, fetch, qtype)
     vocab = padded(placeholder_vocab() if tokenizer is None else bpe_vocab(tokenizer), config.vocab_size)
     if not vocab.merges:
         raise ValueError("the tokenizer has no BPE merges, and llama.cpp's gemma4 vocabulary cannot load without them")
@@ -137,16 +137,17 @@ def gguf_name(key: str, names: gguf.TensorNameMap) -> str:
     return name
 
 
-def tensor_plan(config: Config, fetch: Callable[[str], torch.Tensor], qtype: Q) -> list[Entry]:
+def tensor_plan(config: Config, shapes: dict[str, tuple[int, ...]], fetch: Callable[[str], torch.Tensor],
+                qtype: Q) -> list[Entry]:
     """`rope_freqs` (the proportional-RoPE divisors of full layers), then every model tensor in model order."""
     names = gguf.get_tensor_name_map(ARCH, config.num_hidden_layers)
     plan = []
     if FULL in config.layer_types:
         freqs = rope_freqs(config)
         plan.append(Entry("rope_freqs.weight", tuple(freqs.shape), Q.F32, lambda: freqs))
-    for key, shape in hf_shapes(config).items():
+    for key, shape in shapes.items():
         name = gguf_name(key, names)
-        plan.append(Entry(name, shape, tensor_type(name, shape, qtype), lambda key=key: fetch(key)))
+        plan.append(Entry(name, shape, tensor_type(name, shape, qtype), lambda key=key: fetch(key), source=key))
     return plan
 
 

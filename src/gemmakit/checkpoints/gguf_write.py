@@ -56,6 +56,7 @@ class Entry:
     qtype: Q
     fetch: Callable[[], torch.Tensor]
     shift: float = 0.0  # added before conversion (Gemma 3 norms store 1 + w)
+    source: str = ""  # the HF name it comes from, for errors
 
 
 def check_dtype(dtype: str) -> tuple[Q, gguf.LlamaFileType]:
@@ -106,7 +107,7 @@ def convert(e: Entry) -> np.ndarray:
     """`e`'s tensor in its GGUF type, converted a chunk of rows at a time into one output array."""
     t = e.fetch().detach()
     if tuple(t.shape) != e.shape:
-        raise ValueError(f"{e.name}: got a tensor of shape {tuple(t.shape)}, expected {e.shape}")
+        raise ValueError(f"{e.source or e.name}: got a tensor of shape {tuple(t.shape)}, expected {e.shape}")
     rows = t.reshape(-1, e.shape[-1] if e.shape else 1)
     step = max(1, _CHUNK // rows.shape[1])
     out: np.ndarray | None = None
