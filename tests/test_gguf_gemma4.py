@@ -141,6 +141,23 @@ def test_q4_0_loads_with_int4_keeping_its_codes(tmp_path, vocab):
     assert F.cosine_similarity(_logits(model), want, dim=-1).mean() > 0.95
 
 
+
+def test_q4_0_experts_keep_their_codes_under_int4(tmp_path, vocab):
+    """A 26B-A4B's experts are nearly all of its bytes: under int4 both Q4_0 expert stacks run on the file's
+    codes (not re-fitted), while a layer whose down projection is not 4-bit loads the ordinary way."""
+    config = tiny("26b-a4b").replace(moe_intermediate_size=32)  # expert rows of whole Q4_0 blocks
+    ref = hf_model(config)
+    path = tmp_path / "moe.gguf"
+    stored = write_gemma4_gguf(path, config.to_hf(), ref.state_dict(), qtype=Q.Q4_0, vocab=vocab)
+    experts = load_model(path, quantize="int4").model.layers[0].experts
+    assert experts.group_sizes == {"gate_up_proj": 32, "down_proj": 32}
+    w = stored["model.layers.0.experts.gate_up_proj"][3]
+    got = experts._product("gate_up_proj", 3, torch.eye(w.shape[1])).float().T
+    refit = weight_error(Int4Linear.from_weight(w), w)
+    assert (got - w).norm() / w.norm() < min(1e-2, refit / 5)
+    path, *_ = _write(tmp_path, "26b-a4b", vocab, Q.Q4_0)  # down_proj rows of 24: F16 in the file
+    assert load_model(path, quantize="int4").model.layers[0].experts.group_sizes["down_proj"] == 0  # int8
+
 STRINGS = ["Hello world", "  two leading spaces", "tabs\tand\ttabs", "a\n\nb\n\n\nc\n", "\n\n\n\n", " \n \n ",
            "digits 1234567890 3.14 2026", "Über café naïve résumé", "日本語 中文 🙂 ✓", "\u00a0nbsp\u3000ideo\r\n",
            "<|turn>user\nHi there!<turn|>\n<|turn>model\n", '<|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|>',

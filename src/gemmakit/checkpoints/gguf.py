@@ -33,6 +33,7 @@ from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
 from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, four_bit_codes
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
+from gemmakit.quantize import EXPERT_MATRICES, QuantizedExperts, int4_problem
 
 _ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3, "gemma4": gguf.MODEL_ARCH.GEMMA4}
 
@@ -211,6 +212,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
     to_key, skip = _tensor_keys(config, loader.expected)
     mixed = quantize == "int4" and any(t.tensor_type in FOUR_BIT for t in reader.tensors)
+    experts = _ExpertCodes(loader)
     for t in reader.tensors:
         key = to_key.get(t.name)
         if key is None:
@@ -226,6 +228,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
             else:
                 loader.assign(key, _read_table(source))
             continue
+        if experts.take(key, t, shape, path):
+            release_pages(reader, t.data_offset, t.n_bytes)
+            continue
         if t.tensor_type in FOUR_BIT and loader.assign_int4_codes(key, lambda t=t, shape=shape: _codes(t, shape, path)):
             release_pages(reader, t.data_offset, t.n_bytes)
             continue
@@ -234,7 +239,51 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
         if not config.is_gemma4 and key.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma 3's (1 + w); the model applies the offset itself
         loader.assign(key, w, quantize="int8" if mixed and t.tensor_type in WIDE and w.ndim == 2 else None)
+    experts.decode()  # a layer whose other experts matrix never came: loaded as it is, finish() names the other
     return loader.finish()
+
+
+class _ExpertCodes:
+    """Under quantize="int4", a layer's experts stored as 4-bit blocks run on those codes, not on a re-fit of
+    their dequantized values (the experts are nearly all of a 26B-A4B's bytes; Google's QAT files are Q4_0).
+    `QuantizedExperts.from_int4_codes` takes both matrices at once, so the first one's codes wait for the
+    second; if that one is not 4-bit (or the kernel refuses a shape), the waiting codes are decoded and both
+    load the ordinary way."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+        self.pending: dict[str, dict[str, tuple[tuple[int, ...], tuple[torch.Tensor, ...]]]] = {}
+
+    def take(self, key: str, t: Any, shape: tuple[int, ...], path: str | Path) -> bool:
+        """True when `key`'s tensor was taken (held or placed); False: load it as usual."""
+        module, _, name = key.rpartition(".")
+        if self.loader.quantize != "int4" or name not in EXPERT_MATRICES or len(shape) != 3:
+            return False
+        E, N, K = shape
+        partner_loaded = any(f"{module}.{n}" in self.loader.loaded for n in EXPERT_MATRICES)
+        if t.tensor_type not in FOUR_BIT or int4_problem(N, K, 32, self.loader.device) or partner_loaded:
+            self.decode(module)
+            return False
+        codes = tuple(c.to(self.loader.device) for c in _codes(t, (E * N, K), path))
+        held = self.pending.setdefault(module, {})
+        held[name] = (shape, codes)
+        if len(held) == len(EXPERT_MATRICES):
+            parent, _, child = module.rpartition(".")
+            stacks = {n: c for n, (_, c) in self.pending.pop(module).items()}
+            setattr(self.loader.model.get_submodule(parent), child, QuantizedExperts.from_int4_codes(stacks, E))
+            self.loader.loaded.update(f"{module}.{n}" for n in EXPERT_MATRICES)
+        return True
+
+    def decode(self, module: str | None = None) -> None:
+        """Load the codes waiting in `module` (all modules: None) the ordinary way."""
+        if module is None:
+            for m in list(self.pending):
+                self.decode(m)
+            return
+        for name, (shape, (q, scale, zero)) in self.pending.pop(module, {}).items():
+            group = q.shape[1] // scale.shape[1]
+            w = q * scale.repeat_interleave(group, -1) + zero.repeat_interleave(group, -1)
+            self.loader.assign(f"{module}.{name}", w.view(shape))
 
 
 def _row_reader(reader: gguf.GGUFReader, t: Any, shape: tuple[int, ...], path: str | Path) -> Any:
