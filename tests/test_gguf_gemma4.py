@@ -158,6 +158,39 @@ def test_q4_0_experts_keep_their_codes_under_int4(tmp_path, vocab):
     path, *_ = _write(tmp_path, "26b-a4b", vocab, Q.Q4_0)  # down_proj rows of 24: F16 in the file
     assert load_model(path, quantize="int4").model.layers[0].experts.group_sizes["down_proj"] == 0  # int8
 
+
+class _Tensor:
+    def __init__(self, shape, data=None):
+        self.shape, self.data, self.tensor_type = shape, data, Q.F32
+
+
+@pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-12b", "gemma-4-26b-a4b", "gemma-4-31b"])
+def test_released_configs_come_back_from_the_converters_metadata(tmp_path, name):
+    """The metadata llama.cpp's converter writes for each released Gemma 4 (and the facts it leaves to the
+    tensors: rope_freqs, attn_v present or not, the PLE table's rows) gives back the registry's config."""
+    from gemmakit.checkpoints.gguf import _Meta, metadata
+    from gemmakit.checkpoints.gguf_gemma4 import gemma4_config
+    from gemmakit.checkpoints.gguf_reader import open_gguf
+    from gemmakit.config import Config
+    from gemmakit.registry import config_for
+    from tests.gguf_llamacpp_layout import _write_hparams
+
+    c = config_for(name)
+    w = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "gemma4")
+    _write_hparams(w, c.to_hf(), c.num_hidden_layers, ())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    pairs, rotated = c.global_head_dim // 2, int(c.global_head_dim * c.partial_rotary_factor / 2)
+    freqs = np.array([1.0] * rotated + [1e30] * (pairs - rotated), np.float32)
+    tensors = {"rope_freqs.weight": _Tensor([pairs], freqs),
+               "per_layer_token_embd.weight": _Tensor([1, c.vocab_size_per_layer_input])}
+    if not c.attention_k_eq_v:
+        tensors |= {f"blk.{i}.attn_v.weight": _Tensor([1]) for i in range(c.num_hidden_layers)}
+    meta = _Meta(metadata(open_gguf(tmp_path / "meta.gguf")), "gemma4", name)
+    kw = gemma4_config(meta, tensors, name)
+    assert Config(name=c.name, vocab_size=c.vocab_size, eos_token_id=c.eos_token_id, **kw) == c
+
 STRINGS = ["Hello world", "  two leading spaces", "tabs\tand\ttabs", "a\n\nb\n\n\nc\n", "\n\n\n\n", " \n \n ",
            "digits 1234567890 3.14 2026", "Über café naïve résumé", "日本語 中文 🙂 ✓", "\u00a0nbsp\u3000ideo\r\n",
            "<|turn>user\nHi there!<turn|>\n<|turn>model\n", '<|tool_call>call:f{a:<|"|>x<|"|>}<tool_call|>',
