@@ -6,8 +6,9 @@ Why streaming: `GGUFWriter.add_tensor` keeps every converted tensor until the fi
 follows from its shape and type alone), then each tensor is fetched, converted and written in turn and let go,
 so the memory on top of the source model is about one converted tensor. The conversion itself walks the rows
 in chunks, so a bf16 source never exists whole as f32 either. Float types are rounded by torch straight into
-the output (to nearest even, the same bytes as `gguf.quants`, several times faster), Q8_0 by `gguf.quants`. A fetch may produce its tensor on the spot (a
-benchmark writes random weights of a released shape without building the model).
+the output (to nearest even, the same bytes as `gguf.quants`, several times faster), Q8_0 by `gguf.quants`.
+A fetch may produce its tensor on the spot (a benchmark writes random weights of a released shape without
+building the model).
 
 Types follow llama.cpp's converter: 1-D tensors, norms, scales and the MoE router stay f32 (llama.cpp's
 kernels expect f32 there); other matrices take the asked type, and a matrix whose rows are not whole Q8_0
