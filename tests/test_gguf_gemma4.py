@@ -125,21 +125,29 @@ def test_converter_layout_loads_and_llamacpp_agrees(tmp_path, vocab, name, qtype
     else:  # llama.cpp rounds activations to Q8 blocks for these matmuls: close, not equal
         assert F.cosine_similarity(theirs, ours, dim=-1).min() > 0.75
 
-def test_q4_0_loads_with_int4_keeping_its_codes(tmp_path, vocab):
-    """Google's QAT releases are Q4_0 throughout. Loaded with quantize="int4", the linears run on the file's
-    own codes (nothing re-fitted: their effective weights equal the stored ones but for bf16 scales), the
-    wider matrices of a mixed file stay int8, and the model still answers like the stored weights."""
-    path, config, _, stored = _write(tmp_path, "31b", vocab, Q.Q4_0, wide=("attn_v",))
+def test_q4_0_loads_with_int4_keeping_its_codes(tmp_path):
+    """Google's QAT releases are Q4_0 throughout. Loaded with quantize="int4", the linears and the tied
+    head/table run on the file's own codes (nothing re-fitted: their effective weights equal the stored ones
+    but for bf16 scales), the wider matrices of a mixed file stay int8, and the model still answers like the
+    stored weights."""
+    config = tiny("31b").replace(vocab_size=1024)  # int4 packs 16-row tiles: 1000 rows would stay int8
+    path = tmp_path / "qat.gguf"
+    stored = write_gemma4_gguf(path, config.to_hf(), hf_model(config).state_dict(), qtype=Q.Q4_0,
+                               wide=("attn_v",), vocab=build_vocab(1024))
     model = load_model(path, quantize="int4")
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, Int4Linear)
-    w = stored["model.layers.0.self_attn.q_proj.weight"]
-    assert weight_error(layer.self_attn.q_proj, w) < min(1e-2, weight_error(Int4Linear.from_weight(w), w) / 5)
     assert not isinstance(layer.self_attn.v_proj, Int4Linear)  # Q8_0 in the file: int8 here
+    for linear, key in ((layer.self_attn.q_proj, "model.layers.0.self_attn.q_proj.weight"),
+                        (model.lm_head, "model.embed_tokens.weight")):
+        w = stored[key]
+        assert isinstance(linear, Int4Linear)
+        assert weight_error(linear, w) < min(1e-2, weight_error(Int4Linear.from_weight(w), w) / 5)
+    ids = torch.tensor([0, 5, 300, 1023])
+    table = stored["model.embed_tokens.weight"]
+    assert (model.model.embed_tokens(ids) - table[ids]).abs().max() < 1e-2 * table.abs().max()
     want = _logits(_model_of(config, stored))
-    # bf16 compute and an int8 head: close, not equal (this random model amplifies it along the sequence)
+    # bf16 compute: close, not equal (this random model amplifies it along the sequence)
     assert F.cosine_similarity(_logits(model), want, dim=-1).mean() > 0.95
-
 
 
 def test_q4_0_experts_keep_their_codes_under_int4(tmp_path, vocab):

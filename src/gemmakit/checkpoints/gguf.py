@@ -10,6 +10,8 @@ Three things differ from an HF checkpoint, and each is undone here:
   keeps those linears at int8 instead of rounding them to 4 bits (on the embedded 270M: perplexity 30.4 ->
   25.8, one-row decode as fast). The tied embedding/head stays int4 whatever its type: it is most of the
   weights, and at int8 a one-row step reads twice the bytes for it and an 8-row step's head takes longer.
+  Stored as 4-bit blocks, it keeps its codes too, and so do a layer's Q4 experts (Google's QAT releases are
+  Q4_0 throughout).
 The config comes from the GGUF metadata; what a Gemma 3 file does not store (the local RoPE theta, the layer
 pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3. Gemma 4 files
 ("gemma4") spread more of the config over per-layer arrays and the tensors themselves; gguf_gemma4.py reads
@@ -33,7 +35,8 @@ from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
 from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, four_bit_codes
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
-from gemmakit.quantize import EXPERT_MATRICES, QuantizedExperts, int4_problem
+from gemmakit.quantize import EXPERT_MATRICES, Int4Linear, QuantizedEmbedding, QuantizedExperts
+from gemmakit.quantize_codes import cpu_int4_layout, int4_kernel_operands, int4_problem
 
 _ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3, "gemma4": gguf.MODEL_ARCH.GEMMA4}
 
@@ -224,7 +227,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
         if key in _TABLES and len(shape) == 2:
             source = RowSource(shape, loader.dtype, loader.device, _row_reader(reader, t, shape, path))
             if key == "model.embed_tokens.weight":
-                loader.assign_rows(key, source)  # quantizing: straight from the row blocks
+                if not _tied_head_codes(loader, reader, t, shape, path):
+                    loader.assign_rows(key, source)  # quantizing: straight from the row blocks
             else:
                 loader.assign(key, _read_table(source))
             continue
@@ -284,6 +288,44 @@ class _ExpertCodes:
             group = q.shape[1] // scale.shape[1]
             w = q * scale.repeat_interleave(group, -1) + zero.repeat_interleave(group, -1)
             self.loader.assign(f"{module}.{name}", w.view(shape))
+
+
+_HEAD_ROWS = 8192  # rows of codes decoded at once: whole blocks of every int4 packing's row period
+
+
+def _tied_head_codes(loader: Loader, reader: gguf.GGUFReader, t: Any, shape: tuple[int, ...],
+                     path: str | Path) -> bool:
+    """Under quantize="int4", a 4-bit token_embd (Google's QAT files are Q4_0 throughout) becomes the int4 head
+    and the lookup table on the file's own codes, as `quantize_tied_head` would build them from a re-fit: the
+    head packs them for the kernel and the table reads the head's packing in place where the CPU layout
+    allows (else a nibble copy). Decoded a row block at a time, never as a float table. False when this does
+    not apply."""
+    V, K = shape
+    if loader.quantize != "int4" or t.tensor_type not in FOUR_BIT or int4_problem(V, K, 32, loader.device):
+        return False
+    layout = cpu_int4_layout(K) if loader.device.type == "cpu" else None
+    if layout is not None and V % layout[0].shape[0]:
+        layout = None  # a vocabulary that is not whole blocks of the packing's row period
+    packed, sz, nibbles, group, row_bytes = [], [], [], 32, t.n_bytes // V
+    for a in range(0, V, _HEAD_ROWS):
+        b = min(a + _HEAD_ROWS, V)
+        try:
+            q, scale, zero = (c.to(loader.device) for c in four_bit_codes(t.data[a:b], t.tensor_type, (b - a, K)))
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: tensor {t.name}: {e}") from e
+        p, s, group = int4_kernel_operands(q, scale, zero)
+        packed.append(p)
+        sz.append(s)
+        if layout is None:
+            nibbles.append((q[:, 0::2] << 4) | q[:, 1::2])  # QuantizedEmbedding's order: even column high
+        release_pages(reader, t.data_offset + a * row_bytes, (b - a) * row_bytes)
+    model, head = loader.model, torch.cat(packed)
+    model.lm_head = Int4Linear(head, torch.cat(sz, dim=1), group, V, K)
+    model.model.embed_tokens = QuantizedEmbedding(head if layout is not None else torch.cat(nibbles),
+                                                  model.lm_head.scales_and_zeros, loader.dtype,
+                                                  model.model.embed_tokens.padding_idx, group, layout)
+    loader.loaded.add("model.embed_tokens.weight")
+    return True
 
 
 def _row_reader(reader: gguf.GGUFReader, t: Any, shape: tuple[int, ...], path: str | Path) -> Any:
