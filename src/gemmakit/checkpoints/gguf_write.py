@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -145,14 +146,14 @@ def padded(vocab: Vocab, vocab_size: int) -> Vocab:
                  vocab.types + [int(T.UNUSED)] * len(pad), vocab.unk_id, vocab.merges)
 
 
-def add_special_ids(w: gguf.GGUFWriter, tokenizer: object, unk_id: int | None) -> None:
+def add_special_ids(w: gguf.GGUFWriter, tokenizer: Any, unk_id: int | None) -> None:
     """Special token ids and flags, and the chat template, as the converter writes them for Gemma."""
-    w.add_bos_token_id(tokenizer.bos_id)  # type: ignore[attr-defined]
-    w.add_eos_token_id(tokenizer.eos_id)  # type: ignore[attr-defined]
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
     if unk_id is not None:
         w.add_unk_token_id(unk_id)
-    if tokenizer.pad_id is not None:  # type: ignore[attr-defined]
-        w.add_pad_token_id(tokenizer.pad_id)  # type: ignore[attr-defined]
+    if tokenizer.pad_id is not None:
+        w.add_pad_token_id(tokenizer.pad_id)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)  # llama.cpp's SPM default is to prepend a space; Gemma does not
