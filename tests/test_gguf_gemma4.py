@@ -237,6 +237,16 @@ def test_bad_metadata_is_a_checkpoint_error_naming_the_key(tmp_path, vocab, kw, 
         load_gguf(path)
 
 
+def test_kv_sharing_llamacpp_would_read_otherwise_is_refused(tmp_path, vocab):
+    """tiny("e2b") shares K/V from its last non-shared layer, which is sliding: llama.cpp would give its sliding
+    shared layers the full layer before it. Such a file describes two different models: refused."""
+    config = tiny("e2b")
+    path = tmp_path / "shared.gguf"
+    write_gemma4_gguf(path, config.to_hf(), hf_model(config).state_dict(), vocab=vocab)
+    with pytest.raises(CheckpointError, match="KV-shared layer 6 would read layer 4's K/V in llama.cpp"):
+        load_gguf(path)
+
+
 def test_rope_freqs_other_than_proportional_are_refused(tmp_path, vocab):
     """rope_freqs carries the proportional RoPE; divisors gemmakit's RoPE cannot express are refused."""
     path, *_ = _write(tmp_path, "12b", vocab)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
-from gemmakit.checkpoints.gguf_gemma4 import gemma4_config, gemma4_tensor_name, shared_kv_names
+from gemmakit.checkpoints.gguf_gemma4 import check_kv_sharing, gemma4_config, gemma4_tensor_name, shared_kv_names
 from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
 from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, four_bit_codes
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
@@ -143,9 +143,12 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str | Path = "") -> Config:
               bos_token_id=m.integer("tokenizer.ggml.bos_token_id", 2),
               eos_token_id=eos if eot == eos else [eos, eot])
     try:
-        return Config(**kw)
+        config = Config(**kw)
     except (ConfigError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: {e}") from e
+    if config.is_gemma4:
+        check_kv_sharing(config, path)
+    return config
 
 
 def _gemma3_config(m: _Meta, meta: dict[str, Any], arch: str) -> dict[str, Any]:

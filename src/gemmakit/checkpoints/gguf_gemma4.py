@@ -34,7 +34,7 @@ import gguf
 import numpy as np
 
 from gemmakit.checkpoints.common import CheckpointError
-from gemmakit.config import FULL, SLIDING
+from gemmakit.config import FULL, SLIDING, Config
 
 _UNROTATED = 1e20  # a rope_freqs divisor at least this large leaves a pair unrotated (the converter writes 1e30)
 
@@ -138,6 +138,21 @@ def _partial_rotary(t: Any, global_head_dim: int, path: Any) -> float:
         raise CheckpointError(f"{path}: rope_freqs.weight is not proportional RoPE (ones, then >= 1e20 for "
                               "unrotated pairs); gemmakit does not run other RoPE frequency factors")
     return rotated / pairs
+
+
+def check_kv_sharing(config: Config, path: Any) -> None:
+    """A GGUF does not say which layer a KV-shared layer reads: llama.cpp gives a sliding one the last-but-one
+    non-shared layer and a full one the last (right for the released E2B/E4B, whose last two non-shared layers
+    are sliding then full). Where the model's rule (the last non-shared layer of the same type) differs, the
+    file does not describe one model: refused."""
+    first = config.first_kv_shared_layer
+    for i in range(first, config.num_hidden_layers):
+        theirs = first - (2 if config.layer_types[i] == SLIDING else 1)
+        if config.kv_source(i) != theirs:
+            raise CheckpointError(f"{path}: KV-shared layer {i} would read layer {theirs}'s K/V in llama.cpp but "
+                                  f"layer {config.kv_source(i)}'s here (gemma4.attention.shared_kv_layers = "
+                                  f"{config.num_kv_shared_layers} with this sliding_window_pattern); the file "
+                                  "does not describe one model: re-convert it")
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
