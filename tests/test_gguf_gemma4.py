@@ -177,7 +177,7 @@ def test_released_configs_come_back_from_the_converters_metadata(tmp_path, name)
     """The metadata llama.cpp's converter writes for each released Gemma 4 (and the facts it leaves to the
     tensors: rope_freqs, attn_v present or not, the PLE table's rows) gives back the registry's config."""
     from gemmakit.checkpoints.gguf import _Meta, metadata
-    from gemmakit.checkpoints.gguf_gemma4 import gemma4_config
+    from gemmakit.checkpoints.gguf_gemma4 import check_kv_sharing, gemma4_config
     from gemmakit.checkpoints.gguf_reader import open_gguf
     from gemmakit.config import Config
     from gemmakit.registry import config_for
@@ -198,6 +198,7 @@ def test_released_configs_come_back_from_the_converters_metadata(tmp_path, name)
     meta = _Meta(metadata(open_gguf(tmp_path / "meta.gguf")), "gemma4", name)
     kw = gemma4_config(meta, tensors, name)
     assert Config(name=c.name, vocab_size=c.vocab_size, eos_token_id=c.eos_token_id, **kw) == c
+    check_kv_sharing(c, name)  # llama.cpp reads their KV sharing as the model does
 
 STRINGS = ["Hello world", "  two leading spaces", "tabs\tand\ttabs", "a\n\nb\n\n\nc\n", "\n\n\n\n", " \n \n ",
            "digits 1234567890 3.14 2026", "Über café naïve résumé", "日本語 中文 🙂 ✓", "\u00a0nbsp\u3000ideo\r\n",
