@@ -39,6 +39,7 @@ def test_piped_chat_answers_and_says_its_plan(default_model):
     out = _run(["chat", "--max-tokens", "12", "--verbose"], stdin="What is the capital of France?\n")
     assert "Paris" in out
     assert "plan: cpu (AVX2)" in out and "head screen: off (oneDNN cannot pack bf16 here)" in out
+    assert "weights: gemma-3-270m" in out and "Q4_K x " in out  # what loading made of each stored type
 
 
 @pytest.mark.parametrize("flags", [["--dtype", "float32"], ["--dtype", "bfloat16"], ["--quantize", "int8"],

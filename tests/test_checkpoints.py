@@ -223,6 +223,26 @@ def test_int4_keeps_the_wide_matrices_of_a_mixed_gguf_at_int8(tmp_path):
     assert isinstance(model.lm_head, Int4Linear)
 
 
+def test_a_file_below_four_bits_keeps_its_wide_matrices_at_int8_and_says_what_it_decoded(tmp_path):
+    """In a file of a type int4 cannot run as stored (MXFP4 here; IQ4_XS and Q3_K_M files are alike), the
+    matrices its quantizer kept wide still go to int8 under int4, and the rest are decoded and re-fit to int4.
+    `weights_note`, the verbose load line, says which types were kept, decoded or sent to int8."""
+    from gemmakit.quantize import Int4Linear, Int8Linear
+
+    config = tiny("gemma3").replace(vocab_size=1024)
+    path = tmp_path / "mxfp4.gguf"
+    _write_gguf(path, hf_model(config), config, qtype=gguf.GGMLQuantizationType.MXFP4, wide=("o_proj", "down_proj"))
+    model = load_model(path, quantize="int4")
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, Int8Linear) and isinstance(layer.mlp.gate_proj, Int4Linear)
+    assert "MXFP4 x " in model.weights_note and "decoded, then int4" in model.weights_note
+    assert "Q8_0 x 16 to int8" in model.weights_note
+    assert "MXFP4 x 41, Q8_0 x 16 decoded to float" in load_model(path).weights_note  # 5 a layer, the table
+    mixed = tmp_path / "q4_0.gguf"
+    _write_gguf(mixed, hf_model(config), config, qtype=gguf.GGMLQuantizationType.Q4_0)
+    assert "Q4_0 x 57 kept as int4 codes" in load_model(mixed, quantize="int4").weights_note
+
+
 def test_hf_cache_snapshot_symlinks_into_blobs_load(tmp_path):
     """The Hugging Face cache keeps files in models--org--name/blobs/ and links each snapshot's names to them
     (../../blobs/<hash>): links that stay inside that repository load; shards outside it are refused

@@ -82,6 +82,7 @@ def test_bench_prints_a_table(default_model):
                    "--context", "100000")
     assert out.returncode == 0, out.stderr
     assert "memory bandwidth" in out.stdout and "| roofline |" in out.stdout
+    assert "Q4_K x " in out.stdout and "decoded, then int8" in out.stdout  # the GGUF's types, as loaded
     assert len([line for line in out.stdout.splitlines() if line.startswith("| auto | int8 |")]) == 2
     assert "memory estimate at --context 32768 (capped at the model's 32768), batch 2:" in out.stdout
 

@@ -207,6 +207,8 @@ def test_describe_says_how_each_type_is_held():
                                         "Q6_K x 18 to int8; IQ3_S x 4 decoded, then int4")
     assert describe(counts, "int8") == ("Q4_K x 120, Q6_K x 18, IQ3_S x 4 decoded, then int8; "
                                         "F32 x 40 float (matrices int8)")
-    # without 4-bit codes in the file, int4 re-fits everything: nothing is singled out for int8
-    assert describe({T.IQ4_XS: 100, T.Q6_K: 10}, "int4") == "IQ4_XS x 100, Q6_K x 10 decoded, then int4"
+    # a file below 4.5 bits a weight without 4-bit codes still keeps its wide matrices at int8; a file of wide
+    # types only has none singled out, so int4 re-fits everything
+    assert describe({T.IQ4_XS: 100, T.Q6_K: 10}, "int4") == "IQ4_XS x 100 decoded, then int4; Q6_K x 10 to int8"
+    assert describe({T.Q8_0: 100, T.F32: 10}, "int4") == "Q8_0 x 100 decoded, then int4; F32 x 10 float (matrices int4)"
     assert describe({T.Q8_K: 1}, None) == "Q8_K x 1 not supported"

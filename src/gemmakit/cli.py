@@ -217,6 +217,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stream_completion(llm, args.prompt, sampling, args.verbose)
 
 
+def print_plan(llm) -> None:
+    """--verbose: what loading made of the stored weights (GGUF files: per type, kept quantized or decoded to
+    float), then the runtime plan, one line each on stderr."""
+    if getattr(llm.model, "weights_note", None):
+        print(f"weights: {llm.model.weights_note}", file=sys.stderr)
+    print(llm.engine.plan.describe(), file=sys.stderr)
+
+
 def stream_completion(llm, prompt: str, sampling: dict, verbose: bool) -> None:
     t0 = time.perf_counter()
     ids = llm.tokenizer.encode(prompt)
@@ -227,7 +235,7 @@ def stream_completion(llm, prompt: str, sampling: dict, verbose: bool) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if verbose:
-        print(llm.engine.plan.describe(), file=sys.stderr)
+        print_plan(llm)
         print(f"[{len(ids)} prompt tokens, {llm.completion_tokens} generated, {time.perf_counter() - t0:.1f}s]",
               file=sys.stderr)
 
@@ -241,7 +249,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if context <= sampling["max_tokens"]:
         raise ValueError(f"--context ({context}) must exceed --max-tokens ({sampling['max_tokens']})")
     if args.verbose:
-        print(llm.engine.plan.describe(), file=sys.stderr)
+        print_plan(llm)
     interactive = sys.stdin.isatty()
     guard = None
     if args.guard:
@@ -273,6 +281,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     plan = make_plan(llm.model, max(args.batch), context, args.compiled, screen_wanted())
     print(f"{llm.name} on {args.device}; measured memory bandwidth {bandwidth:.1f} GB/s "
           "(roofline = fraction of it the decode uses, one weight read per step)")
+    if getattr(llm.model, "weights_note", None):
+        print(f"weights: {llm.model.weights_note}")
     print(plan.describe())
     print(format_table(rows))
     if args.context:

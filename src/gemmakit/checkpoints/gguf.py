@@ -5,13 +5,14 @@ Three things differ from an HF checkpoint, and each is undone here:
 - Gemma 3 norms: llama.cpp's converter stores the effective multiplier 1 + w, so 1 is subtracted again to get
   back the zero-centred weight that the (1 + w) RMSNorm expects (Gemma 4 norms are stored as they are);
 - quantization: block-quantized tensors are dequantized with vectorised torch code (`quants.py`). Loaded
-  with `quantize="int4"`, 4-bit blocks keep their codes, and a file that mixes 4-bit blocks with wider ones
-  (`quants.WIDE`: Q5_0 to Q8_0, where its quantizer judged a matrix sensitive or Q4_K did not fit the rows)
-  keeps those linears at int8 instead of rounding them to 4 bits (on the embedded 270M: perplexity 30.4 ->
-  25.8, one-row decode as fast). The tied embedding/head stays int4 whatever its type: it is most of the
-  weights, and at int8 a one-row step reads twice the bytes for it and an 8-row step's head takes longer.
-  Stored as 4-bit blocks, it keeps its codes too, and so do a layer's Q4 experts (Google's QAT releases are
-  Q4_0 throughout).
+  with `quantize="int4"`, 4-bit blocks keep their codes, and a file of 4.5 bits a weight or fewer that keeps
+  some matrices wider (`quants.WIDE`: Q5_0 to Q8_0, where its quantizer judged a matrix sensitive or Q4_K did
+  not fit the rows) keeps those linears at int8 instead of rounding them to 4 bits (docs/performance.md,
+  "Quantization", has the perplexities). Types below 4.5 bits or not affine (Q2_K, Q3_K, IQ*, TQ*, MXFP4) are
+  decoded to float and quantized in the model's mode; `model.weights_note` says what became of each type.
+  The tied embedding/head stays int4 whatever its type: it is most of the weights, and at int8 a one-row step
+  reads twice the bytes for it and an 8-row step's head takes longer. Stored as 4-bit blocks, it keeps its
+  codes too, and so do a layer's Q4 experts (Google's QAT releases are Q4_0 throughout).
 The config comes from the GGUF metadata; what a Gemma 3 file does not store (the local RoPE theta, the layer
 pattern, the attention scalar) takes the values llama.cpp itself assumes for Gemma 3. Gemma 4 files
 ("gemma4") spread more of the config over per-layer arrays and the tensors themselves; gguf_gemma4.py reads
@@ -22,6 +23,7 @@ per-layer table) are read a block of rows at a time, every tensor's file pages r
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ import torch
 from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource
 from gemmakit.checkpoints.gguf_gemma4 import check_kv_sharing, gemma4_config, gemma4_tensor_name, shared_kv_names
 from gemmakit.checkpoints.gguf_reader import open_gguf, release_pages
-from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, four_bit_codes
+from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, describe, four_bit_codes
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
 from gemmakit.quantize import EXPERT_MATRICES, Int4Linear, QuantizedEmbedding, QuantizedExperts
@@ -217,7 +219,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     config = config_from_gguf(reader, path)
     loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
     to_key, skip = _tensor_keys(config, loader.expected)
-    mixed = quantize == "int4" and any(t.tensor_type in FOUR_BIT for t in reader.tensors)
+    # A file quantized to 4 bits or fewer whose quantizer kept some matrices wider (Q4_K_M's Q6_K ones, IQ4_XS's
+    # Q5_K ones) meant those as sensitive: under int4 they go to int8 rather than to 4 bits.
+    mixed = quantize == "int4" and any(t.tensor_type not in WIDE for t in reader.tensors)
     experts = _ExpertCodes(loader)
     for t in reader.tensors:
         key = to_key.get(t.name)
@@ -247,7 +251,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
             w = w - 1.0  # llama.cpp stores Gemma 3's (1 + w); the model applies the offset itself
         loader.assign(key, w, quantize="int8" if mixed and t.tensor_type in WIDE and w.ndim == 2 else None)
     experts.decode()  # a layer whose other experts matrix never came: loaded as it is, finish() names the other
-    return loader.finish()
+    model = loader.finish()
+    # What became of each stored type (kept as codes, int8, decoded to float): the verbose load line.
+    model.weights_note = f"{Path(path).name}: " + describe(Counter(t.tensor_type for t in reader.tensors), quantize)
+    return model
 
 
 class _ExpertCodes:

@@ -274,10 +274,10 @@ def describe(types: Mapping[GGMLQuantizationType, int], quantize: str | None) ->
     """How a GGUF's tensors are held once loaded with `quantize` (None, "int8" or "int4"), as a phrase for
     the one-line load summary, e.g. "Q4_K x 120 kept as int4 codes; Q6_K x 18, Q8_0 x 2 to int8; IQ3_S x 4
     decoded, then int4". `types` counts the file's tensors per type. This mirrors `checkpoints.gguf`: int4
-    keeps the codes of FOUR_BIT types (v_proj and the tied embedding aside) and, in a file that has such
-    types, puts WIDE matrices at int8; every other tensor is decoded to float, then quantized in the
+    keeps the codes of FOUR_BIT types (v_proj aside) and, in a file that also has types of 4.5 bits
+    or fewer, puts WIDE matrices at int8; every other tensor is decoded to float, then quantized in the
     model's mode if it is a matrix. Types gemmakit cannot decode are named as such."""
-    mixed = quantize == "int4" and any(t in FOUR_BIT for t in types)
+    mixed = quantize == "int4" and any(t not in WIDE for t in types)
 
     def how(qtype: GGMLQuantizationType) -> str:
         if qtype not in SUPPORTED:
