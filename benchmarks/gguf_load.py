@@ -5,13 +5,13 @@ end), so nothing a previous step imported or cached counts.
 
 - small: the embedded Gemma 3 270M, loaded by `load_model` in each mode of --modes. Reports the load time,
   the peak RSS, the model's own bytes (`quantize.quantized_bytes`) and the ratio peak / model. The interpreter
-  with torch imported is part of the peak (a few hundred MiB), which a 270M model cannot hide: the ratio says
-  more the larger the model.
+  with torch imported is part of the peak, which a 270M model cannot hide: the ratio says more the larger
+  the model.
 - big (--big): a file of gemma-4-26b-a4b's real shape (`registry.config_for`), random weights, written by
   `export_gguf4.write_gemma4_gguf` in --big-dtype from a fetch that makes each tensor when the writer asks for
-  it (file size, write time, the writer's peak RSS). 25.2B weights do not fit this class of machine (23 GiB)
-  as bf16 (50 GB) or int8 (25 GB), and `--quantize int4` of a Q8_0 file re-fits every group, hours for 25B
-  weights on 2 cores. So what is measured is the loader's streaming pass itself: open the file, build the
+  it (file size, write time, the writer's peak RSS). A small machine holds the model in no mode (bf16 takes
+  2 bytes a weight, int8 one, and `--quantize int4` of a Q8_0 file re-fits every group, slow for 25B
+  weights on few cores). So what is measured is the loader's streaming pass itself: open the file, build the
   config, decode every tensor in file order to float and let it go (what `load_gguf` does before handing
   each tensor to the model), with its time and peak RSS. That peak is what loading adds on top of the model
   it keeps, since the pass keeps nothing. The file is deleted at the end.
