@@ -11,9 +11,11 @@ reach gemmakit's weights by different paths:
 What "computes the same" means: llama.cpp rounds the activations to 8 bits for its quantized dot products,
 gemmakit does not, so the logits differ by a little and greedy decoding may take the other token where two are
 nearly tied. Each case therefore asserts: the greedy tokens are equal until a first difference, and there the
-two tokens were within MARGIN logits for gemmakit (a near tie that rounding decides; a wrong decoder is off by
-whole logits at once: a broken scale or bit order makes the model another model); and top-1 agreement over a
-real text at least TOP1_MIN. Runs: benchmarks/gguf_quants.py gives the same figures for every type.
+two tokens were within MARGIN logits for gemmakit (a near tie that rounding decides); and top-1 agreement over
+a real text at least TOP1_MIN. A decoder that puts values in the wrong places (sub-blocks one place off in
+Q3_K) brings top-1 agreement to nothing. One error this cannot see: a uniform scale on o_proj or down_proj,
+which Gemma's post-attention / post-MLP norms cancel; tests/test_quants.py holds every decoder to gguf's
+reference bit for bit for that. benchmarks/gguf_quants.py gives the same figures for every type.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ NEW = 8
 TEXT = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "corpus.txt"
 # A first greedy difference must be a near tie: gemmakit's logit for its own token at most this far above its
 # logit for llama.cpp's. The near ties llama.cpp's activation rounding decides are well under it (the margins
-# of every type are in docs/performance.md); a wrong scale or bit order moves logits by whole units.
+# of every type are in docs/performance.md); values decoded into the wrong places move logits by whole units.
 MARGIN = 0.5
 # Top-1 agreement with llama.cpp over 127 tokens of corpus.txt: room below what these files reach
 # (docs/performance.md) for the activation rounding, far above what a wrongly decoded model agrees on.
