@@ -9,12 +9,13 @@ end), so nothing a previous step imported or cached counts.
   the model.
 - big (--big): a file of gemma-4-26b-a4b's real shape (`registry.config_for`), random weights, written by
   `export_gguf4.write_gemma4_gguf` in --big-dtype from a fetch that makes each tensor when the writer asks for
-  it (file size, write time, the writer's peak RSS). A small machine holds the model in no mode (bf16 takes
-  2 bytes a weight, int8 one, and `--quantize int4` of a Q8_0 file re-fits every group, slow for 25B
-  weights on few cores). So what is measured is the loader's streaming pass itself: open the file, build the
-  config, decode every tensor in file order to float and let it go (what `load_gguf` does before handing
-  each tensor to the model), with its time and peak RSS. That peak is what loading adds on top of the model
-  it keeps, since the pass keeps nothing. The file is deleted at the end.
+  it (file size, write time, the writer's peak RSS). Then the loader's streaming pass alone (open the file,
+  build the config, decode every tensor in file order to float and let it go: what `load_gguf` does before
+  handing each tensor to the model; its peak is what loading adds on top of the model it keeps). With the
+  default Q4_0 (Google's QAT releases are Q4_0) the file is also loaded for real with `--quantize int4`, which
+  keeps the file's codes for the linears, the experts and the tied head, so the model fits a machine that
+  holds it in no other mode; that process reports peak / model bytes and runs one forward step. The file is
+  deleted at the end.
 
 Run: .venv/bin/python benchmarks/gguf_load.py [--modes fp32 int8 int4] [--big] [--json runs/gguf_load.json]
 """
@@ -82,6 +83,22 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "peak": _peak(), "larges
                   "tensors": len(reader.tensors), "layers": config.num_hidden_layers}}))
 """
 
+LOAD = PEAK + """
+import json, time, torch
+t0 = time.perf_counter()
+from gemmakit.checkpoints import load_model
+from gemmakit.quantize import quantized_bytes
+model = load_model({path!r}, quantize="int4")
+seconds = time.perf_counter() - t0
+with torch.no_grad():
+    t1 = time.perf_counter()
+    logits = model(torch.tensor([[2, 818, 5279]]))
+    step = time.perf_counter() - t1
+print(json.dumps({{"seconds": seconds, "peak": _peak(), "model_bytes": quantized_bytes(model),
+                  "forward_seconds": step, "finite": bool(torch.isfinite(logits).all()),
+                  "note": model.weights_note}}))
+"""
+
 
 def run(code: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -116,13 +133,22 @@ def big(path: Path, dtype: str) -> list[dict]:
               flush=True)
         p = run(PASS.format(path=str(path)))
         print(f"  pass: {p['seconds']:.0f} s, peak {gib(p['peak'])} GiB", file=sys.stderr, flush=True)
+        loaded = run(LOAD.format(path=str(path))) if dtype == "q4_0" else None
+        if loaded:
+            print(f"  int4 load: {loaded['seconds']:.0f} s, peak {gib(loaded['peak'])} GiB, model "
+                  f"{gib(loaded['model_bytes'])} GiB; {loaded['note']}", file=sys.stderr, flush=True)
     finally:
         path.unlink(missing_ok=True)
-    return [{"what": f"gemma-4-26b-a4b shape, random, write_gemma4_gguf {dtype}", "seconds": w["seconds"],
+    rows = [{"what": f"gemma-4-26b-a4b shape, random, write_gemma4_gguf {dtype}", "seconds": w["seconds"],
              "peak": w["peak"], "file_bytes": size, "weights": w["weights"]},
             {"what": "the same file: open, config, decode every tensor to f32 in file order, keep none",
              "seconds": p["seconds"], "peak": p["peak"], "file_bytes": size, "largest_f32": p["largest_f32"],
              "bf16_model_bytes": 2 * w["weights"]}]
+    if loaded:
+        rows.append({"what": "the same file: load_model(quantize=int4), then one 3-token forward "
+                             f"({loaded['forward_seconds']:.1f} s, logits finite: {loaded['finite']})",
+                     **loaded, "ratio": loaded["peak"] / loaded["model_bytes"]})
+    return rows
 
 
 def render(rows: list[dict]) -> str:
@@ -143,7 +169,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
     ap.add_argument("--big", action="store_true", help="also write and read a gemma-4-26b-a4b-shaped file")
     ap.add_argument("--big-path", type=Path, default=Path("/tmp/gemmakit-26b-a4b-random.gguf"))
-    ap.add_argument("--big-dtype", default="q8_0", choices=["q8_0", "bf16", "f16"])
+    ap.add_argument("--big-dtype", default="q4_0", choices=["q4_0", "q8_0", "bf16", "f16"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = small(args.modes) + (big(args.big_path, args.big_dtype) if args.big else [])

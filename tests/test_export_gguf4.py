@@ -289,3 +289,20 @@ def test_what_llama_cpp_would_run_differently_is_refused(tokenizer, tmp_path):
         write_gemma4_gguf(tmp_path / "refused.gguf", config, lambda k: state[k] if "o_proj" not in k
                           else torch.zeros(64, 64), tokenizer)
     assert not list(tmp_path.iterdir())
+
+
+@torch.no_grad()
+def test_q4_0_export_holds_gguf_rounding_and_runs_in_llama_cpp(models, tokenizer, tmp_path):
+    """--gguf-type q4_0 (the QAT releases' type, what Ollama users pull): matrices hold exactly gguf's Q4_0
+    rounding, gemmakit reads the file back to the rounded model, and llama.cpp runs it pointing the same way
+    (it also rounds activations to 8 bits, which 4-bit weights make visible)."""
+    model = models["31b"]
+    path = export_gguf(model, tmp_path / "31b-q4_0.gguf", tokenizer, "q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
+    rounded_model = Gemma(model.config).eval()
+    rounded_model.load_state_dict({k: _round(k, v, "q4_0") for k, v in model.state_dict().items()})
+    want = rounded_model(torch.tensor([IDS]))[0]
+    torch.testing.assert_close(load_gguf(path)(torch.tensor([IDS]))[0], want, atol=1e-4, rtol=0)
+    theirs = llama_logits(llama(path), IDS)
+    assert torch.nn.functional.cosine_similarity(theirs, want, dim=-1).min() > 0.9

@@ -190,7 +190,7 @@ def add_export_parsers(sub: Any) -> None:
         e.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (auto = float32)")
         e.add_argument("--format", choices=("hf", "gguf"), default="hf",
                        help="hf: an HF directory; gguf: one llama.cpp GGUF file at --out")
-        e.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+        e.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default="f16",
                        help="matrices' type in a GGUF file (norms stay f32)")
         e.set_defaults(func=cmd_export)
 

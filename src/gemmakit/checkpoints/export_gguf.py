@@ -5,8 +5,8 @@ The file is what llama.cpp's converter would write for the same checkpoint, with
 - names: gguf's own HF->GGUF tensor name map for GEMMA3 (the one `gguf.py` inverts to read), no table of ours;
   the head is tied, so there is no `output.weight`, and llama.cpp reuses the embedding, as for the releases;
 - values: Gemma 3 norms are stored as the effective multiplier 1 + w and kept in f32 with every other 1-D
-  tensor (llama.cpp's kernels expect f32 there); matrices take the asked type (f32, f16, bf16 or q8_0, the
-  last through `gguf.quants`, with f16 for a matrix whose rows are not whole Q8_0 blocks, as the converter);
+  tensor (llama.cpp's kernels expect f32 there); matrices take the asked type (f32, f16, bf16, q8_0 or q4_0, the
+  last two through `gguf.quants`, with f16 for a matrix whose rows are not whole blocks, as the converter);
 - hyperparameters: besides the converter's keys, the sliding/full pattern is written as one flag per layer and
   the local RoPE theta as `rope.freq_base_swa`, so llama.cpp runs the model's own pattern and thetas rather
   than its defaults. What llama.cpp cannot be told is checked instead: it derives the attention scale from the
@@ -59,7 +59,7 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any, dtype: str = "f16") -> Path:
     """Write `model` (a plain Gemma 3 or Gemma 4) with `tokenizer`'s vocabulary as the GGUF file `path`
-    (`dtype`: f32, f16, bf16 or q8_0 for the matrices); returns it."""
+    (`dtype`: f32, f16, bf16, q8_0 or q4_0 for the matrices); returns it."""
     check_dtype(dtype)
     path = check_destination(path)
     if tokenizer is None:

@@ -6,7 +6,7 @@ Why streaming: `GGUFWriter.add_tensor` keeps every converted tensor until the fi
 follows from its shape and type alone), then each tensor is fetched, converted and written in turn and let go,
 so the memory on top of the source model is about one converted tensor. The conversion itself walks the rows
 in chunks, so a bf16 source never exists whole as f32 either. Float types are rounded by torch straight into
-the output (to nearest even, the same bytes as `gguf.quants`, several times faster), Q8_0 by `gguf.quants`.
+the output (to nearest even, the same bytes as `gguf.quants`, several times faster), Q8_0 and Q4_0 by `gguf.quants`.
 A fetch may produce its tensor on the spot (a benchmark writes random weights of a released shape without
 building the model).
 
@@ -34,7 +34,8 @@ Q = gguf.GGMLQuantizationType
 T = gguf.TokenType
 # --gguf-type -> (the type of matrices, the file type llama.cpp reports)
 DTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-          "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+          "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+          "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
 SPECIAL_SCORE = -1000.0  # what the converter gives control / user-defined / padding tokens
 _CHUNK = 1 << 22  # elements converted at a time
 # float GGUF types -> (the numpy dtype holding them, the torch dtype viewing that memory)
