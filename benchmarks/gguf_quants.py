@@ -234,9 +234,51 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+# Weight scales of the random Gemma 4 source: an embedding this narrow leaves the layers a say (wider ones make the
+# model echo its input, which any decoding agrees on), and a wide router gives clear top-k margins.
+STD = {"embed_tokens": 0.05, "proj": 4.0}
+
+
+def gemma4_source(variant: str, path: Path) -> Path:
+    """A random Gemma 4 of `variant`'s structure written as an f16 GGUF by gemmakit's exporter, with the real Gemma
+    vocabulary (the embedded file's), so llama.cpp's quantizer has a Gemma 4 file to work on. Rows are 256 wide
+    (whole K-quant super-blocks), so llama.cpp writes the asked types rather than fallbacks; norms sit away from 1
+    so a misplaced one shows. Perplexity means little (the model is random) and its top logits are often close
+    (the greedy column gives the margins), but it echoes its input at few positions, so top-1 agreement is not
+    trivially high: a wrongly decoded matrix brings it near zero."""
+    from gemmakit.checkpoints import default_model_path
+    from gemmakit.checkpoints.export_gguf import export_gguf
+    from gemmakit.config import default_layer_types
+    from gemmakit.model import Gemma
+    from gemmakit.registry import config_for
+    from gemmakit.tokenizer import Tokenizer
+
+    small = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64, global_head_dim=128,
+                 sliding_window=64, max_position_embeddings=4096)
+    shape = {"e2b": dict(num_hidden_layers=10, layer_types=default_layer_types(10, 5), num_key_value_heads=1,
+                         num_kv_shared_layers=5, hidden_size_per_layer_input=32),
+             "26b-a4b": dict(num_hidden_layers=6, layer_types=default_layer_types(6), num_key_value_heads=2,
+                             num_global_key_value_heads=1, num_experts=8, top_k_experts=2,
+                             moe_intermediate_size=256),
+             "31b": dict(num_hidden_layers=6, layer_types=default_layer_types(6), num_key_value_heads=2,
+                         num_global_key_value_heads=1)}[variant]
+    config = config_for(f"gemma-4-{variant}", **small, **shape)
+    torch.manual_seed(0)
+    model = Gemma(config).eval()
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "norm" in name or name.endswith("scale"):
+                t.copy_(1.0 + 0.5 * (torch.rand_like(t) - 0.5))
+            else:
+                t.normal_(0.0, STD.get(name.rsplit(".", 2)[-2], 0.05))
+    return export_gguf(model, path, Tokenizer.from_gguf(default_model_path()), "f16")
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, help="GGUF to re-quantize (default: the embedded Gemma 3 270M)")
+    ap.add_argument("--gemma4", choices=["e2b", "26b-a4b", "31b"],
+                    help="instead, a random Gemma 4 of this variant's structure (see gemma4_source)")
     ap.add_argument("--types", nargs="+", default=TYPES, help="llama.cpp file types (LLAMA_FTYPE_MOSTLY_<name>)")
     ap.add_argument("--quantize", choices=["int8", "int4"], help="gemmakit's load mode (default: fp32)")
     ap.add_argument("--tokens", type=int, default=512, help="corpus tokens scored, in windows of --window")
@@ -256,7 +298,14 @@ def main() -> None:
     from gemmakit.checkpoints import default_model_path
     from gemmakit.tokenizer import Tokenizer
 
-    source = args.source or default_model_path()
+    keep = contextlib.ExitStack()  # holds the random source's folder to the end
+    if args.gemma4:
+        folder = args.workdir or Path(keep.enter_context(tempfile.TemporaryDirectory(prefix="gguf_quants4.")))
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"writing a random gemma-4-{args.gemma4}-shaped source ...", file=sys.stderr, flush=True)
+        source = gemma4_source(args.gemma4, folder / f"random-gemma-4-{args.gemma4}-f16.gguf")
+    else:
+        source = args.source or default_model_path()
     tok = Tokenizer.from_gguf(source)
     ids = tok.encode(CORPUS.read_text(encoding="utf-8"), add_bos=False)[:args.tokens]
     chunks, prompts = windows(ids, args.window, tok.bos_id), [tok.encode(p) for p in PROMPTS]
@@ -284,6 +333,7 @@ def main() -> None:
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
            "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, torch "
                       f"{torch.__version__}, {time.strftime('%Y-%m-%d', time.gmtime())}"}
+    keep.close()
     print(render(run))
     if args.json:
         from gemmakit.files import write_atomic
