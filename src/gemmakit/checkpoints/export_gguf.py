@@ -27,7 +27,6 @@ quantized or LoRA-wrapped model is refused as by `export_hf`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -46,9 +45,11 @@ from gemmakit.checkpoints.gguf_write import (
     T,
     Vocab,
     add_special_ids,
+    bpe_spec,
     check_destination,
     check_dtype,
     padded,
+    source_metadata,
     tensor_type,
     write_file,
 )
@@ -149,38 +150,17 @@ def add_vocab(w: gguf.GGUFWriter, vocab: Vocab, tokenizer: Any) -> None:
 
 
 def gguf_vocab(tokenizer: Any) -> Vocab:
-    source = getattr(tokenizer, "gguf_source", None)
-    if source is not None and (vocab := _vocab_of_gguf(*source)) is not None:
-        return vocab
+    meta = source_metadata(tokenizer)
+    if meta is not None and "tokenizer.ggml.scores" in meta and "tokenizer.ggml.token_type" in meta:
+        return Vocab(list(meta["tokenizer.ggml.tokens"]), meta["tokenizer.ggml.scores"].tolist(),
+                     meta["tokenizer.ggml.token_type"].tolist(), meta.get("tokenizer.ggml.unknown_token_id"))
     return vocab_of_backend(tokenizer)
-
-
-def _vocab_of_gguf(path: Path, digest: str) -> Vocab | None:
-    """The arrays of the GGUF the tokenizer was read from, if it is still there and unchanged."""
-    from gemmakit.tokenizer import read_gguf_metadata
-
-    if not Path(path).is_file():
-        return None
-    meta, now = read_gguf_metadata(Path(path))
-    if now != digest or "tokenizer.ggml.scores" not in meta or "tokenizer.ggml.token_type" not in meta:
-        return None
-    return Vocab(list(meta["tokenizer.ggml.tokens"]), meta["tokenizer.ggml.scores"].tolist(),
-                 meta["tokenizer.ggml.token_type"].tolist(), meta.get("tokenizer.ggml.unknown_token_id"))
 
 
 def vocab_of_backend(tokenizer: Any) -> Vocab:
     """Pieces, scores and types under which llama.cpp's SPM tokenizer splits text as the BPE does."""
-    spec = json.loads(tokenizer.backend.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise ValueError("llama.cpp's SentencePiece vocabulary can stand only for a byte-fallback BPE tokenizer "
-                         f"like Gemma's, not a {model.get('type')} one")
-    tokens = [tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
-    if None in tokens:
-        raise ValueError(f"token id {tokens.index(None)} has no text; the tokenizer cannot be written to GGUF")
+    model, tokens, added, unk_id = bpe_spec(tokenizer, "SentencePiece")
     ranks = merge_ranks(model.get("merges") or [])
-    added = {a["id"]: a for a in spec.get("added_tokens") or []}
-    unk_id = tokenizer.backend.token_to_id(model["unk_token"]) if model.get("unk_token") else None
     vocab = Vocab([], [], [], unk_id)
     for i, piece in enumerate(tokens):
         text, kind, score = _entry(piece, added.get(i), ranks, i == unk_id)

@@ -32,7 +32,6 @@ shape can be written without building the model (gguf_write.py says how the tens
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,9 +47,11 @@ from gemmakit.checkpoints.gguf_write import (
     T,
     Vocab,
     add_special_ids,
+    bpe_spec,
     check_destination,
     check_dtype,
     padded,
+    source_metadata,
     tensor_type,
     write_file,
 )
@@ -215,39 +216,18 @@ def add_vocab(w: gguf.GGUFWriter, vocab: Vocab, tokenizer: Any) -> None:
 
 
 def bpe_vocab(tokenizer: Any) -> Vocab:
-    source = getattr(tokenizer, "gguf_source", None)
-    if source is not None and (vocab := _vocab_of_gguf(*source)) is not None:
-        return vocab
+    meta = source_metadata(tokenizer)
+    if meta is not None and meta.get("tokenizer.ggml.model") == "gemma4" and "tokenizer.ggml.merges" in meta:
+        n = len(meta["tokenizer.ggml.tokens"])
+        scores = meta["tokenizer.ggml.scores"].tolist() if "tokenizer.ggml.scores" in meta else [SPECIAL_SCORE] * n
+        return Vocab(list(meta["tokenizer.ggml.tokens"]), scores, meta["tokenizer.ggml.token_type"].tolist(),
+                     meta.get("tokenizer.ggml.unknown_token_id"), list(meta["tokenizer.ggml.merges"]))
     return vocab_of_backend(tokenizer)
-
-
-def _vocab_of_gguf(path: Path, digest: str) -> Vocab | None:
-    """The arrays of the gemma4 GGUF the tokenizer was read from, if it is still there and unchanged."""
-    from gemmakit.tokenizer import read_gguf_metadata
-
-    if not Path(path).is_file():
-        return None
-    meta, now = read_gguf_metadata(Path(path))
-    if now != digest or meta.get("tokenizer.ggml.model") != "gemma4" or "tokenizer.ggml.merges" not in meta:
-        return None
-    n = len(meta["tokenizer.ggml.tokens"])
-    scores = meta["tokenizer.ggml.scores"].tolist() if "tokenizer.ggml.scores" in meta else [SPECIAL_SCORE] * n
-    return Vocab(list(meta["tokenizer.ggml.tokens"]), scores, meta["tokenizer.ggml.token_type"].tolist(),
-                 meta.get("tokenizer.ggml.unknown_token_id"), list(meta["tokenizer.ggml.merges"]))
 
 
 def vocab_of_backend(tokenizer: Any) -> Vocab:
     """Pieces, types and merges of the `tokenizers` BPE behind `tokenizer`, as the converter lists them."""
-    spec = json.loads(tokenizer.backend.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise ValueError("llama.cpp's gemma4 vocabulary can stand only for a byte-fallback BPE tokenizer like "
-                         f"Gemma's, not a {model.get('type')} one")
-    tokens = [tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
-    if None in tokens:
-        raise ValueError(f"token id {tokens.index(None)} has no text; the tokenizer cannot be written to GGUF")
-    added = {a["id"]: a for a in spec.get("added_tokens") or []}
-    unk_id = tokenizer.backend.token_to_id(model["unk_token"]) if model.get("unk_token") else None
+    model, tokens, added, unk_id = bpe_spec(tokenizer, "gemma4")
     types = [_token_type(piece, added.get(i), i == unk_id) for i, piece in enumerate(tokens)]
     return Vocab(tokens, [SPECIAL_SCORE] * len(tokens), types, unk_id, merge_strings(model.get("merges") or []))
 

@@ -18,6 +18,7 @@ file is never overwritten.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,3 +161,31 @@ def add_special_ids(w: gguf.GGUFWriter, tokenizer: Any, unk_id: int | None) -> N
     w.add_add_space_prefix(False)  # llama.cpp's SPM default is to prepend a space; Gemma does not
     if template := getattr(tokenizer, "chat_template", None):
         w.add_chat_template(template)
+
+
+def source_metadata(tokenizer: Any) -> dict[str, Any] | None:
+    """The metadata of the GGUF `tokenizer` was read from (`Tokenizer.gguf_source`), if that file is still there
+    and unchanged: an export then writes that file's own vocabulary arrays instead of deriving them again."""
+    source = getattr(tokenizer, "gguf_source", None)
+    if source is None or not Path(source[0]).is_file():
+        return None
+    from gemmakit.tokenizer import read_gguf_metadata
+
+    meta, digest = read_gguf_metadata(Path(source[0]))
+    return meta if digest == source[1] else None
+
+
+def bpe_spec(tokenizer: Any, vocabulary: str) -> tuple[dict[str, Any], list[str], dict[int, Any], int | None]:
+    """(model spec, piece of each id, added tokens by id, unk id) of the byte-fallback BPE behind `tokenizer`,
+    refused if it is another kind: llama.cpp's `vocabulary` (named in the error) can stand only for that."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise ValueError(f"llama.cpp's {vocabulary} vocabulary can stand only for a byte-fallback BPE tokenizer "
+                         f"like Gemma's, not a {model.get('type')} one")
+    tokens = [tokenizer.backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    if None in tokens:
+        raise ValueError(f"token id {tokens.index(None)} has no text; the tokenizer cannot be written to GGUF")
+    added = {a["id"]: a for a in spec.get("added_tokens") or []}
+    unk_id = tokenizer.backend.token_to_id(model["unk_token"]) if model.get("unk_token") else None
+    return model, tokens, added, unk_id
