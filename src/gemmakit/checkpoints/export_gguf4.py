@@ -40,6 +40,7 @@ from typing import Any
 import gguf
 import torch
 
+from gemmakit.checkpoints.gguf_gemma4 import kv_sharing_disagreement
 from gemmakit.checkpoints.gguf_write import (
     SPECIAL_SCORE,
     Entry,
@@ -100,15 +101,11 @@ def check_config(c: Config) -> None:
     if c.rope_scaling_factor != 1.0:
         raise ValueError(f"{c.name}: RoPE scaling (factor {c.rope_scaling_factor}) on a Gemma 4 model has no "
                          "place in llama.cpp's gemma4 architecture")
-    first = c.first_kv_shared_layer
-    # llama.cpp does not search for a shared layer's source: it takes the layer just before the shared ones
-    # for full layers and the one before that for sliding layers, as the released E2B/E4B are laid out.
-    for i in range(first, c.num_hidden_layers):
-        llama_source = first - (2 if c.layer_types[i] == SLIDING else 1)
-        if c.kv_source(i) != llama_source:
-            raise ValueError(f"{c.name}: KV-shared layer {i} reads layer {c.kv_source(i)}'s keys and values, but "
-                             f"llama.cpp's gemma4 would give it layer {llama_source}'s (it expects the last "
-                             "non-shared layer to be full and the one before it sliding)")
+    if (odd := kv_sharing_disagreement(c)) is not None:
+        i, llama_source = odd
+        raise ValueError(f"{c.name}: KV-shared layer {i} reads layer {c.kv_source(i)}'s keys and values, but "
+                         f"llama.cpp's gemma4 would give it layer {llama_source}'s (it expects the last "
+                         "non-shared layer to be full and the one before it sliding)")
     if c.hidden_size_per_layer_input and c.vocab_size_per_layer_input != c.vocab_size:
         raise ValueError(f"{c.name}: llama.cpp's gemma4 needs the PLE table to have one row per token "
                          f"({c.vocab_size}), not {c.vocab_size_per_layer_input}")

@@ -140,19 +140,27 @@ def _partial_rotary(t: Any, global_head_dim: int, path: Any) -> float:
     return rotated / pairs
 
 
-def check_kv_sharing(config: Config, path: Any) -> None:
+def kv_sharing_disagreement(config: Config) -> tuple[int, int] | None:
     """A GGUF does not say which layer a KV-shared layer reads: llama.cpp gives a sliding one the last-but-one
     non-shared layer and a full one the last (right for the released E2B/E4B, whose last two non-shared layers
-    are sliding then full). Where the model's rule (the last non-shared layer of the same type) differs, the
-    file does not describe one model: refused."""
+    are sliding then full). The first shared layer where the model's rule (the last non-shared layer of the
+    same type) differs, as (layer, the layer llama.cpp reads), or None where both agree."""
     first = config.first_kv_shared_layer
     for i in range(first, config.num_hidden_layers):
         theirs = first - (2 if config.layer_types[i] == SLIDING else 1)
         if config.kv_source(i) != theirs:
-            raise CheckpointError(f"{path}: KV-shared layer {i} would read layer {theirs}'s K/V in llama.cpp but "
-                                  f"layer {config.kv_source(i)}'s here (gemma4.attention.shared_kv_layers = "
-                                  f"{config.num_kv_shared_layers} with this sliding_window_pattern); the file "
-                                  "does not describe one model: re-convert it")
+            return i, theirs
+    return None
+
+
+def check_kv_sharing(config: Config, path: Any) -> None:
+    """Refuse a file whose KV sharing llama.cpp reads otherwise than the model: it does not describe one model."""
+    if (odd := kv_sharing_disagreement(config)) is not None:
+        i, theirs = odd
+        raise CheckpointError(f"{path}: KV-shared layer {i} would read layer {theirs}'s K/V in llama.cpp but "
+                              f"layer {config.kv_source(i)}'s here (gemma4.attention.shared_kv_layers = "
+                              f"{config.num_kv_shared_layers} with this sliding_window_pattern); the file "
+                              "does not describe one model: re-convert it")
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
