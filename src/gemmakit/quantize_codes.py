@@ -125,8 +125,9 @@ def int4_problem(out_features: int, in_features: int, group_size: int, device: t
     return None
 
 
-def _nibbles(q: Tensor) -> Tensor:
-    """Codes [N, K] in 0..15 -> uint8 [N, K/2], the even column in the high nibble (CUDA's packing input)."""
+def pack_nibbles(q: Tensor) -> Tensor:
+    """Codes [N, K] in 0..15 -> uint8 [N, K/2], the even column in the high nibble: CUDA's packing input, the
+    int4 lookup table's nibble copy and QLoRA's stored codes."""
     return (q[:, ::2] << 4) | q[:, 1::2]
 
 
@@ -137,7 +138,7 @@ def pack_int4(q: Tensor) -> Tensor:
         return torch.cat([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1) for c in q.split(_ROWS)])
     k = q.shape[1]
     inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
-    return torch._convert_weight_to_int4pack(_nibbles(q), inner_k_tiles)
+    return torch._convert_weight_to_int4pack(pack_nibbles(q), inner_k_tiles)
 
 
 _PROBE_ROWS = 256  # the longest row period looked for in the CPU packing (64 with AVX-512)
@@ -220,7 +221,7 @@ def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
     outs: list[Tensor | None] = [None, None, None]
     for i, chunk in enumerate(w.split(_ROWS)):
         q, sz = quantize_int4(chunk, group_size)
-        parts = (pack_int4(q), sz.transpose(0, 1), _nibbles(q) if nibbles else None)
+        parts = (pack_int4(q), sz.transpose(0, 1), pack_nibbles(q) if nibbles else None)
         for j, part in enumerate(parts):
             if part is None:
                 continue

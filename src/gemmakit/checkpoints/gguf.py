@@ -38,7 +38,7 @@ from gemmakit.checkpoints.quants import FOUR_BIT, WIDE, dequantize, describe, fo
 from gemmakit.config import FULL, SLIDING, Config, ConfigError, default_layer_types
 from gemmakit.model import Gemma
 from gemmakit.quantize import EXPERT_MATRICES, Int4Linear, QuantizedEmbedding, QuantizedExperts
-from gemmakit.quantize_codes import cpu_int4_layout, int4_kernel_operands, int4_problem
+from gemmakit.quantize_codes import cpu_int4_layout, int4_kernel_operands, int4_problem, pack_nibbles
 
 _ARCHS = {"gemma3": gguf.MODEL_ARCH.GEMMA3, "gemma4": gguf.MODEL_ARCH.GEMMA4}
 
@@ -327,7 +327,7 @@ def _tied_head_codes(loader: Loader, reader: gguf.GGUFReader, t: Any, shape: tup
         packed.append(p)
         sz.append(s)
         if layout is None:
-            nibbles.append((q[:, 0::2] << 4) | q[:, 1::2])  # QuantizedEmbedding's order: even column high
+            nibbles.append(pack_nibbles(q))  # QuantizedEmbedding's order: even column high
         release_pages(reader, t.data_offset + a * row_bytes, (b - a) * row_bytes)
     model, head = loader.model, torch.cat(packed)
     model.lm_head = Int4Linear(head, torch.cat(sz, dim=1), group, V, K)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemmakit.quantize_codes import quantize_int4, quantize_int8
+from gemmakit.quantize_codes import pack_nibbles, quantize_int4, quantize_int8
 
 
 class QuantizedBase(nn.Module):
@@ -39,7 +39,7 @@ class QuantizedBase(nn.Module):
             if self.in_features % group_size:
                 raise ValueError(f"int4 needs in_features divisible by {group_size}, not {self.in_features}")
             q, sz = quantize_int4(w, group_size)
-            self.register_buffer("codes", (q[:, ::2] << 4) | q[:, 1::2])  # two codes per byte
+            self.register_buffer("codes", pack_nibbles(q))  # two codes per byte
             self.register_buffer("scales", sz.transpose(0, 1).contiguous())  # [N, K/G, 2]
         self.group_size = group_size
 
