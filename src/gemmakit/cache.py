@@ -84,9 +84,13 @@ class Step:
     def kv(self, layer: int, kind: str, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return k, v
 
+    def key_positions(self, kind: str) -> Tensor:
+        """[b, S] the positions of the keys `kv` returns for a layer of `kind` (-1: an empty slot)."""
+        return self.positions
+
     def mask(self, kind: str, window: int) -> Tensor:
         """[b, 1, T, S] visibility of the keys `kv` returned."""
-        return chunk_mask(self.positions, self.positions, window if kind == SLIDING else None)[:, None]
+        return chunk_mask(self.positions, self.key_positions(kind), window if kind == SLIDING else None)[:, None]
 
     def begin(self) -> None:
         """Called once before the layers run."""
@@ -139,9 +143,8 @@ class Append(Step):
             return self.cache.k[layer], self.cache.v[layer]
         return self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
 
-    def mask(self, kind: str, window: int) -> Tensor:
-        key_pos = self.cache.slot_pos[kind] if self.all_rows else self.cache.slot_pos[kind][self.rows]
-        return chunk_mask(self.positions, key_pos, window if kind == SLIDING else None)[:, None]
+    def key_positions(self, kind: str) -> Tensor:
+        return self.cache.slot_pos[kind] if self.all_rows else self.cache.slot_pos[kind][self.rows]
 
 
 class Extend(Prefill):
@@ -164,9 +167,8 @@ class Extend(Prefill):
         self._write_tail(layer, kind, k, v)
         return k_all, v_all
 
-    def mask(self, kind: str, window: int) -> Tensor:
-        key_pos = torch.cat([self._before[kind], self.positions], dim=1)
-        return chunk_mask(self.positions, key_pos, window if kind == SLIDING else None)[:, None]
+    def key_positions(self, kind: str) -> Tensor:
+        return torch.cat([self._before[kind], self.positions], dim=1)
 
 
 # The forecast's allowances for compiled code, calibrated against the peaks `gemmakit bench` and the benchmarks/

@@ -69,6 +69,11 @@ class Config:
     pad_token_id: int = 0
     eos_token_id: int | list[int] = 1
     bos_token_id: int = 2
+    # Gemma 4 text configs: "vision" makes an image's soft tokens attend to each other on sliding layers.
+    use_bidirectional_attention: str | None = None
+    # A multimodal checkpoint's top-level HF config (model_type gemma3 / gemma4 / gemma4_unified) without its
+    # text_config: the towers' vision_config / audio_config and the placeholder token ids, under HF names.
+    multimodal: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -108,6 +113,29 @@ class Config:
     def layer_intermediate(self, i: int) -> int:
         wide = self.use_double_wide_mlp and i >= self.first_kv_shared_layer
         return self.intermediate_size * (2 if wide else 1)
+
+    @property
+    def media_type(self) -> str | None:
+        """The multimodal model_type ("gemma3", "gemma4", "gemma4_unified"), None for a text-only model."""
+        return None if self.multimodal is None else self.multimodal.get("model_type")
+
+    def media_token(self, name: str) -> int | None:
+        """A placeholder id by short name (image, boi, eoi, audio, boa, eoa, video); Gemma 3 spells the
+        fields `*_token_index`, Gemma 4 `*_token_id` (and its end-of-audio `eoa_token_index`)."""
+        m = self.multimodal or {}
+        value = m.get(f"{name}_token_id", m.get(f"{name}_token_index"))
+        return None if value is None else int(value)
+
+    @property
+    def bidirectional_kinds(self) -> frozenset[str]:
+        """Layer kinds on which an image's soft tokens see each other (the reference's block overlay)."""
+        if self.media_type == "gemma3":
+            return frozenset((SLIDING, FULL))
+        if self.media_type == "gemma4" and self.use_bidirectional_attention == "vision":
+            return frozenset((SLIDING,))
+        if self.media_type == "gemma4_unified" and self.use_bidirectional_attention == "vision":
+            return frozenset((SLIDING, FULL))
+        return frozenset()
 
     @property
     def attention_scale(self) -> float:
@@ -178,6 +206,7 @@ def default_layer_types(n_layers: int, period: int = 6, last_full: bool = True) 
 # (global_head_dim / num_global_key_value_heads) or as transformers 5.x saves it (per_layer_config).
 _TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "gemma3": "gemma3", "gemma4_text": "gemma4", "gemma4": "gemma4",
                      "gemma4_unified": "gemma4", "gemma4_unified_text": "gemma4"}
+_MULTIMODAL_TYPES = ("gemma3", "gemma4", "gemma4_unified")
 _PLAIN_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "sliding_window", "final_logit_softcapping", "rms_norm_eps",
                  "max_position_embeddings", "pad_token_id", "bos_token_id", "hidden_activation")
@@ -200,6 +229,8 @@ def text_config_of(d: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def from_hf_dict(d: dict[str, Any], name: str = "custom") -> Config:
     family, t = text_config_of(d)
     kw: dict[str, Any] = {k: t[k] for k in _PLAIN_FIELDS if t.get(k) is not None}
+    if isinstance(d.get("text_config"), dict) and d.get("model_type") in _MULTIMODAL_TYPES:
+        kw["multimodal"] = {k: v for k, v in d.items() if k != "text_config"}
     kw.update(name=name, family=family, layer_types=list(t.get("layer_types") or []))
     if not kw["layer_types"] and "num_hidden_layers" in kw:
         kw["layer_types"] = default_layer_types(kw["num_hidden_layers"], t.get("sliding_window_pattern", 6),
@@ -225,6 +256,8 @@ def from_hf_dict(d: dict[str, Any], name: str = "custom") -> Config:
         if t.get(k) is not None:
             kw[k] = t[k]
     kw.setdefault("hidden_size_per_layer_input", 0)
+    if t.get("use_bidirectional_attention") == "vision":
+        kw["use_bidirectional_attention"] = t["use_bidirectional_attention"]
     kw["partial_rotary_factor"] = float(full.get("partial_rotary_factor", 1.0))
     kw["global_head_dim"], kw["num_global_key_value_heads"] = _global_geometry(t, kw["layer_types"])
     return Config(**kw)

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gemmakit.cache import Step
 from gemmakit.config import FULL, SLIDING, Config
+from gemmakit.media.soft import Media
 
 
 class RMSNorm(nn.Module):
@@ -320,15 +321,16 @@ class Gemma(nn.Module):
         self.activation_checkpointing = False
 
     def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int | Tensor = 0,
-                step: Step | None = None) -> Tensor:
+                step: Step | None = None, media: Media | None = None) -> Tensor:
         """input_ids: [B, T]; positions from `step` (with a KV cache, see cache.py), else `input_pos` ([T] or
         [B, T], default 0..T-1). Returns logits [B, T', V] for the last `logits_to_keep` positions (0 = all),
         or, when `logits_to_keep` is a bool mask [B, T], logits [N, V] for its N true positions: a training
-        loss over a 262k vocabulary then pays for the scored tokens only."""
-        return self.head(self.hidden(input_ids, input_pos, logits_to_keep, step))
+        loss over a 262k vocabulary then pays for the scored tokens only. `media`: image / audio soft tokens
+        that replace placeholder positions (media/soft.py)."""
+        return self.head(self.hidden(input_ids, input_pos, logits_to_keep, step, media))
 
     def hidden(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_to_keep: int | Tensor = 0,
-               step: Step | None = None) -> Tensor:
+               step: Step | None = None, media: Media | None = None) -> Tensor:
         """What `forward` feeds the head: the final-normed hidden states at the kept positions, [..., H]."""
         c, m = self.config, self.model
         B, T = input_ids.shape
@@ -336,11 +338,17 @@ class Gemma(nn.Module):
             pos = torch.arange(T, device=input_ids.device) if input_pos is None else input_pos
             step = Step(pos.expand(B, T) if pos.dim() == 1 else pos)
         step.begin()
+        if media is not None:  # placeholders read as pad (PLE too), then their rows become the soft tokens
+            input_ids = input_ids.masked_fill(media.where, c.pad_token_id)
         x = scaled_embedding(m.embed_tokens, input_ids, c.hidden_size)
+        if media is not None:
+            x = x.masked_scatter(media.where[..., None], media.embeds.to(x.dtype))
         ple = m.per_layer_inputs(input_ids, x) if c.hidden_size_per_layer_input else None
         kinds = set(c.layer_types)
         ropes = {kind: rope_tables(self.inv_freq[kind], step.positions, x.dtype) for kind in kinds}
         masks = {kind: step.mask(kind, c.sliding_window) for kind in kinds}
+        if media is not None:
+            masks = {kind: self._with_blocks(mask, kind, step, media) for kind, mask in masks.items()}
         published: dict[str, tuple[Tensor, Tensor]] = {}
         for i, layer in enumerate(m.layers):
             kind = c.layer_types[i]
@@ -354,6 +362,18 @@ class Gemma(nn.Module):
         elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         return m.norm(x)
+
+    def _with_blocks(self, mask: Tensor, kind: str, step: Step, media: Media) -> Tensor:
+        """The causal mask OR each image block's own keys; on sliding layers still inside the window, as the
+        reference composes it (AND(window, OR(causal, block)))."""
+        key_pos = step.key_positions(kind)
+        extra = media.overlay(kind, key_pos)
+        if extra is None:
+            return mask
+        if kind == SLIDING:
+            q = step.positions[:, None, :, None]
+            extra = extra & (key_pos[:, None, None, :] > q - self.config.sliding_window)
+        return mask | extra
 
     def head(self, x: Tensor) -> Tensor:
         """Logits of final-normed hidden states x [..., H]."""
