@@ -106,6 +106,7 @@ def test_model_dtype_and_input_checks(hf_model):
     with torch.no_grad():
         got = gemma3_image_embeddings(tower, projector, torch.randn(2, 3, 56, 56))
     assert [t.dtype for t in got] == [torch.bfloat16] * 2
+    assert gemma3_image_embeddings(tower, projector, torch.empty(0, 3, 56, 56)) == []
     with pytest.raises(ValueError, match="gemma3_images"):
         tower(torch.randn(1, 3, 64, 64))
 

@@ -232,5 +232,7 @@ def gemma3_image_embeddings(vision_tower: SiglipVisionTower, projector: Gemma3Mu
     """Soft tokens for each image or crop of `pixel_values` [N, 3, S, S] (as gemma3_images prepares them), in
     order: a list of N tensors [mm_tokens_per_image, text_hidden] in the projector's dtype and device."""
     w = projector.mm_input_projection_weight
+    if pixel_values.shape[0] == 0:  # a prompt without images; torch cannot reshape an empty batch by heads
+        return []
     soft = projector(vision_tower(pixel_values).to(device=w.device, dtype=w.dtype))
     return list(soft.unbind(0))
