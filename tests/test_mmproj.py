@@ -193,10 +193,12 @@ def gemma4():
         text_config=dict(vocab_size=300, hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=32),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, head_dim=16, patch_size=4, position_embedding_size=64,
+                           num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64,
                            use_clipped_linears=True, standardize=True),
-        audio_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[8, 4],
-                          output_proj_dims=48))
+        # llama.cpp's gemma4v/gemma4a graphs assume as many key/value heads as heads and the released [128, 32]
+        # subsampling channels (as every Gemma 4 has); other values abort its run, not its load.
+        audio_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          subsampling_conv_channels=[128, 32], output_proj_dims=48))
     torch.manual_seed(1)
     model = Gemma4ForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -205,7 +207,9 @@ def gemma4():
     return model
 
 
-def converter_gemma4_file(model, path: Path, extra: dict[str, np.ndarray] | None = None) -> Path:
+def converter_gemma4_file(model, path: Path, extra: dict[str, np.ndarray] | None = None, matrices: Q = Q.F32) -> Path:
+    """`model`'s towers as `convert_hf_to_gguf.py --mmproj` writes them, its 2-D weights in `matrices` where their
+    rows are whole blocks (as the converter's Q8_0 / BF16 outputs)."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, 128)  # 128: the converter's block count for two towers
     suffixes = (".weight", ".bias", ".input_max", ".input_min", ".output_max", ".output_min")
     vc, ac = model.config.vision_config, model.config.audio_config
@@ -254,7 +258,10 @@ def converter_gemma4_file(model, path: Path, extra: dict[str, np.ndarray] | None
                 t = t.reshape(t.shape[0], p, p, 3).permute(0, 3, 1, 2).contiguous()
         new = names.get_name(name, try_suffixes=suffixes)
         assert new is not None, key
-        w.add_tensor(new, t.numpy())
+        if matrices != Q.F32 and t.ndim == 2 and t.shape[1] % gguf.GGML_QUANT_SIZES[matrices][0] == 0:
+            w.add_tensor(new, gguf.quants.quantize(t.numpy(), matrices), raw_dtype=matrices)
+        else:
+            w.add_tensor(new, t.numpy())
     for name, value in (extra or {}).items():
         w.add_tensor(name, value)
     w.write_header_to_file()
@@ -274,7 +281,8 @@ def test_gemma4_vision_and_audio_read_back_under_hf_names_with_their_configs(g4,
     assert got.projectors == {"vision": "gemma4v", "audio": "gemma4a"} and got.text_hidden_size == TEXT_HIDDEN
     vc, ac = g4.config.vision_config.to_dict(), g4.config.audio_config.to_dict()
     for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "head_dim", "patch_size", "position_embedding_size", "use_clipped_linears", "standardize"):
+              "head_dim", "patch_size", "position_embedding_size", "use_clipped_linears", "standardize",
+              "pooling_kernel_size"):
         assert got.vision_config[f] == vc[f], f
     for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "subsampling_conv_channels",
               "conv_kernel_size", "output_proj_dims", "use_clipped_linears"):
@@ -288,6 +296,65 @@ def test_gemma4_vision_and_audio_read_back_under_hf_names_with_their_configs(g4,
             torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
         else:
             assert value.shape == expected[key].shape and torch.equal(value, expected[key]), key
+
+
+def test_llama_cpp_mtmd_runs_the_gemma4_file_both_towers_read_back_from(g4, tmp_path):
+    """The converter-route file of the test above is one llama.cpp's mtmd loads and runs (an image and a second of
+    audio through the real gemma4v / gemma4a graphs): the names read_mmproj maps are the ones llama.cpp uses."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
+    from gemmakit.checkpoints.export_gguf import export_gguf
+    from gemmakit.model import Gemma
+    from tests.helpers import tiny
+    from tests.test_export_gguf4 import bpe_tokenizer  # llama.cpp's gemma4 vocabulary needs BPE merges
+
+    mmproj = converter_gemma4_file(g4, tmp_path / "g4.gguf")
+    text = export_gguf(Gemma(tiny("31b")).eval(), tmp_path / "text.gguf", bpe_tokenizer(), "f32")
+    llm = llama_cpp.Llama(str(text), n_ctx=256, n_threads=2, verbose=False)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 2, False, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    assert ctx, "llama.cpp's mtmd refused the Gemma 4 mmproj file"
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    audio = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
+    bitmaps = [mtmd.mtmd_bitmap_init(64, 48, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes())),
+               mtmd.mtmd_bitmap_init_from_audio(audio.size, (ctypes.c_float * audio.size)(*audio))]
+    try:
+        assert mtmd.mtmd_support_vision(ctx) and mtmd.mtmd_support_audio(ctx)
+        kinds = (mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE, mtmd.MTMD_INPUT_CHUNK_TYPE_AUDIO)
+        for bitmap, kind in zip(bitmaps, kinds, strict=True):
+            chunks = mtmd.mtmd_input_chunks_init()
+            prompt = b"x " + mtmd.mtmd_default_marker()
+            text_in = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
+            one = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text_in), one, 1) == 0
+            found = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+            chunk = next(c for c in found if mtmd.mtmd_input_chunk_get_type(c) == kind)
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            assert n > 0 and mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+            out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * TEXT_HIDDEN,))
+            assert np.isfinite(out).all() and np.abs(out).max() > 0
+            mtmd.mtmd_input_chunks_free(chunks)
+    finally:
+        for bitmap in bitmaps:
+            mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(ctx)
+        llm.close()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.BF16])
+def test_quantized_towers_read_back_as_gguf_decodes_them(g4, qtype, tmp_path):
+    got = read_mmproj(converter_gemma4_file(g4, tmp_path / "q.gguf", matrices=qtype))
+    reader = gguf.GGUFReader(got.path)
+    stored = {t.name: t for t in reader.tensors}
+    decoded = 0
+    for key, value in got.items():
+        t = stored[got.gguf_names[key]]
+        if t.tensor_type == qtype:
+            ref = torch.from_numpy(gguf.quants.dequantize(t.data, qtype).copy())
+            assert torch.equal(value, ref.reshape(value.shape)), key
+            decoded += 1
+    assert decoded > 20
 
 
 # -----------------------------------------------------------------------------

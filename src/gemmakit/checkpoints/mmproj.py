@@ -51,6 +51,7 @@ GEMMA3, GEMMA4V, GEMMA4A = (gguf.VisionProjectorType.GEMMA3, gguf.VisionProjecto
 SUPPORTED = (GEMMA3, GEMMA4V, GEMMA4A)
 _CLIP_BOUNDS = (".input_min", ".input_max", ".output_min", ".output_max")  # Gemma 4's clipped linears
 _DEFAULT_SCALE_FACTOR = 4  # llama.cpp's Gemma 3 pooling when clip.vision.projector.scale_factor is absent
+_GEMMA4_POOL = 3  # llama.cpp's gemma4v pooling kernel when the file names none (the converter never does)
 
 
 # -----------------------------------------------------------------------------
@@ -310,8 +311,9 @@ def _gemma4v_config(meta: dict[str, Any], tensors: dict[str, Any], path: Path) -
          "position_embedding_size": _shape(tensors, "v.position_embd.weight")[1],  # type: ignore[index]
          "use_clipped_linears": "v.blk.0.attn_q.input_min" in tensors,
          "standardize": "v.std_bias" in tensors}
-    if "clip.vision.projector.scale_factor" in meta:  # unverified: where llama.cpp keeps the pooling kernel
-        c["pooling_kernel_size"] = _int(meta, "clip.vision.projector.scale_factor", path)
+    # The converter stores no pooling kernel for gemma4v and llama.cpp then pools 3x3 (HF's default as well);
+    # a file that does carry clip.vision.projector.scale_factor is taken at its word.
+    c["pooling_kernel_size"] = _int(meta, "clip.vision.projector.scale_factor", path, _GEMMA4_POOL)
     return c
 
 
