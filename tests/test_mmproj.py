@@ -299,10 +299,13 @@ def test_gemma4_vision_and_audio_read_back_under_hf_names_with_their_configs(g4,
 
 
 def test_llama_cpp_mtmd_runs_the_gemma4_file_both_towers_read_back_from(g4, tmp_path):
-    """The converter-route file of the test above is one llama.cpp's mtmd loads and runs (an image and a second of
-    audio through the real gemma4v / gemma4a graphs): the names read_mmproj maps are the ones llama.cpp uses."""
+    """The converter-route file of the test above is one llama.cpp's mtmd loads and runs through its real gemma4v /
+    gemma4a graphs, so the names read_mmproj maps are the ones llama.cpp uses; the image's soft tokens match
+    transformers' on the same pixels, which holds only if the patch-kernel layout is the one llama.cpp reads."""
     llama_cpp = pytest.importorskip("llama_cpp")
     mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
+    from PIL import Image
+
     from gemmakit.checkpoints.export_gguf import export_gguf
     from gemmakit.model import Gemma
     from tests.helpers import tiny
@@ -315,10 +318,13 @@ def test_llama_cpp_mtmd_runs_the_gemma4_file_both_towers_read_back_from(g4, tmp_
     params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 2, False, False
     ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
     assert ctx, "llama.cpp's mtmd refused the Gemma 4 mmproj file"
-    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    # 120 x 96 is a size llama.cpp's gemma4v preprocessing keeps as it is (whole 3x3 pools of 4-pixel patches).
+    width, height = 120, 96
+    image = np.asarray(Image.open(MEDIA / "scene.jpg").convert("RGB").resize((width, height), Image.BICUBIC)).copy()
     audio = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
-    bitmaps = [mtmd.mtmd_bitmap_init(64, 48, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes())),
+    bitmaps = [mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes())),
                mtmd.mtmd_bitmap_init_from_audio(audio.size, (ctypes.c_float * audio.size)(*audio))]
+    outputs = []
     try:
         assert mtmd.mtmd_support_vision(ctx) and mtmd.mtmd_support_audio(ctx)
         kinds = (mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE, mtmd.MTMD_INPUT_CHUNK_TYPE_AUDIO)
@@ -333,16 +339,27 @@ def test_llama_cpp_mtmd_runs_the_gemma4_file_both_towers_read_back_from(g4, tmp_
             n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
             assert n > 0 and mtmd.mtmd_encode_chunk(ctx, chunk) == 0
             out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * TEXT_HIDDEN,))
-            assert np.isfinite(out).all() and np.abs(out).max() > 0
+            outputs.append(out.reshape(n, TEXT_HIDDEN).copy())
             mtmd.mtmd_input_chunks_free(chunks)
     finally:
         for bitmap in bitmaps:
             mtmd.mtmd_bitmap_free(bitmap)
         mtmd.mtmd_free(ctx)
         llm.close()
+    assert np.isfinite(outputs[1]).all() and np.abs(outputs[1]).max() > 0  # audio: runs (its features differ)
+    p = g4.config.vision_config.patch_size  # HF's patches: raster order, each flattened (row, col, channel)
+    rows, cols = height // p, width // p
+    pixels = torch.from_numpy(image).float().div(255).reshape(rows, p, cols, p, 3).permute(0, 2, 1, 3, 4)
+    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    positions = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)
+    with torch.no_grad():
+        ref = g4.model.get_image_features(pixels.reshape(1, rows * cols, -1), positions[None]).pooler_output[0]
+    diff = float(np.abs(outputs[0] - ref.numpy()).max())
+    print(f"llama.cpp gemma4v vs transformers soft tokens: max abs diff {diff:.2e} (up to {ref.abs().max():.2f})")
+    assert outputs[0].shape == tuple(ref.shape) and diff < 1e-2  # a wrong patch layout is off by O(1)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.BF16])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.BF16], ids=["q8_0", "bf16"])
 def test_quantized_towers_read_back_as_gguf_decodes_them(g4, qtype, tmp_path):
     got = read_mmproj(converter_gemma4_file(g4, tmp_path / "q.gguf", matrices=qtype))
     reader = gguf.GGUFReader(got.path)
