@@ -138,6 +138,12 @@ class Config:
         return frozenset()
 
     @property
+    def windowed_blocks(self) -> bool:
+        """On sliding layers, whether an image block is still cut by the window: Gemma 3 and Gemma 4 mask
+        AND(window, OR(causal, block)); the 12B unified model's own forward ORs the block after the window."""
+        return self.media_type != "gemma4_unified"
+
+    @property
     def attention_scale(self) -> float:
         if self.is_gemma4:
             return 1.0

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from gemmakit.flags import parse_switch
+from gemmakit.media.soft import PromptMedia
 from gemmakit.model import Gemma
 from gemmakit.runtime.plan import model_dtype_device
 from gemmakit.runtime.steps import Runtime, StepOut
@@ -137,6 +138,7 @@ class Request:
     generator: torch.Generator | None = None
     decoder: Any = None
     stop_text: StopText | None = None
+    media: PromptMedia | None = None  # image / audio soft tokens of the prompt (media/soft.py)
 
     @property
     def finished(self) -> bool:
@@ -167,7 +169,8 @@ class Engine:
         self._next_id = 0
 
     # --- admission --------------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Request:
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
+               media: PromptMedia | None = None) -> Request:
         params = params or SamplingParams()
         params.validate()
         if not prompt:
@@ -175,8 +178,10 @@ class Engine:
         fit_context(len(prompt), params.max_tokens, self.context)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine to have a tokenizer")
+        if media is not None and int(media.positions.max()) >= len(prompt):
+            raise ValueError("the media's soft tokens lie past the end of the prompt")
         req = Request(list(prompt), params, id=self._next_id,
-                      generator=make_generator(params.seed, self.device))
+                      generator=make_generator(params.seed, self.device), media=media)
         if self.tokenizer is not None:  # keeps req.text, cut at any stop string, current token by token
             req.decoder, req.stop_text = self.tokenizer.decode_stream(), StopText(params.stop)
         self._next_id += 1
@@ -239,7 +244,8 @@ class Engine:
     def _prefill(self, req: Request) -> list[tuple[Request, int]]:
         req.row = self.free_rows.pop()
         self.running[req.row] = req
-        return self._take([req], self.runtime.prefill(req.prompt, req.row, req.params.plain_greedy))
+        return self._take([req], self.runtime.prefill(req.prompt, req.row, req.params.plain_greedy,
+                                                         req.media))
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         if not reqs:
@@ -358,18 +364,21 @@ class Engine:
             self.free_rows.append(req.row)
 
     # --- conveniences -----------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[Request]:
-        """Run prompts to completion (as many at once as there are rows) and return them in order."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 media: Sequence[PromptMedia | None] | None = None) -> list[Request]:
+        """Run prompts to completion (as many at once as there are rows) and return them in order; `media`
+        gives each prompt's soft tokens (None for a text-only one)."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        mlist = list(media) if media is not None else [None] * len(prompts)
+        reqs = [self.submit(p, sp, m) for p, sp, m in zip(prompts, plist, mlist, strict=True)]
         while self.has_work:
             self.step()
         return reqs
 
-    def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+    def stream(self, prompt: Sequence[int], params: SamplingParams, media: PromptMedia | None = None
+               ) -> Iterator[int]:
         """Tokens of one request as they are produced (a stop token itself is not part of the output)."""
-        req, sent = self.submit(prompt, params), 0
+        req, sent = self.submit(prompt, params, media), 0
         try:
             while not req.finished:
                 self.step()

@@ -308,6 +308,11 @@ def scaled_embedding(table: nn.Embedding, ids: Tensor, width: int) -> Tensor:
     return table(ids) * torch.tensor(width**0.5, dtype=torch.float32).to(dtype)
 
 
+# Where media/towers.py attaches a multimodal checkpoint's towers on `Gemma.model` (HF's names beside
+# `language_model`); the decoder never calls them, and quantization leaves them in float.
+TOWER_NAMES = ("vision_tower", "multi_modal_projector", "embed_vision", "audio_tower", "embed_audio")
+
+
 class Gemma(nn.Module):
     """A Gemma 3 or Gemma 4 causal LM: `model` (the HF text model subtree) and a tied, soft-capped head."""
 
@@ -364,16 +369,22 @@ class Gemma(nn.Module):
         return m.norm(x)
 
     def _with_blocks(self, mask: Tensor, kind: str, step: Step, media: Media) -> Tensor:
-        """The causal mask OR each image block's own keys; on sliding layers still inside the window, as the
-        reference composes it (AND(window, OR(causal, block)))."""
+        """The causal mask OR each image block's own keys; on sliding layers still inside the window where the
+        reference composes it so (`Config.windowed_blocks`)."""
         key_pos = step.key_positions(kind)
         extra = media.overlay(kind, key_pos)
         if extra is None:
             return mask
-        if kind == SLIDING:
+        if kind == SLIDING and self.config.windowed_blocks:
             q = step.positions[:, None, :, None]
             extra = extra & (key_pos[:, None, None, :] > q - self.config.sliding_window)
         return mask | extra
+
+    def decoder_modules(self) -> list[nn.Module]:
+        """The text model's modules (`model` and below), without any attached towers."""
+        skip = {id(m) for name in TOWER_NAMES if hasattr(self.model, name)
+                for m in getattr(self.model, name).modules()}
+        return [m for m in self.model.modules() if id(m) not in skip]
 
     def head(self, x: Tensor) -> Tensor:
         """Logits of final-normed hidden states x [..., H]."""

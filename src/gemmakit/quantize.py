@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemmakit.model import Experts, Gemma, Router
+from gemmakit.model import TOWER_NAMES, Experts, Gemma, Router
 from gemmakit.quantize_codes import (
     _ROWS,
     COMPUTE_DTYPE,
@@ -389,8 +389,10 @@ def quantize_model(model: Gemma, mode: str, group_size: int = 32) -> Gemma:
     full precision, pass `quantize=` to `load_model` instead: it quantizes each module as it is loaded.
     """
     _check_args(model, mode, group_size)
-    for parent in list(model.model.modules()):
+    for parent in model.decoder_modules():  # image / audio towers stay in float
         for name in list(dict(parent.named_children())):
+            if parent is model.model and name in TOWER_NAMES:
+                continue
             quantize_child(model, parent, name, mode, group_size)
     return model
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gemmakit.config import Config
+from gemmakit.media.towers import attach_towers, is_tower
 from gemmakit.model import Gemma
 
 
@@ -100,6 +101,7 @@ class Loader:
         check_bounds({field: getattr(config, field) for field, _, _ in CONFIG_BOUNDS}, source)
         with torch.device("meta"):
             self.model = Gemma(config)
+            attach_towers(self.model)
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         self.loaded: set[str] = set()
         self.unexpected: list[str] = []
@@ -132,7 +134,7 @@ class Loader:
         else:
             module._buffers[leaf] = t
         self.loaded.add(key)
-        if self.quantize and not any(p.is_meta for p in module.parameters(recurse=False)):
+        if self.quantize and not is_tower(key) and not any(p.is_meta for p in module.parameters(recurse=False)):
             from gemmakit.quantize import quantize_child
 
             parent_name, _, name = module_name.rpartition(".")

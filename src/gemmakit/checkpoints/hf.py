@@ -3,8 +3,9 @@
 The model is built on the meta device and each tensor is streamed in from its shard and assigned in place, so
 at no point are two copies of the weights in memory. Names map one to one: the only edits are prefix
 normalisation (multimodal checkpoints nest the text model under `model.language_model.`) and tensors gemmakit
-deliberately does not use (the tied `lm_head`, the vision/audio towers, and the K/V weights that older Gemma 4
-checkpoints still carry for KV-shared layers). Weights are read only through safetensors: a directory with only
+deliberately does not use (the tied `lm_head`, and the K/V weights that older Gemma 4 checkpoints still carry
+for KV-shared layers). The vision / audio towers of a multimodal checkpoint load beside the text model
+(media/towers.py); a text-only config skips them. Weights are read only through safetensors: a directory with only
 pickled `.bin` files is refused, never unpickled.
 """
 
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from gemmakit.checkpoints.common import CheckpointError, Loader, RowSource, check_bounds, check_size
 from gemmakit.config import Config, ConfigError
+from gemmakit.media.gemma4_unified import normalise_unified_key
 from gemmakit.model import Gemma
 
 _PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."))
@@ -28,10 +30,27 @@ _UNUSED = re.compile(r"^(lm_head\.|model\.(vision_tower|audio_tower|embed_vision
                      r"(model\.)?(vision_tower|audio_tower|multi_modal_projector|embed_vision|embed_audio)\.)")
 
 
+_TOWERS = re.compile(r"^(vision_tower|audio_tower|multi_modal_projector|embed_vision|embed_audio|vision_embedder)\.")
+
+
 def normalise_key(key: str) -> str:
     for old, new in _PREFIXES:
         if key.startswith(old):
             return new + key[len(old):]
+    if _TOWERS.match(key):  # released Gemma 3 checkpoints keep the towers at the top level
+        return "model." + key
+    return key
+
+
+def tower_alias(key: str, expected: dict[str, Any]) -> str:
+    """The name a tower tensor has in gemmakit when the checkpoint spells it another way transformers also
+    reads: SigLIP saved by transformers 5.x without its `vision_model.` level, the 12B's older embedder names."""
+    if key in expected or not key.startswith("model."):
+        return key
+    rest = key[len("model."):]
+    for candidate in (rest.replace("vision_tower.", "vision_tower.vision_model.", 1), normalise_unified_key(rest)):
+        if "model." + candidate in expected:
+            return "model." + candidate
     return key
 
 
@@ -139,6 +158,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
     loader = Loader(config, dtype, device, source=str(path), quantize=quantize)
     files = shard_files(path)
     for raw, key, tensor_slice in iter_tensors(files):
+        key = tower_alias(key, loader.expected)
         if key in loader.expected:
             try:
                 shape = tuple(tensor_slice.get_shape())
@@ -147,8 +167,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
                 if key == "model.embed_tokens.weight":  # row blocks: quantizing never holds the whole table
                     source = RowSource(shape, loader.dtype, loader.device, lambda a, b, s=tensor_slice: s[a:b])
                     loader.assign_rows(key, source)
-                else:
-                    loader.assign(key, tensor_slice[:])
+                else:  # a scalar (a tower's clip bound) cannot be sliced
+                    loader.assign(key, tensor_slice[:] if shape else tensor_slice[...])
             except SafetensorError as e:
                 raise CheckpointError(f"cannot read {raw} from {path} ({e}); the file may be truncated") from e
         elif not (_UNUSED.match(key) or loader.is_ignorable(key)):

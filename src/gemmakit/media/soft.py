@@ -19,6 +19,20 @@ import torch
 from torch import Tensor
 
 
+class MediaError(ValueError):
+    """An image or audio input gemmakit cannot use; the message says what to do."""
+
+
+@dataclass
+class Expanded:
+    """One item after its processor and tower: the text replacing its placeholder (soft slots spelled as
+    the processor spells them) and its soft tokens [n, H], n = the number of slots in `text`."""
+
+    kind: str
+    text: str
+    embeds: Tensor
+
+
 @dataclass
 class PromptMedia:
     """One prompt's soft tokens: `embeds` [N, H] for the placeholder `positions` [N] (ascending), and the
@@ -33,11 +47,11 @@ class PromptMedia:
             raise ValueError(f"{self.embeds.shape[0]} soft tokens for {self.positions.shape[0]} placeholders")
 
     def safe_chunk_end(self, start: int, end: int) -> int:
-        """`end` moved back to the start of a block it would cut (never before `start` + 1), so a chunked
-        prefill sees each bidirectional block whole."""
+        """`end` moved so that a chunked prefill sees each bidirectional block whole: back to the start of a
+        block it would cut, or, for a block that starts the chunk and is longer than it, to the block's end."""
         for lo, hi in self.spans:
-            if lo < end < hi and lo > start:
-                return lo
+            if lo < end < hi:
+                return lo if lo > start else hi
         return end
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory
+from gemmakit.media.soft import PromptMedia, batch_media
 from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack, quantized_bytes, small_row_reductions
 from gemmakit.runtime.compiled import compile_decode
 from gemmakit.runtime.packing import PackedLinear
@@ -56,17 +57,24 @@ class Runtime:
                 self._greedy_step = compile_decode(self._forward_greedy, self.device, static)
 
     # --- the two calls the engine makes ---------------------------------------------------
-    def prefill(self, tokens: list[int], row: int, greedy: bool) -> StepOut:
+    def prefill(self, tokens: list[int], row: int, greedy: bool, media: PromptMedia | None = None) -> StepOut:
         """Prompt `tokens` into cache `row` (cleared before), in chunks of `prefill_chunk` tokens so a long
-        prompt's working memory stays that of one chunk (as forecast); the last position's result."""
+        prompt's working memory stays that of one chunk (as forecast); the last position's result. `media`:
+        the prompt's image / audio soft tokens; a chunk never ends inside an image, which must see itself whole."""
         rows = torch.tensor([row], device=self.device)
         screened = greedy and self._screens(1, compiled=False)
         forward = self.model.hidden if screened else self.model
-        for start in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[start:start + self.prefill_chunk]
-            pos = torch.arange(start, start + len(chunk), device=self.device)[None]
+        kinds = self.model.config.bidirectional_kinds
+        start = 0
+        while start < len(tokens):
+            end = min(start + self.prefill_chunk, len(tokens))
+            end = media.safe_chunk_end(start, end) if media is not None else end
+            pos = torch.arange(start, end, device=self.device)[None]
             step = (Prefill if start == 0 else Extend)(pos, self.cache, rows)
-            out = forward(torch.tensor([chunk], device=self.device), step=step, logits_to_keep=1)[:, -1]
+            soft = batch_media([media], pos, kinds) if media is not None else None
+            out = forward(torch.tensor([tokens[start:end]], device=self.device), step=step, logits_to_keep=1,
+                          media=soft)[:, -1]
+            start = end
         return self._certify(*self.screen(out, layout="packed"), out) if screened else StepOut(logits=out)
 
     def decode(self, last_tokens: list[int], positions: list[int], rows: list[int], greedy: bool) -> StepOut:
