@@ -374,6 +374,34 @@ def test_quantized_towers_read_back_as_gguf_decodes_them(g4, qtype, tmp_path):
     assert decoded > 20
 
 
+def renamed_copy(src: Path, dst: Path, rename: dict[str, str]) -> Path:
+    """`src` with some tensors renamed, every key and byte of data as it was."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for key, f in reader.fields.items():
+        if not key.startswith("GGUF.") and key != gguf.Keys.General.ARCHITECTURE:
+            w.add_key_value(key, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in reader.tensors:
+        w.add_tensor(rename.get(t.name, t.name), np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_early_files_with_siglips_mlp_names_swapped_read_back_right(g3, tmp_path):
+    """Gemma 3 mmproj files from llama.cpp's first conversion script called fc1 ffn_down and fc2 ffn_up (its
+    loader swaps them back by shape); the reader does the same."""
+    good = write_mmproj(tmp_path / "good.gguf", g3.config.vision_config.to_dict(), g3.state_dict(),
+                        mm_tokens_per_image=4, dtype="f32")
+    swap = {f"v.blk.{i}.ffn_{a}.{s}": f"v.blk.{i}.ffn_{b}.{s}"
+            for i in range(2) for a, b in (("up", "down"), ("down", "up")) for s in ("weight", "bias")}
+    state = read_mmproj(renamed_copy(good, tmp_path / "early.gguf", swap)).state_dict()
+    expected = towers(g3)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
 # -----------------------------------------------------------------------------
 # refusals
 
