@@ -69,11 +69,32 @@ def test_gemma3_towers_come_back_exactly_with_their_config(dtype, tokens, tmp_pa
                   "patch_size", "hidden_act", "vision_use_head"):
         assert got.vision_config[field] == vc[field], field
     assert got.vision_config["layer_norm_eps"] == pytest.approx(vc["layer_norm_eps"])
+    assert got.hf_config() == {"text_config": {"hidden_size": TEXT_HIDDEN}, "vision_config": got.vision_config,
+                               "mm_tokens_per_image": tokens}
     expected = towers(model)
     state = got.state_dict()
     assert sorted(state) == sorted(expected)
     for key, value in state.items():
         assert value.dtype == torch.float32 and torch.equal(value, expected[key]), key
+
+
+def test_what_it_reads_loads_strictly_into_gemmakits_gemma3_towers(g3, tmp_path):
+    """The contract with gemmakit.media: read_mmproj's names and hf_config() build and fill the SigLIP tower and
+    projector modules one to one."""
+    from gemmakit.media.siglip import (
+        Gemma3MultiModalProjector,
+        Gemma3ProjectorConfig,
+        SiglipVisionConfig,
+        SiglipVisionTower,
+    )
+
+    got = read_mmproj(write_mmproj(tmp_path / "m.gguf", g3.config.vision_config.to_dict(), g3.state_dict(),
+                                   mm_tokens_per_image=4))
+    state = got.state_dict()
+    for module, prefix in ((SiglipVisionTower(SiglipVisionConfig.from_hf(got.vision_config)), "vision_tower."),
+                           (Gemma3MultiModalProjector(Gemma3ProjectorConfig.from_hf(got.hf_config())),
+                            "multi_modal_projector.")):
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
 
 
 def converter_layout(state: dict[str, torch.Tensor], n_layers: int, dtype: str) -> dict[str, tuple[Q, tuple]]:

@@ -182,6 +182,15 @@ class MmprojContents:
     _items: list[_Item] = field(default_factory=list, repr=False)
     _reader: Any = field(default=None, repr=False)
 
+    def hf_config(self) -> dict[str, Any]:
+        """The towers' part of a config.json: what the tower configs' `from_hf` read (`vision_config`,
+        `audio_config`, `mm_tokens_per_image`, and the text width as `text_config.hidden_size`)."""
+        out: dict[str, Any] = {"text_config": {"hidden_size": self.text_hidden_size}}
+        for key in ("vision_config", "audio_config", "mm_tokens_per_image"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
     def keys(self) -> list[str]:
         return [it.hf for it in self._items]
 
