@@ -15,7 +15,8 @@ Design:
   patches; the audio depthwise kernel loses its unit middle axis; the audio per-dim scale is stored after
   softplus (undone by its inverse, exact only to float rounding); clip bounds are stored as [1] not scalars.
   Nothing is transposed: gguf's [rows, ne0] order is PyTorch's, including Gemma 3's `mm_input_projection_weight`
-  (HF multiplies by it from the right, llama.cpp transposes it at run time).
+  (HF multiplies by it from the right; llama.cpp's graph takes it in that orientation). Early Gemma 3 files
+  name SigLIP's fc1/fc2 ffn_down/ffn_up; like llama.cpp's loader, the pair is swapped back by shape.
 - The config is rebuilt from the `clip.*` keys in transformers 5.23 field names. What the file does not store
   (Gemma 4's head_dim, key/value heads, clipping, conv channels) is read off the tensors' shapes and presence.
 - Reading checks every name before any data is touched, so a file that is not an mmproj, has an unknown
