@@ -22,7 +22,8 @@ G4_IDS = {"boi_token_id": 980, "eoi_token_id": 981, "image_token_id": 982, "audi
           "boa_token_id": 984, "eoa_token_index": 985, "video_token_id": 986}
 SPECIALS = {"<start_of_image>": 990, "<end_of_image>": 991, "<image_soft_token>": 992, "<|image>": 980,
             "<image|>": 981, "<|image|>": 982, "<|audio|>": 983, "<|audio>": 984, "<audio|>": 985,
-            "<pad>": 0, "<eos>": 1, "<bos>": 2}
+            "<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 105, "<end_of_turn>": 106, "<|turn>": 107,
+            "<turn|>": 108}
 G4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=2, head_dim=16)
 G4_AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[128, 8],
@@ -87,7 +88,8 @@ def word_tokenizer():
 
     from gemmakit.tokenizer import Tokenizer
 
-    vocab = {f"w{i}": i for i in range(1000)}
+    taken = set(SPECIALS.values())
+    vocab = {f"w{i}": i for i in range(1000) if i not in taken}
     vocab.update(SPECIALS)
     backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -97,3 +99,16 @@ def word_tokenizer():
 
 def words(start: int, n: int) -> str:
     return " ".join(f"w{i}" for i in range(start, start + n))
+
+
+def save_tiny_checkpoint(variant: str, path: Path) -> Path:
+    """A loadable instruction-tuned-looking checkpoint directory ("...-it": the built-in chat format) of the
+    tiny `variant`, with the word-level tokenizer: what `gemmakit.load`, the CLI and the server take."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    hf_multimodal(variant).save_pretrained(path)
+    word_tokenizer().backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
+                                                            "pad_token": "<pad>"}))
+    return path

@@ -4,13 +4,16 @@
     llm.generate("The capital of France is", max_tokens=8)
     reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
     reply.content, reply.reasoning, reply.tool_calls
+    llm.chat([{"role": "user", "content": [{"type": "image", "path": "cat.jpg"},
+                                           {"type": "text", "text": "What is this?"}]}])   # a multimodal checkpoint
 
 `load` decides how to talk to the checkpoint (`chat_format="auto"`): a checkpoint that carries a chat template
 is instruction-tuned and is prompted with it (rendered in a sandbox); one without a template is prompted with
 gemmakit's built-in Gemma 3 / Gemma 4 renderer if its name says it is instruction-tuned ("-it"), and is
 otherwise treated as a base model and prompted with a plain dialogue transcript (chat/dialogue.py). The
 output of an instruction-tuned model goes through the streaming parser, which separates the answer from the
-reasoning and the tool calls.
+reasoning and the tool calls. Image and audio parts (media/inputs.py) go through the checkpoint's towers and
+take the placeholders the chat template writes for them (media/prompt.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from gemmakit.chat.parser import Delta, StreamParser, ToolCall
 from gemmakit.chat.template import ChatFormat
 from gemmakit.engine import Engine, StopText
 from gemmakit.flags import check_chat_format, normalize_quantize
+from gemmakit.media.inputs import MediaPolicy, collect
+from gemmakit.media.prompt import encode_with_media
+from gemmakit.media.soft import MediaError, PromptMedia
+from gemmakit.media.towers import accepts
+from gemmakit.media.towers import encode as encode_media
 from gemmakit.model import Gemma
 from gemmakit.runtime.device import resolve_device, resolve_dtype
 from gemmakit.sampling import SamplingParams, fit_context
@@ -58,6 +66,9 @@ class LLM:
         # Facts about the last generation, for callers that want them (finish reason, token counts).
         self.finish_reason, self.prompt_tokens, self.completion_tokens = "stop", 0, 0
         self.warnings: list[str] = []
+        # Where image / audio parts may come from, and Gemma 4's soft-token budget per image (None: 280).
+        self.media_policy = MediaPolicy()
+        self.max_soft_tokens: int | None = None
 
     @property
     def is_base(self) -> bool:
@@ -87,6 +98,27 @@ class LLM:
         """Token ids of a rendered prompt: BOS added only if the template did not write it (never two)."""
         bos = self.tokenizer.id_to_token(self.tokenizer.bos_id) or "<bos>"
         return self.tokenizer.encode(text, add_bos=not text.startswith(bos))
+
+    def prepare_chat(self, messages: str | Sequence[dict[str, Any]], tools: list[dict] | None = None,
+                     enable_thinking: bool = False, policy: MediaPolicy | None = None
+                     ) -> tuple[list[int], PromptMedia | None]:
+        """The prompt ids of a chat, and the soft tokens of its images / audio (None without any)."""
+        messages, items = collect(_as_messages(messages), policy or self.media_policy)
+        if not items:
+            return self.encode_prompt(self.render(messages, tools, enable_thinking)), None
+        missing = {i.kind for i in items} - accepts(self.model)
+        if missing:
+            raise MediaError(f"{self.name or 'this model'} cannot read {' or '.join(sorted(missing))}: " + (
+                f"it reads {', '.join(sorted(accepts(self.model)))} only" if accepts(self.model) else
+                "it is a text-only model; load a multimodal checkpoint (e.g. a gemma-3-4b-it directory with its "
+                "vision tower, or a text GGUF with its --mmproj file)"))
+        if self.chat_format is None:
+            raise MediaError("this model is prompted as a base model (a plain dialogue), which has no place for "
+                             "images or audio; use an instruction-tuned checkpoint or --chat-format gemma3|gemma4")
+        text = self.render(messages, tools, enable_thinking)
+        bos = self.tokenizer.id_to_token(self.tokenizer.bos_id) or "<bos>"
+        expanded = encode_media(self.model, items, self.max_soft_tokens)
+        return encode_with_media(self.tokenizer, self.model.config, text, expanded, not text.startswith(bos))
 
     def stop_ids(self, chat: bool = True) -> list[int]:
         """EOS ids of the config and tokenizer, plus the end-of-turn markers when chatting."""
@@ -124,13 +156,13 @@ class LLM:
         """Refuse, with the numbers, a request that cannot fit the context (sampling.fit_context's rule)."""
         fit_context(n_prompt, max_tokens, self.context)
 
-    def stream_text(self, ids: list[int], p: SamplingParams) -> Iterator[str]:
+    def stream_text(self, ids: list[int], p: SamplingParams, media: PromptMedia | None = None) -> Iterator[str]:
         """Decoded text pieces of the continuation of `ids`; keeps `finish_reason` and token counts current."""
         self.check_fits(len(ids), p.max_tokens)
         decoder = self.tokenizer.decode_stream()
         # Kept up to date token by token: a caller may stop reading early (a stop string) and close us.
         self.finish_reason, self.completion_tokens = "stop", 0
-        for token in self.engine.stream(ids, p):
+        for token in self.engine.stream(ids, p, media):
             self.completion_tokens += 1
             if piece := decoder.step(token):
                 yield piece
@@ -154,9 +186,9 @@ class LLM:
                     enable_thinking: bool = False, **sampling: Any) -> Iterator[Delta]:
         """The reply to `messages` as it is generated: content, reasoning and tool-call deltas. A plain string
         is one user message."""
-        ids = self.encode_prompt(self.render(_as_messages(messages), tools, enable_thinking))
+        ids, media = self.prepare_chat(messages, tools, enable_thinking)
         self.prompt_tokens = len(ids)
-        pieces = self.stream_text(ids, self.params(self.stop_ids(), **sampling))
+        pieces = self.stream_text(ids, self.params(self.stop_ids(), **sampling), media)
         if self.chat_format is None:
             yield from _dialogue_deltas(pieces)
             return

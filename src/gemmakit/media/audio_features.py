@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -40,18 +41,25 @@ class AudioFileError(ValueError):
     """An audio file that cannot be used; the message says what is wrong and what to do."""
 
 
-def read_audio(path: str | Path, max_seconds: float = MAX_SAMPLES / SAMPLE_RATE) -> np.ndarray:
-    """Decode an audio file to mono float32 samples at 16 kHz; refuse empty, unreadable or too long files."""
+def read_audio(path: str | Path | BinaryIO, max_seconds: float = MAX_SAMPLES / SAMPLE_RATE) -> np.ndarray:
+    """Decode an audio file (a path or an open binary file) to mono float32 samples at 16 kHz; refuse empty,
+    unreadable or too long files."""
     import soundfile
 
-    path = Path(path)
-    if not path.is_file():
-        raise AudioFileError(f"{path}: no such audio file; give the path of a WAV, FLAC, OGG or MP3 file")
+    if isinstance(path, str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise AudioFileError(f"{path}: no such audio file; give the path of a WAV, FLAC, OGG or MP3 file")
+        source: Any = str(path)
+    else:
+        source, path = path, "the audio"
     try:
-        info = soundfile.info(str(path))
+        info = soundfile.info(source)
     except (RuntimeError, soundfile.LibsndfileError) as e:
         raise AudioFileError(f"{path}: not a readable audio file ({e}); convert it to WAV, FLAC, OGG or MP3, "
                              "e.g. `ffmpeg -i INPUT -ar 16000 -ac 1 out.wav`") from None
+    if not isinstance(source, str):
+        source.seek(0)
     if info.samplerate <= 0 or info.channels <= 0:
         raise AudioFileError(f"{path}: the header gives {info.samplerate} Hz and {info.channels} channels; "
                              "re-encode the file")
@@ -61,7 +69,7 @@ def read_audio(path: str | Path, max_seconds: float = MAX_SAMPLES / SAMPLE_RATE)
                              f"cut it into clips of at most {max_seconds:g} s (e.g. ffmpeg -ss START -t "
                              f"{max_seconds:g}) and pass them one by one")
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as e:
         raise AudioFileError(f"{path}: decoding failed ({e}); the file may be truncated or damaged, "
                              "re-encode it (e.g. `ffmpeg -i INPUT -ar 16000 -ac 1 out.wav`)") from None

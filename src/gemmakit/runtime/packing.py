@@ -114,7 +114,7 @@ def pack_linears(model: nn.Module, keep_plain: bool = False, head: bool = True) 
     tied-head Gemma a packed copy of its output head. `keep_plain` keeps the ordinary weights too (twice the
     memory of those layers) for compiled one-row steps, which are faster on them. Returns the model; packing
     a packed model changes nothing."""
-    for parent in list(model.modules()):
+    for parent in _decoder_parents(model):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None and packing_supported(child.weight):
                 setattr(parent, name, PackedLinear(child.weight, child.weight if keep_plain else None))
@@ -123,6 +123,14 @@ def pack_linears(model: nn.Module, keep_plain: bool = False, head: bool = True) 
             and packing_supported(embed.weight):
         model.lm_head = PackedLinear(embed.weight, embed.weight.detach(), plain_one_row=keep_plain)
     return model
+
+
+def _decoder_parents(model: nn.Module) -> list[nn.Module]:
+    """The modules whose linears get a machine layout: the decoder's, not an image / audio tower's, whose
+    code reads its own weights (their layout stays the checkpoint's)."""
+    if hasattr(model, "decoder_modules"):
+        return [model, *model.decoder_modules()]
+    return list(model.modules())
 
 
 def packed_bytes(model: nn.Module) -> int:
@@ -153,7 +161,7 @@ class UpcastLinear(nn.Linear):
 def upcast_linears(model: nn.Module) -> int:
     """Give every bias-free bf16 CPU `nn.Linear` of `model` an `UpcastLinear` in place; returns how many."""
     count = 0
-    for parent in list(model.modules()):
+    for parent in _decoder_parents(model):
         for name, child in list(parent.named_children()):
             w = child.weight if type(child) is nn.Linear and child.bias is None else None
             if w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu":
