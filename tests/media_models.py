@@ -36,13 +36,14 @@ def _text(variant: str, **extra) -> dict:
             **extra}
 
 
-def hf_multimodal(variant: str, seed: int = 0):
-    """transformers' model for `variant` ("gemma3-4b", "e2b" with vision + audio, "31b", "12b" unified)."""
+def hf_multimodal(variant: str, seed: int = 0, ids: dict | None = None):
+    """transformers' model for `variant` ("gemma3-4b", "e2b" with vision + audio, "31b", "12b" unified);
+    `ids` overrides placeholder ids (Gemma 3 names)."""
     import transformers
 
     if variant == "gemma3-4b":
         config = transformers.Gemma3Config(
-            text_config=_text("gemma3"), mm_tokens_per_image=4, **G3_IDS,
+            text_config=_text("gemma3"), mm_tokens_per_image=4, **(ids or G3_IDS),
             vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 48,
                            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
                            "vision_use_head": False})

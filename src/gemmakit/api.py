@@ -279,7 +279,8 @@ def _merge_adapter(model: Gemma, adapter: str | Path, quantize: str | None, chat
 
 def load(model: str | Path | None = None, dtype: str = "auto", device: str = "auto",
          chat_format: str = "auto", context: int | None = None, compile: bool = False,
-         quantize: str | None = None, pack: bool | None = None, adapter: str | Path | None = None) -> LLM:
+         quantize: str | None = None, pack: bool | None = None, adapter: str | Path | None = None,
+         mmproj: str | Path | bool | None = None) -> LLM:
     """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat. `compile` runs
     one-row decode steps through torch.compile (compiled.py): ~3x faster on CPU after a one-off build.
     `quantize` ("int8", "int4") quantizes the weights module by module as they load (quantize.py).
@@ -287,7 +288,8 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "au
     prefill and batched decode, for the memory of a second copy of the output head.
     `adapter` (a LoRA directory in PEFT's format, e.g. from `gemmakit finetune`) is merged into the weights
     before quantization or packing; the chat format it was trained with is used unless `chat_format` says
-    otherwise."""
+    otherwise. `mmproj`: for a GGUF, llama.cpp's image / audio tower file (default: the one `mmproj*.gguf` beside
+    it, if any; False: text only)."""
     from gemmakit.checkpoints import load_model_and_tokenizer, resolve
     from gemmakit.runtime.compiled import compile_supported
     from gemmakit.runtime.plan import prepare_weights
@@ -295,7 +297,8 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "au
     path = resolve(model)
     quantize = normalize_quantize(quantize)
     device = resolve_device(device)  # "auto": CUDA where present, else the CPU
-    m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, None if adapter else quantize)
+    m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, None if adapter else quantize,
+                                      mmproj)
     if adapter:
         chat_format = _merge_adapter(m, adapter, quantize, chat_format)
     # The weight layout is the runtime's choice (oneDNN-packed CPU float models where oneDNN packs the dtype).

@@ -46,8 +46,11 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
 
 
 def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu", quantize: str | None = None):
-    """(model, tokenizer) for a checkpoint: an HF directory's tokenizer.json, or the vocabulary a GGUF carries."""
+                             device: str | torch.device = "cpu", quantize: str | None = None,
+                             mmproj: str | Path | bool | None = None):
+    """(model, tokenizer) for a checkpoint: an HF directory's tokenizer.json, or the vocabulary a GGUF carries.
+    `mmproj`: for a GGUF, llama.cpp's tower file to attach (None: the one `mmproj*.gguf` beside it, if any;
+    False: none)."""
     from gemmakit.tokenizer import Tokenizer
 
     p = resolve(path)
@@ -62,6 +65,14 @@ def load_model_and_tokenizer(path: str | Path | None = None, dtype: torch.dtype 
         raise CheckpointError(f"{p}: its tokenizer cannot be loaded ({type(e).__name__}: {e}); re-download or "
                               "re-convert the checkpoint") from e
     _check_special_ids(tokenizer, p)
+    if not p.is_dir() and mmproj is not False:
+        from gemmakit.checkpoints.gguf_media import attach_mmproj, find_mmproj
+
+        towers = find_mmproj(p) if mmproj in (None, True) else Path(mmproj).expanduser()
+        if mmproj is True and towers is None:
+            raise CheckpointError(f"no single mmproj*.gguf beside {p}; pass the tower file's path")
+        if towers is not None:
+            attach_mmproj(model, towers, tokenizer)
     return_freed_memory()  # reading a 262k-entry GGUF vocabulary leaves much freed heap behind
     return model, tokenizer
 

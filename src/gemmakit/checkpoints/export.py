@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gemmakit.files import fsync_path, fsync_tree, publish_mode
+from gemmakit.media.towers import is_tower
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -60,7 +61,9 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if odd or getattr(model, "lm_head", None) is not None:
         raise ValueError(f"this model holds {sorted(set(odd)) or ['an untied head']} layers; export a model "
                          "loaded without packing or quantization (merge LoRA adapters first with merge_lora)")
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # The text model only: a multimodal model's towers are not part of a text checkpoint (export_gguf writes
+    # Gemma 3's beside it as an mmproj, llama.cpp's split layout).
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not is_tower(k)}
 
 
 def _write_shards(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int) -> None:

@@ -78,7 +78,26 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer: Any, dtype: str =
         add_hparams(w, config, file_type)
         add_vocab(w, vocab, tokenizer)
 
-    return write_file(path, gguf.MODEL_ARCH.GEMMA3, metadata, entries)
+    written = write_file(path, gguf.MODEL_ARCH.GEMMA3, metadata, entries)
+    if config.media_type == "gemma3" and hasattr(model.model, "vision_tower"):
+        export_mmproj(model, mmproj_path(written), "f32" if dtype == "f32" else "f16")
+    return written
+
+
+def mmproj_path(text_gguf: Path) -> Path:
+    """Where the towers of `text_gguf` go: beside it, named as llama.cpp's releases name them."""
+    return text_gguf.with_name(f"mmproj-{text_gguf.stem}.gguf")
+
+
+def export_mmproj(model: nn.Module, path: Path, dtype: str) -> Path:
+    """A Gemma 3 model's SigLIP tower and projector as llama.cpp's mmproj file."""
+    from gemmakit.checkpoints.mmproj import write_mmproj
+    from gemmakit.media.towers import is_tower
+
+    mm = model.config.multimodal or {}
+    towers = {k: v.detach() for k, v in model.state_dict().items() if is_tower(k)}
+    return write_mmproj(path, mm.get("vision_config") or {}, towers, text_hidden_size=model.config.hidden_size,
+                        mm_tokens_per_image=int(mm.get("mm_tokens_per_image", 256)), dtype=dtype)
 
 
 def check_config(config: Config) -> None:

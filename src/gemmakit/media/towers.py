@@ -116,11 +116,11 @@ def encode(model: nn.Module, inputs: list[MediaInput], max_soft_tokens: int | No
     family = model.config.media_type
     encode_family = {"gemma3": _gemma3, "gemma4": _gemma4, "gemma4_unified": _unified}[family]
     done_images, done_audio = encode_family(model, images, clips, max_soft_tokens or 280)
-    dtype = model.model.embed_tokens.weight.dtype if hasattr(model.model.embed_tokens, "weight") else None
+    dtype = model.model.norm.weight.dtype  # the decoder's activations (its linears may be quantized)
     out, it_i, it_a = [], iter(done_images), iter(done_audio)
     for item in inputs:
         text, embeds = next(it_i) if item.kind == "image" else next(it_a)
-        out.append(Expanded(item.kind, text, embeds.to(dtype) if dtype is not None else embeds))
+        out.append(Expanded(item.kind, text, embeds.to(dtype)))
     return out
 
 
