@@ -92,15 +92,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     console.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))  # lines like uvicorn's own
     log.addHandler(console)
     log.setLevel(args.log_level.upper())
+    if args.replicas > 1 and (args.allow_media_dir or args.allow_remote_media or args.image_tokens
+                              or args.max_media_mb != 20):
+        raise ValueError("--allow-media-dir, --allow-remote-media, --max-media-mb and --image-tokens are not passed "
+                         "to Ray replicas yet; serve with --replicas 1 to use them")
     if args.replicas > 1:  # replicas load on their Ray nodes, which may see paths this one does not
         from gemmakit.serve.ray_serve import run_replicas
 
         return run_replicas(args)
     resolve(args.model)  # a wrong path fails here, as for every other verb, not later in the loading thread
+    for d in args.allow_media_dir:
+        if not os.path.isdir(d):
+            raise ValueError(f"--allow-media-dir {d}: no such directory")
     options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
                            compile=args.compiled, api_key=args.api_key or os.environ.get("GEMMAKIT_API_KEY"),
                            cors_origins=tuple(args.cors_origin), model_name=args.served_model_name,
-                           guard=args.guard, max_body_bytes=int(args.max_body_mb * 2**20))
+                           guard=args.guard, max_body_bytes=None if args.max_body_mb is None else
+                           int(args.max_body_mb * 2**20), media_dirs=tuple(args.allow_media_dir),
+                           remote_media=args.allow_remote_media, max_media_bytes=int(args.max_media_mb * 2**20),
+                           image_tokens=args.image_tokens)
     app = create_app(lambda: load_llm(args, warm_up=False), options)  # the server builds its own engine
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
@@ -115,7 +125,17 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also: GEMMAKIT_API_KEY)")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row before 429s")
-    s.add_argument("--max-body-mb", type=float, default=8, help="largest request body taken, in MiB (default 8)")
+    s.add_argument("--max-body-mb", type=float, default=None, help="largest request body taken, in MiB (default 8, "
+                   "or room for one --max-media-mb file as base64 if that is more)")
+    s.add_argument("--max-media-mb", type=float, default=20, help="largest image or audio file taken, in MiB "
+                                                                  "(default 20)")
+    s.add_argument("--allow-media-dir", action="append", default=[], metavar="DIR",
+                   help="let clients name image / audio files (file:// URLs) under DIR (repeatable; off by default: "
+                        "clients send data URLs)")
+    s.add_argument("--allow-remote-media", action="store_true",
+                   help="let the server fetch http(s) image URLs that clients send (off by default)")
+    s.add_argument("--image-tokens", type=int, choices=(70, 140, 280, 560, 1120), default=None,
+                   help="Gemma 4: soft tokens per image (more = finer detail, longer prompt; default 280)")
     s.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable; "
                                                                       "CORS is off by default)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's)")

@@ -1,7 +1,8 @@
 """`gemmakit serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batched engine.
 
 Shape of a request. The handler validates the body (protocol.py), renders the chat with the model's format
-(api.LLM: the checkpoint's template, or the plain dialogue for a base model like the embedded default),
+(api.LLM: the checkpoint's template, or the plain dialogue for a base model like the embedded default), turns
+its images and audio into soft tokens with the model's towers (in a worker thread; policy in server.py),
 checks that prompt + max_tokens fit the context, and submits one ticket per choice (`n`) to the engine loop
 (loop.py). Generated text comes back per decode step; each choice turns it into content, reasoning and tool
 calls (choices.py), sent as SSE chunks the way OpenAI sends them, or collected into one response.
@@ -18,7 +19,7 @@ Serve's route prefix), and keys are compared in constant time. Without the key, 
 "loading" or "failed" (the reason names files), and the chat page and the API schema (/docs, /openapi.json)
 stay public: they describe the API and hold no data.
 
-Limits before any work: a request body over `max_body_bytes` is a 413 while it is still arriving (FastAPI's
+Limits before any work: a request body over `ServeOptions.body_limit()` is a 413 while it is still arriving (FastAPI's
 `max_body_size`), and metrics label requests by route template (paths that match no route share one label), so
 no client can grow them.
 """
@@ -71,7 +72,7 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
             app.state.server.loop.stop()
 
     app = FastAPI(title="gemmakit", version="0.1.0", summary="OpenAI-compatible Gemma server", lifespan=lifespan,
-                  max_body_size=options.max_body_bytes)
+                  max_body_size=options.body_limit())
     app.state.server, app.state.load_error, app.state.metrics = None, None, metrics
     app.state.options = options
 
@@ -106,7 +107,7 @@ def _install_middleware(app: FastAPI, options: ServeOptions, metrics: Metrics) -
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's own refusals (no such route, a body over max_body_size) in OpenAI's error shape too.
-        message = (f"the request body is larger than this server takes ({options.max_body_bytes} bytes)"
+        message = (f"the request body is larger than this server takes ({options.body_limit()} bytes)"
                    if exc.status_code == 413 else f"{request.method} {request.url.path}: {exc.detail}")
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return fail(exc.status_code, message, code=code, headers=exc.headers)

@@ -3,9 +3,10 @@
 The engine (engine.py) is single-threaded by design: `step()` decodes one token for every running sequence,
 then admits waiting requests into free rows. `EngineLoop` runs that in a thread of its own, so requests join
 and leave the running batch between two decode steps while the asyncio side stays free to accept
-connections. A handler gets a `Ticket` for each sequence it wants; the loop pushes `Update`s (new text,
-token ids, logprobs, finish reason) into the ticket's asyncio queue through `call_soon_threadsafe`, and a
-cancelled ticket (its client went away) leaves the batch before the next step.
+connections. A handler gets a `Ticket` for each sequence it wants (its prompt ids, and the soft tokens of its
+images / audio, already computed by the handler off the event loop: the engine thread only places them); the
+loop pushes `Update`s (new text, token ids, logprobs, finish reason) into the ticket's asyncio queue through
+`call_soon_threadsafe`, and a cancelled ticket (its client went away) leaves the batch before the next step.
 
 Admission is bounded: at most `max_queue` sequences wait for a row; beyond that `submit` raises `QueueFull`
 and the server answers 429.
@@ -31,6 +32,7 @@ from typing import Any
 
 from gemmakit.checkpoints.common import return_freed_memory
 from gemmakit.engine import Engine, Request
+from gemmakit.media.soft import PromptMedia
 from gemmakit.sampling import SamplingParams, TokenLogprobs
 
 log = logging.getLogger("gemmakit.serve")
@@ -61,6 +63,7 @@ class Ticket:
     sent_text: int = 0
     sent_tokens: int = 0
     last_token_at: float | None = None
+    media: PromptMedia | None = None  # the prompt's image / audio soft tokens; None for text
 
     def push(self, update: Update) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down): nobody listens
@@ -90,10 +93,10 @@ class EngineLoop:
 
     # --- the asyncio side -----------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, events: asyncio.Queue | None = None,
-               index: int = 0) -> Ticket:
+               index: int = 0, media: PromptMedia | None = None) -> Ticket:
         if self.waiting >= self.max_queue:
             raise QueueFull(f"{self.waiting} requests are already waiting for a slot (--max-queue {self.max_queue})")
-        ticket = Ticket(prompt, params, events or asyncio.Queue(), asyncio.get_running_loop(), index)
+        ticket = Ticket(prompt, params, events or asyncio.Queue(), asyncio.get_running_loop(), index, media=media)
         if self._failure is not None:  # nothing would ever answer it
             ticket.push(Update(error=self._failure, finish_reason="error"))
             return ticket
@@ -169,7 +172,7 @@ class EngineLoop:
         for op, ticket in self._take_inbox():
             if op == "add":
                 try:
-                    ticket.request = self.engine.submit(ticket.prompt, ticket.params)
+                    ticket.request = self.engine.submit(ticket.prompt, ticket.params, ticket.media)
                 except ValueError as e:  # the request itself is at fault (the handlers check most of it first)
                     ticket.push(Update(error=str(e), finish_reason="invalid"))
                     continue

@@ -8,7 +8,9 @@ send extras (`user`, `metadata`, vendor options). gemmakit's own extensions foll
 A request is also bounded in what it can make the server do (MAX_STOP_CHARS, MAX_BIAS_ENTRIES, MAX_DEPTH and
 the sampling ranges): every value that reaches the engine stays finite in float32, no stop string makes matching
 slow, and nothing is nested deeper than the recursive code after it (rendering, JSON parsing, grammar
-compilation) handles. Logprobs JSON cannot carry (-inf for a banned token) are sent as OpenAI's -9999.0.
+compilation) handles. Message content is a string or OpenAI's content parts: `text`, `image_url` and
+`input_audio` (at most MAX_MEDIA_PARTS media parts a request; where their bytes may come from is the server's
+MediaPolicy). Logprobs JSON cannot carry (-inf for a banned token) are sent as OpenAI's -9999.0.
 
 Defaults when a request leaves sampling unset: temperature 1.0, top_p 0.95, top_k 64, Gemma's published
 generation config (OpenAI's own default temperature is also 1.0).
@@ -209,8 +211,9 @@ _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Roles known, content text (a string or text parts); returns them with text-part lists joined."""
-    out = []
+    """Roles known, content a string or a list of text, image_url and input_audio parts; returns them with
+    text-only part lists joined into one string, and media parts reduced to what the media reader needs."""
+    out, media = [], 0
     for i, m in enumerate(messages):
         role = m.get("role")
         if role not in ROLES:
@@ -218,17 +221,58 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                              f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise ParamError(f"messages[{i}].content: only text parts are supported by this text model",
-                                 f"messages[{i}].content")
-            content = "".join(str(p.get("text", "")) for p in content)
+            content = _content_parts(content, f"messages[{i}].content")
+            media += sum(p["type"] in MEDIA_PARTS for p in content) if isinstance(content, list) else 0
         elif content is not None and not isinstance(content, str):
-            raise ParamError(f"messages[{i}].content must be a string or a list of text parts",
+            raise ParamError(f"messages[{i}].content must be a string or a list of content parts",
                              f"messages[{i}].content")
         if content is None and not m.get("tool_calls"):
             raise ParamError(f"messages[{i}] has no content", f"messages[{i}].content")
         out.append({**m, "role": "system" if role == "developer" else role, "content": content})
+    if media > MAX_MEDIA_PARTS:
+        raise ParamError(f"this request carries {media} images and audio clips; this server takes at most "
+                         f"{MAX_MEDIA_PARTS} per request", "messages")
     return out
+
+
+# OpenAI's media content parts, and the kind of input each is.
+MEDIA_PARTS = {"image_url": "image", "input_audio": "audio"}
+# Images and clips per request: more than fit any context once each is its soft tokens, and a bound on the
+# decoded pixels one request can make the server hold.
+MAX_MEDIA_PARTS = 16
+
+
+def _content_parts(parts: list[Any], where: str) -> str | list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for j, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text":
+            out.append({"type": "text", "text": str(p.get("text", ""))})
+        elif kind == "image_url":
+            url = p.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url:
+                raise ParamError(f'{where}[{j}]: an image_url part needs {{"image_url": {{"url": '
+                                 '"data:image/png;base64,..."}}', where)
+            out.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "input_audio":
+            audio = p.get("input_audio")
+            if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+                raise ParamError(f'{where}[{j}]: an input_audio part needs {{"input_audio": {{"data": '
+                                 '"<base64 of a WAV, FLAC, OGG or MP3 file>", "format": "wav"}}', where)
+            out.append({"type": "input_audio", "input_audio": {"data": audio["data"], "format": audio.get("format")}})
+        else:
+            raise ParamError(f"{where}[{j}]: content parts must be text, image_url or input_audio, got "
+                             f"{str(kind)[:40]!r}", where)
+    if all(p["type"] == "text" for p in out):
+        return "".join(p["text"] for p in out)
+    return out
+
+
+def media_kinds(messages: list[dict[str, Any]]) -> set[str]:
+    """The kinds of media ("image", "audio") in messages `check_messages` returned."""
+    return {MEDIA_PARTS[p["type"]] for m in messages if isinstance(m["content"], list) for p in m["content"]
+            if p["type"] in MEDIA_PARTS}
 
 
 # --- responses ------------------------------------------------------------------------------------------

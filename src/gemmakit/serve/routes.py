@@ -3,11 +3,16 @@
 Both completion endpoints follow one path: build the prompts and per-choice sampling parameters, submit the
 tickets, then either stream SSE chunks as updates arrive or collect them into one response. A client that
 goes away mid-request (stream closed, or a plain request whose connection drops) cancels its tickets.
+
+A chat's images and audio are decoded and run through the towers in a worker thread before its tickets are
+submitted (each ticket carries the prompt's soft tokens), so the engine thread and the event loop never wait
+on them, and a source that is refused or cannot be decoded is that request's 400 and no one else's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from gemmakit.chat.dialogue import STOP_STRINGS as DIALOGUE_STOPS
 from gemmakit.chat.parser import StreamParser
+from gemmakit.media.soft import MediaError, PromptMedia
+from gemmakit.media.towers import accepts
 from gemmakit.serve import protocol as P
 from gemmakit.serve.choices import Choice
 from gemmakit.serve.server import (
@@ -90,15 +97,19 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     check_room(server, body.n)
     llm = server.llm
     messages = P.check_messages(body.messages)
+    kinds = P.media_kinds(messages)
+    _check_media_kinds(server, kinds)  # before anything is decoded
     if refusal := server.check_input(messages):
         return _refused(server, body, refusal)
     if server.guard is not None:  # redacts personal data, may refuse; off the event loop (policies run a model)
-        messages, verdict = await asyncio.to_thread(server.guard.check_messages, messages)
-        if verdict.refusal:
-            return _refused(server, body, verdict.refusal)
+        messages, refusal = await asyncio.to_thread(_guard_messages, server.guard, messages)
+        if refusal:
+            return _refused(server, body, refusal)
     tools = None if body.tool_choice == "none" else body.tools
-    # Rendering (a checkpoint's template) and tokenizing are CPU work: off the event loop other requests need.
-    ids = await asyncio.to_thread(_chat_ids, llm, messages, tools, body.thinking)
+    # Rendering (a checkpoint's template), tokenizing, decoding images / audio and the tower forward are CPU
+    # (or device) work: off the event loop other requests need.
+    async with server.media_slots if kinds else contextlib.nullcontext():
+        ids, media = await asyncio.to_thread(_chat_prompt, llm, messages, tools, body.thinking, server.media_policy)
     max_tokens = check_fits(server, len(ids), body.max_completion_tokens or body.max_tokens, "messages")
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                            llm.model.config.vocab_size)
@@ -108,9 +119,9 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     choices = [Choice(i, None if llm.is_base else StreamParser(llm.chat_format.family), llm.is_base)
                for i in range(body.n)]
     if server.guard is not None:
-        last_user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), None)
+        last_user = next((_text_of(m["content"]) for m in reversed(messages) if m.get("role") == "user"), None)
         for c in choices:
-            c.add_guard(server.guard, last_user if isinstance(last_user, str) else None)
+            c.add_guard(server.guard, last_user)
     if body.response_format or body.tool_choice not in (None, "auto", "none"):
         await asyncio.to_thread(server.grammars)  # built once (~3 s), off the event loop other streams need
     constraint = await asyncio.to_thread(response_constraint, server, body.response_format)  # compiles it
@@ -118,7 +129,7 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         if constraint is not None:
             raise P.ParamError("tool_choice and response_format cannot both constrain one output", "tool_choice")
         constraint = await asyncio.to_thread(tool_constraint, server, body.tool_choice, tools)
-    tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint))
+    tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint), [media] * body.n)
     run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids))
     if body.stream:
         return StreamingResponse(run.sse_stream("chat.completion.chunk", run.chat_chunks(body.logprobs),
@@ -130,11 +141,58 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         for c in choices], run.usage())
 
 
-def _chat_ids(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: Any) -> list[int]:
+def _chat_prompt(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: Any, policy: Any
+                 ) -> tuple[list[int], PromptMedia | None]:
+    """The prompt ids and the soft tokens of its media; what the request got wrong is a 400 naming messages."""
     try:
-        return llm.encode_prompt(llm.render(messages, tools, thinking))
-    except ValueError as e:  # e.g. tools for a base model, a template that refuses the messages
+        return llm.prepare_chat(messages, tools, thinking, policy)
+    except MediaError as e:  # a source the policy refuses, bytes no decoder reads, over a limit
+        raise P.ParamError(str(e), "messages", "invalid_media") from None
+    except ValueError as e:  # e.g. tools for a base model, a template that refuses the messages, a too-short clip
         raise P.ParamError(str(e), "messages") from None
+
+
+def _check_media_kinds(server: Server, kinds: set[str]) -> None:
+    """Images or audio the model has no tower for are refused before any of them is decoded."""
+    reads = accepts(server.llm.model)
+    if missing := kinds - reads:
+        what = " or ".join(sorted(missing))
+        if not reads:
+            raise P.ParamError(f"{server.name} is a text-only model and cannot read {what}: send text only, or "
+                               "serve a multimodal checkpoint (e.g. a gemma-3-4b-it directory with its vision "
+                               "tower, or a GGUF with its --mmproj file)", "messages", "unsupported_media")
+        raise P.ParamError(f"{server.name} cannot read {what}; it reads {', '.join(sorted(reads))} only",
+                           "messages", "unsupported_media")
+
+
+def _guard_messages(guard: Any, messages: list[dict]) -> tuple[list[dict], str | None]:
+    """The guard's input rules over the user's text, including the text parts beside images and audio
+    (which `check_messages` of the guard, taking string content only, would pass unseen): (messages, with
+    redactions; the refusal or None)."""
+    messages, verdict = guard.check_messages(messages)
+    if verdict.refusal:
+        return messages, verdict.refusal
+    out = []
+    for m in messages:
+        if m.get("role") == "user" and isinstance(m["content"], list):
+            parts = []
+            for part in m["content"]:
+                if part["type"] == "text":
+                    checked = guard.check(part["text"], "input")
+                    if checked.refusal:
+                        return messages, checked.refusal
+                    part = {**part, "text": checked.text}
+                parts.append(part)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out, None
+
+
+def _text_of(content: Any) -> str | None:
+    """A message's text: the string, or its text parts joined (None without content)."""
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if p["type"] == "text")
+    return content
 
 
 def _refused(server: Server, body: Any, message: str, count: int | None = None) -> Any:

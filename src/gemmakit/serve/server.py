@@ -4,6 +4,13 @@ conversions every endpoint needs (model name, context room, submission with queu
 Hooks for guards (the safety issue plugs in here): `server.input_hooks` see the messages before anything is
 generated and may refuse; `server.output_hooks` see each choice's accumulated content after every update
 and may cut it (finish_reason "content_filter"). Both return None to let it pass or a message to stop.
+
+Images and audio (`MediaPolicy`): a client may always send them inline (data URLs, `input_audio`), which the
+body limit already bounds; anything that makes the server itself read bytes is the operator's choice and off
+by default: `file://` only under `--allow-media-dir` directories, http(s) only with `--allow-remote-media`.
+The default body limit grows to fit one largest allowed file as base64, so `--max-media-mb` is the limit a
+client meets. Decoding and the tower forward run in a worker thread, at most `MEDIA_AT_ONCE` requests at a
+time: a decoded image can be hundreds of MB, and each tower forward already uses every core.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -23,6 +31,8 @@ from fastapi.responses import JSONResponse
 from gemmakit.api import LLM
 from gemmakit.chat.parser import tool_call_grammar
 from gemmakit.engine import Engine
+from gemmakit.media.inputs import MediaPolicy
+from gemmakit.media.soft import PromptMedia
 from gemmakit.sampling import ContextOverflow, fit_context
 from gemmakit.serve import protocol as P
 from gemmakit.serve.loop import EngineLoop, QueueFull, Ticket
@@ -43,7 +53,26 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = ()
     model_name: str | None = None
     guard: str | None = None  # a guard YAML (safety/guard.py): input and output rules for both completions
-    max_body_bytes: int = 8 << 20  # far above a full context of text; an oversized body is a 413
+    max_body_bytes: int | None = None  # None: body_limit(); an oversized body is a 413
+    media_dirs: tuple[str, ...] = ()  # file:// media may be read from under these (none: file:// is refused)
+    remote_media: bool = False  # the server fetches http(s) media URLs itself
+    max_media_bytes: int = 20 << 20  # one image or audio file, decoded from base64 or read
+    image_tokens: int | None = None  # Gemma 4's soft tokens per image (70/140/280/560/1120; None: 280)
+
+    def body_limit(self) -> int:
+        """The request-body limit: as given, else 8 MiB (far above a full context of text) or, if more, room
+        for one largest allowed media file as base64 plus the rest of the request."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return max(8 << 20, -(-self.max_media_bytes * 4 // 3) + (1 << 20))
+
+    def media_policy(self) -> MediaPolicy:
+        dirs = tuple(Path(d) for d in self.media_dirs)
+        return MediaPolicy(local_paths=bool(dirs), allowed_dirs=dirs, remote=self.remote_media,
+                           max_bytes=self.max_media_bytes)
+
+
+MEDIA_AT_ONCE = 2  # requests whose images / audio are decoded and encoded at the same time
 
 
 class Server:
@@ -52,6 +81,10 @@ class Server:
     def __init__(self, llm: LLM, options: ServeOptions, metrics: Metrics):
         self.llm, self.options, self.metrics = llm, options, metrics
         self.name = options.model_name or llm.name or "gemma"
+        if options.image_tokens is not None:
+            llm.max_soft_tokens = options.image_tokens
+        self.media_policy = options.media_policy()
+        self.media_slots = asyncio.Semaphore(MEDIA_AT_ONCE)
         engine = Engine(llm.model, llm.tokenizer, max_batch=options.max_batch,
                         context=options.context or llm.context, compile=options.compile)
         if engine.compiled:
@@ -159,12 +192,14 @@ def check_fits(server: Server, n_prompt: int, max_tokens: int | None, param: str
         raise P.ParamError(str(e), param, "context_length_exceeded") from None
 
 
-def submit_all(server: Server, prompts: list[list[int]], params: list[Any]) -> tuple[list[Ticket], asyncio.Queue]:
+def submit_all(server: Server, prompts: list[list[int]], params: list[Any],
+               media: list[PromptMedia | None] | None = None) -> tuple[list[Ticket], asyncio.Queue]:
     events: asyncio.Queue = asyncio.Queue()
     tickets: list[Ticket] = []
+    media = media or [None] * len(prompts)
     try:
-        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
-            tickets.append(server.loop.submit(ids, p, events, i))
+        for i, (ids, p, m) in enumerate(zip(prompts, params, media, strict=True)):
+            tickets.append(server.loop.submit(ids, p, events, i, m))
     except QueueFull as e:
         for t in tickets:
             server.loop.cancel(t)
