@@ -1,7 +1,8 @@
 """The `gemmakit` command: `gemmakit <verb> [args]`, one small function per verb.
 
 Verbs: `models` (the registry with parameter counts), `generate` (raw completion, or one chat message with
---chat, optionally as JSON), `chat` (an interactive terminal chat), `bench` (speed and memory), `serve` (the
+--chat, optionally as JSON, with --image / --audio files), `chat` (an interactive terminal chat, which takes
+files too), `bench` (speed and memory), `serve` (the
 OpenAI-compatible server, serve/), `finetune` (SFT / DPO with LoRA, QLoRA or full, train/) and `export` /
 `merge` (an HF directory, a LoRA adapter folded in). The
 embedded Gemma 3 270M is the default model everywhere. Every error a user can cause (a bad path, a damaged
@@ -20,7 +21,18 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from gemmakit.cli_common import DTYPES, add_load_args, load_llm, spinner
+from gemmakit.cli_common import (
+    DTYPES,
+    add_load_args,
+    add_media_args,
+    check_media,
+    describe_media,
+    load_llm,
+    media_parts,
+    set_image_tokens,
+    spinner,
+    user_message,
+)
 from gemmakit.flags import parse_switch
 
 
@@ -216,11 +228,19 @@ def add_export_parsers(sub: Any) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if (args.media or args.image_tokens) and not args.chat:
+        raise ValueError("--image, --audio and --image-tokens go with --chat (media are parts of a chat message)")
+    parts = media_parts(args.media)
     sampling = sampling_of(args)
     llm = load_llm(args)
     if args.chat:
+        set_image_tokens(llm, args.image_tokens)
+        for part in parts:
+            check_media(llm, part)
+        if args.verbose and parts:
+            print(describe_media(llm, parts), file=sys.stderr)
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
+        messages.append(user_message(args.prompt, parts))
         if args.json:
             print(json.dumps(asdict(llm.chat(messages, enable_thinking=args.think, **sampling)), ensure_ascii=False))
             return
@@ -264,6 +284,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from gemmakit.repl import ChatSession, run
 
     sampling = sampling_of(args)
+    parts = media_parts(args.media)
     llm = load_llm(args)
     context = llm.context
     if context <= sampling["max_tokens"]:
@@ -277,7 +298,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
         guard = load_guard(args.guard, llm)
     session = ChatSession(llm, sampling, context, system=args.system, thinking=args.think,
-                          color=sys.stdout.isatty(), guard=guard)
+                          color=sys.stdout.isatty(), guard=guard, verbose=args.verbose)
+    set_image_tokens(llm, args.image_tokens)
+    for part in parts:  # a file or a model that cannot work ends the command before the chat starts
+        session.attach(part)
     if args.think:
         session.set_thinking("on")
     run(session, sys.stdin, interactive)
@@ -340,13 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the text to continue (with --chat: the user message)")
     g.add_argument("--chat", action="store_true", help="treat the prompt as a chat message and print the reply")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument("-v", "--verbose", action="store_true", help="print token counts and timing to stderr")
+    g.add_argument("-v", "--verbose", action="store_true", help="print token counts and timing (and the "
+                   "soft tokens each image or clip became) to stderr")
     add_model_args(g, max_tokens=64)
+    add_media_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="chat in the terminal (reads a pipe too)")
     add_model_args(c, max_tokens=256)
+    add_media_args(c)
     c.add_argument("-v", "--verbose", action="store_true", help="print the runtime plan (kernels chosen for this "
-                                                                "machine, and why) to stderr")
+                                                                "machine, and why) and the soft tokens each image "
+                                                                "or clip became to stderr")
     c.add_argument("--guard", default=None, help="a guard YAML: PII redaction, pattern and policy rules on what "
                                                  "is typed and answered (see gemmakit.safety.guard)")
     c.set_defaults(func=cmd_chat)

@@ -3,6 +3,12 @@ they describe (`load_llm`) and a spinner for slow steps.
 
 It sits below cli.py and the verb modules that cli.py gathers (eval/command.py, safety/command.py), so those
 import it rather than cli.py: the arrows run from the command line down, never back up.
+
+Images and audio given on the command line (`--image`, `--audio`, the chat's `/image`, `/audio`) become content
+parts that name the file by its absolute path, never its bytes: that is what `llm.chat` decodes, and what a
+saved conversation keeps, so a transcript stays small and still reads back from another directory.
+`check_media` refuses a file or a model that cannot work before it costs a turn; `soft_token_counts` (for
+--verbose) runs the towers once more to say what each item became, which the chat API does not report.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from gemmakit.flags import CHAT_FORMATS, QUANTIZATIONS, SWITCH_CHOICES, normalize_quantize, parse_switch
 from gemmakit.runtime.device import DTYPES, resolve_device
@@ -65,6 +73,87 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", choices=SWITCH_CHOICES, default="auto",
                    help="hold float weights in oneDNN's blocked layout: faster prefill and batched decode on CPU, "
                         "for a second copy of the output head in memory; auto (default) = on for CPU float models")
+
+
+IMAGE_TOKENS = (70, 140, 280, 560, 1120)  # Gemma 4's image budgets (its processor's max_soft_tokens)
+
+
+def add_media_args(p: argparse.ArgumentParser) -> None:
+    """--image / --audio (repeatable, kept in command-line order in `args.media`) and --image-tokens."""
+    p.add_argument("--image", dest="media", action="append", type=lambda f: ("image", f), default=[],
+                   metavar="FILE", help="an image for the (first) user message; repeatable (multimodal models)")
+    p.add_argument("--audio", dest="media", action="append", type=lambda f: ("audio", f), default=[],
+                   metavar="FILE", help="an audio clip (WAV, FLAC, ...; at most 30 s) for the (first) user message; "
+                                        "repeatable (Gemma 4 E2B / E4B)")
+    p.add_argument("--image-tokens", type=int, choices=IMAGE_TOKENS, default=None,
+                   help="Gemma 4: soft tokens per image (more = finer detail, longer prompt; default 280)")
+
+
+def media_part(kind: str, path: str) -> dict[str, str]:
+    """The content part for a media file: its absolute path (a saved chat must not depend on the directory)."""
+    return {"type": kind, "path": str(Path(path).expanduser().absolute())}
+
+
+def media_parts(given: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """--image / --audio as content parts; a path that names no file is refused before a model loads."""
+    from gemmakit.media.soft import MediaError
+
+    parts = [media_part(kind, path) for kind, path in given]
+    for part, (kind, path) in zip(parts, given, strict=True):
+        if not Path(part["path"]).is_file():
+            raise MediaError(f"no such {kind} file: {path}; check the --{kind} path")
+    return parts
+
+
+def user_message(text: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A user message: plain text, or the media parts followed by the text."""
+    if not parts:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def check_media(llm: Any, part: dict[str, Any]) -> None:
+    """Raise MediaError (saying what to do) unless `llm` can take `part` (a media_part): the file decodes and
+    the model has the tower for its kind and a chat format with a place for it."""
+    from gemmakit.media.inputs import open_audio, open_image
+    from gemmakit.media.soft import MediaError
+    from gemmakit.media.towers import accepts
+
+    kind, readable = part["type"], accepts(llm.model)
+    if kind not in readable:
+        raise MediaError(f"{llm.name or 'this model'} cannot read {kind}: " + (
+            f"it reads {', '.join(sorted(readable))} only" if readable else
+            "it is a text-only model; give --model a multimodal checkpoint (e.g. a gemma-3-4b-it or gemma-4 "
+            "directory with its vision / audio weights)"))
+    if llm.is_base:
+        raise MediaError("this model is prompted as a base model (a plain dialogue), which has no place for images "
+                         "or audio; use an instruction-tuned checkpoint or --chat-format gemma3|gemma4")
+    (open_image if kind == "image" else open_audio)(part["path"], llm.media_policy)
+
+
+def soft_token_counts(llm: Any, parts: list[dict[str, Any]]) -> list[int]:
+    """How many soft tokens each media part becomes in `llm`'s prompt (runs the towers: for --verbose)."""
+    counts = []
+    for part in parts:
+        media = llm.prepare_chat([user_message("", [part])])[1]
+        counts.append(0 if media is None else int(media.embeds.shape[0]))
+    return counts
+
+
+def describe_media(llm: Any, parts: list[dict[str, Any]]) -> str:
+    """One line per part: `image scene.jpg: 256 soft tokens` (for --verbose)."""
+    return "\n".join(f"{p['type']} {Path(p['path']).name}: {n} soft tokens"
+                      for p, n in zip(parts, soft_token_counts(llm, parts), strict=True))
+
+
+def set_image_tokens(llm: Any, image_tokens: int | None) -> None:
+    """--image-tokens onto the model (Gemma 4's budget; Gemma 3's images are a fixed size, said once)."""
+    if image_tokens is None:
+        return
+    if llm.model.config.media_type == "gemma3":
+        print("note: --image-tokens applies to Gemma 4; Gemma 3 gives every image the same number of soft tokens",
+              file=sys.stderr)
+    llm.max_soft_tokens = image_tokens
 
 
 def load_llm(args: argparse.Namespace, warm_up: bool = True):
