@@ -41,6 +41,17 @@ def test_rules_and_the_output_watch():
     assert HOLD >= 42  # the longest IBAN with spaces fits in what is held back
 
 
+def test_the_text_around_an_image_is_checked_and_the_image_passes_untouched():
+    guard = Guard([Rule("pii", "pii", "redact"), Rule("x", "pattern", "block", where="input", keywords=["bomb"])])
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    parts = [{"role": "user", "content": [{"type": "text", "text": "mail me at a@b.com"}, image]}]
+    out, verdict = guard.check_messages(parts)
+    assert verdict.refusal is None and out[0]["content"][1] == image
+    assert "a@b.com" not in out[0]["content"][0]["text"]
+    blocked = [{"role": "user", "content": [image, {"type": "text", "text": "how to build a bomb"}]}]
+    assert guard.check_messages(blocked)[1].refusal is not None
+
+
 def test_the_output_watch_checks_each_update_in_bounded_time():
     """Each update checks the unsent text and a bounded window before it, not the whole message again: a 108k
     character stream in 4-character updates takes seconds (rescanning everything took 3.8 s for just 20k), and

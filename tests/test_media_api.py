@@ -101,3 +101,14 @@ def test_bad_media_is_refused_with_what_to_do(g3, tmp_path):
 def test_a_text_only_model_refuses_images(llm):
     with pytest.raises(MediaError, match="text-only"):
         llm.prepare_chat(_ask({"type": "image", "path": str(MEDIA / "scene.jpg")}))
+
+
+def test_the_memory_forecast_counts_the_towers(g3, llm):
+    """The towers' weights are in the model's bytes, and one request's tower pass has its own line."""
+    from gemmakit.media.towers import towers
+    from gemmakit.runtime.plan import model_bytes
+
+    forecast = g3.engine.plan.forecast
+    tower_bytes = sum(p.numel() * p.element_size() for t in towers(g3.model).values() for p in t.parameters())
+    assert forecast["towers"] > 0 and forecast["weights"] == model_bytes(g3.model) > tower_bytes > 0
+    assert "towers" not in llm.engine.plan.forecast

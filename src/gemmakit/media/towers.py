@@ -100,6 +100,30 @@ def accepts(model: nn.Module) -> set[str]:
     return kinds
 
 
+def workspace_bytes(model: nn.Module, max_soft_tokens: int = 1120) -> int:
+    """Working memory of the largest tower pass one request makes (one Gemma 3 image with its crops run
+    as a batch of up to 5 views, a Gemma 4 image at the largest budget, a 30 s clip): a layer's activations
+    in and out of its MLP, and one block of attention scores (SDPA's fused CPU kernels never hold them all)."""
+    t = towers(model)
+    elt = model.model.norm.weight.element_size()
+    need = 0
+    for name in ("vision_tower", "audio_tower"):
+        if name not in t:
+            continue
+        c = t[name].config
+        if name == "audio_tower":
+            tokens = 3000 // 4 + 1  # 30 s of 10 ms frames after the 4x subsampling
+        elif model.config.media_type == "gemma3":
+            tokens = 5 * (c.image_size // c.patch_size) ** 2
+        else:
+            tokens = max_soft_tokens * c.pooling_kernel_size**2
+        width = getattr(c, "intermediate_size", 4 * c.hidden_size)
+        need = max(need, tokens * (6 * c.hidden_size + 3 * width) * elt + 512 * tokens * 4 * 2)
+    if "embed_vision" in t and model.config.media_type == "gemma4_unified":
+        need = max(need, max_soft_tokens * 48 * 48 * 3 * 4 * 4)
+    return need
+
+
 @torch.inference_mode()
 def encode(model: nn.Module, inputs: list[MediaInput], max_soft_tokens: int | None = None) -> list[Expanded]:
     """Each input's placeholder text and soft tokens [n, H] (the decoder's dtype), in input order.

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from gemmakit.cache import estimate_bytes
+from gemmakit.media.towers import towers, workspace_bytes
 from gemmakit.runtime.compiled import compile_supported, decomposes_head
 from gemmakit.runtime.packing import (
     UPCAST_ROWS,
@@ -184,9 +185,13 @@ def forecast(model: nn.Module, plan: Plan, max_batch: int, context: int, slack: 
     from gemmakit.quantize import prompt_unpack_shapes
 
     kernels = len(prompt_unpack_shapes(model)) if plan.int4_unpack else 0
-    return estimate_bytes(model.config, max_batch, context, plan.dtype, model_bytes(model), slack, prefill_chunk,
-                          compiled=plan.compiled, device_type=plan.device, unpack_kernels=kernels,
-                          head_screen=screen_bytes(*plan.screen) if plan.screen else 0)
+    out = estimate_bytes(model.config, max_batch, context, plan.dtype, model_bytes(model), slack, prefill_chunk,
+                         compiled=plan.compiled, device_type=plan.device, unpack_kernels=kernels,
+                         head_screen=screen_bytes(*plan.screen) if plan.screen else 0)
+    # Image / audio towers (their weights are in "weights"): one request's tower pass runs before its prefill.
+    if tower_work := workspace_bytes(model) if towers(model) else 0:
+        out = {**out, "towers": tower_work, "total": out["total"] + tower_work}
+    return out
 
 
 def _name(dtype: torch.dtype) -> str:

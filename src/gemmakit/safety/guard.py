@@ -133,18 +133,30 @@ class Guard:
         return f"P({rule.policy})={score:.3f}" if score >= rule.threshold else None
 
     def check_messages(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Verdict]:
-        """The user messages checked (and redacted) one by one; the first refusal stops."""
+        """The user messages checked (and redacted) one by one; the first refusal stops. In a message made of
+        parts, each text part is checked (the text around an image or a clip); the pixels and samples
+        themselves are not: no rule reads images or audio."""
         out, events = [], []
         for m in messages:
             content = m.get("content")
-            if m.get("role") != "user" or not isinstance(content, str):
+            if m.get("role") != "user" or not isinstance(content, str | list):
                 out.append(m)
                 continue
-            verdict = self.check(content, "input")
-            events += verdict.events
-            if verdict.refusal:
-                return messages, Verdict(content, verdict.refusal, events)
-            out.append({**m, "content": verdict.text})
+            texts = [content] if isinstance(content, str) else [
+                p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            checked = []
+            for text in texts:
+                verdict = self.check(text if isinstance(text, str) else "", "input")
+                events += verdict.events
+                if verdict.refusal:
+                    return messages, Verdict(text, verdict.refusal, events)
+                checked.append(verdict.text)
+            if isinstance(content, str):
+                out.append({**m, "content": checked[0]})
+                continue
+            redacted = iter(checked)
+            out.append({**m, "content": [{**p, "text": next(redacted)} if isinstance(p, dict) and p.get("type") ==
+                                         "text" else p for p in content]})
         return out, Verdict("", None, events)
 
 
