@@ -98,7 +98,7 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     llm = server.llm
     messages = P.check_messages(body.messages)
     kinds = P.media_kinds(messages)
-    _check_media_kinds(server, kinds)  # before anything is decoded
+    check_media_kinds(llm, server.name, kinds)  # before anything is decoded
     if refusal := server.check_input(messages):
         return _refused(server, body, refusal)
     if server.guard is not None:  # redacts personal data, may refuse; off the event loop (policies run a model)
@@ -152,16 +152,16 @@ def _chat_prompt(llm: Any, messages: list[dict], tools: list[dict] | None, think
         raise P.ParamError(str(e), "messages") from None
 
 
-def _check_media_kinds(server: Server, kinds: set[str]) -> None:
+def check_media_kinds(llm: Any, name: str, kinds: set[str]) -> None:
     """Images or audio the model has no tower for are refused before any of them is decoded."""
-    reads = accepts(server.llm.model)
+    reads = accepts(llm.model)
     if missing := kinds - reads:
         what = " or ".join(sorted(missing))
         if not reads:
-            raise P.ParamError(f"{server.name} is a text-only model and cannot read {what}: send text only, or "
+            raise P.ParamError(f"{name} is a text-only model and cannot read {what}: send text only, or "
                                "serve a multimodal checkpoint (e.g. a gemma-3-4b-it directory with its vision "
                                "tower, or a GGUF with its --mmproj file)", "messages", "unsupported_media")
-        raise P.ParamError(f"{server.name} cannot read {what}; it reads {', '.join(sorted(reads))} only",
+        raise P.ParamError(f"{name} cannot read {what}; it reads {', '.join(sorted(reads))} only",
                            "messages", "unsupported_media")
 
 
