@@ -112,3 +112,22 @@ def test_the_memory_forecast_counts_the_towers(g3, llm):
     tower_bytes = sum(p.numel() * p.element_size() for t in towers(g3.model).values() for p in t.parameters())
     assert forecast["towers"] > 0 and forecast["weights"] == model_bytes(g3.model) > tower_bytes > 0
     assert "towers" not in llm.engine.plan.forecast
+
+
+def test_the_checkpoints_processor_settings_are_used(tmp_path):
+    """preprocessor_config.json's pan-and-scan (Gemma 3) and processor_config.json's budget (Gemma 4) apply."""
+    import json
+
+    g3_dir = save_tiny_checkpoint("gemma3-4b", tmp_path / "a" / "tiny-gemma3-4b-it")
+    (g3_dir / "preprocessor_config.json").write_text(json.dumps({
+        "do_pan_and_scan": True, "pan_and_scan_min_crop_size": 64, "pan_and_scan_max_num_crops": 4,
+        "pan_and_scan_min_ratio_to_activate": 1.2, "size": {"height": 896, "width": 896}}))
+    llm = gemmakit.load(g3_dir, context=512)
+    ids, media = llm.prepare_chat(_ask({"type": "image", "path": str(MEDIA / "tall.png")}))
+    crops = len(media.spans) - 1
+    assert crops >= 2 and ids.count(llm.model.config.media_token("image")) == 4 * (1 + crops)
+    e2b_dir = save_tiny_checkpoint("e2b", tmp_path / "b" / "tiny-gemma4-e2b-it")
+    (e2b_dir / "processor_config.json").write_text(json.dumps({"image_processor": {"max_soft_tokens": 70}}))
+    ids, media = gemmakit.load(e2b_dir, context=1024).prepare_chat(_ask({"type": "image",
+                                                                         "path": str(MEDIA / "scene.jpg")}))
+    assert 0 < media.embeds.shape[0] <= 70

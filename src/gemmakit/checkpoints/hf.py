@@ -141,12 +141,27 @@ def read_config(path: Path) -> Config:
     text = d.get("text_config") if isinstance(d, dict) else None
     check_bounds(text if isinstance(text, dict) else d if isinstance(d, dict) else {}, str(path / "config.json"))
     try:
-        return Config.from_hf(d, name=path.resolve().name or "custom")
+        config = Config.from_hf(d, name=path.resolve().name or "custom")
+        if config.multimodal is not None:
+            config.multimodal["preprocessor"] = read_preprocessor(path)
+        return config
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
     except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError) as e:  # a value of the wrong type
         raise CheckpointError(f"{path / 'config.json'} does not describe a model gemmakit can build "
                               f"({type(e).__name__}: {e}); re-download it") from e
+
+
+def read_preprocessor(path: Path) -> dict[str, Any]:
+    """The image processor's settings a multimodal checkpoint ships (`preprocessor_config.json`, or the
+    `image_processor` part of a newer `processor_config.json`): pan-and-scan, Gemma 4's soft-token budget."""
+    out: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if (path / name).is_file():
+            d = read_json(path / name, limit=1 << 20)
+            if isinstance(d, dict):
+                out.update(d.get("image_processor") if isinstance(d.get("image_processor"), dict) else d)
+    return out
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -127,7 +127,8 @@ def workspace_bytes(model: nn.Module, max_soft_tokens: int = 1120) -> int:
 @torch.inference_mode()
 def encode(model: nn.Module, inputs: list[MediaInput], max_soft_tokens: int | None = None) -> list[Expanded]:
     """Each input's placeholder text and soft tokens [n, H] (the decoder's dtype), in input order.
-    `max_soft_tokens`: the Gemma 4 image budget (70/140/280/560/1120; default 280)."""
+    `max_soft_tokens`: the Gemma 4 image budget (70/140/280/560/1120; default: the checkpoint's processor
+    setting, else 280)."""
     if not inputs:
         return []
     missing = {i.kind for i in inputs} - accepts(model)
@@ -139,7 +140,9 @@ def encode(model: nn.Module, inputs: list[MediaInput], max_soft_tokens: int | No
     clips = [i.value for i in inputs if i.kind == "audio"]
     family = model.config.media_type
     encode_family = {"gemma3": _gemma3, "gemma4": _gemma4, "gemma4_unified": _unified}[family]
-    done_images, done_audio = encode_family(model, images, clips, max_soft_tokens or 280)
+    shipped = ((model.config.multimodal or {}).get("preprocessor") or {}).get("max_soft_tokens")
+    budget = max_soft_tokens or (shipped if isinstance(shipped, int) else None) or 280
+    done_images, done_audio = encode_family(model, images, clips, budget)
     dtype = model.model.norm.weight.dtype  # the decoder's activations (its linears may be quantized)
     out, it_i, it_a = [], iter(done_images), iter(done_audio)
     for item in inputs:
