@@ -94,6 +94,8 @@ def test_bad_media_is_refused_with_what_to_do(g3, tmp_path):
         collect(_ask({"type": "image_url", "image_url": {"url": f"file://{MEDIA / 'scene.jpg'}"}}), server_like)
     with pytest.raises(MediaError, match="pixel limit"):
         collect(_ask({"type": "image", "path": str(MEDIA / "scene.jpg")}), MediaPolicy(max_pixels=1000))
+    with pytest.raises(MediaError, match="more than 1 images"):
+        collect(_ask(*[{"type": "image", "path": str(MEDIA / "scene.jpg")}] * 2), MediaPolicy(max_items=1))
     with pytest.raises(MediaError, match="outside"):
         collect(_ask({"type": "image", "path": str(MEDIA / "scene.jpg")}), MediaPolicy(allowed_dirs=(tmp_path,)))
 

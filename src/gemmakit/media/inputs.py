@@ -45,6 +45,7 @@ class MediaPolicy:
     max_bytes: int = 20 << 20
     max_pixels: int = 50_000_000
     max_audio_seconds: float = 30.0
+    max_items: int = 32  # images + clips in one request: each costs a tower pass before the prompt runs
     timeout_s: float = 10.0
 
 
@@ -61,6 +62,8 @@ def collect(messages: list[dict[str, Any]], policy: MediaPolicy | None = None
         parts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image", "image_url", "audio", "input_audio") and len(items) >= policy.max_items:
+                raise MediaError(f"more than {policy.max_items} images / audio clips in one request; send fewer")
             if kind in ("image", "image_url"):
                 items.append(MediaInput("image", open_image(_image_source(part), policy)))
                 parts.append({"type": "image"})
