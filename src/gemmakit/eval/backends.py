@@ -8,27 +8,39 @@ continuation, and the context truncated from the left when too long. Logits are 
 continuation token is predicted (the 262k head is the expensive part). Generation runs through the engine,
 many prompts at once.
 
+Questions may carry images or audio as content parts ({"type": "image", "path": ...}). Locally, a chat goes
+through `LLM.prepare_chat` and the engine takes its soft tokens; a raw prompt (choices, generation without
+--chat) is the items' placeholders then the text, expanded and tokenized as the chat path does, and the
+scoring forward gets each row's soft tokens at that row's positions, so rows with and without media share a
+batch. Continuation ids are still lm-eval's (ids of context + continuation past those of the context).
+
 `OpenAIBackend` is any OpenAI-compatible endpoint (`gemmakit serve`, vLLM, a hosted judge), over plain HTTP:
-it can write and chat, but cannot score log-likelihoods (chat APIs do not return prompt log-probs).
+it can write and chat, but cannot score log-likelihoods (chat APIs do not return prompt log-probs). Media
+go in chat messages as OpenAI spells them: a data-URL `image_url` part, an `input_audio` part.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gemmakit.chat.dialogue import STOP_STRINGS
+from gemmakit.media.soft import MediaError, PromptMedia, batch_media
 from gemmakit.model import last_token_logits
 from gemmakit.sampling import SamplingParams
 
 Messages = list[dict[str, Any]]
+Parts = list[dict[str, Any]]  # one question's image / audio content parts
 
 
 @dataclass(frozen=True)
@@ -60,9 +72,48 @@ class LocalBackend:
         return self.llm.context
 
     # --- scoring -----------------------------------------------------------------------------
-    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def check_media(self, kinds: set[str], chat: bool) -> None:
+        """Refuse, before any work, media this model cannot read (`chat`: media questions go through chat)."""
+        from gemmakit.media.towers import accepts
+
+        readable = accepts(self.llm.model)
+        if missing := kinds - readable:
+            raise MediaError(f"the task has {' and '.join(sorted(missing))} questions, but "
+                             f"{self.llm.name or 'this model'} " + (
+                                 f"reads {', '.join(sorted(readable))} only" if readable else
+                                 "is a text-only model: load a multimodal checkpoint (e.g. a gemma-3-4b-it "
+                                 "directory with its vision tower, or a text GGUF with its --mmproj file)"))
+        if chat and self.llm.is_base:
+            raise MediaError("--chat with media needs an instruction-tuned model (a base model's plain dialogue "
+                             "has no place for images); drop --chat or set --chat-format gemma3|gemma4")
+
+    def media_prompt(self, text: str, parts: Parts, continuations: Sequence[str] = ()
+                     ) -> tuple[list[int], PromptMedia | None, list[list[int]]]:
+        """The raw prompt `text` after the parts' placeholders: its ids (BOS first), its soft tokens, and the
+        ids each continuation adds (encode_pair's rule, the context's trailing spaces moved to it)."""
+        from gemmakit.media.inputs import collect
+        from gemmakit.media.prompt import encode_with_media, placeholder
+        from gemmakit.media.towers import encode
+
+        llm, tok, config = self.llm, self.llm.tokenizer, self.llm.model.config
+        _, items = collect([{"role": "user", "content": parts}], llm.media_policy)
+        self.check_media({i.kind for i in items}, chat=False)
+        spaces = len(text) - len(text.rstrip(" "))
+        head, tail = text[:len(text) - spaces], text[len(text) - spaces:]
+        marks = "".join(placeholder(config, i.kind) for i in items)
+        expanded = encode(llm.model, items, llm.max_soft_tokens)
+        ids, media = encode_with_media(tok, config, marks + tok.literal(head), expanded, True)
+        conts = [encode_with_media(tok, config, marks + tok.literal(head + tail + c), expanded, True)[0][len(ids):]
+                 for c in continuations]
+        return ids, media, conts
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], media: Sequence[Parts | None] | None = None
+                      ) -> list[tuple[float, bool]]:
         """(sum of log p of the continuation, whether greedy decoding would have produced it) per pair.
-        One-token continuations of one context (multiple-choice letters) share a single forward pass."""
+        One-token continuations of one context (multiple-choice letters) share a single forward pass.
+        `media[i]`: the image / audio parts pair i's context is about (placeholders before its text)."""
+        if media is not None and any(media):
+            return self._loglikelihood_media(pairs, media)
         encoded = [encode_pair(self.llm.tokenizer, c, x) for c, x in pairs]
         shared: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, cont) in enumerate(encoded):
@@ -83,22 +134,48 @@ class LocalBackend:
                     out[i] = (float(logp[token]), token == best)
         return out
 
+    def _loglikelihood_media(self, pairs: Sequence[tuple[str, str]], media: Sequence[Parts | None]
+                             ) -> list[tuple[float, bool]]:
+        encoded: list[tuple[list[int], list[int]]] = [([], [])] * len(pairs)
+        soft: list[PromptMedia | None] = [None] * len(pairs)
+        groups: dict[str, list[int]] = {}  # the choices of one question: its towers run once
+        for i, ((context, _), parts) in enumerate(zip(pairs, media, strict=True)):
+            if parts:
+                groups.setdefault(json.dumps([context, parts]), []).append(i)
+            else:
+                encoded[i] = encode_pair(self.llm.tokenizer, *pairs[i])
+        for members in groups.values():
+            first = members[0]
+            ids, pm, conts = self.media_prompt(pairs[first][0], media[first], [pairs[i][1] for i in members])
+            for i, cont in zip(members, conts, strict=True):
+                encoded[i], soft[i] = (ids, cont), pm
+        return self.score_tokens(encoded, soft)
+
     def _next_token_logps(self, contexts: list[list[int]]) -> torch.Tensor:
         """log p of the next token after each context: [B, V]."""
         return F.log_softmax(last_token_logits(self.llm.model, contexts, self.llm.tokenizer.pad_id), dim=-1)
 
-    def score_tokens(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def score_tokens(self, encoded: Sequence[tuple[list[int], list[int]]],
+                     media: Sequence[PromptMedia | None] | None = None) -> list[tuple[float, bool]]:
+        media = list(media) if media is not None else [None] * len(encoded)
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            for i, result in zip(chunk, self._score_batch([encoded[i] for i in chunk]), strict=True):
+            scored = self._score_batch([encoded[i] for i in chunk], [media[i] for i in chunk])
+            for i, result in zip(chunk, scored, strict=True):
                 out[i] = result
         return out
 
     @torch.no_grad()
-    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]],
+                     media: list[PromptMedia | None] | None = None) -> list[tuple[float, bool]]:
         limit = self.max_length
+        media = media or [None] * len(batch)
+        for (ctx, cont), pm in zip(batch, media, strict=True):
+            if pm is not None and len(ctx) + len(cont) > limit + 1:  # a left cut would cut into the image
+                raise MediaError(f"a question with its image / audio is {len(ctx) + len(cont)} tokens, over the "
+                                 f"{limit}-token context; raise --context")
         rows = [(ctx + cont)[-(limit + 1):] for ctx, cont in batch]  # the last id is only a target
         inputs = [r[:-1] for r in rows]
         width = max(len(r) for r in inputs)
@@ -110,7 +187,12 @@ class LocalBackend:
             ids[b, :len(row)] = torch.tensor(row)
             keep[b, len(row) - len(cont):len(row)] = True
             targets += cont
-        logp = F.log_softmax(self.llm.model(ids.to(device), logits_to_keep=keep.to(device)).float(), dim=-1)
+        soft = None
+        if any(pm is not None for pm in media):  # every row starts at position 0: pads only follow
+            positions = torch.arange(width, device=device)[None].expand(len(rows), -1)
+            soft = batch_media(media, positions, self.llm.model.config.bidirectional_kinds)
+        logits = self.llm.model(ids.to(device), logits_to_keep=keep.to(device), media=soft)
+        logp = F.log_softmax(logits.float(), dim=-1)
         target = torch.tensor(targets, device=device)
         picked = logp.gather(1, target[:, None])[:, 0]
         greedy = logp.argmax(-1) == target
@@ -147,29 +229,35 @@ class LocalBackend:
         return self._engine
 
     def _run(self, prompts: list[list[int]], params: GenParams, stop_ids: list[int],
-             stop: tuple[str, ...], seeds: Sequence[int] | None = None) -> list[str]:
+             stop: tuple[str, ...], seeds: Sequence[int] | None = None,
+             media: Sequence[PromptMedia | None] | None = None) -> list[str]:
         if seeds is None:
             seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
         sampling = [SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, seed=seed,
                                    stop_token_ids=tuple(stop_ids), stop=stop) for seed in seeds]
         for p, s in zip(prompts, sampling, strict=True):
             self.llm.check_fits(len(p), s.max_tokens)
-        return [req.text for req in self.engine.generate(prompts, sampling)]
+        return [req.text for req in self.engine.generate(prompts, sampling, media=media)]
 
-    def generate(self, prompts: Sequence[str], params: GenParams, seeds: Sequence[int] | None = None) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: GenParams, seeds: Sequence[int] | None = None,
+                 media: Sequence[Parts | None] | None = None) -> list[str]:
         """Completions of `prompts`, generated together; prompt i samples with `seeds[i]` when given (so a
-        sample's draw does not depend on the batch it lands in), else with `params.seed + i`."""
-        ids = [self.llm.tokenizer.encode(p) for p in prompts]
-        return self._run(ids, params, self.llm.stop_ids(chat=False), params.stop, seeds)
+        sample's draw does not depend on the batch it lands in), else with `params.seed + i`. `media[i]`: the
+        image / audio parts whose placeholders go before prompt i."""
+        media = list(media) if media is not None else [None] * len(prompts)
+        built = [self.media_prompt(p, parts)[:2] if parts else (self.llm.tokenizer.encode(p), None)
+                 for p, parts in zip(prompts, media, strict=True)]
+        return self._run([ids for ids, _ in built], params, self.llm.stop_ids(chat=False), params.stop, seeds,
+                         [pm for _, pm in built])
 
     def chat(self, conversations: Sequence[Messages], params: GenParams) -> list[str]:
         """The answer text of each conversation (thoughts and markers removed)."""
         from gemmakit.chat.parser import parse
 
         llm = self.llm
-        ids = [llm.encode_prompt(llm.render(m)) for m in conversations]
+        prepared = [llm.prepare_chat(m) for m in conversations]  # text-only: encode_prompt(render(m))
         stop = params.stop + (STOP_STRINGS if llm.is_base else ())
-        texts = self._run(ids, params, llm.stop_ids(), stop)
+        texts = self._run([ids for ids, _ in prepared], params, llm.stop_ids(), stop, media=[m for _, m in prepared])
         if llm.is_base:
             return [t.strip() for t in texts]
         return [parse(t, llm.chat_format.family).content.strip() for t in texts]
@@ -194,7 +282,12 @@ class OpenAIBackend:
         except urllib.error.URLError as e:
             raise ValueError(f"cannot reach {self.base_url}{route}: {e.reason}") from None
 
-    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def check_media(self, kinds: set[str], chat: bool) -> None:
+        if not chat:
+            raise ValueError("an endpoint takes images and audio only in chat messages: add --chat (the "
+                             "completions API has no media input; choices need a local model anyway)")
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], media: Any = None) -> list[tuple[float, bool]]:
         raise ValueError("log-likelihood tasks (MMLU, perplexity, choices) need a local model: an endpoint "
                          "does not return prompt log-probabilities")
 
@@ -209,11 +302,39 @@ class OpenAIBackend:
             body["seed"] = params.seed
         return body
 
-    def generate(self, prompts: Sequence[str], params: GenParams, seeds: Sequence[int] | None = None) -> list[str]:
+    def generate(self, prompts: Sequence[str], params: GenParams, seeds: Sequence[int] | None = None,
+                 media: Sequence[Parts | None] | None = None) -> list[str]:
+        if media is not None and any(media):
+            self.check_media(set(), chat=False)
         seeds = seeds or [params.seed] * len(prompts)
         return [self._post("/completions", {**self._sampling(replace(params, seed=seed)), "prompt": p})
                 ["choices"][0]["text"] for p, seed in zip(prompts, seeds, strict=True)]
 
     def chat(self, conversations: Sequence[Messages], params: GenParams) -> list[str]:
-        return [(self._post("/chat/completions", {**self._sampling(params), "messages": m})
+        return [(self._post("/chat/completions", {**self._sampling(params), "messages": wire_messages(m)})
                  ["choices"][0]["message"].get("content") or "").strip() for m in conversations]
+
+
+def wire_messages(messages: Messages) -> Messages:
+    """`messages` with each image / audio part given by path rewritten as OpenAI's parts carrying the file:
+    {"type": "image_url", "image_url": {"url": "data:<mime>;base64,..."}} and {"type": "input_audio",
+    "input_audio": {"data": "<base64>", "format": "<suffix>"}}; other parts pass unchanged."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            m = {**m, "content": [_wire_part(p) for p in content]}
+        out.append(m)
+    return out
+
+
+def _wire_part(part: dict[str, Any]) -> dict[str, Any]:
+    kind, path = part.get("type"), part.get("path")
+    if kind not in ("image", "audio") or path is None:
+        return part
+    path = Path(path)
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    if kind == "image":
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
+    return {"type": "input_audio", "input_audio": {"data": data, "format": path.suffix.lstrip(".").lower() or "wav"}}

@@ -28,7 +28,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
                         judge_endpoint=args.judge_endpoint, judge_model=args.judge_model,
                         judge_api_key=args.judge_api_key or os.environ.get("GEMMAKIT_JUDGE_API_KEY"),
-                        judge_max_tokens=args.judge_max_tokens, judge_prompts=args.judge_prompts)
+                        judge_max_tokens=args.judge_max_tokens, judge_prompts=args.judge_prompts,
+                        media_dir=args.media_dir)
     if args.endpoint:
         backend = OpenAIBackend(args.endpoint, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"))
     else:
@@ -72,6 +73,9 @@ def add_eval_parsers(sub: Any) -> None:
     e.add_argument("--judge-model", default="default", help="mtbench: the judge's model name")
     e.add_argument("--judge-api-key", default=None, help="mtbench: the judge's key (also GEMMAKIT_JUDGE_API_KEY)")
     e.add_argument("--judge-max-tokens", type=int, default=2048, help="mtbench: the judge's budget (FastChat: 2048)")
+    e.add_argument("--media-dir", default=None,
+                   help="custom: the folder records' \"image\" / \"images\" / \"audio\" names are relative to "
+                        "(default: the --data file's folder); nothing outside it is read")
     e.add_argument("--judge-prompts", default=None, help="mtbench: FastChat's judge_prompts.jsonl, used verbatim")
     add_load_args(e)
     e.set_defaults(func=cmd_eval)

@@ -55,11 +55,14 @@ class EvalConfig:
     judge_api_key: str | None = None
     judge_max_tokens: int = 2048  # FastChat's
     judge_prompts: str | None = None  # FastChat's judge_prompts.jsonl, to use it verbatim
+    media_dir: str | None = None  # custom: where records' images / audio lie (None: the data file's folder)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """The settings a cached answer depends on (not where it is written, not how fast)."""
         skip = {"out", "batch_size", "limit", "judge_api_key"}
+        if self.media_dir is None:  # runs started before --media-dir existed resume as they were
+            skip.add("media_dir")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -216,20 +219,33 @@ def run_mtbench(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, An
 
 def run_custom(c: EvalConfig, backend: Any, cache: SampleCache) -> dict[str, Any]:
     docs = [custom.check(d, i) for i, d in enumerate(read_records(c.data))]
-    items = [(str(d.get("id", i)), d) for i, d in enumerate(docs)][:c.limit]
+    media = custom.resolve_media(docs, c.media_dir or Path(c.data).parent)
+    kinds = {kind for found in media for kind, _ in found}
+    if kinds and hasattr(backend, "check_media"):  # a text-only model refuses here, before any question
+        backend.check_media(kinds, chat=c.chat)
+    items = [(str(d.get("id", i)), (d, m)) for i, (d, m) in enumerate(zip(docs, media, strict=True))][:c.limit]
 
-    def work(chunk: list[tuple[str, dict]]) -> list[dict]:
+    def work(chunk: list[tuple[str, tuple]]) -> list[dict]:
         out = []
-        for i, d in chunk:
+        for i, (d, found) in chunk:
+            parts = [{"type": kind, "path": str(path)} for kind, path in found]
+            names = {k: [n for kind, n in custom.media_names(d) if kind == k] for k in ("image", "audio")}
+            shown = {k: v for k, v in (("images", names["image"]), ("audio", names["audio"])) if v}
             if "choices" in d:
-                lls = [ll for ll, _ in backend.loglikelihood([(d["prompt"], f" {x}") for x in d["choices"]])]
-                out.append({"id": i, **custom.score_choices(d, lls)})
+                pairs = [(d["prompt"], f" {x}") for x in d["choices"]]
+                scores = backend.loglikelihood(pairs, media=[parts] * len(pairs)) if parts else \
+                    backend.loglikelihood(pairs)
+                out.append({"id": i, **custom.score_choices(d, [ll for ll, _ in scores]), **shown})
                 continue
             params = GenParams(int(d.get("max_tokens", c.max_tokens or 64)), c.temperature, tuple(d.get("stop", ())),
                                c.seed)
-            text = (backend.chat([[{"role": "user", "content": d["prompt"]}]], params) if c.chat
-                    else backend.generate([d["prompt"]], params))[0]
-            out.append({"id": i, **custom.score_output(d, text)})
+            if c.chat:
+                content = [*parts, {"type": "text", "text": d["prompt"]}] if parts else d["prompt"]
+                text = backend.chat([[{"role": "user", "content": content}]], params)[0]
+            else:
+                text = (backend.generate([d["prompt"]], params, media=[parts]) if parts else
+                        backend.generate([d["prompt"]], params))[0]
+            out.append({"id": i, **custom.score_output(d, text), **shown})
         return out
 
     _batched(_pending(items, cache), c.batch_size, cache, work, "custom")
