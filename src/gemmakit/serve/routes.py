@@ -102,9 +102,9 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     if refusal := server.check_input(messages):
         return _refused(server, body, refusal)
     if server.guard is not None:  # redacts personal data, may refuse; off the event loop (policies run a model)
-        messages, refusal = await asyncio.to_thread(_guard_messages, server.guard, messages)
-        if refusal:
-            return _refused(server, body, refusal)
+        messages, verdict = await asyncio.to_thread(server.guard.check_messages, messages)  # text parts too
+        if verdict.refusal:
+            return _refused(server, body, verdict.refusal)
     tools = None if body.tool_choice == "none" else body.tools
     # Rendering (a checkpoint's template), tokenizing, decoding images / audio and the tower forward are CPU
     # (or device) work: off the event loop other requests need.
@@ -163,29 +163,6 @@ def check_media_kinds(llm: Any, name: str, kinds: set[str]) -> None:
                                "tower, or a GGUF with its --mmproj file)", "messages", "unsupported_media")
         raise P.ParamError(f"{name} cannot read {what}; it reads {', '.join(sorted(reads))} only",
                            "messages", "unsupported_media")
-
-
-def _guard_messages(guard: Any, messages: list[dict]) -> tuple[list[dict], str | None]:
-    """The guard's input rules over the user's text, including the text parts beside images and audio
-    (which `check_messages` of the guard, taking string content only, would pass unseen): (messages, with
-    redactions; the refusal or None)."""
-    messages, verdict = guard.check_messages(messages)
-    if verdict.refusal:
-        return messages, verdict.refusal
-    out = []
-    for m in messages:
-        if m.get("role") == "user" and isinstance(m["content"], list):
-            parts = []
-            for part in m["content"]:
-                if part["type"] == "text":
-                    checked = guard.check(part["text"], "input")
-                    if checked.refusal:
-                        return messages, checked.refusal
-                    part = {**part, "text": checked.text}
-                parts.append(part)
-            m = {**m, "content": parts}
-        out.append(m)
-    return out, None
 
 
 def _text_of(content: Any) -> str | None:
