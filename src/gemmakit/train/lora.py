@@ -12,7 +12,14 @@ Over a QLoRA base (train/qlora.py) the frozen layer is kept whole as `base_layer
 adapter files are the same either way.
 
 Targets are chosen by name: a module is adapted when its own name is in `targets` (PEFT's list form) or, for
-a string, when its full path matches that regular expression (PEFT's string form).
+a string, when its full path matches that regular expression (PEFT's string form). Only the decoder is ever
+adapted: a multimodal checkpoint's towers (`model.vision_tower`, `model.embed_vision`, ...) have their own
+q_proj / k_proj, and they stay frozen, their soft tokens fixed inputs to the decoder being trained.
+
+A multimodal checkpoint is, for transformers and PEFT, a `*ForConditionalGeneration` whose decoder sits at
+`model.language_model.` (gemmakit's `model.` is that subtree). Its adapter is saved under those names, with a
+`target_modules` pattern confined to `language_model`, so that PEFT on the HF class neither misses the
+weights nor wraps the towers' projections; `load_adapter` takes either layout.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gemmakit.files import write_atomic, write_text_atomic
+from gemmakit.model import TOWER_NAMES
 from gemmakit.train.qlora import QuantizedBase
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PREFIX = "base_model.model."
+_LANGUAGE = "model.language_model."  # the decoder in HF's multimodal classes (gemmakit's "model.")
+_TOWERS = tuple(f"model.{name}" for name in TOWER_NAMES)
 
 
 class LoRALinear(nn.Module):
@@ -80,13 +90,26 @@ def is_target(path: str, targets: Sequence[str] | str) -> bool:
     return path.rsplit(".", 1)[-1] in targets
 
 
+def in_tower(path: str) -> bool:
+    """Whether a module path lies in a multimodal tower (never adapted, never quantized for QLoRA)."""
+    return any(path == t or path.startswith(t + ".") for t in _TOWERS)
+
+
+def target_linears(model: nn.Module, targets: Sequence[str] | str) -> list[str]:
+    """Paths of the decoder's plain linears that `targets` selects (towers excluded)."""
+    return [p for p, m in model.named_modules()
+            if type(m) is nn.Linear and not in_tower(p) and is_target(p, targets)]
+
+
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
              targets: Sequence[str] | str = DEFAULT_TARGETS) -> list[str]:
-    """Freeze the model and wrap every targeted nn.Linear in a LoRALinear; returns the adapted paths."""
+    """Freeze the model and wrap every targeted nn.Linear of the decoder in a LoRALinear; returns the
+    adapted paths."""
     model.requires_grad_(False)
     adapted = []
     for path, module in list(model.named_modules()):
-        if (type(module) is nn.Linear or isinstance(module, QuantizedBase)) and is_target(path, targets):
+        if (type(module) is nn.Linear or isinstance(module, QuantizedBase)) and not in_tower(path) \
+                and is_target(path, targets):
             parent_path, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent_path), name, LoRALinear(module, r, alpha, dropout))
             adapted.append(path)
@@ -96,10 +119,40 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float =
     return adapted
 
 
-def lora_state(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter weights under PEFT's key names."""
-    return {f"{_PREFIX}{path}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
+def _multimodal(model: nn.Module) -> bool:
+    """Whether HF keeps this checkpoint's decoder under `model.language_model.` (a multimodal config)."""
+    return getattr(getattr(model, "config", None), "media_type", None) is not None
+
+
+def peft_key(name: str, multimodal: bool) -> str:
+    """PEFT's key for a gemmakit parameter name (`model.layers.0...lora_A.weight`)."""
+    if multimodal and name.startswith("model."):
+        name = _LANGUAGE + name[len("model."):]
+    return _PREFIX + name
+
+
+def from_peft_key(key: str) -> str:
+    """The gemmakit parameter name of a PEFT key, from a text (`*ForCausalLM`) or multimodal adapter."""
+    name = key.removeprefix(_PREFIX)
+    return "model." + name[len(_LANGUAGE):] if name.startswith(_LANGUAGE) else name
+
+
+def _lora_tensors(model: nn.Module) -> dict[str, Tensor]:
+    return {f"{path}.{ab}.weight": getattr(m, ab).weight.detach().contiguous()
             for path, m in model.named_modules() if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
+
+
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights under PEFT's key names (for the HF class this checkpoint loads as)."""
+    return {peft_key(k, _multimodal(model)): v for k, v in _lora_tensors(model).items()}
+
+
+def _target_modules(names: set[str], multimodal: bool) -> list[str] | str:
+    """PEFT's `target_modules`: the adapted names, confined to the decoder when the HF class has towers
+    with projections of the same names (PEFT would otherwise wrap them too)."""
+    if not multimodal:
+        return sorted(names)
+    return rf"model\.language_model\..*\.({'|'.join(sorted(names))})"
 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "",
@@ -109,16 +162,17 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "",
     layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
-    first = next(iter(layers.values()))
+    first, multimodal = next(iter(layers.values())), _multimodal(model)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
               "lora_dropout": getattr(first.dropout, "p", 0.0), "bias": "none", "use_rslora": False,
-              "target_modules": sorted({p.rsplit(".", 1)[-1] for p in layers}), "fan_in_fan_out": False,
+              "target_modules": _target_modules({p.rsplit(".", 1)[-1] for p in layers}, multimodal),
+              "fan_in_fan_out": False,
               "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / "adapter_config.json", json.dumps(config, indent=2))
     weights = lora_state(model) if state is None else {
-        _PREFIX + k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+        peft_key(k, multimodal): v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
     write_atomic(directory / "adapter_model.safetensors", lambda p: save_file(weights, str(p)))
 
 
@@ -134,15 +188,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
         raise ValueError(f"only plain LoRA adapters are supported, not {config.get('peft_type')} "
                          f"(rslora={config.get('use_rslora')}, dora={config.get('use_dora')})")
-    paths = sorted({k[len(_PREFIX):].rsplit(".lora_", 1)[0] for k in weights})
+    weights = {from_peft_key(k): v for k, v in weights.items()}
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in weights})
+    towers = [p for p in paths if in_tower(p)]
+    if towers:
+        raise ValueError(f"the adapter adapts a multimodal tower ({towers[0]}, ...): gemmakit keeps the towers "
+                         "frozen; use an adapter trained on the language model only")
     adapted = add_lora(model, int(config["r"]), float(config["lora_alpha"]), 0.0, "|".join(map(re.escape, paths)))
-    state = lora_state(model)
+    state = _lora_tensors(model)
     if set(weights) != set(state):
         raise ValueError(f"adapter keys do not match the model: {sorted(set(weights) ^ set(state))[:4]}")
     for path in adapted:
         layer = model.get_submodule(path)
         for ab in ("lora_A", "lora_B"):
-            tensor = weights[f"{_PREFIX}{path}.{ab}.weight"]
+            tensor = weights[f"{path}.{ab}.weight"]
             target = getattr(layer, ab).weight
             if tensor.shape != target.shape:
                 raise ValueError(f"{path}.{ab}: adapter has {list(tensor.shape)}, model needs {list(target.shape)}")
