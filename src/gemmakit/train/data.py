@@ -21,8 +21,13 @@ trained as Gemma 4 writes it: the prompt is rendered with thinking on, and the t
 its thought channel. Templates drop earlier thoughts, so a chat with reasoning becomes one example per
 assistant turn. A format without a thinking mode (Gemma 3, the dialogue) reports such a record as bad.
 
-A bad record (invalid JSON, a missing field, a render error, too long) is reported with its line number and
-skipped; the run goes on. Batches are deterministic in (seed, epoch), which is what makes `--resume` exact.
+Chat (and preference) records may hold image and audio parts for a multimodal model: train/media_records.py
+reads them, runs the frozen towers once and carries the soft tokens on each Example; their positions are
+never scored. On a text-only model such a record is reported, never trained with an empty placeholder.
+
+A bad record (invalid JSON, a missing field, a render error, too long, an unreadable image) is reported with
+its line number and skipped; the run goes on. Batches are deterministic in (seed, epoch), which is what makes
+`--resume` exact.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ FORMATS = ("chat", "completion", "text", "preference")
 Render = Callable[[list[dict[str, Any]], bool, bool], str]
 Thought = Callable[[str], str]  # reasoning -> the thought channel the model writes before its answer
 _THOUGHT = re.compile(r"<\|channel>thought\n?(.*?)<channel\|>", re.S)
+MEDIA_TYPES = ("image", "image_url", "audio", "input_audio")  # content parts media/inputs.py reads
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Example:
     ids: list[int]
     labels: list[int]  # ids where scored, IGNORE elsewhere; aligned with ids (the shift is the loss's)
     reference: float | None = None  # DPO: the reference model's log-likelihood of the scored tokens
+    media: Any = None  # media.soft.PromptMedia: soft tokens at fixed positions (records with images / audio)
 
     @property
     def scored(self) -> int:
@@ -96,6 +103,10 @@ class Tokenize:
             ids, offsets = [self.tokenizer.bos_id, *ids], [(0, 0), *offsets]
         inside = [any(a <= start < b for a, b in spans) for start, _ in offsets]
         labels = [i if scored else IGNORE for i, scored in zip(ids, inside, strict=True)]
+        return self.checked(ids, labels, eos)
+
+    def checked(self, ids: list[int], labels: list[int], eos: bool = False, media: Any = None) -> Example:
+        """The Example, with the eos appended if asked; refused when too long or with nothing to learn."""
         if eos:
             ids.append(self.tokenizer.eos_id)
             labels.append(self.tokenizer.eos_id)
@@ -103,7 +114,7 @@ class Tokenize:
             raise ValueError(f"{len(ids)} tokens, more than max_length {self.max_length}")
         if not any(label != IGNORE for label in labels[1:]):
             raise ValueError("nothing to learn: the record has no scored tokens")
-        return Example(ids, labels)
+        return Example(ids, labels, media=media)
 
     def windows(self, text: str) -> list[Example]:
         ids = self.tokenizer.encode(text)
@@ -196,9 +207,35 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
                     yield number, e
 
 
+def media_parts(messages: Any) -> list[dict[str, Any]]:
+    """The image / audio parts of a message list (any spelling media/inputs.py takes)."""
+    if not isinstance(messages, list):
+        return []
+    return [part for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for part in m["content"] if isinstance(part, dict) and part.get("type") in MEDIA_TYPES]
+
+
+def _with_media(record: Any, fmt: str, tok: Tokenize, media: Any, root: Path) -> tuple[Any, Tokenize]:
+    """A chat / preference record with its media read and encoded, and the Tokenize that expands them."""
+    if fmt not in ("chat", "preference") or not isinstance(record, dict):
+        return record, tok
+    key = "messages" if fmt == "chat" else "prompt"
+    if not media_parts(record.get(key)):
+        if any(media_parts(record.get(k)) for k in ("chosen", "rejected")):
+            raise ValueError("an answer has an image or audio part: the model writes text only")
+        return record, tok
+    if media is None:
+        raise ValueError("the record has image or audio parts, but this model is text-only: fine-tune a "
+                         "multimodal checkpoint (with its vision / audio tower), or drop the parts")
+    messages, items = media.read(record[key], root)
+    return {**record, key: messages}, media.tokenize(tok, items)
+
+
 def load_dataset(path: str | Path, tokenizer: Any, render: Render, max_length: int = 1024,
-                 fmt: str = "auto", thought: Thought | None = None) -> Dataset:
-    """Read a .jsonl file (or a .txt file as one text) into examples; bad records land in `problems`."""
+                 fmt: str = "auto", thought: Thought | None = None, media: Any = None) -> Dataset:
+    """Read a .jsonl file (or a .txt file as one text) into examples; bad records land in `problems`.
+    `media`: a train.media_records.RecordMedia for a model that reads images / audio (paths in records are
+    relative to the file's directory)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist")
@@ -213,7 +250,8 @@ def load_dataset(path: str | Path, tokenizer: Any, render: Render, max_length: i
             if isinstance(record, Exception):
                 raise ValueError(f"not valid JSON ({record.msg})")
             data.format = data.format or detect_format(record)
-            data.examples += record_examples(record, data.format, render, tok, thought)
+            record, record_tok = _with_media(record, data.format, tok, media, path.resolve().parent)
+            data.examples += record_examples(record, data.format, render, record_tok, thought)
         except (ValueError, KeyError, TypeError) as e:
             why = f"missing field {e}" if isinstance(e, KeyError) else str(e)
             data.problems.append(f"{path}:{number}: {why}")

@@ -28,6 +28,7 @@ class TrainConfig:
     val_data: str | None = None  # held-out records; default: val_fraction of `data`
     val_fraction: float = 0.1
     max_length: int = 1024  # longer records are skipped and reported (text is cut into windows)
+    max_soft_tokens: int | None = None  # Gemma 4 soft tokens per image (70/140/280/560/1120); None = 280
     method: str = "lora"  # lora | qlora (LoRA over a frozen int8/int4 base) | full
     objective: str = "auto"  # sft | dpo; auto = dpo for preference data
     lora_r: int = 8
@@ -112,6 +113,7 @@ _HELP = {
     "batch_size": "sequences per process per micro-batch (a DPO pair counts as 2)",
     "precision": "auto (bf16 autocast on CUDA), bf16 (autocast on any device) or fp32",
     "resume": "continue the run in --out from its newest checkpoint",
+    "max_soft_tokens": "Gemma 4 soft tokens per image in records with images: 70, 140, 280, 560 or 1120",
 }
 
 
@@ -131,6 +133,6 @@ def add_arguments(parser: Any) -> None:
             parser.add_argument(flag, type=_targets, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(type(default).__name__, str)
-            if f.name == "max_steps":
+            if f.name in ("max_steps", "max_soft_tokens"):
                 kind = int
             parser.add_argument(flag, type=kind, default=None, help=help_text)

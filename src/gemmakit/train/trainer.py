@@ -9,6 +9,11 @@ batch, so accumulation and data parallelism give exactly the gradient of one lar
 single- and two-process loss curves together). AdamW with linear warmup and a cosine decay; gradient
 clipping; bf16 autocast where the device has it; activation checkpointing per decoder layer.
 
+On a multimodal checkpoint, chat records may hold images and audio (train/media_records.py): the towers encode
+them once while the data is read and stay frozen; LoRA adapts the decoder only, and the adapter is saved under
+the names PEFT gives the HF multimodal class. Full fine-tuning of such a checkpoint is refused: its export
+(checkpoints/export.py) writes the text model alone, and the towers would be lost.
+
 Nothing is lost: checkpoints every `save_every` steps (train/state.py, atomic), Ctrl-C or SIGTERM finishes
 the current step, saves and exits, and `resume` continues from the newest checkpoint with the same data order,
 RNG and optimizer state, so the loss curve continues as if never stopped. Outputs land in `out/`: the adapter
@@ -40,7 +45,8 @@ from gemmakit.checkpoints.common import CheckpointError
 from gemmakit.files import recover, swap_dir, write_text_atomic
 from gemmakit.train import distributed as D
 from gemmakit.train.data import Dataset, Example, collate, load_dataset, split, step_batches
-from gemmakit.train.lora import LoRALinear, add_lora, is_target, save_adapter
+from gemmakit.train.lora import LoRALinear, add_lora, save_adapter, target_linears
+from gemmakit.train.media_records import RecordMedia, rows_media
 from gemmakit.train.objectives import dpo_loss, sequence_logps, sft_loss
 from gemmakit.train.recipe import TrainConfig
 from gemmakit.train.report import MetricsLog, plot_losses
@@ -136,6 +142,7 @@ class Trainer:
         name = self.model.config.name if path.suffix == ".gguf" else path.name
         fmt = pick_chat_format(f"{name} {path.stem}", self.model.config.family, self.tokenizer, self.c.chat_format)
         self.chat_format = "dialogue" if fmt is None else ("template" if fmt.template else fmt.family)
+        self.media = RecordMedia(self.model, _media_refusal(self.model, fmt), self.c.max_soft_tokens)
         self.thought = None
         if fmt is None:
             self.render = lambda messages, gen, think: render_dialogue(messages, add_generation_prompt=gen)
@@ -148,10 +155,12 @@ class Trainer:
 
     def _load_data(self) -> None:
         c = self.c
-        data = load_dataset(c.data, self.tokenizer, self.render, c.max_length, c.format, self.thought)
+        self.model.eval()  # the towers encode the records' media now, as at inference
+        data = load_dataset(c.data, self.tokenizer, self.render, c.max_length, c.format, self.thought, self.media)
         if c.val_data:
             self.train = data
-            self.val = load_dataset(c.val_data, self.tokenizer, self.render, c.max_length, c.format, self.thought)
+            self.val = load_dataset(c.val_data, self.tokenizer, self.render, c.max_length, c.format, self.thought,
+                                    self.media)
             data.problems += self.val.problems
         else:
             self.train, self.val = split(data, c.val_fraction, c.seed)
@@ -166,14 +175,15 @@ class Trainer:
     def _adapt(self) -> None:
         c, model = self.c, self.model
         if c.method == "full":
+            if model.config.media_type is not None:
+                raise ValueError(f"full fine-tuning of a multimodal checkpoint ({model.config.name}) is not "
+                                 "supported: the written model would lose its towers; use --method lora or qlora")
             model.requires_grad_(True)
         else:
             if c.method == "qlora":
                 from gemmakit.train.qlora import quantize_targets
 
-                paths = [p for p, m in model.named_modules()
-                         if type(m) is torch.nn.Linear and is_target(p, c.lora_targets)]
-                quantize_targets(model, paths, c.qlora_bits)
+                quantize_targets(model, target_linears(model, c.lora_targets), c.qlora_bits)
             add_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets)
         if self.dpo and c.dpo_reference == "live" and c.method == "full":
             raise ValueError("a live DPO reference needs LoRA (the base is the adapters switched off); "
@@ -195,18 +205,23 @@ class Trainer:
         chunks = [[e for g in mine[i * per:(i + 1) * per] for e in g] for i in range(self.c.grad_accum)]
         return [(chunk, 1.0) if chunk else (step[:self.unit], 0.0) for chunk in chunks]
 
+    def batch(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Right-padded ids and labels on the device, and the rows' soft tokens (None without media)."""
+        ids, labels = (t.to(self.world.device) for t in collate(examples, self.tokenizer.pad_id))
+        return ids, labels, rows_media(examples, ids.shape, self.model.config.bidirectional_kinds, ids.device)
+
     def losses(self, examples: list[Example]) -> tuple[torch.Tensor, list[float]]:
         """(summed loss, [loss sum, count, margin sum, correct pairs, tokens]) of one micro-batch."""
-        ids, labels = (t.to(self.world.device) for t in collate(examples, self.tokenizer.pad_id))
+        ids, labels, media = self.batch(examples)
         tokens = float(sum(len(e.ids) for e in examples))
         with self.autocast:
             if not self.dpo:
-                loss, n = sft_loss(self.model, ids, labels)
+                loss, n = sft_loss(self.model, ids, labels, media)
                 return loss, [loss.item(), float(n), 0.0, 0.0, tokens]
-            policy = sequence_logps(self.model, ids, labels)
+            policy = sequence_logps(self.model, ids, labels, media)
             if self.c.dpo_reference == "live":
                 with torch.no_grad(), adapters_off(self.model):
-                    reference = sequence_logps(self.model, ids, labels)
+                    reference = sequence_logps(self.model, ids, labels, media)
             else:
                 reference = torch.tensor([e.reference for e in examples], device=policy.device)
         per_pair, margin = dpo_loss(policy, reference, self.c.dpo_beta)
@@ -268,9 +283,9 @@ class Trainer:
             bar = tqdm(total=len(examples), desc="reference log-probs", disable=not self._bar_on(), leave=False)
             for start in range(0, len(examples), self.c.batch_size):
                 chunk = examples[start:start + self.c.batch_size]
-                ids, labels = (t.to(self.world.device) for t in collate(chunk, self.tokenizer.pad_id))
+                ids, labels, media = self.batch(chunk)
                 with self.autocast:
-                    values += sequence_logps(self.model, ids, labels).tolist()
+                    values += sequence_logps(self.model, ids, labels, media).tolist()
                 bar.update(len(chunk))
             bar.close()
             self.model.train()
@@ -434,6 +449,19 @@ class Trainer:
         (tmp / "gemmakit.json").write_text(json.dumps({"chat_format": self.chat_format, "base_model": self.base_name,
                                                       "method": self.c.method}, indent=2))
         swap_dir(tmp, self.out / name)
+
+
+def _media_refusal(model: torch.nn.Module, fmt: Any) -> str | None:
+    """Why records with images / audio cannot train this model (None: they can)."""
+    from gemmakit.media.towers import accepts
+
+    if not accepts(model):
+        return ("the record has image or audio parts, but this model is text-only: fine-tune a multimodal "
+                "checkpoint (with its vision / audio tower weights), or drop the parts")
+    if fmt is None:
+        return ("the record has image or audio parts, but the model is prompted as a plain dialogue, which has no "
+                "place for them: use an instruction-tuned checkpoint or --chat-format gemma3|gemma4")
+    return None
 
 
 def finetune(config: TrainConfig, progress: bool = True, device: str | None = None) -> Result:
