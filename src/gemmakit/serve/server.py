@@ -69,7 +69,7 @@ class ServeOptions:
     def media_policy(self) -> MediaPolicy:
         dirs = tuple(Path(d) for d in self.media_dirs)
         return MediaPolicy(local_paths=bool(dirs), allowed_dirs=dirs, remote=self.remote_media,
-                           max_bytes=self.max_media_bytes)
+                           max_bytes=self.max_media_bytes, max_items=P.MAX_MEDIA_PARTS)  # counted before decoding
 
 
 MEDIA_AT_ONCE = 2  # requests whose images / audio are decoded and encoded at the same time
