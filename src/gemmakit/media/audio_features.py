@@ -56,7 +56,8 @@ def read_audio(path: str | Path | BinaryIO, max_seconds: float = MAX_SAMPLES / S
     try:
         info = soundfile.info(source)
     except (RuntimeError, soundfile.LibsndfileError) as e:
-        raise AudioFileError(f"{path}: not a readable audio file ({e}); convert it to WAV, FLAC, OGG or MP3, "
+        why = f" ({e})" if isinstance(source, str) else ""  # libsndfile names a file object by its repr
+        raise AudioFileError(f"{path}: not a readable audio file{why}; convert it to WAV, FLAC, OGG or MP3, "
                              "e.g. `ffmpeg -i INPUT -ar 16000 -ac 1 out.wav`") from None
     if not isinstance(source, str):
         source.seek(0)

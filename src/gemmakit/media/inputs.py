@@ -156,8 +156,10 @@ def open_image(source: Any, policy: MediaPolicy | None = None) -> Image.Image:
         data = read_source(source, policy)
         try:
             image = Image.open(io.BytesIO(data))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise MediaError(f"not an image Pillow can read ({e}); send PNG, JPEG, WebP or GIF") from e
+        except Image.DecompressionBombError as e:
+            raise MediaError(f"the image is too large to decode safely ({e}); scale it down first") from e
+        except (OSError, ValueError) as e:
+            raise MediaError("not an image Pillow can read; send PNG, JPEG, WebP or GIF") from e
     if image.width * image.height > policy.max_pixels:
         raise MediaError(f"the image is {image.width}x{image.height}, over the {policy.max_pixels:,}-pixel limit; "
                          "scale it down first")

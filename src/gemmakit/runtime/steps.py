@@ -71,9 +71,11 @@ class Runtime:
             end = media.safe_chunk_end(start, end) if media is not None else end
             pos = torch.arange(start, end, device=self.device)[None]
             step = (Prefill if start == 0 else Extend)(pos, self.cache, rows)
+            # Only a prompt with soft tokens passes them: a draft model or a test double needs no media argument.
             soft = batch_media([media], pos, kinds) if media is not None else None
+            extra = {} if soft is None else {"media": soft}
             out = forward(torch.tensor([tokens[start:end]], device=self.device), step=step, logits_to_keep=1,
-                          media=soft)[:, -1]
+                          **extra)[:, -1]
             start = end
         return self._certify(*self.screen(out, layout="packed"), out) if screened else StepOut(logits=out)
 
