@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from gemmakit.media.common import to_rgb
+
 BOI_TOKEN = "<start_of_image>"  # the placeholder a chat template writes for each image
 EOI_TOKEN = "<end_of_image>"
 IMAGE_TOKEN = "<image_soft_token>"  # one per soft token; the decoder swaps their embeddings for the tower's
@@ -67,15 +69,6 @@ class Gemma3ImageInputs(NamedTuple):
     text: str  # the prompt with each <start_of_image> expanded
     pixel_values: Tensor  # [sum(1 + crops), 3, H, W] float32: each image, then its crops
     num_crops: list[int]  # pan-and-scan crops per image (0 without pan-and-scan)
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """[H, W, 3] uint8; transparent pixels are composited onto white, as transformers does."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.array(image.convert("RGB"))
 
 
 def pan_and_scan(image: np.ndarray, c: Gemma3ImageProcessorConfig) -> list[np.ndarray]:

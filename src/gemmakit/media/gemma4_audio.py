@@ -20,12 +20,13 @@ Design:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmakit.media.common import hf_fields
 from gemmakit.media.gemma4_vision import ClippableLinear  # the same clipped linear as the image tower's
 from gemmakit.model import RMSNorm
 
@@ -57,8 +58,7 @@ class Gemma4AudioConfig:
     @classmethod
     def from_hf(cls, d: dict) -> Gemma4AudioConfig:
         """Read the fields this encoder uses from an HF `audio_config` dict; others are ignored."""
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg = cls(**hf_fields(cls, d))
         cfg.subsampling_conv_channels = tuple(cfg.subsampling_conv_channels)
         cfg.validate()
         return cfg

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from gemmakit.media.common import to_rgb
+
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 DEFAULT_SOFT_TOKENS = 280
 PATCH_SIZE = 16
@@ -78,15 +80,6 @@ def target_size(height: int, width: int, max_soft_tokens: int, patch_size: int =
         raise ImageInputError(f"a {width}x{height} image is too elongated for max_soft_tokens={max_soft_tokens}: "
                               "crop it nearer to square or choose a larger max_soft_tokens")
     return h, w
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """[H, W, 3] uint8; transparency composited onto white."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.array(image.convert("RGB"))
 
 
 def _open(image: Image.Image | str | Path) -> Image.Image:

@@ -21,10 +21,12 @@ with only real soft tokens means the decoder's placeholder count is the only thi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from gemmakit.media.common import hf_fields
 
 __all__ = [
     "UnifiedVisionConfig",
@@ -55,11 +57,6 @@ def _text_hidden(d: dict, sub: str, text_hidden_size: int | None) -> tuple[dict,
     return sub_d, int(hidden)
 
 
-def _known_fields(cls: type, d: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-
 @dataclass
 class UnifiedVisionConfig:
     """HF `Gemma4UnifiedVisionConfig` fields (5.23 defaults) plus the text width it projects to."""
@@ -76,7 +73,7 @@ class UnifiedVisionConfig:
     def from_hf(cls, d: dict, text_hidden_size: int | None = None) -> UnifiedVisionConfig:
         """From config.json (reads `vision_config` and `text_config.hidden_size`) or from `vision_config` alone."""
         sub, hidden = _text_hidden(d, "vision_config", text_hidden_size)
-        cfg = cls(**_known_fields(cls, sub), text_hidden_size=hidden)
+        cfg = cls(**hf_fields(cls, sub), text_hidden_size=hidden)
         if cfg.output_proj_dims != cfg.mm_embed_dim:
             raise ValueError(
                 f"vision_config.output_proj_dims ({cfg.output_proj_dims}) must equal mm_embed_dim "
@@ -105,7 +102,7 @@ class UnifiedAudioConfig:
     def from_hf(cls, d: dict, text_hidden_size: int | None = None) -> UnifiedAudioConfig:
         """From config.json (reads `audio_config` and `text_config.hidden_size`) or from `audio_config` alone."""
         sub, hidden = _text_hidden(d, "audio_config", text_hidden_size)
-        return cls(**_known_fields(cls, sub), text_hidden_size=hidden)
+        return cls(**hf_fields(cls, sub), text_hidden_size=hidden)
 
 
 def _rms_norm_no_scale(x: torch.Tensor, eps: float) -> torch.Tensor:

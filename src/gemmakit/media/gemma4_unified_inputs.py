@@ -19,7 +19,6 @@ token, so each step follows transformers 5.23 exactly:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,11 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gemmakit.media.common import to_rgb
+from gemmakit.media.gemma4_images import target_size
+
 __all__ = [
     "IMAGE_TOKEN", "BOI_TOKEN", "EOI_TOKEN", "AUDIO_TOKEN", "BOA_TOKEN", "EOA_TOKEN",
     "SUPPORTED_SOFT_TOKENS",
     "UnifiedImageInputs", "UnifiedAudioInputs", "UnifiedPrompt",
-    "unified_image_size", "preprocess_unified_images", "preprocess_unified_audio",
+    "preprocess_unified_images", "preprocess_unified_audio",
     "image_replacement", "audio_replacement", "expand_unified_prompt", "prepare_unified_inputs",
 ]
 
@@ -63,41 +65,12 @@ class UnifiedPrompt:
     audio: UnifiedAudioInputs | None
 
 
-def unified_image_size(height: int, width: int, max_soft_tokens: int = 280, patch_size: int = 16,
-                       pooling_kernel_size: int = 3) -> tuple[int, int]:
-    """The (height, width) HF resizes an image to: largest multiples of 48 px within the patch budget."""
-    max_patches = max_soft_tokens * pooling_kernel_size**2
-    budget = max_patches * patch_size**2
-    side = pooling_kernel_size * patch_size
-    factor = math.sqrt(budget / (height * width))
-    h = int(math.floor(factor * height / side)) * side
-    w = int(math.floor(factor * width / side)) * side
-    if h == 0 and w == 0:
-        raise ValueError(f"cannot fit a {height}x{width} image into {side} px squares")
-    longest = (max_patches // pooling_kernel_size**2) * side
-    if h == 0:  # very wide: one row of squares, as many as the aspect allows
-        h, w = side, min(int(math.floor(width / height)) * side, longest)
-    elif w == 0:
-        h, w = min(int(math.floor(height / width)) * side, longest), side
-    if h * w > budget:
-        raise ValueError(f"a {height}x{width} image would need {h}x{w} px, over {max_soft_tokens} soft tokens")
-    return h, w
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # Transparent pixels become white, as in HF's convert_to_rgb (not black, as PIL's convert would give).
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _one_image(image: Image.Image, max_soft_tokens: int, patch_size: int,
                pooling_kernel_size: int) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(image, Image.Image):
         raise TypeError(f"images must be PIL images (open files with PIL.Image.open); got {type(image).__name__}")
-    rgb = _to_rgb(image)
-    h, w = unified_image_size(rgb.height, rgb.width, max_soft_tokens, patch_size, pooling_kernel_size)
+    rgb = Image.fromarray(to_rgb(image))
+    h, w = target_size(rgb.height, rgb.width, max_soft_tokens, patch_size, pooling_kernel_size)
     if (h, w) != (rgb.height, rgb.width):
         rgb = rgb.resize((w, h), resample=Image.Resampling.BICUBIC)
     pixels = (np.asarray(rgb, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)

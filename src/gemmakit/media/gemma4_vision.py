@@ -24,7 +24,7 @@ Design:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemmakit.config import ConfigError
+from gemmakit.media.common import hf_fields
 
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -61,8 +62,7 @@ class Gemma4VisionConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> Gemma4VisionConfig:
         """Build from the `vision_config` dict of a config.json; unknown keys (model_type, dropout...) are ignored."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs = hf_fields(cls, d)
         rope = d.get("rope_parameters") or {}
         if "rope_theta" in rope:
             kwargs["rope_theta"] = float(rope["rope_theta"])

@@ -24,7 +24,7 @@ Design:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemmakit.config import ConfigError
+from gemmakit.media.common import hf_fields
 from gemmakit.model import RMSNorm
 
 _GELU_APPROXIMATION = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # HF hidden_act -> torch gelu approximate
@@ -44,11 +45,6 @@ def _side(value: Any, name: str) -> int:
             raise ConfigError(f"vision_config.{name} is {value}: only square sizes are supported; give one int")
         value = value[0]
     return int(value)
-
-
-def _known(cls: type, d: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass
@@ -70,7 +66,7 @@ class SiglipVisionConfig:
     @classmethod
     def from_hf(cls, d: dict) -> SiglipVisionConfig:
         """From the `vision_config` dict of a config.json (unknown keys such as `model_type` are ignored)."""
-        c = cls(**_known(cls, d))
+        c = cls(**hf_fields(cls, d))
         c.image_size, c.patch_size = _side(c.image_size, "image_size"), _side(c.patch_size, "patch_size")
         if c.image_size % c.patch_size:
             raise ConfigError(f"vision_config.image_size {c.image_size} is not a multiple of patch_size "
