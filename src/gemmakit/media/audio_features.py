@@ -24,6 +24,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from gemmakit.media.common import expand_placeholders
+
 SAMPLE_RATE = 16_000
 MAX_SAMPLES = 30 * SAMPLE_RATE  # the extractor's max_length; 750 soft tokens
 PAD_MULTIPLE = 128  # the extractor pads the batch's longest clip to a multiple of this
@@ -183,12 +185,4 @@ def audio_placeholder(num_soft_tokens: int) -> str:
 
 def expand_audio_prompt(text: str, num_soft_tokens: Sequence[int]) -> str:
     """Replace each `<|audio|>` of a rendered prompt, in order, by its clip's begin/tokens/end run."""
-    parts = text.split(AUDIO_TOKEN)
-    if len(parts) - 1 != len(num_soft_tokens):
-        raise ValueError(f"the prompt has {len(parts) - 1} {AUDIO_TOKEN} placeholders but {len(num_soft_tokens)} "
-                         "clips were given; pass one clip per placeholder, in order")
-    out = [parts[0]]
-    for n, rest in zip(num_soft_tokens, parts[1:], strict=True):
-        out += [audio_placeholder(n), rest]
-    return "".join(out)
-
+    return expand_placeholders(text, AUDIO_TOKEN, [audio_placeholder(n) for n in num_soft_tokens], "clips")

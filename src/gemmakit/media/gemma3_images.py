@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gemmakit.media.common import to_rgb
+from gemmakit.media.common import expand_placeholders, to_rgb
 
 BOI_TOKEN = "<start_of_image>"  # the placeholder a chat template writes for each image
 EOI_TOKEN = "<end_of_image>"
@@ -135,14 +135,7 @@ def image_placeholder(num_crops: int, c: Gemma3ImageProcessorConfig) -> str:
 
 def expand_image_tokens(prompt: str, num_crops: list[int], c: Gemma3ImageProcessorConfig) -> str:
     """Replace the i-th `<start_of_image>` of `prompt` by image i's placeholder text."""
-    pieces = prompt.split(BOI_TOKEN)
-    if len(pieces) - 1 != len(num_crops):
-        raise ValueError(f"the prompt has {len(pieces) - 1} {BOI_TOKEN} placeholders but {len(num_crops)} images "
-                         f"were given; put one {BOI_TOKEN} where each image goes")
-    out = [pieces[0]]
-    for n, piece in zip(num_crops, pieces[1:], strict=True):
-        out += [image_placeholder(n, c), piece]
-    return "".join(out)
+    return expand_placeholders(prompt, BOI_TOKEN, [image_placeholder(n, c) for n in num_crops], "images")
 
 
 def process_gemma3_images(prompt: str, images: list[Image.Image],

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from gemmakit.media.common import to_rgb
+from gemmakit.media.common import expand_placeholders, to_rgb
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 DEFAULT_SOFT_TOKENS = 280
@@ -133,14 +133,8 @@ def image_placeholder(n_soft_tokens: int) -> str:
 
 def expand_image_tokens(text: str, soft_tokens: Sequence[int]) -> str:
     """Replace the i-th `<|image|>` of `text` with image i's placeholder; everything else is left as it is."""
-    pieces = text.split(IMAGE_TOKEN)
-    if len(pieces) - 1 != len(soft_tokens):
-        raise ImageInputError(f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} placeholders but "
-                              f"{len(soft_tokens)} images were given; put one {IMAGE_TOKEN} where each image goes")
-    out = [pieces[0]]
-    for n, piece in zip(soft_tokens, pieces[1:], strict=True):
-        out += [image_placeholder(n), piece]
-    return "".join(out)
+    return expand_placeholders(text, IMAGE_TOKEN, [image_placeholder(n) for n in soft_tokens], "images",
+                               ImageInputError)
 
 
 def prepare_gemma4_images(text: str, images: Sequence[Image.Image | str | Path],
