@@ -150,3 +150,21 @@ def _chunk_ids(mtmd, chunks) -> list[int]:
         else:
             ids += [IDS["image_token_index"]] * mtmd.mtmd_input_chunk_get_n_tokens(chunk)
     return ids
+
+
+def test_the_cli_takes_the_pair(pair, tmp_path, capsys):
+    """`--mmproj` names the tower file (here a copy away from the text GGUF); without it, none is found."""
+    import shutil
+
+    from gemmakit.cli import main
+
+    _, _, _, text = pair
+    alone = tmp_path / "text.gguf"
+    shutil.copy(text, alone)
+    towers_file = shutil.copy(text.parent / "mmproj-tiny-gemma3.gguf", tmp_path / "elsewhere.gguf")
+    args = ["generate", "--model", str(alone), "--chat-format", "gemma3", "--chat", "hi", "--image",
+            str(MEDIA / "scene.jpg"), "--max-tokens", "2"]
+    assert main([*args, "--mmproj", str(towers_file)]) in (0, None)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "text-only" in capsys.readouterr().err

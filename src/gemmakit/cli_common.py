@@ -56,6 +56,8 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
                                                  "Gemma 3 270M)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT format, e.g. from gemmakit "
                                                    "finetune) merged into the weights as they load")
+    p.add_argument("--mmproj", default=None, help="for a .gguf model: llama.cpp's image / audio tower file "
+                                                  "(default: the one mmproj*.gguf beside the model, if any)")
     p.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS,
                    help="how to prompt for chat: auto (the checkpoint's template; a plain dialogue for base "
                         "models), or force one")
@@ -169,7 +171,7 @@ def load_llm(args: argparse.Namespace, warm_up: bool = True):
     with spinner(label):
         llm = load(args.model, args.dtype, args.device, args.chat_format, args.context, compile=args.compiled,
                    quantize=quantize, pack=parse_switch("--pack", args.pack, allow_auto=True),
-                   adapter=getattr(args, "adapter", None))
+                   adapter=getattr(args, "adapter", None), mmproj=getattr(args, "mmproj", None))
     if args.compiled and warm_up:
         with spinner("compiling the decode step (a minute the first time; --compile off skips it)"):
             llm.engine.warmup()
