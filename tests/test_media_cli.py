@@ -85,8 +85,8 @@ def test_generate_chat_with_image_and_audio(tmp_path_factory, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "--chat", "hi", "--image", SCENE], "text-only model; give --model a multimodal checkpoint"),
-    (["chat", "--audio", TONE], "text-only model; give --model a multimodal checkpoint"),
+    (["generate", "--chat", "hi", "--image", SCENE], "text-only model; load a multimodal checkpoint"),
+    (["chat", "--audio", TONE], "text-only model; load a multimodal checkpoint"),
     (["generate", "hi", "--image", SCENE], "go with --chat"),
     (["generate", "--chat", "hi", "--image", "/no/such.jpg"], "no such image file: /no/such.jpg"),
 ])

@@ -143,7 +143,7 @@ def test_a_model_that_cannot_read_the_media_refuses_before_any_work(checkpoint, 
     args = ["--media-dir", str(MEDIA), *RUN]
     assert main(["eval", "custom", "--data", str(FIX / "choices.jsonl"), "--out", str(tmp_path / "a"), "--model",
                  str(text_only), *args]) == 2
-    assert "is a text-only model: load a multimodal checkpoint" in capsys.readouterr().err
+    assert "is a text-only model; load a multimodal checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "a" / "samples").exists()
     (tmp_path / "audio.jsonl").write_text(json.dumps({"audio": "tone.flac", "prompt": "w1", "reference": "w2"}))
     assert main(["eval", "custom", "--data", str(tmp_path / "audio.jsonl"), "--out", str(tmp_path / "b"), "--model",

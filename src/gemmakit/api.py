@@ -32,7 +32,7 @@ from gemmakit.flags import check_chat_format, normalize_quantize
 from gemmakit.media.inputs import MediaPolicy, collect
 from gemmakit.media.prompt import encode_with_media
 from gemmakit.media.soft import MediaError, PromptMedia
-from gemmakit.media.towers import accepts
+from gemmakit.media.towers import check_kinds
 from gemmakit.media.towers import encode as encode_media
 from gemmakit.model import Gemma
 from gemmakit.runtime.device import resolve_device, resolve_dtype
@@ -106,12 +106,7 @@ class LLM:
         messages, items = collect(_as_messages(messages), policy or self.media_policy)
         if not items:
             return self.encode_prompt(self.render(messages, tools, enable_thinking)), None
-        missing = {i.kind for i in items} - accepts(self.model)
-        if missing:
-            raise MediaError(f"{self.name or 'this model'} cannot read {' or '.join(sorted(missing))}: " + (
-                f"it reads {', '.join(sorted(accepts(self.model)))} only" if accepts(self.model) else
-                "it is a text-only model; load a multimodal checkpoint (e.g. a gemma-3-4b-it directory with its "
-                "vision tower, or a text GGUF with its --mmproj file)"))
+        check_kinds(self.model, {i.kind for i in items}, self.name)
         if self.chat_format is None:
             raise MediaError("this model is prompted as a base model (a plain dialogue), which has no place for "
                              "images or audio; use an instruction-tuned checkpoint or --chat-format gemma3|gemma4")

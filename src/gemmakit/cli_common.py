@@ -119,14 +119,10 @@ def check_media(llm: Any, part: dict[str, Any]) -> None:
     the model has the tower for its kind and a chat format with a place for it."""
     from gemmakit.media.inputs import open_audio, open_image
     from gemmakit.media.soft import MediaError
-    from gemmakit.media.towers import accepts
+    from gemmakit.media.towers import check_kinds
 
-    kind, readable = part["type"], accepts(llm.model)
-    if kind not in readable:
-        raise MediaError(f"{llm.name or 'this model'} cannot read {kind}: " + (
-            f"it reads {', '.join(sorted(readable))} only" if readable else
-            "it is a text-only model; give --model a multimodal checkpoint (e.g. a gemma-3-4b-it or gemma-4 "
-            "directory with its vision / audio weights)"))
+    kind = part["type"]
+    check_kinds(llm.model, {kind}, llm.name)
     if llm.is_base:
         raise MediaError("this model is prompted as a base model (a plain dialogue), which has no place for images "
                          "or audio; use an instruction-tuned checkpoint or --chat-format gemma3|gemma4")

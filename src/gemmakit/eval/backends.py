@@ -74,15 +74,12 @@ class LocalBackend:
     # --- scoring -----------------------------------------------------------------------------
     def check_media(self, kinds: set[str], chat: bool) -> None:
         """Refuse, before any work, media this model cannot read (`chat`: media questions go through chat)."""
-        from gemmakit.media.towers import accepts
+        from gemmakit.media.towers import check_kinds
 
-        readable = accepts(self.llm.model)
-        if missing := kinds - readable:
-            raise MediaError(f"the task has {' and '.join(sorted(missing))} questions, but "
-                             f"{self.llm.name or 'this model'} " + (
-                                 f"reads {', '.join(sorted(readable))} only" if readable else
-                                 "is a text-only model: load a multimodal checkpoint (e.g. a gemma-3-4b-it "
-                                 "directory with its vision tower, or a text GGUF with its --mmproj file)"))
+        try:
+            check_kinds(self.llm.model, kinds, self.llm.name)
+        except MediaError as e:
+            raise MediaError(f"the task has {' and '.join(sorted(kinds))} questions, but {e}") from e
         if chat and self.llm.is_base:
             raise MediaError("--chat with media needs an instruction-tuned model (a base model's plain dialogue "
                              "has no place for images); drop --chat or set --chat-format gemma3|gemma4")

@@ -124,6 +124,17 @@ def workspace_bytes(model: nn.Module, max_soft_tokens: int = 1120) -> int:
     return need
 
 
+def check_kinds(model: nn.Module, kinds: set[str], name: str | None = None) -> None:
+    """Refuse, saying what to do, media kinds `model` has no tower for (before any file is decoded)."""
+    reads = accepts(model)
+    if missing := set(kinds) - reads:
+        what = " or ".join(sorted(missing))
+        raise MediaError(f"{name or model.config.name} cannot read {what}: " + (
+            f"it reads {', '.join(sorted(reads))} only" if reads else
+            "it is a text-only model; load a multimodal checkpoint (an HF directory with its vision / audio "
+            "towers, or a text GGUF with its --mmproj file)"))
+
+
 @torch.inference_mode()
 def encode(model: nn.Module, inputs: list[MediaInput], max_soft_tokens: int | None = None) -> list[Expanded]:
     """Each input's placeholder text and soft tokens [n, H] (the decoder's dtype), in input order.
@@ -131,11 +142,7 @@ def encode(model: nn.Module, inputs: list[MediaInput], max_soft_tokens: int | No
     setting, else 280)."""
     if not inputs:
         return []
-    missing = {i.kind for i in inputs} - accepts(model)
-    if missing:
-        raise MediaError(f"{model.config.name} cannot read {' or '.join(sorted(missing))}: "
-                         + (f"it reads {', '.join(sorted(accepts(model)))} only" if accepts(model) else
-                            "it is a text-only model; load a multimodal checkpoint with its tower weights"))
+    check_kinds(model, {i.kind for i in inputs})
     images = [i.value for i in inputs if i.kind == "image"]
     clips = [i.value for i in inputs if i.kind == "audio"]
     family = model.config.media_type

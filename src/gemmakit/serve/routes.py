@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from gemmakit.chat.dialogue import STOP_STRINGS as DIALOGUE_STOPS
 from gemmakit.chat.parser import StreamParser
 from gemmakit.media.soft import MediaError, PromptMedia
-from gemmakit.media.towers import accepts
+from gemmakit.media.towers import check_kinds
 from gemmakit.serve import protocol as P
 from gemmakit.serve.choices import Choice
 from gemmakit.serve.server import (
@@ -154,15 +154,10 @@ def _chat_prompt(llm: Any, messages: list[dict], tools: list[dict] | None, think
 
 def check_media_kinds(llm: Any, name: str, kinds: set[str]) -> None:
     """Images or audio the model has no tower for are refused before any of them is decoded."""
-    reads = accepts(llm.model)
-    if missing := kinds - reads:
-        what = " or ".join(sorted(missing))
-        if not reads:
-            raise P.ParamError(f"{name} is a text-only model and cannot read {what}: send text only, or "
-                               "serve a multimodal checkpoint (e.g. a gemma-3-4b-it directory with its vision "
-                               "tower, or a GGUF with its --mmproj file)", "messages", "unsupported_media")
-        raise P.ParamError(f"{name} cannot read {what}; it reads {', '.join(sorted(reads))} only",
-                           "messages", "unsupported_media")
+    try:
+        check_kinds(llm.model, kinds, name)
+    except MediaError as e:
+        raise P.ParamError(str(e), "messages", "unsupported_media") from e
 
 
 def _text_of(content: Any) -> str | None:
