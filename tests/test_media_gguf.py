@@ -20,6 +20,7 @@ from gemmakit.media.prompt import encode_with_media
 from gemmakit.media.soft import PromptMedia, batch_media
 from gemmakit.media.towers import MediaInput, encode, towers
 from tests.media_models import MEDIA, hf_multimodal
+from tests.mtmd import mtmd_session
 
 # Placeholder ids of the byte-level vocabulary below (transformers' config says the same ids).
 IDS = {"boi_token_index": 259, "eoi_token_index": 260, "image_token_index": 261}
@@ -93,32 +94,17 @@ def test_a_wrong_or_missing_mmproj_is_refused(pair, tmp_path):
 def test_llama_cpp_runs_the_pair_to_the_same_logits(pair):
     """llama.cpp's mtmd encodes the image with the mmproj, decodes the prompt with the text GGUF, and its
     next-token logits after `<image> and say` equal gemmakit's (and so transformers')."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
     from_hf, _, tokenizer, text = pair
     side = 56  # already the tower's size: both resizes are the identity, only the models are compared
     image = np.asarray(Image.open(MEDIA / "scene.jpg").convert("RGB").resize((side, side), Image.BICUBIC)).copy()
-    llm = llama_cpp.Llama(str(text), n_ctx=256, n_threads=2, verbose=False, logits_all=False)
-    params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 2, False, False
-    ctx = mtmd.mtmd_init_from_file(str(text.parent / "mmproj-tiny-gemma3.gguf").encode(), llm._model.model, params)
-    assert ctx, "llama.cpp's mtmd refused the mmproj file"
-    bitmap = mtmd.mtmd_bitmap_init(side, side, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes()))
-    chunks = mtmd.mtmd_input_chunks_init()
-    try:
-        prompt = b"look at " + mtmd.mtmd_default_marker() + b" and say"
-        text_in = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
-        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text_in), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-        ids = _chunk_ids(mtmd, chunks)
-        n_past = llama_cpp.llama_pos(0)
-        assert mtmd.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 64, True, ctypes.byref(n_past)) == 0
-        theirs = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+    with mtmd_session(text, text.parent / "mmproj-tiny-gemma3.gguf") as s:
+        s.tokenize(b"look at " + s.mtmd.mtmd_default_marker() + b" and say", s.image(image))
+        ids = _chunk_ids(s.mtmd, s.chunks)
+        n_past = s.llama_cpp.llama_pos(0)
+        assert s.mtmd.mtmd_helper_eval_chunks(s.ctx, s.llm._ctx.ctx, s.chunks, 0, 0, 64, True,
+                                              ctypes.byref(n_past)) == 0
+        theirs = np.ctypeslib.as_array(s.llama_cpp.llama_get_logits_ith(s.llm._ctx.ctx, -1),
                                        shape=(from_hf.config.vocab_size,)).copy()
-    finally:
-        mtmd.mtmd_input_chunks_free(chunks)
-        mtmd.mtmd_bitmap_free(bitmap)
-        mtmd.mtmd_free(ctx)
-        llm.close()
     # gemmakit on the same pixels (llama.cpp normalises with the file's mean/std, 0.5) and the same token ids.
     pixels = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
     from gemmakit.media.siglip import gemma3_image_embeddings

@@ -5,7 +5,6 @@ the file run by llama.cpp's mtmd against transformers, Gemma 4's names checked t
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import gguf
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from gemmakit.checkpoints.common import CheckpointError
 from gemmakit.checkpoints.mmproj import read_mmproj, write_mmproj
+from tests.mtmd import mtmd_session
 
 MEDIA = Path(__file__).parent / "fixtures" / "media"
 TEXT_HIDDEN = 64
@@ -141,8 +141,6 @@ def test_names_types_and_keys_are_what_llama_cpps_converter_writes(g3, dtype, tm
 def test_llama_cpp_mtmd_embeds_an_image_as_transformers_does(g3, tmp_path):
     """The pair (text GGUF from gemmakit's exporter + this mmproj) loaded by llama.cpp's mtmd: the soft tokens it
     computes for a real image match transformers' get_image_features on the same weights and pixels."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
     from PIL import Image
 
     from gemmakit.checkpoints.export_gguf import export_gguf
@@ -154,28 +152,12 @@ def test_llama_cpp_mtmd_embeds_an_image_as_transformers_does(g3, tmp_path):
     text = export_gguf(Gemma(tiny("gemma3")).eval(), tmp_path / "text.gguf", byte_tokenizer(), "f32")
     # Already at the tower's 56x56, so llama.cpp's resize and HF's are both the identity and only the towers differ.
     image = np.asarray(Image.open(MEDIA / "scene.jpg").convert("RGB").resize((56, 56), Image.BICUBIC)).copy()
-    llm = llama_cpp.Llama(str(text), n_ctx=128, n_threads=2, verbose=False)
-    params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 2, False, False
-    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
-    assert ctx, "llama.cpp's mtmd refused the mmproj file"
-    bitmap = mtmd.mtmd_bitmap_init(56, 56, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes()))
-    chunks = mtmd.mtmd_input_chunks_init()
-    try:
-        prompt = b"look: " + mtmd.mtmd_default_marker()
-        text_in = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
-        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text_in), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-        kinds = [mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i))
-                 for i in range(mtmd.mtmd_input_chunks_size(chunks))]
-        chunk = mtmd.mtmd_input_chunks_get(chunks, kinds.index(mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE))
-        n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-        assert n == 4 and mtmd.mtmd_encode_chunk(ctx, chunk) == 0
-        ours = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * TEXT_HIDDEN,)).reshape(n, -1).copy()
-    finally:
-        mtmd.mtmd_input_chunks_free(chunks)
-        mtmd.mtmd_bitmap_free(bitmap)
-        mtmd.mtmd_free(ctx)
-        llm.close()
+    with mtmd_session(text, mmproj, n_ctx=128) as s:
+        chunks = s.tokenize(b"look: " + s.mtmd.mtmd_default_marker(), s.image(image))
+        chunk = next(c for c in chunks if s.mtmd.mtmd_input_chunk_get_type(c) == s.mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+        ours = s.encode(chunk, TEXT_HIDDEN)
+    n = ours.shape[0]
+    assert n == 4
     pixels = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
     with torch.no_grad():
         ref = g3.get_image_features(pixel_values=pixels[None])
@@ -323,8 +305,6 @@ def test_llama_cpp_mtmd_runs_the_gemma4_file_both_towers_read_back_from(g4, tmp_
     """The converter-route file of the test above is one llama.cpp's mtmd loads and runs through its real gemma4v /
     gemma4a graphs, so the names read_mmproj maps are the ones llama.cpp uses; the image's soft tokens match
     transformers' on the same pixels, which holds only if the patch-kernel layout is the one llama.cpp reads."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
     from PIL import Image
 
     from gemmakit.checkpoints.export_gguf import export_gguf
@@ -334,39 +314,18 @@ def test_llama_cpp_mtmd_runs_the_gemma4_file_both_towers_read_back_from(g4, tmp_
 
     mmproj = converter_gemma4_file(g4, tmp_path / "g4.gguf")
     text = export_gguf(Gemma(tiny("31b")).eval(), tmp_path / "text.gguf", bpe_tokenizer(), "f32")
-    llm = llama_cpp.Llama(str(text), n_ctx=256, n_threads=2, verbose=False)
-    params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 2, False, False
-    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
-    assert ctx, "llama.cpp's mtmd refused the Gemma 4 mmproj file"
     # 120 x 96 is a size llama.cpp's gemma4v preprocessing keeps as it is (whole 3x3 pools of 4-pixel patches).
     width, height = 120, 96
     image = np.asarray(Image.open(MEDIA / "scene.jpg").convert("RGB").resize((width, height), Image.BICUBIC)).copy()
     audio = (0.3 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
-    bitmaps = [mtmd.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes())),
-               mtmd.mtmd_bitmap_init_from_audio(audio.size, (ctypes.c_float * audio.size)(*audio))]
     outputs = []
-    try:
-        assert mtmd.mtmd_support_vision(ctx) and mtmd.mtmd_support_audio(ctx)
-        kinds = (mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE, mtmd.MTMD_INPUT_CHUNK_TYPE_AUDIO)
-        for bitmap, kind in zip(bitmaps, kinds, strict=True):
-            chunks = mtmd.mtmd_input_chunks_init()
-            prompt = b"x " + mtmd.mtmd_default_marker()
-            text_in = mtmd.mtmd_input_text(prompt, len(prompt), True, True)
-            one = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text_in), one, 1) == 0
-            found = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
-            chunk = next(c for c in found if mtmd.mtmd_input_chunk_get_type(c) == kind)
-            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-            assert n > 0 and mtmd.mtmd_encode_chunk(ctx, chunk) == 0
-            out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * TEXT_HIDDEN,))
-            outputs.append(out.reshape(n, TEXT_HIDDEN).copy())
-            mtmd.mtmd_input_chunks_free(chunks)
-    finally:
-        for bitmap in bitmaps:
-            mtmd.mtmd_bitmap_free(bitmap)
-        mtmd.mtmd_free(ctx)
-        llm.close()
+    with mtmd_session(text, mmproj) as s:
+        m = s.mtmd
+        assert m.mtmd_support_vision(s.ctx) and m.mtmd_support_audio(s.ctx)
+        for bitmap, kind in ((s.image(image), m.MTMD_INPUT_CHUNK_TYPE_IMAGE),
+                             (s.audio(audio), m.MTMD_INPUT_CHUNK_TYPE_AUDIO)):
+            chunks = s.tokenize(b"x " + m.mtmd_default_marker(), bitmap)
+            outputs.append(s.encode(next(c for c in chunks if m.mtmd_input_chunk_get_type(c) == kind), TEXT_HIDDEN))
     assert np.isfinite(outputs[1]).all() and np.abs(outputs[1]).max() > 0  # audio: runs (its features differ)
     p = g4.config.vision_config.patch_size  # HF's patches: raster order, each flattened (row, col, channel)
     rows, cols = height // p, width // p
