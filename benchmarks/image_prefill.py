@@ -9,9 +9,11 @@ runs `gemma3_image_embeddings` (gemmakit.media.siglip). The image is tests/fixtu
 once; each side preprocesses it with its own processor (transformers' PIL `Gemma3ImageProcessorPil`,
 gemmakit's `preprocess_images`), so one repetition is preprocess + tower + projector, end to end.
 
-Each (library, dtype) is a fresh process (this script with --worker), run one after another so that two
-1.7 GB models never share the machine: build, one untimed warm-up pass (oneDNN's first-call work, first-touch
-pages), then --repeats timed passes; the table shows medians. Definitions, the same on both sides:
+Each library runs in its own fresh process per dtype (this script with --worker), so each has its own peak.
+The two are built one after the other, then driven a pass at a time, alternately (each goes first in every
+other round), so that only one computes at any moment and a busy phase of a shared machine hits both alike:
+one untimed warm-up pass each (oneDNN's first-call work, first-touch pages), then --repeats timed passes; the
+table shows medians. Definitions, the same on both sides:
 - image s: median wall time of one end-to-end pass; preprocess s and tower s split it (tower s is tower +
   projector, the model's share);
 - patches/s: 4096 / tower s, the tower's rate over image patches; soft tokens/s: 256 / image s;
@@ -22,10 +24,10 @@ pages), then --repeats timed passes; the table shows medians. Definitions, the s
   attention scratch, allocator slack. (tracemalloc cannot see torch's allocations; ru_maxrss alone would
   include the build, whose peak differs between the libraries.) `model MiB` is the weights' own bytes;
 - x transformers: gemmakit's patches/s and peak above model over transformers' of the same dtype, this run;
-- max |diff|: the largest difference between the two sides' soft tokens (fp32 values), a check that both
-  computed the same thing: ~1e-5 in fp32, bf16 rounding in bf16;
-- other load: cores other processes kept busy while a worker ran (the machine may be shared; each worker
-  first waits up to --wait-idle seconds for it to go quiet).
+- max |diff|: the largest difference between the two sides' soft tokens of the last pass (as fp32), a check
+  that both computed the same thing from the same weights and pixels;
+- other load: median over the timed passes of the cores other processes kept busy during a pass (the machine
+  may be shared; each pass first waits up to --wait-idle seconds for it to go quiet).
 
 --json PATH writes the rows, the setup and the machine (CPU model and flags, ISA limits, torch's CPU capability,
 as benchmarks/engine_vs_peers.py records them), atomically; --render A.json [B.json ...] prints the Markdown of
@@ -52,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_vs_peers import busy_cpu_seconds, children_cpu_seconds, machine_info, wait_for_idle  # noqa: E402
+from engine_vs_peers import busy_cpu_seconds, machine_info, wait_for_idle  # noqa: E402
 
 from gemmakit.bench import MiB, current_rss_bytes, format_table, peak_rss_bytes, reset_peak_rss  # noqa: E402
 from gemmakit.files import write_text_atomic  # noqa: E402
@@ -117,7 +119,9 @@ def build_transformers(seed: int):
     return model
 
 
-def worker(side: str, dtype: str, repeats: int, seed: int, threads: int, out: str) -> dict:
+def worker(side: str, dtype: str, seed: int, threads: int, out: str) -> None:
+    """Build, say `ready`, then one pass per `pass` line on stdin (a JSON line of its times back each), and at
+    `end` the peak above the model and the soft tokens (to `out`). The driver alternates two such processes."""
     from PIL import Image
 
     from gemmakit.checkpoints.common import return_freed_memory
@@ -158,36 +162,71 @@ def worker(side: str, dtype: str, repeats: int, seed: int, threads: int, out: st
     return_freed_memory()
     before = current_rss_bytes()
     reset_peak_rss()
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 1):  # the first pass is the warm-up
+    say({"model_bytes": model_bytes, "rss_before": before, "path": path})
+    soft = None
+    for line in sys.stdin:
+        if line.strip() == "end":
+            break
+        with torch.inference_mode():
             t0 = time.perf_counter()
             pixel_values = preprocess()
             t1 = time.perf_counter()
             soft = embed(pixel_values)
             t2 = time.perf_counter()
-            if i:
-                times.append((t1 - t0, t2 - t1, t2 - t0))
-    peak = peak_rss_bytes()
-    if tuple(soft.shape) != (SOFT_TOKENS, CONFIG_4B["text_config"]["hidden_size"]):
-        raise RuntimeError(f"{side} returned soft tokens of shape {tuple(soft.shape)}")
+        say({"times": [t1 - t0, t2 - t1, t2 - t0]})
+    if soft is None or tuple(soft.shape) != (SOFT_TOKENS, CONFIG_4B["text_config"]["hidden_size"]):
+        raise RuntimeError(f"{side} returned no soft tokens or the wrong shape")
     torch.save(soft.float().clone(), out)
-    return {"times": times, "peak_above_model": peak - before, "rss_before": before, "model_bytes": model_bytes,
-            "path": path}
+    say({"peak_above_model": peak_rss_bytes() - before})
 
 
-def spawn(side: str, dtype: str, args: argparse.Namespace, out: str) -> dict:
-    threads = str(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    cmd = [sys.executable, __file__, "--worker", side, "--dtypes", dtype, "--repeats", str(args.repeats),
-           "--seed", str(args.seed), "--threads", threads, "--out", out]
-    busy0, child0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    other = (busy_cpu_seconds() - busy0 - (children_cpu_seconds() - child0)) / wall
-    if done.returncode != 0:
-        sys.exit(f"{side} {dtype} worker failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "other_load": max(other, 0.0), "worker_s": wall}
+def say(message: dict) -> None:
+    print(json.dumps(message), flush=True)
+
+
+class Worker:
+    """A worker process of one library and dtype, driven a pass at a time."""
+
+    def __init__(self, side: str, dtype: str, args: argparse.Namespace, out: str):
+        threads = str(args.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        cmd = [sys.executable, __file__, "--worker", side, "--dtypes", dtype, "--seed", str(args.seed),
+               "--threads", threads, "--out", out]
+        self.name, self.out = f"{side} {dtype}", out
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self.hear()
+
+    def hear(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            sys.exit(f"{self.name} worker failed (exit {self.proc.returncode}); its error is above")
+        return json.loads(line)
+
+    def tell(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.hear()
+
+    def cpu_seconds(self) -> float:
+        """The worker's own CPU time so far (/proc/PID/stat utime + stime), to tell it from other load."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def one_pass(self) -> dict:
+        busy0, own0, t0 = busy_cpu_seconds(), self.cpu_seconds(), time.perf_counter()
+        r = self.tell("pass")
+        other = (busy_cpu_seconds() - busy0 - (self.cpu_seconds() - own0)) / (time.perf_counter() - t0)
+        return {**r, "other_load": max(other, 0.0)}
+
+    def finish(self) -> dict:
+        r = self.tell("end")
+        self.proc.wait()
+        return r
 
 
 # ---- the driver ------------------------------------------------------------------------------------------
@@ -197,31 +236,43 @@ def row(side: str, dtype: str, r: dict, peer: dict | None, diff: float | None) -
            "patches/s": PATCHES / tower, "soft tokens/s": SOFT_TOKENS / total,
            "peak above model MiB": r["peak_above_model"] / MiB, "model MiB": r["model_bytes"] / MiB,
            "x transformers speed": None, "x transformers peak": None, "max |diff|": diff,
-           "other load": r["other_load"]}
+           "other load": statistics.median(r["other_load"])}
     if peer is not None:
-        peer_tower = statistics.median(t[1] for t in peer["times"])
-        out["x transformers speed"] = peer_tower / tower
+        out["x transformers speed"] = statistics.median(t[1] for t in peer["times"]) / tower
         out["x transformers peak"] = r["peak_above_model"] / peer["peak_above_model"]
     return out
+
+
+def measure_dtype(dtype: str, args: argparse.Namespace, tmp: str) -> dict[str, dict]:
+    """Both libraries' workers, built one after the other, then their passes alternated (warm-up included),
+    so a busy phase of a shared machine hits both alike; only one computes at any time."""
+    workers = {}
+    for side in SIDES:
+        workers[side] = Worker(side, dtype, args, os.path.join(tmp, f"{side}-{dtype}.pt"))
+    runs = {side: {**w.info, "times": [], "other_load": []} for side, w in workers.items()}
+    for i in range(args.repeats + 1):
+        for side in SIDES if i % 2 else SIDES[::-1]:  # each library goes first in alternate rounds
+            if args.wait_idle:
+                wait_for_idle(args.wait_idle)
+            r = workers[side].one_pass()
+            print(f"  {side} {dtype} pass {i}{' (warm-up)' if i == 0 else ''}: {r['times'][2]:.2f} s, other load "
+                  f"{r['other_load']:.2f} cores", file=sys.stderr, flush=True)
+            if i:
+                runs[side]["times"].append(r["times"])
+                runs[side]["other_load"].append(r["other_load"])
+    for side, w in workers.items():
+        runs[side].update(w.finish())
+        runs[side]["soft"] = torch.load(w.out)
+    return runs
 
 
 def measure(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     rows, paths = [], []
     with tempfile.TemporaryDirectory(prefix="image_prefill.") as tmp:
         for dtype in args.dtypes:
-            runs, soft = {}, {}
-            for side in SIDES:
-                if args.wait_idle:
-                    wait_for_idle(args.wait_idle)
-                out = os.path.join(tmp, f"{side}-{dtype}.pt")
-                runs[side] = spawn(side, dtype, args, out)
-                soft[side] = torch.load(out)
-                r = runs[side]
-                paths.append(f"{side}: {r['path']}")
-                print(f"  {side} {dtype}: image {statistics.median(t[2] for t in r['times']):.2f} s, peak above "
-                      f"model {r['peak_above_model'] / MiB:.0f} MiB, other load {r['other_load']:.2f} cores "
-                      f"({r['worker_s']:.0f} s in all)", file=sys.stderr, flush=True)
-            diff = (soft["gemmakit"] - soft["transformers"]).abs().max().item()
+            runs = measure_dtype(dtype, args, tmp)
+            paths += [f"{side}: {runs[side]['path']}" for side in SIDES]
+            diff = (runs["gemmakit"]["soft"] - runs["transformers"]["soft"]).abs().max().item()
             rows.append(row("gemmakit", dtype, runs["gemmakit"], runs["transformers"], diff))
             rows.append(row("transformers", dtype, runs["transformers"], None, None))
     return rows, list(dict.fromkeys(paths))
@@ -263,8 +314,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--wait-idle", type=float, default=30.0,
-                    help="before each worker, wait up to this many seconds for other processes to go quiet")
+    ap.add_argument("--wait-idle", type=float, default=10.0,
+                    help="before each pass, wait up to this many seconds for other processes to go quiet")
     ap.add_argument("--json", type=Path, help="write the rows, the setup and the machine here, atomically")
     ap.add_argument("--render", type=Path, nargs="+", help="print the Markdown of earlier --json files and exit")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -281,7 +332,7 @@ def command() -> str:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.dtypes[0], args.repeats, args.seed, args.threads, args.out)))
+        worker(args.worker, args.dtypes[0], args.seed, args.threads, args.out)
         return
     if args.render:
         runs = [json.loads(p.read_text()) for p in args.render]
