@@ -135,6 +135,34 @@ def test_upcast_linear_multiplies_many_rows_in_fp32_a_block_at_a_time(monkeypatc
 
 
 @torch.inference_mode()
+def test_upcasting_reaches_biased_linears_and_the_image_towers_patch_convolution(monkeypatch):
+    """An image tower in bf16 on such a CPU: its biased linears and its patch convolution (which torch runs
+    with a slow reference loop in bf16 there) multiply in fp32, its weights stay where its code reads them,
+    and its soft tokens are the fp32 products rounded to bf16."""
+    from gemmakit.media.siglip import SiglipVisionConfig, SiglipVisionTower
+    from gemmakit.runtime.packing import UpcastConv2d, upcast_linears
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80).to(torch.bfloat16)
+    x = torch.randn(UPCAST_ROWS, 96).to(torch.bfloat16)
+    up = UpcastLinear.wrap(linear)
+    assert up.bias is linear.bias and torch.equal(up(x), F.linear(x.float(), linear.weight.float(),
+                                                                  linear.bias.float()).to(torch.bfloat16))
+    monkeypatch.setattr(packing, "_UPCAST_BLOCK", 96 * 7)  # the bias split with the weight's blocks
+    assert torch.equal(up(x), F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16))
+    tower = SiglipVisionTower(SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=56, patch_size=14,
+                                                 vision_use_head=False)).to(torch.bfloat16)
+    pixels = torch.randn(2, 3, 56, 56).to(torch.bfloat16)
+    conv = tower.vision_model.embeddings.patch_embedding
+    want = F.conv2d(pixels.float(), conv.weight.float(), conv.bias.float(), stride=14).to(torch.bfloat16)
+    assert upcast_linears(tower) == 1 + 4 + 2  # the patch conv, q/k/v/out, fc1/fc2
+    assert isinstance(tower.vision_model.embeddings.patch_embedding, UpcastConv2d)
+    assert torch.equal(tower.vision_model.embeddings.patch_embedding(pixels), want)
+    assert tower(pixels).dtype == torch.bfloat16
+
+
+@torch.inference_mode()
 def test_bf16_models_multiply_prompts_in_fp32_where_onednn_packs_no_bf16(monkeypatch):
     """prepare_weights on a machine whose oneDNN refuses bf16 (as AVX2 CPUs do) gives every bf16 linear an
     UpcastLinear, keeps the checkpoint's names, computes what the plain model does, and the plan says so."""

@@ -139,32 +139,54 @@ def packed_bytes(model: nn.Module) -> int:
 
 
 class UpcastLinear(nn.Linear):
-    """A bias-free bf16 linear for CPUs without a fast bf16 GEMM (see the module docstring): products of
-    `UPCAST_ROWS` rows or more run in fp32 on the upcast weight, a block of rows at a time; fewer rows, or
-    weights of another dtype, take the ordinary product. Same parameter, so `state_dict` is unchanged."""
+    """A bf16 linear for CPUs without a fast bf16 GEMM (see the module docstring): products of `UPCAST_ROWS`
+    rows or more run in fp32 on the upcast weight (and bias), a block of rows at a time; fewer rows, or
+    weights of another dtype, take the ordinary product. Same parameters, so `state_dict` is unchanged."""
 
     @classmethod
     def wrap(cls, linear: nn.Linear) -> UpcastLinear:
-        m = cls(linear.in_features, linear.out_features, bias=False, device="meta")
-        m.weight = linear.weight
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        m.weight, m.bias = linear.weight, linear.bias
         return m
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[:-1].numel() < UPCAST_ROWS or self.weight.dtype != torch.bfloat16:
-            return F.linear(x, self.weight)
+            return F.linear(x, self.weight, self.bias)
         xf = x.float()
         block = max(1, _UPCAST_BLOCK // self.in_features)
-        parts = [F.linear(xf, w.float()) for w in self.weight.split(block)]
+        biases = self.bias.split(block) if self.bias is not None else [None] * len(self.weight.split(block))
+        parts = [F.linear(xf, w.float(), None if b is None else b.float())
+                 for w, b in zip(self.weight.split(block), biases, strict=True)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).to(x.dtype)
 
 
+class UpcastConv2d(nn.Conv2d):
+    """A bf16 convolution run in fp32 (an image tower's patch embedding): torch has no fast bf16 kernel for
+    it where oneDNN has no bf16, and falls back to a slow reference loop."""
+
+    @classmethod
+    def wrap(cls, conv: nn.Conv2d) -> UpcastConv2d:
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        m.weight, m.bias = conv.weight, conv.bias
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype != torch.bfloat16:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
 def upcast_linears(model: nn.Module) -> int:
-    """Give every bias-free bf16 CPU `nn.Linear` of `model` an `UpcastLinear` in place; returns how many."""
+    """Give every bf16 CPU `nn.Linear` (and `nn.Conv2d`) of `model`, the towers' included, its upcasting form in
+    place; returns how many. The parameters stay where they are, so code that reads a weight still finds it."""
     count = 0
-    for parent in _decoder_parents(model):
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            w = child.weight if type(child) is nn.Linear and child.bias is None else None
+            kind = {nn.Linear: UpcastLinear, nn.Conv2d: UpcastConv2d}.get(type(child))
+            w = child.weight if kind is not None else None
             if w is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu":
-                setattr(parent, name, UpcastLinear.wrap(child))
+                setattr(parent, name, kind.wrap(child))
                 count += 1
     return count
