@@ -132,12 +132,18 @@ def worker(side: str, dtype: str, seed: int, threads: int, out: str) -> None:
     if side == "gemmakit":
         from gemmakit.media.gemma3_images import Gemma3ImageProcessorConfig, preprocess_images
         from gemmakit.media.siglip import gemma3_image_embeddings
+        from gemmakit.runtime.packing import upcast_linears
+        from gemmakit.runtime.probe import onednn_packs
 
         tower, projector = build_gemmakit(seed)
         tower, projector = tower.to(DTYPES[dtype]), projector.to(DTYPES[dtype])
         config = Gemma3ImageProcessorConfig.from_hf(PREPROCESSOR)
         modules = (tower, projector)
         path = "gemma3_image_embeddings, SDPA attention"
+        # What gemmakit.load's runtime plan does on a CPU without a fast bf16 GEMM (runtime/plan.py).
+        if DTYPES[dtype] == torch.bfloat16 and not onednn_packs(torch.bfloat16):
+            upcast_linears(tower), upcast_linears(projector)
+            path += ", bf16 products in fp32 (no bf16 GEMM on this CPU)"
 
         def preprocess():
             return preprocess_images([image], config)[0]
