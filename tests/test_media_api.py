@@ -133,3 +133,20 @@ def test_the_checkpoints_processor_settings_are_used(tmp_path):
     ids, media = gemmakit.load(e2b_dir, context=1024).prepare_chat(_ask({"type": "image",
                                                                          "path": str(MEDIA / "scene.jpg")}))
     assert 0 < media.embeds.shape[0] <= 70
+
+
+def test_quantizing_a_multimodal_model_leaves_its_towers_in_float(tmp_path):
+    """Loaded quantized or quantized after loading (as --adapter with --quantize does), the decoder's linears
+    become int8 / int4 and the towers, whose linears have biases, stay as they were."""
+    from gemmakit.checkpoints import load_model
+    from gemmakit.media.towers import towers
+    from gemmakit.quantize import quantize_model
+
+    path = save_tiny_checkpoint("e2b", tmp_path / "tiny-gemma4-e2b-it")
+    plain = {k: v.clone() for k, v in load_model(path).state_dict().items() if ".vision_tower." in k}
+    for model in (load_model(path, quantize="int8"), quantize_model(load_model(path), "int4")):
+        assert type(model.model.layers[0].mlp.gate_proj).__name__ in ("Int8Linear", "Int4Linear")
+        kinds = {type(m).__name__ for t in towers(model).values() for m in t.modules()}
+        assert not any(k.startswith(("Int8", "Int4", "Quantized")) for k in kinds)
+        got = {k: v for k, v in model.state_dict().items() if ".vision_tower." in k}
+        assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain)

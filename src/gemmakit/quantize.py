@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemmakit.model import TOWER_NAMES, Experts, Gemma, Router
+from gemmakit.model import Experts, Gemma, Router
 from gemmakit.quantize_codes import (
     _ROWS,
     COMPUTE_DTYPE,
@@ -391,8 +391,6 @@ def quantize_model(model: Gemma, mode: str, group_size: int = 32) -> Gemma:
     _check_args(model, mode, group_size)
     for parent in model.decoder_modules():  # image / audio towers stay in float
         for name in list(dict(parent.named_children())):
-            if parent is model.model and name in TOWER_NAMES:
-                continue
             quantize_child(model, parent, name, mode, group_size)
     return model
 
@@ -418,7 +416,7 @@ def _check_args(model: Gemma, mode: str, group_size: int) -> None:
         raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
     if getattr(model, "lm_head", None) is not None or isinstance(model.model.embed_tokens, QuantizedEmbedding):
         raise ValueError("this model is already quantized; load a fresh one to quantize differently")
-    if any(isinstance(m, nn.Linear) and m.bias is not None for m in model.model.modules()):
+    if any(isinstance(m, nn.Linear) and m.bias is not None for m in model.decoder_modules()):  # towers stay float
         raise ValueError("weight-only quantization here covers bias-free linears only (Gemma has no biases)")
 
 

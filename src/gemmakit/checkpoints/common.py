@@ -90,6 +90,19 @@ class RowSource:
             yield self.read(start, min(start + rows, self.shape[0])).to(self.device, self.dtype)
 
 
+def place(model: nn.Module, key: str, tensor: torch.Tensor) -> nn.Module:
+    """Put `tensor` in place of the (meta) parameter or buffer `key` of `model`, frozen; returns its module."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = tensor
+    else:
+        raise CheckpointError(f"{key} is neither a weight nor a buffer of the model")
+    return module
+
+
 class Loader:
     """`quantize` ("int8" / "int4") quantizes each module the moment its last tensor arrives, so the model is
     never resident in full precision: peak memory is the quantized model plus one full-precision module."""
@@ -126,13 +139,8 @@ class Loader:
 
     def assign(self, key: str, tensor: torch.Tensor, quantize: str | None = None) -> None:
         """Place one tensor; `quantize` overrides the loader's mode for the module it completes."""
-        module_name, _, leaf = key.rpartition(".")
-        module = self.model.get_submodule(module_name)
-        t = tensor.to(device=self.device, dtype=self.dtype)
-        if leaf in module._parameters:
-            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-        else:
-            module._buffers[leaf] = t
+        module_name = key.rpartition(".")[0]
+        module = place(self.model, key, tensor.to(device=self.device, dtype=self.dtype))
         self.loaded.add(key)
         if self.quantize and not is_tower(key) and not any(p.is_meta for p in module.parameters(recurse=False)):
             from gemmakit.quantize import quantize_child

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gemmakit.checkpoints.common import CheckpointError
+from gemmakit.checkpoints.common import CheckpointError, place
 from gemmakit.checkpoints.hf import tower_alias
 from gemmakit.checkpoints.mmproj import GEMMA3, read_mmproj
 from gemmakit.media.towers import attach_towers, is_tower
@@ -72,7 +72,7 @@ def attach_mmproj(model: nn.Module, path: str | Path, tokenizer: Any) -> None:
         if name not in expected:
             raise CheckpointError(f"{path}: tensor {key} has no place in gemmakit's {family} towers; the mmproj "
                                   "and the tower config disagree")
-        _place(model, name, tensor.reshape(expected[name]).to(device=device, dtype=dtype), path)
+        place(model, name, tensor.reshape(expected[name]).to(device=device, dtype=dtype))
         loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
@@ -83,13 +83,3 @@ def _token_id(tokenizer: Any, text: str, default: int) -> int:
     found = tokenizer.token_to_id(text) if tokenizer is not None else None
     return default if found is None else int(found)
 
-
-def _place(model: nn.Module, name: str, tensor: torch.Tensor, path: Path) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    elif leaf in module._buffers:
-        module._buffers[leaf] = tensor
-    else:
-        raise CheckpointError(f"{path}: {name} is neither a weight nor a buffer of the towers")
