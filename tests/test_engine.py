@@ -243,10 +243,10 @@ def test_a_decode_step_that_fails_is_pinned_on_its_row(model, monkeypatch):
     engine = Engine(model, max_batch=3, context=128)
     decode = engine.runtime.decode
 
-    def fails_for_row_1(tokens, positions, rows, greedy):
+    def fails_for_row_1(tokens, positions, rows, greedy, **kw):
         if 1 in rows and positions[rows.index(1)] >= len(prompts[1]) + 2:
             raise RuntimeError("row 1 is cursed")
-        return decode(tokens, positions, rows, greedy=greedy)
+        return decode(tokens, positions, rows, greedy=greedy, **kw)
 
     monkeypatch.setattr(engine.runtime, "decode", fails_for_row_1)
     reqs = engine.generate(prompts, SamplingParams(max_tokens=6))

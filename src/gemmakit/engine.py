@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gemmakit.adapters import adapter_names
 from gemmakit.flags import parse_switch
 from gemmakit.media.soft import PromptMedia
 from gemmakit.model import Gemma
@@ -139,6 +140,7 @@ class Request:
     decoder: Any = None
     stop_text: StopText | None = None
     media: PromptMedia | None = None  # image / audio soft tokens of the prompt (media/soft.py)
+    adapter: int = -1  # which attached LoRA adapter answers (adapters.py), -1: the base model
 
     @property
     def finished(self) -> bool:
@@ -170,7 +172,8 @@ class Engine:
 
     # --- admission --------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
-               media: PromptMedia | None = None) -> Request:
+               media: PromptMedia | None = None, adapter: str | None = None) -> Request:
+        """Queue a prompt; `adapter` names one of the model's attached LoRA adapters (adapters.py)."""
         params = params or SamplingParams()
         params.validate()
         if not prompt:
@@ -180,8 +183,11 @@ class Engine:
             raise ValueError("stop strings need the engine to have a tokenizer")
         if media is not None and int(media.positions.max()) >= len(prompt):
             raise ValueError("the media's soft tokens lie past the end of the prompt")
-        req = Request(list(prompt), params, id=self._next_id,
-                      generator=make_generator(params.seed, self.device), media=media)
+        names = adapter_names(self.model)
+        if adapter is not None and adapter not in names:
+            raise ValueError(f"no adapter named {adapter!r}; this model has {names or 'none'}")
+        req = Request(list(prompt), params, id=self._next_id, generator=make_generator(params.seed, self.device),
+                      media=media, adapter=-1 if adapter is None else names.index(adapter))
         if self.tokenizer is not None:  # keeps req.text, cut at any stop string, current token by token
             req.decoder, req.stop_text = self.tokenizer.decode_stream(), StopText(params.stop)
         self._next_id += 1
@@ -245,7 +251,7 @@ class Engine:
         req.row = self.free_rows.pop()
         self.running[req.row] = req
         return self._take([req], self.runtime.prefill(req.prompt, req.row, req.params.plain_greedy,
-                                                         req.media))
+                                                         req.media, req.adapter))
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         if not reqs:
@@ -262,7 +268,7 @@ class Engine:
 
     def _decode_rows(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         out = self.runtime.decode([r.tokens[-1] for r in reqs], [r.position for r in reqs], [r.row for r in reqs],
-                                  greedy=all(r.params.plain_greedy for r in reqs))
+                                  greedy=all(r.params.plain_greedy for r in reqs), adapters=[r.adapter for r in reqs])
         return self._take(reqs, out)
 
     def _guarded(self, reqs: list[Request], work: Any, what: str) -> list[tuple[Request, int]]:

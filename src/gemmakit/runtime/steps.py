@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gemmakit.adapters import adapter_names, set_rows
 from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory
 from gemmakit.media.soft import PromptMedia, batch_media
 from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack, quantized_bytes, small_row_reductions
@@ -57,11 +58,14 @@ class Runtime:
                 self._greedy_step = compile_decode(self._forward_greedy, self.device, static)
 
     # --- the two calls the engine makes ---------------------------------------------------
-    def prefill(self, tokens: list[int], row: int, greedy: bool, media: PromptMedia | None = None) -> StepOut:
+    def prefill(self, tokens: list[int], row: int, greedy: bool, media: PromptMedia | None = None,
+                adapter: int = -1) -> StepOut:
         """Prompt `tokens` into cache `row` (cleared before), in chunks of `prefill_chunk` tokens so a long
         prompt's working memory stays that of one chunk (as forecast); the last position's result. `media`:
-        the prompt's image / audio soft tokens; a chunk never ends inside an image, which must see itself whole."""
+        the prompt's image / audio soft tokens; a chunk never ends inside an image, which must see itself whole.
+        `adapter`: the index of the attached LoRA adapter that answers (-1: none)."""
         rows = torch.tensor([row], device=self.device)
+        self._select_adapters([adapter])
         screened = greedy and self._screens(1, compiled=False)
         forward = self.model.hidden if screened else self.model
         kinds = self.model.config.bidirectional_kinds
@@ -79,10 +83,12 @@ class Runtime:
             start = end
         return self._certify(*self.screen(out, layout="packed"), out) if screened else StepOut(logits=out)
 
-    def decode(self, last_tokens: list[int], positions: list[int], rows: list[int], greedy: bool) -> StepOut:
+    def decode(self, last_tokens: list[int], positions: list[int], rows: list[int], greedy: bool,
+               adapters: list[int] | None = None) -> StepOut:
         """One token for each of `rows` (ascending), fed `last_tokens` at `positions`. `greedy`: every row is a
-        plain argmax, so the head screen may pick."""
+        plain argmax, so the head screen may pick. `adapters`: each row's LoRA adapter index (-1: none)."""
         n = len(rows)
+        self._select_adapters(adapters or [-1] * n)
         ids = torch.tensor([[t] for t in last_tokens], device=self.device)
         pos = torch.tensor([[p] for p in positions], device=self.device)
         rows_t = torch.tensor(rows, device=self.device)
@@ -107,6 +113,10 @@ class Runtime:
         self.cache.clear(rows)
 
     # --- how ----------------------------------------------------------------------------------
+    def _select_adapters(self, ids: list[int]) -> None:
+        if adapter_names(self.model):  # attached after the engine was built, too
+            set_rows(self.model, torch.tensor(ids, device=self.device))
+
     def _screens(self, rows: int, compiled: bool) -> bool:
         return self.screen is not None and self.screen.usable(rows, compiled)
 
