@@ -176,8 +176,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "",
     write_atomic(directory / "adapter_model.safetensors", lambda p: save_file(weights, str(p)))
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
-    """Add the adapter in `directory` (written here or by PEFT) to `model`; returns the adapted paths."""
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """The adapter in `directory` (written here or by PEFT): its config, and its weights under gemmakit's
+    parameter names (`model.layers.0.self_attn.q_proj.lora_A.weight`), checked to be plain LoRA on the decoder."""
     directory = Path(directory)
     try:
         config = json.loads((directory / "adapter_config.json").read_text())
@@ -194,6 +195,13 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     if towers:
         raise ValueError(f"the adapter adapts a multimodal tower ({towers[0]}, ...): gemmakit keeps the towers "
                          "frozen; use an adapter trained on the language model only")
+    return config, weights
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
+    """Add the adapter in `directory` (written here or by PEFT) to `model`; returns the adapted paths."""
+    config, weights = read_adapter(directory)
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in weights})
     adapted = add_lora(model, int(config["r"]), float(config["lora_alpha"]), 0.0, "|".join(map(re.escape, paths)))
     state = _lora_tensors(model)
     if set(weights) != set(state):
