@@ -1,4 +1,5 @@
-"""The engine: batched equals unbatched, continuous batching, per-row sampling, stops, memory, speculation.
+"""The engine: batched equals unbatched, continuous batching, per-row sampling, stops, memory (speculation:
+tests/test_speculative.py).
 Run: .venv/bin/python -m pytest tests/test_engine.py
 """
 
@@ -11,7 +12,6 @@ from gemmakit.checkpoints import load_model, load_model_and_tokenizer
 from gemmakit.engine import Engine, StopText
 from gemmakit.model import Gemma
 from gemmakit.sampling import SamplingParams
-from gemmakit.speculative import ModelDrafter, speculative_generate
 from tests.helpers import WINDOW, greedy_without_cache, hf_model, tiny
 
 PROMPT_LENGTHS = (3, 17, 4 * WINDOW + 1)
@@ -149,27 +149,6 @@ def test_memory_is_estimated_before_allocation(model):
     huge.model = model.model
     with pytest.raises(MemoryError, match=r"GiB more .* KV cache.*lower --context"):
         Engine(huge, max_batch=8, context=2**38)
-
-
-def test_speculative_greedy_equals_plain_greedy(model, tmp_path):
-    """With a different random drafter (mostly rejected) the output is exactly plain greedy decoding."""
-    hf_model(model.config, seed=7).save_pretrained(tmp_path)
-    drafter = ModelDrafter(load_model(tmp_path), context=256)
-    prompt = _prompts(1)[0]
-    plain = Engine(model, max_batch=1, context=128).generate([prompt], SamplingParams(max_tokens=20))[0].tokens
-    stats: dict = {}
-    got = list(speculative_generate(model, drafter, prompt, max_tokens=20, k=3, stats=stats))
-    assert got == plain and stats["produced"] == 20
-
-
-def test_speculative_with_itself_accepts_every_draft(model):
-    """The target as its own drafter: every draft accepted, k + 1 tokens per verification round."""
-    prompt = _prompts(1)[0]
-    plain = Engine(model, max_batch=1, context=128).generate([prompt], SamplingParams(max_tokens=17))[0].tokens
-    stats: dict = {}
-    got = list(speculative_generate(model, ModelDrafter(model, context=256), prompt, max_tokens=17, k=4,
-                                    stats=stats))
-    assert got == plain and stats["rounds"] == 4
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.sampling import SamplingParams
-from gemmakit.speculative import ModelDrafter, speculative_generate
+from gemmakit.speculative import ModelDrafter, speculation_stats
 from tests.helpers import WINDOW, assert_same_until_a_tie, greedy_without_cache, hf_model, tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -122,12 +122,12 @@ def test_cuda_quantized_engine_compiled_equals_eager(mode, tmp_path):
 def test_cuda_speculative_greedy_equals_plain_greedy(tmp_path):
     """Speculative decoding on CUDA with a different random drafter is exactly plain greedy decoding."""
     model = _cuda_model("gemma3", tmp_path / "target")
-    drafter = ModelDrafter(_cuda_model("gemma3", tmp_path / "draft", seed=7), context=256)
-    prompt = _prompts()[1]
-    plain = Engine(model, max_batch=1, context=128).generate([prompt], SamplingParams(max_tokens=20))[0].tokens
-    stats: dict = {}
-    assert list(speculative_generate(model, drafter, prompt, max_tokens=20, k=3, stats=stats)) == plain
-    assert stats["produced"] == 20
+    drafter = ModelDrafter(_cuda_model("gemma3", tmp_path / "draft", seed=7), rows=2, context=128)
+    prompts, params = _prompts()[:2], SamplingParams(max_tokens=20)
+    plain = [r.tokens for r in Engine(model, max_batch=2, context=128).generate(prompts, params)]
+    engine = Engine(model, max_batch=2, context=128, drafter=drafter, draft_tokens=3)
+    assert [r.tokens for r in engine.generate(prompts, params)] == plain
+    assert speculation_stats(engine).drafted > 0
 
 
 def test_cuda_seeded_sampling_is_reproducible(tmp_path):

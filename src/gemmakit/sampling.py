@@ -319,6 +319,13 @@ def _last_resort(z: Tensor, x: Tensor, generator: torch.Generator | None) -> Ten
     return x.nan_to_num(nan=-math.inf).argmax()
 
 
+def draw(p: Tensor, generator: torch.Generator | None) -> int | None:
+    """One token from the distribution `p` [V] (any scale; zeros are never drawn), with the row's generator:
+    the exponential race `Sampler.sample` runs. None when p holds no mass or is not finite."""
+    token = Sampler._race(p, generator)
+    return None if token is None else int(token)
+
+
 def _counts(seqs: list[Sequence[int]], vocab_size: int, device: torch.device) -> Tensor:
     """[B, V] float32: how often each token occurs in each row's sequence."""
     rows = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(s) for s in seqs]))
@@ -422,12 +429,34 @@ class Sampler:
                 x[i, token] = -math.inf
         return x
 
-    def _choose(self, x: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                history: list[list[int]], prompt_lens: list[int]) -> Tensor:
-        tokens = argmax_rows(x)
+    def distributions(self, logits: Tensor, params: list[SamplingParams], history: list[list[int]],
+                      prompt_lens: list[int]) -> Tensor:
+        """[B, V] float32: the distribution `sample` draws each row's next token from, exactly — every step of
+        the module docstring's order, over each row's own history. Greedy rows are one-hot at their argmax, and
+        a row whose draw logits are no distribution gets what `_last_resort` would pick. Speculative decoding
+        (speculative.py) accepts a draft with this probability, which keeps the output's distribution."""
+        self._check(logits, params, history, prompt_lens, [None] * len(params))
+        x = self.process(logits, params, history, prompt_lens)
+        out = torch.zeros_like(x).scatter_(1, argmax_rows(x)[:, None], 1.0)
         rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
         if not rows:
-            return tokens
+            return out
+        z = self._draw_logits(x, params, history, prompt_lens, rows)
+        probs = z.softmax(dim=-1)
+        for j, i in enumerate(rows):
+            p, top = probs[j], z[j] == math.inf
+            if bool(top.any()):  # as _last_resort: the mass sits on the +inf logits
+                out[i] = top.float() / top.sum()
+            elif bool(torch.isfinite(p).all()) and bool((p > 0).any()):
+                out[i] = p
+            else:
+                out[i] = torch.zeros_like(p).scatter_(0, x[i].nan_to_num(nan=-math.inf).argmax()[None], 1.0)
+        return out
+
+    def _draw_logits(self, x: Tensor, params: list[SamplingParams], history: list[list[int]],
+                     prompt_lens: list[int], rows: list[int]) -> Tensor:
+        """[len(rows), V]: the logits the draw of each of `rows` (temperature > 0) softmaxes: tempered,
+        truncated and processed."""
         sub, dev = [params[i] for i in rows], x.device
         index = torch.tensor(rows, device=dev)
         z, temperature = x[index], _column(sub, "temperature", dev).clamp_min(MIN_TEMPERATURE)
@@ -439,6 +468,16 @@ class Sampler:
         if any(p.logits_processors for p in sub):
             z = torch.stack([self._run_processors(zz, params[i], history[i], prompt_lens[i])
                              for zz, i in zip(z, rows, strict=True)])
+        return z
+
+    def _choose(self, x: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                history: list[list[int]], prompt_lens: list[int]) -> Tensor:
+        tokens = argmax_rows(x)
+        rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
+        if not rows:
+            return tokens
+        index = torch.tensor(rows, device=x.device)
+        z = self._draw_logits(x, params, history, prompt_lens, rows)
         probs = z.softmax(dim=-1)
         picked = [self._race(p, generators[i]) for p, i in zip(probs, rows, strict=True)]
         picked = [t if t is not None else _last_resort(zz, x[i], generators[i])
