@@ -136,6 +136,8 @@ class BenchResult:
     weight_bytes: int
     roofline_fraction: float | None = None  # None until a bandwidth is known
     estimate_bytes: int | None = None  # what the engine said it would need (cache.estimate_bytes) + runtime
+    acceptance: float | None = None  # with a drafter: drafts accepted / drafted (speculative.DraftStats)
+    tokens_per_round: float | None = None  # with a drafter: tokens per speculative step of a row
 
     def with_roofline(self, bandwidth_gb_s: float, kv_bytes_per_step: float = 0.0) -> BenchResult:
         """A copy with `roofline_fraction` filled in: one weight read per decode step of the whole batch."""
@@ -157,6 +159,7 @@ class BenchResult:
             "peak/est": None if not self.estimate_bytes else self.peak_rss_bytes / self.estimate_bytes,
             "weights MiB": self.weight_bytes / MiB,
             "roofline": self.roofline_fraction,
+            **({} if self.acceptance is None else {"accept": self.acceptance, "tok/round": self.tokens_per_round}),
         }
 
 
@@ -190,10 +193,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int,
-                     context: int | None = None, compile: bool = False) -> BenchResult:
+                     context: int | None = None, compile: bool = False, drafter: object = None,
+                     draft_tokens: int = 4, slack: int = 8, prompt: list[int] | None = None) -> BenchResult:
     """Time one engine run: `batch` random prompts of `prompt_len` tokens, `new_tokens` greedy tokens each.
     Prefill is timed on its own (the admission of all rows); decode covers the remaining batched steps.
-    A compiled engine is built (warmed up) before the clock starts.
+    A compiled engine is built (warmed up) before the clock starts. With a `drafter` (speculative.py, built
+    for `batch` rows and the context) decoding is speculative, `draft_tokens` a row per step, and the result
+    carries the acceptance rate and tokens per row-step; decode tok/s counts the tokens actually produced.
+    `prompt`: every row's prompt instead of random tokens (its first `prompt_len` tokens; drafting depends on
+    the text).
 
     Memory: the peak is the high-water mark from just before the engine is built (so loading's transients
     do not count, the resident weights do) to the end of the run; the estimate is the engine's own forecast
@@ -202,30 +210,37 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
     from gemmakit.engine import Engine
     from gemmakit.runtime.plan import model_bytes, model_dtype_device
     from gemmakit.sampling import SamplingParams
+    from gemmakit.speculative import speculation_stats
 
     on_cpu = model_dtype_device(model)[1].type == "cpu"
     runtime = max(current_rss_bytes() - model_bytes(model), 0) if on_cpu else 0
     reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    engine = Engine(model, max_batch=batch, context=context or prompt_len + new_tokens + 8, compile=compile)
+    engine = Engine(model, max_batch=batch, context=context or prompt_len + new_tokens + 8, compile=compile,
+                    drafter=drafter, draft_tokens=draft_tokens, slack=slack)
     engine.warmup()
     device = engine.device
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
-    for p in prompts:  # no stop ids: every row runs the full length
-        engine.submit(p, SamplingParams(max_tokens=new_tokens))
+    if prompt is not None:
+        prompts = [list(prompt[:prompt_len])] * batch
+    reqs = [engine.submit(p, SamplingParams(max_tokens=new_tokens)) for p in prompts]  # no stop ids: full length
     t0 = time.perf_counter()
     engine.step()  # admits and prefills every row, each producing its first token
     _sync(device)
     t_prefill = time.perf_counter() - t0
-    steps = 0
+    before = speculation_stats(engine).as_dict()
     while engine.has_work:
         engine.step()
-        steps += 1
     _sync(device)
     t_decode = time.perf_counter() - t0 - t_prefill
-    return BenchResult(prefill_tok_s=batch * prompt_len / t_prefill, decode_tok_s=batch * steps / max(t_decode, 1e-9),
+    decoded = sum(len(r.tokens) for r in reqs) - batch  # the first token of each row came with its prefill
+    spec = {k: v - before[k] for k, v in speculation_stats(engine).as_dict().items() if k != "acceptance"}
+    return BenchResult(prefill_tok_s=batch * prompt_len / t_prefill, decode_tok_s=decoded / max(t_decode, 1e-9),
                        ttft_s=t_prefill / batch, peak_rss_bytes=peak_memory_bytes(device), batch=batch,
                        prompt_len=prompt_len, new_tokens=new_tokens, weight_bytes=engine.runtime.read_bytes_per_step(),
-                       estimate_bytes=runtime + engine.memory["total"])
+                       estimate_bytes=runtime + engine.memory["total"],
+                       acceptance=spec["accepted"] / max(spec["drafted"], 1) if drafter is not None else None,
+                       tokens_per_round=spec["tokens"] / max(spec["rounds"] * batch, 1) if drafter is not None
+                       else None)

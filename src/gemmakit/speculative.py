@@ -21,7 +21,9 @@ One engine step (`speculative_step`, which `Engine._decode_rows` calls when the 
 
 What is not served speculatively (those rows decode one token, the engine's normal way, in the same forward):
 a grammar constraint (its state advances only on accepted tokens, and p_j for j > 1 needs it advanced through
-the drafts) and logprobs (reported per sampled position; not worth a second path). A row's first step after
+the drafts) and logprobs (reported per sampled position; not worth a second path). Penalties, logit bias, the
+loop guard (its ban reads the history, drafts included; "stop" acts in `_accept`) and logits processors (pure
+functions of logits and history, as their contract says) are served exactly. A row's first step after
 its prefill also decodes one token, because the target's hidden state at the row's last position, which the
 drafter contract hands over, comes only from a decode step (`Runtime.prefill` keeps none).
 
@@ -306,6 +308,9 @@ class ModelDrafter:
             raise ValueError(f"a ModelDrafter built with slack={self.slack} drafts 1..{self.slack} tokens, "
                              f"asked for {k}")
         rows = list(target.rows)
+        if max(len(seq) for seq in sequences) + k - 1 > self.cache.context:
+            raise ValueError(f"drafting {k} tokens after {max(len(seq) for seq in sequences)} passes this drafter's "
+                             f"context of {self.cache.context}: build it with the engine's context")
         if any(not 0 <= r < len(self.fed) for r in rows):
             raise ValueError(f"rows {rows} outside this drafter's {len(self.fed)} rows: build it with the "
                              "engine's max_batch")
