@@ -31,6 +31,7 @@ from tests.helpers import WINDOW, greedy_without_cache, hf_model, tiny
 
 K = 4  # guesses per round
 PROMPTS = [3 * WINDOW + 3, WINDOW + 5]  # prompt lengths of the two rows
+_PLAIN: dict[tuple[int, ...], list[int]] = {}  # World.plain's results
 
 
 @contextlib.contextmanager
@@ -102,6 +103,14 @@ class World:
         self.hidden = torch.stack(hidden)
         self.next = self.target.head(self.hidden).argmax(-1).tolist()
         self.sequences = [p + [t] for p, t in zip(self.prompts, self.next, strict=True)]
+
+    def plain(self, n: int) -> list[list[int]]:
+        """The target's plain greedy tokens after each prompt, recomputed without a cache. Kept across tests
+        and both worlds (the same target weights and prompts): it is the slow part."""
+        for p in self.prompts:
+            if len(_PLAIN.get(tuple(p), ())) < n:
+                _PLAIN[tuple(p)] = greedy_without_cache(self.target, p, n)
+        return [_PLAIN[tuple(p)][:n] for p in self.prompts]
 
     def state(self) -> TargetState:
         return TargetState(rows=self.rows, positions=[len(p) - 1 for p in self.prompts], hidden=self.hidden,
@@ -263,7 +272,7 @@ def test_greedy_with_the_drafter_is_plain_greedy(world):
     (recomputed without a cache), the drafter never writes the target's cache, and after many rounds of
     verification and rollback it reads that cache exactly as transformers' assistant reads a fresh prefill."""
     n = WINDOW + 2
-    truth = [greedy_without_cache(world.target, p, n + K + 1) for p in world.prompts]
+    truth = world.plain(n + K)
     drafter = MTPDrafter(world.target, world.assistant)
     got, accepted, (seqs, hidden, cache) = speculative_greedy(
         world.target, Guided(drafter, truth[0], len(world.prompts[0])), world.prompts, n, K)
@@ -283,6 +292,21 @@ def test_greedy_with_the_drafter_is_plain_greedy(world):
         # rounding (~1e-4, printed; test_parity.py allows 5e-4 there), which the assistant carries along.
         torch.testing.assert_close(logits[i, 0], want_logits, atol=1e-3, rtol=0)
         assert drafts[i].tolist() == want_drafts
+
+
+def test_engine_with_the_drafter_is_plain_greedy(world):
+    """Inside gemmakit's Engine (speculative.py's speculative_step) the MTP drafter drafts for both rows and the
+    engine's greedy output is the target's plain greedy output."""
+    from gemmakit.engine import Engine
+    from gemmakit.sampling import SamplingParams
+    from gemmakit.speculative import speculation_stats
+
+    n = WINDOW + 2
+    engine = Engine(world.target, max_batch=2, context=64, slack=K + 1,
+                    drafter=MTPDrafter(world.target, world.assistant), draft_tokens=K)
+    got = [r.tokens for r in engine.generate(world.prompts, SamplingParams(max_tokens=n))]
+    assert got == world.plain(n)
+    assert speculation_stats(engine).drafted > 0
 
 
 def test_refuses_mismatches(world, tmp_path):

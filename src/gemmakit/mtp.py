@@ -224,6 +224,7 @@ class MTPDrafter:
         if a.text.vocab_size != t.vocab_size:
             raise ValueError(f"assistant vocabulary {a.text.vocab_size} != target vocabulary {t.vocab_size}")
         self.target, self.assistant = target_model, assistant
+        self.vocab_size = t.vocab_size  # the engine checks a drafter's vocabulary against the target's
         # The target layer whose keys/values each layer type reads: the last one of that type that owns some.
         self.sources: dict[str, int] = {}
         for kind in set(a.text.layer_types):
