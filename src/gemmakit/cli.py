@@ -97,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
     from uvicorn.logging import DefaultFormatter
 
+    from gemmakit.adapters import parse_specs
     from gemmakit.checkpoints import resolve
     from gemmakit.serve.app import ServeOptions, create_app, log
 
@@ -104,10 +105,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     console.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))  # lines like uvicorn's own
     log.addHandler(console)
     log.setLevel(args.log_level.upper())
+    adapters = parse_specs(args.adapters)  # a bad spec or directory fails now, not in the loading thread
     if args.replicas > 1 and (args.allow_media_dir or args.allow_remote_media or args.image_tokens
-                              or args.max_media_mb != 20):
-        raise ValueError("--allow-media-dir, --allow-remote-media, --max-media-mb and --image-tokens are not passed "
-                         "to Ray replicas yet; serve with --replicas 1 to use them")
+                              or args.max_media_mb != 20 or adapters):
+        raise ValueError("--allow-media-dir, --allow-remote-media, --max-media-mb, --image-tokens and --adapter are "
+                         "not passed to Ray replicas yet; serve with --replicas 1 to use them")
+    if adapters and args.compiled:  # per-row adapters decode eagerly (adapters.py); no plain weight copy either
+        if args.compile:
+            print("note: --compile is off: LoRA adapters served per request (--adapter) run eager decode steps",
+                  file=sys.stderr)
+        args.compiled = False
     if args.replicas > 1:  # replicas load on their Ray nodes, which may see paths this one does not
         from gemmakit.serve.ray_serve import run_replicas
 
@@ -122,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            guard=args.guard, max_body_bytes=None if args.max_body_mb is None else
                            int(args.max_body_mb * 2**20), media_dirs=tuple(args.allow_media_dir),
                            remote_media=args.allow_remote_media, max_media_bytes=int(args.max_media_mb * 2**20),
-                           image_tokens=args.image_tokens)
+                           image_tokens=args.image_tokens, adapters={k: str(v) for k, v in adapters.items()})
     app = create_app(lambda: load_llm(args, warm_up=False), options)  # the server builds its own engine
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
@@ -130,8 +137,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def add_serve_parser(sub: Any) -> None:
-    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    # conflict_handler: serve's --adapter (NAME=DIR, per request) replaces the load flags' merged --adapter DIR.
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       conflict_handler="resolve")
     add_load_args(s)
+    s.add_argument("--adapter", action="append", default=[], dest="adapters", metavar="NAME=DIR",
+                   help="serve the LoRA adapter in DIR (PEFT format) beside the base model, under NAME: requests pick "
+                        "it with \"model\": NAME, and rows on different adapters share each batch (repeatable; "
+                        "compile is off with adapters)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also: GEMMAKIT_API_KEY)")

@@ -64,6 +64,7 @@ class Ticket:
     sent_tokens: int = 0
     last_token_at: float | None = None
     media: PromptMedia | None = None  # the prompt's image / audio soft tokens; None for text
+    adapter: str | None = None  # the LoRA adapter that answers (adapters.py); None: the base model
 
     def push(self, update: Update) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down): nobody listens
@@ -93,10 +94,11 @@ class EngineLoop:
 
     # --- the asyncio side -----------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, events: asyncio.Queue | None = None,
-               index: int = 0, media: PromptMedia | None = None) -> Ticket:
+               index: int = 0, media: PromptMedia | None = None, adapter: str | None = None) -> Ticket:
         if self.waiting >= self.max_queue:
             raise QueueFull(f"{self.waiting} requests are already waiting for a slot (--max-queue {self.max_queue})")
-        ticket = Ticket(prompt, params, events or asyncio.Queue(), asyncio.get_running_loop(), index, media=media)
+        ticket = Ticket(prompt, params, events or asyncio.Queue(), asyncio.get_running_loop(), index, media=media,
+                        adapter=adapter)
         if self._failure is not None:  # nothing would ever answer it
             ticket.push(Update(error=self._failure, finish_reason="error"))
             return ticket
@@ -172,7 +174,7 @@ class EngineLoop:
         for op, ticket in self._take_inbox():
             if op == "add":
                 try:
-                    ticket.request = self.engine.submit(ticket.prompt, ticket.params, ticket.media)
+                    ticket.request = self.engine.submit(ticket.prompt, ticket.params, ticket.media, ticket.adapter)
                 except ValueError as e:  # the request itself is at fault (the handlers check most of it first)
                     ticket.push(Update(error=str(e), finish_reason="invalid"))
                     continue

@@ -1,5 +1,8 @@
 """The endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics and the chat page.
 
+A request's `model` is the base model's name or a served LoRA adapter's (server.py); responses name the one
+that answered, and /v1/models lists the base model, then each adapter with the base as its `parent`.
+
 Both completion endpoints follow one path: build the prompts and per-choice sampling parameters, submit the
 tickets, then either stream SSE chunks as updates arrive or collect them into one response. A client that
 goes away mid-request (stream closed, or a plain request whose connection drops) cancels its tickets.
@@ -54,7 +57,7 @@ def install_routes(app: FastAPI) -> None:
              responses={200: {"model": P.ChatCompletion}, **P.ERRORS})(chat_completions)
     app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)", dependencies=keyed,
              responses={200: {"model": P.TextCompletion}, **P.ERRORS})(completions)
-    app.get("/v1/models", summary="List the served model", dependencies=keyed)(models)
+    app.get("/v1/models", summary="List the served model and its LoRA adapters", dependencies=keyed)(models)
     app.get("/health", summary="200 when the model is loaded and the engine runs, 503 while loading")(health)
     app.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=keyed)(metrics)
     app.get("/", response_class=HTMLResponse, include_in_schema=False)(page)
@@ -82,8 +85,11 @@ async def metrics(request: Request) -> Response:
 
 async def models(request: Request) -> dict:
     server = ready(request)
-    return {"object": "list", "data": [{"id": server.name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "gemmakit", "max_model_len": server.context}]}
+    now = int(time.time())
+    base = {"id": server.name, "object": "model", "created": now, "owned_by": "gemmakit",
+            "max_model_len": server.context}
+    return {"object": "list", "data": [base, *({**base, "id": name, "parent": server.name}
+                                               for name in server.adapters)]}
 
 
 async def page() -> HTMLResponse:
@@ -93,18 +99,19 @@ async def page() -> HTMLResponse:
 # --- chat -----------------------------------------------------------------------------------------------
 async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     server = ready(request)
-    check_model(server, body.model)
+    adapter = check_model(server, body.model)
+    model = adapter or server.name
     check_room(server, body.n)
     llm = server.llm
     messages = P.check_messages(body.messages)
     kinds = P.media_kinds(messages)
     check_media_kinds(llm, server.name, kinds)  # before anything is decoded
     if refusal := server.check_input(messages):
-        return _refused(server, body, refusal)
+        return _refused(server, body, refusal, model=model)
     if server.guard is not None:  # redacts personal data, may refuse; off the event loop (policies run a model)
         messages, verdict = await asyncio.to_thread(server.guard.check_messages, messages)  # text parts too
         if verdict.refusal:
-            return _refused(server, body, verdict.refusal)
+            return _refused(server, body, verdict.refusal, model=model)
     tools = None if body.tool_choice == "none" else body.tools
     # Rendering (a checkpoint's template), tokenizing, decoding images / audio and the tower forward are CPU
     # (or device) work: off the event loop other requests need.
@@ -129,13 +136,14 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         if constraint is not None:
             raise P.ParamError("tool_choice and response_format cannot both constrain one output", "tool_choice")
         constraint = await asyncio.to_thread(tool_constraint, server, body.tool_choice, tools)
-    tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint), [media] * body.n)
-    run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids))
+    tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint), [media] * body.n,
+                                 adapter)
+    run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids), model)
     if body.stream:
         return StreamingResponse(run.sse_stream("chat.completion.chunk", run.chat_chunks(body.logprobs),
                                                 body.include_usage), media_type="text/event-stream")
     await run.collect()
-    return P.envelope("chat.completion", run.rid, server.name, [
+    return P.envelope("chat.completion", run.rid, model, [
         {"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
          "logprobs": {"content": P.chat_logprobs(c.logprobs, server.piece)} if body.logprobs else None}
         for c in choices], run.usage())
@@ -167,20 +175,22 @@ def _text_of(content: Any) -> str | None:
     return content
 
 
-def _refused(server: Server, body: Any, message: str, count: int | None = None) -> Any:
-    """An input guard said no: the model never sees the request. Chat and text completions alike."""
+def _refused(server: Server, body: Any, message: str, count: int | None = None, model: str | None = None) -> Any:
+    """An input guard said no: the model never sees the request. Chat and text completions alike. `model`: the
+    name the answer carries (an adapter's; default the base model's)."""
+    model = model or server.name
     chat = isinstance(body, P.ChatRequest)
     kind, rid = ("chat.completion", P.new_id("chatcmpl")) if chat else ("text_completion", P.new_id("cmpl"))
     answer = {"message": {"role": "assistant", "content": message}} if chat else {"text": message}
     choices = [{"index": i, **answer, "finish_reason": "content_filter", "logprobs": None}
                for i in range(body.n if count is None else count)]
     if not body.stream:
-        return P.envelope(kind, rid, server.name, choices, P.usage(0, 0))
+        return P.envelope(kind, rid, model, choices, P.usage(0, 0))
 
     async def events() -> AsyncIterator[str]:
         for c in choices:
             delta = {"delta": {"role": "assistant", "content": message}} if chat else {"text": message}
-            yield sse(P.envelope(kind + (".chunk" if chat else ""), rid, server.name, [
+            yield sse(P.envelope(kind + (".chunk" if chat else ""), rid, model, [
                 {"index": c["index"], **delta, "logprobs": None, "finish_reason": "content_filter"}]))
         yield sse("[DONE]")
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -189,7 +199,8 @@ def _refused(server: Server, body: Any, message: str, count: int | None = None) 
 # --- completions ----------------------------------------------------------------------------------------
 async def completions(body: P.CompletionRequest, request: Request) -> Any:
     server = ready(request)
-    check_model(server, body.model)
+    adapter = check_model(server, body.model)
+    model = adapter or server.name
     if body.suffix:
         raise P.ParamError("suffix is not supported", "suffix", "unsupported_value")
     check_room(server, _prompt_count(body.prompt) * body.n, "prompt")  # before any work is built for them
@@ -198,7 +209,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
     if server.guard is not None:
         prompts, texts, refusal = await asyncio.to_thread(_guard_prompts, server, prompts)
         if refusal:
-            return _refused(server, body, refusal, len(prompts) * body.n)
+            return _refused(server, body, refusal, len(prompts) * body.n, model)
     max_tokens = max(check_fits(server, len(ids), body.max_tokens, "prompt") for ids in prompts)
     params = body.sampling(max_tokens, body.logprobs, server.llm.model.config.vocab_size)
     params.stop_token_ids = tuple(server.llm.stop_ids(chat=False))
@@ -208,14 +219,14 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
     if server.guard is not None:
         for c in choices:
             c.add_guard(server.guard, texts[c.index // body.n])
-    tickets, events = submit_all(server, all_ids, all_params)
-    run = _Run(server, request, tickets, events, choices, P.new_id("cmpl"), sum(map(len, prompts)))
+    tickets, events = submit_all(server, all_ids, all_params, adapter=adapter)
+    run = _Run(server, request, tickets, events, choices, P.new_id("cmpl"), sum(map(len, prompts)), model)
     echo = [server.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in all_ids]
     if body.stream:
         return StreamingResponse(run.sse_stream("text_completion", run.completion_chunks(body.logprobs, echo),
                                                 body.include_usage), media_type="text/event-stream")
     await run.collect()
-    return P.envelope("text_completion", run.rid, server.name, [
+    return P.envelope("text_completion", run.rid, model, [
         {"index": c.index, "text": echo[c.index] + c.content, "finish_reason": c.finish_reason,
          "logprobs": None if body.logprobs is None else P.completion_logprobs(c.logprobs, server.piece,
                                                                                 len(echo[c.index]))}
@@ -262,12 +273,13 @@ def _guard_prompts(server: Server, prompts: list[list[int]]) -> tuple[list[list[
 
 # --- one request's run ----------------------------------------------------------------------------------
 class _Run:
-    """The tickets of one request and their choices, consumed as a stream or collected."""
+    """The tickets of one request and their choices, consumed as a stream or collected; `model` is the name the
+    chunks carry (the adapter's, or the base model's)."""
 
     def __init__(self, server: Server, request: Request, tickets: list, events: Any, choices: list[Choice],
-                 rid: str, prompt_tokens: int):
+                 rid: str, prompt_tokens: int, model: str):
         self.server, self.request, self.tickets, self.events = server, request, tickets, events
-        self.choices, self.rid, self.prompt_tokens = choices, rid, prompt_tokens
+        self.choices, self.rid, self.prompt_tokens, self.model = choices, rid, prompt_tokens, model
 
     def usage(self) -> dict:
         return P.usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
@@ -316,11 +328,11 @@ class _Run:
         except HTTPFail as e:
             yield sse(json.loads(e.response.body))
         if include_usage:
-            yield sse(P.envelope(kind, self.rid, self.server.name, [], self.usage()))
+            yield sse(P.envelope(kind, self.rid, self.model, [], self.usage()))
         yield sse("[DONE]")
 
     async def chat_chunks(self, logprobs: bool) -> AsyncIterator[dict]:
-        name = self.server.name
+        name = self.model
         for c in self.choices:
             yield P.envelope("chat.completion.chunk", self.rid, name, [
                 {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -347,6 +359,6 @@ class _Run:
             if logprobs is not None:
                 lp = P.completion_logprobs(c.logprobs[sent_lp[c.index]:], self.server.piece, 0)
                 sent_lp[c.index] = len(c.logprobs)
-            yield P.envelope("text_completion", self.rid, self.server.name, [
+            yield P.envelope("text_completion", self.rid, self.model, [
                 {"index": c.index, "text": text, "logprobs": lp,
                  "finish_reason": c.finish_reason if c.finished else None}])

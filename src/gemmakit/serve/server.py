@@ -5,6 +5,11 @@ Hooks for guards (the safety issue plugs in here): `server.input_hooks` see the 
 generated and may refuse; `server.output_hooks` see each choice's accumulated content after every update
 and may cut it (finish_reason "content_filter"). Both return None to let it pass or a message to stop.
 
+LoRA adapters (`--adapter NAME=DIR`, adapters.py): attached beside the base weights as the server starts, each
+served under its own name; a request's `model` picks one (the base model's name: none), `/v1/models` lists them
+all, and rows on different adapters share each decode step. Compiled steps are turned off when adapters are
+served (adapters.py says why), with a line on the console.
+
 Images and audio (`MediaPolicy`): a client may always send them inline (data URLs, `input_audio`), which the
 body limit already bounds; anything that makes the server itself read bytes is the operator's choice and off
 by default: `file://` only under `--allow-media-dir` directories, http(s) only with `--allow-remote-media`.
@@ -21,13 +26,14 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from gemmakit.adapters import adapter_names, attach_adapters
 from gemmakit.api import LLM
 from gemmakit.chat.parser import tool_call_grammar
 from gemmakit.engine import Engine
@@ -58,6 +64,7 @@ class ServeOptions:
     remote_media: bool = False  # the server fetches http(s) media URLs itself
     max_media_bytes: int = 20 << 20  # one image or audio file, decoded from base64 or read
     image_tokens: int | None = None  # Gemma 4's soft tokens per image (70/140/280/560/1120; None: 280)
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters served per request: {name: PEFT dir}
 
     def body_limit(self) -> int:
         """The request-body limit: as given, else 8 MiB (far above a full context of text) or, if more, room
@@ -85,8 +92,12 @@ class Server:
             llm.max_soft_tokens = options.image_tokens
         self.media_policy = options.media_policy()
         self.media_slots = asyncio.Semaphore(MEDIA_AT_ONCE)
+        self.adapters = self._attach(options.adapters)
+        compile = options.compile and not self.adapters
+        if options.compile and not compile:
+            log.warning("compiled decode steps are off: LoRA adapters served per request run eager steps")
         engine = Engine(llm.model, llm.tokenizer, max_batch=options.max_batch,
-                        context=options.context or llm.context, compile=options.compile)
+                        context=options.context or llm.context, compile=compile)
         if engine.compiled:
             log.info("compiling the decode steps: minutes the first time on this machine, seconds once cached "
                      "(--compile off skips it)")
@@ -102,6 +113,23 @@ class Server:
         self.output_hooks: list[Hook] = []
         self._grammars: Any = None
         self._grammar_lock = threading.Lock()
+
+    def _attach(self, adapters: dict[str, str]) -> list[str]:
+        """Attach the adapters (before the engine, whose memory forecast then counts them); the names of all the
+        model carries, those attached through the Python API (adapters.attach_adapters) included."""
+        if self.name in [*adapter_names(self.llm.model), *adapters]:
+            raise ValueError(f"adapter name {self.name!r} is the base model's own name; requests could not tell "
+                             "them apart: name the adapter otherwise (or the model, with --served-model-name)")
+        if adapters:
+            attach_adapters(self.llm.model, adapters)
+        names = adapter_names(self.llm.model)
+        if names:
+            log.info("LoRA adapters served beside %s: %s", self.name, ", ".join(names))
+        return names
+
+    def model_ids(self) -> list[str]:
+        """What `model` may name: the base model, then each adapter."""
+        return [self.name, *self.adapters]
 
     def grammars(self) -> Any:
         with self._grammar_lock:  # ~3 s to build for a 262k vocabulary: once, on first use
@@ -164,10 +192,16 @@ def engine_failure(server: Server) -> str | None:
     return loop.failure or (None if loop.alive else "the engine thread is not running")
 
 
-def check_model(server: Server, model: str | None) -> None:
-    if model not in (None, "", server.name):
-        raise HTTPFail(fail(404, f"model {model!r} is not served here; this server has {server.name!r} "
-                                 "(GET /v1/models)", "model", "model_not_found"))
+def check_model(server: Server, model: str | None) -> str | None:
+    """The adapter a request's `model` names (None: the base model, also when no model is given); any other
+    name is a 404 as OpenAI answers it, listing what is served."""
+    if model in (None, "", server.name):
+        return None
+    if model in server.adapters:
+        return model
+    served = ", ".join(repr(m) for m in server.model_ids())
+    raise HTTPFail(fail(404, f"The model {model!r} does not exist on this server; it serves {served} "
+                             "(GET /v1/models)", "model", "model_not_found"))
 
 
 def check_room(server: Server, sequences: int, param: str = "n") -> None:
@@ -193,13 +227,14 @@ def check_fits(server: Server, n_prompt: int, max_tokens: int | None, param: str
 
 
 def submit_all(server: Server, prompts: list[list[int]], params: list[Any],
-               media: list[PromptMedia | None] | None = None) -> tuple[list[Ticket], asyncio.Queue]:
+               media: list[PromptMedia | None] | None = None, adapter: str | None = None
+               ) -> tuple[list[Ticket], asyncio.Queue]:
     events: asyncio.Queue = asyncio.Queue()
     tickets: list[Ticket] = []
     media = media or [None] * len(prompts)
     try:
         for i, (ids, p, m) in enumerate(zip(prompts, params, media, strict=True)):
-            tickets.append(server.loop.submit(ids, p, events, i, m))
+            tickets.append(server.loop.submit(ids, p, events, i, m, adapter))
     except QueueFull as e:
         for t in tickets:
             server.loop.cancel(t)
