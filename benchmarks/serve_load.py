@@ -31,10 +31,11 @@ from gemmakit.bench import format_table
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
 
 
-def start_server(port: int, max_batch: int, compile: str, threads: int | None) -> subprocess.Popen:
+def start_server(port: int, max_batch: int, compile: str, threads: int | None, context: int = 1024,
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gemmakit.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
-           "--compile", compile, "--context", "1024", "--log-level", "warning"]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+           "--compile", compile, "--context", str(context), "--log-level", "warning"]
+    env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 600  # a cold compile of two decode graphs takes a few minutes on 2 cores
     while time.time() < deadline:

@@ -66,6 +66,47 @@ class KVCache:
         for pos in self.slot_pos.values():
             pos[row].masked_fill_(pos[row] > keep_until, -1)
 
+    def load_prefix(self, row: int, kv: dict[int, tuple[Tensor, Tensor]], length: int) -> None:
+        """Put the keys/values of positions 0..length-1 into `row` as a prefill of them would have left it: every
+        position in full-attention slots, the last ones in each ring. kv[layer] = (k, v), [n_kv, T, head_dim],
+        covering positions length - T .. length - 1 (a ring's layers may be given only their tail)."""
+        self.clear([row])
+        for kind, n in self.slots.items():
+            pos = torch.arange(max(0, length - n), length, device=self.slot_pos[kind].device)
+            self.slot_pos[kind][row, pos % n] = pos
+        for i, (k, v) in kv.items():
+            n = self.slots[self.config.layer_types[i]]
+            pos = torch.arange(max(0, length - n), length, device=k.device)
+            self.k[i][row][:, pos % n] = k[:, k.shape[1] - len(pos):]
+            self.v[i][row][:, pos % n] = v[:, v.shape[1] - len(pos):]
+
+    def read(self, row: int, start: int, end: int) -> dict[int, tuple[Tensor, Tensor]] | None:
+        """Keys/values of positions start..end-1 of `row` per layer ([n_kv, T, head_dim] views), or None where a
+        ring no longer holds all of them."""
+        pos = {kind: torch.arange(start, end, device=p.device) for kind, p in self.slot_pos.items()}
+        for kind, p in self.slot_pos.items():
+            if not bool((p[row, pos[kind] % self.slots[kind]] == pos[kind]).all()):
+                return None
+        out = {}
+        for i in self.k:
+            kind = self.config.layer_types[i]
+            slots = pos[kind] % self.slots[kind]
+            out[i] = (self.k[i][row][:, slots], self.v[i][row][:, slots])
+        return out
+
+    def save_slot0(self, rows: Tensor) -> tuple:
+        """Copies of what slot 0 of `rows` holds in every layer (see `restore_slot0`)."""
+        return ({i: (k[rows, :, 0].clone(), self.v[i][rows, :, 0].clone()) for i, k in self.k.items()},
+                {kind: p[rows, 0].clone() for kind, p in self.slot_pos.items()})
+
+    def restore_slot0(self, rows: Tensor, saved: tuple) -> None:
+        """Put back slot 0 of `rows` as `save_slot0` found it (a padded batch step wrote a throw-away token there)."""
+        kv, pos = saved
+        for i, (k, v) in kv.items():
+            self.k[i][rows, :, 0], self.v[i][rows, :, 0] = k, v
+        for kind, p in pos.items():
+            self.slot_pos[kind][rows, 0] = p
+
     def record(self, rows: Tensor, positions: Tensor) -> None:
         """Mark the slots that positions [b, T] of `rows` occupy (called once per forward, for all layers)."""
         for kind, pos in self.slot_pos.items():
@@ -97,7 +138,11 @@ class Step:
 
 
 class Prefill(Step):
-    """A fresh sequence from position 0 in one row: attend within the chunk, then keep what later steps need."""
+    """A fresh sequence from position 0 in one row: attend within the chunk, then keep what later steps need.
+    Set `captured` to a dict to be handed every layer's keys/values of the chunk ([n_kv, T, head_dim]), all of
+    them, before a ring forgets any: the prefix cache (prefix.py) stores them."""
+
+    captured: dict[int, tuple[Tensor, Tensor]] | None = None
 
     def begin(self) -> None:
         self.cache.clear(self.rows)
@@ -116,6 +161,8 @@ class Prefill(Step):
             self.cache.slot_pos[kind][self.rows[:, None], pos % self.cache.slots[kind]] = pos
 
     def _write_tail(self, layer: int, kind: str, k: Tensor, v: Tensor) -> None:
+        if self.captured is not None:
+            self.captured[layer] = (k[0], v[0])
         keep = self._keep[kind]
         slots = self.positions[0, keep] % self.cache.slots[kind]
         self.cache.k[layer][self.rows[:, None], :, slots] = k[:, :, keep].transpose(1, 2)

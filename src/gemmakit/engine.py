@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,14 +45,22 @@ from gemmakit.adapters import adapter_names
 from gemmakit.flags import parse_switch
 from gemmakit.media.soft import PromptMedia
 from gemmakit.model import Gemma
+from gemmakit.prefix import PrefixCache, make_prefix_cache
 from gemmakit.runtime.plan import model_dtype_device
 from gemmakit.runtime.steps import Runtime, StepOut
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, fit_context, make_generator
+from gemmakit.speculative import speculative_step
 
 
 def screen_wanted() -> bool:
     """GEMMAKIT_SCREEN: on (default) or off, for engines built without an explicit `screen=`."""
     return bool(parse_switch("GEMMAKIT_SCREEN", os.environ.get("GEMMAKIT_SCREEN", "on")))
+
+
+def pacing_wanted() -> bool:
+    """GEMMAKIT_PACED_PREFILL: on (default) or off (a newcomer's whole prompt goes in at once, as fast as it can,
+    while running streams wait), for engines built without an explicit `paced=`."""
+    return bool(parse_switch("GEMMAKIT_PACED_PREFILL", os.environ.get("GEMMAKIT_PACED_PREFILL", "on")))
 
 
 class StopText:
@@ -123,6 +132,36 @@ def _kmp_step(s: str, fail: list[int], state: int, ch: str) -> int:
     return state + 1 if s[state] == ch else 0
 
 
+class Pacer:
+    """How many prompt tokens a step may prefill while other rows are decoding: about as many as take as long
+    as a decode step (`SHARE` of it), so a running stream's time per token stays within about twice what it is
+    without a newcomer, however long the newcomer's prompt. Both costs are measured as the engine runs, the
+    prompt's per token on the small chunks this pacing runs (a whole prompt goes faster per token)."""
+
+    SHARE, SMOOTH = 0.8, 0.3
+
+    def __init__(self, most: int):
+        self.most = most
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.SMOOTH) * old + self.SMOOTH * new
+
+    def decoded(self, seconds: float) -> None:
+        self.decode_s = self._mix(self.decode_s, seconds)
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.token_s = self._mix(self.token_s, seconds / tokens)
+
+    def budget(self, block: int) -> int:
+        """Prompt tokens for this step (at least one `block`: a prompt always moves on)."""
+        if self.decode_s is None or self.token_s is None:
+            return block
+        return max(block, min(self.most, int(self.SHARE * self.decode_s / self.token_s)))
+
+
 @dataclass
 class Request:
     """One sequence in the engine: its prompt, parameters and everything generated so far."""
@@ -141,6 +180,9 @@ class Request:
     stop_text: StopText | None = None
     media: PromptMedia | None = None  # image / audio soft tokens of the prompt (media/soft.py)
     adapter: int = -1  # which attached LoRA adapter answers (adapters.py), -1: the base model
+    prefilled: int = 0  # prompt positions in the cache row so far (a long prompt arrives over several steps)
+    cached_tokens: int = 0  # of those, the ones taken from the prefix cache rather than computed
+    stored: int = 0  # tokens of the sequence the prefix cache holds (from position 0)
 
     @property
     def finished(self) -> bool:
@@ -155,8 +197,11 @@ class Request:
 class Engine:
     def __init__(self, model: Gemma, tokenizer: Any = None, max_batch: int = 8, context: int | None = None,
                  slack: int = 8, check_memory: bool = True, compile: bool = False, prefill_chunk: int = 512,
-                 screen: bool | None = None):
+                 screen: bool | None = None, drafter: Any = None, draft_tokens: int = 4,
+                 prefix_cache: bool | int | PrefixCache | None = None, paced: bool | None = None):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        # Speculative decoding (speculative.py): a `Drafter` guesses `draft_tokens` per row, the target checks them.
+        self.drafter, self.draft_tokens = drafter, draft_tokens
         config = model.config
         self.context = min(context or config.max_position_embeddings, config.max_position_embeddings)
         self.dtype, self.device = model_dtype_device(model)
@@ -166,8 +211,11 @@ class Engine:
         self.compiled = self.plan.compiled
         self.sampler = Sampler(config.vocab_size)
         self.free_rows = list(range(max_batch))[::-1]
-        self.running: dict[int, Request] = {}
+        self.running: dict[int, Request] = {}  # rows decoding
+        self.prefilling: dict[int, Request] = {}  # rows whose prompt is still going in, oldest first
         self.waiting: deque[Request] = deque()
+        self.prefix = make_prefix_cache(prefix_cache, self.runtime.cache.nbytes(), self.device)
+        self.pacer = Pacer(prefill_chunk) if (pacing_wanted() if paced is None else paced) else None
         self._next_id = 0
 
     # --- admission --------------------------------------------------------------------------
@@ -219,39 +267,99 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.prefilling or self.waiting)
 
     # --- the loop ---------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
-        """Decode one token for every running sequence, then admit (prefill) what fits into free rows; the
-        newcomers join the batch at the next step. Returns (request, token) for every token produced;
-        finished requests have `finish_reason` set and have already left the batch. A request that fails
-        (see the module docstring) finishes with "error" and its `error`, and is returned as (request, -1)."""
+        """Decode one token for every running sequence, then admit waiting requests into free rows and prefill
+        prompts: all of them when nothing is decoding, else only as many tokens as take about as long as the
+        decode step did (`Pacer`), so running streams never stall behind a long prompt. A request whose prompt
+        is in samples its first token and joins the batch at the next step. Returns (request, token) for every
+        token produced; finished requests have `finish_reason` set and have already left the batch. A request
+        that fails (see the module docstring) finishes with "error" and its `error`, as (request, -1)."""
+        decoding = bool(self.running)
+        began = time.perf_counter()
         events = self._decode(list(self.running.values()))
+        if decoding and self.pacer is not None:
+            self.pacer.decoded(time.perf_counter() - began)
         while self.waiting and self.free_rows:
             req = self.waiting.popleft()
-            events += self._guarded([req], lambda r=req: self._prefill(r), "prefill failed")
+            events += self._guarded([req], lambda r=req: self._admit(r), "prefill failed")
+        paced = decoding and self.pacer is not None
+        budget = self.pacer.budget(self.prefix.block if self.prefix else 1) if paced else None
+        for req in list(self.prefilling.values()):
+            if budget is not None and budget <= 0:
+                break
+            want = len(req.prompt) - req.prefilled if budget is None else budget
+            before = req.prefilled
+            events += self._guarded([req], lambda r=req, w=want, p=budget is not None: self._prefill(r, w, p),
+                                    "prefill failed")
+            if budget is not None:
+                budget -= req.prefilled - before
         return events
 
     def abort(self, message: str) -> list[Request]:
         """End every running and waiting request with `message` and free every row: the way back to a
         consistent engine after an error nobody can be blamed for. Returns the requests it ended."""
-        ended = [*self.running.values(), *self.waiting]
+        ended = [*self.running.values(), *self.prefilling.values(), *self.waiting]
         self.waiting.clear()
         for req in ended:
             req.finish_reason, req.error = "error", req.error or message
             req.row = -1
         self.running.clear()
+        self.prefilling.clear()
         self.runtime.clear(list(range(self.max_batch)))
         self.free_rows = list(range(self.max_batch))[::-1]
         return ended
 
-    def _prefill(self, req: Request) -> list[tuple[Request, int]]:
+    def _admit(self, req: Request) -> list[tuple[Request, int]]:
+        """Give `req` a row, holding whatever the prefix cache has of its prompt (all but its last token, whose
+        logits are needed)."""
         req.row = self.free_rows.pop()
+        self.prefilling[req.row] = req
+        if self.prefix is not None and req.media is None:
+            blocks = self.prefix.match(req.prompt, req.adapter, limit=len(req.prompt) - 1)
+            req.prefilled = req.cached_tokens = req.stored = self.runtime.restore(req.row, blocks)
+        return []
+
+    def _prefill(self, req: Request, tokens: int, paced: bool) -> list[tuple[Request, int]]:
+        """About `tokens` more of `req`'s prompt into its row (whole prefix-cache blocks, so what is computed
+        can be stored; `paced`: a share of a decode step); once the prompt is in, its first token."""
+        end = len(req.prompt)
+        if req.prefilled + tokens < end and self.prefix is not None:
+            end = req.prefilled + max(self.prefix.block, tokens // self.prefix.block * self.prefix.block)
+        end = min(end, len(req.prompt))
+        store = self.prefix is not None and req.media is None
+        began = time.perf_counter()
+        done, out = self.runtime.prefill_part(req.prompt, req.row, req.prefilled, end, req.params.plain_greedy,
+                                              req.media, req.adapter, self._storer(req) if store else None)
+        if paced:
+            self.pacer.prefilled(done - req.prefilled, time.perf_counter() - began)
+        req.prefilled = done
+        if out is None:
+            return []
+        del self.prefilling[req.row]
         self.running[req.row] = req
-        return self._take([req], self.runtime.prefill(req.prompt, req.row, req.params.plain_greedy,
-                                                         req.media, req.adapter))
+        return self._take([req], out)
+
+    def _storer(self, req: Request) -> Any:
+        def store(start: int, kv: dict[int, tuple[Tensor, Tensor]]) -> None:
+            if start == req.stored:
+                req.stored = self.prefix.store(req.prompt, req.adapter, start, list(kv.values()))
+        return store
+
+    def _keep_prefix(self, req: Request) -> None:
+        """Store the whole blocks of the sequence that its row holds beyond what is stored, while a ring still
+        holds them (each time a block fills, and when the sequence ends): a later turn of the same conversation
+        starts with this prompt and reply."""
+        fed = len(req.prompt) + len(req.tokens) - 1
+        start, block = req.stored, self.prefix.block
+        end = start + (fed - start) // block * block
+        if end > start and req.media is None and req.prefilled == len(req.prompt):
+            kv = self.runtime.cache.read(req.row, start, end)
+            if kv is not None:
+                req.stored = self.prefix.store(req.prompt + req.tokens, req.adapter, start, list(kv.values()))
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         if not reqs:
@@ -267,9 +375,18 @@ class Engine:
         return [e for r in reqs for e in self._guarded([r], lambda r=r: self._decode_rows([r]), "decoding failed")]
 
     def _decode_rows(self, reqs: list[Request]) -> list[tuple[Request, int]]:
-        out = self.runtime.decode([r.tokens[-1] for r in reqs], [r.position for r in reqs], [r.row for r in reqs],
-                                  greedy=all(r.params.plain_greedy for r in reqs), adapters=[r.adapter for r in reqs])
-        return self._take(reqs, out)
+        if self.drafter is not None:
+            events = speculative_step(self, reqs)
+        else:
+            out = self.runtime.decode([r.tokens[-1] for r in reqs], [r.position for r in reqs],
+                                      [r.row for r in reqs], greedy=all(r.params.plain_greedy for r in reqs),
+                                      adapters=[r.adapter for r in reqs])
+            events = self._take(reqs, out)
+        if self.prefix is not None:
+            for r in reqs:
+                if not r.finished and r.position - r.stored > self.prefix.block:
+                    self._keep_prefix(r)
+        return events
 
     def _guarded(self, reqs: list[Request], work: Any, what: str) -> list[tuple[Request, int]]:
         """`work()`'s events; if it raises, `reqs` (the only rows it touched) end with the error instead."""
@@ -359,14 +476,19 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
+        if self.prefix is not None and reason != "error" and self.running.get(req.row) is req:
+            self._keep_prefix(req)
         if req.stop_text is not None:
             req.text += req.stop_text.finish()
         self._release(req)
 
     def _release(self, req: Request) -> None:
-        if req.row >= 0 and self.running.get(req.row) is req:
-            del self.running[req.row]
+        held = next((rows for rows in (self.running, self.prefilling) if rows.get(req.row) is req), None)
+        if req.row >= 0 and held is not None:
+            del held[req.row]
             self.runtime.clear([req.row])
+            if self.drafter is not None:
+                self.drafter.release(req.row)
             self.free_rows.append(req.row)
 
     # --- conveniences -----------------------------------------------------------------------

@@ -60,28 +60,59 @@ class Runtime:
     # --- the two calls the engine makes ---------------------------------------------------
     def prefill(self, tokens: list[int], row: int, greedy: bool, media: PromptMedia | None = None,
                 adapter: int = -1) -> StepOut:
-        """Prompt `tokens` into cache `row` (cleared before), in chunks of `prefill_chunk` tokens so a long
-        prompt's working memory stays that of one chunk (as forecast); the last position's result. `media`:
-        the prompt's image / audio soft tokens; a chunk never ends inside an image, which must see itself whole.
-        `adapter`: the index of the attached LoRA adapter that answers (-1: none)."""
+        """Prompt `tokens` into cache `row` (cleared before); the last position's result."""
+        return self.prefill_part(tokens, row, 0, len(tokens), greedy, media, adapter)[1]
+
+    def prefill_part(self, tokens: list[int], row: int, start: int, end: int, greedy: bool,
+                     media: PromptMedia | None = None, adapter: int = -1, on_chunk: Any = None
+                     ) -> tuple[int, StepOut | None]:
+        """Positions start..end-1 of prompt `tokens` into cache `row`, which holds positions 0..start-1 (a
+        fresh row when start is 0), in chunks of `prefill_chunk` tokens so a long prompt's working memory stays
+        that of one chunk (as forecast). Returns how far it got (`end`, or further where a chunk may not end
+        inside an image, which must see itself whole) and, once the whole prompt is in, the last position's
+        result. `media`: the prompt's image / audio soft tokens; `adapter`: the index of the attached LoRA
+        adapter that answers (-1: none); `on_chunk(start, kv)`: handed each chunk's keys/values per layer."""
         rows = torch.tensor([row], device=self.device)
         self._select_adapters([adapter])
         screened = greedy and self._screens(1, compiled=False)
         forward = self.model.hidden if screened else self.model
         kinds = self.model.config.bidirectional_kinds
-        start = 0
-        while start < len(tokens):
-            end = min(start + self.prefill_chunk, len(tokens))
-            end = media.safe_chunk_end(start, end) if media is not None else end
-            pos = torch.arange(start, end, device=self.device)[None]
+        out = None
+        while start < end:
+            stop = min(start + self.prefill_chunk, end)
+            stop = media.safe_chunk_end(start, stop) if media is not None else stop
+            pos = torch.arange(start, stop, device=self.device)[None]
             step = (Prefill if start == 0 else Extend)(pos, self.cache, rows)
+            if on_chunk is not None:
+                step.captured = {}
             # Only a prompt with soft tokens passes them: a draft model or a test double needs no media argument.
             soft = batch_media([media], pos, kinds) if media is not None else None
             extra = {} if soft is None else {"media": soft}
-            out = forward(torch.tensor([tokens[start:end]], device=self.device), step=step, logits_to_keep=1,
+            out = forward(torch.tensor([tokens[start:stop]], device=self.device), step=step, logits_to_keep=1,
                           **extra)[:, -1]
-            start = end
-        return self._certify(*self.screen(out, layout="packed"), out) if screened else StepOut(logits=out)
+            if on_chunk is not None:
+                on_chunk(start, step.captured)
+            start = stop
+        if start < len(tokens):
+            return start, None
+        return start, (self._certify(*self.screen(out, layout="packed"), out) if screened else StepOut(logits=out))
+
+    def restore(self, row: int, blocks: list[Any]) -> int:
+        """Load prefix-cache `blocks` (prefix.py, a chain from position 0) into `row`; the positions now held."""
+        length = sum(b.k[0].shape[1] for b in blocks) if blocks else 0
+        if not length:
+            return 0
+        kv = {}
+        for j, layer in enumerate(self.cache.k):
+            n = self.cache.slots[self.model.config.layer_types[layer]]
+            first, seen = len(blocks), 0  # a ring takes only the blocks that reach into its last n positions
+            while first and seen < n:
+                first -= 1
+                seen += blocks[first].k[j].shape[1]
+            kv[layer] = (torch.cat([b.k[j] for b in blocks[first:]], dim=1),
+                         torch.cat([b.v[j] for b in blocks[first:]], dim=1))
+        self.cache.load_prefix(row, kv, length)
+        return length
 
     def decode(self, last_tokens: list[int], positions: list[int], rows: list[int], greedy: bool,
                adapters: list[int] | None = None) -> StepOut:
@@ -128,15 +159,19 @@ class Runtime:
         return StepOut(logits=self.model.head(hidden))
 
     def _padded(self, forward: Any, ids: Tensor, pos: Tensor, rows: Tensor) -> Any:
-        """A partly filled batch through the compiled full-batch step: free rows decode a throw-away token at
-        position 0, which the next prefill of that row clears and rewrites. On CPU the matmuls of 8 rows cost
-        about what 2 rows cost, while an eager step costs several compiled ones, and a graph per batch size
-        would cost a compilation each."""
+        """A partly filled batch through the compiled full-batch step: the other rows decode a throw-away token
+        at position 0, and what it overwrote there is put back afterwards (a row may be half way through a
+        chunked prefill, or hold a prefix being reused). On CPU the matmuls of 8 rows cost about what 2 rows
+        cost, while an eager step costs several compiled ones, and a graph per batch size would cost a
+        compilation each."""
+        others = torch.tensor(sorted(set(range(self.max_batch)) - set(rows.tolist())), device=self.device)
+        saved = self.cache.save_slot0(others)
         full_ids = torch.zeros(self.max_batch, 1, dtype=ids.dtype, device=self.device)
         full_pos = torch.zeros(self.max_batch, 1, dtype=pos.dtype, device=self.device)
         full_ids[rows], full_pos[rows] = ids, pos
         every_row = torch.arange(self.max_batch, device=self.device)
         out = forward(full_ids, full_pos, every_row, True)
+        self.cache.restore_slot0(others, saved)
         return tuple(t[rows] for t in out) if isinstance(out, tuple) else out[rows]
 
     def _forward_logits(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool) -> Tensor:
