@@ -175,10 +175,10 @@ def test_rows_the_rule_cannot_serve_decode_normally(gemma3):
 
 
 def test_draft_tokens_beyond_the_cache_slack_are_refused(gemma3):
-    engine = Engine(gemma3, max_batch=1, context=CONTEXT, slack=2, drafter=ModelDrafter(gemma3, 1, CONTEXT),
-                    draft_tokens=4)
-    req = engine.generate([_prompts(1)[0]], SamplingParams(max_tokens=5))[0]
-    assert req.finish_reason == "error" and "slack >= 4" in req.error
+    """Refused when the engine is built, with the fix, rather than failing requests later."""
+    with pytest.raises(ValueError, match="slack >= 4"):
+        Engine(gemma3, max_batch=1, context=CONTEXT, slack=2, drafter=ModelDrafter(gemma3, 1, CONTEXT),
+               draft_tokens=4)
 
 
 class RunnerUp:

@@ -49,7 +49,7 @@ from gemmakit.prefix import PrefixCache, make_prefix_cache
 from gemmakit.runtime.plan import model_dtype_device
 from gemmakit.runtime.steps import Runtime, StepOut
 from gemmakit.sampling import Sampler, SamplingParams, TokenLogprobs, fit_context, make_generator
-from gemmakit.speculative import speculative_step
+from gemmakit.speculative import DraftStats, check_draft_tokens, speculation_stats, speculative_step
 
 
 def screen_wanted() -> bool:
@@ -215,6 +215,8 @@ class Engine:
         self.prefilling: dict[int, Request] = {}  # rows whose prompt is still going in, oldest first
         self.waiting: deque[Request] = deque()
         self.prefix = make_prefix_cache(prefix_cache, self.runtime.cache.nbytes(), self.device)
+        if drafter is not None:
+            check_draft_tokens(self)
         self.pacer = Pacer(prefill_chunk) if (pacing_wanted() if paced is None else paced) else None
         self._next_id = 0
 
@@ -266,6 +268,11 @@ class Engine:
                 self.generate([bos * prompt], SamplingParams(max_tokens=1))
 
     @property
+    def drafter_stats(self) -> DraftStats | None:
+        """Speculation counters (rounds, drafted, accepted, acceptance) when a drafter is set."""
+        return speculation_stats(self) if self.drafter is not None else None
+
+    @property
     def has_work(self) -> bool:
         return bool(self.running or self.prefilling or self.waiting)
 
@@ -307,6 +314,9 @@ class Engine:
         for req in ended:
             req.finish_reason, req.error = "error", req.error or message
             req.row = -1
+        if self.drafter is not None:
+            for row in [*self.running, *self.prefilling]:
+                self.drafter.release(row)
         self.running.clear()
         self.prefilling.clear()
         self.runtime.clear(list(range(self.max_batch)))

@@ -117,8 +117,12 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     why["layout"] = "oneDNN-packed" if packed else "plain"
     if any(isinstance(m, UpcastLinear) for m in model.modules()):
         why["layout"] += f" (bf16 products of {UPCAST_ROWS}+ rows in fp32: no fast bf16 GEMM here)"
-    compiled = compile and compile_supported(device)
+    # Per-request LoRA adapters regroup rows every step and a padded full-batch step has rows no request owns:
+    # the compiled graphs would recompile or misapply them, so steps stay eager (adapters.py).
+    per_row_lora = bool(getattr(model, "adapter_names", ()))  # set by adapters.attach_adapters
+    compiled = compile and compile_supported(device) and not per_row_lora
     why["compile"] = ("on" if compiled else "off (not asked)" if not compile
+                      else "off (per-request LoRA adapters are attached)" if per_row_lora
                       else f"off (torch.compile cannot build for {device.type} here)")
     if compiled and device.type == "cpu" and not decomposes_head():
         why["compile"] += f" (one-row head product on torch's GEMV: inductor's {inductor_isa()} reduction is slower)"
