@@ -14,6 +14,14 @@ otherwise treated as a base model and prompted with a plain dialogue transcript 
 output of an instruction-tuned model goes through the streaming parser, which separates the answer from the
 reasoning and the tool calls. Image and audio parts (media/inputs.py) go through the checkpoint's towers and
 take the placeholders the chat template writes for them (media/prompt.py).
+
+Speculative decoding (`draft=`): the draft checkpoint is loaded once, with the target (`load_draft`), and each
+engine built on it gets a drafter of its own (`make_drafter`), because a drafter holds per-row state sized to its
+engine's rows and context. A smaller Gemma of the same tokenizer drafts through `ModelDrafter`; a Gemma 4
+assistant checkpoint (config model_type gemma4_assistant) through `MTPDrafter`, which reads the target's own
+keys/values. The CLI (`--draft`) and the server use these two functions and nothing else, so every verb accepts
+the same paths and refuses the same mistakes with the same message. A drafter verifies eagerly, so an engine
+with one is never built compiled (compiled steps would be built and never run).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gemmakit.chat.dialogue import STOP_STRINGS, render_dialogue
 from gemmakit.chat.parser import Delta, StreamParser, ToolCall
@@ -57,9 +67,13 @@ class ChatResult:
 
 class LLM:
     def __init__(self, model: Gemma, tokenizer: Tokenizer, chat_format: ChatFormat | None, name: str = "",
-                 context: int | None = None, compile: bool = False):
+                 context: int | None = None, compile: bool = False, draft: Any = None, draft_tokens: int = 4,
+                 prefix_cache: bool | int | None = None):
         self.model, self.tokenizer, self.chat_format, self.name = model, tokenizer, chat_format, name
         self.compile = compile
+        # Speculative decoding: the draft model (load_draft) and tokens drafted per step; the prefix cache
+        # (engine.py: None = GEMMAKIT_PREFIX_CACHE, default on). Engines built from this LLM use both.
+        self.draft, self.draft_tokens, self.prefix_cache = draft, draft_tokens, prefix_cache
         limit = model.config.max_position_embeddings
         self.context = min(context or DEFAULT_CONTEXT, limit)
         self._engine: Engine | None = None
@@ -129,9 +143,17 @@ class LLM:
     def engine(self) -> Engine:
         """A one-row engine, allocated on first use and reused (its cache is the expensive part)."""
         if self._engine is None:
-            self._engine = Engine(self.model, self.tokenizer, max_batch=1, context=self.context,
-                                  compile=self.compile)
+            self._engine = self.make_engine(1, self.context, self.compile)
         return self._engine
+
+    def make_engine(self, max_batch: int, context: int, compile: bool) -> Engine:
+        """An engine on this model with this LLM's drafter (one of its own) and prefix-cache choice; compiled
+        only without a drafter (see the module docstring)."""
+        slack = draft_slack(self.draft_tokens)
+        drafter = None if self.draft is None else make_drafter(self.draft, self.model, max_batch, context, slack)
+        return Engine(self.model, self.tokenizer, max_batch=max_batch, context=context,
+                      compile=compile and drafter is None, slack=slack, drafter=drafter,
+                      draft_tokens=self.draft_tokens, prefix_cache=self.prefix_cache)
 
     def params(self, stop_ids: Sequence[int], watermark: Any = None, **sampling: Any) -> SamplingParams:
         """SamplingParams from keyword arguments. `watermark` (a safety.watermark.WatermarkConfig, or the path
@@ -235,6 +257,66 @@ def _dialogue_deltas(pieces: Iterator[str]) -> Iterator[Delta]:
         yield Delta(content=tail if started else tail.lstrip())
 
 
+def draft_slack(draft_tokens: int) -> int:
+    """Spare KV slots an engine needs per sliding ring to verify `draft_tokens` at once (speculative.py)."""
+    return max(8, draft_tokens)
+
+
+def _is_assistant(path: Path) -> bool:
+    """A Gemma 4 MTP assistant directory: config.json says model_type gemma4_assistant."""
+    import json
+
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        d = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("model_type") == "gemma4_assistant"
+
+
+def load_draft(path: str | Path, target: Gemma) -> torch.nn.Module:
+    """The draft model at `path` for `target`, on the target's device and dtype: a Gemma (HF directory or GGUF)
+    of the target's vocabulary, or a Gemma 4 assistant directory (mtp.py). Anything else, or another
+    vocabulary, is a ValueError that names the path and says what a draft model must be."""
+    from gemmakit.checkpoints import load_model
+    from gemmakit.checkpoints.common import CheckpointError
+    from gemmakit.config import ConfigError
+    from gemmakit.mtp import MTPDrafter, load_assistant
+    from gemmakit.runtime.plan import model_dtype_device, prepare_weights
+
+    p = Path(path).expanduser()
+    what = ("a smaller Gemma with the target's tokenizer (HF directory or .gguf), or a Gemma 4 assistant "
+            "directory (model_type gemma4_assistant)")
+    if not p.exists():
+        raise ValueError(f"draft model {path}: no such file or directory; give {what}")
+    dtype, device = model_dtype_device(target)
+    try:
+        if _is_assistant(p):
+            assistant = load_assistant(p, dtype, device)
+            MTPDrafter(target, assistant)  # its checks (Gemma 4 target, widths, vocabulary), before any engine
+            return assistant
+        draft = load_model(p, dtype, device)
+    except (CheckpointError, ConfigError, OSError, ValueError, KeyError) as e:
+        raise ValueError(f"draft model {path} cannot draft for this model: {e}; give {what}") from e
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft model {path} has a vocabulary of {draft.config.vocab_size} tokens, the model "
+                         f"{target.config.vocab_size}: a draft model must share the model's tokenizer")
+    prepare_weights(draft, None, False)
+    return draft
+
+
+def make_drafter(draft: torch.nn.Module, target: Gemma, rows: int, context: int, slack: int = 8) -> Any:
+    """A `Drafter` (speculative.py) from a `load_draft` model for an engine of `rows` rows and `context`."""
+    from gemmakit.mtp import Gemma4Assistant, MTPDrafter
+    from gemmakit.speculative import ModelDrafter
+
+    if isinstance(draft, Gemma4Assistant):
+        return MTPDrafter(target, draft)
+    return ModelDrafter(draft, rows, context, slack)
+
+
 def pick_chat_format(name: str, family: str, tokenizer: Tokenizer, choice: str = "auto") -> ChatFormat | None:
     """How to prompt this checkpoint for chat (None = base model, dialogue transcript); see module docstring."""
     check_chat_format(choice)
@@ -275,7 +357,8 @@ def _merge_adapter(model: Gemma, adapter: str | Path, quantize: str | None, chat
 def load(model: str | Path | None = None, dtype: str = "auto", device: str = "auto",
          chat_format: str = "auto", context: int | None = None, compile: bool = False,
          quantize: str | None = None, pack: bool | None = None, adapter: str | Path | None = None,
-         mmproj: str | Path | bool | None = None) -> LLM:
+         mmproj: str | Path | bool | None = None, draft: str | Path | None = None, draft_tokens: int = 4,
+         prefix_cache: bool | int | None = None) -> LLM:
     """Load a checkpoint (default: the embedded Gemma 3 270M) ready to generate and chat. `compile` runs
     one-row decode steps through torch.compile (compiled.py): ~3x faster on CPU after a one-off build.
     `quantize` ("int8", "int4") quantizes the weights module by module as they load (quantize.py).
@@ -284,12 +367,18 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "au
     `adapter` (a LoRA directory in PEFT's format, e.g. from `gemmakit finetune`) is merged into the weights
     before quantization or packing; the chat format it was trained with is used unless `chat_format` says
     otherwise. `mmproj`: for a GGUF, llama.cpp's image / audio tower file (default: the one `mmproj*.gguf` beside
-    it, if any; False: text only)."""
+    it, if any; False: text only). `draft`: a draft model for speculative decoding (`load_draft`), proposing
+    `draft_tokens` a step; with one, decoding is eager (`compile` is ignored). `prefix_cache`: True / False, a
+    byte budget, or None (GEMMAKIT_PREFIX_CACHE, default on): prompts reuse the keys/values of earlier ones."""
     from gemmakit.checkpoints import load_model_and_tokenizer, resolve
     from gemmakit.runtime.compiled import compile_supported
     from gemmakit.runtime.plan import prepare_weights
 
     path = resolve(model)
+    if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+    if draft is not None:
+        compile = False  # a drafter verifies eagerly: compiled steps would never run
     quantize = normalize_quantize(quantize)
     device = resolve_device(device)  # "auto": CUDA where present, else the CPU
     m, tok = load_model_and_tokenizer(path, resolve_dtype(dtype, device), device, None if adapter else quantize,
@@ -300,4 +389,5 @@ def load(model: str | Path | None = None, dtype: str = "auto", device: str = "au
     prepare_weights(m, pack, compile and compile_supported(device))
     name = m.config.name if path.suffix == ".gguf" else path.name
     fmt = pick_chat_format(f"{name} {path.stem}", m.config.family, tok, chat_format)
-    return LLM(m, tok, fmt, name, context, compile)
+    drafter_model = None if draft is None else load_draft(draft, m)
+    return LLM(m, tok, fmt, name, context, compile, drafter_model, draft_tokens, prefix_cache)

@@ -23,9 +23,11 @@ from typing import Any
 
 from gemmakit.cli_common import (
     DTYPES,
+    add_decoding_args,
     add_load_args,
     add_media_args,
     check_media,
+    decoding_options,
     describe_media,
     load_llm,
     media_parts,
@@ -88,6 +90,10 @@ def wants_compile(args: argparse.Namespace) -> bool:
     else:
         wanted = parse_switch("--compile / GEMMAKIT_COMPILE", os.environ.get("GEMMAKIT_COMPILE") or "auto",
                               allow_auto=True)
+    if getattr(args, "draft", None):  # a drafter verifies eagerly (api.py): compiled steps would never run
+        if wanted:
+            print("note: --compile is off: speculative decoding (--draft) runs eager decode steps", file=sys.stderr)
+        return False
     if wanted is not None:
         return wanted
     return args.func in (cmd_bench, cmd_serve) or (args.func is cmd_generate and args.max_tokens >= COMPILE_PAYS_FROM)
@@ -107,9 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     log.setLevel(args.log_level.upper())
     adapters = parse_specs(args.adapters)  # a bad spec or directory fails now, not in the loading thread
     if args.replicas > 1 and (args.allow_media_dir or args.allow_remote_media or args.image_tokens
-                              or args.max_media_mb != 20 or adapters):
-        raise ValueError("--allow-media-dir, --allow-remote-media, --max-media-mb, --image-tokens and --adapter are "
-                         "not passed to Ray replicas yet; serve with --replicas 1 to use them")
+                              or args.max_media_mb != 20 or adapters or args.draft
+                              or args.prefix_cache is not None):
+        raise ValueError("--allow-media-dir, --allow-remote-media, --max-media-mb, --image-tokens, --adapter, --draft "
+                         "and --prefix-cache are not passed to Ray replicas yet; serve with --replicas 1 to use them")
     if adapters and args.compiled:  # per-row adapters decode eagerly (adapters.py); no plain weight copy either
         if args.compile:
             print("note: --compile is off: LoRA adapters served per request (--adapter) run eager decode steps",
@@ -120,6 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         return run_replicas(args)
     resolve(args.model)  # a wrong path fails here, as for every other verb, not later in the loading thread
+    if args.draft and not os.path.exists(args.draft):
+        raise ValueError(f"--draft {args.draft}: no such file or directory")
+    decoding_options(args)  # a bad --draft-tokens too
     for d in args.allow_media_dir:
         if not os.path.isdir(d):
             raise ValueError(f"--allow-media-dir {d}: no such directory")
@@ -145,6 +155,7 @@ def add_serve_parser(sub: Any) -> None:
                    help="serve the LoRA adapter in DIR (PEFT format) beside the base model, under NAME: requests pick "
                         "it with \"model\": NAME, and rows on different adapters share each batch (repeatable; "
                         "compile is off with adapters)")
+    add_decoding_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also: GEMMAKIT_API_KEY)")
@@ -291,6 +302,15 @@ def stream_completion(llm, prompt: str, sampling: dict, verbose: bool) -> None:
         print_plan(llm)
         print(f"[{len(ids)} prompt tokens, {llm.completion_tokens} generated, {time.perf_counter() - t0:.1f}s]",
               file=sys.stderr)
+        print_speculation(llm)
+
+
+def print_speculation(llm) -> None:
+    """--verbose with --draft: the drafter's acceptance over everything this process generated."""
+    stats = llm.engine.drafter_stats
+    if stats is not None:
+        print(f"[speculative decoding: {stats.accepted} of {stats.drafted} drafted tokens accepted "
+              f"({stats.acceptance:.0%}) over {stats.rounds} steps]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -317,10 +337,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         session.attach(part)
     if args.think:
         session.set_thinking("on")
-    run(session, sys.stdin, interactive)
+    try:
+        run(session, sys.stdin, interactive)
+    finally:
+        if args.verbose:
+            print_speculation(llm)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from gemmakit.api import draft_slack, make_drafter
     from gemmakit.bench import MiB, current_rss_bytes, format_table, measure_bandwidth, run_engine_bench
     from gemmakit.engine import screen_wanted
     from gemmakit.runtime.plan import make_plan, model_bytes
@@ -328,11 +353,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
     llm = load_llm(args, warm_up=False)  # each measured engine is built (and compiled) below
     runtime = max(current_rss_bytes() - model_bytes(llm.model), 0)  # Python, torch, the tokenizer: not weights
     bandwidth = measure_bandwidth(device=args.device)
-    rows = []
+    rows, accepted, drafted = [], 0.0, 0.0
+    slack = draft_slack(args.draft_tokens)
     for batch in args.batch:
         for prompt_len in args.prompt_len:
-            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, args.context, args.compiled)
+            ctx = args.context or prompt_len + args.new_tokens + 8  # what run_engine_bench gives its engine
+            drafter = None if llm.draft is None else make_drafter(llm.draft, llm.model, batch, ctx, slack)
+            r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, ctx, args.compiled, drafter,
+                                 args.draft_tokens, slack)
             rows.append({"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()})
+            if r.acceptance is not None:
+                accepted, drafted = accepted + r.acceptance, drafted + 1
     # The plan of the largest engine measured: what it chose on this machine, and why.
     context = llm.context if args.context else max(args.prompt_len) + args.new_tokens + 8
     plan = make_plan(llm.model, max(args.batch), context, args.compiled, screen_wanted())
@@ -342,6 +373,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"weights: {llm.model.weights_note}")
     print(plan.describe())
     print(format_table(rows))
+    if drafted:
+        print(f"speculative decoding with {args.draft} ({args.draft_tokens} draft tokens a step): mean acceptance "
+              f"{accepted / drafted:.0%}")
     if args.context:
         # --context as loading capped it at the model's own, as the engines cap it
         capped = f" (capped at the model's {context})" if context < args.context else ""
@@ -380,10 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true", help="print token counts and timing (and the "
                    "soft tokens each image or clip became) to stderr")
     add_model_args(g, max_tokens=64)
+    add_decoding_args(g)
     add_media_args(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="chat in the terminal (reads a pipe too)")
     add_model_args(c, max_tokens=256)
+    add_decoding_args(c)
     add_media_args(c)
     c.add_argument("-v", "--verbose", action="store_true", help="print the runtime plan (kernels chosen for this "
                                                                 "machine, and why) and the soft tokens each image "
@@ -396,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, nargs="+", default=[128], help="prompt lengths (default 128)")
     b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default 128)")
     add_model_args(b, max_tokens=128)
+    add_decoding_args(b, prefix_cache=False)
     b.set_defaults(func=cmd_bench)
     add_serve_parser(sub)
     add_export_parsers(sub)

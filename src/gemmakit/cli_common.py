@@ -77,6 +77,31 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
                         "for a second copy of the output head in memory; auto (default) = on for CPU float models")
 
 
+def add_decoding_args(p: argparse.ArgumentParser, prefix_cache: bool = True) -> None:
+    """--draft / --draft-tokens (speculative decoding, api.load_draft) and, where prompts repeat, --prefix-cache."""
+    p.add_argument("--draft", default=None, metavar="PATH",
+                   help="speculative decoding with this draft model: a smaller Gemma with the same tokenizer (HF "
+                        "directory or .gguf), or a Gemma 4 assistant directory (MTP); output is unchanged, decoding "
+                        "is eager (no --compile)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="N",
+                   help="tokens the draft model proposes per step (default 4)")
+    if prefix_cache:
+        p.add_argument("--prefix-cache", choices=("on", "off"), default=None,
+                       help="reuse the keys/values of earlier prompts that share a beginning with a new one "
+                            "(default on; also: GEMMAKIT_PREFIX_CACHE)")
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`gemmakit.load`'s draft / draft_tokens / prefix_cache from `add_decoding_args`'s flags (absent: defaults);
+    a bad --draft-tokens is refused before anything loads."""
+    tokens = getattr(args, "draft_tokens", 4)
+    if tokens < 1:
+        raise ValueError(f"--draft-tokens must be at least 1, got {tokens}")
+    switch = getattr(args, "prefix_cache", None)
+    return {"draft": getattr(args, "draft", None), "draft_tokens": tokens,
+            "prefix_cache": None if switch is None else parse_switch("--prefix-cache", switch)}
+
+
 IMAGE_TOKENS = (70, 140, 280, 560, 1120)  # Gemma 4's image budgets (its processor's max_soft_tokens)
 
 
@@ -167,7 +192,8 @@ def load_llm(args: argparse.Namespace, warm_up: bool = True):
     with spinner(label):
         llm = load(args.model, args.dtype, args.device, args.chat_format, args.context, compile=args.compiled,
                    quantize=quantize, pack=parse_switch("--pack", args.pack, allow_auto=True),
-                   adapter=getattr(args, "adapter", None), mmproj=getattr(args, "mmproj", None))
+                   adapter=getattr(args, "adapter", None), mmproj=getattr(args, "mmproj", None),
+                   **decoding_options(args))
     if args.compiled and warm_up:
         with spinner("compiling the decode step (a minute the first time; --compile off skips it)"):
             llm.engine.warmup()

@@ -161,6 +161,9 @@ class EngineLoop:
             return
         self._busy = True
         self._dispatch(self.engine.step())
+        stats = self.engine.drafter_stats
+        if self.metrics is not None and stats is not None:
+            self.metrics.observe_speculation(stats.drafted, stats.accepted)
 
     def _take_inbox(self) -> Iterator[tuple[str, Ticket]]:
         """What the asyncio side has put in the inbox so far, ("add" | "cancel", ticket), oldest first."""
@@ -204,6 +207,8 @@ class EngineLoop:
                 first = ticket.last_token_at is None
                 self.metrics.observe_tokens(now - (ticket.submitted if first else ticket.last_token_at), first,
                                             len(update.tokens))
+                if first and req.cached_tokens:
+                    self.metrics.prefix_hit_tokens.inc(req.cached_tokens)
             ticket.last_token_at = now
             ticket.push(update)
             if req.finished:

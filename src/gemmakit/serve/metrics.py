@@ -2,6 +2,10 @@
 
 Each app has its own registry (two servers in one process, as in the tests, do not share counters). Names
 follow Prometheus conventions (`_total` counters, `_seconds` histograms) under the `gemmakit_` prefix.
+
+The prefix cache and speculative decoding are counted where the engine loop sees them: prompt tokens a request
+took from the prefix cache when its first token is sent, and the drafter's counters (engine.drafter_stats,
+cumulative in the engine) as they grow after each step, with their ratio as a gauge for dashboards.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.token_latency = Histogram("gemmakit_time_per_output_token_seconds", "between consecutive tokens",
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefix_hit_tokens = Counter("gemmakit_prefix_cache_hit_tokens", "prompt tokens taken from the prefix "
+                                         "cache instead of computed", registry=r)
+        self.drafted = Counter("gemmakit_speculative_drafted_tokens", "tokens proposed by the draft model",
+                               registry=r)
+        self.accepted = Counter("gemmakit_speculative_accepted_tokens", "drafted tokens the model accepted",
+                                registry=r)
+        self.acceptance = Gauge("gemmakit_speculative_acceptance_rate", "accepted / drafted tokens since start",
+                                registry=r)
+        self._seen = (0, 0)  # the drafter's (drafted, accepted) already counted
 
     def observe_batch(self, running: int, waiting: int) -> None:
         self.batch_size.set(running)
@@ -32,6 +45,15 @@ class Metrics:
     def observe_tokens(self, seconds: float, first: bool, count: int) -> None:
         (self.ttft if first else self.token_latency).observe(seconds)
         self.generated_tokens.inc(count)
+
+    def observe_speculation(self, drafted: int, accepted: int) -> None:
+        """The drafter's cumulative counters: what grew since the last call is counted."""
+        seen_d, seen_a = self._seen
+        if drafted > seen_d:
+            self.drafted.inc(drafted - seen_d)
+            self.accepted.inc(accepted - seen_a)
+            self._seen = (drafted, accepted)
+            self.acceptance.set(accepted / drafted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

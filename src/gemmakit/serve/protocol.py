@@ -277,10 +277,15 @@ def media_kinds(messages: list[dict[str, Any]]) -> set[str]:
 
 # --- responses ------------------------------------------------------------------------------------------
 # Their schemas, for /openapi.json only: handlers return plain dicts, so nothing is filtered on the way out.
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens whose keys/values came from the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ToolCallFunction(BaseModel):
@@ -369,8 +374,10 @@ def envelope(kind: str, rid: str, model: str, choices: list[dict], usage: dict |
     return out
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; `cached`: prompt tokens served from the prefix cache (prompt_tokens_details)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def finish_reason(engine_reason: str | None, tool_calls: bool) -> str | None:

@@ -282,7 +282,10 @@ class _Run:
         self.choices, self.rid, self.prompt_tokens, self.model = choices, rid, prompt_tokens, model
 
     def usage(self) -> dict:
-        return P.usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
+        """Token counts; cached_tokens: the most prompt tokens any choice took from the prefix cache (the
+        engine sets it at admission, before the first token reaches us)."""
+        cached = max((t.request.cached_tokens for t in self.tickets if t.request is not None), default=0)
+        return P.usage(self.prompt_tokens, sum(c.tokens for c in self.choices), cached)
 
     def cancel(self) -> None:
         for t in self.tickets:

@@ -10,6 +10,12 @@ served under its own name; a request's `model` picks one (the base model's name:
 all, and rows on different adapters share each decode step. Compiled steps are turned off when adapters are
 served (adapters.py says why), with a line on the console.
 
+Speculative decoding (`--draft`, api.load_draft) and the prefix cache (`--prefix-cache`) are the loaded LLM's
+choices: the server's engine is built by `LLM.make_engine`, with a drafter for its own rows. A drafter verifies
+eagerly, so compiled steps are off with it too (a console line says so). What the prefix cache saved is each
+response's `usage.prompt_tokens_details.cached_tokens`, as in OpenAI's API; /metrics counts the saved tokens and
+the drafter's proposals and acceptances.
+
 Images and audio (`MediaPolicy`): a client may always send them inline (data URLs, `input_audio`), which the
 body limit already bounds; anything that makes the server itself read bytes is the operator's choice and off
 by default: `file://` only under `--allow-media-dir` directories, http(s) only with `--allow-remote-media`.
@@ -36,7 +42,6 @@ from fastapi.responses import JSONResponse
 from gemmakit.adapters import adapter_names, attach_adapters
 from gemmakit.api import LLM
 from gemmakit.chat.parser import tool_call_grammar
-from gemmakit.engine import Engine
 from gemmakit.media.inputs import MediaPolicy
 from gemmakit.media.soft import PromptMedia
 from gemmakit.sampling import ContextOverflow, fit_context
@@ -93,11 +98,13 @@ class Server:
         self.media_policy = options.media_policy()
         self.media_slots = asyncio.Semaphore(MEDIA_AT_ONCE)
         self.adapters = self._attach(options.adapters)
-        compile = options.compile and not self.adapters
+        compile = options.compile and not self.adapters and llm.draft is None
         if options.compile and not compile:
-            log.warning("compiled decode steps are off: LoRA adapters served per request run eager steps")
-        engine = Engine(llm.model, llm.tokenizer, max_batch=options.max_batch,
-                        context=options.context or llm.context, compile=compile)
+            why = "LoRA adapters served per request" if self.adapters else "speculative decoding (--draft)"
+            log.warning("compiled decode steps are off: %s need eager decode steps", why)
+        engine = llm.make_engine(options.max_batch, options.context or llm.context, compile)
+        if llm.draft is not None:
+            log.info("speculative decoding: %d draft tokens a step", engine.draft_tokens)
         if engine.compiled:
             log.info("compiling the decode steps: minutes the first time on this machine, seconds once cached "
                      "(--compile off skips it)")
