@@ -63,8 +63,11 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--reply-tokens", type=int, default=40)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:  # one thread keeps a busy neighbour on a shared machine from stalling OpenMP barriers
+        torch.set_num_threads(args.threads)
     llm = gemmakit.load(dtype=args.dtype)
     cached = Engine(llm.model, llm.tokenizer, max_batch=1, context=8192)
     plain = Engine(llm.model, llm.tokenizer, max_batch=1, context=8192, prefix_cache=False)
@@ -98,7 +101,7 @@ def main() -> None:
                "isa_limits": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")},
                "date": time.strftime("%Y-%m-%d %H:%M")}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.json, json.dumps(out, indent=1))
+        write_text_atomic(Path(args.json), json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def main() -> None:
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.json, json.dumps({"benchmark": "stream_stall", "clients": args.clients,
+        write_text_atomic(Path(args.json), json.dumps({"benchmark": "stream_stall", "clients": args.clients,
                                                  "compile": args.compile, "rows": rows,
                                                  "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
 

@@ -336,10 +336,10 @@ class Engine:
     def _prefill(self, req: Request, tokens: int, paced: bool) -> list[tuple[Request, int]]:
         """About `tokens` more of `req`'s prompt into its row (whole prefix-cache blocks, so what is computed
         can be stored; `paced`: a share of a decode step); once the prompt is in, its first token."""
-        end = len(req.prompt)
-        if req.prefilled + tokens < end and self.prefix is not None:
+        end = min(len(req.prompt), req.prefilled + tokens)
+        if end < len(req.prompt) and self.prefix is not None:
             end = req.prefilled + max(self.prefix.block, tokens // self.prefix.block * self.prefix.block)
-        end = min(end, len(req.prompt))
+            end = min(end, len(req.prompt))
         store = self.prefix is not None and req.media is None
         began = time.perf_counter()
         done, out = self.runtime.prefill_part(req.prompt, req.row, req.prefilled, end, req.params.plain_greedy,
