@@ -32,12 +32,13 @@ STREAM_PROMPT = "Here is a long story about a lighthouse keeper and the sea:"
 
 
 def long_prompt(tokens: int) -> str:
-    """Plain text of about `tokens` tokens for the 270M's tokenizer (numbered sentences, about 12 tokens each)."""
-    return " ".join(f"Sentence {i} tells of ships that passed the cape in winter." for i in range(tokens // 12))
+    """Plain text of about `tokens` tokens for the 270M's tokenizer (numbered sentences of about 14.7 tokens;
+    the table shows the exact count the server reported)."""
+    return " ".join(f"Sentence {i} tells of ships that passed the cape in winter." for i in range(int(tokens / 14.7)))
 
 
-async def stream(client: openai.AsyncOpenAI, max_tokens: int, times: list[float]) -> None:
-    out = await client.completions.create(model="gemmakit", prompt=STREAM_PROMPT, max_tokens=max_tokens,
+async def stream(client: openai.AsyncOpenAI, model: str, max_tokens: int, times: list[float]) -> None:
+    out = await client.completions.create(model=model, prompt=STREAM_PROMPT, max_tokens=max_tokens,
                                           temperature=0.8, stream=True, logit_bias={"1": -100})
     async for chunk in out:
         if chunk.choices and chunk.choices[0].text:
@@ -51,12 +52,17 @@ def quantile(xs: list[float], q: float) -> float:
 
 async def measure(url: str, clients: int, max_tokens: int, long_tokens: int) -> dict:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=900)
+    model = (await client.models.list()).data[0].id
     times: list[list[float]] = [[] for _ in range(clients)]
-    tasks = [asyncio.create_task(stream(client, max_tokens, t)) for t in times]
+    tasks = [asyncio.create_task(stream(client, model, max_tokens, t)) for t in times]
     while min(len(t) for t in times) < 8:  # every stream is in and decoding
+        for task in tasks:
+            if task.done():
+                task.result()  # a stream that failed says why, rather than waiting for ever
+                raise SystemExit("a stream ended before the long prompt was sent; raise --max-tokens")
         await asyncio.sleep(0.05)
     sent = time.perf_counter()
-    done = await client.completions.create(model="gemmakit", prompt=long_prompt(long_tokens), max_tokens=1)
+    done = await client.completions.create(model=model, prompt=long_prompt(long_tokens), max_tokens=1)
     first = time.perf_counter()
     await asyncio.gather(*tasks)
     await client.close()
@@ -86,7 +92,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = start_server(port, args.clients + 1, args.compile, None, context=args.long_tokens + 512,
+        proc = start_server(port, args.clients + 1, args.compile, None, context=args.long_tokens + 1024,
                             env={"GEMMAKIT_PACED_PREFILL": paced})
         try:
             row = asyncio.run(measure(f"http://127.0.0.1:{port}", args.clients, args.max_tokens, args.long_tokens))

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -104,3 +111,26 @@ def assert_same_until_a_tie(got, want, tol: float, prefix: int) -> None:
             assert first - second <= 2 * tol, (x, y)
             break
     assert got.tokens[:prefix] == want.tokens[:prefix]
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log: Path, timeout: float = 120) -> Iterator[str]:
+    """`gemmakit serve ARGS --port P` as a user starts it, until healthy; yields its URL, stops it after.
+    Its output goes to `log` (shown if it never becomes healthy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--port", str(port), *args],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url, deadline, status = f"http://127.0.0.1:{port}", time.time() + timeout, None
+    try:
+        while time.time() < deadline and status != 200 and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                status = httpx.get(url + "/health").status_code
+            time.sleep(0.2)
+        assert status == 200, log.read_text()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

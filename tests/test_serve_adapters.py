@@ -7,12 +7,7 @@ Run: .venv/bin/python -m pytest tests/test_serve_adapters.py
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -23,7 +18,7 @@ import gemmakit
 from gemmakit.cli import main
 from gemmakit.serve.metrics import Metrics
 from gemmakit.serve.server import ServeOptions, Server
-from tests.helpers import hf_model, tiny
+from tests.helpers import hf_model, running_server, tiny
 from tests.media_models import word_tokenizer, words
 from tests.test_adapters import ADAPTERS, make_adapter
 
@@ -46,26 +41,11 @@ def checkpoint(tmp_path_factory):
 def served(checkpoint):
     """`gemmakit serve` with both adapters (asked to compile, which adapters turn off): (url, process output)."""
     base, dirs = checkpoint
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = base.parent / "serve.log"
-    with out.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--model", str(base), "--port",
-                                 str(port), "--context", "128", "--max-batch", "8", "--compile", "on",
-                                 "--adapter", f"a={dirs['a']}", "--adapter", f"b={dirs['b']}", "--log-level",
-                                 "warning"], stdout=log, stderr=subprocess.STDOUT)
-    url, deadline, status = f"http://127.0.0.1:{port}", time.time() + 120, None
-    try:
-        while time.time() < deadline and status != 200 and proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                status = httpx.get(url + "/health").status_code
-            time.sleep(0.2)
-        assert status == 200, out.read_text()
+    with running_server(["--model", str(base), "--context", "128", "--max-batch", "8", "--compile", "on",
+                         "--adapter", f"a={dirs['a']}", "--adapter", f"b={dirs['b']}", "--log-level", "warning"],
+                        out) as url:
         yield url, out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def client(url: str) -> openai.OpenAI:

@@ -12,17 +12,15 @@ import contextlib
 import dataclasses
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.helpers import hf_model, tiny
+from tests.helpers import hf_model, running_server, tiny
 from tests.media_models import word_tokenizer, words
 
 SHARED = words(1, 70)  # 70 words + BOS: two full 32-token prefix-cache blocks
@@ -43,25 +41,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @contextlib.contextmanager
 def serve(model: Path, *flags: str):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = model.parent / f"serve-{port}.log"
-    with out.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--model", str(model), "--port",
-                                 str(port), "--context", "256", "--max-batch", "4", "--log-level", "info", *flags],
-                                stdout=log, stderr=subprocess.STDOUT)
-    url, deadline, status = f"http://127.0.0.1:{port}", time.time() + 120, None
-    try:
-        while time.time() < deadline and status != 200 and proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                status = httpx.get(url + "/health").status_code
-            time.sleep(0.2)
-        assert status == 200, out.read_text()
+    out = model.parent / f"serve-{len(list(model.parent.glob('serve-*.log')))}.log"
+    with running_server(["--model", str(model), "--context", "256", "--max-batch", "4", "--log-level", "info",
+                         *flags], out) as url:
         yield url, out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
