@@ -262,6 +262,8 @@ def test_the_real_model_decodes_the_same_greedy_tokens(default_model):
     prompts = [[2, *range(1000 + 97 * i, 1000 + 97 * i + 12)] for i in range(4)]
     params = SamplingParams(max_tokens=64)
     screened = Engine(model, max_batch=4, context=128)
+    if screened.runtime.screen is None:  # e.g. an AVX2-only CPU: the plan says why, and there is nothing to check
+        pytest.skip(f"no head screen on this machine: {screened.plan.why['head screen']}")
     got = [r.tokens for r in screened.generate(prompts, params)]
     want = [r.tokens for r in Engine(model, max_batch=4, context=128, screen=False).generate(prompts, params)]
     assert got == want and screened.runtime.screen.fallbacks == 0
