@@ -73,8 +73,14 @@ class PrefixCache:
         return (parent.id if parent is not None else ("root", namespace), tuple(tokens))
 
     def match(self, tokens: list[int], namespace: object = None, limit: int | None = None) -> list[Block]:
-        """The longest run of stored blocks `tokens` starts with, covering at most `limit` tokens."""
+        """The longest run of stored blocks `tokens` starts with, covering at most `limit` tokens (a lookup:
+        counted in `stats`, and the run becomes the most recently used)."""
+        found = self._chain(tokens, namespace, limit)
         self.stats.lookups += 1
+        self.stats.hit_tokens += len(found) * self.block
+        return found
+
+    def _chain(self, tokens: list[int], namespace: object, limit: int | None) -> list[Block]:
         limit = len(tokens) if limit is None else min(limit, len(tokens))
         found: list[Block] = []
         parent = None
@@ -86,7 +92,6 @@ class PrefixCache:
             parent = b
         for b in found:  # parents before children: a chain's leaf is its most recently used block
             self.blocks.move_to_end(b.key)
-        self.stats.hit_tokens += len(found) * self.block
         return found
 
     def store(self, tokens: list[int], namespace: object, start: int,
@@ -97,9 +102,7 @@ class PrefixCache:
         stored from the start of `tokens`."""
         if start % self.block:
             raise ValueError(f"blocks start at multiples of {self.block}, not {start}")
-        chain = self.match(tokens, namespace, limit=start)
-        self.stats.hit_tokens -= len(chain) * self.block  # a store is not a lookup hit
-        self.stats.lookups -= 1
+        chain = self._chain(tokens, namespace, limit=start)
         if len(chain) * self.block < start:
             return len(chain) * self.block
         parent = chain[-1] if chain else None

@@ -45,7 +45,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from gemmakit.adapters import adapter_names, set_rows
 from gemmakit.cache import Append, Extend, KVCache, Prefill
 from gemmakit.config import SLIDING
 from gemmakit.model import Gemma
@@ -160,7 +159,7 @@ def check_draft_tokens(engine: Any) -> int:
 def speculative_step(engine: Any, reqs: list[Any]) -> list[tuple[Any, int]]:
     """One decode step of `engine` over the running requests `reqs` (sorted by row) with its drafter: events as
     `Engine._take` returns them, one (request, token) per accepted token in order, (request, -1) for a failure."""
-    k = check_draft_tokens(engine)
+    k = engine.draft_tokens  # checked when the engine was built (check_draft_tokens)
     state = _state(engine)
     drafts = _propose(engine, state, reqs, k)
     hidden, logits = _verify(engine, reqs, drafts)
@@ -215,8 +214,7 @@ def _verify(engine: Any, reqs: list[Any], drafts: list[list[int]]) -> tuple[Tens
         ids.append(row_ids + [row_ids[-1]] * pad)
         pos.append(list(range(req.position, last + 1)) + [last] * pad)
     dev = engine.device
-    if adapter_names(engine.model):
-        set_rows(engine.model, torch.tensor([r.adapter for r in reqs], device=dev))
+    engine.runtime.select_adapters([r.adapter for r in reqs])
     rows = torch.tensor([r.row for r in reqs], device=dev)
     step = Append(torch.tensor(pos, device=dev), engine.runtime.cache, rows, len(reqs) == engine.max_batch)
     hidden = engine.model.hidden(torch.tensor(ids, device=dev), step=step)

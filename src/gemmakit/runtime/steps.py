@@ -73,7 +73,7 @@ class Runtime:
         result. `media`: the prompt's image / audio soft tokens; `adapter`: the index of the attached LoRA
         adapter that answers (-1: none); `on_chunk(start, kv)`: handed each chunk's keys/values per layer."""
         rows = torch.tensor([row], device=self.device)
-        self._select_adapters([adapter])
+        self.select_adapters([adapter])
         screened = greedy and self._screens(1, compiled=False)
         forward = self.model.hidden if screened else self.model
         kinds = self.model.config.bidirectional_kinds
@@ -119,7 +119,7 @@ class Runtime:
         """One token for each of `rows` (ascending), fed `last_tokens` at `positions`. `greedy`: every row is a
         plain argmax, so the head screen may pick. `adapters`: each row's LoRA adapter index (-1: none)."""
         n = len(rows)
-        self._select_adapters(adapters or [-1] * n)
+        self.select_adapters(adapters or [-1] * n)
         ids = torch.tensor([[t] for t in last_tokens], device=self.device)
         pos = torch.tensor([[p] for p in positions], device=self.device)
         rows_t = torch.tensor(rows, device=self.device)
@@ -144,7 +144,8 @@ class Runtime:
         self.cache.clear(rows)
 
     # --- how ----------------------------------------------------------------------------------
-    def _select_adapters(self, ids: list[int]) -> None:
+    def select_adapters(self, ids: list[int]) -> None:
+        """Each batch row's LoRA adapter index (-1: none) for the next forward pass, where adapters are attached."""
         if adapter_names(self.model):  # attached after the engine was built, too
             set_rows(self.model, torch.tensor(ids, device=self.device))
 
