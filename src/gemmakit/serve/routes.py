@@ -3,7 +3,9 @@
 A request's `model` is the base model's name or a served LoRA adapter's (server.py); responses name the one
 that answered, and /v1/models lists the base model, then each adapter with the base as its `parent`.
 
-Both completion endpoints follow one path: build the prompts and per-choice sampling parameters, submit the
+Every chat API comes through `start_chat`: chat completions here, and the Responses (responses.py) and
+Messages (messages.py) APIs, which translate their requests into a `ChatRequest` and render `Run.updates()` in
+their own wire formats. Both completion endpoints follow one path: build the prompts and per-choice sampling parameters, submit the
 tickets, then either stream SSE chunks as updates arrive or collect them into one response. A client that
 goes away mid-request (stream closed, or a plain request whose connection drops) cancels its tickets.
 
@@ -19,6 +21,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -99,6 +102,32 @@ async def page() -> HTMLResponse:
 # --- chat -----------------------------------------------------------------------------------------------
 async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     server = ready(request)
+    run = await start_chat(server, request, body)
+    if isinstance(run, Refused):
+        return _refused(server, body, run.message, model=run.model)
+    if body.stream:
+        return StreamingResponse(run.sse_stream("chat.completion.chunk", run.chat_chunks(body.logprobs),
+                                                body.include_usage), media_type="text/event-stream")
+    await run.collect()
+    return P.envelope("chat.completion", run.rid, run.model, [
+        {"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
+         "logprobs": {"content": P.chat_logprobs(c.logprobs, server.piece)} if body.logprobs else None}
+        for c in run.choices], run.usage())
+
+
+@dataclass
+class Refused:
+    """An input guard said no: the model never sees the request; `message` is the guard's answer."""
+
+    message: str
+    model: str
+
+
+async def start_chat(server: Server, request: Request, body: P.ChatRequest, rid: str | None = None) -> Run | Refused:
+    """Check, render and submit a chat request; the running tickets, or the input guard's refusal. Every chat
+    API (chat completions, Responses, Messages) translates its request into a `ChatRequest` and comes here, so
+    they share one set of checks, guards, constraints and prompt rules; each then renders `Run.updates()` in its
+    own wire format. `rid`: the id the answer carries (default a chat-completion id)."""
     adapter = check_model(server, body.model)
     model = adapter or server.name
     check_room(server, body.n)
@@ -107,11 +136,11 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
     kinds = P.media_kinds(messages)
     check_media_kinds(llm, server.name, kinds)  # before anything is decoded
     if refusal := server.check_input(messages):
-        return _refused(server, body, refusal, model=model)
+        return Refused(refusal, model)
     if server.guard is not None:  # redacts personal data, may refuse; off the event loop (policies run a model)
         messages, verdict = await asyncio.to_thread(server.guard.check_messages, messages)  # text parts too
         if verdict.refusal:
-            return _refused(server, body, verdict.refusal, model=model)
+            return Refused(verdict.refusal, model)
     tools = None if body.tool_choice == "none" else body.tools
     # Rendering (a checkpoint's template), tokenizing, decoding images / audio and the tower forward are CPU
     # (or device) work: off the event loop other requests need.
@@ -138,15 +167,7 @@ async def chat_completions(body: P.ChatRequest, request: Request) -> Any:
         constraint = await asyncio.to_thread(tool_constraint, server, body.tool_choice, tools)
     tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint), [media] * body.n,
                                  adapter)
-    run = _Run(server, request, tickets, events, choices, P.new_id("chatcmpl"), len(ids), model)
-    if body.stream:
-        return StreamingResponse(run.sse_stream("chat.completion.chunk", run.chat_chunks(body.logprobs),
-                                                body.include_usage), media_type="text/event-stream")
-    await run.collect()
-    return P.envelope("chat.completion", run.rid, model, [
-        {"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
-         "logprobs": {"content": P.chat_logprobs(c.logprobs, server.piece)} if body.logprobs else None}
-        for c in choices], run.usage())
+    return Run(server, request, tickets, events, choices, rid or P.new_id("chatcmpl"), len(ids), model)
 
 
 def _chat_prompt(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: Any, policy: Any
@@ -220,7 +241,7 @@ async def completions(body: P.CompletionRequest, request: Request) -> Any:
         for c in choices:
             c.add_guard(server.guard, texts[c.index // body.n])
     tickets, events = submit_all(server, all_ids, all_params, adapter=adapter)
-    run = _Run(server, request, tickets, events, choices, P.new_id("cmpl"), sum(map(len, prompts)), model)
+    run = Run(server, request, tickets, events, choices, P.new_id("cmpl"), sum(map(len, prompts)), model)
     echo = [server.llm.tokenizer.decode(ids, skip_special_tokens=True) if body.echo else "" for ids in all_ids]
     if body.stream:
         return StreamingResponse(run.sse_stream("text_completion", run.completion_chunks(body.logprobs, echo),
@@ -272,7 +293,7 @@ def _guard_prompts(server: Server, prompts: list[list[int]]) -> tuple[list[list[
 
 
 # --- one request's run ----------------------------------------------------------------------------------
-class _Run:
+class Run:
     """The tickets of one request and their choices, consumed as a stream or collected; `model` is the name the
     chunks carry (the adapter's, or the base model's)."""
 
