@@ -27,7 +27,6 @@ from typing import Any
 import tokenizers
 import torch
 import torch.nn.functional as F
-from tokenizers import processors
 from torch import Tensor
 
 from gemmakit.checkpoints.common import MAX_TOKENIZER_JSON, CheckpointError, check_size
@@ -160,9 +159,8 @@ class Embedder:
 
 
 def read_tokenizer(folder: Path) -> tuple[tokenizers.Tokenizer, int]:
-    """The folder's tokenizer.json with the special tokens transformers would add, and its pad id. When
-    tokenizer_config.json sets add_bos_token / add_eos_token, transformers rebuilds the post-processor from
-    them (`bos $A eos`), so we do too; otherwise tokenizer.json's own post-processor stands."""
+    """The folder's tokenizer.json and its pad id. Its own post-processor adds the special tokens: transformers
+    (5.x) drops tokenizer_config.json's add_bos_token / add_eos_token whenever a tokenizer.json is present."""
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json; an embedding model directory needs its tokenizer")
@@ -173,21 +171,9 @@ def read_tokenizer(folder: Path) -> tuple[tokenizers.Tokenizer, int]:
         raise CheckpointError(f"{file} is not a valid tokenizer.json ({e})") from e
     tok.no_padding()
     tok.no_truncation()
-    config = load_json_if_present(folder / "tokenizer_config.json")
-
-    def special(name: str, fallback: str) -> tuple[str, int | None]:
-        value = config.get(name, fallback)
-        value = value.get("content") if isinstance(value, dict) else value
-        return str(value), tok.token_to_id(str(value))
-
-    if "add_bos_token" in config or "add_eos_token" in config:
-        bos, eos = special("bos_token", "<bos>"), special("eos_token", "<eos>")
-        head = [bos] if config.get("add_bos_token") and bos[1] is not None else []
-        tail = [eos] if config.get("add_eos_token") and eos[1] is not None else []
-        single = " ".join([*(f"{t}:0" for t, _ in head), "$A:0", *(f"{t}:0" for t, _ in tail)])
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=head + tail)
-    pad = special("pad_token", "<pad>")[1]
-    return tok, 0 if pad is None else pad
+    pad = load_json_if_present(folder / "tokenizer_config.json").get("pad_token", "<pad>")
+    pad_id = tok.token_to_id(str(pad.get("content") if isinstance(pad, dict) else pad))
+    return tok, 0 if pad_id is None else pad_id
 
 
 def display_name(path: Path) -> str:

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 
 from gemmakit.api import LLM
 from gemmakit.serve import protocol as P
+from gemmakit.serve.embeddings import install_embedding_routes, load_service
 from gemmakit.serve.metrics import Metrics
 from gemmakit.serve.routes import install_routes
 from gemmakit.serve.server import HTTPFail, ServeOptions, Server, fail, log
@@ -55,6 +56,7 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
         t0 = time.perf_counter()
         log.info("loading the model; /health answers 503 until it is ready")
         try:
+            app.state.embeddings = load_service(options)  # first: /health turns 200 once both are ready
             app.state.server = server = Server(load() if callable(load) else load, options, metrics)
         except Exception as e:  # reported by /health, every request and the console, not swallowed
             app.state.load_error = f"{type(e).__name__}: {e}"
@@ -74,10 +76,12 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
     app = FastAPI(title="gemmakit", version="0.1.0", summary="OpenAI-compatible Gemma server", lifespan=lifespan,
                   max_body_size=options.body_limit())
     app.state.server, app.state.load_error, app.state.metrics = None, None, metrics
+    app.state.embeddings = None
     app.state.options = options
 
     _install_middleware(app, options, metrics)
     install_routes(app)
+    install_embedding_routes(app)
     return app
 
 
