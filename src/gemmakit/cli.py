@@ -139,7 +139,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            guard=args.guard, max_body_bytes=None if args.max_body_mb is None else
                            int(args.max_body_mb * 2**20), media_dirs=tuple(args.allow_media_dir),
                            remote_media=args.allow_remote_media, max_media_bytes=int(args.max_media_mb * 2**20),
-                           image_tokens=args.image_tokens, adapters={k: str(v) for k, v in adapters.items()})
+                           image_tokens=args.image_tokens, adapters={k: str(v) for k, v in adapters.items()},
+                           responses_store=args.responses_store)
     app = create_app(lambda: load_llm(args, warm_up=False), options)  # the server builds its own engine
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
@@ -175,6 +176,9 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable; "
                                                                       "CORS is off by default)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's)")
+    s.add_argument("--responses-store", type=int, default=256, metavar="N",
+                   help="Responses API: keep the last N responses (store: true) in memory for previous_response_id "
+                        "and GET /v1/responses/{id} (default 256; 0 keeps none)")
     s.add_argument("--replicas", type=int, default=1, help="engine replicas behind one endpoint, on Ray Serve "
                                                           "(a local Ray cluster, or RAY_ADDRESS's)")
     s.add_argument("--cpus-per-replica", type=int, default=1, help="Ray CPUs (and torch threads) per replica")

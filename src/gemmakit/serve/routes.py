@@ -60,6 +60,8 @@ def install_routes(app: FastAPI) -> None:
              responses={200: {"model": P.ChatCompletion}, **P.ERRORS})(chat_completions)
     app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)", dependencies=keyed,
              responses={200: {"model": P.TextCompletion}, **P.ERRORS})(completions)
+    from gemmakit.serve.responses import install_responses  # here, not on top: responses.py builds on this module
+    install_responses(app, keyed)  # /v1/responses, and GET / DELETE /v1/responses/{id} (OpenAI's Responses API)
     app.get("/v1/models", summary="List the served model and its LoRA adapters", dependencies=keyed)(models)
     app.get("/health", summary="200 when the model is loaded and the engine runs, 503 while loading")(health)
     app.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=keyed)(metrics)
