@@ -188,3 +188,32 @@ def test_cli_writes_npy_and_jsonl(embedder, st_dir, tmp_path):
     np.testing.assert_allclose(got, embedder.embed(TEXTS).numpy(), atol=1e-6)
     bad = subprocess.run([*cli, "x", "--task", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown task 'nope'")
+
+
+def test_embedding_gemma2_dirs_go_to_its_encoder(tmp_path):
+    """A directory whose config says embedding_gemma2_text runs gemma2.py's encoder; the Embedder adds the
+    tokenizer, prompts and normalisation: normalise(the reference's mean-pooled output)."""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, processors, trainers
+
+    from tests.test_embedding_gemma2 import reference, sentence_embedding
+
+    model = reference()
+    model.language_model.save_pretrained(tmp_path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=90, show_progress=False,
+                                                             special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2),
+                                                                                              ("<eos>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>").save_pretrained(tmp_path)
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": PROMPTS}))
+    embedder = load_embedder(tmp_path)
+    rows = embedder.tokenize(TEXTS, task="query")
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    want = torch.nn.functional.normalize(sentence_embedding(model, ids, mask), dim=-1)
+    torch.testing.assert_close(embedder.embed(TEXTS, task="query"), want, rtol=0, atol=1e-5)
+    assert embedder.dimension == 24

@@ -61,7 +61,8 @@ class Embedder:
         self.prompts, self.default_prompt, self.pad_id = prompts, default_prompt, pad_id
         self.device = torch.device(device)
         self.max_length: int = int(encoder.max_length)
-        self.vocab_size: int = int(getattr(encoder, "vocab_size", tokenizer.get_vocab_size(with_added_tokens=True)))
+        self.vocab_size: int = int(getattr(encoder, "vocab_size", None) or getattr(getattr(encoder, "config", None),
+                                   "vocab_size", None) or tokenizer.get_vocab_size(with_added_tokens=True))
         self.dimension: int = self._encode([[pad_id]]).shape[-1]  # also a warm-up of the first forward
 
     # --- text -> ids ---------------------------------------------------------------------------------------
