@@ -102,3 +102,17 @@ def test_bad_requests_are_400s_naming_the_parameter(served, body, param, says):
 def test_unknown_model_is_a_404(served):
     with pytest.raises(openai.NotFoundError, match="embedding model is 'st'"):
         client(served[0]).embeddings.create(model="other", input="x")
+
+
+def test_serve_checks_the_embedding_flags_before_loading(tmp_path, capsys):
+    """An embedding model given as the chat model, or a non-embedding --embedding-model: one error line each."""
+    from gemmakit.cli import main
+
+    st = make_embedding_dir(tmp_path)
+    assert main(["serve", "--model", str(st)]) == 2
+    assert f"serve it with --embedding-model {st}" in capsys.readouterr().err
+    assert main(["serve", "--embedding-model", str(tmp_path / "backbone" / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert main(["serve", "--embedding-model", str(tmp_path / "plain")]) == 2
+    assert "is not an embedding model" in capsys.readouterr().err
