@@ -161,7 +161,7 @@ def test_bad_options_are_named(embedder):
 
 
 def test_unsupported_modules_are_refused_by_name(st_dir, tmp_path):
-    """A pooling mode gemmakit does not implement is an error naming it, not silently mean-pooled."""
+    """A pooling mode or text option gemmakit does not implement is an error naming it, not silently ignored."""
     import shutil
 
     from gemmakit.checkpoints.common import CheckpointError
@@ -171,6 +171,10 @@ def test_unsupported_modules_are_refused_by_name(st_dir, tmp_path):
     (copy / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": HIDDEN,
                                                                  "pooling_mode": "cls"}))
     with pytest.raises(CheckpointError, match=r"pooling \['cls'\] is not supported"):
+        load_embedder(copy)
+    shutil.copy(st_dir / "1_Pooling" / "config.json", copy / "1_Pooling" / "config.json")
+    (copy / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_LEN, "do_lower_case": True}))
+    with pytest.raises(CheckpointError, match="do_lower_case is not supported"):
         load_embedder(copy)
 
 

@@ -244,6 +244,9 @@ def load_gemma_encoder(path: Path, modules: list[dict[str, Any]], dtype: torch.d
                        device: str | torch.device) -> GemmaEncoder:
     folder = path / str(modules[0].get("path", ""))
     raw = read_json(folder / "config.json")
+    if load_json_if_present(folder / "sentence_bert_config.json").get("do_lower_case"):
+        raise CheckpointError(f"{folder}/sentence_bert_config.json: do_lower_case is not supported (gemmakit passes "
+                              "text to the tokenizer as given)")
     bidirectional = raw.get("use_bidirectional_attention") is True
     backbone = load_backbone(folder, dtype, device)
     head = read_head(path, modules[1:], backbone.config.hidden_size)
