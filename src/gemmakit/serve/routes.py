@@ -60,6 +60,8 @@ def install_routes(app: FastAPI) -> None:
              responses={200: {"model": P.ChatCompletion}, **P.ERRORS})(chat_completions)
     app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)", dependencies=keyed,
              responses={200: {"model": P.TextCompletion}, **P.ERRORS})(completions)
+    from gemmakit.serve.messages import install_messages  # here, not on top: messages.py builds on this module
+    install_messages(app, keyed)  # /v1/messages and /v1/messages/count_tokens (Anthropic's API)
     from gemmakit.serve.responses import install_responses  # here, not on top: responses.py builds on this module
     install_responses(app, keyed)  # /v1/responses, and GET / DELETE /v1/responses/{id} (OpenAI's Responses API)
     app.get("/v1/models", summary="List the served model and its LoRA adapters", dependencies=keyed)(models)

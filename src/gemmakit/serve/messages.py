@@ -1,0 +1,603 @@
+"""The Anthropic Messages API: `POST /v1/messages` and `POST /v1/messages/count_tokens`, as the `anthropic` SDK
+and clients built on it (Claude Code) speak it.
+
+Why a translation and not a second chat path: a Messages request is turned into the `ChatRequest` chat
+completions take and goes through `routes.start_chat`, so it gets the same checks, guards, grammars, prompt rules
+and engine; only the wire format differs. The translation:
+
+- `system` (a string or text blocks) becomes the first, system message.
+- A user message's `tool_result` blocks become OpenAI `tool` messages, in order, before the rest of that message
+  (text and images: an image's base64 or url source becomes a data/http URL on the existing image path). An
+  error result reaches the model as `{"error": ...}`.
+- An assistant message's `tool_use` blocks become its `tool_calls` (arguments: the input as JSON), its `thinking`
+  blocks its `reasoning` (which the Gemma 4 template renders for turns after the last user message); a
+  `redacted_thinking` block is dropped. A trailing assistant message (a prefill) is refused: the chat templates
+  can only open a new model turn, not continue one.
+- `tools` become functions (input_schema -> parameters); Anthropic's server tools (web search, code execution,
+  ...) are refused by name. `tool_choice` auto/any/tool/none is OpenAI's auto/required/named/none; with
+  `disable_parallel_tool_use` only the first call of an answer is returned (the model is not held to one).
+- `thinking` enabled or adaptive turns Gemma 4 thinking on, disabled (or none) off. Gemma has no thinking budget,
+  so `budget_tokens` is accepted and not enforced; `display: "omitted"` returns thinking blocks with empty text.
+- `output_config.format` (a JSON schema) constrains the answer as chat completions' response_format does.
+- Sampling: the SDK no longer sends temperature / top_p / top_k itself; they are taken from the body
+  (`extra_body`) when given, with Gemma's defaults otherwise.
+- `stop_sequences`: up to MAX_STOP_SEQUENCES (more than OpenAI's 4: Anthropic sets no such bound, and the engine
+  matches every stop string in O(1) per character, so the bound is only there to keep a request's cost finite).
+
+Thinking signatures: each thinking block is signed with an HMAC-SHA256 of its (trimmed) text under a secret that
+lives as long as the server process. A thinking block sent back is rendered as the model's earlier reasoning only
+when its signature checks out; anything else (text a client wrote, a block from another server or from before a
+restart) is dropped rather than passed off to the model as its own thoughts. The signature proves origin only;
+it holds no hidden state.
+
+Answers: `stop_reason` is tool_use when the answer calls a tool, max_tokens at the limit, refusal when a guard
+cut it, stop_sequence when one of the client's stop sequences ended it (the engine cuts the text without saying
+which string matched, so `stop_sequence` is found again in the decoded tokens), else end_turn. Usage follows
+Anthropic's split: `input_tokens` are the prompt tokens computed, `cache_read_input_tokens` those the prefix
+cache supplied, `cache_creation_input_tokens` is 0 (nothing is billed for writing the cache).
+
+Streaming sends Anthropic's events: message_start, ping, per block content_block_start / _delta / _stop (text,
+thinking then its signature, tool_use with input_json_delta fragments: incremental when the parser gives call
+parts, else the whole arguments in one), message_delta (stop_reason, final usage), message_stop; a failure after
+the stream started is an `error` event. Errors before it, on every path under /v1/messages (validation, auth,
+unknown model, a full queue, no such route), are Anthropic's envelope, by `AnthropicErrors` below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gemmakit.media.soft import MediaError
+from gemmakit.serve import protocol as P
+from gemmakit.serve.routes import Refused, Run, check_media_kinds, start_chat
+from gemmakit.serve.server import HTTPFail, Server, check_model, ready
+
+MAX_STOP_SEQUENCES = 16
+_SECRET = secrets.token_bytes(32)  # signs thinking blocks; per process (module docstring)
+_PATH = re.compile(r"/v1/messages(/|$)")
+
+
+def install_messages(app: FastAPI, keyed: list) -> None:
+    """The two routes (behind the API key, `keyed`), and Anthropic's error envelope for every path under them."""
+    app.post("/v1/messages", summary="Create a message (Anthropic Messages API)", dependencies=keyed)(create_message)
+    app.post("/v1/messages/count_tokens", summary="Count a message's input tokens (Anthropic Messages API)",
+             dependencies=keyed)(count_tokens)
+    app.add_middleware(AnthropicErrors)
+
+
+# --- request --------------------------------------------------------------------------------------------
+class CountTokensRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # cache_control, metadata, betas...: accepted, ignored
+
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+
+
+class _Chat(P.ChatRequest):
+    """A chat request translated from a Messages one: Anthropic's bound on stop strings instead of OpenAI's 4."""
+
+    def _stops(self) -> list[str]:
+        stop = list(self.stop or [])
+        if len(stop) > MAX_STOP_SEQUENCES or any(not x or len(x) > P.MAX_STOP_CHARS for x in stop):
+            raise P.ParamError(f"stop_sequences takes up to {MAX_STOP_SEQUENCES} non-empty strings of at most "
+                               f"{P.MAX_STOP_CHARS} characters each", "stop_sequences")
+        return stop
+
+
+def to_chat(body: CountTokensRequest) -> P.ChatRequest:
+    """The chat request a Messages request means (module docstring); what it gets wrong is a 400 naming it."""
+    thinking_on, _ = thinking_mode(body.thinking)
+    choice = _tool_choice(body.tool_choice)
+    fields: dict[str, Any] = {
+        "model": body.model, "messages": chat_messages(body), "tools": _tools(body.tools),
+        "tool_choice": choice, "chat_template_kwargs": {"enable_thinking": thinking_on}}
+    if isinstance(body, MessagesRequest):
+        fields.update(max_tokens=body.max_tokens, stop=body.stop_sequences, temperature=body.temperature,
+                      top_p=body.top_p, top_k=body.top_k, response_format=_output_format(body.output_config))
+    try:
+        return _Chat.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        param = {"stop": "stop_sequences", "tools": "tools", "messages": "messages"}.get(where.split(".")[0], where)
+        raise P.ParamError(f"{param}: {first.get('msg', 'invalid value')}", param) from None
+
+
+def thinking_mode(config: dict[str, Any] | None) -> tuple[bool, bool]:
+    """(thinking on, thinking text omitted from the answer) for Anthropic's `thinking` setting."""
+    if config is None:
+        return False, False
+    kind = config.get("type")
+    if kind not in ("enabled", "adaptive", "disabled", "between_tools"):
+        raise P.ParamError(f"thinking.type must be 'enabled', 'adaptive' or 'disabled', got {str(kind)[:40]!r}",
+                           "thinking.type")
+    budget = config.get("budget_tokens")
+    if kind == "enabled" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise P.ParamError("thinking.budget_tokens must be a positive integer", "thinking.budget_tokens")
+    return kind != "disabled", config.get("display") == "omitted"
+
+
+def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    if tools is None:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise P.ParamError(f"tools[{i}] must be an object", f"tools[{i}]")
+        if tool.get("type") not in (None, "custom"):
+            raise P.ParamError(f"tools[{i}]: {str(tool.get('type'))[:60]!r} is one of Anthropic's server tools; this "
+                               "server runs custom tools only ({name, description, input_schema})", f"tools[{i}].type")
+        name, schema = tool.get("name"), tool.get("input_schema")
+        if not isinstance(name, str) or not name:
+            raise P.ParamError(f"tools[{i}].name must be a non-empty string", f"tools[{i}].name")
+        if not isinstance(schema, dict):
+            raise P.ParamError(f"tools[{i}].input_schema must be a JSON-schema object", f"tools[{i}].input_schema")
+        fn = {"name": name, "parameters": schema}
+        if isinstance(tool.get("description"), str):
+            fn["description"] = tool["description"]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(choice: dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if choice is None:
+        return None
+    kind = choice.get("type")
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str):
+            raise P.ParamError("tool_choice of type 'tool' needs the tool's name", "tool_choice.name")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    if mapped is None:
+        raise P.ParamError(f"tool_choice.type must be auto, any, tool or none, got {str(kind)[:40]!r}",
+                           "tool_choice.type")
+    return mapped
+
+
+def _output_format(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`output_config.format` (structured output) as the chat request's response_format; `effort` is ignored."""
+    fmt = (config or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise P.ParamError('output_config.format must be {"type": "json_schema", "schema": {...}}',
+                           "output_config.format")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+
+
+def _single_call(choice: dict[str, Any] | None) -> bool:
+    return bool(choice and choice.get("disable_parallel_tool_use"))
+
+
+def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
+    """The OpenAI-style messages (the ones the chat templates take) for a Messages request's system and turns."""
+    out: list[dict[str, Any]] = []
+    system = _system(body.system)
+    if system:
+        out.append({"role": "system", "content": system})
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}]"
+        role, content = m.get("role"), m.get("content")
+        if role not in ("user", "assistant"):
+            raise P.ParamError(f"{where}.role must be 'user' or 'assistant', got {str(role)[:40]!r}", f"{where}.role")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+            raise P.ParamError(f"{where}.content must be a string or a list of content blocks", f"{where}.content")
+        out += _user(blocks, where) if role == "user" else [_assistant(blocks, where)]
+    if body.messages[-1].get("role") == "assistant":
+        raise P.ParamError("the last message is the assistant's: continuing a prefilled assistant turn is not "
+                           "supported here; end with a user message", f"messages[{len(body.messages) - 1}].role")
+    return out
+
+
+def _system(system: str | list[dict[str, Any]] | None) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    if any(b.get("type") != "text" or not isinstance(b.get("text"), str) for b in system):
+        raise P.ParamError("system must be a string or a list of text blocks", "system")
+    return "\n".join(b["text"] for b in system)
+
+
+def _user(blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """Tool results first (as `tool` messages, in order), then the rest of the turn as one user message."""
+    results, parts = [], []
+    for j, b in enumerate(blocks):
+        kind, at = b.get("type"), f"{where}.content[{j}]"
+        if kind == "tool_result":
+            results.append(_tool_result(b, at))
+        elif kind == "text":
+            parts.append({"type": "text", "text": _text(b, at)})
+        elif kind == "image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(b.get("source"), at)}})
+        else:
+            raise P.ParamError(f"{at}: a user message holds text, image and tool_result blocks, got "
+                               f"{str(kind)[:40]!r}", at)
+    if not parts:
+        return results
+    if all(p["type"] == "text" for p in parts):
+        return [*results, {"role": "user", "content": "\n".join(p["text"] for p in parts)}]
+    return [*results, {"role": "user", "content": parts}]
+
+
+def _text(block: dict[str, Any], at: str) -> str:
+    if not isinstance(block.get("text"), str):
+        raise P.ParamError(f"{at}: a text block needs its text as a string", at)
+    return block["text"]
+
+
+def _image_url(source: Any, at: str) -> str:
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise P.ParamError(f'{at}: an image needs a source {{"type": "base64", "media_type": "image/png", "data": ...}}'
+                       ' or {"type": "url", "url": ...}', at)
+
+
+def _tool_result(block: dict[str, Any], at: str) -> dict[str, Any]:
+    call_id, content = block.get("tool_use_id"), block.get("content", "")
+    if not isinstance(call_id, str) or not call_id:
+        raise P.ParamError(f"{at}: a tool_result needs the tool_use_id it answers", f"{at}.tool_use_id")
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            raise P.ParamError(f"{at}: tool_result content may hold text blocks only here", f"{at}.content")
+        content = "\n".join(_text(p, at) for p in content)
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise P.ParamError(f"{at}: tool_result content must be a string or text blocks", f"{at}.content")
+    if block.get("is_error"):
+        content = json.dumps({"error": content}, ensure_ascii=False)
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def _assistant(blocks: list[dict[str, Any]], where: str) -> dict[str, Any]:
+    text, calls, thoughts = [], [], []
+    for j, b in enumerate(blocks):
+        kind, at = b.get("type"), f"{where}.content[{j}]"
+        if kind == "text":
+            text.append(_text(b, at))
+        elif kind == "tool_use":
+            if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str) or not isinstance(
+                    b.get("input"), dict):
+                raise P.ParamError(f"{at}: a tool_use block needs id, name and an input object", at)
+            calls.append({"id": b["id"], "type": "function", "function": {
+                "name": b["name"], "arguments": json.dumps(b["input"], ensure_ascii=False)}})
+        elif kind == "thinking":
+            thought = b.get("thinking")
+            if isinstance(thought, str) and verify(thought, b.get("signature")):
+                thoughts.append(thought.strip())
+        elif kind != "redacted_thinking":
+            raise P.ParamError(f"{at}: an assistant message holds text, tool_use and thinking blocks, got "
+                               f"{str(kind)[:40]!r}", at)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+    if calls:
+        message["tool_calls"] = calls
+    if any(thoughts):
+        message["reasoning"] = "\n".join(t for t in thoughts if t)
+    return message
+
+
+def sign(thinking: str) -> str:
+    """The signature a thinking block carries: HMAC-SHA256 of its trimmed text under this process's secret."""
+    digest = hmac.new(_SECRET, thinking.strip().encode(), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def verify(thinking: str, signature: Any) -> bool:
+    return isinstance(signature, str) and hmac.compare_digest(signature.encode(), sign(thinking).encode())
+
+
+# --- handlers -------------------------------------------------------------------------------------------
+async def create_message(body: MessagesRequest, request: Request) -> Any:
+    server = ready(request)
+    chat = to_chat(body)
+    run = await start_chat(server, request, chat, rid="msg_" + uuid.uuid4().hex[:24])
+    answer = _Answer(server, body)
+    if isinstance(run, Refused):
+        return answer.refused(run) if not body.stream else StreamingResponse(
+            _refused_events(answer, run), media_type="text/event-stream")
+    if body.stream:
+        return StreamingResponse(_events(answer, run), media_type="text/event-stream")
+    await run.collect()
+    return answer.message(run)
+
+
+async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
+    """The prompt's tokens as `create` would render it (images as their soft tokens), without generating."""
+    server = ready(request)
+    check_model(server, body.model)
+    chat = to_chat(body)
+    llm = server.llm
+    messages = P.check_messages(chat.messages)
+    kinds = P.media_kinds(messages)
+    check_media_kinds(llm, server.name, kinds)
+    tools = None if chat.tool_choice == "none" else chat.tools
+    async with server.media_slots if kinds else contextlib.nullcontext():
+        ids = await asyncio.to_thread(_prompt_ids, llm, messages, tools, chat.thinking, server.media_policy)
+    return {"input_tokens": len(ids)}
+
+
+def _prompt_ids(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: bool, policy: Any) -> list[int]:
+    try:
+        return llm.prepare_chat(messages, tools, thinking, policy)[0]
+    except MediaError as e:
+        raise P.ParamError(str(e), "messages", "invalid_media") from None
+    except ValueError as e:  # a template that refuses the messages, tools for a base model
+        raise P.ParamError(str(e), "messages") from None
+
+
+# --- answers --------------------------------------------------------------------------------------------
+class _Answer:
+    """What a request's answer needs besides its run: the stop sequences asked for, and the tool and thinking
+    options that shape the content blocks."""
+
+    def __init__(self, server: Server, body: MessagesRequest):
+        self.server, self.stops = server, list(body.stop_sequences or [])
+        self.single = _single_call(body.tool_choice)
+        self.omit_thinking = thinking_mode(body.thinking)[1]
+
+    def start(self, rid: str, model: str, usage: dict) -> dict:
+        return {"id": rid, "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": usage}
+
+    def message(self, run: Run) -> dict:
+        c = run.choices[0]
+        content: list[dict[str, Any]] = []
+        if c.reasoning.strip():
+            shown = "" if self.omit_thinking else c.reasoning.strip()
+            content.append({"type": "thinking", "thinking": shown, "signature": sign(shown)})
+        if c.content.strip():
+            content.append({"type": "text", "text": c.content.strip()})
+        for call in c.tool_calls[:1] if self.single else c.tool_calls:
+            content.append({"type": "tool_use", "id": _tool_id(), "name": call.name,
+                            "input": json.loads(call.arguments)})
+        reason, sequence = self.stop(run)
+        return {**self.start(run.rid, run.model, self.usage(run)), "content": content, "stop_reason": reason,
+                "stop_sequence": sequence}
+
+    def refused(self, refusal: Refused) -> dict:
+        return {**self.start("msg_" + uuid.uuid4().hex[:24], refusal.model, _usage(0, 0, 0)),
+                "content": [{"type": "text", "text": refusal.message}], "stop_reason": "refusal"}
+
+    def usage(self, run: Run) -> dict:
+        cached = run.usage()["prompt_tokens_details"]["cached_tokens"]
+        return _usage(run.prompt_tokens - cached, sum(c.tokens for c in run.choices), cached)
+
+    def stop(self, run: Run) -> tuple[str, str | None]:
+        """(stop_reason, the stop sequence that ended the answer or None)."""
+        c = run.choices[0]
+        if c.filtered:
+            return "refusal", None
+        if c.tool_calls:
+            return "tool_use", None
+        if c.engine_reason == "length":
+            return "max_tokens", None
+        matched = self._matched_stop(run)
+        return ("stop_sequence", matched) if matched is not None else ("end_turn", None)
+
+    def _matched_stop(self, run: Run) -> str | None:
+        """Which of the client's stop sequences ended generation: the engine says only "stop", so the one that
+        completes first in the decoded tokens (its stop strings are cut the same way), if any does."""
+        req = run.tickets[0].request
+        if not self.stops or req is None or req.stop_text is None or not req.stop_text.stopped:
+            return None
+        text = self.server.llm.tokenizer.decode(req.tokens)
+        ends = {s: text.find(s) + len(s) for s in req.params.stop if s in text}
+        first = min(ends, key=lambda s: (ends[s], ends[s] - len(s)), default=None)
+        return first if first in self.stops else None
+
+
+def _usage(fresh: int, output: int, cached: int) -> dict:
+    return {"input_tokens": fresh, "output_tokens": output, "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0}
+
+
+def _tool_id() -> str:
+    return "toolu_" + uuid.uuid4().hex[:24]
+
+
+def event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+
+async def _events(answer: _Answer, run: Run) -> AsyncIterator[str]:
+    yield event("message_start", {"message": answer.start(run.rid, run.model, answer.usage(run))})
+    yield event("ping", {})
+    blocks = _Blocks(answer.single, answer.omit_thinking)
+    try:
+        async for choice, delta in run.updates():
+            # Under a guard, which checks arguments whole, calls go out whole too (as chat completions send them).
+            for out in blocks.feed(delta, whole_calls=choice.watch is not None or choice.filtered):
+                yield out
+    except HTTPFail as e:
+        yield event("error", {"error": anthropic_error(e.response.status_code, e.response.body)["error"]})
+        return
+    for out in blocks.close():
+        yield out
+    reason, sequence = answer.stop(run)
+    yield event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                  "usage": answer.usage(run)})
+    yield event("message_stop", {})
+
+
+async def _refused_events(answer: _Answer, refusal: Refused) -> AsyncIterator[str]:
+    message = answer.refused(refusal)
+    yield event("message_start", {"message": {**message, "content": [], "stop_reason": None}})
+    yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    yield event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": refusal.message}})
+    yield event("content_block_stop", {"index": 0})
+    yield event("message_delta", {"delta": {"stop_reason": "refusal", "stop_sequence": None},
+                                  "usage": message["usage"]})
+    yield event("message_stop", {})
+
+
+class _Blocks:
+    """Turns a choice's deltas into content-block events: a block opens when its kind of output starts (leading
+    whitespace before a block's first text is dropped, as the plain answer trims it) and closes when another
+    starts or the answer ends; a thinking block's signature goes out just before it closes."""
+
+    def __init__(self, single: bool, omit_thinking: bool):
+        self.single, self.omit_thinking = single, omit_thinking
+        self.index, self.open = -1, None  # the open block's index and kind ("thinking", "text", "tool_use")
+        self.thinking = ""
+        self.calls = 0  # completed tool calls seen
+        self.streamed: dict[int, int] = {}  # call index -> its block, for calls whose parts were streamed
+
+    def feed(self, delta: Any, whole_calls: bool = False) -> list[str]:
+        out: list[str] = []
+        if delta.reasoning:
+            out += self._text("thinking", delta.reasoning)
+        if delta.content:
+            out += self._text("text", delta.content)
+        for part in [] if whole_calls else getattr(delta, "call_parts", None) or []:
+            out += self._part(part)
+        for call in delta.tool_calls:
+            out += self._call(call)
+        return out
+
+    def close(self) -> list[str]:
+        if self.open is None:
+            return []
+        out = []
+        if self.open == "thinking":
+            out.append(self._delta({"type": "signature_delta", "signature": sign(self._shown())}))
+        out.append(event("content_block_stop", {"index": self.index}))
+        self.open = None
+        return out
+
+    def _start(self, block: dict) -> list[str]:
+        out = self.close()
+        self.index += 1
+        self.open = block["type"]
+        return [*out, event("content_block_start", {"index": self.index, "content_block": block})]
+
+    def _delta(self, delta: dict) -> str:
+        return event("content_block_delta", {"index": self.index, "delta": delta})
+
+    def _shown(self) -> str:
+        return "" if self.omit_thinking else self.thinking
+
+    def _text(self, kind: str, text: str) -> list[str]:
+        out = []
+        if self.open != kind:
+            text = text.lstrip()
+            if not text:
+                return []
+            out += self._start({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
+                               else {"type": "text", "text": ""})
+            self.thinking = ""  # after _start: closing the block before signs the text it had
+        if kind == "thinking":
+            self.thinking += text
+            if not self.omit_thinking:
+                out.append(self._delta({"type": "thinking_delta", "thinking": text}))
+        else:
+            out.append(self._delta({"type": "text_delta", "text": text}))
+        return out
+
+    def _part(self, part: Any) -> list[str]:
+        """A piece of a tool call as it streams: its name first (a new block), then argument fragments."""
+        if self.single and part.index > 0:
+            return []
+        out = []
+        if part.index not in self.streamed:
+            out += self._start({"type": "tool_use", "id": _tool_id(), "name": part.name, "input": {}})
+            self.streamed[part.index] = self.index
+        if part.arguments and self.streamed[part.index] == self.index:
+            out.append(self._delta({"type": "input_json_delta", "partial_json": part.arguments}))
+        return out
+
+    def _call(self, call: Any) -> list[str]:
+        """A completed tool call: closes its streamed block, or is sent whole when it came without parts."""
+        index, self.calls = self.calls, self.calls + 1
+        if self.single and index > 0:
+            return []
+        if index in self.streamed:
+            return self.close() if self.streamed[index] == self.index else []
+        out = self._start({"type": "tool_use", "id": _tool_id(), "name": call.name, "input": {}})
+        out.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))
+        return out + self.close()
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                529: "overloaded_error"}
+
+
+def anthropic_error(status: int, body: bytes) -> dict:
+    """Anthropic's error envelope for an error response the rest of the server wrote in OpenAI's shape."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode(errors="replace").strip() or f"HTTP {status}"
+    if status == 401:
+        message = "missing or wrong API key: send 'x-api-key: <key>' (or 'Authorization: Bearer <key>')"
+    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+class AnthropicErrors:
+    """Pure ASGI middleware: an error response (status >= 400) on a path under /v1/messages is rewritten into
+    Anthropic's envelope. Every refusal there (a body that fails validation, a wrong key, an unknown model, a
+    full queue, no such route) is written by the server's shared handlers in OpenAI's shape first; converting
+    the finished response keeps those handlers single and every other path as it was. Only whole, small error
+    bodies are touched: successful responses (and streams) pass through untouched."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not _PATH.search(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        start: dict | None = None
+        body: list[bytes] = []
+
+        async def rewrite(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                return await send(message)
+            body.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            new = json.dumps(anthropic_error(start["status"], b"".join(body))).encode()
+            headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() not in (b"content-length",
+                                                                                        b"content-type")]
+            await send({**start, "headers": [*headers, (b"content-type", b"application/json"),
+                                             (b"content-length", str(len(new)).encode())]})
+            await send({"type": "http.response.body", "body": new})
+
+        await self.app(scope, receive, rewrite)
