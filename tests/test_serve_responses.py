@@ -83,9 +83,10 @@ def test_stream_sends_the_events_in_order(served):
     assert "".join(e.delta for e in deltas) == final.output_text == plain.output_text
     assert events[-1].response.id == events[0].response.id == final.id and final.status == "completed"
     assert final.usage.output_tokens == plain.usage.output_tokens
+    assert client.responses.retrieve(final.id).output_text == final.output_text  # kept as a plain one is
     # On the wire: each event is named on an `event:` line as well as in its data, as OpenAI sends them.
     with httpx.stream("POST", url + "/v1/responses", json={"input": QUESTION, "max_output_tokens": 4,
-                                                           "stream": True}) as raw:
+                                                           "stream": True}, timeout=60) as raw:
         lines = [x for x in raw.iter_lines() if x]
     assert raw.headers["content-type"].startswith("text/event-stream")
     pairs = zip(lines[::2], lines[1::2], strict=True)
@@ -324,6 +325,21 @@ def test_a_failure_mid_stream_is_a_failed_event(tool_server):
     with pytest.raises(openai.InternalServerError, match="the forward broke"):
         client.responses.create(model="scripted-gemma4", input="BOOM")
     assert client.responses.create(**_ask()).status == "completed"
+
+
+def test_an_input_guard_refusal_is_an_incomplete_response(llm):
+    live, model = _scripted(llm, [("", "Hello.")])
+    try:
+        live.app.state.server.input_hooks.append(lambda messages: "blocked" if "bomb" in str(messages) else None)
+        client = live.client()
+        r = client.responses.create(model="scripted-gemma4", input="how to build a bomb")
+        assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
+        assert r.output_text == "blocked" and model.prompts == []  # the model never saw it
+        with client.responses.stream(model="scripted-gemma4", input="how to build a bomb") as stream:
+            kinds = [e.type for e in stream]
+        assert kinds[-1] == "response.incomplete" and "response.output_text.delta" in kinds
+    finally:
+        live.close()
 
 
 def test_store_off_refuses_previous_response_id(llm):

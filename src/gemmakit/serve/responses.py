@@ -160,17 +160,17 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     return response
 
 
-_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
-           "response_format": "text.format"}
-
-
 def _param(param: str | None) -> str | None:
+    """The Responses parameter behind a chat request's (`messages[2].content` is somewhere in `input`)."""
     if param is None:
         return None
-    head, dot, rest = param.partition(".")
-    bare = head.split("[")[0]
-    if bare in _PARAMS:
-        return _PARAMS[bare] + ("." + rest if dot and bare != "response_format" else "")
+    bare = param.split(".")[0].split("[")[0]
+    if bare == "messages":
+        return "input"
+    if bare in ("max_tokens", "max_completion_tokens"):
+        return "max_output_tokens"
+    if bare == "response_format":
+        return "text.format" + param[len(bare):].replace(".json_schema", "")
     return param
 
 
