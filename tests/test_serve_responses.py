@@ -378,3 +378,35 @@ def test_agents_sdk_runs_a_tool(tool_server):
     assert calls == [("Paris", 2)]
     assert result.final_output == ANSWER
     assert '"sunny"' in model.prompts[-1] or "sunny" in model.prompts[-1]
+
+
+@pytest.mark.parametrize("in_parts", [True, False])
+def test_a_call_streamed_in_parts_or_whole_builds_the_same_items(in_parts):
+    """The real parser's deltas through the output builder, chunk by chunk: with the parser's call parts, the
+    arguments stream in several fragments; with whole calls only (a guard's path), in one; the items match."""
+    from gemmakit.chat.parser import StreamParser
+    from gemmakit.serve.choices import Choice
+    from gemmakit.serve.loop import Update
+    from gemmakit.serve.responses import _Output
+    from gemmakit.serve.responses_input import ResponsesRequest
+
+    choice, out = Choice(0, StreamParser("gemma4")), _Output("resp_x", "m", ResponsesRequest(), 0)
+    chunks = [CALL_REPLY[i:i + 3] for i in range(0, len(CALL_REPLY), 3)]
+    for i, chunk in enumerate(chunks):
+        delta = choice.feed(Update(chunk, [0], finish_reason="stop" if i == len(chunks) - 1 else None))
+        if not in_parts:
+            delta.call_parts = []
+        out.feed(choice, delta)
+    out.close("completed")
+    kinds = [k for k, _ in out.events]
+    fragments = [f["delta"] for k, f in out.events if k == "response.function_call_arguments.delta"]
+    assert [i["type"] for i in out.items] == ["reasoning", "message", "function_call"]
+    call = out.items[2]
+    assert (call["name"], json.loads(call["arguments"]), call["status"]) == ("get_weather", {"city": "Paris",
+                                                                                            "days": 2}, "completed")
+    assert "".join(fragments) == call["arguments"] and (len(fragments) > 1) == in_parts
+    assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") == 3
+    # Reasoning tokens (a chunk stands for a token here): from the one that completes <|channel> to the one
+    # that completes <channel|>.
+    opened, closed = (len("<|channel>") - 1) // 3, (CALL_REPLY.index("<channel|>") + len("<channel|>") - 1) // 3
+    assert out.reasoning_tokens == closed - opened + 1
