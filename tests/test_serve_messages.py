@@ -35,6 +35,34 @@ def sdk(url: str, key: str = KEY) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
 
 
+# --- the translation -----------------------------------------------------------------------------------
+def test_a_messages_request_becomes_the_chat_request_it_means():
+    """Tools, tool_choice, thinking and system as chat completions take them (no model needed)."""
+    from gemmakit.serve.messages import MessagesRequest, to_chat
+    from gemmakit.serve.protocol import ParamError
+
+    def chat(**extra):
+        return to_chat(MessagesRequest(max_tokens=8, messages=CAPITAL, **extra))
+
+    c = chat(system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}], tools=WEATHER,
+             tool_choice={"type": "tool", "name": "get_weather"}, thinking={"type": "enabled", "budget_tokens": 2048},
+             stop_sequences=["a", "b", "c", "d", "e"])
+    assert c.messages == [{"role": "system", "content": "Be brief.\nBe kind."}, *CAPITAL] and c.thinking
+    assert c.tools == [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER[0][
+        "input_schema"], "description": "The weather in a city"}}]
+    assert c.tool_choice == {"type": "function", "function": {"name": "get_weather"}} and len(c._stops()) == 5
+    assert [chat(tool_choice={"type": t}).tool_choice for t in ("auto", "any", "none")] == ["auto", "required", "none"]
+    assert not chat(thinking={"type": "disabled"}).thinking and chat(thinking={"type": "adaptive"}).thinking
+    assert not chat().thinking
+    for bad, param in [({"thinking": {"type": "sometimes"}}, "thinking.type"),
+                       ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools[0].type"),
+                       ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
+                       ({"messages": [{"role": "user", "content": [{"type": "document"}]}]}, "messages[0].content[0]")]:
+        with pytest.raises(ParamError) as e:
+            to_chat(MessagesRequest(**{"max_tokens": 8, "messages": CAPITAL, **bad}))
+        assert e.value.param == param
+
+
 # --- the transport: a real server of the embedded 270M --------------------------------------------------
 @pytest.fixture(scope="module")
 def served(default_model, tmp_path_factory):
@@ -143,6 +171,10 @@ def test_auth_and_errors_in_anthropics_envelope(served):
         r = httpx.post(url + "/v1/messages", headers={"x-api-key": KEY}, json=body, timeout=60)
         assert r.status_code == 400 and r.json()["type"] == "error", r.text
         assert r.json()["error"]["type"] == "invalid_request_error" and says in r.json()["error"]["message"]
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    with pytest.raises(anthropic.BadRequestError, match="image"):  # on the image path, to a model without eyes
+        client.messages.create(model=name, max_tokens=4, messages=[{"role": "user", "content": [
+            image, {"type": "text", "text": "What is this?"}]}])
     r = httpx.post(url + "/v1/messages/batches", headers={"x-api-key": KEY}, json={}, timeout=60)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     chat = httpx.post(url + "/v1/chat/completions", headers={"x-api-key": KEY}, json={}, timeout=60)
@@ -255,3 +287,34 @@ def test_disable_parallel_tool_use_keeps_the_first_call(scripted):
     with client.messages.stream(tool_choice={"type": "auto", "disable_parallel_tool_use": True}, **ask()) as stream:
         one = stream.get_final_message()
     assert [b.input for b in one.content] == [{"city": "Paris"}] and one.stop_reason == "tool_use"
+
+
+def test_a_failure_mid_stream_is_an_error_event(llm):
+    """The engine fails after the answer started: the stream ends with Anthropic's `error` event, which the
+    SDK raises as an API error carrying the reason."""
+    from gemmakit.api import LLM
+    from gemmakit.chat.template import ChatFormat
+    from tests.test_chat import ScriptedModel
+
+    class Breaks(ScriptedModel):
+        def forward(self, *args, **kwargs):
+            if self.step == 4:
+                raise RuntimeError("the accelerator fell over")
+            return super().forward(*args, **kwargs)
+
+    script = llm.tokenizer.encode("One two three four five six.", add_bos=False)
+    model = LLM(Breaks(llm.model.config, script, llm.tokenizer.vocab_size), llm.tokenizer, ChatFormat("gemma4"),
+                "scripted-gemma4", context=CONTEXT)
+    live = Live(create_app(model, ServeOptions(max_batch=1, context=CONTEXT)))
+    try:
+        seen = []
+        with pytest.raises(anthropic.APIStatusError) as failed, sdk(live.url).messages.stream(
+                model="scripted-gemma4", max_tokens=20, extra_body=GREEDY,
+                messages=[{"role": "user", "content": "Count."}]) as stream:
+            for e in stream:
+                seen.append(e.type)
+        assert seen[0] == "message_start" and "text" in seen  # the answer had started
+        assert failed.value.body["type"] == "error" and failed.value.body["error"]["type"] == "api_error"
+        assert "fell over" in failed.value.body["error"]["message"]
+    finally:
+        live.close()

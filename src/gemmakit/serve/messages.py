@@ -30,6 +30,9 @@ when its signature checks out; anything else (text a client wrote, a block from 
 restart) is dropped rather than passed off to the model as its own thoughts. The signature proves origin only;
 it holds no hidden state.
 
+Auth is the server's API key as `x-api-key` (what the SDK sends) or `Authorization: Bearer`; the
+`anthropic-version` and `anthropic-beta` headers are accepted and not needed.
+
 Answers: `stop_reason` is tool_use when the answer calls a tool, max_tokens at the limit, refusal when a guard
 cut it, stop_sequence when one of the client's stop sequences ended it (the engine cuts the text without saying
 which string matched, so `stop_sequence` is found again in the decoded tokens), else end_turn. Usage follows
@@ -128,7 +131,7 @@ def to_chat(body: CountTokensRequest) -> P.ChatRequest:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()))
-        param = {"stop": "stop_sequences", "tools": "tools", "messages": "messages"}.get(where.split(".")[0], where)
+        param = "stop_sequences" if where.startswith("stop") else where
         raise P.ParamError(f"{param}: {first.get('msg', 'invalid value')}", param) from None
 
 
@@ -192,10 +195,6 @@ def _output_format(config: dict[str, Any] | None) -> dict[str, Any] | None:
         raise P.ParamError('output_config.format must be {"type": "json_schema", "schema": {...}}',
                            "output_config.format")
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
-
-
-def _single_call(choice: dict[str, Any] | None) -> bool:
-    return bool(choice and choice.get("disable_parallel_tool_use"))
 
 
 def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
@@ -364,7 +363,7 @@ class _Answer:
 
     def __init__(self, server: Server, body: MessagesRequest):
         self.server, self.stops = server, list(body.stop_sequences or [])
-        self.single = _single_call(body.tool_choice)
+        self.single = bool(body.tool_choice and body.tool_choice.get("disable_parallel_tool_use"))
         self.omit_thinking = thinking_mode(body.thinking)[1]
 
     def start(self, rid: str, model: str, usage: dict) -> dict:
