@@ -16,6 +16,7 @@ from gemmakit.serve.app import ServeOptions, create_app
 from gemmakit.serve.messages import sign
 from tests.helpers import running_server
 from tests.live import CONTEXT, Live
+from tests.test_chat import ScriptedModel
 from tests.test_serve import _scripted_llm
 
 pytestmark = pytest.mark.slow
@@ -292,20 +293,13 @@ def test_disable_parallel_tool_use_keeps_the_first_call(scripted):
 def test_a_failure_mid_stream_is_an_error_event(llm):
     """The engine fails after the answer started: the stream ends with Anthropic's `error` event, which the
     SDK raises as an API error carrying the reason."""
-    from gemmakit.api import LLM
-    from gemmakit.chat.template import ChatFormat
-    from tests.test_chat import ScriptedModel
-
     class Breaks(ScriptedModel):
         def forward(self, *args, **kwargs):
             if self.step == 4:
                 raise RuntimeError("the accelerator fell over")
             return super().forward(*args, **kwargs)
 
-    script = llm.tokenizer.encode("One two three four five six.", add_bos=False)
-    model = LLM(Breaks(llm.model.config, script, llm.tokenizer.vocab_size), llm.tokenizer, ChatFormat("gemma4"),
-                "scripted-gemma4", context=CONTEXT)
-    live = Live(create_app(model, ServeOptions(max_batch=1, context=CONTEXT)))
+    live = _serving(Breaks, llm, "One two three four five six.")
     try:
         seen = []
         with pytest.raises(anthropic.APIStatusError) as failed, sdk(live.url).messages.stream(
@@ -316,5 +310,34 @@ def test_a_failure_mid_stream_is_an_error_event(llm):
         assert seen[0] == "message_start" and "text" in seen  # the answer had started
         assert failed.value.body["type"] == "error" and failed.value.body["error"]["type"] == "api_error"
         assert "fell over" in failed.value.body["error"]["message"]
+    finally:
+        live.close()
+
+
+def _serving(model_class: type, llm, reply: str) -> Live:
+    """An in-process server of `model_class` (a ScriptedModel) writing `reply` with no end of turn after it."""
+    from gemmakit.api import LLM
+    from gemmakit.chat.template import ChatFormat
+
+    script = llm.tokenizer.encode(reply, add_bos=False)
+    model = LLM(model_class(llm.model.config, script, llm.tokenizer.vocab_size), llm.tokenizer, ChatFormat("gemma4"),
+                "scripted-gemma4", context=CONTEXT)
+    return Live(create_app(model, ServeOptions(max_batch=1, context=CONTEXT)))
+
+
+def test_a_max_tokens_past_the_context_runs_to_its_end(llm):
+    """Claude Code asks for 32000 tokens whatever the model: the answer may run to the end of the context and
+    says so, as Anthropic's current models do; a prompt that leaves no room at all is still a 400."""
+    live = _serving(ScriptedModel, llm, "la")  # "la" forever: only the context ends it
+    try:
+        client = sdk(live.url)
+        with client.messages.stream(model="scripted-gemma4", max_tokens=32000, extra_body=GREEDY,
+                                    messages=CAPITAL) as stream:  # the SDK streams a request this long
+            m = stream.get_final_message()
+        counted = client.messages.count_tokens(model="scripted-gemma4", messages=CAPITAL).input_tokens
+        assert m.stop_reason == "model_context_window_exceeded" and m.usage.output_tokens == CONTEXT - counted
+        with pytest.raises(anthropic.BadRequestError, match="no room"):
+            client.messages.create(model="scripted-gemma4", max_tokens=8, messages=[
+                {"role": "user", "content": "word " * CONTEXT}])
     finally:
         live.close()

@@ -33,6 +33,10 @@ it holds no hidden state.
 Auth is the server's API key as `x-api-key` (what the SDK sends) or `Authorization: Bearer`; the
 `anthropic-version` and `anthropic-beta` headers are accepted and not needed.
 
+A `max_tokens` past what the context leaves is not refused, as Anthropic's current models do not refuse it:
+clients such as Claude Code send a large one whatever the model. The answer may then run to the end of the
+context, and says so with stop_reason model_context_window_exceeded; a prompt that leaves no room is a 400.
+
 Answers: `stop_reason` is tool_use when the answer calls a tool, max_tokens at the limit, refusal when a guard
 cut it, stop_sequence when one of the client's stop sequences ended it (the engine cuts the text without saying
 which string matched, so `stop_sequence` is found again in the decoded tokens), else end_turn. Usage follows
@@ -320,8 +324,13 @@ def verify(thinking: str, signature: Any) -> bool:
 # --- handlers -------------------------------------------------------------------------------------------
 async def create_message(body: MessagesRequest, request: Request) -> Any:
     server = ready(request)
-    chat = to_chat(body)
-    run = await start_chat(server, request, chat, rid="msg_" + uuid.uuid4().hex[:24])
+    chat, rid = to_chat(body), "msg_" + uuid.uuid4().hex[:24]
+    try:
+        run = await start_chat(server, request, chat, rid)
+    except P.ParamError as e:  # max_tokens past the context: generate up to its end instead (module docstring)
+        if e.code != "context_length_exceeded":
+            raise
+        run = await start_chat(server, request, chat.model_copy(update={"max_tokens": None}), rid)
     answer = _Answer(server, body)
     if isinstance(run, Refused):
         return answer.refused(run) if not body.stream else StreamingResponse(
@@ -362,7 +371,7 @@ class _Answer:
     options that shape the content blocks."""
 
     def __init__(self, server: Server, body: MessagesRequest):
-        self.server, self.stops = server, list(body.stop_sequences or [])
+        self.server, self.stops, self.max_tokens = server, list(body.stop_sequences or []), body.max_tokens
         self.single = bool(body.tool_choice and body.tool_choice.get("disable_parallel_tool_use"))
         self.omit_thinking = thinking_mode(body.thinking)[1]
 
@@ -401,7 +410,7 @@ class _Answer:
         if c.tool_calls:
             return "tool_use", None
         if c.engine_reason == "length":
-            return "max_tokens", None
+            return ("max_tokens" if c.tokens >= self.max_tokens else "model_context_window_exceeded"), None
         matched = self._matched_stop(run)
         return ("stop_sequence", matched) if matched is not None else ("end_turn", None)
 
