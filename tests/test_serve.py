@@ -323,6 +323,20 @@ def _scripted_llm(llm, reply: str):
                ChatFormat("gemma4"), "scripted-gemma4", context=CONTEXT)
 
 
+def streamed_calls(deltas: list) -> list:
+    """The tool calls a client assembles from streamed deltas: a call's first part names it, the rest carry
+    fragments of its arguments (OpenAI's streaming format)."""
+    from types import SimpleNamespace
+
+    calls: dict[int, SimpleNamespace] = {}
+    for part in (t for d in deltas for t in (d.tool_calls or [])):
+        if part.index not in calls:
+            calls[part.index] = SimpleNamespace(id=part.id, type=part.type, function=SimpleNamespace(
+                name=part.function.name, arguments=""))
+        calls[part.index].function.arguments += part.function.arguments or ""
+    return list(calls.values())
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_reasoning_and_tool_calls_in_openai_fields(llm, stream):
     reply = ('<|channel>thought\nThe user wants the weather.<channel|>Let me check. '
@@ -339,7 +353,7 @@ def test_reasoning_and_tool_calls_in_openai_fields(llm, stream):
             deltas = [c.choices[0].delta for c in chunks if c.choices]
             reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
             content = "".join(d.content or "" for d in deltas)
-            calls = [t for d in deltas for t in (d.tool_calls or [])]
+            calls = streamed_calls(deltas)
             finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
         else:
             m = live.client().chat.completions.create(**ask).choices
@@ -406,8 +420,8 @@ def test_tool_choice_forces_a_parseable_call(llm, choice):
         assert calls and all(c.function.name in names for c in calls), r.choices[0].message
         assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
         assert r.choices[0].finish_reason == "tool_calls"
-        streamed = [t for c in client.chat.completions.create(stream=True, **ask) if c.choices
-                    for t in (c.choices[0].delta.tool_calls or [])]
+        streamed = streamed_calls([c.choices[0].delta for c in client.chat.completions.create(stream=True, **ask)
+                                   if c.choices])
         assert [(t.function.name, t.function.arguments) for t in streamed] == [
             (c.function.name, c.function.arguments) for c in calls]
         with pytest.raises(openai.BadRequestError):

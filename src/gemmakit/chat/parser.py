@@ -10,9 +10,16 @@ Gemma 4 output grammar (architecture note §5.2):
 
 - The thought channel: `<|channel>` opens it, the channel name line ("thought\\n") is dropped, `<channel|>`
   closes it. Text inside is reasoning.
-- Tool calls are parsed when `<tool_call|>` arrives and emitted at once. A body that does not parse is
-  returned as content *with its markers* (so nothing the model wrote is lost) plus a warning, never raised.
-  So is a call still open at the end of generation.
+- Tool calls stream as OpenAI sends them (`Delta.call_parts`): the call's id and name as soon as the name is
+  complete (at its "{"), then its arguments as JSON text in fragments as they are written (`_CallStream`
+  transcodes the value syntax below). When `<tool_call|>` arrives the call is parsed and emitted whole as well
+  (`Delta.tool_calls`), its `arguments` exactly the concatenated fragments. A body that does not parse (only
+  possible unconstrained: a grammar-constrained call always parses) is returned as content *with its markers*
+  (so nothing the model wrote is lost) plus a warning, never raised; so is a call still open at the end of
+  generation. Its parts already streamed stay sent: a partial call at its index, which never completes (its
+  fragments stop where the syntax broke) and is not in `tool_calls`; the next call takes the next index.
+  Inside a call only `<|"|>` (outside strings also `<tool_call|>` and the end markers) counts: a string may
+  hold any other text, markers spelled out included.
 - End markers (`<turn|>`, `<end_of_turn>`, `<eos>`, `<|tool_response>`) end the message; the rest is ignored.
 - Other special markers (`<|turn>`, `<bos>`, `<|think|>`, ...) are dropped; they are never content.
 - Gemma 3 has no thought or tool syntax: everything is content up to an end marker.
@@ -34,6 +41,7 @@ Whitespace is allowed between tokens. There is no escaping: a string ends at the
 
 import json
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,12 +75,26 @@ class ToolCall:
 
 
 @dataclass
+class CallPart:
+    """A piece of a tool call as it streams (OpenAI's `tool_calls` delta): first `id` and `name` with
+    `arguments` "", then fragments of the arguments' JSON text with `id` and `name` None. `index` counts the
+    calls the message has opened, from 0."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass
 class Delta:
-    """What one `feed()` or `finish()` produced."""
+    """What one `feed()` or `finish()` produced. `tool_calls`: the calls completed (whole, parsed);
+    `call_parts`: the same calls as they stream (see `CallPart`)."""
 
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    call_parts: list[CallPart] = field(default_factory=list)
 
 
 @dataclass
@@ -93,7 +115,8 @@ def _pattern(markers: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
 
 
-_TOOL_END = _pattern((TOOL_CLOSE,) + END_MARKERS)
+_CALL_MARKERS = (STRING_DELIM, TOOL_CLOSE) + END_MARKERS  # what counts inside a call, outside its strings
+_IN_CALL, _IN_STRING = _pattern(_CALL_MARKERS), _pattern((STRING_DELIM,))
 
 
 class StreamParser:
@@ -116,6 +139,8 @@ class StreamParser:
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._calls: list[ToolCall] = []
+        self._call: _CallStream | None = None  # the open call
+        self._opened = 0  # calls opened so far: the stream index of the next one
         self._delta = Delta()
         self._finished = False
 
@@ -133,8 +158,8 @@ class StreamParser:
             self._finished = True
             self._drain(final=True)
             if self._state == TOOL:
-                self._reject_tool(TOOL_OPEN + self._buf, "unclosed tool call at end of generation")
-                self._buf = ""
+                self._reject_tool(TOOL_OPEN + self._call.raw + self._buf, "unclosed tool call at end of generation")
+                self._buf, self._call = "", None
         return self._take()
 
     @property
@@ -181,6 +206,8 @@ class StreamParser:
             self._state = CONTENT
         elif marker == TOOL_OPEN:
             self._after_tool, self._state = self._state, TOOL
+            self._call = _CallStream(self._opened, self._make_id(len(self._calls)))
+            self._opened += 1
         # Anything else (a dropped token, a stray close, a nested open) is not shown.
 
     def _step_header(self, final: bool) -> bool:
@@ -199,25 +226,47 @@ class StreamParser:
         return True
 
     def _step_tool(self) -> bool:
-        # Inside a call only its close or an end marker counts: strings may hold any other text.
-        match = _TOOL_END.search(self._buf)
+        # Inside a call only its close, an end marker or a string delimiter counts, and inside a string only
+        # the delimiter: strings may hold any other text. The rest goes to the call's transcoder as it comes.
+        call = self._call
+        match = (_IN_STRING if call.in_string else _IN_CALL).search(self._buf)
         if match is None:
+            keep = _held_back(self._buf, (STRING_DELIM,) if call.in_string else _CALL_MARKERS)
+            self._to_call(self._buf[: len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep :]
             return False
-        body, self._buf = self._buf[: match.start()], self._buf[match.end() :]
-        if match.group() != TOOL_CLOSE:
-            self._reject_tool(TOOL_OPEN + body, f"unclosed tool call ended by {match.group()}")
+        self._to_call(self._buf[: match.start()])
+        self._buf, marker = self._buf[match.end() :], match.group()
+        if marker == STRING_DELIM:
+            self._to_call(marker)
+            return True
+        self._call = None
+        if marker != TOOL_CLOSE:
+            self._reject_tool(TOOL_OPEN + call.raw, f"unclosed tool call ended by {marker}")
             self._state = DONE
             return True
         try:
-            name, args = parse_tool_call(body)
+            name, args = parse_tool_call(call.raw)
         except ValueError as err:
-            self._reject_tool(TOOL_OPEN + body + TOOL_CLOSE, f"malformed tool call: {err}")
+            self._reject_tool(TOOL_OPEN + call.raw + TOOL_CLOSE, f"malformed tool call: {err}")
         else:
-            call = ToolCall(name, json.dumps(args, ensure_ascii=False), self._make_id(len(self._calls)))
-            self._calls.append(call)
-            self._delta.tool_calls.append(call)
+            # The streamed JSON is the arguments; it always agrees with the parse (json.dumps is a safety net).
+            arguments = call.arguments if call.complete else json.dumps(args, ensure_ascii=False)
+            done = ToolCall(name, arguments, call.id)
+            self._calls.append(done)
+            self._delta.tool_calls.append(done)
         self._state = self._after_tool
         return True
+
+    def _to_call(self, text: str) -> None:
+        """Feed the open call; its new parts join the delta (fragments of one call merged)."""
+        parts = self._delta.call_parts
+        for part in self._call.feed(text):
+            last = parts[-1] if parts else None
+            if part.name is None and last is not None and last.name is None and last.index == part.index:
+                last.arguments += part.arguments
+            else:
+                parts.append(part)
 
     def _reject_tool(self, raw: str, warning: str) -> None:
         self.warnings.append(warning)
@@ -260,31 +309,13 @@ _WS = re.compile(r"\s*")
 _LITERALS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
 
 
-def tool_call_grammar(names: list[str], token_id: Callable[[str], int | None], repeat: bool = False) -> str:
-    """A Lark grammar (llguidance's dialect) for Gemma 4 tool calls to `names`: the syntax above, written
-    compactly. `token_id` finds the markers that are single special tokens of the vocabulary (they are then
-    matched as tokens, `<[id]>`, not spelled out); `repeat` allows several calls in a row. Strings may not
-    contain "<", which keeps the string delimiter unambiguous."""
-    def mark(text: str) -> str:
-        i = token_id(text)
-        return f"<[{i}]>" if i is not None else json.dumps(text)
+def tool_call_grammar(tools: list[str | dict], token_id: Callable[[str], int | None], repeat: bool = False) -> str:
+    """A Lark grammar (llguidance's dialect) for Gemma 4 tool calls to `tools` (names: any arguments; OpenAI tool
+    dicts: arguments that follow their schema), markers included; `token_id` finds the markers that are single
+    special tokens of the vocabulary; `repeat` allows several calls in a row. See chat/tool_grammar.py."""
+    from gemmakit.chat.tool_grammar import tool_call_grammar as schema_grammar
 
-    if token_id(STRING_DELIM) is not None:
-        string = f"string: {mark(STRING_DELIM)} TEXT {mark(STRING_DELIM)}\nTEXT: /[^<]*/"
-    else:
-        string = 'string: STRING\nSTRING: /<\\|"\\|>[^<]*<\\|"\\|>/'
-    return "\n".join([
-        f"start: call{'+' if repeat else ''}",
-        f'call: {mark(TOOL_OPEN)} "call:" NAME "{{" [pair ("," pair)*] "}}" {mark(TOOL_CLOSE)}',
-        "NAME: " + " | ".join(json.dumps(n) for n in names),
-        'pair: KEY ":" value',
-        r"KEY: /[A-Za-z_][\w.$-]*/",
-        '?value: string | object | array | NUMBER | "true" | "false" | "null"',
-        string,
-        'object: "{" [pair ("," pair)*] "}"',
-        'array: "[" [value ("," value)*] "]"',
-        r"NUMBER: /-?(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+)?/",
-    ])
+    return schema_grammar(tools, token_id, repeat)
 
 
 def parse_tool_call(body: str) -> tuple[str, dict]:
@@ -368,3 +399,138 @@ def _sequence(text: str, pos: int, close: str, item: Callable[[str, int], tuple[
         if not text.startswith(",", pos):
             raise ValueError(f"expected ',' or {close!r} at offset {pos}: {text[pos : pos + 20]!r}")
         pos = _skip(text, pos + 1)
+
+
+class _CallStream:
+    """Transcodes one call body (`call:NAME{...}`, fed in pieces; each `<|"|>` fed on its own) into OpenAI's
+    streamed parts: the name once it is complete, then the arguments as JSON text, piece by piece.
+
+    A push-down reader of the value syntax above: bare keys are quoted, string text is JSON-escaped as it
+    comes, True/False/None become true/false/null, numbers are written the JSON way once complete (leading
+    zeros dropped, "0" added around a bare point; the exponent is kept, so the value is the same). Separators
+    are json.dumps's (", ", ": "). A body that stops following the syntax stops the stream there (`failed`);
+    what was already sent stays sent (the parser then rejects the call, see StreamParser)."""
+
+    _WORD = re.compile(r"[\w.$+\-]")
+
+    def __init__(self, index: int, call_id: str):
+        self.index, self.id = index, call_id
+        self.raw = ""  # the body as fed
+        self.in_string = False
+        self.failed = False
+        self._out: list[str] = []
+        self._head = ""  # "call:NAME" until the opening brace
+        self._stack: list[str] = []  # "{" / "[" of the open containers
+        self._expect = "head"  # head | key | key_or_close | colon | value | value_or_close | sep | end
+        self._word = ""
+        self._key = False  # the open string is a key
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self._out)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and self._expect == "end"
+
+    def feed(self, text: str) -> list[CallPart]:
+        self.raw += text
+        if self.failed or not text:
+            return []
+        parts: list[CallPart] = []
+        if text == STRING_DELIM:
+            self._delimiter(parts)
+        elif self.in_string:
+            self._emit(parts, json.dumps(text, ensure_ascii=False)[1:-1])
+        else:
+            for ch in text:
+                self._char(ch, parts)
+                if self.failed:
+                    break
+        return parts
+
+    def _emit(self, parts: list[CallPart], text: str) -> None:
+        self._out.append(text)
+        parts.append(CallPart(self.index, None, None, text))
+
+    def _fail(self) -> None:
+        self.failed = True
+
+    def _delimiter(self, parts: list[CallPart]) -> None:
+        self.in_string = not self.in_string
+        if self.in_string:
+            self._end_word(parts)
+            if self.failed or self._expect not in ("key", "key_or_close", "value", "value_or_close"):
+                return self._fail()
+            self._key = self._expect in ("key", "key_or_close")
+            self._emit(parts, '"')
+        else:
+            self._emit(parts, '"')
+            self._expect = "colon" if self._key else "sep"
+
+    def _char(self, ch: str, parts: list[CallPart]) -> None:
+        if self._expect == "head":
+            if ch != "{":
+                self._head += ch
+                return
+            match = _CALL.fullmatch(self._head)
+            if match is None:
+                return self._fail()
+            parts.append(CallPart(self.index, self.id, match.group(1), ""))
+            return self._open("{", parts)
+        if self._WORD.match(ch) and self._expect in ("key", "key_or_close", "value", "value_or_close"):
+            self._word += ch
+            return
+        self._end_word(parts)
+        if self.failed or ch.isspace():
+            return
+        expect, top = self._expect, self._stack[-1] if self._stack else None
+        if ch in "{[" and expect in ("value", "value_or_close"):
+            self._open(ch, parts)
+        elif ch == ":" and expect == "colon":
+            self._emit(parts, ": ")
+            self._expect = "value"
+        elif ch == "," and expect == "sep":
+            self._emit(parts, ", ")
+            self._expect = "key" if top == "{" else "value"
+        elif (ch == "}" and top == "{" and expect in ("sep", "key_or_close")) or (
+                ch == "]" and top == "[" and expect in ("sep", "value_or_close")):
+            self._stack.pop()
+            self._emit(parts, ch)
+            self._expect = "sep" if self._stack else "end"
+        else:
+            self._fail()
+
+    def _open(self, bracket: str, parts: list[CallPart]) -> None:
+        self._stack.append(bracket)
+        self._emit(parts, bracket)
+        self._expect = "key_or_close" if bracket == "{" else "value_or_close"
+
+    def _end_word(self, parts: list[CallPart]) -> None:
+        word, self._word = self._word, ""
+        if not word:
+            return
+        if self._expect in ("key", "key_or_close"):
+            if not _KEY.fullmatch(word):
+                return self._fail()
+            self._emit(parts, json.dumps(word, ensure_ascii=False))
+            self._expect = "colon"
+        elif word in _LITERALS:
+            self._emit(parts, json.dumps(_LITERALS[word]))
+            self._expect = "sep"
+        elif _NUMBER.fullmatch(word):
+            self._emit(parts, _json_number(word))
+            self._expect = "sep"
+        else:
+            self._fail()
+
+
+def _json_number(literal: str) -> str:
+    """A number of the value syntax as JSON text of the same value: "-007.50e3" -> "-7.50e3", ".5" -> "0.5"."""
+    literal = "".join(str(unicodedata.digit(c)) if c.isdigit() else c for c in literal)  # \d is any digit
+    if _INT.fullmatch(literal):
+        return str(int(literal))
+    mantissa, e, exponent = literal.replace("E", "e").partition("e")
+    sign = "-" if mantissa.startswith("-") else ""
+    whole, point, fraction = mantissa.lstrip("-").partition(".")
+    return f"{sign}{whole.lstrip('0') or '0'}{'.' + (fraction or '0') if point else ''}{e}{exponent}"

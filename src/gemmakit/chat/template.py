@@ -21,8 +21,11 @@ Gemma 4, as `render_gemma4` writes it:
     <|turn>model\\n[<|channel>thought\\n<channel|>]
 
 - The system turn is written when messages[0] is system/developer, tools are given or thinking is on.
-- Text is trimmed; earlier thoughts (`<|channel>...<channel|>`) are cut from model text, and `reasoning` fields are
-  not rendered at all.
+- Text is trimmed; thoughts (`<|channel>...<channel|>`) are cut from model text. Reasoning carried across tool calls,
+  as Gemma 4's current official template does: an assistant message after the last user message (the model turn in
+  progress, tool calls and results going back and forth) with a string `reasoning` (else `reasoning_content`) gets
+  `<|channel>thought\nREASONING\n<channel|>` before its tool calls and text, so multi-step tool use keeps its
+  thinking; earlier turns' reasoning is not rendered (Gemma 4 drops thoughts once a new user turn begins).
 - A tool result continues the model turn that called the tool: no `<turn|>` and no new `<|turn>model\\n`, since
   the model stopped at `<|tool_response>` and picks up after `<tool_response|>`. An assistant message after a tool
   result continues that turn too. Results come from HF-style `tool_responses` on the assistant message or from
@@ -216,12 +219,13 @@ class _Turns:
         self.calls: list[tuple[str | None, str]] = []  # (id, name) of the open turn's tool calls, in order
         self.answered = 0
 
-    def add(self, message: Message) -> None:
+    def add(self, message: Message, current: bool = False) -> None:
+        """`current`: the message comes after the last user message (its reasoning is rendered)."""
         if message["role"] == "user":
             self._close()
             self.out.append(f"<|turn>user\n{_content(message.get('content'), _MEDIA4)}<turn|>\n")
         elif message["role"] == "assistant":
-            self._assistant(message)
+            self._assistant(message, current)
         else:
             self._tool(message)
 
@@ -238,12 +242,16 @@ class _Turns:
             self.out.append("<turn|>\n")
             self.state = "closed"
 
-    def _assistant(self, message: Message) -> None:
+    def _assistant(self, message: Message, current: bool) -> None:
         if self.state != "response":
             self._close()
             self.out.append("<|turn>model\n")
             self.calls, self.answered = [], 0
         self.state = "model"
+        # transformers hands a Jinja template `thinking` as reasoning_content: the same fields, the same order
+        reasoning = message.get("reasoning") or message.get("reasoning_content") or message.get("thinking")
+        if current and isinstance(reasoning, str) and reasoning:
+            self.out.append(f"{THOUGHT_OPEN}{reasoning}\n{THOUGHT_CLOSE}")
         for call in message.get("tool_calls") or []:
             name, text = _tool_call(call)
             self.calls.append((call.get("id"), name))
@@ -289,8 +297,9 @@ def render_gemma4(messages: list[Message], tools: list[Tool] | None = None, *, a
         declarations = "".join(f"<|tool>{_declaration(tool)}<tool|>" for tool in tools or [])
         out.append(f"<|turn>system\n{'<|think|>' if enable_thinking else ''}{system}{declarations}<turn|>\n")
     turns = _Turns()
-    for message in rest:
-        turns.add(message)
+    last_user = max((i for i, m in enumerate(rest) if m["role"] == "user"), default=-1)
+    for i, message in enumerate(rest):
+        turns.add(message, current=i > last_user)
     out.append(turns.finish(add_generation_prompt))
     if add_generation_prompt and not enable_thinking and empty_thought_when_off:
         out.append(EMPTY_THOUGHT)

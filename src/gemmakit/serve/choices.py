@@ -2,8 +2,11 @@
 
 A chat choice of an instruction-tuned model goes through the chat parser (chat/parser.py), which splits the
 stream into content, reasoning (the thought channel) and tool calls, holding back text that may still turn
-into a marker. A base model chats through the plain dialogue format, whose turn markers the engine already
-cut as stop strings; only the space after "Assistant:" is dropped here. Completions take the text as is.
+into a marker. Streamed tool calls go out as the parser's `call_parts` (the name first, then the arguments in
+fragments, as OpenAI streams them), except under a guard, which checks arguments whole: then each call goes out
+whole once it is complete and checked. A base model chats through the plain dialogue format, whose turn markers
+the engine already cut as stop strings; only the space after "Assistant:" is dropped here.
+Completions take the text as is.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemmakit.chat.parser import Delta, StreamParser
+from gemmakit.chat.parser import CallPart, Delta, StreamParser
 from gemmakit.sampling import TokenLogprobs
 from gemmakit.serve.loop import Update
 from gemmakit.serve.protocol import finish_reason, tool_call_json
@@ -54,7 +57,7 @@ class Choice:
             if self.parser is not None:
                 tail = self.parser.finish()
                 delta = Delta(delta.content + tail.content, delta.reasoning + tail.reasoning,
-                              delta.tool_calls + tail.tool_calls)
+                              delta.tool_calls + tail.tool_calls, delta.call_parts + tail.call_parts)
         self.content += delta.content
         self.reasoning += delta.reasoning
         self.tool_calls += delta.tool_calls
@@ -86,11 +89,24 @@ class Choice:
         return msg
 
     def delta_json(self, delta: Delta, first_call: int) -> dict:
+        """A chat.completion.chunk delta. Tool calls stream as their parts (name first, then argument
+        fragments); under a guard they are sent whole once checked (`first_call`: the index of the first)."""
         out: dict[str, Any] = {}
         if delta.content:
             out["content"] = delta.content
         if delta.reasoning:
             out["reasoning_content"] = out["reasoning"] = delta.reasoning
-        if delta.tool_calls:
-            out["tool_calls"] = [tool_call_json(c, first_call + i) for i, c in enumerate(delta.tool_calls)]
+        if self.watch is not None or self.filtered:  # the guard checks arguments whole: nothing before that
+            if delta.tool_calls:
+                out["tool_calls"] = [tool_call_json(c, first_call + i) for i, c in enumerate(delta.tool_calls)]
+        elif delta.call_parts:
+            out["tool_calls"] = [call_part_json(p) for p in delta.call_parts]
         return out
+
+
+def call_part_json(part: CallPart) -> dict:
+    """One streamed piece of a tool call as OpenAI's chunks carry it: the opening piece names the call."""
+    if part.name is not None:
+        return {"index": part.index, "id": part.id, "type": "function",
+                "function": {"name": part.name, "arguments": part.arguments}}
+    return {"index": part.index, "function": {"arguments": part.arguments}}

@@ -165,10 +165,10 @@ async def start_chat(server: Server, request: Request, body: P.ChatRequest, rid:
     if body.response_format or body.tool_choice not in (None, "auto", "none"):
         await asyncio.to_thread(server.grammars)  # built once (~3 s), off the event loop other streams need
     constraint = await asyncio.to_thread(response_constraint, server, body.response_format)  # compiles it
-    if body.tool_choice not in (None, "auto", "none"):
+    if body.tool_choice not in (None, "auto", "none") or (tools and constraint is None):  # auto: from <|tool_call>
         if constraint is not None:
             raise P.ParamError("tool_choice and response_format cannot both constrain one output", "tool_choice")
-        constraint = await asyncio.to_thread(tool_constraint, server, body.tool_choice, tools)
+        constraint = await asyncio.to_thread(tool_constraint, server, body.tool_choice or "auto", tools)
     tickets, events = submit_all(server, [ids] * body.n, per_choice(params, body.n, constraint), [media] * body.n,
                                  adapter)
     return Run(server, request, tickets, events, choices, rid or P.new_id("chatcmpl"), len(ids), model)

@@ -41,7 +41,8 @@ from fastapi.responses import JSONResponse
 
 from gemmakit.adapters import adapter_names, attach_adapters
 from gemmakit.api import LLM
-from gemmakit.chat.parser import tool_call_grammar
+from gemmakit.chat.parser import TOOL_OPEN
+from gemmakit.chat.tool_grammar import ToolCallConstraint, string_tokens, tool_call_grammar
 from gemmakit.media.inputs import MediaPolicy
 from gemmakit.media.soft import PromptMedia
 from gemmakit.sampling import ContextOverflow, fit_context
@@ -281,25 +282,47 @@ def response_constraint(server: Server, fmt: dict | None) -> Callable[[], Any] |
     return lambda: server.grammars().json_schema(schema)
 
 
-def tool_constraint(server: Server, choice: Any, tools: list[dict] | None) -> Callable[[], Any]:
-    """tool_choice "required" (one or more calls to any of the tools) or {"type": "function", "function":
-    {"name": N}} (one call to N): the output is constrained to Gemma 4's tool-call syntax."""
+def tool_constraint(server: Server, choice: Any, tools: list[dict] | None) -> Callable[[], Any] | None:
+    """The tool-call constraint for `choice` (a factory: one per generated choice), or None.
+
+    "auto" (or None): on a Gemma 4 chat model given tools, generation is free until the model opens a call
+    (`<|tool_call>`), then the call is held to the tools' names and argument schemas (chat/tool_grammar.py);
+    None for any other model, without tools, or where the vocabulary has no such token. "required" (one or
+    more calls to any of the tools) or {"type": "function", "function": {"name": N}} (one call to N): the whole
+    output is such calls. "none": None."""
     llm = server.llm
-    if llm.is_base or llm.chat_format.family != "gemma4":
+    gemma4 = not llm.is_base and llm.chat_format.family == "gemma4"
+    if choice in (None, "auto", "none"):
+        trigger = llm.tokenizer.token_to_id(TOOL_OPEN)
+        if choice == "none" or not gemma4 or not tools or trigger is None:
+            return None
+        return _constraint(server, tools, opened=True, trigger=trigger)
+    if not gemma4:
         raise P.ParamError("tool_choice 'required' or a named function needs a Gemma 4 chat model; this one has "
                            "no tool-call syntax", "tool_choice", "unsupported_value")
     names = [(t.get("function") or {}).get("name") for t in tools or [] if isinstance(t, dict)]
     named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
     if choice == "required" and names:
-        pick, repeat = names, True
-    elif isinstance(choice, dict) and choice.get("type") == "function" and named in names:
-        pick, repeat = [named], False
-    else:
-        raise P.ParamError("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
-                           "{\"name\": ...}} naming one of `tools`", "tool_choice")
-    grammar = tool_call_grammar(pick, llm.tokenizer.token_to_id, repeat)
-    server.grammars().lark(grammar)  # a grammar llguidance refuses is a 400 now, not an error mid-generation
-    return lambda: server.grammars().lark(grammar)
+        return _constraint(server, tools, repeat=True)
+    if isinstance(choice, dict) and choice.get("type") == "function" and named in names:
+        return _constraint(server, [t for t in tools if (t.get("function") or {}).get("name") == named])
+    raise P.ParamError("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}} naming one of `tools`", "tool_choice")
+
+
+def _constraint(server: Server, tools: list[dict], repeat: bool = False, opened: bool = False,
+                trigger: int | None = None) -> Callable[[], Any]:
+    llm, grammars = server.llm, server.grammars()
+    grammar = tool_call_grammar(tools, llm.tokenizer.token_to_id, repeat, opened=opened,
+                                text_tokens=string_tokens(llm.tokenizer, grammars.tokenizer))
+    try:
+        grammars.lark(grammar)  # a grammar llguidance refuses is a 400 now, not an error mid-generation
+    except ValueError as e:
+        raise P.ParamError(f"tools: {e}", "tools", "unsupported_schema") from None
+    if trigger is None:
+        return lambda: server.grammars().lark(grammar)
+    vocab = llm.model.config.vocab_size
+    return lambda: ToolCallConstraint(trigger, lambda: server.grammars().lark(grammar), vocab)
 
 
 async def next_update(events: asyncio.Queue, request: Request) -> tuple[int, Any] | None:
