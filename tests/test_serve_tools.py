@@ -21,8 +21,6 @@ from tests.live import CONTEXT, Live
 from tests.test_chat import ScriptedModel
 from tests.test_tool_grammar import gemma4_tokenizer
 
-pytestmark = pytest.mark.slow
-
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
