@@ -98,11 +98,11 @@ def test_previous_response_id_continues_the_conversation(served):
     """The second turn's prompt is the first turn and its answer, then the new input: the same prompt (token
     count and answer) as sending the whole conversation statelessly. Kept responses can be read and deleted."""
     _, client, name = served
-    first = client.responses.create(model=name, input=QUESTION, max_output_tokens=12, temperature=0)
+    first = client.responses.create(model=name, input=QUESTION, max_output_tokens=6, temperature=0)
     follow = "And the capital of Italy?"
     second = client.responses.create(model=name, previous_response_id=first.id, input=follow,
-                                     max_output_tokens=12, temperature=0)
-    whole = client.responses.create(model=name, store=False, max_output_tokens=12, temperature=0, input=[
+                                     max_output_tokens=6, temperature=0)
+    whole = client.responses.create(model=name, store=False, max_output_tokens=6, temperature=0, input=[
         {"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.output_text},
         {"role": "user", "content": follow}])
     assert second.previous_response_id == first.id
