@@ -16,6 +16,7 @@ from gemmakit.api import LLM
 from gemmakit.chat.template import ChatFormat
 from gemmakit.chat.tool_grammar import ToolCallConstraint, string_tokens, tool_call_grammar
 from gemmakit.constrain import Grammars
+from gemmakit.sampling import SamplingParams
 from gemmakit.serve.app import ServeOptions, create_app
 from tests.live import CONTEXT, Live
 from tests.test_chat import ScriptedModel
@@ -83,6 +84,22 @@ def test_auto_mode_forces_a_call_the_model_writes_wrong_into_a_valid_one(config,
     args = json.loads(forced.tool_calls[0].arguments)
     jsonschema.validate(args, WEATHER["function"]["parameters"])
     assert forced.finish_reason == "stop" and not gate.in_call
+
+
+def test_the_auto_constraint_sleeps_outside_a_call(g4):
+    """Until the model opens a call, auto mode masks nothing: the row stays plain greedy (the engine's greedy
+    screen and mask-free sampling apply); from `<|tool_call>` to `<tool_call|>` the grammar masks each step."""
+    grammars = Grammars(g4, g4.vocab_size, [g4.eos_id])
+    grammar = tool_call_grammar([WEATHER], g4.token_to_id, opened=True,
+                                text_tokens=string_tokens(g4, grammars.tokenizer))
+    gate = ToolCallConstraint(48, lambda: grammars.lark(grammar), g4.vocab_size)
+    params = SamplingParams(max_tokens=8, temperature=0.0, constraint=gate)
+    assert params.plain_greedy and not params.constrained
+    gate.advance(48)
+    assert params.constrained and not params.plain_greedy
+    for token in g4.encode("call:get_weather{city:<|\"|>Oslo<|\"|>}<tool_call|>", add_bos=False):
+        gate.advance(token)
+    assert params.plain_greedy and not gate.in_call
 
 
 def test_streamed_tool_call_through_the_openai_client(config, g4):

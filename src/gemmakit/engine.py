@@ -420,7 +420,7 @@ class Engine:
         """Sample every row that can be sampled; a row whose logits are NaN, or that allows no token at all,
         ends with an error of its own."""
         failed: list[tuple[Request, int]] = []
-        constrained = [i for i, r in enumerate(reqs) if r.params.constraint is not None]
+        constrained = [i for i, r in enumerate(reqs) if r.params.constrained]
         if constrained:  # a copy: a compiled step may hand out its own output buffer
             logits = logits.clone()
             for i in constrained:

@@ -124,7 +124,8 @@ class SamplingParams:
     loop_min_repeats: int = 4
     loop_min_span: int = 32
     # A grammar the output must follow (constrain.Constraint: JSON schema, Lark); the engine masks the logits
-    # with it before this sampler runs and stops the request when the grammar is complete.
+    # with it before this sampler runs (unless it says it is `dormant` this step), tells it every kept token, and
+    # stops the request when the grammar is complete.
     constraint: Any = None
     # Processors of a sampled row's distribution, applied in order just before the draw (see LogitsProcessor):
     # how a watermark (safety/watermark.WatermarkProcessor) plugs in. Need temperature > 0.
@@ -135,7 +136,13 @@ class SamplingParams:
         """The token is the argmax of the raw logits and nothing else reads them (screen.py relies on it)."""
         return (self.temperature == 0.0 and self.repetition_penalty == 1.0 and not self.presence_penalty
                 and not self.frequency_penalty and not self.logit_bias and self.loop_guard != "penalize"
-                and self.logprobs is None and self.constraint is None and not self.logits_processors)
+                and self.logprobs is None and not self.constrained and not self.logits_processors)
+
+    @property
+    def constrained(self) -> bool:
+        """A grammar masks this step's logits: a constraint that is not `dormant` (the tool-call constraint of
+        `auto` mode sleeps until the model opens a call)."""
+        return self.constraint is not None and not getattr(self.constraint, "dormant", False)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first out-of-range field; give vocab_size to also check token ids."""

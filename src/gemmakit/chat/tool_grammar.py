@@ -267,6 +267,11 @@ class ToolCallConstraint:
     def in_call(self) -> bool:
         return self._call is not None
 
+    @property
+    def dormant(self) -> bool:
+        """Nothing is constrained this step: the engine skips the mask and keeps its fast greedy paths."""
+        return self._call is None
+
     def allowed(self) -> Tensor:
         return self._free if self._call is None else self._call.allowed()
 
