@@ -27,8 +27,8 @@ llguidance sees as special but that are text to the parser (Gemma's HTML tags li
 runs (inside enum and const strings they must be spelled out). Without the special token (a vocabulary that spells
 the markers out) a string is a single lexeme. Forcing is off, so fixed text may come in any tokenization.
 
-`ToolCallConstraint` is the `auto` mode: it allows every token (the engine's constraint interface wants a mask)
-until the model emits `<|tool_call>`, then hands each step to a fresh matcher for one call, and lets go again after
+`ToolCallConstraint` is the `auto` mode: it is `dormant` (the engine masks nothing and keeps its greedy fast
+paths) until the model emits `<|tool_call>`, then hands each step to a fresh matcher for one call, and lets go again after
 `<tool_call|>` (another call may follow, or `<|tool_response>`, which ends the turn).
 """
 
