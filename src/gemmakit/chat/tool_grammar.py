@@ -28,8 +28,8 @@ runs (inside enum and const strings they must be spelled out). Without the speci
 the markers out) a string is a single lexeme. Forcing is off, so fixed text may come in any tokenization.
 
 `ToolCallConstraint` is the `auto` mode: it is `dormant` (the engine masks nothing and keeps its greedy fast
-paths) until the model emits `<|tool_call>`, then hands each step to a fresh matcher for one call, and lets go again after
-`<tool_call|>` (another call may follow, or `<|tool_response>`, which ends the turn).
+paths) until the model emits `<|tool_call>`, then hands each step to a fresh matcher for one call, and lets go
+again after `<tool_call|>` (another call may follow, or `<|tool_response>`, which ends the turn).
 """
 
 from __future__ import annotations
