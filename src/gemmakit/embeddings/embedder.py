@@ -90,8 +90,10 @@ class Embedder:
         return rows
 
     def _truncated(self, encoding: Any) -> list[int]:
+        """The first max_length tokens, ending with the encoding's closing special tokens (<eos>) if it has any."""
         ids, special = encoding.ids, encoding.special_tokens_mask
-        tail = len(ids) - next((i for i in range(len(ids) - 1, -1, -1) if not special[i]), -1) - 1
+        last_text = next((i for i in range(len(ids) - 1, -1, -1) if not special[i]), -1)
+        tail = len(ids) - 1 - last_text  # special tokens after the last text token
         return ids[:self.max_length - tail] + ids[len(ids) - tail:] if tail else ids[:self.max_length]
 
     def check(self, rows: Sequence[Sequence[int]]) -> None:
