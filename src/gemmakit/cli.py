@@ -105,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from gemmakit.adapters import parse_specs
     from gemmakit.checkpoints import resolve
+    from gemmakit.embeddings.command import serve_embedding_model
     from gemmakit.serve.app import ServeOptions, create_app, log
 
     console = logging.StreamHandler()
@@ -112,6 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     log.addHandler(console)
     log.setLevel(args.log_level.upper())
     adapters = parse_specs(args.adapters)  # a bad spec or directory fails now, not in the loading thread
+    embedding_model = serve_embedding_model(args)  # --embedding-model DIR, checked now; loads beside the chat model
     if args.replicas > 1 and (args.allow_media_dir or args.allow_remote_media or args.image_tokens
                               or args.max_media_mb != 20 or adapters or args.draft
                               or args.prefix_cache is not None):
@@ -141,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            remote_media=args.allow_remote_media, max_media_bytes=int(args.max_media_mb * 2**20),
                            image_tokens=args.image_tokens, adapters={k: str(v) for k, v in adapters.items()},
                            responses_store=args.responses_store)
+    options.embedding_model = embedding_model
     app = create_app(lambda: load_llm(args, warm_up=False), options)  # the server builds its own engine
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
@@ -176,6 +179,9 @@ def add_serve_parser(sub: Any) -> None:
     s.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable; "
                                                                       "CORS is off by default)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's)")
+    s.add_argument("--embedding-model", default=None, metavar="DIR",
+                   help="also serve this embedding model (EmbeddingGemma, sentence-transformers layout) at "
+                        "/v1/embeddings, beside the chat model")
     s.add_argument("--responses-store", type=int, default=256, metavar="N",
                    help="Responses API: keep the last N responses (store: true) in memory for previous_response_id "
                         "and GET /v1/responses/{id} (default 256; 0 keeps none)")
@@ -441,9 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_export_parsers(sub)
     add_finetune_parser(sub)
+    from gemmakit.embeddings.command import add_embed_parser
     from gemmakit.eval.command import add_eval_parsers
     from gemmakit.safety.command import add_safety_parsers
 
+    add_embed_parser(sub)
     add_eval_parsers(sub)
     add_safety_parsers(sub)
     return p

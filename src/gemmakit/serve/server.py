@@ -71,6 +71,7 @@ class ServeOptions:
     max_media_bytes: int = 20 << 20  # one image or audio file, decoded from base64 or read
     image_tokens: int | None = None  # Gemma 4's soft tokens per image (70/140/280/560/1120; None: 280)
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters served per request: {name: PEFT dir}
+    embedding_model: str | None = None  # an embedding model directory served at /v1/embeddings (serve/embeddings.py)
     responses_store: int = 256  # Responses API: responses kept for previous_response_id (0: none; responses.py)
 
     def body_limit(self) -> int:
