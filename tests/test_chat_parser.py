@@ -16,8 +16,8 @@ from gemmakit.chat.parser import (
     parse,
     parse_tool_call,
     parse_value,
-    tool_call_grammar,
 )
+from gemmakit.chat.tool_grammar import tool_call_grammar
 
 Q = '<|"|>'  # Gemma's string delimiter
 

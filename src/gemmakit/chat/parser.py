@@ -309,15 +309,6 @@ _WS = re.compile(r"\s*")
 _LITERALS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
 
 
-def tool_call_grammar(tools: list[str | dict], token_id: Callable[[str], int | None], repeat: bool = False) -> str:
-    """A Lark grammar (llguidance's dialect) for Gemma 4 tool calls to `tools` (names: any arguments; OpenAI tool
-    dicts: arguments that follow their schema), markers included; `token_id` finds the markers that are single
-    special tokens of the vocabulary; `repeat` allows several calls in a row. See chat/tool_grammar.py."""
-    from gemmakit.chat.tool_grammar import tool_call_grammar as schema_grammar
-
-    return schema_grammar(tools, token_id, repeat)
-
-
 def parse_tool_call(body: str) -> tuple[str, dict]:
     """Parse "call:NAME{...}" into (name, arguments); raise ValueError if it is malformed."""
     match = _CALL.match(body)

@@ -1,4 +1,8 @@
-"""`gemmakit serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batched engine.
+"""`gemmakit serve`: an OpenAI- and Anthropic-compatible HTTP server (FastAPI + uvicorn) over the batched engine.
+
+Routes: chat completions, completions and the server's own (routes.py), OpenAI's Responses API (responses.py),
+Anthropic's Messages API (messages.py), all three chat dialects over one chat core (`routes.start_chat`), and
+embeddings from a second model (embeddings.py).
 
 Shape of a request. The handler validates the body (protocol.py), renders the chat with the model's format
 (api.LLM: the checkpoint's template, or the plain dialogue for a base model like the embedded default), turns
@@ -42,7 +46,9 @@ from starlette.exceptions import HTTPException
 from gemmakit.api import LLM
 from gemmakit.serve import protocol as P
 from gemmakit.serve.embeddings import install_embedding_routes, load_service
+from gemmakit.serve.messages import install_messages
 from gemmakit.serve.metrics import Metrics
+from gemmakit.serve.responses import install_responses
 from gemmakit.serve.routes import install_routes
 from gemmakit.serve.server import HTTPFail, ServeOptions, Server, fail, log
 
@@ -80,7 +86,9 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
     app.state.options = options
 
     _install_middleware(app, options, metrics)
-    install_routes(app)
+    keyed = install_routes(app)  # chat completions, completions, models, health, metrics, the page
+    install_messages(app, keyed)  # Anthropic's Messages API
+    install_responses(app, keyed)  # OpenAI's Responses API
     install_embedding_routes(app)
     return app
 

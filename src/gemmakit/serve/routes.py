@@ -5,9 +5,10 @@ that answered, and /v1/models lists the base model, then each adapter with the b
 
 Every chat API comes through `start_chat`: chat completions here, and the Responses (responses.py) and
 Messages (messages.py) APIs, which translate their requests into a `ChatRequest` and render `Run.updates()` in
-their own wire formats. Both completion endpoints follow one path: build the prompts and per-choice sampling parameters, submit the
-tickets, then either stream SSE chunks as updates arrive or collect them into one response. A client that
-goes away mid-request (stream closed, or a plain request whose connection drops) cancels its tickets.
+their own wire formats. Both completion endpoints follow one path: build the prompts and per-choice sampling
+parameters, submit the tickets, then either stream SSE chunks as updates arrive or collect them into one
+response. A client that goes away mid-request (stream closed, or a plain request whose connection drops)
+cancels its tickets.
 
 A chat's images and audio are decoded and run through the towers in a worker thread before its tickets are
 submitted (each ticket carries the prompt's soft tokens), so the engine thread and the event loop never wait
@@ -34,6 +35,7 @@ from gemmakit.media.soft import MediaError, PromptMedia
 from gemmakit.media.towers import check_kinds
 from gemmakit.serve import protocol as P
 from gemmakit.serve.choices import Choice
+from gemmakit.serve.embeddings import model_entries
 from gemmakit.serve.server import (
     HTTPFail,
     Server,
@@ -54,20 +56,19 @@ from gemmakit.serve.server import (
 )
 
 
-def install_routes(app: FastAPI) -> None:
+def install_routes(app: FastAPI) -> list[Any]:
+    """The OpenAI chat and completion routes and the server's own; returns the key dependency, which the other
+    APIs' routes (responses.py, messages.py, installed by app.py) take too."""
     keyed = [Depends(require_key)]  # on the routes themselves: holds under any mount prefix (app.py)
     app.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)", dependencies=keyed,
              responses={200: {"model": P.ChatCompletion}, **P.ERRORS})(chat_completions)
     app.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)", dependencies=keyed,
              responses={200: {"model": P.TextCompletion}, **P.ERRORS})(completions)
-    from gemmakit.serve.messages import install_messages  # here, not on top: messages.py builds on this module
-    install_messages(app, keyed)  # /v1/messages and /v1/messages/count_tokens (Anthropic's API)
-    from gemmakit.serve.responses import install_responses  # here, not on top: responses.py builds on this module
-    install_responses(app, keyed)  # /v1/responses, and GET / DELETE /v1/responses/{id} (OpenAI's Responses API)
     app.get("/v1/models", summary="List the served model and its LoRA adapters", dependencies=keyed)(models)
     app.get("/health", summary="200 when the model is loaded and the engine runs, 503 while loading")(health)
     app.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=keyed)(metrics)
     app.get("/", response_class=HTMLResponse, include_in_schema=False)(page)
+    return keyed
 
 
 async def health(request: Request) -> JSONResponse:
@@ -96,7 +97,7 @@ async def models(request: Request) -> dict:
     base = {"id": server.name, "object": "model", "created": now, "owned_by": "gemmakit",
             "max_model_len": server.context}
     return {"object": "list", "data": [base, *({**base, "id": name, "parent": server.name}
-                                               for name in server.adapters)]}
+                                               for name in server.adapters), *model_entries(request.app)]}
 
 
 async def page() -> HTMLResponse:
