@@ -15,7 +15,8 @@ Four ways to embed the same texts (random English words, 5-60 words each), at ba
 Each is warmed up first; texts/s is texts over wall time, with the ratio to sentence-transformers'. The run also
 checks that (a) and (c) agree.
 
-Run: .venv/bin/python benchmarks/embed_throughput.py [--texts 64] [--batch 1 32] [--repeat 1] [--threads 2] [--json out.json]
+Run: .venv/bin/python benchmarks/embed_throughput.py [--texts 64] [--batch 1 32] [--repeat 1] [--threads 2]
+     [--json out.json]
 """
 
 from __future__ import annotations
