@@ -105,14 +105,31 @@ def test_unknown_model_is_a_404(served):
 
 
 def test_serve_checks_the_embedding_flags_before_loading(tmp_path, capsys):
-    """An embedding model given as the chat model, or a non-embedding --embedding-model: one error line each."""
+    """An embedding model given as both models, adapters for an embeddings-only server, or a non-embedding
+    --embedding-model: one error line each."""
     from gemmakit.cli import main
 
     st = make_embedding_dir(tmp_path)
-    assert main(["serve", "--model", str(st)]) == 2
-    assert f"serve it with --embedding-model {st}" in capsys.readouterr().err
+    assert main(["serve", "--model", str(st), "--embedding-model", str(st)]) == 2
+    assert "give a chat model as --model" in capsys.readouterr().err
+    assert main(["serve", "--model", str(st), "--adapter", f"a={tmp_path}"]) == 2
     assert main(["serve", "--embedding-model", str(tmp_path / "backbone" / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
     (tmp_path / "plain").mkdir()
     assert main(["serve", "--embedding-model", str(tmp_path / "plain")]) == 2
     assert "is not an embedding model" in capsys.readouterr().err
+
+
+def test_an_embedding_model_as_the_model_is_served_alone(tmp_path):
+    """`gemmakit serve --model EMBED_DIR`: no chat model is loaded; /health and /v1/models name the embedding
+    model, /v1/embeddings answers, and the chat routes are 404s that say how to serve both."""
+    st = make_embedding_dir(tmp_path)
+    with running_server(["--model", str(st), "--log-level", "warning"], tmp_path / "serve.log") as url:
+        assert httpx.get(url + "/health").json() == {"status": "ok", "model": "st"}
+        c = client(url)
+        assert [m.id for m in c.models.list().data] == ["st"]
+        got = c.embeddings.create(model="st", input=TEXTS[:2], encoding_format="float")
+        np.testing.assert_allclose(np.array([d.embedding for d in got.data]),
+                                   load_embedder(st).embed(TEXTS[:2]).numpy(), atol=1e-5)
+        with pytest.raises(openai.NotFoundError, match="serves only an embedding model"):
+            c.chat.completions.create(model="st", messages=[{"role": "user", "content": "hi"}])

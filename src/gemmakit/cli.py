@@ -113,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     log.addHandler(console)
     log.setLevel(args.log_level.upper())
     adapters = parse_specs(args.adapters)  # a bad spec or directory fails now, not in the loading thread
-    embedding_model = serve_embedding_model(args)  # --embedding-model DIR, checked now; loads beside the chat model
+    embedding_model, chat = serve_embedding_model(args)  # checked now; beside the chat model, or alone
     if args.replicas > 1 and (args.allow_media_dir or args.allow_remote_media or args.image_tokens
                               or args.max_media_mb != 20 or adapters or args.draft
                               or args.prefix_cache is not None):
@@ -128,7 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from gemmakit.serve.ray_serve import run_replicas
 
         return run_replicas(args)
-    resolve(args.model)  # a wrong path fails here, as for every other verb, not later in the loading thread
+    if chat:
+        resolve(args.model)  # a wrong path fails here, as for every other verb, not later in the loading thread
     if args.draft and not os.path.exists(args.draft):
         raise ValueError(f"--draft {args.draft}: no such file or directory")
     decoding_options(args)  # a bad --draft-tokens too
@@ -144,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            image_tokens=args.image_tokens, adapters={k: str(v) for k, v in adapters.items()},
                            responses_store=args.responses_store)
     options.embedding_model = embedding_model
-    app = create_app(lambda: load_llm(args, warm_up=False), options)  # the server builds its own engine
+    app = create_app((lambda: load_llm(args, warm_up=False)) if chat else None, options)  # it builds its engine
     print(f"serving on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /); "
           "/health is 503 until the model is loaded", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -80,17 +80,23 @@ def render(vectors: np.ndarray, fmt: str, model: str, tokens: int) -> str | byte
                        "embeddings": vectors.tolist()}) + "\n"
 
 
-def serve_embedding_model(args: argparse.Namespace) -> str | None:
-    """`gemmakit serve`'s --embedding-model, checked before anything loads; also refuses an embedding model
-    given as the chat model (--model), which has no head to generate with."""
+def serve_embedding_model(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """`gemmakit serve`'s embedding model, checked before anything loads, and whether a chat model is served
+    too: `--embedding-model DIR` serves DIR beside the chat model; `--model DIR` naming an embedding model serves
+    it alone (it has no head to chat with)."""
     from gemmakit.embeddings import is_embedding_model
 
-    if args.model and is_embedding_model(args.model):
-        raise ValueError(f"--model {args.model} is an embedding model; serve it with --embedding-model "
-                         f"{args.model} (the chat model is then the default, or the --model you give)")
+    if args.model and os.path.isdir(args.model) and is_embedding_model(args.model):
+        if getattr(args, "embedding_model", None) is not None:
+            raise ValueError(f"--model {args.model} is an embedding model: give a chat model as --model, or drop "
+                             "--embedding-model to serve the embedding model alone")
+        if args.adapters or args.draft or getattr(args, "replicas", 1) > 1:
+            raise ValueError("--adapter, --draft and --replicas need a chat model; this server would serve only "
+                             f"the embedding model {args.model}")
+        return args.model, False
     path = getattr(args, "embedding_model", None)
     if path is None:
-        return None
+        return None, True
     if not os.path.isdir(path):
         raise ValueError(f"--embedding-model {path}: no such directory")
     if not is_embedding_model(path):
@@ -98,7 +104,7 @@ def serve_embedding_model(args: argparse.Namespace) -> str | None:
                          "Gemma 3 text model nor EmbeddingGemma 2)")
     if getattr(args, "replicas", 1) > 1:
         raise ValueError("--embedding-model is not passed to Ray replicas yet; serve with --replicas 1 to use it")
-    return path
+    return path, True
 
 
 def add_embed_parser(sub: Any) -> None:

@@ -53,8 +53,9 @@ from gemmakit.serve.routes import install_routes
 from gemmakit.serve.server import HTTPFail, ServeOptions, Server, fail, log
 
 
-def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = None) -> FastAPI:
-    """The app; `load` is an LLM, or a function that loads one (in a thread, /health says 503 meanwhile)."""
+def create_app(load: Callable[[], LLM] | LLM | None, options: ServeOptions | None = None) -> FastAPI:
+    """The app; `load` is an LLM, or a function that loads one (in a thread, /health says 503 meanwhile), or
+    None for a server of `options.embedding_model` alone."""
     options = options or ServeOptions()
     metrics = Metrics()
 
@@ -63,14 +64,19 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
         log.info("loading the model; /health answers 503 until it is ready")
         try:
             app.state.embeddings = load_service(options)  # first: /health turns 200 once both are ready
-            app.state.server = server = Server(load() if callable(load) else load, options, metrics)
+            if load is not None:
+                app.state.server = Server(load() if callable(load) else load, options, metrics)
         except Exception as e:  # reported by /health, every request and the console, not swallowed
             app.state.load_error = f"{type(e).__name__}: {e}"
             log.error("the model failed to load: %s. /health and every request report this; fix it and restart",
                       app.state.load_error)
             return
-        log.info("ready: %s, context %d tokens, up to %d sequences at once (%.0f s)", server.name, server.context,
-                 options.max_batch, time.perf_counter() - t0)
+        app.state.loaded = True
+        if (server := app.state.server) is not None:
+            log.info("ready: %s, context %d tokens, up to %d sequences at once (%.0f s)", server.name,
+                     server.context, options.max_batch, time.perf_counter() - t0)
+        else:
+            log.info("ready: embedding model %s only (%.0f s)", app.state.embeddings.name, time.perf_counter() - t0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,7 +88,7 @@ def create_app(load: Callable[[], LLM] | LLM, options: ServeOptions | None = Non
     app = FastAPI(title="gemmakit", version="0.1.0", summary="OpenAI-compatible Gemma server", lifespan=lifespan,
                   max_body_size=options.body_limit())
     app.state.server, app.state.load_error, app.state.metrics = None, None, metrics
-    app.state.embeddings = None
+    app.state.embeddings, app.state.loaded = None, False
     app.state.options = options
 
     _install_middleware(app, options, metrics)

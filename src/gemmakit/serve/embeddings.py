@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gemmakit.embeddings import Embedder, EmbeddingError
 from gemmakit.serve import protocol as P
-from gemmakit.serve.server import HTTPFail, ServeOptions, fail, log, ready, require_key
+from gemmakit.serve.server import HTTPFail, ServeOptions, fail, loaded, log, require_key
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs a request
 MAX_TOKENS = 65536  # tokens a request; OpenAI allows 300k, which is minutes of CPU time for one client
@@ -130,7 +130,7 @@ def parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
 
 
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    ready(request)  # 503 while loading, 500 if loading failed
+    loaded(request)  # 503 while loading, 500 if loading failed
     service: EmbeddingService | None = request.app.state.embeddings
     if service is None:
         raise HTTPFail(fail(404, "this server serves no embedding model; start it with --embedding-model DIR",

@@ -45,6 +45,7 @@ from gemmakit.serve.server import (
     engine_failure,
     fail,
     key_matches,
+    loaded,
     next_update,
     per_choice,
     ready,
@@ -80,9 +81,10 @@ async def health(request: Request) -> JSONResponse:
     failure = state.load_error or (server is not None and engine_failure(server)) or None
     if failure:
         return JSONResponse({"status": "failed: " + failure if detailed else "failed"}, status_code=500)
-    if server is None:
+    if not state.loaded:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ok", "model": server.name} if detailed else {"status": "ok"})
+    name = server.name if server is not None else state.embeddings.name  # an embeddings-only server
+    return JSONResponse({"status": "ok", "model": name} if detailed else {"status": "ok"})
 
 
 async def metrics(request: Request) -> Response:
@@ -92,12 +94,13 @@ async def metrics(request: Request) -> Response:
 
 
 async def models(request: Request) -> dict:
-    server = ready(request)
-    now = int(time.time())
-    base = {"id": server.name, "object": "model", "created": now, "owned_by": "gemmakit",
-            "max_model_len": server.context}
-    return {"object": "list", "data": [base, *({**base, "id": name, "parent": server.name}
-                                               for name in server.adapters), *model_entries(request.app)]}
+    loaded(request)
+    server, chat = request.app.state.server, []
+    if server is not None:  # else an embeddings-only server
+        base = {"id": server.name, "object": "model", "created": int(time.time()), "owned_by": "gemmakit",
+                "max_model_len": server.context}
+        chat = [base, *({**base, "id": name, "parent": server.name} for name in server.adapters)]
+    return {"object": "list", "data": [*chat, *model_entries(request.app)]}
 
 
 async def page() -> HTMLResponse:

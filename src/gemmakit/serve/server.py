@@ -184,13 +184,23 @@ def key_matches(request: Request, key: str) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
 
-def ready(request: Request) -> Server:
-    app = request.app
-    if app.state.server is None:
-        if app.state.load_error:
-            raise HTTPFail(fail(500, f"the model failed to load: {app.state.load_error}", type="server_error"))
+def loaded(request: Request) -> None:
+    """Nothing unless the models are still loading (503) or failed to (500)."""
+    state = request.app.state
+    if state.load_error:
+        raise HTTPFail(fail(500, f"the model failed to load: {state.load_error}", type="server_error"))
+    if not state.loaded:
         raise HTTPFail(fail(503, "the model is still loading; retry shortly", type="server_error",
                             headers={"Retry-After": "5"}))
+
+
+def ready(request: Request) -> Server:
+    """The chat server, once loaded; an embeddings-only server answers its chat routes with a 404."""
+    app = request.app
+    loaded(request)
+    if app.state.server is None:
+        raise HTTPFail(fail(404, "this server serves only an embedding model (POST /v1/embeddings); start it with "
+                                 "--model CHAT_MODEL --embedding-model DIR to serve both", "model", "model_not_found"))
     if failure := engine_failure(app.state.server):
         raise HTTPFail(fail(500, f"{failure}; restart the server", type="server_error"))
     return app.state.server
