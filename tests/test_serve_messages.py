@@ -13,7 +13,7 @@ import pytest
 
 from gemmakit.chat.parser import Delta
 from gemmakit.serve.app import ServeOptions, create_app
-from gemmakit.serve.messages import sign
+from gemmakit.serve.messages_input import sign
 from tests.helpers import running_server
 from tests.live import CONTEXT, Live
 from tests.test_chat import ScriptedModel
@@ -39,7 +39,7 @@ def sdk(url: str, key: str = KEY) -> anthropic.Anthropic:
 # --- the translation -----------------------------------------------------------------------------------
 def test_a_messages_request_becomes_the_chat_request_it_means():
     """Tools, tool_choice, thinking and system as chat completions take them (no model needed)."""
-    from gemmakit.serve.messages import MessagesRequest, to_chat
+    from gemmakit.serve.messages_input import MessagesRequest, to_chat
     from gemmakit.serve.protocol import ParamError
 
     def chat(**extra):
