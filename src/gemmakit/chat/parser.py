@@ -163,6 +163,11 @@ class StreamParser:
         return self._take()
 
     @property
+    def in_thought(self) -> bool:
+        """The text so far has opened the thought channel and not closed it (how reasoning tokens are counted)."""
+        return self._state in (HEADER, THOUGHT)
+
+    @property
     def message(self) -> ParsedMessage:
         """Everything parsed so far."""
         return ParsedMessage("".join(self._content), "".join(self._reasoning), list(self._calls), list(self.warnings))

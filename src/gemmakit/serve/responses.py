@@ -46,7 +46,6 @@ log = logging.getLogger("gemmakit.serve")
 # Beside the count (--responses-store), the bytes the kept conversations may take in all: a conversation with
 # images carries them as base64, so a count alone would not bound memory.
 STORE_BYTES = 256 << 20
-THOUGHT_STATES = ("header", "thought")  # chat/parser.py's states inside the thought channel
 
 
 def install_responses(app: FastAPI, dependencies: list) -> None:
@@ -270,8 +269,7 @@ class _Output:
     # feeding
     def feed(self, choice: Any, delta: Any) -> None:
         """One update of the run's (only) choice: count its tokens, then write its parts."""
-        state = getattr(choice.parser, "_state", None)
-        thinking = state in THOUGHT_STATES
+        thinking = choice.parser is not None and choice.parser.in_thought
         new, self.tokens = choice.tokens - self.tokens, choice.tokens
         if thinking or self.thinking:
             self.reasoning_tokens += new
