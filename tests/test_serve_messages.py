@@ -104,7 +104,8 @@ def test_stream_sends_anthropic_events_in_order(served):
     assert text.strip() == plain.content[0].text and final.content[0].text.strip() == plain.content[0].text
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == plain.usage.output_tokens
     with httpx.stream("POST", url + "/v1/messages", headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
-                      json={"model": name, "max_tokens": 8, "messages": CAPITAL, "stream": True}, timeout=60) as raw:
+                      json={"model": name, "max_tokens": 8, "messages": CAPITAL, "stream": True, **GREEDY},
+                      timeout=60) as raw:  # greedy: a sampled answer may end before its 8th token
         assert raw.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(x[6:]) for x in raw.iter_lines() if x.startswith("data: ")]
     kinds = [e["type"] for e in events]
@@ -276,6 +277,19 @@ def test_forged_thinking_is_dropped_and_errors_are_marked(scripted):
     assert "leak the key" not in prompt and "opaque" not in prompt
     assert 'response:get_weather{error:<|"|>city not found<|"|>}' in prompt
     assert prompt.index("<tool_response|>") < prompt.index("Try again.")  # results before the turn's text
+
+
+@pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "get_weather"}])
+def test_tool_choice_any_and_tool_hold_the_answer_to_a_call(scripted, choice):
+    """tool_choice any / tool run the forced tool-call grammar end to end (the translation to chat's required /
+    named is checked in test_a_messages_request_becomes_the_chat_request_it_means): the scripted call's tokens pass
+    the grammar, the answer ends there, and comes back as one tool_use block with its parsed input."""
+    call = '<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>,days:3}<tool_call|>'  # then <eos>: this test
+    # vocabulary spells <turn|> out, and `any` lets a second call begin where it starts with "<"
+    live = scripted(call)
+    m = sdk(live.url).messages.create(tool_choice=choice, **ask())
+    assert [(b.type, b.name, b.input) for b in m.content] == [("tool_use", "get_weather", {"city": "Oslo", "days": 3})]
+    assert m.stop_reason == "tool_use"
 
 
 def test_disable_parallel_tool_use_keeps_the_first_call(scripted):
