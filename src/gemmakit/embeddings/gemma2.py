@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from gemmakit.checkpoints.common import FLOAT_DTYPES, CheckpointError, check_bounds, place
 from gemmakit.checkpoints.hf import read_json, shard_files
 from gemmakit.config import FULL, SLIDING
+from gemmakit.embeddings.model import mean_pool, module_kind, read_modules, read_pooling
 from gemmakit.model import MLP, RMSNorm, apply_rope, attend, embedding, rope_tables, scaled_embedding
 
 log = logging.getLogger(__name__)
@@ -270,16 +271,9 @@ class Encoder(nn.Module):
         masks = self.masks(keep)
         for i, layer in enumerate(self.layers):
             x = layer(x, ropes[layer.kind], masks[layer.kind], ple[:, :, i])
-        return self.embedding_projection(self.mean(self.norm(x), keep))
-
-    @staticmethod
-    def mean(x: Tensor, keep: Tensor) -> Tensor:
-        """sentence-transformers' mean pooling (fp32 sums for half precision, count clamped at 1e-9). It runs
-        before the projection, which is linear, so pooling first gives the same vector for T times less work."""
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        w = keep[..., None].to(x.dtype)
-        total = (x * w).sum(dim=1, dtype=acc)
-        return (total / w.sum(dim=1, dtype=acc).clamp(min=1e-9)).to(x.dtype)
+        # Pooled before the projection, which is linear: the same vector for T times less work.
+        x = self.norm(x)
+        return self.embedding_projection(mean_pool(x, keep).to(x.dtype))
 
     def check(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or input_ids.shape[1] == 0:
@@ -304,21 +298,16 @@ def from_config(cfg: dict[str, Any]) -> Encoder:
 
 def check_pipeline(path: Path) -> int | None:
     """Refuse a sentence-transformers pipeline this encoder would silently get wrong (a pooling other than the
-    mean over every token, an extra Dense after it); returns its max_seq_length, if it sets one."""
-    modules = read_json(path / "modules.json") if (path / "modules.json").is_file() else []
-    for m in modules if isinstance(modules, list) else []:
-        m = m if isinstance(m, dict) else {"type": repr(m)}
-        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-        if kind not in ("Transformer", "Pooling", "Normalize"):
+    mean over every token, an extra Dense after it), read as EmbeddingGemma's loader reads it (model.py);
+    returns its max_seq_length, if it sets one."""
+    after = read_modules(path)[1:]  # the list checked, the Transformer first
+    for m in after:
+        if (kind := module_kind(m)) not in ("Pooling", "Normalize"):
             raise CheckpointError(f"{path / 'modules.json'} applies {kind} to the embeddings; gemmakit's "
                                   "EmbeddingGemma 2 encoder does only Transformer -> Pooling(mean) -> Normalize")
-        sub = path / str(m.get("path", "")) / "config.json"
-        p = read_json(sub) if kind == "Pooling" and sub.is_file() else {}
-        p = p if isinstance(p, dict) else {}
-        mode = p.get("pooling_mode") or ("mean" if p.get("pooling_mode_mean_tokens", True) else "other")
-        if mode not in ("mean", ["mean"]) or p.get("include_prompt", True) is False:
-            raise CheckpointError(f"{sub}: pooling {mode!r} (include_prompt {p.get('include_prompt', True)}) "
-                                  "is not the mean over every token, the only pooling this encoder does")
+    for m in after:
+        if module_kind(m) == "Pooling":
+            read_pooling(path / str(m.get("path", "")))  # mean over every token, or refused
     st = path / "sentence_bert_config.json"
     length = read_json(st).get("max_seq_length") if st.is_file() else None
     return length if isinstance(length, int) and length > 0 else None

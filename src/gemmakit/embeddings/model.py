@@ -74,12 +74,18 @@ class Encode(Step):
 _ACTIVATIONS = {"Identity": nn.Identity, "Tanh": nn.Tanh, "GELU": nn.GELU, "ReLU": nn.ReLU, "Sigmoid": nn.Sigmoid}
 
 
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """sentence-transformers' mean pooling, in float32: the average of the real tokens' states [B, D] (the count
+    clamped at 1e-9, so a row without tokens gives zeros). EmbeddingGemma 2's encoder pools with it too."""
+    m = mask[..., None].float()
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 class MeanPooling(nn.Module):
     """`1_Pooling` with pooling_mode "mean": the average of the real tokens' final hidden states."""
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        m = mask[..., None].float()
-        return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return mean_pool(hidden, mask)
 
 
 class Dense(nn.Module):
@@ -99,7 +105,7 @@ class Normalize(nn.Module):
         return F.normalize(x, dim=-1)
 
 
-def _kind(module: dict[str, Any]) -> str:
+def module_kind(module: dict[str, Any]) -> str:
     """A modules.json entry's class name: "sentence_transformers.models.Dense" and the 6.x spelling
     "sentence_transformers.base.modules.dense.Dense" both read "Dense"."""
     kind = module.get("type")
@@ -151,7 +157,7 @@ def read_head(path: Path, modules: list[dict[str, Any]], width: int) -> list[nn.
     """The modules after the Transformer, checked to chain: pooling first, each Dense taking the width before."""
     head: list[nn.Module] = []
     for m in modules:
-        kind, folder = _kind(m), path / str(m.get("path", ""))
+        kind, folder = module_kind(m), path / str(m.get("path", ""))
         if kind == "Pooling" and not head:
             head.append(read_pooling(folder))
         elif kind == "Dense" and head:
@@ -200,7 +206,7 @@ def read_modules(path: Path) -> list[dict[str, Any]]:
     if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
         raise CheckpointError(f"{file} is not a list of modules; re-download the model")
     modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
-    if _kind(modules[0]) != "Transformer":
+    if module_kind(modules[0]) != "Transformer":
         raise CheckpointError(f"{file}: the first module is {modules[0].get('type')!r}, not a Transformer")
     return modules
 
@@ -270,4 +276,4 @@ def load_json_if_present(file: Path) -> dict[str, Any]:
 
 
 __all__ = ["Encode", "Encoder", "GemmaEncoder", "load_gemma_encoder", "load_json_if_present",
-           "max_length_of", "model_type", "read_modules"]
+           "max_length_of", "mean_pool", "model_type", "module_kind", "read_modules", "read_pooling"]
