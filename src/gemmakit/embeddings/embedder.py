@@ -218,7 +218,7 @@ def load_embedder(path: str | Path, dtype: torch.dtype = torch.float32, device: 
         raise CheckpointError(f"{path} is not a directory; give an embedding model directory (sentence-transformers "
                               "layout, e.g. google/embeddinggemma-300m)")
     modules = read_modules(path)
-    kind = model_type(path)
+    kind = model_type(path, modules)
     if kind in GEMMA2_TYPES:
         encoder, token_dir = _load_gemma2(path, dtype, device), path
     elif kind == "gemma3_text":

@@ -259,9 +259,9 @@ def load_gemma_encoder(path: Path, modules: list[dict[str, Any]], dtype: torch.d
     return GemmaEncoder(backbone, head, bidirectional, max_length_of(folder, raw)).to(device)
 
 
-def model_type(path: Path) -> str | None:
-    """config.json's model_type of the directory's Transformer module (None: no config.json)."""
-    modules = read_modules(path)
+def model_type(path: Path, modules: list[dict[str, Any]]) -> str | None:
+    """config.json's model_type of the directory's Transformer module (`read_modules`' first; None: no
+    config.json)."""
     file = path / str(modules[0].get("path", "")) / "config.json"
     return read_json(file).get("model_type") if file.is_file() else None
 
