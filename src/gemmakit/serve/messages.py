@@ -63,10 +63,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from gemmakit.media.soft import MediaError
 from gemmakit.serve import protocol as P
 from gemmakit.serve.messages_input import CountTokensRequest, MessagesRequest, sign, thinking_mode, to_chat
-from gemmakit.serve.routes import Refused, Run, check_media_kinds, start_chat
+from gemmakit.serve.routes import Refused, Run, chat_prompt, check_media_kinds, start_chat
 from gemmakit.serve.server import HTTPFail, Server, check_model, ready
 
 _PATH = re.compile(r"/v1/messages(/|$)")
@@ -111,17 +110,8 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
     check_media_kinds(llm, server.name, kinds)
     tools = None if chat.tool_choice == "none" else chat.tools
     async with server.media_slots if kinds else contextlib.nullcontext():
-        ids = await asyncio.to_thread(_prompt_ids, llm, messages, tools, chat.thinking, server.media_policy)
+        ids, _ = await asyncio.to_thread(chat_prompt, llm, messages, tools, chat.thinking, server.media_policy)
     return {"input_tokens": len(ids)}
-
-
-def _prompt_ids(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: bool, policy: Any) -> list[int]:
-    try:
-        return llm.prepare_chat(messages, tools, thinking, policy)[0]
-    except MediaError as e:
-        raise P.ParamError(str(e), "messages", "invalid_media") from None
-    except ValueError as e:  # a template that refuses the messages, tools for a base model
-        raise P.ParamError(str(e), "messages") from None
 
 
 # --- answers --------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ async def start_chat(server: Server, request: Request, body: P.ChatRequest, rid:
     # Rendering (a checkpoint's template), tokenizing, decoding images / audio and the tower forward are CPU
     # (or device) work: off the event loop other requests need.
     async with server.media_slots if kinds else contextlib.nullcontext():
-        ids, media = await asyncio.to_thread(_chat_prompt, llm, messages, tools, body.thinking, server.media_policy)
+        ids, media = await asyncio.to_thread(chat_prompt, llm, messages, tools, body.thinking, server.media_policy)
     max_tokens = check_fits(server, len(ids), body.max_completion_tokens or body.max_tokens, "messages")
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
                            llm.model.config.vocab_size)
@@ -178,7 +178,7 @@ async def start_chat(server: Server, request: Request, body: P.ChatRequest, rid:
     return Run(server, request, tickets, events, choices, rid or P.new_id("chatcmpl"), len(ids), model)
 
 
-def _chat_prompt(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: Any, policy: Any
+def chat_prompt(llm: Any, messages: list[dict], tools: list[dict] | None, thinking: Any, policy: Any
                  ) -> tuple[list[int], PromptMedia | None]:
     """The prompt ids and the soft tokens of its media; what the request got wrong is a 400 naming messages."""
     try:
