@@ -56,7 +56,6 @@ import asyncio
 import contextlib
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,7 +81,7 @@ def install_messages(app: FastAPI, keyed: list) -> None:
 # --- handlers -------------------------------------------------------------------------------------------
 async def create_message(body: MessagesRequest, request: Request) -> Any:
     server = ready(request)
-    chat, rid = to_chat(body), "msg_" + uuid.uuid4().hex[:24]
+    chat, rid = to_chat(body), P.new_id("msg", "_")
     try:
         run = await start_chat(server, request, chat, rid)
     except P.ParamError as e:  # max_tokens past the context: generate up to its end instead (module docstring)
@@ -144,7 +143,7 @@ class _Answer:
                 "stop_sequence": sequence}
 
     def refused(self, refusal: Refused) -> dict:
-        return {**self.start("msg_" + uuid.uuid4().hex[:24], refusal.model, _usage(0, 0, 0)),
+        return {**self.start(P.new_id("msg", "_"), refusal.model, _usage(0, 0, 0)),
                 "content": [{"type": "text", "text": refusal.message}], "stop_reason": "refusal"}
 
     def usage(self, run: Run) -> dict:
@@ -181,7 +180,7 @@ def _usage(fresh: int, output: int, cached: int) -> dict:
 
 
 def _tool_id() -> str:
-    return "toolu_" + uuid.uuid4().hex[:24]
+    return P.new_id("toolu", "_")
 
 
 def event(kind: str, data: dict) -> str:

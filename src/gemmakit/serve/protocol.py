@@ -362,8 +362,9 @@ ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what
     404: "unknown model", 429: "queue full; retry after Retry-After seconds", 503: "model still loading"}.items()}
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A random id as each API spells its own: "chatcmpl-…" (OpenAI chat), "resp_…", "msg_…", "toolu_…"."""
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict], usage: dict | None = None) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -140,11 +139,11 @@ async def create_response(body: ResponsesRequest, request: Request) -> Any:
     past = history(request, body.previous_response_id)
     chat, conversation = to_chat_request(body, past)
     try:
-        run = await start_chat(server, request, chat, _new_id("resp"))
+        run = await start_chat(server, request, chat, P.new_id("resp", "_"))
     except P.ParamError as e:  # name the Responses parameter, not the chat request's
         e.param = _param(e.param)
         raise
-    rid = run.rid if isinstance(run, Run) else _new_id("resp")
+    rid = run.rid if isinstance(run, Run) else P.new_id("resp", "_")
     out = _Output(rid, run.model, body, int(time.time()))
     keep = body.store and isinstance(run, Run)
     if body.stream:
@@ -317,10 +316,11 @@ class _Output:
 
     def _open_text(self, kind: str) -> None:
         if kind == "reasoning":
-            item = {"type": "reasoning", "id": _new_id("rs"), "summary": [], "content": [], "status": "in_progress"}
+            item = {"type": "reasoning", "id": P.new_id("rs", "_"), "summary": [], "content": [],
+                    "status": "in_progress"}
             part = {"type": "reasoning_text", "text": ""}
         else:
-            item = {"type": "message", "id": _new_id("msg"), "role": "assistant", "status": "in_progress",
+            item = {"type": "message", "id": P.new_id("msg", "_"), "role": "assistant", "status": "in_progress",
                     "content": []}
             part = {"type": "output_text", "text": "", "annotations": []}
         self._add(item)
@@ -349,7 +349,7 @@ class _Output:
         self.close("completed", item)
 
     def _open_call(self, call_id: str, name: str) -> dict:
-        item = {"type": "function_call", "id": _new_id("fc"), "call_id": call_id, "name": name, "arguments": "",
+        item = {"type": "function_call", "id": P.new_id("fc", "_"), "call_id": call_id, "name": name, "arguments": "",
                 "status": "in_progress"}
         self._add(item)
         return item
@@ -438,7 +438,3 @@ class _Output:
 
 def _copy(item: dict) -> dict:
     return json.loads(json.dumps(item))
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
