@@ -65,7 +65,7 @@ from fastapi.responses import StreamingResponse
 from gemmakit.serve import protocol as P
 from gemmakit.serve.messages_input import CountTokensRequest, MessagesRequest, sign, thinking_mode, to_chat
 from gemmakit.serve.routes import Refused, Run, chat_prompt, check_media_kinds, start_chat
-from gemmakit.serve.server import HTTPFail, Server, check_model, ready
+from gemmakit.serve.server import HTTPFail, Server, check_model, ready, sse
 
 _PATH = re.compile(r"/v1/messages(/|$)")
 
@@ -184,7 +184,7 @@ def _tool_id() -> str:
 
 
 def event(kind: str, data: dict) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+    return sse({"type": kind, **data}, kind)
 
 
 async def _events(answer: _Answer, run: Run) -> AsyncIterator[str]:

@@ -39,7 +39,7 @@ from fastapi.responses import StreamingResponse
 from gemmakit.serve import protocol as P
 from gemmakit.serve.responses_input import ResponsesRequest, assistant_message, to_chat_request
 from gemmakit.serve.routes import Refused, Run, start_chat
-from gemmakit.serve.server import HTTPFail, fail, ready
+from gemmakit.serve.server import HTTPFail, fail, ready, sse
 
 log = logging.getLogger("gemmakit.serve")
 # Beside the count (--responses-store), the bytes the kept conversations may take in all: a conversation with
@@ -187,7 +187,7 @@ async def _stream(request: Request, run: Run | Refused, out: _Output, conversati
         nonlocal seq
         data = {"type": kind, "sequence_number": seq, **fields}
         seq += 1
-        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+        return sse(data, kind)
 
     def drain() -> list[str]:
         events, out.events = out.events, []

@@ -348,5 +348,7 @@ async def next_update(events: asyncio.Queue, request: Request) -> tuple[int, Any
             continue
 
 
-def sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+def sse(obj: dict | str, event: str | None = None) -> str:
+    """One server-sent event; `event` adds the `event:` line the Responses and Messages APIs send."""
+    data = f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    return data if event is None else f"event: {event}\n{data}"
