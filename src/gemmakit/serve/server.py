@@ -122,6 +122,7 @@ class Server:
         self.input_hooks: list[Hook] = []
         self.output_hooks: list[Hook] = []
         self._grammars: Any = None
+        self._text_tokens: list[int] | None = None
         self._grammar_lock = threading.Lock()
 
     def _attach(self, adapters: dict[str, str]) -> list[str]:
@@ -148,6 +149,14 @@ class Server:
 
                 self._grammars = Grammars(self.llm.tokenizer, self.llm.model.config.vocab_size, self.llm.stop_ids())
         return self._grammars
+
+    def text_tokens(self) -> list[int]:
+        """The tokens tool-call strings may hold besides text (chat/tool_grammar.string_tokens): they depend on
+        the tokenizer only, so they are found once, not for every request with tools."""
+        grammars = self.grammars()
+        if self._text_tokens is None:
+            self._text_tokens = string_tokens(self.llm.tokenizer, grammars.tokenizer)
+        return self._text_tokens
 
     def piece(self, token: int) -> str:
         return self.llm.tokenizer.decode([token])
@@ -325,7 +334,7 @@ def _constraint(server: Server, tools: list[dict], repeat: bool = False, opened:
                 trigger: int | None = None) -> Callable[[], Any]:
     llm, grammars = server.llm, server.grammars()
     grammar = tool_call_grammar(tools, llm.tokenizer.token_to_id, repeat, opened=opened,
-                                text_tokens=string_tokens(llm.tokenizer, grammars.tokenizer))
+                                text_tokens=server.text_tokens())
     try:
         grammars.lark(grammar)  # a grammar llguidance refuses is a 400 now, not an error mid-generation
     except ValueError as e:
