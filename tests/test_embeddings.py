@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,13 +29,24 @@ CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world search que
           "task result clustering classification about foxes and dogs in the world"]
 
 
+def small_tokenizer(vocab_size: int) -> Any:
+    """A BPE tokenizer trained on CORPUS that adds <bos> ... <eos>, as Gemma's does."""
+    from tokenizers import Tokenizer, models, normalizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                             special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2),
+                                                                                              ("<eos>", 1)])
+    return tok
+
+
 def make_embedding_dir(root: Path) -> Path:
     """A random tiny EmbeddingGemma-shaped model saved by sentence-transformers itself: (root / "st")."""
     import transformers
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
-    from tokenizers import Tokenizer, models, normalizers, processors, trainers
-
     config = transformers.Gemma3TextConfig(
         vocab_size=300, hidden_size=HIDDEN, intermediate_size=72, num_hidden_layers=6, num_attention_heads=3,
         num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
@@ -46,12 +58,7 @@ def make_embedding_dir(root: Path) -> Path:
             p.copy_(0.5 * (torch.rand_like(p) - 0.5) if "norm" in name else torch.randn_like(p) * 0.08)
     backbone = root / "backbone"
     model.save_pretrained(backbone)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                             special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2),
-                                                                                              ("<eos>", 1)])
+    tok = small_tokenizer(300)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                                 pad_token="<pad>", unk_token="<unk>")
     fast.save_pretrained(backbone)
@@ -198,18 +205,12 @@ def test_embedding_gemma2_dirs_go_to_its_encoder(tmp_path):
     """A directory whose config says embedding_gemma2_text runs gemma2.py's encoder; the Embedder adds the
     tokenizer, prompts and normalisation: normalise(the reference's mean-pooled output)."""
     import transformers
-    from tokenizers import Tokenizer, models, normalizers, processors, trainers
 
     from tests.test_embedding_gemma2 import reference, sentence_embedding
 
     model = reference()
     model.language_model.save_pretrained(tmp_path)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=90, show_progress=False,
-                                                             special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", 2),
-                                                                                              ("<eos>", 1)])
+    tok = small_tokenizer(90)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>").save_pretrained(tmp_path)
     (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": PROMPTS}))
     embedder = load_embedder(tmp_path)
