@@ -24,6 +24,7 @@ from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.runtime.packing import pack_linears
+from gemmakit.runtime.plan import prepare_weights
 from gemmakit.sampling import SamplingParams
 
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--shapes", action="store_true", help="one row per op and input shapes")
     ap.add_argument("--pack", action="store_true", help="oneDNN-packed float weights (packing.py)")
+    ap.add_argument("--prepare", action="store_true", help="the layout the engine's loaders choose (plan.py)")
     ap.add_argument("--narrow", action="store_true", help="the 270M's structure with 64-wide matrices")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,6 +49,8 @@ def main() -> None:
                                                               quantize=args.quantize)
     if args.pack:
         pack_linears(model)
+    elif args.prepare:
+        print(prepare_weights(model, None, args.compile))
     timed = max(1, args.steps // 2)  # steps timed without the profiler, which inflates every op
     engine = Engine(model, max_batch=args.batch, context=args.prompt_len + args.steps + timed + 8,
                     compile=args.compile)

@@ -18,6 +18,7 @@ from gemmakit.runtime import plan as plan_module
 from gemmakit.runtime.compiled import compile_supported
 from gemmakit.runtime.packing import (
     UPCAST_ROWS,
+    HalfLinear,
     PackedLinear,
     UpcastLinear,
     pack_linears,
@@ -25,6 +26,7 @@ from gemmakit.runtime.packing import (
     packing_supported,
 )
 from gemmakit.runtime.plan import make_plan, model_bytes, prepare_weights
+from gemmakit.runtime.probe import fbgemm_fp16
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, tiny
 
@@ -167,6 +169,7 @@ def test_bf16_models_multiply_prompts_in_fp32_where_onednn_packs_no_bf16(monkeyp
     """prepare_weights on a machine whose oneDNN refuses bf16 (as AVX2 CPUs do) gives every bf16 linear an
     UpcastLinear, keeps the checkpoint's names, computes what the plain model does, and the plan says so."""
     monkeypatch.setattr(plan_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
+    monkeypatch.setattr(packing, "fbgemm_fp16", lambda: False)  # as on ARM: no fbgemm
     plain = _gemma("gemma3", torch.bfloat16)
     model = copy.deepcopy(plain)
     assert "bf16 linears multiply prompts in fp32" in prepare_weights(model, pack=None, compile=False)
@@ -179,3 +182,62 @@ def test_bf16_models_multiply_prompts_in_fp32_where_onednn_packs_no_bf16(monkeyp
     fp32 = _gemma("gemma3")
     prepare_weights(fp32, pack=False, compile=False)  # fp32 models are never upcast
     assert not any(isinstance(m, UpcastLinear) for m in fp32.modules())
+
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16(), reason="fbgemm's fp16 product is in x86 builds of torch only")
+
+
+@needs_fbgemm
+@torch.inference_mode()
+def test_half_linear_is_the_bf16_product_up_to_summation_order():
+    """bf16 weights through fbgemm's fp16 copy: every bf16 value at or above 2^-17 is exact in fp16, so the
+    product is the fp32 sum of the same terms, rounded to bf16 (compared with the exact fp32 product of the
+    bf16 operands), at one row, a batch's 8 and a prompt's 100; the tiniest weights lose under 2^-25 each."""
+    g = torch.Generator().manual_seed(3)
+    w = (0.05 * torch.randn(96, 640, generator=g)).bfloat16()
+    w[0, :8] = torch.tensor([2.0**-17, 3 * 2.0**-20, 2.0**-24, 1e-9, -2.0**-14, 60000.0, 1 + 2.0**-7, 0.0])
+    half = HalfLinear(w)
+    for rows in (1, 8, 100):
+        x = torch.randn(rows, 640, generator=g).bfloat16()
+        want = x.float() @ w.float().T
+        got = half(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+        # Rounding to bf16 of sums that differ only in order (and 2^-25 per tiny weight): one bf16 step.
+        assert ((got.float() - want).abs() <= want.abs() * 2.0**-7 + 1e-3).all()
+
+
+@needs_fbgemm
+@torch.inference_mode()
+def test_bf16_models_take_fbgemm_fp16_where_onednn_packs_no_bf16(monkeypatch):
+    """prepare_weights on a machine whose oneDNN refuses bf16 (AVX2) but whose torch has fbgemm: every decoder
+    linear and the tied head multiply through fp16 copies, the checkpoint's names stay, the memory is counted,
+    the plan says so, and an engine decodes the plain bf16 model's greedy tokens."""
+    monkeypatch.setattr(plan_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
+    plain = _gemma("gemma3", torch.bfloat16)
+    model = copy.deepcopy(plain)
+    said = prepare_weights(model, pack=None, compile=False)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in plain.modules())
+    assert said == f"plain layout, {linears + 1} bf16 linears multiplied through fbgemm fp16"
+    assert isinstance(model.model.layers[0].mlp.down_proj, HalfLinear) and isinstance(model.lm_head, HalfLinear)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert packed_bytes(model) == sum(p.numel() * 2 for p in plain.parameters() if p.dim() == 2)
+    want, got = plain(_ids()).float(), model(_ids()).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert "fbgemm fp16 (no fast bf16 GEMM here)" in make_plan(model, 1, 64, False, False).describe()
+    prompts = [_ids(1, n)[0].tolist() for n in (WINDOW + 3, 5)]
+    params = SamplingParams(max_tokens=WINDOW)
+    got_tokens = [r.tokens for r in Engine(model, max_batch=2, context=64).generate(prompts, params)]
+    assert got_tokens == [r.tokens for r in Engine(plain, max_batch=2, context=64).generate(prompts, params)]
+    # `--pack off` keeps torch's own product (the upcast form for prompts).
+    untouched = copy.deepcopy(plain)
+    assert "fbgemm" not in prepare_weights(untouched, pack=False, compile=False)
+
+
+@needs_fbgemm
+def test_half_linear_takes_gradients_through_the_bf16_weight():
+    """Training a model prepared for serving: products that need gradients use the bf16 weight itself."""
+    w = torch.nn.Parameter((0.05 * torch.randn(32, 64)).bfloat16())
+    half = HalfLinear(w)
+    x = torch.randn(2, 64).bfloat16()
+    half(x).float().sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, x.float().sum(0).expand(32, 64).bfloat16())

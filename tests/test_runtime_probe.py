@@ -75,8 +75,13 @@ def test_packed_engines_run_under_avx2_limits():
     assert out["probes"]["onednn_bf16_pack"] is False
     for dtype, run in out["runs"].items():
         assert run["packed"] == run["plain"], dtype
-    # An eager fp32 engine's screen reads a packed bf16 copy: there is none, so the full head is computed.
-    assert "head screen: off (oneDNN cannot pack bf16 here)" in out["runs"]["torch.float32"]["plan"]
+    # An eager fp32 engine's screen would read a packed bf16 copy: there is none, so an x86 torch screens through
+    # fbgemm's fp16 copy, and anything else computes the full head.
+    fp32_plan = out["runs"]["torch.float32"]["plan"]
+    if out["probes"]["fbgemm_fp16"]:
+        assert "head screen: fp16 copy (fbgemm, every step)" in fp32_plan
+    else:
+        assert "head screen: off (oneDNN cannot pack bf16 here)" in fp32_plan
 
 
 _PLAN_CHILD = r"""
@@ -84,7 +89,7 @@ import json, torch
 from gemmakit.model import Gemma
 from gemmakit.quantize import quantize_model
 from gemmakit.runtime.plan import make_plan, prepare_weights
-from gemmakit.runtime.probe import inductor_isa
+from gemmakit.runtime.probe import fbgemm_fp16, inductor_isa
 from tests.helpers import tiny
 
 torch.manual_seed(0)
@@ -102,7 +107,7 @@ print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": 
                   "decompose_width": decompose.cpu_max_other_dimension_decomposition,
                   "default_width": decompose.CPU_MAX_OTHER_DIMENSION_DECOMPOSITION,
                   "int4_unpack": int4.int4_unpack, "int4_line": int4.describe(), "bf16_line": bf16.describe(),
-                  "bf16_layout": layout}))
+                  "bf16_layout": layout, "fbgemm": fbgemm_fp16()}))
 """
 
 
@@ -126,10 +131,16 @@ def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     assert "int8 decode: int8 kernel (inductor's avx2 reductions are slower)" in held["line"]
     assert not held["int4_unpack"] and "int4 prompts: int4 kernel (no fast bf16 GEMM here)" in held["int4_line"]
     # A bf16 head's screen is an int8 pass of the same kind: the full head is faster there.
-    assert "head screen: off (int8 copy: inductor's avx2 reductions are slower)" in held["bf16_line"]
+    assert ("head screen: off (the bf16 head streams through fbgemm fp16)" if held["fbgemm"] else
+            "head screen: off (int8 copy: inductor's avx2 reductions are slower)") in held["bf16_line"]
     # Inductor's reduction over the vocabulary head is slower than torch's GEMV there: the bound stays.
     assert held["decompose_width"] == held["default_width"] < 262144
     assert "one-row head product on torch's GEMV: inductor's avx2 reduction is slower" in held["line"]
-    # No fast bf16 GEMM either: a bf16 model's prompts multiply in fp32 (packing.UpcastLinear).
-    assert "bf16 linears multiply prompts in fp32" in held["bf16_layout"]
-    assert "bf16 products of 8+ rows in fp32" in held["bf16_line"]
+    # No fast bf16 GEMM either: a bf16 model multiplies through fbgemm's fp16 copies where torch has fbgemm
+    # (packing.HalfLinear), and otherwise its prompts multiply in fp32 (packing.UpcastLinear).
+    if held["fbgemm"]:
+        assert "bf16 linears multiplied through fbgemm fp16" in held["bf16_layout"]
+        assert "fbgemm fp16 (no fast bf16 GEMM here)" in held["bf16_line"]
+    else:
+        assert "bf16 linears multiply prompts in fp32" in held["bf16_layout"]
+        assert "bf16 products of 8+ rows in fp32" in held["bf16_line"]

@@ -12,7 +12,7 @@ from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.runtime.compiled import compile_supported
 from gemmakit.runtime.packing import pack_linears
-from gemmakit.runtime.probe import onednn_packs, wide_vectors
+from gemmakit.runtime.probe import fbgemm_fp16, onednn_packs, wide_vectors
 from gemmakit.runtime.screen import HeadScreen, top_k
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, hf_model, tiny
@@ -23,6 +23,13 @@ needs_bf16_packing = pytest.mark.skipif(
     not onednn_packs(torch.bfloat16),
     reason="oneDNN cannot pack bf16 here (AVX2): no packed screen; the plan computes the full head "
            "(tests/test_runtime_probe.py checks that choice)")
+
+
+# Where oneDNN packs no bf16 (AVX2) an x86 torch screens through fbgemm's fp16 copy instead, at every step.
+needs_any_screen = pytest.mark.skipif(
+    not (onednn_packs(torch.bfloat16) or fbgemm_fp16()),
+    reason="neither a packed bf16 copy nor fbgemm's fp16 one: eager engines compute the full head")
+needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16(), reason="fbgemm's fp16 product is in x86 builds of torch only")
 
 
 def near_tied_head(vocab: int = 72 * 1024, width: int = 64, crowd: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,15 +47,16 @@ def near_tied_head(vocab: int = 72 * 1024, width: int = 64, crowd: int = 40) -> 
 
 
 @pytest.mark.parametrize("path", [pytest.param("packed", marks=needs_bf16_packing),
-                                  pytest.param("compiled", marks=needs_compiler)])
+                                  pytest.param("compiled", marks=needs_compiler),
+                                  pytest.param("fp16", marks=needs_fbgemm)])
 def test_bounds_hold_and_a_certified_pick_is_the_exact_argmax(path):
     """Upper bounds are never below the float64 logit, every certified pick is the float64 argmax (up to
     float32 rounding of the top two), and a crowd of near-copies larger than the candidate list is reported
     as uncertified rather than guessed."""
     w, x = near_tied_head()
-    screen = HeadScreen(w, packed=path == "packed")
+    screen = HeadScreen(w, packed=path == "packed", half=path == "fp16")
     exact = x.double() @ w.double().T
-    if path == "packed":
+    if path in ("packed", "fp16"):
         upper = screen._screen(x, x.norm(dim=-1, keepdim=True), "packed")
         assert (upper.double() >= exact - 1e-9).all()
         tokens, certified = screen(x)
@@ -81,16 +89,17 @@ def hidden_winner(width: int = 64, crowd: int = 24) -> tuple[torch.Tensor, torch
 
 
 @pytest.mark.parametrize("path", [pytest.param("packed", marks=needs_bf16_packing),
-                                  pytest.param("compiled", marks=needs_compiler)])
+                                  pytest.param("compiled", marks=needs_compiler),
+                                  pytest.param("fp16", marks=needs_fbgemm)])
 def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
     """Without the error bound the crowd fills the candidates and one of them is certified (measured: token
     2010 on the compiled path). The packed path rounds x and its sums to bf16 too, so its bound covers the
     whole crowd: it must then decline to certify rather than guess."""
     w, x, best = hidden_winner()
-    screen = HeadScreen(w, packed=path == "packed")
-    pick = screen if path == "packed" else torch.compile(screen, dynamic=False)
-    tokens, certified = pick(x, "packed" if path == "packed" else "plain")
-    if path == "compiled":
+    screen = HeadScreen(w, packed=path == "packed", half=path == "fp16")
+    pick = screen if path != "compiled" else torch.compile(screen, dynamic=False)
+    tokens, certified = pick(x, "packed" if path != "compiled" else "plain")
+    if path in ("compiled", "fp16"):  # fp16 has three more mantissa bits than bf16: it sees the winner
         assert int(tokens[0]) == best and bool(certified[0])
     else:
         assert int(tokens[0]) == best or not bool(certified[0])
@@ -156,7 +165,7 @@ def spy(screen: HeadScreen, certify: bool = True) -> list[int]:
     return calls
 
 
-@needs_bf16_packing
+@needs_any_screen
 def test_greedy_rows_take_the_screen_and_decode_the_full_heads_tokens(tmp_path):
     """Greedy batches of rows at different positions: the screened engine's tokens are the full head's; a
     step with a row that needs logits (logprobs here) computes the full head for all its rows."""
@@ -173,7 +182,7 @@ def test_greedy_rows_take_the_screen_and_decode_the_full_heads_tokens(tmp_path):
     assert calls == [1, 1]  # the greedy prompts' first tokens; every decode step holds the logprobs row
 
 
-@needs_bf16_packing
+@needs_any_screen
 def test_an_uncertified_step_falls_back_to_the_full_head(tmp_path):
     screened, full = greedy_engines(tmp_path)
     calls = spy(screened.runtime.screen, certify=False)
@@ -267,3 +276,22 @@ def test_the_real_model_decodes_the_same_greedy_tokens(default_model):
     got = [r.tokens for r in screened.generate(prompts, params)]
     want = [r.tokens for r in Engine(model, max_batch=4, context=128, screen=False).generate(prompts, params)]
     assert got == want and screened.runtime.screen.fallbacks == 0
+
+
+@needs_fbgemm
+def test_without_bf16_packing_an_fp32_head_screens_through_fp16_at_every_step(tmp_path, monkeypatch):
+    """Where oneDNN packs no bf16 (AVX2) the plan gives an fp32 head fbgemm's fp16 copy, which eager and batched
+    steps read too; the forecast counts it, and the engine decodes the full head's tokens."""
+    from gemmakit.runtime import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
+    hf_model(tiny("gemma3")).save_pretrained(tmp_path)
+    engine = Engine(load_model(tmp_path), max_batch=4, context=128)
+    assert engine.runtime.screen.fp16 is not None
+    assert "head screen: fp16 copy (fbgemm, every step)" in engine.plan.describe()
+    assert engine.memory["head_screen"] == engine.runtime.screen.nbytes > 0
+    calls = spy(engine.runtime.screen)
+    prompts, params = prompts_and_params()
+    full = Engine(engine.model, max_batch=4, context=128, screen=False)
+    assert [r.tokens for r in engine.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
+    assert 3 in calls and engine.runtime.screen.fallbacks == 0

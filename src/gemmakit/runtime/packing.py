@@ -31,6 +31,17 @@ product of many rows runs several times slower than fp32's on the same machine (
 multiply in fp32 by a passing fp32 copy of the weight (bf16 -> fp32 is exact, and oneDNN's bf16 GEMM
 accumulates in fp32 too), a block of weight rows at a time so the copy stays small; one-row steps, which
 only stream the weight, read the bf16 weight as before.
+
+fp16 through fbgemm. Better still, where torch has fbgemm (its x86 builds), `half_linears` gives a bf16
+model's decoder linears and tied head a `HalfLinear`: the weight converted to fp16 and packed by fbgemm,
+which multiplies fp32 rows by it (F16C conversion, fp32 FMA) close to the memory bandwidth at one row and as
+a real GEMM at many, where torch's bf16 product is emulated (docs/performance.md, "AVX2-only CPUs"). It is the
+same product: every bf16 value of magnitude 2^-17 or more is an fp16 value (fp16 has three more mantissa
+bits; only its narrower exponent range differs), so below that a weight loses at most 2^-25, far under the
+bf16 rounding of the output; activations go to fp32 exactly, sums are fp32 and rounded to bf16 as torch's
+bf16 product rounds them. A matrix with a weight fp16 cannot hold (|w| >= 65520) is left as it was. Memory:
+an fp16 copy beside each bf16 weight (kept for `state_dict`, adapters and gradients) and of the tied head (the
+embedding lookups still read the table).
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemmakit.runtime.probe import onednn_packs
+from gemmakit.runtime.probe import fbgemm_fp16, onednn_packs
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # Row count oneDNN chooses the blocked layout for; any count works, the engine's batches are about this size.
@@ -135,7 +146,78 @@ def _decoder_parents(model: nn.Module) -> list[nn.Module]:
 
 def packed_bytes(model: nn.Module) -> int:
     """Memory held by the model's packed weights, which are neither parameters nor buffers."""
-    return sum(m.packed_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    return sum(m.packed_bytes for m in model.modules() if isinstance(m, (PackedLinear, HalfLinear)))
+
+
+_HALF: dict[int, object] = {}
+_FP16_MAX = 65504.0
+
+
+@torch.library.custom_op("gemmakit::half_linear", mutates_args=())
+def half_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    """fp32 x [..., K] @ W.T for the fbgemm fp16 weight W [out_features, K] registered under `handle`. Nothing
+    else happens in here: a compiled step calls it from Python each time, and the casts around it fuse into
+    the graph's neighbouring kernels."""
+    return torch.ops.quantized.linear_dynamic_fp16(x, _HALF[handle])
+
+
+@half_linear.register_fake
+def _(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def half_supported(weight: Tensor) -> bool:
+    """Whether `weight` can take fbgemm's fp16 layout: a bf16 (or fp32, for a screen's copy) CPU matrix fp16 can
+    hold, on an x86 torch."""
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.dim() != 2 or not fbgemm_fp16():
+        return False
+    # By blocks of rows: abs() of a 262k-row table would be a transient of its size.
+    block = max(1, _UPCAST_BLOCK // weight.shape[1])
+    return all(bool(w.abs().amax() < _FP16_MAX) for w in weight.detach().split(block))
+
+
+class HalfLinear(nn.Module):
+    """A bias-free bf16 linear multiplied through fbgemm's packed fp16 copy of its weight (module docstring).
+    `weight` stays the bf16 weight (a parameter keeps the checkpoint's name; a tied head passes the table as a
+    plain tensor); products that need gradients take it through the ordinary product."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.handle = next(_handles)
+        _HALF[self.handle] = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
+        weakref.finalize(self, _HALF.pop, self.handle, None)
+        self.weight = weight
+
+    @property
+    def packed_bytes(self) -> int:
+        return self.out_features * self.in_features * 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight)
+        return half_linear(x.float(), self.handle, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fbgemm fp16"
+
+
+def half_linears(model: nn.Module, head: bool = True) -> int:
+    """Give every bias-free bf16 `nn.Linear` of the decoder a `HalfLinear` in place, and with `head` a tied-head
+    Gemma an fp16 head; returns how many (0 where fbgemm is missing)."""
+    count = 0
+    for parent in _decoder_parents(model):
+        for name, child in list(parent.named_children()):
+            w = child.weight if type(child) is nn.Linear and child.bias is None else None
+            if w is not None and w.dtype == torch.bfloat16 and half_supported(w):
+                setattr(parent, name, HalfLinear(child.weight))
+                count += 1
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head and getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding) \
+            and embed.weight.dtype == torch.bfloat16 and half_supported(embed.weight):
+        model.lm_head = HalfLinear(embed.weight.detach())
+        count += 1
+    return count
 
 
 class UpcastLinear(nn.Linear):

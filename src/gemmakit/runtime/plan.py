@@ -9,9 +9,11 @@ live here, not spread over the model's modules:
 |---------------------|------------------------------------------|-----------------------------------------------|
 | weight layout       | oneDNN-packed / plain                    | `prepare_weights`, at load: CPU float models   |
 |                     |                                          | whose dtype oneDNN really packs (probe.py)     |
-|                     | plain, bf16 prompts in fp32 (Upcast...)  | bf16 CPU models where oneDNN packs no bf16     |
+|                     | fbgemm fp16 (HalfLinear); else plain,    | bf16 CPU models where oneDNN packs no bf16     |
+|                     | bf16 prompts in fp32 (UpcastLinear)      | (fbgemm: x86 builds of torch)                  |
 | compiled steps      | one-row + full-batch decode / eager      | asked for, and a compiler present (compiled.py)|
-| head screen         | bf16 copy (plain / packed) / int8 / off  | head dtype, soft-cap, packing, compile         |
+| head screen         | bf16 copy (plain / packed) / fbgemm fp16 | head dtype, soft-cap, packing, compile, and    |
+|                     | copy / int8 / off                        | whether bf16 products are fast here            |
 |                     |                                          | (screen.py)                                   |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
 | decode attention    | SDPA (half precision) / plain ops (fp32) | the activation dtype                          |
@@ -33,8 +35,11 @@ from gemmakit.media.towers import towers, workspace_bytes
 from gemmakit.runtime.compiled import compile_supported, decomposes_head
 from gemmakit.runtime.packing import (
     UPCAST_ROWS,
+    HalfLinear,
     PackedLinear,
     UpcastLinear,
+    half_linears,
+    half_supported,
     pack_linears,
     packed_bytes,
     packing_supported,
@@ -66,20 +71,28 @@ def quantization(model: nn.Module) -> str:
 def prepare_weights(model: nn.Module, pack: bool | None, compile: bool) -> str:
     """Put `model`'s weights in the layout this machine runs fastest, at load time, and say what was done.
     `pack` None: pack CPU float models whose dtype oneDNN packs here. `compile`: keep the plain layout too
-    (compiled one-row steps stream it faster than oneDNN; runtime/packing.py)."""
+    where compiled one-row steps stream it faster than oneDNN, which is where inductor turns one-row products
+    into its own reductions (AVX-512 code: runtime/packing.py); elsewhere they would go to MKL's GEMV, slower
+    than oneDNN's packed product, so the packed layout alone serves every step (and the plain copy's memory is
+    saved)."""
     dtype, device = model_dtype_device(model)
     if pack is None:
         pack = device.type == "cpu" and quantization(model) == "none"
     if device.type == "cpu" and dtype == torch.bfloat16 and not onednn_packs(dtype):
-        # No fast bf16 GEMM here (what oneDNN's failed bf16 reorder also tells): many-row products in fp32.
+        # No fast bf16 GEMM here (what oneDNN's failed bf16 reorder also tells): fbgemm's fp16 product where
+        # torch has it (x86), and many-row products in fp32 for whatever it does not take.
+        half = half_linears(model) if pack is not False else 0
         upcast = upcast_linears(model)
-        return "plain layout" + f", {upcast} bf16 linears multiply prompts in fp32" * bool(upcast)
+        said = [f"{half} bf16 linears multiplied through fbgemm fp16" * bool(half),
+                f"{upcast} bf16 linears multiply prompts in fp32" * bool(upcast)]
+        return ", ".join(["plain layout", *filter(None, said)])
     if not pack:
         return "plain layout"
     if not packing_supported(torch.empty(0, dtype=dtype, device=device)):
         return f"plain layout (oneDNN cannot pack {_name(dtype)} on this {device.type})"
-    pack_linears(model, keep_plain=compile)
-    return "oneDNN-packed" + (" + plain" if compile else "")
+    keep_plain = compile and decomposes_head()
+    pack_linears(model, keep_plain=keep_plain)
+    return "oneDNN-packed" + (" + plain" if keep_plain else "")
 
 
 @dataclass
@@ -91,7 +104,7 @@ class Plan:
     quantization: str
     packed: bool
     compiled: bool
-    screen: tuple[torch.Tensor, bool, bool] | None  # (head weight, packed copy, plain copy) for HeadScreen
+    screen: tuple[torch.Tensor, bool, bool, bool] | None  # HeadScreen's (head, packed copy, plain copy, fp16)
     decode_attention: str  # "sdpa" or "plain"
     int4_unpack: bool
     int8_reduce_rows: int  # rows up to which compiled steps take int8 products as fused reductions (0: never)
@@ -115,6 +128,8 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     packed = isinstance(getattr(model, "lm_head", None), PackedLinear) or any(
         isinstance(m, PackedLinear) for m in model.modules())
     why["layout"] = "oneDNN-packed" if packed else "plain"
+    if any(isinstance(m, HalfLinear) for m in model.modules()):
+        why["layout"] += " + fbgemm fp16 (no fast bf16 GEMM here)"
     if any(isinstance(m, UpcastLinear) for m in model.modules()):
         why["layout"] += f" (bf16 products of {UPCAST_ROWS}+ rows in fp32: no fast bf16 GEMM here)"
     # Per-request LoRA adapters regroup rows every step and a padded full-batch step has rows no request owns:
@@ -165,9 +180,15 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
     oneDNN's bf16 one on several rows, and inductor's int8 pass beats it on one row only with AVX-512)."""
     if not wanted:
         return None, "off (asked)"
+    if isinstance(getattr(model, "lm_head", None), HalfLinear):
+        # Its int8 copy would be read by torch's int8 kernel or inductor's AVX2 code: no faster than fbgemm.
+        return None, "off (the bf16 head streams through fbgemm fp16)"
     weight = head_weight(model)
     if weight is None:
         return None, "off (no tied float head it applies to)"
+    if weight.dtype == torch.float32 and not onednn_packs(torch.bfloat16) and half_supported(weight):
+        # No fast bf16 product here, but fbgemm's fp16 one streams the half-size copy at any row count.
+        return (weight, False, False, True), "fp16 copy (fbgemm, every step)"
     if weight.dtype != torch.float32 and not wide_vectors():
         # A bf16 head's copy is int8, read by inductor's int8 reductions: slower than the full bf16 head
         # where vectors are narrower than AVX-512 (the int8 decode choice above, measured the same way).
@@ -180,7 +201,7 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         return None, f"off ({reason})"
     copy = "bf16" if weight.dtype == torch.float32 else "int8"
     layouts = [name for name, on in (("plain", compiled), ("packed", packed_copy)) if on]
-    return (weight, packed_copy, compiled), f"{copy} copy ({' + '.join(layouts)})"
+    return (weight, packed_copy, compiled, False), f"{copy} copy ({' + '.join(layouts)})"
 
 
 def forecast(model: nn.Module, plan: Plan, max_batch: int, context: int, slack: int = 8,

@@ -36,6 +36,24 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return y.shape == (2, 16) and bool((y.float() == 32).all())
 
 
+@functools.cache
+def fbgemm_fp16() -> bool:
+    """Whether fbgemm (x86 builds of torch) can pack fp16 linear weights and multiply fp32 rows by them here,
+    rounding weights to fp16 exactly as torch does (halfway cases, subnormals): the head screen's bound is
+    computed from torch's rounding of the weight."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    w = torch.ones(16, 32)
+    w[0] = torch.tensor([1 + 2.0**-11, 1 + 3 * 2.0**-11, 2.0**-20, 3e-8, 2.0**-25, -1e-7, 0.1, -0.3] * 4)
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+        y = torch.ops.quantized.linear_dynamic_fp16(torch.ones(2, 32), packed)
+        held = torch.ops.quantized.linear_unpack_fp16(packed)[0]
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return y.shape == (2, 16) and bool((y[:, 1:] == 32).all()) and torch.equal(held, w.half().float())
+
+
 def cpu_capability() -> str:
     """ATen's CPU kernel level in use (e.g. "AVX512", "AVX2", "DEFAULT"; ARM: "DEFAULT" or "SVE256")."""
     try:
@@ -66,4 +84,4 @@ def wide_vectors() -> bool:
 def report() -> dict[str, object]:
     """Every probe's answer, for the one-line description of a runtime plan."""
     return {"aten": cpu_capability(), "inductor": inductor_isa(), "onednn_fp32_pack": onednn_packs(torch.float32),
-            "onednn_bf16_pack": onednn_packs(torch.bfloat16)}
+            "onednn_bf16_pack": onednn_packs(torch.bfloat16), "fbgemm_fp16": fbgemm_fp16()}

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gemmakit.runtime.packing import PackedLinear, packed_linear, packing_supported
+from gemmakit.runtime.packing import HalfLinear, PackedLinear, half_linear, packed_linear, packing_supported
 
 CANDIDATES = 16  # exact rescoring costs 16 x 640 x 4 bytes; a wider gap fails the certificate less often
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
@@ -67,10 +67,18 @@ class HeadScreen(nn.Module):
     for multi-row and eager steps (packing.py says why that layout is faster); `plain` keeps the copy in its
     ordinary layout, for compiled one-row steps (at least one of the two)."""
 
-    def __init__(self, weight: Tensor, packed: bool = False, plain: bool = True, candidates: int = CANDIDATES):
+    def __init__(self, weight: Tensor, packed: bool = False, plain: bool = True, half: bool = False,
+                 candidates: int = CANDIDATES):
         super().__init__()
         self.exact, self.k = weight, candidates
-        if weight.dtype == torch.float32:
+        # fbgemm's fp16 copy of a float32 head (packing.HalfLinear), for every step where there is no fast
+        # bf16 product (AVX2): fbgemm rounds to fp16 as torch does (probe.fbgemm_fp16 checks), so the bound's
+        # norms come from torch's fp16 copy, a block at a time.
+        self.fp16 = HalfLinear(weight) if half else None
+        if half:
+            cheap, scale = None, None
+            packed = plain = False
+        elif weight.dtype == torch.float32:
             cheap, scale = weight.to(torch.bfloat16), None
         else:  # int8 with a scale per row, built in blocks of rows (no float32 copy of the table)
             cheap, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0])
@@ -78,6 +86,7 @@ class HeadScreen(nn.Module):
                 w = weight[i:i + 1024].float()
                 scale[i:i + 1024] = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
                 cheap[i:i + 1024] = (w / scale[i:i + 1024, None]).round().clamp(-127, 127)
+        self.half_rows = weight.shape[0] if half else 0
         self.register_buffer("cheap", cheap, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         # Norms by blocks of rows, into preallocated outputs: a float32 copy of the table would be a transient
@@ -99,19 +108,21 @@ class HeadScreen(nn.Module):
         self.packed = None
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
-        self.copy_bytes = cheap.numel() * cheap.element_size()
+        self.copy_bytes = weight.numel() * 2 if half else cheap.numel() * cheap.element_size()
         if not plain and self.packed is not None:
             self.cheap = None  # only the packed layout is read
         self.fallbacks = 0
 
     def _decoded(self, start: int, stop: int) -> Tensor:
+        if self.fp16 is not None:
+            return self.exact[start:stop].half().float()
         c = self.cheap[start:stop].float()
         return c if self.scale is None else c * self.scale[start:stop, None]
 
     def usable(self, rows: int, compiled: bool) -> bool:
         """Whether a step of `rows` rows can use the screen: eager float32 GEMMs over the copy would read
         more than the head itself, so it needs inductor's one-row pass or oneDNN's packed copy."""
-        return (compiled and rows == 1 and self.cheap is not None) or self.packed is not None
+        return (compiled and rows == 1 and self.cheap is not None) or self.packed is not None or self.fp16 is not None
 
     @property
     def bytes_saved(self) -> int:
@@ -123,7 +134,7 @@ class HeadScreen(nn.Module):
     @property
     def nbytes(self) -> int:
         own = sum(t.numel() * t.element_size() for t in self.buffers())
-        return own + (self.packed.packed_bytes if self.packed is not None else 0)
+        return own + sum(m.packed_bytes for m in (self.packed, self.fp16) if m is not None)
 
     def forward(self, x: Tensor, layout: str = "packed") -> tuple[Tensor, Tensor]:
         """x: [B, H] final hidden states (after the norm), screened through the copy in `layout` ("plain": one
@@ -146,7 +157,11 @@ class HeadScreen(nn.Module):
         return tokens, certified
 
     def _screen(self, x: Tensor, x_norm: Tensor, layout: str) -> Tensor:
-        """Upper bounds [B, V] of the float32 logits (module docstring)."""
+        """Upper bounds [B, V] of the float32 logits (module docstring). A screen with fbgemm's fp16 copy reads
+        it for every step, whatever the layout asked."""
+        if self.fp16 is not None:  # fp32 x times the fp16 copy, float32 sums: x~ = x
+            s = half_linear(x, self.fp16.handle, self.half_rows)
+            return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 2 * self.gamma)
         if layout == "plain":
             if self.cheap is None or x.shape[0] != 1:
                 raise RuntimeError("the plain copy serves one-row steps of screens built with plain=True")
@@ -192,10 +207,12 @@ def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     return values, chosen.gather(1, at // block) * block + at % block
 
 
-def screen_bytes(weight: Tensor, packed: bool, plain: bool = True) -> int:
-    """Memory a `HeadScreen(weight, packed, plain)` holds: the bf16 copy in one or both layouts, or the int8
-    one and its scales, and two norms a token."""
+def screen_bytes(weight: Tensor, packed: bool, plain: bool = True, half: bool = False) -> int:
+    """Memory a `HeadScreen(weight, packed, plain, half)` holds: the bf16 copy in one or both layouts, the fp16
+    one, or the int8 one and its scales, and two norms a token."""
     vocab, width = weight.shape
+    if half:
+        return vocab * width * 2 + 2 * vocab * 4
     if weight.dtype != torch.float32:
         return vocab * width + 3 * vocab * 4
     return vocab * width * 2 * (int(packed) + int(plain or not packed)) + 2 * vocab * 4
