@@ -212,7 +212,7 @@ def screen_bytes(weight: Tensor, packed: bool, plain: bool = True, half: bool = 
     one, or the int8 one and its scales, and two norms a token."""
     vocab, width = weight.shape
     if half:
-        return vocab * width * 2 + 2 * vocab * 4
+        return HalfLinear.bytes_for(vocab, width) + 2 * vocab * 4
     if weight.dtype != torch.float32:
         return vocab * width + 3 * vocab * 4
     return vocab * width * 2 * (int(packed) + int(plain or not packed)) + 2 * vocab * 4
