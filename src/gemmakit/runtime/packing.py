@@ -178,9 +178,10 @@ def half_supported(weight: Tensor) -> bool:
 
 
 class HalfLinear(nn.Module):
-    """A bias-free bf16 linear multiplied through fbgemm's packed fp16 copy of its weight (module docstring).
-    `weight` stays the bf16 weight (a parameter keeps the checkpoint's name; a tied head passes the table as a
-    plain tensor); products that need gradients take it through the ordinary product."""
+    """A bias-free bf16 linear multiplied through fbgemm's packed fp16 copy of its weight (module docstring);
+    the head screen also builds one over an fp32 head (screen.py). `weight` stays the original weight (a
+    parameter keeps the checkpoint's name; a tied head passes the table as a plain tensor); products that need
+    gradients take it through the ordinary product."""
 
     def __init__(self, weight: Tensor):
         super().__init__()

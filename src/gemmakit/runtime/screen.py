@@ -2,8 +2,9 @@
 
 Why. A one-row decode step of Gemma 3 270M in float32 streams 1.07 GB of weights, and 671 MB of that is the
 tied 262k x 640 output head, read in full to take one argmax. Decoding is bound by memory bandwidth on CPU,
-so the head alone is ~60% of the step. A copy of the head at half the bytes (bf16 for a float32 head, int8
-with a scale per row for a bf16 one) gives every logit to within a bound known exactly per token; only the
+so the head alone is ~60% of the step. A copy of the head at half the bytes (bf16 for a float32 head, or fp16
+through fbgemm where bf16 products are slow; int8 with a scale per row for a bf16 one) gives every logit to
+within a bound known exactly per token; only the
 few tokens whose bound reaches the best one need their exact logit: 16 rows of the table, not 262,144.
 
 The bound. For vocabulary row w, its copy b and the step's final hidden state x, the screen computes
@@ -28,11 +29,13 @@ ties the screen would not reproduce), for rows whose token is a plain argmax of 
 never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
 copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
 on packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads:
-no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Memory: the
-copy in each layout the engine's steps read (270M: +336 MB bf16 per layout, or +168 MB int8); the engine's
-forecast counts it. The gain is largest for fp32 one-row steps, where the head is most of the bytes; less at 8
-rows, and less for bf16 models, whose int8 pass is compute-bound rather than bandwidth-bound
-(benchmarks/engine_vs_peers.py measures it; docs/performance.md, "The greedy head screen").
+no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Where oneDNN has
+no bf16 (AVX2), a float32 head's copy is fbgemm's fp16 one instead, read by every step, one row or many,
+compiled or eager. Memory: the copy in each layout the engine's steps read (270M: +336 MB bf16 per layout,
++512 MB for fbgemm's padded fp16, or +168 MB int8); the engine's forecast counts it. The gain is largest for
+fp32 one-row steps, where the head is most of the bytes; less at 8 rows, and less for bf16 models, whose
+int8 pass is compute-bound rather than bandwidth-bound (benchmarks/engine_vs_peers.py measures it;
+docs/performance.md, "The greedy head screen").
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ class HeadScreen(nn.Module):
 
     def usable(self, rows: int, compiled: bool) -> bool:
         """Whether a step of `rows` rows can use the screen: eager float32 GEMMs over the copy would read
-        more than the head itself, so it needs inductor's one-row pass or oneDNN's packed copy."""
+        more than the head itself, so it needs inductor's one-row pass, oneDNN's packed copy or fbgemm's fp16
+        one."""
         return (compiled and rows == 1 and self.cheap is not None) or self.packed is not None or self.fp16 is not None
 
     @property
