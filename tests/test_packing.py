@@ -208,6 +208,20 @@ def test_half_linear_is_the_bf16_product_up_to_summation_order():
 
 @needs_fbgemm
 @torch.inference_mode()
+def test_a_tall_weight_packs_and_multiplies_in_blocks_of_rows(monkeypatch):
+    """A head is packed a block of rows at a time on all threads (fbgemm packs on one): the blocks' products,
+    side by side, are the whole weight's."""
+    w = (0.05 * torch.randn(100, 64, generator=torch.Generator().manual_seed(5))).bfloat16()
+    whole = HalfLinear(w)
+    monkeypatch.setattr(packing, "_HALF_BLOCK_ROWS", 32)
+    blocked = HalfLinear(w)
+    assert len(packing._HALF[blocked.handle]) == 4 and len(packing._HALF[whole.handle]) == 1
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(blocked(x), whole(x))
+
+
+@needs_fbgemm
+@torch.inference_mode()
 def test_bf16_models_take_fbgemm_fp16_where_onednn_packs_no_bf16(monkeypatch):
     """prepare_weights on a machine whose oneDNN refuses bf16 (AVX2) but whose torch has fbgemm: every decoder
     linear and the tied head multiply through fp16 copies, the checkpoint's names stay, the memory is counted,

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -150,8 +151,11 @@ def packed_bytes(model: nn.Module) -> int:
     return sum(m.packed_bytes for m in model.modules() if isinstance(m, (PackedLinear, HalfLinear)))
 
 
-_HALF: dict[int, object] = {}
+_HALF: dict[int, list] = {}
 _FP16_MAX = 65504.0
+# fbgemm packs one matrix on one thread, and a 262k-row head took seconds at load: its rows are packed in
+# blocks of this many on all threads, and the product runs block by block (no slower: each block streams).
+_HALF_BLOCK_ROWS = 32768
 
 
 @torch.library.custom_op("gemmakit::half_linear", mutates_args=())
@@ -159,7 +163,10 @@ def half_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
     """fp32 x [..., K] @ W.T for the fbgemm fp16 weight W [out_features, K] registered under `handle`. Nothing
     else happens in here: a compiled step calls it from Python each time, and the casts around it fuse into
     the graph's neighbouring kernels."""
-    return torch.ops.quantized.linear_dynamic_fp16(x, _HALF[handle])
+    blocks = _HALF[handle]
+    if len(blocks) == 1:
+        return torch.ops.quantized.linear_dynamic_fp16(x, blocks[0])
+    return torch.cat([torch.ops.quantized.linear_dynamic_fp16(x, b) for b in blocks], dim=-1)
 
 
 @half_linear.register_fake
@@ -183,11 +190,13 @@ class HalfLinear(nn.Module):
     parameter keeps the checkpoint's name; a tied head passes the table as a plain tensor); products that need
     gradients take it through the ordinary product."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, packed: list | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.handle = next(_handles)
-        _HALF[self.handle] = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
+        if packed is None:
+            packed = _prepack_fp16(weight.detach().split(_HALF_BLOCK_ROWS))
+        _HALF[self.handle] = packed
         weakref.finalize(self, _HALF.pop, self.handle, None)
         self.weight = weight
 
@@ -199,7 +208,7 @@ class HalfLinear(nn.Module):
     def bytes_for(out_features: int, in_features: int) -> int:
         """Memory fbgemm's fp16 copy of an [out, in] weight holds: it pads the inner dimension to whole blocks
         of 512 and the outer one to whole vector tiles."""
-        return _round_up(in_features, 512) * _round_up(out_features, 32) * 2
+        return _round_up(in_features, 512) * _round_up(out_features, 32) * 2  # blocks of 32768: whole tiles
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -210,6 +219,18 @@ class HalfLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fbgemm fp16"
 
 
+def _prepack_fp16(blocks: list[Tensor] | tuple[Tensor, ...]) -> list:
+    """fbgemm's packed fp16 form of each weight block, packed on torch's threads at once (the op releases the
+    GIL)."""
+    def pack(w: Tensor) -> object:
+        return torch.ops.quantized.linear_prepack_fp16(w, None)
+
+    if len(blocks) <= 1 or torch.get_num_threads() == 1:
+        return [pack(w) for w in blocks]
+    with ThreadPoolExecutor(min(len(blocks), torch.get_num_threads())) as pool:
+        return list(pool.map(pack, blocks))
+
+
 def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
@@ -218,12 +239,15 @@ def half_linears(model: nn.Module, head: bool = True) -> int:
     """Give every bias-free bf16 `nn.Linear` of the decoder a `HalfLinear` in place, and with `head` a tied-head
     Gemma an fp16 head; returns how many (0 where fbgemm is missing)."""
     count = 0
-    for parent in _decoder_parents(model):
-        for name, child in list(parent.named_children()):
-            w = child.weight if type(child) is nn.Linear and child.bias is None else None
-            if w is not None and w.dtype == torch.bfloat16 and half_supported(w):
-                setattr(parent, name, HalfLinear(child.weight))
-                count += 1
+    places = [(parent, name, child.weight) for parent in _decoder_parents(model)
+              for name, child in parent.named_children()
+              if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.bfloat16]
+    places = [(parent, name, w) for parent, name, w in places if half_supported(w)]
+    # The layers' matrices are small: pack them on all threads at once, as a head's blocks are.
+    packed = _prepack_fp16([w.detach() for _, _, w in places])
+    for (parent, name, w), one in zip(places, packed, strict=True):
+        setattr(parent, name, HalfLinear(w, [one]))
+        count += 1
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if head and getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding) \
             and embed.weight.dtype == torch.bfloat16 and half_supported(embed.weight):
