@@ -208,7 +208,8 @@ class HalfLinear(nn.Module):
     def bytes_for(out_features: int, in_features: int) -> int:
         """Memory fbgemm's fp16 copy of an [out, in] weight holds: it pads the inner dimension to whole blocks
         of 512 and the outer one to whole vector tiles."""
-        return _round_up(in_features, 512) * _round_up(out_features, 32) * 2  # blocks of 32768: whole tiles
+        # Blocks of _HALF_BLOCK_ROWS rows are whole tiles, so packing a tall weight in blocks adds no padding.
+        return _round_up(in_features, 512) * _round_up(out_features, 32) * 2
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -238,16 +239,15 @@ def _round_up(n: int, block: int) -> int:
 def half_linears(model: nn.Module, head: bool = True) -> int:
     """Give every bias-free bf16 `nn.Linear` of the decoder a `HalfLinear` in place, and with `head` a tied-head
     Gemma an fp16 head; returns how many (0 where fbgemm is missing)."""
-    count = 0
     places = [(parent, name, child.weight) for parent in _decoder_parents(model)
               for name, child in parent.named_children()
-              if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.bfloat16]
-    places = [(parent, name, w) for parent, name, w in places if half_supported(w)]
+              if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.bfloat16
+              and half_supported(child.weight)]
     # The layers' matrices are small: pack them on all threads at once, as a head's blocks are.
     packed = _prepack_fp16([w.detach() for _, _, w in places])
     for (parent, name, w), one in zip(places, packed, strict=True):
         setattr(parent, name, HalfLinear(w, [one]))
-        count += 1
+    count = len(places)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if head and getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding) \
             and embed.weight.dtype == torch.bfloat16 and half_supported(embed.weight):

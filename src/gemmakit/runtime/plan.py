@@ -81,7 +81,7 @@ def prepare_weights(model: nn.Module, pack: bool | None, compile: bool) -> str:
     if device.type == "cpu" and dtype == torch.bfloat16 and not onednn_packs(dtype):
         # No fast bf16 GEMM here (what oneDNN's failed bf16 reorder also tells): fbgemm's fp16 product where
         # torch has it (x86), and many-row products in fp32 for whatever it does not take.
-        half = half_linears(model) if pack is not False else 0
+        half = half_linears(model) if pack else 0
         upcast = upcast_linears(model)
         said = [f"{half} bf16 linears multiplied through fbgemm fp16" * bool(half),
                 f"{upcast} bf16 linears multiply prompts in fp32" * bool(upcast)]

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gemmakit.runtime.packing import HalfLinear, PackedLinear, half_linear, packed_linear, packing_supported
+from gemmakit.runtime.packing import HalfLinear, PackedLinear, packed_linear, packing_supported
 
 CANDIDATES = 16  # exact rescoring costs 16 x 640 x 4 bytes; a wider gap fails the certificate less often
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
@@ -89,7 +89,6 @@ class HeadScreen(nn.Module):
                 w = weight[i:i + 1024].float()
                 scale[i:i + 1024] = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
                 cheap[i:i + 1024] = (w / scale[i:i + 1024, None]).round().clamp(-127, 127)
-        self.half_rows = weight.shape[0] if half else 0
         self.register_buffer("cheap", cheap, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         # Norms by blocks of rows, into preallocated outputs: a float32 copy of the table would be a transient
@@ -164,7 +163,7 @@ class HeadScreen(nn.Module):
         """Upper bounds [B, V] of the float32 logits (module docstring). A screen with fbgemm's fp16 copy reads
         it for every step, whatever the layout asked."""
         if self.fp16 is not None:  # fp32 x times the fp16 copy, float32 sums: x~ = x
-            s = half_linear(x, self.fp16.handle, self.half_rows)
+            s = self.fp16(x)
             return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 2 * self.gamma)
         if layout == "plain":
             if self.cheap is None or x.shape[0] != 1:
