@@ -18,7 +18,13 @@ from torch import Tensor
 from gemmakit.adapters import adapter_names, set_rows
 from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory
 from gemmakit.media.soft import PromptMedia, batch_media
-from gemmakit.quantize import UNPACK_ROWS, compile_prompt_unpack, quantized_bytes, small_row_reductions
+from gemmakit.quantize import (
+    UNPACK_ROWS,
+    compile_prompt_unpack,
+    quantized_bytes,
+    small_row_reductions,
+    use_one_row_kernels,
+)
 from gemmakit.runtime.compiled import compile_decode
 from gemmakit.runtime.packing import PackedLinear
 from gemmakit.runtime.plan import Plan, make_plan, model_dtype_device
@@ -47,6 +53,8 @@ class Runtime:
         set_decode_attention(model, self.plan.decode_attention)
         if self.plan.int4_unpack:
             compile_prompt_unpack(model)
+        if self.plan.one_row_kernels:
+            use_one_row_kernels(model)
         self.screen: HeadScreen | None = HeadScreen(*self.plan.screen) if self.plan.screen else None
         self.cache = KVCache(model.config, max_batch, context, self.dtype, self.device, slack)
         self.compiled = self.plan.compiled

@@ -1,0 +1,162 @@
+// One-row products with int4 / int8 weights for x86 CPUs with AVX2 and FMA (runtime/gemv.py builds this file
+// at run time, once per machine, and says why these kernels exist).
+//
+// Activations stay fp32: every product is the same sum as "dequantize the weight, multiply in fp32", only in
+// another order, so swapping these in for torch's kernels changes rounding, never the maths.
+//
+// int4: torch's own CPU packing (`_convert_weight_to_int4pack_for_cpu`) as the AVX2 build lays it out, checked
+// by the caller (quantize_codes.cpu_int4_block_rows == 32): rows in blocks of 32, each block [K, 16] bytes, row
+// i of the block in the low nibble of byte i and row 16 + i in the high one. So one 16-byte load holds input k
+// of 32 output rows, and the kernel vectorises over rows: no horizontal sums, and each group's scales and
+// zeros ([K/G, N, 2] bf16, (scale, zero) interleaved) are read as 32 contiguous pairs.
+//   y[n] = sum_g scale[g,n] * sum_{k in g} q[n,k] x[k] + (zero[g,n] - 8 scale[g,n]) * sum_{k in g} x[k]
+// int8: plain [N, K] codes with one scale per row (bf16 or fp32); vectorised along K, four rows at a time so
+// each load of x serves four rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // rows per block of torch's AVX2 int4 packing
+
+inline __m256 bf16_pairs_low(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+inline __m256 bf16_pairs_high(__m256i pairs) {
+  return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline __m256i bytes_to_lanes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// One row of x against the 32 rows of one block: y[0..32).
+void int4_block(const float* x, const float* group_sums, const uint8_t* codes, const uint16_t* sz, int64_t n,
+                int64_t k, int64_t group, float* y) {
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < k / group; ++g) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+      // Each 8-byte half widens straight from memory to 32-bit lanes of one byte each: the low nibble is then
+      // a mask away and the high one a shift away, with no byte shuffles.
+      const __m256i a = bytes_to_lanes(codes + i * 16), b = bytes_to_lanes(codes + i * 16 + 8);
+      const __m256 xi = _mm256_set1_ps(x[i]);
+      acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, low)), xi, acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), xi, acc[1]);
+      acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), xi, acc[2]);
+      acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), xi, acc[3]);
+    }
+    const __m256 sx = _mm256_set1_ps(group_sums[g]), eight = _mm256_set1_ps(8.0f);
+    const uint16_t* pairs = sz + (g * n) * 2;  // this block's 32 (scale, zero) pairs of group g
+    for (int j = 0; j < 4; ++j) {
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + j * 16));
+      const __m256 scale = bf16_pairs_low(p), zero = bf16_pairs_high(p);
+      out[j] = _mm256_fmadd_ps(scale, acc[j], out[j]);
+      out[j] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), sx, out[j]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * 8, out[j]);
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                     int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8 [N, K/2]");
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
+              "scales_and_zeros: contiguous bf16 [K/G, N, 2]");
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
+  TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group % 8 == 0 && k % group == 0, "int4 shapes");
+  TORCH_CHECK(scales_and_zeros.size(0) == k / group && scales_and_zeros.size(1) == n, "scales_and_zeros shape");
+  auto y = at::empty({m, n}, x.options());
+  auto sums = x.view({m, k / group, group}).sum(-1).contiguous();
+  const float *xp = x.data_ptr<float>(), *sp = sums.data_ptr<float>();
+  const uint8_t* cp = packed.data_ptr<uint8_t>();
+  const auto* zp = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t r = 0; r < m; ++r)
+        int4_block(xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k, group,
+                   yp + r * n + b * kBlock);
+  });
+  return y;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 int8_to_float(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Rows [r, r + 4) of q against one row of x: four dot products along K.
+void int8_rows4(const float* x, const int8_t* q, int64_t k, float* dots) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    // Short rows come cold from memory one after another, faster when the next four are asked for early.
+    _mm_prefetch(reinterpret_cast<const char*>(q + 4 * k) + i * 4, _MM_HINT_T0);
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(int8_to_float(q + j * k + i), xv, acc[j]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    float d = hsum(acc[j]);
+    for (int64_t t = i; t < k; ++t) d += static_cast<float>(q[j * k + t]) * x[t];
+    dots[j] = d;
+  }
+}
+
+float int8_row(const float* x, const int8_t* q, int64_t k) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) acc = _mm256_fmadd_ps(int8_to_float(q + i), _mm256_loadu_ps(x + i), acc);
+  float d = hsum(acc);
+  for (; i < k; ++i) d += static_cast<float>(q[i]) * x[i];
+  return d;
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
+              "q: contiguous int8 [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
+  auto s = scales.to(at::kFloat).contiguous();
+  auto y = at::empty({m, n}, x.options());
+  const float *xp = x.data_ptr<float>(), *spp = s.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * 4, 1));  // in groups of 4 rows
+  at::parallel_for(0, (n + 3) / 4, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row = b * 4;
+      for (int64_t r = 0; r < m; ++r) {
+        float* out = yp + r * n + row;
+        if (row + 4 <= n) {
+          int8_rows4(xp + r * k, qp + row * k, k, out);
+          for (int j = 0; j < 4; ++j) out[j] *= spp[row + j];
+        } else {
+          for (int64_t j = row; j < n; ++j) yp[r * n + j] = int8_row(xp + r * k, qp + j * k, k) * spp[j];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gemmakit_avx2, lib) {
+  lib.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_and_zeros, int group) -> Tensor");
+  lib.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gemmakit_avx2, CPU, lib) {
+  lib.impl("int4_gemv", &int4_gemv);
+  lib.impl("int8_gemv", &int8_gemv);
+}

@@ -1,0 +1,119 @@
+"""gemmakit's one-row int4 / int8 kernels for AVX2 CPUs (runtime/gemv.py): the dequantized product in fp32,
+whatever the shape's tails, and the engine's plan sends one-row products there on CPUs without AVX-512.
+Skipped where the kernels cannot be used (not x86, or ATen held below AVX2), which the plan then says.
+Run: .venv/bin/python -m pytest tests/test_gemv.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemmakit.engine import Engine
+from gemmakit.model import Gemma
+from gemmakit.quantize import Int4Linear, Int8Linear, quantize_model
+from gemmakit.quantize_codes import COMPUTE_DTYPE, quantize_int4, quantize_int4_packed, quantize_int8
+from gemmakit.runtime import gemv
+from gemmakit.runtime.probe import wide_vectors
+from gemmakit.sampling import SamplingParams
+from tests.helpers import greedy_without_cache, tiny
+
+pytestmark = pytest.mark.skipif(gemv.unavailable() is not None, reason=f"gemv kernels: {gemv.unavailable()}")
+
+
+def _dequantized_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    q, sz = quantize_int4(w, group)
+    scale, zero = sz.float().permute(2, 1, 0)[..., None]
+    return ((q.float().view(w.shape[0], -1, group) - 8) * scale + zero).view_as(w)
+
+
+@pytest.mark.parametrize("n, k, group", [(32, 64, 32), (96, 640, 32), (64, 256, 64), (640, 1024, 128),
+                                         (32, 512, 256)])
+def test_int4_kernel_is_the_dequantized_product(n, k, group):
+    """Against W dequantized in fp32: agreement to fp32 rounding, where torch's kernel (bf16 activations) is
+    ~100x further off."""
+    if not gemv.int4_fits(n, k, group):
+        pytest.skip(f"this machine's int4 packing of {k} inputs is not the AVX2 layout")
+    g = torch.Generator().manual_seed(n + k)
+    w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(3, k, generator=g) * 4
+    packed, sz, _ = quantize_int4_packed(w, group)
+    want = x @ _dequantized_int4(w, group).T
+    got = gemv.int4(x, packed, sz, group)
+    assert got.dtype == torch.float32 and got.shape == (3, n)
+    err = (got - want).abs().max().item()
+    torch_err = (torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), packed, group, sz).float() - want).abs().max()
+    assert err < 1e-4 * want.abs().max().item() and err < torch_err.item() / 20
+
+
+@pytest.mark.parametrize("n, k", [(4, 8), (7, 13), (256, 640), (61, 2048), (1030, 100)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype):
+    """Rows not a multiple of four and inputs not a multiple of eight take the kernel's scalar tails."""
+    g = torch.Generator().manual_seed(n * k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(2, k, generator=g)
+    q, s = quantize_int8(w, scale_dtype)
+    want = x @ (q.float() * s.float()[:, None]).T
+    got = gemv.int8(x, q, s)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+
+
+def test_kernels_refuse_operands_they_cannot_read():
+    q, s = quantize_int8(torch.randn(8, 16))
+    with pytest.raises(RuntimeError, match="int8"):
+        gemv.int8(torch.randn(1, 12), q, s)  # K mismatch
+    packed, sz, _ = quantize_int4_packed(torch.randn(32, 64), 32)
+    with pytest.raises(RuntimeError, match="int4 shapes"):
+        torch.ops.gemmakit_avx2.int4_gemv(torch.randn(1, 64), packed[:16], sz, 32)
+
+
+def _int4_gemma() -> Gemma:
+    torch.manual_seed(0)
+    # hidden 64 / intermediate 128: every linear (and the 1024-row tied head) fits the int4 kernel's layout
+    model = Gemma(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).eval()
+    return quantize_model(model, "int4")
+
+
+def test_linears_send_one_row_there_and_keep_several_on_torch(monkeypatch):
+    model = _int4_gemma()
+    linear = model.model.layers[0].mlp.gate_proj
+    assert isinstance(linear, Int4Linear) and isinstance(model.model.layers[0].self_attn.v_proj, Int8Linear)
+    calls, original = [], gemv.int4
+    monkeypatch.setattr(gemv, "int4", lambda *a: calls.append(tuple(a[0].shape)) or original(*a))
+    x = torch.randn(1, 1, 64)
+    before = linear(x)
+    linear.one_row = True
+    after = linear(x)
+    linear(torch.randn(2, 1, 64))  # two rows: torch's kernel
+    assert calls == [(1, 64)]
+    assert torch.allclose(before, after, rtol=0.02, atol=0.02)
+
+
+def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
+    """On a CPU without AVX-512 the plan names the kernels and one-row decode runs on them, eager and
+    compiled, with the tokens of the model on torch's kernels."""
+    if wide_vectors():
+        pytest.skip("AVX-512 here: the plan keeps torch's kernels (tests/test_avx2.py holds a run to AVX2)")
+    prompts, params = [[2, 5, 9, 14]], SamplingParams(max_tokens=8)
+    want = [greedy_without_cache(_int4_gemma(), prompts[0], 8)]  # the model alone: torch's kernels
+    for compile in (False, True):
+        model = _int4_gemma()
+        engine = Engine(model, max_batch=1, context=64, compile=compile)
+        assert "one-row int4/int8: gemmakit's AVX2 kernels" in engine.plan.describe()
+        fits = [isinstance(m, Int8Linear) or gemv.int4_fits(m.out_features, m.in_features, m.group_size)
+                for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+        assert [m.one_row for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))] == fits
+        assert model.lm_head.one_row and not all(fits)  # k_proj's 16 rows are not a whole block of 32
+        got = [r.tokens for r in engine.generate(prompts, params)]
+        assert got == want, f"compile={compile}"
+
+
+def test_turned_off_the_plan_says_so(monkeypatch):
+    monkeypatch.setenv("GEMMAKIT_GEMV", "off")
+    gemv.unavailable.cache_clear()
+    try:
+        engine = Engine(_int4_gemma(), max_batch=1, context=64)
+        assert "GEMMAKIT_GEMV=off" in engine.plan.describe() or wide_vectors()
+        assert not engine.plan.one_row_kernels
+    finally:
+        monkeypatch.delenv("GEMMAKIT_GEMV")
+        gemv.unavailable.cache_clear()
