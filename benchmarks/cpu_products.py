@@ -3,9 +3,10 @@
 For each of the 270M's matrix shapes and 1 / 8 / 128 rows (one-row decode, a batch of 8, a prompt chunk), the
 milliseconds of one product through each kernel the runtime plan chooses between: torch's bf16 product, fp32
 GEMM on the upcast weight (packing.UpcastLinear), fbgemm's fp16 copy (packing.HalfLinear), and for fp32 weights
-MKL's product on the plain weight against oneDNN's packed one (packing.PackedLinear). Each product cycles over
-`--copies` distinct weights so they are read from memory, not from cache, as a decode step reads them.
-docs/performance.md ("A real AVX2 CPU") quotes it.
+MKL's product on the plain weight against oneDNN's packed one (packing.PackedLinear); for int8 / int4 weights
+(quantize.py), torch's kernels against gemmakit's AVX2 ones (runtime/gemv.py), also on the 262k-row head. Each
+product cycles over `--copies` distinct weights (the head: one) so they are read from memory, not from cache,
+as a decode step reads them. docs/performance.md ("A real AVX2 CPU") quotes it.
 
 Run: .venv/bin/python benchmarks/cpu_products.py [--threads 2] [--copies 18]
 """
@@ -20,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from gemmakit.bench import format_table
+from gemmakit.quantize_codes import int4_problem, quantize_int4_packed, quantize_int8
+from gemmakit.runtime import gemv
 from gemmakit.runtime.packing import HalfLinear, PackedLinear, UpcastLinear
 from gemmakit.runtime.probe import cpu_capability, fbgemm_fp16, onednn_packs
 
 SHAPES = [(2048, 640), (640, 2048), (1024, 640)]  # gate/up, down, q (out, in)
+HEAD = (262144, 640)  # the tied head: quantized kernels only
 
 
 def per_call_ms(calls: list[Callable[[], object]], repeats: int) -> float:
@@ -34,6 +38,19 @@ def per_call_ms(calls: list[Callable[[], object]], repeats: int) -> float:
         for call in calls:
             call()
     return (time.perf_counter() - start) / (repeats * len(calls)) * 1e3
+
+
+def quantized_kernels(weights: list[torch.Tensor]) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
+    int8 = [quantize_int8(w) for w in weights]
+    out: dict[str, list] = {"int8 torch": [lambda x, q=q, s=s: torch._weight_int8pack_mm(x, q, s) for q, s in int8]}
+    if gemv.unavailable() is None:
+        out["int8 gemmakit AVX2"] = [lambda x, q=q, s=s: gemv.int8(x, q, s) for q, s in int8]
+    if int4_problem(*weights[0].shape, 32, weights[0].device) is None:
+        int4 = [quantize_int4_packed(w, 32)[:2] for w in weights]
+        out["int4 torch"] = [lambda x, p=p, sz=sz: torch._weight_int4pack_mm_for_cpu(x, p, 32, sz) for p, sz in int4]
+        if gemv.unavailable() is None and gemv.int4_fits(*weights[0].shape, 32):
+            out["int4 gemmakit AVX2"] = [lambda x, p=p, sz=sz: gemv.int4(x, p, sz, 32) for p, sz in int4]
+    return out
 
 
 def kernels(weights: list[torch.Tensor]) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
@@ -65,9 +82,10 @@ def main() -> None:
     print(f"CPU capability {cpu_capability()}, {args.threads} threads, fbgemm fp16: {fbgemm_fp16()}, "
           f"oneDNN packs bf16: {onednn_packs(torch.bfloat16)}; ms per product")
     rows_out: list[dict[str, object]] = []
-    for out_f, in_f in SHAPES:
-        weights = [0.02 * torch.randn(out_f, in_f) for _ in range(args.copies)]
-        for name, mods in kernels(weights).items():
+    for out_f, in_f in [*SHAPES, HEAD]:
+        weights = [0.02 * torch.randn(out_f, in_f) for _ in range(1 if (out_f, in_f) == HEAD else args.copies)]
+        floats = kernels(weights) if (out_f, in_f) != HEAD else {}
+        for name, mods in {**floats, **quantized_kernels(weights)}.items():
             row: dict[str, object] = {"weight (out x in)": f"{out_f} x {in_f}", "kernel": name}
             for rows in (1, 8, 128):
                 x = torch.randn(rows, in_f).bfloat16()

@@ -1,5 +1,6 @@
-"""gemmakit's one-row int4 / int8 kernels for AVX2 CPUs (runtime/gemv.py): the dequantized product in fp32,
-whatever the shape's tails, and the engine's plan sends one-row products there on CPUs without AVX-512.
+"""gemmakit's decode-step int4 / int8 kernels for AVX2 CPUs (runtime/gemv.py): the dequantized product in fp32,
+whatever the shape's tails and row count, and the engine's plan sends decode steps' products there on CPUs
+without AVX-512.
 Skipped where the kernels cannot be used (not x86, or ATen held below AVX2), which the plan then says.
 Run: .venv/bin/python -m pytest tests/test_gemv.py
 """
@@ -35,11 +36,12 @@ def test_int4_kernel_is_the_dequantized_product(n, k, group):
     if not gemv.int4_fits(n, k, group):
         pytest.skip(f"this machine's int4 packing of {k} inputs is not the AVX2 layout")
     g = torch.Generator().manual_seed(n + k)
-    w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(3, k, generator=g) * 4
+    # 11 rows: a chunk of 8 (the many-row path), then 2, then 1 (the one-row path)
+    w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(11, k, generator=g) * 4
     packed, sz, _ = quantize_int4_packed(w, group)
     want = x @ _dequantized_int4(w, group).T
     got = gemv.int4(x, packed, sz, group)
-    assert got.dtype == torch.float32 and got.shape == (3, n)
+    assert got.dtype == torch.float32 and got.shape == (11, n)
     err = (got - want).abs().max().item()
     torch_err = (torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), packed, group, sz).float() - want).abs().max()
     assert err < 1e-4 * want.abs().max().item() and err < torch_err.item() / 20
@@ -73,36 +75,39 @@ def _int4_gemma() -> Gemma:
     return quantize_model(model, "int4")
 
 
-def test_linears_send_one_row_there_and_keep_several_on_torch(monkeypatch):
+def test_linears_send_decode_rows_there_and_keep_prompts_on_torch(monkeypatch):
     model = _int4_gemma()
-    linear = model.model.layers[0].mlp.gate_proj
-    assert isinstance(linear, Int4Linear) and isinstance(model.model.layers[0].self_attn.v_proj, Int8Linear)
-    calls, original = [], gemv.int4
-    monkeypatch.setattr(gemv, "int4", lambda *a: calls.append(tuple(a[0].shape)) or original(*a))
-    x = torch.randn(1, 1, 64)
-    before = linear(x)
-    linear.one_row = True
-    after = linear(x)
-    linear(torch.randn(2, 1, 64))  # two rows: torch's kernel
-    assert calls == [(1, 64)]
-    assert torch.allclose(before, after, rtol=0.02, atol=0.02)
+    linear, values = model.model.layers[0].mlp.gate_proj, model.model.layers[0].self_attn.v_proj
+    assert isinstance(linear, Int4Linear) and isinstance(values, Int8Linear)
+    calls, int4, int8 = [], gemv.int4, gemv.int8
+    monkeypatch.setattr(gemv, "int4", lambda *a: calls.append(("int4", *a[0].shape)) or int4(*a))
+    monkeypatch.setattr(gemv, "int8", lambda *a: calls.append(("int8", *a[0].shape)) or int8(*a))
+    x = torch.randn(8, 1, 64)
+    before = linear(x), values(x[:1])
+    linear.gemv_rows, values.gemv_rows = 8, 1
+    after = linear(x), values(x[:1])
+    linear(torch.randn(1, 9, 64)), values(x[:2])  # a 9-token prompt, two int8 rows: torch's kernels
+    assert calls == [("int4", 8, 64), ("int8", 1, 64)]
+    for got, want in zip(after, before, strict=True):
+        assert torch.allclose(got, want, rtol=0.02, atol=0.02)
 
 
 def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
-    """On a CPU without AVX-512 the plan names the kernels and one-row decode runs on them, eager and
-    compiled, with the tokens of the model on torch's kernels."""
+    """On a CPU without AVX-512 the plan names the kernels and decode steps run on them, eager and compiled,
+    one row and two (int4), with the tokens of the model on torch's kernels."""
     if wide_vectors():
         pytest.skip("AVX-512 here: the plan keeps torch's kernels (tests/test_avx2.py holds a run to AVX2)")
-    prompts, params = [[2, 5, 9, 14]], SamplingParams(max_tokens=8)
-    want = [greedy_without_cache(_int4_gemma(), prompts[0], 8)]  # the model alone: torch's kernels
+    prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
+    want = [greedy_without_cache(_int4_gemma(), p, 8) for p in prompts]  # the model alone: torch's kernels
     for compile in (False, True):
         model = _int4_gemma()
-        engine = Engine(model, max_batch=1, context=64, compile=compile)
-        assert "one-row int4/int8: gemmakit's AVX2 kernels" in engine.plan.describe()
-        fits = [isinstance(m, Int8Linear) or gemv.int4_fits(m.out_features, m.in_features, m.group_size)
-                for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
-        assert [m.one_row for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))] == fits
-        assert model.lm_head.one_row and not all(fits)  # k_proj's 16 rows are not a whole block of 32
+        engine = Engine(model, max_batch=2, context=64, compile=compile)
+        assert "int4/int8 decode products: gemmakit's AVX2 kernels" in engine.plan.describe()
+        linears = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+        want_rows = [gemv.INT8_ROWS if isinstance(m, Int8Linear) else gemv.INT4_ROWS
+                     if gemv.int4_fits(m.out_features, m.in_features, m.group_size) else 0 for m in linears]
+        assert [m.gemv_rows for m in linears] == want_rows
+        assert model.lm_head.gemv_rows and 0 in want_rows  # k_proj's 16 rows are not a whole block of 32
         got = [r.tokens for r in engine.generate(prompts, params)]
         assert got == want, f"compile={compile}"
 
@@ -113,7 +118,7 @@ def test_turned_off_the_plan_says_so(monkeypatch):
     try:
         engine = Engine(_int4_gemma(), max_batch=1, context=64)
         assert "GEMMAKIT_GEMV=off" in engine.plan.describe() or wide_vectors()
-        assert not engine.plan.one_row_kernels
+        assert not engine.plan.gemv_kernels
     finally:
         monkeypatch.delenv("GEMMAKIT_GEMV")
         gemv.unavailable.cache_clear()

@@ -106,21 +106,22 @@ def compile_prompt_unpack(model: nn.Module) -> int:
     return len(prompt_unpack_shapes(model))
 
 
-def use_one_row_kernels(model: nn.Module) -> int:
-    """Send `model`'s one-row CPU int4 / int8 products to gemmakit's AVX2 kernels (runtime/gemv.py; the
-    caller checks they are available); return how many linears that covers. int4 weights go there only where
-    they are packed in the layout the kernel reads."""
-    chosen = [m for m in model.modules() if _one_row_fits(m)]
-    for m in chosen:
-        m.one_row = True
-    return len(chosen)
-
-
-def _one_row_fits(m: nn.Module) -> bool:
-    if isinstance(m, Int8Linear):
-        return m.weight.device.type == "cpu"
-    return (isinstance(m, Int4Linear) and m.device_type == "cpu"
-            and gemv.int4_fits(m.out_features, m.in_features, m.group_size))
+def use_gemv_kernels(model: nn.Module) -> int:
+    """Send `model`'s few-row CPU int4 / int8 products (decode steps) to gemmakit's AVX2 kernels
+    (runtime/gemv.py; the caller checks they are available): int4 up to `gemv.INT4_ROWS` rows, int8 one row,
+    the counts where they beat torch's. int4 weights go there only where they are packed in the layout the
+    kernel reads. Returns how many linears that covers."""
+    chosen = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
+            m.gemv_rows = gemv.INT8_ROWS
+        elif isinstance(m, Int4Linear) and m.device_type == "cpu" and gemv.int4_fits(
+                m.out_features, m.in_features, m.group_size):
+            m.gemv_rows = gemv.INT4_ROWS
+        else:
+            continue
+        chosen += 1
+    return chosen
 
 
 def prompt_unpack_shapes(model: nn.Module) -> set[tuple[int, int, int]]:
@@ -158,17 +159,17 @@ def small_row_reductions(rows: int) -> Iterator[None]:
         _reduce_up_to = before
 
 
-def int8_matmul(x: Tensor, q: Tensor, scales: Tensor, one_row: bool = False) -> Tensor:
+def int8_matmul(x: Tensor, q: Tensor, scales: Tensor, gemv_rows: int = 0) -> Tensor:
     """x [..., K] @ (q [N, K] * scales[:, None]).T on the packed kernel, run in the scales' dtype; inside
     `small_row_reductions` (compiled decode steps), a step's few rows as fp32 dequantize-multiply-reduces that
     inductor fuses and vectorises (`_reduce_rows`). From `UNPACK_ROWS` rows (a prompt) the weight is cast to
-    bf16 for oneDNN's GEMM, faster than the kernel there. `one_row`: a single row goes to gemmakit's AVX2
-    kernel (runtime/gemv.py), for CPUs where torch's kernel is bound by arithmetic."""
+    bf16 for oneDNN's GEMM, faster than the kernel there. Up to `gemv_rows` rows go to gemmakit's AVX2 kernel
+    (runtime/gemv.py), for CPUs where torch's kernel is bound by arithmetic."""
     rows = x.shape[:-1].numel()
     if rows <= _reduce_up_to:
         return _reduce_rows(x, q, scales)
-    if rows == 1 and one_row:
-        return gemv.int8(x.reshape(1, -1), q, scales).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+    if rows <= gemv_rows:
+        return gemv.int8(x.reshape(rows, -1), q, scales).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
     if _unpack_pays(x2, q.shape[0]) and scales.dtype == COMPUTE_DTYPE:  # a prompt: exact int8 -> bf16, oneDNN's GEMM
         # Where oneDNN has no fast bf16 path (AVX2 CPUs: probe.py), the same exact weights in fp32 GEMM instead.
@@ -219,7 +220,7 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, scales: Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.one_row = False  # set by `use_one_row_kernels`
+        self.gemv_rows = 0  # set by `use_gemv_kernels`
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
 
@@ -228,7 +229,7 @@ class Int8Linear(nn.Module):
         return cls(*quantize_int8(w.detach(), _int8_dtype(w.shape[1])))
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_matmul(x, self.weight, self.scales, self.one_row)
+        return int8_matmul(x, self.weight, self.scales, self.gemv_rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.scales.dtype}"
@@ -245,7 +246,7 @@ class Int4Linear(nn.Module):
         # Set by `compile_prompt_unpack`: prompts then unpack to bf16 for a GEMM instead of the kernel.
         self.unpack: Callable | None = None
         self.unpack_rows = 0
-        self.one_row = False  # set by `use_one_row_kernels`: one-row products on gemmakit's AVX2 kernel
+        self.gemv_rows = 0  # set by `use_gemv_kernels`: products of up to this many rows on gemmakit's kernel
         self.register_buffer("weight", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
@@ -265,8 +266,8 @@ class Int4Linear(nn.Module):
         if x.device.type != self.device_type:
             raise RuntimeError(f"this Int4Linear is packed for {self.device_type}, not {x.device.type}: "
                                "move the fp model first, then quantize")
-        if self.one_row and x.shape[:-1].numel() == 1:
-            y = gemv.int4(x.reshape(1, -1), self.weight, self.scales_and_zeros, self.group_size)
+        if x.shape[:-1].numel() <= self.gemv_rows:
+            y = gemv.int4(x.reshape(-1, self.in_features), self.weight, self.scales_and_zeros, self.group_size)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
         if self.unpack is not None and _unpack_pays(x2, self.out_features):

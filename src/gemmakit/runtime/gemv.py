@@ -1,26 +1,30 @@
-"""One-row products with int4 / int8 weights on AVX2 CPUs: gemmakit's own kernels (`gemv_avx2.cpp`).
+"""Decode-step products with int4 / int8 weights on AVX2 CPUs: gemmakit's own kernels (`gemv_avx2.cpp`).
 
 Why our own. A quantized one-row decode step is nearly all weight reading, so its kernels should run at the
 memory's speed. torch's CPU int4 and int8 kernels do on AVX-512, but their AVX2 builds are bound by arithmetic
 instead: on such CPUs they took most of an int4 step (docs/performance.md, "A real AVX2 CPU"). The kernels
 here do the same sums with the work arranged for 256-bit vectors: the int4 one reads torch's own packing
 (blocks of 32 rows, [K, 16] bytes each), so one 16-byte load is one input for 32 outputs and the kernel
-vectorises over rows; the int8 one runs along K, four rows sharing each load of x. Activations stay fp32
-(torch's kernels round them to bf16), so the result is the dequantized product in another summation order:
-the same maths, rounded less.
+vectorises over rows (several rows of x widen each code once); the int8 one runs along K, eight weight rows
+sharing each load of x and eight streams of codes in flight. Activations stay fp32 (torch's kernels round
+them to bf16), so the result is the dequantized product in another summation order: the same maths, rounded
+less.
 
-Only one-row products come here: at several rows torch's kernels reuse each widened code across rows and
-win again (measured in benchmarks/cpu_products.py).
+Only a decode step's few rows come here, as many as beat torch's kernels in benchmarks/cpu_products.py
+(`INT4_ROWS`, `INT8_ROWS`): torch's int8 kernel reuses each widened code across rows and wins from two rows;
+prompts keep the plan's GEMM paths.
 
-The C++ is built at run time with torch's extension builder, once per machine and torch version (cached by
-torch), and only on x86 CPUs where ATen runs AVX2 or wider. Anything that stops it (no compiler, a failed
-build, a result that disagrees with the reference on a probe) leaves torch's kernels in place and says why
-(`unavailable()`); it never raises. `GEMMAKIT_GEMV=off` turns the kernels off.
+The C++ is built at run time with torch's extension builder, once per machine, torch version and kernel
+source (kept in `~/.cache/gemmakit/kernels`), and only on x86 CPUs where ATen runs AVX2 or wider. Anything
+that stops it (no compiler, a failed build, a result that disagrees with the reference on a probe) leaves
+torch's kernels in place and says why (`unavailable()`); it never raises. `GEMMAKIT_GEMV=off` turns the
+kernels off.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import sys
@@ -35,6 +39,8 @@ _SOURCE = Path(__file__).with_name("gemv_avx2.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels splits rows by it
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
+INT4_ROWS = 8  # products of up to this many rows go to the int4 kernel (a batch-8 decode step) ...
+INT8_ROWS = 1  # ... and of one row to the int8 kernel
 
 
 @functools.cache
@@ -59,7 +65,9 @@ def _build() -> None:
     if ninja and ninja not in path.split(os.pathsep):
         os.environ["PATH"] = ninja + os.pathsep + path  # the pip `ninja` package puts its binary here
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemmakit" / "kernels"
-    where = cache / f"torch-{torch.__version__}"
+    # Keyed by what goes into the build, so a changed kernel or torch builds afresh (and says so).
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    where = cache / f"torch-{torch.__version__}-{key}"
     where.mkdir(parents=True, exist_ok=True)
     if not (where / f"{_NAME}.so").exists():
         print("gemmakit: building its AVX2 int4/int8 kernels (once per machine and torch version)...",
@@ -107,12 +115,12 @@ def _int4_reference(w: Tensor, group: int) -> Tensor:
 
 
 def int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
-    """x [1, K] @ W^T for W in torch's AVX2 int4 packing (`packed` [N, K/2], N a multiple of 32), fp32 out."""
+    """x [M, K] @ W^T for W in torch's AVX2 int4 packing (`packed` [N, K/2], N a multiple of 32), fp32 out."""
     return torch.ops.gemmakit_avx2.int4_gemv(x.float().contiguous(), packed, scales_and_zeros, group)
 
 
 def int8(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
-    """x [1, K] @ (q [N, K] * scales[:, None])^T, fp32 out."""
+    """x [M, K] @ (q [N, K] * scales[:, None])^T, fp32 out."""
     return torch.ops.gemmakit_avx2.int8_gemv(x.float().contiguous(), q, scales)
 
 

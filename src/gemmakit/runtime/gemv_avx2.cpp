@@ -1,4 +1,4 @@
-// One-row products with int4 / int8 weights for x86 CPUs with AVX2 and FMA (runtime/gemv.py builds this file
+// Decode-step products with int4 / int8 weights for x86 CPUs with AVX2 and FMA (runtime/gemv.py builds this file
 // at run time, once per machine, and says why these kernels exist).
 //
 // Activations stay fp32: every product is the same sum as "dequantize the weight, multiply in fp32", only in
@@ -10,8 +10,8 @@
 // of 32 output rows, and the kernel vectorises over rows: no horizontal sums, and each group's scales and
 // zeros ([K/G, N, 2] bf16, (scale, zero) interleaved) are read as 32 contiguous pairs.
 //   y[n] = sum_g scale[g,n] * sum_{k in g} q[n,k] x[k] + (zero[g,n] - 8 scale[g,n]) * sum_{k in g} x[k]
-// int8: plain [N, K] codes with one scale per row (bf16 or fp32); vectorised along K, four rows at a time so
-// each load of x serves four rows.
+// int8: plain [N, K] codes with one scale per row (bf16 or fp32); vectorised along K, eight rows at a time so
+// each load of x serves eight rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -60,6 +60,46 @@ void int4_block(const float* x, const float* group_sums, const uint8_t* codes, c
   for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * 8, out[j]);
 }
 
+// M (2..kMaxRows) rows of x against one block: each code is widened to float once and serves every row. The
+// block is taken 8 output rows at a time so the M accumulators stay in registers; each group's partial sums
+// are folded into y in memory (once per group, not per input).
+constexpr int kMaxRows = 8;
+
+template <int M>
+void int4_block_rows(const float* x, const float* group_sums, const uint8_t* codes, const uint16_t* sz,
+                     int64_t n, int64_t k, int64_t group, float* y) {
+  const __m256i low = _mm256_set1_epi32(0x0F);
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  const int64_t groups = k / group;
+  for (int j = 0; j < 4; ++j) {  // output rows 8j..8j+7: bytes 8(j % 2).. of each input, nibble j / 2
+    const uint8_t* slice = codes + (j % 2) * 8;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 acc[M];
+      for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+        __m256i lanes = bytes_to_lanes(slice + i * 16);
+        lanes = j < 2 ? _mm256_and_si256(lanes, low) : _mm256_srli_epi32(lanes, 4);
+        const __m256 w = _mm256_cvtepi32_ps(lanes);
+        for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + r * k + i), acc[r]);
+      }
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (g * n) * 2 + j * 16));
+      const __m256 scale = bf16_pairs_low(p), offset = _mm256_fnmadd_ps(eight, scale, bf16_pairs_high(p));
+      for (int r = 0; r < M; ++r) {
+        float* out = y + r * n + j * 8;
+        const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+        const __m256 part = _mm256_fmadd_ps(offset, _mm256_set1_ps(group_sums[r * groups + g]), before);
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(scale, acc[r], part));
+      }
+    }
+  }
+}
+
+using BlockRows = void (*)(const float*, const float*, const uint8_t*, const uint16_t*, int64_t, int64_t, int64_t,
+                           float*);
+constexpr BlockRows kBlockRows[kMaxRows + 1] = {nullptr, nullptr, int4_block_rows<2>, int4_block_rows<3>,
+                                                int4_block_rows<4>, int4_block_rows<5>, int4_block_rows<6>,
+                                                int4_block_rows<7>, int4_block_rows<8>};
+
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                      int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
@@ -77,9 +117,18 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      for (int64_t r = 0; r < m; ++r)
-        int4_block(xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k, group,
-                   yp + r * n + b * kBlock);
+      for (int64_t r = 0; r < m;) {  // rows of x in chunks of up to kMaxRows, each reading the block once
+        const int64_t rows = std::min<int64_t>(kMaxRows, m - r);
+        const uint8_t* block = cp + b * kBlock * k / 2;
+        if (rows > 1) {
+          kBlockRows[rows](xp + r * k, sp + r * (k / group), block, zp + b * kBlock * 2, n, k, group,
+                           yp + r * n + b * kBlock);
+          r += rows;
+          continue;
+        }
+        int4_block(xp + r * k, sp + r * (k / group), block, zp + b * kBlock * 2, n, k, group, yp + r * n + b * kBlock);
+        r += 1;
+      }
   });
   return y;
 }
@@ -94,17 +143,22 @@ inline __m256 int8_to_float(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// Rows [r, r + 4) of q against one row of x: four dot products along K.
-void int8_rows4(const float* x, const int8_t* q, int64_t k, float* dots) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+// Rows [r, r + kRows8) of q against one row of x: that many dot products along K at once. Eight streams of
+// codes in flight keep more of the memory's bandwidth busy than four (the rows come cold), and eight
+// accumulators still fit the 16 vector registers.
+constexpr int kRows8 = 8;
+
+void int8_rows(const float* x, const int8_t* q, int64_t k, float* dots) {
+  __m256 acc[kRows8];
+  for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
-    // Short rows come cold from memory one after another, faster when the next four are asked for early.
-    _mm_prefetch(reinterpret_cast<const char*>(q + 4 * k) + i * 4, _MM_HINT_T0);
+    // The next rows' lines, asked for early: one line per eight codes read covers them by the end of the row.
+    _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8, _MM_HINT_T0);
     const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(int8_to_float(q + j * k + i), xv, acc[j]);
+    for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_fmadd_ps(int8_to_float(q + j * k + i), xv, acc[j]);
   }
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < kRows8; ++j) {
     float d = hsum(acc[j]);
     for (int64_t t = i; t < k; ++t) d += static_cast<float>(q[j * k + t]) * x[t];
     dots[j] = d;
@@ -131,15 +185,15 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const float *xp = x.data_ptr<float>(), *spp = s.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * 4, 1));  // in groups of 4 rows
-  at::parallel_for(0, (n + 3) / 4, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1));  // in row groups
+  at::parallel_for(0, (n + kRows8 - 1) / kRows8, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * 4;
+      const int64_t row = b * kRows8;
       for (int64_t r = 0; r < m; ++r) {
         float* out = yp + r * n + row;
-        if (row + 4 <= n) {
-          int8_rows4(xp + r * k, qp + row * k, k, out);
-          for (int j = 0; j < 4; ++j) out[j] *= spp[row + j];
+        if (row + kRows8 <= n) {
+          int8_rows(xp + r * k, qp + row * k, k, out);
+          for (int j = 0; j < kRows8; ++j) out[j] *= spp[row + j];
         } else {
           for (int64_t j = row; j < n; ++j) yp[r * n + j] = int8_row(xp + r * k, qp + j * k, k) * spp[j];
         }

@@ -16,7 +16,7 @@ live here, not spread over the model's modules:
 |                     | copy / int8 / off                        | whether bf16 products are fast here            |
 |                     |                                          | (screen.py)                                   |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
-| one-row int4 / int8 | gemmakit's AVX2 kernels / torch's        | CPU vector width, and whether ours build here  |
+| decode int4 / int8  | gemmakit's AVX2 kernels / torch's        | CPU vector width, and whether ours build here  |
 |                     |                                          | (gemv.py)                                     |
 | decode attention    | SDPA (half precision) / plain ops (fp32) | the activation dtype                          |
 | memory forecast     | what all of the above will hold          | cache.estimate_bytes                          |
@@ -111,7 +111,7 @@ class Plan:
     decode_attention: str  # "sdpa" or "plain"
     int4_unpack: bool
     int8_reduce_rows: int  # rows up to which compiled steps take int8 products as fused reductions (0: never)
-    one_row_kernels: bool  # one-row CPU int4 / int8 products on gemmakit's AVX2 kernels (gemv.py)
+    gemv_kernels: bool  # few-row CPU int4 / int8 products on gemmakit's AVX2 kernels (gemv.py)
     forecast: dict[str, int] = field(default_factory=dict)
     why: dict[str, str] = field(default_factory=dict)
 
@@ -153,15 +153,15 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     int8_reduce_rows = 0
     if compiled and quantization(model) != "none":
         int8_reduce_rows, why["int8 decode"] = _int8_choice(device)
-    one_row_kernels = False
+    gemv_kernels = False
     if device.type == "cpu" and quantization(model) != "none":
-        one_row_kernels, why["one-row int4/int8"] = _one_row_choice()
+        gemv_kernels, why["int4/int8 decode products"] = _gemv_choice()
     plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed)
     half = dtype in (torch.bfloat16, torch.float16)
     decode_attention = "sdpa" if half else "plain"
     why["decode attention"] = "SDPA (half precision)" if half else "plain ops (fp32, fused by inductor)"
     plan = Plan(device.type, dtype, quantization(model), packed, compiled, plan_of_screen, decode_attention,
-                int4_unpack, int8_reduce_rows, one_row_kernels, why=why)
+                int4_unpack, int8_reduce_rows, gemv_kernels, why=why)
     plan.forecast = forecast(model, plan, max_batch, context, slack, prefill_chunk)
     return plan
 
@@ -180,14 +180,16 @@ def _int8_choice(device: torch.device) -> tuple[int, str]:
     return 0, f"int8 kernel (inductor's {inductor_isa() or 'scalar'} reductions are slower)"
 
 
-def _one_row_choice() -> tuple[bool, str]:
-    """(on, why) for gemmakit's own one-row int4 / int8 kernels: where vectors are 256 bits wide, torch's
+def _gemv_choice() -> tuple[bool, str]:
+    """(on, why) for gemmakit's own decode-step int4 / int8 kernels: where vectors are 256 bits wide, torch's
     kernels are bound by arithmetic and these stream the codes faster (gemv.py); with AVX-512 torch's kernels
     and inductor's reductions are the ones measured to run at the memory's speed, so they stay."""
     if wide_vectors():
         return False, "torch's kernels (AVX-512 code)"
-    problem = gemv.unavailable()
-    return (False, f"torch's kernels ({problem})") if problem else (True, "gemmakit's AVX2 kernels (fp32 activations)")
+    if problem := gemv.unavailable():
+        return False, f"torch's kernels ({problem})"
+    return True, (f"gemmakit's AVX2 kernels (int4 up to {gemv.INT4_ROWS} rows, int8 {gemv.INT8_ROWS}; "
+                  "fp32 activations)")
 
 
 def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: bool, packed: bool

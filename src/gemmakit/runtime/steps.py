@@ -23,7 +23,7 @@ from gemmakit.quantize import (
     compile_prompt_unpack,
     quantized_bytes,
     small_row_reductions,
-    use_one_row_kernels,
+    use_gemv_kernels,
 )
 from gemmakit.runtime.compiled import compile_decode
 from gemmakit.runtime.packing import PackedLinear
@@ -53,8 +53,8 @@ class Runtime:
         set_decode_attention(model, self.plan.decode_attention)
         if self.plan.int4_unpack:
             compile_prompt_unpack(model)
-        if self.plan.one_row_kernels:
-            use_one_row_kernels(model)
+        if self.plan.gemv_kernels:
+            use_gemv_kernels(model)
         self.screen: HeadScreen | None = HeadScreen(*self.plan.screen) if self.plan.screen else None
         self.cache = KVCache(model.config, max_batch, context, self.dtype, self.device, slack)
         self.compiled = self.plan.compiled
