@@ -18,6 +18,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
 
 namespace {
 
@@ -110,8 +113,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group % 8 == 0 && k % group == 0, "int4 shapes");
   TORCH_CHECK(scales_and_zeros.size(0) == k / group && scales_and_zeros.size(1) == n, "scales_and_zeros shape");
   auto y = at::empty({m, n}, x.options());
-  auto sums = x.view({m, k / group, group}).sum(-1).contiguous();
-  const float *xp = x.data_ptr<float>(), *sp = sums.data_ptr<float>();
+  // Each group's sum of x (for the zero points), here rather than as a tensor op: a decode step makes over a
+  // hundred of these calls, and a dispatched op per call costs more than the sums.
+  std::vector<float> sums(m * (k / group));
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < m * (k / group); ++i) sums[i] = std::accumulate(xp + i * group, xp + (i + 1) * group, 0.0f);
+  const float* sp = sums.data();
   const uint8_t* cp = packed.data_ptr<uint8_t>();
   const auto* zp = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
@@ -180,9 +187,20 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
               "q: contiguous int8 [N, K]");
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
-  auto s = scales.to(at::kFloat).contiguous();
+  TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              "scales: contiguous fp32 or bf16");
+  // bf16 scales are read in place (a bf16 is the top half of an fp32): converting them would be an op per call.
+  const bool bf16 = scales.scalar_type() == at::kBFloat16;
+  const void* sv = scales.data_ptr();
+  auto scale = [&](int64_t row) {
+    if (!bf16) return static_cast<const float*>(sv)[row];
+    const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(sv)[row]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  };
   auto y = at::empty({m, n}, x.options());
-  const float *xp = x.data_ptr<float>(), *spp = s.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1));  // in row groups
@@ -193,9 +211,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
         float* out = yp + r * n + row;
         if (row + kRows8 <= n) {
           int8_rows(xp + r * k, qp + row * k, k, out);
-          for (int j = 0; j < kRows8; ++j) out[j] *= spp[row + j];
+          for (int j = 0; j < kRows8; ++j) out[j] *= scale(row + j);
         } else {
-          for (int64_t j = row; j < n; ++j) yp[r * n + j] = int8_row(xp + r * k, qp + j * k, k) * spp[j];
+          for (int64_t j = row; j < n; ++j) yp[r * n + j] = int8_row(xp + r * k, qp + j * k, k) * scale(j);
         }
       }
     }
