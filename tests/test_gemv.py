@@ -50,12 +50,14 @@ def test_int4_kernel_is_the_dequantized_product(n, k, group):
 @pytest.mark.parametrize("n, k", [(4, 8), (7, 13), (256, 640), (61, 2048), (1030, 100)])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype):
-    """Rows not a multiple of four and inputs not a multiple of eight take the kernel's scalar tails."""
+    """Weight rows not a multiple of eight and inputs not a multiple of eight take the kernel's scalar tails;
+    11 rows of x: a chunk of 8 and one of 3 (each code widened once per chunk), and one row on its own path."""
     g = torch.Generator().manual_seed(n * k)
-    w, x = torch.randn(n, k, generator=g), torch.randn(2, k, generator=g)
+    w, x = torch.randn(n, k, generator=g), torch.randn(11, k, generator=g)
     q, s = quantize_int8(w, scale_dtype)
     want = x @ (q.float() * s.float()[:, None]).T
-    got = gemv.int8(x, q, s)
+    got = torch.cat([gemv.int8(x, q, s), gemv.int8(x[:1], q, s)])
+    want = torch.cat([want, want[:1]])
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
 
 

@@ -108,9 +108,9 @@ def compile_prompt_unpack(model: nn.Module) -> int:
 
 def use_gemv_kernels(model: nn.Module) -> int:
     """Send `model`'s few-row CPU int4 / int8 products (decode steps) to gemmakit's AVX2 kernels
-    (runtime/gemv.py; the caller checks they are available): int4 up to `gemv.INT4_ROWS` rows, int8 one row,
-    the counts where they beat torch's. int4 weights go there only where they are packed in the layout the
-    kernel reads. Returns how many linears that covers."""
+    (runtime/gemv.py; the caller checks they are available), up to `gemv.INT4_ROWS` / `gemv.INT8_ROWS` rows.
+    int4 weights go there only where they are packed in the layout the kernel reads. Returns how many linears
+    that covers."""
     chosen = 0
     for m in model.modules():
         if isinstance(m, Int8Linear) and m.weight.device.type == "cpu":

@@ -10,9 +10,9 @@ sharing each load of x and eight streams of codes in flight. Activations stay fp
 them to bf16), so the result is the dequantized product in another summation order: the same maths, rounded
 less.
 
-Only a decode step's few rows come here, as many as beat torch's kernels in benchmarks/cpu_products.py
-(`INT4_ROWS`, `INT8_ROWS`): torch's int8 kernel reuses each widened code across rows and wins from two rows;
-prompts keep the plan's GEMM paths.
+Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS`, a batch-8 step): for several rows
+of x each code is widened once and serves them all, which beats torch's kernels there too on cold weights
+(benchmarks/cpu_products.py); prompts keep the plan's GEMM paths.
 
 The C++ is built at run time with torch's extension builder, once per machine, torch version and kernel
 source (kept in `~/.cache/gemmakit/kernels`), and only on x86 CPUs where ATen runs AVX2 or wider. Anything
@@ -39,8 +39,7 @@ _SOURCE = Path(__file__).with_name("gemv_avx2.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels splits rows by it
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
-INT4_ROWS = 8  # products of up to this many rows go to the int4 kernel (a batch-8 decode step) ...
-INT8_ROWS = 1  # ... and of one row to the int8 kernel
+INT4_ROWS = INT8_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 decode step)
 
 
 @functools.cache

@@ -10,8 +10,9 @@
 // of 32 output rows, and the kernel vectorises over rows: no horizontal sums, and each group's scales and
 // zeros ([K/G, N, 2] bf16, (scale, zero) interleaved) are read as 32 contiguous pairs.
 //   y[n] = sum_g scale[g,n] * sum_{k in g} q[n,k] x[k] + (zero[g,n] - 8 scale[g,n]) * sum_{k in g} x[k]
-// int8: plain [N, K] codes with one scale per row (bf16 or fp32); vectorised along K, eight rows at a time so
-// each load of x serves eight rows.
+// int8: plain [N, K] codes with one scale per row (bf16 or fp32), vectorised along K: for one row of x eight
+// weight rows at a time, so each load of x serves eight rows; for several, one weight row at a time, each
+// widened code serving every row of x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -181,6 +182,28 @@ float int8_row(const float* x, const int8_t* q, int64_t k) {
   return d;
 }
 
+// M (2..kMaxRows) rows of x against one weight row: each code is widened once and serves every row of x,
+// whose loads fold into the multiply-adds. out[r * ldy] = row . x[r].
+template <int M>
+void int8_row_rows(const float* x, const int8_t* q, int64_t k, float* out, int64_t ldy) {
+  __m256 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 w = int8_to_float(q + i);
+    for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * k + i), acc[r]);
+  }
+  for (int r = 0; r < M; ++r) {
+    float d = hsum(acc[r]);
+    for (int64_t t = i; t < k; ++t) d += static_cast<float>(q[t]) * x[r * k + t];
+    out[r * ldy] = d;
+  }
+}
+
+using RowRows = void (*)(const float*, const int8_t*, int64_t, float*, int64_t);
+constexpr RowRows kRowRows[kMaxRows + 1] = {nullptr, nullptr, int8_row_rows<2>, int8_row_rows<3>, int8_row_rows<4>,
+                                            int8_row_rows<5>, int8_row_rows<6>, int8_row_rows<7>, int8_row_rows<8>};
+
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
@@ -204,6 +227,24 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1));  // in row groups
+  if (m > 1) {  // a batched step: chunks of up to kMaxRows rows of x, each weight row read once per chunk
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
+      const int64_t rows_grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1));
+      at::parallel_for(0, n, rows_grain, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          float* out = yp + r0 * n + j;
+          if (rows == 1) {
+            *out = int8_row(xp + r0 * k, qp + j * k, k);
+          } else {
+            kRowRows[rows](xp + r0 * k, qp + j * k, k, out, n);
+          }
+          for (int64_t r = 0; r < rows; ++r) out[r * n] *= scale(j);
+        }
+      });
+    }
+    return y;
+  }
   at::parallel_for(0, (n + kRows8 - 1) / kRows8, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = b * kRows8;

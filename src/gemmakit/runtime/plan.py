@@ -188,8 +188,7 @@ def _gemv_choice() -> tuple[bool, str]:
         return False, "torch's kernels (AVX-512 code)"
     if problem := gemv.unavailable():
         return False, f"torch's kernels ({problem})"
-    return True, (f"gemmakit's AVX2 kernels (int4 up to {gemv.INT4_ROWS} rows, int8 {gemv.INT8_ROWS}; "
-                  "fp32 activations)")
+    return True, f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; fp32 activations)"
 
 
 def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: bool, packed: bool
