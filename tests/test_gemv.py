@@ -124,3 +124,20 @@ def test_turned_off_the_plan_says_so(monkeypatch):
     finally:
         monkeypatch.delenv("GEMMAKIT_GEMV")
         gemv.unavailable.cache_clear()
+
+
+def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch):
+    """The probe runs both kernels' paths against the fp32 product: one that computes something else leaves
+    torch's kernels in place, with the reason in the plan's line."""
+    right = gemv.int8
+    monkeypatch.setattr(gemv, "int8", lambda x, q, s: right(x, q, s) + (x.shape[0] > 1))  # off on many rows
+    gemv.unavailable.cache_clear()
+    try:
+        assert gemv.unavailable() == "gemmakit's AVX2 kernels disagree with the reference here"
+        engine = Engine(_int4_gemma(), max_batch=1, context=64)
+        assert not engine.plan.gemv_kernels
+        assert "disagree" in engine.plan.describe() or wide_vectors()  # AVX-512: not asked in the first place
+    finally:
+        monkeypatch.setattr(gemv, "int8", right)
+        gemv.unavailable.cache_clear()
+    assert gemv.unavailable() is None

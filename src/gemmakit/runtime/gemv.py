@@ -40,6 +40,7 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in t
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
 INT4_ROWS = INT8_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 decode step)
+_registered = False  # whether the ops' shape functions (for torch.compile) are registered
 
 
 @functools.cache
@@ -73,8 +74,11 @@ def _build() -> None:
               file=sys.stderr, flush=True)
     load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
          build_directory=str(where), is_python_module=False, verbose=False)
-    for op in ("int4_gemv", "int8_gemv"):
-        torch.library.register_fake(f"gemmakit_avx2::{op}")(_fake)
+    global _registered
+    if not _registered:  # once per process, however often the probe is asked again
+        for op in ("int4_gemv", "int8_gemv"):
+            torch.library.register_fake(f"gemmakit_avx2::{op}")(_fake)
+        _registered = True
 
 
 def _ninja_dir() -> str | None:
@@ -91,18 +95,19 @@ def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:
 
 
 def _agrees() -> bool:
-    """Both kernels against the dequantized fp32 product, on shapes with every tail the kernels handle."""
+    """Both kernels against the dequantized fp32 product, one row and three (their two paths), on shapes with
+    every tail the kernels handle."""
     from gemmakit.quantize_codes import cpu_int4_block_rows, quantize_int4_packed, quantize_int8
 
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(64, 96, generator=g), torch.randn(1, 96, generator=g)
+    w, x = torch.randn(64, 96, generator=g), torch.randn(3, 96, generator=g)
     q, s = quantize_int8(w[:61, :93], torch.float32)  # 61 rows, 93 inputs: the row and K tails
-    ok = torch.allclose(int8(x[:, :93], q, s), x[:, :93] @ (q.float() * s[:, None]).T, rtol=1e-4, atol=1e-4)
+    products = [(int8, (q, s), q.float() * s[:, None], 93)]
     if cpu_int4_block_rows(96) == BLOCK_ROWS:
         packed, sz, _ = quantize_int4_packed(w, 32)
-        codes = _int4_reference(w, 32)
-        ok = ok and torch.allclose(int4(x, packed, sz, 32), x @ codes.T, rtol=1e-4, atol=1e-4)
-    return bool(ok)
+        products.append((functools.partial(int4, group=32), (packed, sz), _int4_reference(w, 32), 96))
+    return all(torch.allclose(kernel(rows[:, :k], *operands), rows[:, :k] @ weight.T, rtol=1e-4, atol=1e-4)
+               for kernel, operands, weight, k in products for rows in (x[:1], x))
 
 
 def _int4_reference(w: Tensor, group: int) -> Tensor:
