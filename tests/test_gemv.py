@@ -13,19 +13,19 @@ import torch
 from gemmakit.engine import Engine
 from gemmakit.model import Gemma
 from gemmakit.quantize import Int4Linear, Int8Linear, quantize_model
-from gemmakit.quantize_codes import COMPUTE_DTYPE, quantize_int4, quantize_int4_packed, quantize_int8
+from gemmakit.quantize_codes import (
+    COMPUTE_DTYPE,
+    dequantize_int4,
+    quantize_int4,
+    quantize_int4_packed,
+    quantize_int8,
+)
 from gemmakit.runtime import gemv
 from gemmakit.runtime.probe import wide_vectors
 from gemmakit.sampling import SamplingParams
 from tests.helpers import greedy_without_cache, tiny
 
 pytestmark = pytest.mark.skipif(gemv.unavailable() is not None, reason=f"gemv kernels: {gemv.unavailable()}")
-
-
-def _dequantized_int4(w: torch.Tensor, group: int) -> torch.Tensor:
-    q, sz = quantize_int4(w, group)
-    scale, zero = sz.float().permute(2, 1, 0)[..., None]
-    return ((q.float().view(w.shape[0], -1, group) - 8) * scale + zero).view_as(w)
 
 
 @pytest.mark.parametrize("n, k, group", [(32, 64, 32), (96, 640, 32), (64, 256, 64), (640, 1024, 128),
@@ -39,7 +39,7 @@ def test_int4_kernel_is_the_dequantized_product(n, k, group):
     # 11 rows: a chunk of 8 (the many-row path), then 2, then 1 (the one-row path)
     w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(11, k, generator=g) * 4
     packed, sz, _ = quantize_int4_packed(w, group)
-    want = x @ _dequantized_int4(w, group).T
+    want = x @ dequantize_int4(*quantize_int4(w, group)).T
     got = gemv.int4(x, packed, sz, group)
     assert got.dtype == torch.float32 and got.shape == (11, n)
     err = (got - want).abs().max().item()
@@ -68,6 +68,8 @@ def test_kernels_refuse_operands_they_cannot_read():
     packed, sz, _ = quantize_int4_packed(torch.randn(32, 64), 32)
     with pytest.raises(RuntimeError, match="int4 shapes"):
         torch.ops.gemmakit_avx2.int4_gemv(torch.randn(1, 64), packed[:16], sz, 32)
+    with pytest.raises(RuntimeError, match="int4 shapes"):
+        torch.ops.gemmakit_avx2.int4_gemv(torch.randn(1, 64), packed, sz, 0)  # a group of 0 would divide by 0
 
 
 def _int4_gemma() -> Gemma:

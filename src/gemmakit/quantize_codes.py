@@ -63,6 +63,13 @@ def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return q, sz.transpose(0, 1).contiguous()
 
 
+def dequantize_int4(q: Tensor, scales_and_zeros: Tensor) -> Tensor:
+    """The fp32 weight [N, K] that `quantize_int4`'s codes q [N, K] and scales_and_zeros [K/G, N, 2] stand for:
+    (q - 8) * scale + zero over each group (the reference the kernels' products are checked against)."""
+    scale, zero = scales_and_zeros.float().permute(2, 1, 0)[..., None]  # [N, K/G, 1] each
+    return ((q.float().view(q.shape[0], scale.shape[1], -1) - 8) * scale + zero).view(q.shape)
+
+
 def _fit_int4_groups(g: Tensor, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8),
                      refits: int = 2) -> tuple[Tensor, Tensor, Tensor]:
     """Codes, scales and zeros for groups g [..., G] that (nearly) minimise the squared error.

@@ -33,6 +33,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gemmakit.quantize_codes import (
+    cpu_int4_block_rows,
+    dequantize_int4,
+    quantize_int4,
+    quantize_int4_packed,
+    quantize_int8,
+)
 from gemmakit.runtime.probe import cpu_capability
 
 _SOURCE = Path(__file__).with_name("gemv_avx2.cpp")
@@ -97,25 +104,15 @@ def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:
 def _agrees() -> bool:
     """Both kernels against the dequantized fp32 product, one row and three (their two paths), on shapes with
     every tail the kernels handle."""
-    from gemmakit.quantize_codes import cpu_int4_block_rows, quantize_int4_packed, quantize_int8
-
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(64, 96, generator=g), torch.randn(3, 96, generator=g)
     q, s = quantize_int8(w[:61, :93], torch.float32)  # 61 rows, 93 inputs: the row and K tails
     products = [(int8, (q, s), q.float() * s[:, None], 93)]
     if cpu_int4_block_rows(96) == BLOCK_ROWS:
         packed, sz, _ = quantize_int4_packed(w, 32)
-        products.append((functools.partial(int4, group=32), (packed, sz), _int4_reference(w, 32), 96))
+        products.append((functools.partial(int4, group=32), (packed, sz), dequantize_int4(*quantize_int4(w, 32)), 96))
     return all(torch.allclose(kernel(rows[:, :k], *operands), rows[:, :k] @ weight.T, rtol=1e-4, atol=1e-4)
                for kernel, operands, weight, k in products for rows in (x[:1], x))
-
-
-def _int4_reference(w: Tensor, group: int) -> Tensor:
-    from gemmakit.quantize_codes import quantize_int4
-
-    q, sz = quantize_int4(w, group)
-    scale, zero = sz.float().permute(2, 1, 0)[..., None]  # [N, K/G, 1] each
-    return ((q.float().view(w.shape[0], -1, group) - 8) * scale + zero).view_as(w)
 
 
 def int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
@@ -130,6 +127,4 @@ def int8(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
 
 def int4_fits(out_features: int, in_features: int, group: int) -> bool:
     """Whether an int4 weight of this shape is packed in the layout the int4 kernel reads."""
-    from gemmakit.quantize_codes import cpu_int4_block_rows
-
     return out_features % BLOCK_ROWS == 0 and group % 8 == 0 and cpu_int4_block_rows(in_features) == BLOCK_ROWS

@@ -107,11 +107,13 @@ constexpr BlockRows kBlockRows[kMaxRows + 1] = {nullptr, nullptr, int4_block_row
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                      int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8 [N, K/2]");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed: contiguous uint8 [N, K/2]");
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
               "scales_and_zeros: contiguous bf16 [K/G, N, 2]");
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group % 8 == 0 && k % group == 0, "int4 shapes");
+  TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group > 0 && group % 8 == 0 && k % group == 0,
+              "int4 shapes");
   TORCH_CHECK(scales_and_zeros.size(0) == k / group && scales_and_zeros.size(1) == n, "scales_and_zeros shape");
   auto y = at::empty({m, n}, x.options());
   // Each group's sum of x (for the zero points), here rather than as a tensor op: a decode step makes over a
@@ -125,17 +127,11 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      for (int64_t r = 0; r < m;) {  // rows of x in chunks of up to kMaxRows, each reading the block once
+      for (int64_t r = 0; r < m; r += kMaxRows) {  // rows of x in chunks of up to kMaxRows, each reading the block once
         const int64_t rows = std::min<int64_t>(kMaxRows, m - r);
-        const uint8_t* block = cp + b * kBlock * k / 2;
-        if (rows > 1) {
-          kBlockRows[rows](xp + r * k, sp + r * (k / group), block, zp + b * kBlock * 2, n, k, group,
-                           yp + r * n + b * kBlock);
-          r += rows;
-          continue;
-        }
-        int4_block(xp + r * k, sp + r * (k / group), block, zp + b * kBlock * 2, n, k, group, yp + r * n + b * kBlock);
-        r += 1;
+        const auto kernel = rows > 1 ? kBlockRows[rows] : int4_block;
+        kernel(xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k, group,
+               yp + r * n + b * kBlock);
       }
   });
   return y;
