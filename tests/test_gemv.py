@@ -106,7 +106,7 @@ def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
     for compile in (False, True):
         model = _int4_gemma()
         engine = Engine(model, max_batch=2, context=64, compile=compile)
-        assert "int4/int8 decode products: gemmakit's AVX2 kernels" in engine.plan.describe()
+        assert "decode products: gemmakit's AVX2 kernels" in engine.plan.describe()
         linears = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
         want_rows = [gemv.INT8_ROWS if isinstance(m, Int8Linear) else gemv.INT4_ROWS
                      if gemv.int4_fits(m.out_features, m.in_features, m.group_size) else 0 for m in linears]
@@ -143,3 +143,106 @@ def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch):
         monkeypatch.setattr(gemv, "int8", right)
         gemv.unavailable.cache_clear()
     assert gemv.unavailable() is None
+
+
+@pytest.mark.parametrize("n, k", [(8, 16), (7, 13), (61, 2048), (1030, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_kernel_is_the_fp32_product(n, k, dtype):
+    """fp32 and bf16 weights read in place: the fp32 product over the row and K tails, 11 rows (a chunk of 8,
+    one of 3) and one row on its own path; bf16 activations give a bf16 out, the fp32 sum rounded once."""
+    g = torch.Generator().manual_seed(n + k)
+    w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(11, k, generator=g)
+    want = x @ w.float().T
+    got = torch.cat([gemv.floats(x, w), gemv.floats(x[:1], w)])
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, torch.cat([want, want[:1]]), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    xb = x.bfloat16()
+    got16, want16 = gemv.floats(xb, w), xb.float() @ w.float().T
+    assert got16.dtype == torch.bfloat16
+    one_step = torch.ldexp(torch.ones_like(want16), torch.frexp(want16).exponent - 8)  # a bf16 step at each value
+    assert ((got16.float() - want16).abs() <= one_step + 1e-6 * want16.abs().max()).all()
+
+
+def test_float_kernel_refuses_operands_it_cannot_read():
+    for x, w in [(torch.randn(1, 12), torch.randn(8, 16)),  # K mismatch
+                 (torch.randn(1, 16), torch.randn(8, 16).half()),  # not fp32 / bf16
+                 (torch.randn(1, 16), torch.randn(16, 8).T)]:  # not contiguous
+        with pytest.raises(RuntimeError, match="w: contiguous fp32 or bf16"):
+            gemv.floats(x, w)
+
+
+def test_gemv_linears_send_decode_rows_there_and_keep_prompts_names_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    model = Gemma(tiny("gemma3")).eval()
+    names = set(model.state_dict())
+    assert gemv.gemv_linears(model) == 7 * model.config.num_hidden_layers + 1  # and the tied head
+    assert set(model.state_dict()) == names  # checkpoint names kept; the tied table is not saved twice
+    linear = model.model.layers[0].mlp.gate_proj
+    assert isinstance(linear, gemv.GemvLinear) and isinstance(model.lm_head, gemv.GemvLinear)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    calls, floats = [], gemv.floats
+    monkeypatch.setattr(gemv, "floats", lambda x, w: calls.append(tuple(x.shape)) or floats(x, w))
+    x = torch.randn(8, 1, 64)
+    with torch.no_grad():
+        got = linear(x)
+        linear(torch.randn(1, 9, 64))  # a 9-token prompt: torch's product
+    assert calls == [(8, 64)]
+    assert torch.allclose(got, torch.nn.functional.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+    linear(torch.randn(2, 64)).sum().backward()  # training: torch's product, with gradients
+    assert linear.weight.grad is not None and calls == [(8, 64)]
+
+
+def _float_gemma(dtype: torch.dtype) -> Gemma:
+    torch.manual_seed(0)
+    return Gemma(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).eval().to(dtype)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fp32_engines_decode_and_screen_on_the_kernels_with_the_models_tokens(compile):
+    """The loaded layout (prepare_weights) gives fp32 linears the kernel; the plan screens greedy steps through
+    an int8 copy of the head on the int8 kernel; one row and two decode the plain model's tokens."""
+    from gemmakit.runtime.compiled import compile_supported
+    from gemmakit.runtime.plan import prepare_weights
+
+    if wide_vectors():
+        pytest.skip("AVX-512 here: the plan keeps oneDNN's products (tests/test_avx2.py holds a run to AVX2)")
+    if compile and not compile_supported("cpu"):
+        pytest.skip("torch.compile needs a C++ compiler")
+    prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
+    want = [greedy_without_cache(_float_gemma(torch.float32), p, 8) for p in prompts]
+    model = _float_gemma(torch.float32)
+    assert "gemmakit's AVX2 kernel" in prepare_weights(model, None, compile)
+    engine = Engine(model, max_batch=2, context=64, compile=compile)
+    line = engine.plan.describe()
+    assert "decode products: gemmakit's AVX2 kernels" in line
+    assert "head screen: int8 copy (gemmakit's AVX2 kernel" in line and engine.runtime.screen.gemv_kernel
+    assert engine.memory["head_screen"] == engine.runtime.screen.nbytes
+    assert [r.tokens for r in engine.generate(prompts, params)] == want
+    assert [engine.generate([p], params)[0].tokens for p in prompts] == want
+
+
+def test_bf16_engines_send_decode_rows_past_fbgemm(monkeypatch):
+    """A bf16 model's fbgemm linears (prompts) send decode rows to the kernel, which reads the bf16 weight in
+    place: a step's logits are the plain model's to bf16 rounding (the kernel's own exactness: above)."""
+    from gemmakit.runtime.packing import HalfLinear
+    from gemmakit.runtime.plan import prepare_weights
+    from gemmakit.runtime.probe import fbgemm_fp16
+
+    if wide_vectors() or not fbgemm_fp16():
+        pytest.skip("the plan takes fbgemm's fp16 products where oneDNN packs no bf16, on x86 torch builds")
+    plain, model = _float_gemma(torch.bfloat16), _float_gemma(torch.bfloat16)
+    prepare_weights(model, None, False)
+    engine = Engine(model, max_batch=2, context=64)
+    halves = [m for m in model.modules() if isinstance(m, HalfLinear)]
+    assert halves and all(m.gemv_rows == gemv.FLOAT_ROWS for m in halves)
+    calls, floats = [], gemv.floats
+    monkeypatch.setattr(gemv, "floats", lambda x, w: calls.append(x.shape[0]) or floats(x, w))
+    prompt = [2, 5, 9, 14, 3, 8, 1, 6, 2, 11]
+    with torch.inference_mode():  # as the engine runs
+        engine.runtime.prefill(prompt[:-1], 0, greedy=False)
+        assert calls == [1]  # the 9-token prompt went to fbgemm, its last position's head product here
+        got = engine.runtime.decode(prompt[-1:], [len(prompt) - 1], [0], greedy=False).logits
+        assert calls == [1] * (1 + len(halves))  # every linear of the step, the head's too
+        want = plain(torch.tensor([prompt]))[0, -1]
+    # bf16 products rounded at each of the 8 layers by different kernels: a few bf16 steps apart at most
+    assert (got.float()[0] - want.float()).abs().max() < 0.03 * want.float().abs().max()

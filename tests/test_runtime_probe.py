@@ -34,7 +34,9 @@ from gemmakit.runtime.probe import report
 from gemmakit.sampling import SamplingParams
 from tests.helpers import tiny
 
-out = {"probes": report(), "runs": {}}
+from gemmakit.runtime import gemv
+
+out = {"probes": report(), "runs": {}, "gemv": gemv.unavailable() is None}
 for dtype in (torch.float32, torch.bfloat16):
     torch.manual_seed(0)
     plain = Gemma(tiny("gemma3").replace(vocab_size=1024)).eval().to(dtype)
@@ -75,10 +77,14 @@ def test_packed_engines_run_under_avx2_limits():
     assert out["probes"]["onednn_bf16_pack"] is False
     for dtype, run in out["runs"].items():
         assert run["packed"] == run["plain"], dtype
-    # An eager fp32 engine's screen would read a packed bf16 copy: there is none, so an x86 torch screens through
-    # fbgemm's fp16 copy, and anything else computes the full head.
+    # An eager fp32 engine's screen would read a packed bf16 copy: there is none, so where gemmakit's AVX2 kernels
+    # build they screen (an int8 copy), else an x86 torch screens through fbgemm's fp16 copy, and anything else
+    # computes the full head.
     fp32_plan = out["runs"]["torch.float32"]["plan"]
-    if out["probes"]["fbgemm_fp16"]:
+    if out["gemv"]:
+        assert "head screen: int8 copy (gemmakit's AVX2 kernel, up to 8 rows)" in fp32_plan
+        assert "head screen: int8 copy (gemmakit's AVX2 kernel" in out["runs"]["torch.bfloat16"]["plan"]
+    elif out["probes"]["fbgemm_fp16"]:
         assert "head screen: fp16 copy (fbgemm, every step)" in fp32_plan
     else:
         assert "head screen: off (oneDNN cannot pack bf16 here)" in fp32_plan
@@ -89,6 +95,7 @@ import json, torch
 from gemmakit.model import Gemma
 from gemmakit.quantize import quantize_model
 from gemmakit.runtime.plan import make_plan, prepare_weights
+from gemmakit.runtime import gemv
 from gemmakit.runtime.probe import fbgemm_fp16, inductor_isa
 from tests.helpers import tiny
 
@@ -107,7 +114,7 @@ print(json.dumps({"isa": inductor_isa(), "rows": plan.int8_reduce_rows, "line": 
                   "decompose_width": decompose.cpu_max_other_dimension_decomposition,
                   "default_width": decompose.CPU_MAX_OTHER_DIMENSION_DECOMPOSITION,
                   "int4_unpack": int4.int4_unpack, "int4_line": int4.describe(), "bf16_line": bf16.describe(),
-                  "bf16_layout": layout, "fbgemm": fbgemm_fp16()}))
+                  "bf16_layout": layout, "fbgemm": fbgemm_fp16(), "gemv": gemv.unavailable() is None}))
 """
 
 
@@ -130,8 +137,10 @@ def test_compiled_int8_decode_keeps_the_kernel_where_vectors_are_narrow():
     assert held["isa"] == "avx2" and held["rows"] == 0
     assert "int8 decode: int8 kernel (inductor's avx2 reductions are slower)" in held["line"]
     assert not held["int4_unpack"] and "int4 prompts: int4 kernel (no fast bf16 GEMM here)" in held["int4_line"]
-    # A bf16 head's screen is an int8 pass of the same kind: the full head is faster there.
-    assert ("head screen: off (the bf16 head streams through fbgemm fp16)" if held["fbgemm"] else
+    # A bf16 head's screen is an int8 pass of the same kind, slower than the full head there, unless gemmakit's
+    # AVX2 kernels make the pass.
+    assert ("head screen: int8 copy (gemmakit's AVX2 kernel" if held["gemv"] else
+            "head screen: off (the bf16 head streams through fbgemm fp16)" if held["fbgemm"] else
             "head screen: off (int8 copy: inductor's avx2 reductions are slower)") in held["bf16_line"]
     # Inductor's reduction over the vocabulary head is slower than torch's GEMV there: the bound stays.
     assert held["decompose_width"] == held["default_width"] < 262144

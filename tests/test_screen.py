@@ -10,10 +10,11 @@ import torch
 
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
+from gemmakit.runtime import gemv
 from gemmakit.runtime.compiled import compile_supported
 from gemmakit.runtime.packing import pack_linears
 from gemmakit.runtime.probe import fbgemm_fp16, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import HeadScreen, top_k
+from gemmakit.runtime.screen import CANDIDATES, HeadScreen, top_k
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, hf_model, tiny
 
@@ -30,6 +31,15 @@ needs_any_screen = pytest.mark.skipif(
     not (onednn_packs(torch.bfloat16) or fbgemm_fp16()),
     reason="neither a packed bf16 copy nor fbgemm's fp16 one: eager engines compute the full head")
 needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16(), reason="fbgemm's fp16 product is in x86 builds of torch only")
+needs_gemv = pytest.mark.skipif(gemv.unavailable() is not None, reason=f"gemv kernels: {gemv.unavailable()}")
+
+
+def screen_for(w: torch.Tensor, path: str) -> HeadScreen:
+    """The screen of one path; the kernel's int8 copy with the default list's 16 candidates, so a crowd of
+    near-copies still outnumbers them."""
+    if path == "gemv":
+        return HeadScreen(w, gemv_kernel=True, candidates=CANDIDATES)
+    return HeadScreen(w, packed=path == "packed", half=path == "fp16")
 
 
 def near_tied_head(vocab: int = 72 * 1024, width: int = 64, crowd: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,15 +58,16 @@ def near_tied_head(vocab: int = 72 * 1024, width: int = 64, crowd: int = 40) -> 
 
 @pytest.mark.parametrize("path", [pytest.param("packed", marks=needs_bf16_packing),
                                   pytest.param("compiled", marks=needs_compiler),
-                                  pytest.param("fp16", marks=needs_fbgemm)])
+                                  pytest.param("fp16", marks=needs_fbgemm),
+                                  pytest.param("gemv", marks=needs_gemv)])
 def test_bounds_hold_and_a_certified_pick_is_the_exact_argmax(path):
     """Upper bounds are never below the float64 logit, every certified pick is the float64 argmax (up to
     float32 rounding of the top two), and a crowd of near-copies larger than the candidate list is reported
     as uncertified rather than guessed."""
     w, x = near_tied_head()
-    screen = HeadScreen(w, packed=path == "packed", half=path == "fp16")
+    screen = screen_for(w, path)
     exact = x.double() @ w.double().T
-    if path in ("packed", "fp16"):
+    if path in ("packed", "fp16", "gemv"):
         upper = screen._screen(x, x.norm(dim=-1, keepdim=True), "packed")
         assert (upper.double() >= exact - 1e-9).all()
         tokens, certified = screen(x)
@@ -90,13 +101,15 @@ def hidden_winner(width: int = 64, crowd: int = 24) -> tuple[torch.Tensor, torch
 
 @pytest.mark.parametrize("path", [pytest.param("packed", marks=needs_bf16_packing),
                                   pytest.param("compiled", marks=needs_compiler),
-                                  pytest.param("fp16", marks=needs_fbgemm)])
+                                  pytest.param("fp16", marks=needs_fbgemm),
+                                  pytest.param("gemv", marks=needs_gemv)])
 def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
     """Without the error bound the crowd fills the candidates and one of them is certified (measured: token
-    2010 on the compiled path). The packed path rounds x and its sums to bf16 too, so its bound covers the
-    whole crowd: it must then decline to certify rather than guess."""
+    2010 on the compiled path). The packed path rounds x and its sums to bf16 too, and the kernel's int8 copy
+    is coarser still, so their bounds cover the whole crowd: they must then decline to certify rather than
+    guess."""
     w, x, best = hidden_winner()
-    screen = HeadScreen(w, packed=path == "packed", half=path == "fp16")
+    screen = screen_for(w, path)
     pick = screen if path != "compiled" else torch.compile(screen, dynamic=False)
     tokens, certified = pick(x, "packed" if path != "compiled" else "plain")
     if path in ("compiled", "fp16"):  # fp16 has three more mantissa bits than bf16: it sees the winner
@@ -285,6 +298,8 @@ def test_without_bf16_packing_an_fp32_head_screens_through_fp16_at_every_step(tm
     from gemmakit.runtime import plan as plan_module
 
     monkeypatch.setattr(plan_module, "onednn_packs", lambda dtype: dtype != torch.bfloat16)
+    # Where gemmakit's AVX2 kernels build, they screen instead (tests/test_gemv.py): held off, as without a compiler.
+    monkeypatch.setattr(plan_module, "_gemv_choice", lambda: (False, "torch's kernels (GEMMAKIT_GEMV=off)"))
     hf_model(tiny("gemma3")).save_pretrained(tmp_path)
     engine = Engine(load_model(tmp_path), max_batch=4, context=128)
     assert engine.runtime.screen.fp16 is not None

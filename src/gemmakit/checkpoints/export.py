@@ -53,10 +53,12 @@ def export_hf(model: nn.Module, directory: str | Path, tokenizer: Any = None, sh
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from gemmakit.quantize import Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedExperts
+    from gemmakit.runtime.gemv import GemvLinear
     from gemmakit.runtime.packing import HalfLinear, PackedLinear
     from gemmakit.train.lora import LoRALinear
 
-    kinds = (PackedLinear, HalfLinear, LoRALinear, Int8Linear, Int4Linear, QuantizedEmbedding, QuantizedExperts)
+    kinds = (PackedLinear, HalfLinear, GemvLinear, LoRALinear, Int8Linear, Int4Linear, QuantizedEmbedding,
+             QuantizedExperts)
     odd = [type(m).__name__ for m in model.modules() if isinstance(m, kinds)]
     if odd or getattr(model, "lm_head", None) is not None:
         raise ValueError(f"this model holds {sorted(set(odd)) or ['an untied head']} layers; export a model "

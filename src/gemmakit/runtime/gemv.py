@@ -1,4 +1,4 @@
-"""Decode-step products with int4 / int8 weights on AVX2 CPUs: gemmakit's own kernels (`gemv_avx2.cpp`).
+"""Decode-step products on AVX2 CPUs, int4 / int8 / bf16 / fp32 weights: gemmakit's own kernels (`gemv_avx2.cpp`).
 
 Why our own. A quantized one-row decode step is nearly all weight reading, so its kernels should run at the
 memory's speed. torch's CPU int4 and int8 kernels do on AVX-512, but their AVX2 builds are bound by arithmetic
@@ -10,9 +10,22 @@ sharing each load of x and eight streams of codes in flight. Activations stay fp
 them to bf16), so the result is the dequantized product in another summation order: the same maths, rounded
 less.
 
-Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS`, a batch-8 step): for several rows
-of x each code is widened once and serves them all, which beats torch's kernels there too on cold weights
-(benchmarks/cpu_products.py); prompts keep the plan's GEMM paths.
+Float weights. A float model's decode step is bound by memory as well, and on AVX2 the products it had were
+not: oneDNN's packed fp32 product and fbgemm's fp16 one (bf16 models: torch's bf16 product is emulated there)
+stream the layers' weights well below the bandwidth, and fbgemm reads a 640-wide matrix padded to 1024. The
+float kernel reads the model's own fp32 or bf16 weight in place with the int8 kernel's arrangement (a bf16
+value widens to fp32 with a shift), sums in fp32 and rounds a bf16 output once, as torch's bf16 product does.
+`GemvLinear` sends an fp32 linear's decode rows to it and its prompts to torch's product; bf16 linears keep
+fbgemm for prompts (packing.HalfLinear) and send decode rows here.
+
+The head screen. A greedy step's pass over the head's int8 copy (screen.py) needs upper bounds, not exact
+sums, so `screen_int8` rounds x to 14-bit integers (the bound counts what that moved) and sums exactly in
+int32 with 16-bit multiply-adds: twice the multiply-adds an instruction of fp32 FMAs, which bound the pass
+over a 262k-row head at several rows.
+
+Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS` / `FLOAT_ROWS`, a batch-8 step): for
+several rows of x each weight is widened once and serves them all, which beats torch's kernels there too on
+cold weights (benchmarks/cpu_products.py); prompts keep the plan's GEMM paths.
 
 The C++ is built at run time with torch's extension builder, once per machine, torch version and kernel
 source (kept in `~/.cache/gemmakit/kernels`), and only on x86 CPUs where ATen runs AVX2 or wider. Anything
@@ -31,7 +44,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from gemmakit.quantize_codes import (
     cpu_int4_block_rows,
@@ -46,7 +60,7 @@ _SOURCE = Path(__file__).with_name("gemv_avx2.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels splits rows by it
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
-INT4_ROWS = INT8_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 decode step)
+INT4_ROWS = INT8_ROWS = FLOAT_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 step)
 _registered = False  # whether the ops' shape functions (for torch.compile) are registered
 
 
@@ -77,7 +91,7 @@ def _build() -> None:
     where = cache / f"torch-{torch.__version__}-{key}"
     where.mkdir(parents=True, exist_ok=True)
     if not (where / f"{_NAME}.so").exists():
-        print("gemmakit: building its AVX2 int4/int8 kernels (once per machine and torch version)...",
+        print("gemmakit: building its AVX2 decode kernels (once per machine and torch version)...",
               file=sys.stderr, flush=True)
     load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
          build_directory=str(where), is_python_module=False, verbose=False)
@@ -85,6 +99,8 @@ def _build() -> None:
     if not _registered:  # once per process, however often the probe is asked again
         for op in ("int4_gemv", "int8_gemv"):
             torch.library.register_fake(f"gemmakit_avx2::{op}")(_fake)
+        torch.library.register_fake("gemmakit_avx2::float_gemv")(_fake_float)
+        torch.library.register_fake("gemmakit_avx2::int8_screen")(_fake_screen)
         _registered = True
 
 
@@ -101,18 +117,90 @@ def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def _fake_float(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    return x_scale.new_empty(x16.shape[0], q.shape[0])
+
+
 def _agrees() -> bool:
-    """Both kernels against the dequantized fp32 product, one row and three (their two paths), on shapes with
-    every tail the kernels handle."""
+    """Every kernel against the fp32 product of its decoded weight, one row and three (their two paths), on
+    shapes with every tail the kernels handle."""
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(64, 96, generator=g), torch.randn(3, 96, generator=g)
     q, s = quantize_int8(w[:61, :93], torch.float32)  # 61 rows, 93 inputs: the row and K tails
-    products = [(int8, (q, s), q.float() * s[:, None], 93)]
+    full = w[:61, :93].contiguous()
+    products = [(int8, (q, s), q.float() * s[:, None], 93), (floats, (full,), full, 93),
+                (floats, (full.bfloat16(),), full.bfloat16().float(), 93)]
     if cpu_int4_block_rows(96) == BLOCK_ROWS:
         packed, sz, _ = quantize_int4_packed(w, 32)
         products.append((functools.partial(int4, group=32), (packed, sz), dequantize_int4(*quantize_int4(w, 32)), 96))
-    return all(torch.allclose(kernel(rows[:, :k], *operands), rows[:, :k] @ weight.T, rtol=1e-4, atol=1e-4)
-               for kernel, operands, weight, k in products for rows in (x[:1], x))
+    screened = (lambda rows, q, s: screen_int8(rows, q, s)[0], (q, s), q.float() * s[:, None], 93)
+    return all(torch.allclose(kernel(rows[:, :k], *operands), rows[:, :k] @ weight.T, rtol=1e-3, atol=1e-3)
+               for kernel, operands, weight, k in [*products, screened] for rows in (x[:1], x))
+
+
+def screen_int8(x: Tensor, q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A head screen's pass (screen.py): x [M, K] against int8 codes q [N, K] with an fp32 scale per row.
+    x is rounded to x~, integers times a scale per row, as wide as keeps the kernel's int32 sums exact (14 bits
+    up to K = 2064, fewer beyond); returns (x~ . (q * scales) [M, N] fp32, |x - x~| [M, 1], |x~| [M, 1]),
+    which the screen's bound needs."""
+    top = min(8191, (2**31 - 1) // (127 * max(x.shape[1], 1)))
+    x = x.float()
+    x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)
+    x16 = (x / x_scale[:, None]).round()
+    rounded = x16 * x_scale[:, None]
+    s = torch.ops.gemmakit_avx2.int8_screen(x16.to(torch.int16).contiguous(), x_scale, q, scales)
+    return s, (x - rounded).norm(dim=-1, keepdim=True), rounded.norm(dim=-1, keepdim=True)
+
+
+def floats(x: Tensor, weight: Tensor) -> Tensor:
+    """x [M, K] @ weight^T for an fp32 or bf16 `weight` [N, K] read in place; out in x's dtype (fp32 or bf16;
+    a bf16 out is the fp32 sum rounded once)."""
+    return torch.ops.gemmakit_avx2.float_gemv(x.contiguous(), weight)
+
+
+class GemvLinear(nn.Module):
+    """A bias-free float CPU linear whose decode rows (up to `FLOAT_ROWS`) go to gemmakit's AVX2 kernel and
+    whose prompts go to torch's product. `weight` stays the original: a parameter keeps the checkpoint's name,
+    a tied head passes the table as a plain tensor (so it is not saved twice). The caller checks the kernels
+    are available (`unavailable()`)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.gemv_rows = FLOAT_ROWS
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[:-1].numel()
+        if rows > self.gemv_rows or x.dtype not in (torch.float32, torch.bfloat16) or (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight)
+        return floats(x.reshape(rows, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, gemmakit AVX2 decode rows"
+
+
+def gemv_linears(model: nn.Module) -> int:
+    """Give every bias-free fp32 `nn.Linear` of `model` on CPU a `GemvLinear` in place, and a tied-head Gemma
+    with an fp32 table a `GemvLinear` head over it; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.float32 \
+                    and child.weight.device.type == "cpu":
+                setattr(parent, name, GemvLinear(child.weight))
+                count += 1
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if getattr(model, "lm_head", "absent") is None and isinstance(embed, nn.Embedding) \
+            and embed.weight.dtype == torch.float32 and embed.weight.device.type == "cpu":
+        model.lm_head = GemvLinear(embed.weight.detach())
+        count += 1
+    return count
 
 
 def int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:

@@ -1,8 +1,9 @@
-// Decode-step products with int4 / int8 weights for x86 CPUs with AVX2 and FMA (runtime/gemv.py builds this file
-// at run time, once per machine, and says why these kernels exist).
+// Decode-step products for x86 CPUs with AVX2 and FMA, int4 / int8 / fp32 / bf16 weights (runtime/gemv.py builds
+// this file at run time, once per machine, and says why these kernels exist).
 //
 // Activations stay fp32: every product is the same sum as "dequantize the weight, multiply in fp32", only in
-// another order, so swapping these in for torch's kernels changes rounding, never the maths.
+// another order, so swapping these in for torch's kernels changes rounding, never the maths. (The screen's
+// pass rounds x, but only bounds come of it: the tokens it picks are certified against exact logits.)
 //
 // int4: torch's own CPU packing (`_convert_weight_to_int4pack_for_cpu`) as the AVX2 build lays it out, checked
 // by the caller (quantize_codes.cpu_int4_block_rows == 32): rows in blocks of 32, each block [K, 16] bytes, row
@@ -13,6 +14,8 @@
 // int8: plain [N, K] codes with one scale per row (bf16 or fp32), vectorised along K: for one row of x eight
 // weight rows at a time, so each load of x serves eight rows; for several, one weight row at a time, each
 // widened code serving every row of x.
+// fp32 / bf16: the model's own weights in place, arranged as int8's.
+// int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -258,14 +261,228 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return y;
 }
 
+
+// fp32 / bf16: plain [N, K] weights, the model's own (no copy), the same arrangement as int8's: eight weight
+// rows along K for one row of x, one weight row for several. A bf16 value is the top half of an fp32 one, so
+// widening is a shift; sums are fp32, and a bf16 output is rounded once at the end, as torch's bf16 product is.
+inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 widen8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline float widen1(float v) { return v; }
+inline float widen1(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename W>
+void float_rows(const float* x, const W* w, int64_t k, float* dots) {
+  __m256 acc[kRows8];
+  for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  // Each step reads 8 values of 8 rows, sizeof(W) cache lines: the next rows' as many lines are asked for.
+  const char* next = reinterpret_cast<const char*>(w + kRows8 * k);
+  for (; i + 8 <= k; i += 8) {
+    for (int l = 0; l < static_cast<int>(sizeof(W)); ++l)
+      _mm_prefetch(next + i * kRows8 * sizeof(W) + l * 64, _MM_HINT_T0);
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_fmadd_ps(widen8(w + j * k + i), xv, acc[j]);
+  }
+  for (int j = 0; j < kRows8; ++j) {
+    float d = hsum(acc[j]);
+    for (int64_t t = i; t < k; ++t) d += widen1(w[j * k + t]) * x[t];
+    dots[j] = d;
+  }
+}
+
+template <typename W>
+float float_row(const float* x, const W* w, int64_t k) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) acc = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), acc);
+  float d = hsum(acc);
+  for (; i < k; ++i) d += widen1(w[i]) * x[i];
+  return d;
+}
+
+template <typename W, int M>
+void float_row_rows(const float* x, const W* w, int64_t k, float* out, int64_t ldy) {
+  __m256 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 wv = widen8(w + i);
+    for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * k + i), acc[r]);
+  }
+  for (int r = 0; r < M; ++r) {
+    float d = hsum(acc[r]);
+    for (int64_t t = i; t < k; ++t) d += widen1(w[t]) * x[r * k + t];
+    out[r * ldy] = d;
+  }
+}
+
+template <typename W>
+void float_gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, float* yp) {
+  using RowRowsW = void (*)(const float*, const W*, int64_t, float*, int64_t);
+  static constexpr RowRowsW kTable[kMaxRows + 1] = {
+      nullptr, nullptr, float_row_rows<W, 2>, float_row_rows<W, 3>, float_row_rows<W, 4>,
+      float_row_rows<W, 5>, float_row_rows<W, 6>, float_row_rows<W, 7>, float_row_rows<W, 8>};
+  const int64_t bytes = k * static_cast<int64_t>(sizeof(W));
+  if (m > 1) {
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
+      at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          float* out = yp + r0 * n + j;
+          if (rows == 1) *out = float_row(xp + r0 * k, wp + j * k, k);
+          else kTable[rows](xp + r0 * k, wp + j * k, k, out, n);
+        }
+      });
+    }
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes * kRows8, 1));
+  at::parallel_for(0, (n + kRows8 - 1) / kRows8, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row = b * kRows8;
+      if (row + kRows8 <= n) float_rows(xp, wp + row * k, k, yp + row);
+      else for (int64_t j = row; j < n; ++j) yp[j] = float_row(xp, wp + j * k, k);
+    }
+  });
+}
+
+at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x: contiguous fp32 or bf16 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) &&
+              (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16), "w: contiguous fp32 or bf16 [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  if (w.scalar_type() == at::kFloat)
+    float_gemv_into(xf.data_ptr<float>(), w.data_ptr<float>(), m, n, k, y.data_ptr<float>());
+  else
+    float_gemv_into(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k,
+                    y.data_ptr<float>());
+  return out_bf16 ? y.to(at::kBFloat16) : y;
+}
+
+// Screening products (runtime/screen.py): int8 codes against x rounded to 14-bit integers, summed exactly in
+// int32 by multiply-add pairs of 16-bit lanes, twice the multiply-adds an instruction of fp32 FMA (a screen's
+// many-row pass over the head is bound by them). The sums are exact while 127 * max|x16| * K < 2^31, which
+// the caller keeps (gemv.screen_int8). out = float(sum) * x_scale[r] * scales[j].
+template <int M>
+void int16_rows(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int64_t ldy) {
+  __m256i acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    for (int r = 0; r < M; ++r)
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w, _mm256_loadu_si256(
+                                                          reinterpret_cast<const __m256i*>(x + r * k + i))));
+  }
+  for (int r = 0; r < M; ++r) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    int32_t d = _mm_cvtsi128_si32(s);
+    for (int64_t t = i; t < k; ++t) d += static_cast<int32_t>(q[t]) * x[r * k + t];
+    dots[r * ldy] = d;
+  }
+}
+
+// One row of x against kRows8 weight rows at once (rows r..r+7 of q): each load of x serves eight rows, and
+// eight streams of cold codes are in flight, as for int8_rows.
+void int16_rows8(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots) {
+  __m256i acc[kRows8];
+  for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8 + 64, _MM_HINT_T0);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    for (int j = 0; j < kRows8; ++j) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * k + i)));
+      acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(w, xv));
+    }
+  }
+  for (int j = 0; j < kRows8; ++j) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[j]), _mm256_extracti128_si256(acc[j], 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    int32_t d = _mm_cvtsi128_si32(s);
+    for (int64_t t = i; t < k; ++t) d += static_cast<int32_t>(q[j * k + t]) * x[t];
+    dots[j] = d;
+  }
+}
+
+at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const at::Tensor& q,
+                       const at::Tensor& scales) {
+  TORCH_CHECK(x16.dim() == 2 && x16.scalar_type() == at::kShort && x16.is_contiguous(), "x16: contiguous int16 [M, K]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x16.size(1),
+              "q: contiguous int8 [N, K]");
+  const int64_t m = x16.size(0), k = x16.size(1), n = q.size(0);
+  TORCH_CHECK(x_scale.dim() == 1 && x_scale.size(0) == m && x_scale.scalar_type() == at::kFloat &&
+              x_scale.is_contiguous(), "x_scale: contiguous fp32 [M]");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
+              "scales: contiguous fp32 [N]");
+  using Rows = void (*)(const int16_t*, const int8_t*, int64_t, int32_t*, int64_t);
+  static constexpr Rows kTable[kMaxRows + 1] = {nullptr, int16_rows<1>, int16_rows<2>, int16_rows<3>, int16_rows<4>,
+                                                int16_rows<5>, int16_rows<6>, int16_rows<7>, int16_rows<8>};
+  auto y = at::empty({m, n}, x16.options().dtype(at::kFloat));
+  const int16_t* xp = x16.data_ptr<int16_t>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* xs = x_scale.data_ptr<float>();
+  const float* ws = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (m == 1) {
+    at::parallel_for(0, (n + kRows8 - 1) / kRows8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1)),
+                     [&](int64_t begin, int64_t end) {
+      int32_t dots[kRows8];
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t row = b * kRows8;
+        if (row + kRows8 <= n) {
+          int16_rows8(xp, qp + row * k, k, dots);
+          for (int j = 0; j < kRows8; ++j) yp[row + j] = static_cast<float>(dots[j]) * xs[0] * ws[row + j];
+        } else {
+          for (int64_t j = row; j < n; ++j) {
+            int16_rows<1>(xp, qp + j * k, k, dots, 1);
+            yp[j] = static_cast<float>(dots[0]) * xs[0] * ws[j];
+          }
+        }
+      }
+    });
+    return y;
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+    const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
+    at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
+      int32_t dots[kMaxRows];
+      for (int64_t j = begin; j < end; ++j) {
+        kTable[rows](xp + r0 * k, qp + j * k, k, dots, 1);
+        for (int64_t r = 0; r < rows; ++r) yp[(r0 + r) * n + j] = static_cast<float>(dots[r]) * xs[r0 + r] * ws[j];
+      }
+    });
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gemmakit_avx2, lib) {
   lib.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_and_zeros, int group) -> Tensor");
   lib.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  lib.def("float_gemv(Tensor x, Tensor w) -> Tensor");
+  lib.def("int8_screen(Tensor x16, Tensor x_scale, Tensor q, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gemmakit_avx2, CPU, lib) {
   lib.impl("int4_gemv", &int4_gemv);
   lib.impl("int8_gemv", &int8_gemv);
+  lib.impl("float_gemv", &float_gemv);
+  lib.impl("int8_screen", &int8_screen);
 }

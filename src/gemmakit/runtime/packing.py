@@ -42,7 +42,8 @@ bf16 rounding of the output; activations go to fp32 exactly, sums are fp32 and r
 bf16 product rounds them. A matrix with a weight fp16 cannot hold (|w| >= 65520) is left as it was. Memory:
 an fp16 copy beside each bf16 weight (kept for `state_dict`, adapters and gradients) and of the tied head (the
 embedding lookups still read the table), which fbgemm pads to whole blocks of 512 input features (a 640-wide
-matrix takes 1.6 times its size).
+matrix takes 1.6 times its size). Where gemmakit's AVX2 kernels build, a decode step's few rows skip fbgemm and
+read the bf16 weight itself (`HalfLinear.gemv_rows`, runtime/gemv.py): fewer bytes, and no call through Python.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmakit.runtime import gemv
 from gemmakit.runtime.probe import fbgemm_fp16, onednn_packs
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -199,6 +201,9 @@ class HalfLinear(nn.Module):
         _HALF[self.handle] = packed
         weakref.finalize(self, _HALF.pop, self.handle, None)
         self.weight = weight
+        # Decode rows up to this many read the bf16 weight in place through gemmakit's AVX2 kernel (set by
+        # the runtime where it applies, runtime/gemv.py): fbgemm streams its padded fp16 copy slower.
+        self.gemv_rows = 0
 
     @property
     def packed_bytes(self) -> int:
@@ -214,6 +219,10 @@ class HalfLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight)
+        rows = x.shape[:-1].numel()
+        if rows <= self.gemv_rows:
+            out = gemv.floats(x.reshape(rows, self.in_features), self.weight)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return half_linear(x.float(), self.handle, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -9,15 +9,17 @@ live here, not spread over the model's modules:
 |---------------------|------------------------------------------|-----------------------------------------------|
 | weight layout       | oneDNN-packed / plain                    | `prepare_weights`, at load: CPU float models   |
 |                     |                                          | whose dtype oneDNN really packs (probe.py)     |
+|                     | plain fp32, decode rows on gemmakit's    | fp32 CPU models where gemmakit's AVX2 kernels  |
+|                     | AVX2 kernel (GemvLinear)                 | are the decode products' choice (below)        |
 |                     | fbgemm fp16 (HalfLinear); else plain,    | bf16 CPU models where oneDNN packs no bf16     |
 |                     | bf16 prompts in fp32 (UpcastLinear)      | (fbgemm: x86 builds of torch)                  |
 | compiled steps      | one-row + full-batch decode / eager      | asked for, and a compiler present (compiled.py)|
 | head screen         | bf16 copy (plain / packed) / fbgemm fp16 | head dtype, soft-cap, packing, compile, and    |
-|                     | copy / int8 / off                        | whether bf16 products are fast here            |
-|                     |                                          | (screen.py)                                   |
+|                     | copy / int8 (inductor, or gemmakit's     | whether bf16 products are fast here            |
+|                     | AVX2 kernel) / off                       | (screen.py)                                   |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
-| decode int4 / int8  | gemmakit's AVX2 kernels / torch's        | CPU vector width, and whether ours build here  |
-|                     |                                          | (gemv.py)                                     |
+| decode products     | gemmakit's AVX2 kernels / torch's,       | CPU vector width, and whether ours build here  |
+| (int4, int8, float) | oneDNN's, fbgemm's                       | (gemv.py)                                     |
 | decode attention    | SDPA (half precision) / plain ops (fp32) | the activation dtype                          |
 | memory forecast     | what all of the above will hold          | cache.estimate_bytes                          |
 
@@ -36,6 +38,7 @@ from gemmakit.cache import estimate_bytes
 from gemmakit.media.towers import towers, workspace_bytes
 from gemmakit.runtime import gemv
 from gemmakit.runtime.compiled import compile_supported, decomposes_head
+from gemmakit.runtime.gemv import gemv_linears
 from gemmakit.runtime.packing import (
     UPCAST_ROWS,
     HalfLinear,
@@ -50,6 +53,10 @@ from gemmakit.runtime.packing import (
 )
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
 from gemmakit.runtime.screen import head_weight, screen_bytes
+
+# Float linears whose decode rows gemmakit's AVX2 kernels can take, besides quantized ones (gemv.py; fp32
+# ones are built taking them).
+_GEMV_TAKES = (gemv.GemvLinear, HalfLinear)
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -73,7 +80,8 @@ def quantization(model: nn.Module) -> str:
 
 def prepare_weights(model: nn.Module, pack: bool | None, compile: bool) -> str:
     """Put `model`'s weights in the layout this machine runs fastest, at load time, and say what was done.
-    `pack` None: pack CPU float models whose dtype oneDNN packs here. `compile`: keep the plain layout too
+    `pack` None: pack CPU float models whose dtype oneDNN packs here, except fp32 ones where gemmakit's AVX2
+    kernels are the decode products' choice (they keep the plain weights, gemv.py). `compile`: keep the plain layout too
     where compiled one-row steps stream it faster than oneDNN, which is where inductor turns one-row products
     into its own reductions (AVX-512 code: runtime/packing.py); elsewhere they would go to MKL's GEMV, slower
     than oneDNN's packed product, so the packed layout alone serves every step (and the plain copy's memory is
@@ -91,6 +99,11 @@ def prepare_weights(model: nn.Module, pack: bool | None, compile: bool) -> str:
         return ", ".join(["plain layout", *filter(None, said)])
     if not pack:
         return "plain layout"
+    if device.type == "cpu" and dtype == torch.float32 and _gemv_choice()[0]:
+        # gemmakit's AVX2 kernel streams the plain fp32 weights faster at decode's few rows than oneDNN's
+        # packed product (runtime/gemv.py); prompts keep torch's product on the same weights, no second copy.
+        count = gemv_linears(model)
+        return f"plain layout, decode rows of {count} fp32 linears on gemmakit's AVX2 kernel"
     if not packing_supported(torch.empty(0, dtype=dtype, device=device)):
         return f"plain layout (oneDNN cannot pack {_name(dtype)} on this {device.type})"
     keep_plain = compile and decomposes_head()
@@ -107,11 +120,11 @@ class Plan:
     quantization: str
     packed: bool
     compiled: bool
-    screen: tuple[torch.Tensor, bool, bool, bool] | None  # HeadScreen's (head, packed copy, plain copy, fp16)
+    screen: tuple | None  # HeadScreen's (head, packed copy, plain copy, fp16, gemv kernel)
     decode_attention: str  # "sdpa" or "plain"
     int4_unpack: bool
     int8_reduce_rows: int  # rows up to which compiled steps take int8 products as fused reductions (0: never)
-    gemv_kernels: bool  # few-row CPU int4 / int8 products on gemmakit's AVX2 kernels (gemv.py)
+    gemv_kernels: bool  # few-row CPU int4 / int8 / bf16 products on gemmakit's AVX2 kernels (gemv.py)
     forecast: dict[str, int] = field(default_factory=dict)
     why: dict[str, str] = field(default_factory=dict)
 
@@ -132,6 +145,8 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     packed = isinstance(getattr(model, "lm_head", None), PackedLinear) or any(
         isinstance(m, PackedLinear) for m in model.modules())
     why["layout"] = "oneDNN-packed" if packed else "plain"
+    if any(isinstance(m, gemv.GemvLinear) for m in model.modules()):
+        why["layout"] += " (fp32 decode rows on gemmakit's AVX2 kernel)"
     if any(isinstance(m, HalfLinear) for m in model.modules()):
         why["layout"] += " + fbgemm fp16 (no fast bf16 GEMM here)"
     if any(isinstance(m, UpcastLinear) for m in model.modules()):
@@ -153,10 +168,12 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     int8_reduce_rows = 0
     if compiled and quantization(model) != "none":
         int8_reduce_rows, why["int8 decode"] = _int8_choice(device)
-    gemv_kernels = False
-    if device.type == "cpu" and quantization(model) != "none":
-        gemv_kernels, why["int4/int8 decode products"] = _gemv_choice()
-    plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed)
+    gemv_here, gemv_why = _gemv_choice() if device.type == "cpu" else (False, "")
+    takers = quantization(model) != "none" or any(isinstance(m, _GEMV_TAKES) for m in model.modules())
+    gemv_kernels = gemv_here and takers
+    if device.type == "cpu" and takers:
+        why["decode products"] = gemv_why
+    plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed, gemv_here)
     half = dtype in (torch.bfloat16, torch.float16)
     decode_attention = "sdpa" if half else "plain"
     why["decode attention"] = "SDPA (half precision)" if half else "plain ops (fp32, fused by inductor)"
@@ -181,9 +198,10 @@ def _int8_choice(device: torch.device) -> tuple[int, str]:
 
 
 def _gemv_choice() -> tuple[bool, str]:
-    """(on, why) for gemmakit's own decode-step int4 / int8 kernels: where vectors are 256 bits wide, torch's
-    kernels are bound by arithmetic and these stream the codes faster (gemv.py); with AVX-512 torch's kernels
-    and inductor's reductions are the ones measured to run at the memory's speed, so they stay."""
+    """(on, why) for gemmakit's own decode-step kernels: where vectors are 256 bits wide, torch's int4 / int8
+    kernels are bound by arithmetic and oneDNN's / fbgemm's float products stream below the bandwidth, and these
+    stream the weights faster (gemv.py); with AVX-512 torch's kernels, oneDNN's packed bf16 and inductor's
+    reductions are the ones measured to run at the memory's speed, so they stay."""
     if wide_vectors():
         return False, "torch's kernels (AVX-512 code)"
     if problem := gemv.unavailable():
@@ -191,13 +209,16 @@ def _gemv_choice() -> tuple[bool, str]:
     return True, f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; fp32 activations)"
 
 
-def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: bool, packed: bool
-                   ) -> tuple[tuple[torch.Tensor, bool, bool] | None, str]:
-    """(HeadScreen arguments or None, why): a plain copy serves compiled one-row steps, oneDNN's packed copy
+def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: bool, packed: bool,
+                   gemv_kernels: bool = False) -> tuple[tuple | None, str]:
+    """(HeadScreen arguments or None, why): with gemmakit's AVX2 kernels an int8 copy read by them at every
+    step of up to `gemv.INT8_ROWS` rows; else a plain copy serves compiled one-row steps, oneDNN's packed copy
     every other step, and only float32 heads of packed models get one (bf16 heads: no int8 kernel beats
     oneDNN's bf16 one on several rows, and inductor's int8 pass beats it on one row only with AVX-512)."""
     if not wanted:
         return None, "off (asked)"
+    if gemv_kernels and (weight := head_weight(model)) is not None:
+        return (weight, False, False, False, True), f"int8 copy (gemmakit's AVX2 kernel, up to {gemv.INT8_ROWS} rows)"
     if isinstance(getattr(model, "lm_head", None), HalfLinear):
         # Its int8 copy would be read by torch's int8 kernel or inductor's AVX2 code: no faster than fbgemm.
         return None, "off (the bf16 head streams through fbgemm fp16)"
@@ -206,7 +227,7 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         return None, "off (no tied float head it applies to)"
     if weight.dtype == torch.float32 and not onednn_packs(torch.bfloat16) and half_supported(weight):
         # No fast bf16 product here, but fbgemm's fp16 one streams the half-size copy at any row count.
-        return (weight, False, False, True), "fp16 copy (fbgemm, every step)"
+        return (weight, False, False, True, False), "fp16 copy (fbgemm, every step)"
     if weight.dtype != torch.float32 and not wide_vectors():
         # A bf16 head's copy is int8, read by inductor's int8 reductions: slower than the full bf16 head
         # where vectors are narrower than AVX-512 (the int8 decode choice above, measured the same way).
@@ -219,7 +240,7 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         return None, f"off ({reason})"
     copy = "bf16" if weight.dtype == torch.float32 else "int8"
     layouts = [name for name, on in (("plain", compiled), ("packed", packed_copy)) if on]
-    return (weight, packed_copy, compiled, False), f"{copy} copy ({' + '.join(layouts)})"
+    return (weight, packed_copy, compiled, False, False), f"{copy} copy ({' + '.join(layouts)})"
 
 
 def forecast(model: nn.Module, plan: Plan, max_batch: int, context: int, slack: int = 8,

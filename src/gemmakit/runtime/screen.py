@@ -3,12 +3,14 @@
 Why. A one-row decode step of Gemma 3 270M in float32 streams 1.07 GB of weights, and 671 MB of that is the
 tied 262k x 640 output head, read in full to take one argmax. Decoding is bound by memory bandwidth on CPU,
 so the head alone is ~60% of the step. A copy of the head at half the bytes (bf16 for a float32 head, or fp16
-through fbgemm where bf16 products are slow; int8 with a scale per row for a bf16 one) gives every logit to
-within a bound known exactly per token; only the
-few tokens whose bound reaches the best one need their exact logit: 16 rows of the table, not 262,144.
+through fbgemm where bf16 products are slow; int8 with a scale per row for a bf16 one, or for either on
+gemmakit's AVX2 kernels) gives every logit to within a bound known exactly per token; only the few tokens
+whose bound reaches the best one need their exact logit: 16 rows of the table (64 for the AVX2 kernels'),
+not 262,144.
 
 The bound. For vocabulary row w, its copy b and the step's final hidden state x, the screen computes
-s = x~ . b in float32 (x~ = x, or x rounded to bf16 where oneDNN's bf16 kernel does the product) and
+s = x~ . b in float32 (x~ = x, or x rounded to bf16 where oneDNN's bf16 kernel does the product, or to a
+14-bit integer grid for gemmakit's AVX2 screening kernel) and
   |x . w - s| <= |x| |w - b| + |x - x~| |b| + g |x~| |b| (+ the rounding of s to bf16, where it is rounded)
 by Cauchy-Schwarz, with g = n u / (1 - n u) the worst float32 error of an n-term dot product in any order
 (u = 2^-24; a few u more for the scales and for computing |b|). |w - b| and |b| are per token and
@@ -29,13 +31,16 @@ ties the screen would not reproduce), for rows whose token is a plain argmax of 
 never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
 copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
 on packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads:
-no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Where oneDNN has
-no bf16 (AVX2), a float32 head's copy is fbgemm's fp16 one instead, read by every step, one row or many,
-compiled or eager. Memory: the copy in each layout the engine's steps read (270M: +336 MB bf16 per layout,
-+512 MB for fbgemm's padded fp16, or +168 MB int8); the engine's forecast counts it. The gain is largest for
-fp32 one-row steps, where the head is most of the bytes; less at 8 rows, and less for bf16 models, whose
-int8 pass is compute-bound rather than bandwidth-bound (benchmarks/engine_vs_peers.py measures it;
-docs/performance.md, "The greedy head screen").
+no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Where vectors are
+256 bits wide and gemmakit's AVX2 kernels build (gemv.py), either head's copy is int8, read by their
+screening pass at every step of up to 8 rows, compiled or eager: x rounded to 14-bit integers (its rounding
+is one more term of the bound, like the packed path's bf16 x) and exact integer sums. Its bound is wider
+than a half-precision copy's, so it rescores 64 candidates, not 16. Where those kernels are missing and
+oneDNN has no bf16, a float32 head's copy is fbgemm's fp16 one, read by every step. Memory: the copy in each
+layout the engine's steps read (270M: +336 MB bf16 per layout, +512 MB for fbgemm's padded fp16, or +168 MB
+int8); the engine's forecast counts it. The gain is largest for fp32 one-row steps, where the head is most of
+the bytes; less at 8 rows, and less for bf16 models, whose int8 pass is compute-bound rather than
+bandwidth-bound (benchmarks/engine_vs_peers.py measures it; docs/performance.md, "The greedy head screen").
 """
 
 from __future__ import annotations
@@ -43,9 +48,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gemmakit.runtime import gemv
 from gemmakit.runtime.packing import HalfLinear, PackedLinear, packed_linear, packing_supported
 
 CANDIDATES = 16  # exact rescoring costs 16 x 640 x 4 bytes; a wider gap fails the certificate less often
+# The int8 copy's bound is wider than a half-precision copy's, so more tokens reach the best one: with 16
+# candidates a few rows in a hundred of real text fell back to the full head (on an 8-row step, a fallback of
+# any row costs the step a full head), with 64 none did (docs/performance.md, "The greedy head screen").
+GEMV_CANDIDATES = 64
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
 
 
@@ -54,10 +64,12 @@ def head_weight(model: nn.Module) -> Tensor | None:
     float32 one, or a bfloat16 one whose logits are not soft-capped (capping bf16 logits ties tokens that
     the screen would tell apart); not a quantized head or another device."""
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if not isinstance(embed, nn.Embedding) or embed.weight.device.type != "cpu":
+        return None  # a quantized table, or another device
     head = getattr(model, "lm_head", "absent")
-    tied = head is None or (isinstance(head, PackedLinear) and head.weight is not None
-                            and embed is not None and head.weight.data_ptr() == embed.weight.data_ptr())
-    if not tied or not isinstance(embed, nn.Embedding) or embed.weight.device.type != "cpu":
+    # A head module over the table itself (a packed, fp16 or gemmakit-kernel head keeps it as `weight`).
+    weight = getattr(head, "weight", None)
+    if head is not None and not (isinstance(weight, Tensor) and weight.data_ptr() == embed.weight.data_ptr()):
         return None
     w = embed.weight.detach()
     capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
@@ -71,17 +83,23 @@ class HeadScreen(nn.Module):
     ordinary layout, for compiled one-row steps (at least one of the two)."""
 
     def __init__(self, weight: Tensor, packed: bool = False, plain: bool = True, half: bool = False,
-                 candidates: int = CANDIDATES):
+                 gemv_kernel: bool = False, candidates: int | None = None):
         super().__init__()
-        self.exact, self.k = weight, candidates
+        self.exact = weight
+        self.k = candidates or (GEMV_CANDIDATES if gemv_kernel else CANDIDATES)
         # fbgemm's fp16 copy of a float32 head (packing.HalfLinear), for every step where there is no fast
         # bf16 product (AVX2): fbgemm rounds to fp16 as torch does (probe.fbgemm_fp16 checks), so the bound's
         # norms come from torch's fp16 copy, a block at a time.
         self.fp16 = HalfLinear(weight) if half else None
+        # gemmakit's AVX2 screening kernel (gemv.screen_int8) reads an int8 copy of either head dtype at any step
+        # of up to gemv.INT8_ROWS rows, compiled or eager: x rounded to 14-bit integers, sums exact in int32,
+        # twice the multiply-adds an instruction of fp32 FMAs (a many-row pass over the head is bound by them).
+        self.gemv_kernel = gemv_kernel
+        if half or gemv_kernel:
+            packed = plain = False
         if half:
             cheap, scale = None, None
-            packed = plain = False
-        elif weight.dtype == torch.float32:
+        elif weight.dtype == torch.float32 and not gemv_kernel:
             cheap, scale = weight.to(torch.bfloat16), None
         else:  # int8 with a scale per row, built in blocks of rows (no float32 copy of the table)
             cheap, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0])
@@ -111,7 +129,7 @@ class HeadScreen(nn.Module):
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
         self.copy_bytes = weight.numel() * 2 if half else cheap.numel() * cheap.element_size()
-        if not plain and self.packed is not None:
+        if not plain and self.packed is not None and not gemv_kernel:
             self.cheap = None  # only the packed layout is read
         self.fallbacks = 0
 
@@ -125,6 +143,8 @@ class HeadScreen(nn.Module):
         """Whether a step of `rows` rows can use the screen: eager float32 GEMMs over the copy would read
         more than the head itself, so it needs inductor's one-row pass, oneDNN's packed copy or fbgemm's fp16
         one."""
+        if self.gemv_kernel:
+            return rows <= gemv.INT8_ROWS
         return (compiled and rows == 1 and self.cheap is not None) or self.packed is not None or self.fp16 is not None
 
     @property
@@ -165,6 +185,10 @@ class HeadScreen(nn.Module):
         if self.fp16 is not None:  # fp32 x times the fp16 copy, float32 sums: x~ = x
             s = self.fp16(x)
             return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 2 * self.gamma)
+        if self.gemv_kernel:  # x~ (x on a 14-bit grid) times the int8 copy, exact integer sums, scaled in fp32
+            s, rounding, rounded_norm = gemv.screen_int8(x, self.cheap, self.scale)
+            bound = x_norm * self.delta_norm + (rounding + self.gamma * rounded_norm) * self.cheap_norm
+            return s + bound * (1 + 2 * self.gamma)
         if layout == "plain":
             if self.cheap is None or x.shape[0] != 1:
                 raise RuntimeError("the plain copy serves one-row steps of screens built with plain=True")
@@ -202,6 +226,8 @@ def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     block maximum. torch's CPU topk over a 262k row is slow, a visible share of an 8-row step; block maxima
     vectorise."""
     rows, width = x.shape
+    while block > 64 and width < 4 * k * block:  # smaller blocks for more candidates
+        block //= 2
     if width % block or width < 4 * k * block:
         return x.topk(k, dim=-1)
     blocks = x.view(rows, width // block, block)
@@ -210,12 +236,13 @@ def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     return values, chosen.gather(1, at // block) * block + at % block
 
 
-def screen_bytes(weight: Tensor, packed: bool, plain: bool = True, half: bool = False) -> int:
-    """Memory a `HeadScreen(weight, packed, plain, half)` holds: the bf16 copy in one or both layouts, the fp16
-    one, or the int8 one and its scales, and two norms a token."""
+def screen_bytes(weight: Tensor, packed: bool, plain: bool = True, half: bool = False,
+                 gemv_kernel: bool = False) -> int:
+    """Memory a `HeadScreen(weight, packed, plain, half, gemv_kernel)` holds: the bf16 copy in one or both
+    layouts, the fp16 one, or the int8 one and its scales, and two norms a token."""
     vocab, width = weight.shape
     if half:
         return HalfLinear.bytes_for(vocab, width) + 2 * vocab * 4
-    if weight.dtype != torch.float32:
+    if weight.dtype != torch.float32 or gemv_kernel:
         return vocab * width + 3 * vocab * 4
     return vocab * width * 2 * (int(packed) + int(plain or not packed)) + 2 * vocab * 4
