@@ -3,8 +3,9 @@
 For each of the 270M's matrix shapes and 1 / 8 / 128 rows (one-row decode, a batch of 8, a prompt chunk), the
 milliseconds of one product through each kernel the runtime plan chooses between: torch's bf16 product, fp32
 GEMM on the upcast weight (packing.UpcastLinear), fbgemm's fp16 copy (packing.HalfLinear), and for fp32 weights
-MKL's product on the plain weight against oneDNN's packed one (packing.PackedLinear); for int8 / int4 weights
-(quantize.py), torch's kernels against gemmakit's AVX2 ones (runtime/gemv.py), also on the 262k-row head. Each
+MKL's product on the plain weight against oneDNN's packed one (packing.PackedLinear), and gemmakit's AVX2
+kernel for both (runtime/gemv.py); for int8 / int4 weights (quantize.py), torch's kernels against gemmakit's
+AVX2 ones; the 262k-row head too, with the head screen's int8 pass (runtime/screen.py). Each
 product cycles over `--copies` distinct weights (the head: one) so they are read from memory, not from cache,
 as a decode step reads them. docs/performance.md ("A real AVX2 CPU") quotes it.
 
@@ -45,6 +46,10 @@ def quantized_kernels(weights: list[torch.Tensor]) -> dict[str, list[Callable[[t
     out: dict[str, list] = {"int8 torch": [lambda x, q=q, s=s: torch._weight_int8pack_mm(x, q, s) for q, s in int8]}
     if gemv.unavailable() is None:
         out["int8 gemmakit AVX2"] = [lambda x, q=q, s=s: gemv.int8(x, q, s) for q, s in int8]
+    if gemv.unavailable() is None and weights[0].shape == HEAD:  # a greedy step's screening pass (screen.py)
+        scales = [s.float() for _, s in int8]
+        out["int8 screen pass gemmakit AVX2"] = [lambda x, q=q, s=s: gemv.screen_int8(x, q, s)[0]
+                                                 for (q, _), s in zip(int8, scales, strict=True)]
     if int4_problem(*weights[0].shape, 32, weights[0].device) is None:
         int4 = [quantize_int4_packed(w, 32)[:2] for w in weights]
         out["int4 torch"] = [lambda x, p=p, sz=sz: torch._weight_int4pack_mm_for_cpu(x, p, 32, sz) for p, sz in int4]
@@ -55,19 +60,25 @@ def quantized_kernels(weights: list[torch.Tensor]) -> dict[str, list[Callable[[t
 
 def kernels(weights: list[torch.Tensor]) -> dict[str, list[Callable[[torch.Tensor], torch.Tensor]]]:
     bf16 = [w.bfloat16() for w in weights]
-    out: dict[str, list] = {"bf16": [lambda x, w=w: F.linear(x, w) for w in bf16]}
-    upcast = []
-    for w in bf16:
-        m = UpcastLinear(w.shape[1], w.shape[0], bias=False, device="meta")
-        m.weight = torch.nn.Parameter(w, requires_grad=False)
-        upcast.append(m)
-    out["bf16 upcast to fp32"] = upcast
+    head = weights[0].shape == HEAD  # torch's emulated bf16 and the upcast copy would take minutes there
+    out: dict[str, list] = {} if head else {"bf16": [lambda x, w=w: F.linear(x, w) for w in bf16]}
+    if not head:
+        upcast = []
+        for w in bf16:
+            m = UpcastLinear(w.shape[1], w.shape[0], bias=False, device="meta")
+            m.weight = torch.nn.Parameter(w, requires_grad=False)
+            upcast.append(m)
+        out["bf16 upcast to fp32"] = upcast
     if fbgemm_fp16():
         out["bf16 via fbgemm fp16"] = [HalfLinear(w) for w in bf16]
+    if gemv.unavailable() is None:
+        out["bf16 gemmakit AVX2"] = [lambda x, w=w: gemv.floats(x, w) for w in bf16]
     out["fp32 MKL"] = [lambda x, w=w: F.linear(x.float(), w) for w in weights]
     if onednn_packs(torch.float32):
         packed = [PackedLinear(w) for w in weights]
         out["fp32 oneDNN packed"] = [lambda x, m=m: m(x.float()) for m in packed]
+    if gemv.unavailable() is None:
+        out["fp32 gemmakit AVX2"] = [lambda x, w=w: gemv.floats(x.float(), w) for w in weights]
     return out
 
 
@@ -84,8 +95,7 @@ def main() -> None:
     rows_out: list[dict[str, object]] = []
     for out_f, in_f in [*SHAPES, HEAD]:
         weights = [0.02 * torch.randn(out_f, in_f) for _ in range(1 if (out_f, in_f) == HEAD else args.copies)]
-        floats = kernels(weights) if (out_f, in_f) != HEAD else {}
-        for name, mods in {**floats, **quantized_kernels(weights)}.items():
+        for name, mods in {**kernels(weights), **quantized_kernels(weights)}.items():
             row: dict[str, object] = {"weight (out x in)": f"{out_f} x {in_f}", "kernel": name}
             for rows in (1, 8, 128):
                 x = torch.randn(rows, in_f).bfloat16()

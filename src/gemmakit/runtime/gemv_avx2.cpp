@@ -359,15 +359,26 @@ at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) &&
               (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16), "w: contiguous fp32 or bf16 [N, K]");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  const bool out_bf16 = x.scalar_type() == at::kBFloat16;
-  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  // bf16 x is widened and a bf16 out rounded here, in plain loops: a decode step makes over a hundred of these
+  // calls, and two dispatched conversions per call cost more than the loops.
+  const bool half = x.scalar_type() == at::kBFloat16;
+  std::vector<float> xbuf(half ? m * k : 0), ybuf(half ? m * n : 0);
+  if (half) {
+    const auto* xs = x.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < m * k; ++i) xbuf[i] = static_cast<float>(xs[i]);
+  }
+  auto y = at::empty({m, n}, x.options());
+  const float* xp = half ? xbuf.data() : x.data_ptr<float>();
+  float* yp = half ? ybuf.data() : y.data_ptr<float>();
   if (w.scalar_type() == at::kFloat)
-    float_gemv_into(xf.data_ptr<float>(), w.data_ptr<float>(), m, n, k, y.data_ptr<float>());
+    float_gemv_into(xp, w.data_ptr<float>(), m, n, k, yp);
   else
-    float_gemv_into(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k,
-                    y.data_ptr<float>());
-  return out_bf16 ? y.to(at::kBFloat16) : y;
+    float_gemv_into(xp, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k, yp);
+  if (half) {
+    auto* ys = y.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < m * n; ++i) ys[i] = at::BFloat16(ybuf[i]);  // round to nearest even, as torch does
+  }
+  return y;
 }
 
 // Screening products (runtime/screen.py): int8 codes against x rounded to 14-bit integers, summed exactly in
