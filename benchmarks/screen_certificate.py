@@ -1,0 +1,65 @@
+"""How often the greedy head screen certifies its pick on real text, per copy of the head and candidate count.
+
+The screen (gemmakit.runtime.screen) reads a cheaper copy of the 262k-row head, rescores its top candidates
+exactly, and certifies the pick only if no other token's upper bound reaches it; an uncertified row costs its
+step the full head (on an 8-row step, every row's). This feeds the default model's final hidden states at
+every position of a text (the README by default) to each screen and prints, per copy and candidate count,
+the share of positions certified and whether any certified pick differs from the full head's argmax (never
+expected). docs/performance.md ("The greedy head screen") quotes it.
+
+Run: .venv/bin/python benchmarks/screen_certificate.py [--text README.md] [--tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gemmakit.bench import format_table
+from gemmakit.cache import KVCache, Prefill
+from gemmakit.checkpoints import load_model_and_tokenizer, resolve
+from gemmakit.runtime import gemv
+from gemmakit.runtime.probe import fbgemm_fp16
+from gemmakit.runtime.screen import HeadScreen, head_weight
+
+
+def screens(dtype: torch.dtype) -> dict[str, dict]:
+    """The screens a head of `dtype` can have on this machine, as HeadScreen arguments."""
+    out: dict[str, dict] = {}
+    if gemv.unavailable() is None:
+        out.update({f"int8, AVX2 kernel, {k} candidates": {"gemv_kernel": True, "candidates": k} for k in (16, 64)})
+    if dtype == torch.float32 and fbgemm_fp16():
+        out["fp16 (fbgemm), 16 candidates"] = {"half": True}
+    return out
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "README.md"))
+    ap.add_argument("--tokens", type=int, default=512)
+    args = ap.parse_args()
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = load_model_and_tokenizer(resolve(None), dtype, torch.device("cpu"), None, False)
+        ids = tok.encode(Path(args.text).read_text())[: args.tokens]
+        cache = KVCache(model.config, 1, len(ids), dtype, torch.device("cpu"), 8)
+        step = Prefill(torch.arange(len(ids))[None], cache, torch.tensor([0]))
+        hidden = model.hidden(torch.tensor([ids]), step=step)[0]
+        full = model.head(hidden).float().argmax(-1)
+        for name, kwargs in screens(dtype).items():
+            screen = HeadScreen(head_weight(model), **kwargs)
+            certified = wrong = 0
+            for i in range(0, len(ids), 8):  # 8-row steps, as a batch-8 engine's
+                tokens, ok = screen(hidden[i:i + 8], layout="packed")
+                certified += int(ok.sum())
+                wrong += int(((tokens != full[i:i + 8]) & ok).sum())
+            rows.append({"head": str(dtype).removeprefix("torch."), "screen": name, "positions": len(ids),
+                         "certified": f"{certified / len(ids):.1%}", "certified but not the argmax": wrong})
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
