@@ -246,3 +246,22 @@ def test_bf16_engines_send_decode_rows_past_fbgemm(monkeypatch):
         want = plain(torch.tensor([prompt]))[0, -1]
     # bf16 products rounded at each of the 8 layers by different kernels: a few bf16 steps apart at most
     assert (got.float()[0] - want.float()).abs().max() < 0.03 * want.float().abs().max()
+
+
+@pytest.mark.parametrize("k", [640, 3000])
+def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k):
+    """The screen's pass: x rounded to an integer grid (coarser past K = 2064, so int32 sums cannot overflow even
+    with an outlier 1000x the rest), summed exactly: the float64 product of the x~ it reports, to fp32's last
+    bits; |x - x~| and |x~| as reported."""
+    g = torch.Generator().manual_seed(k)
+    w, x = torch.randn(300, k, generator=g), torch.randn(9, k, generator=g)
+    x[:, 7] = 1000.0  # every row's largest value sets its grid: the rest keep few bits
+    q, s = quantize_int8(w, torch.float32)
+    got, rounding, rounded_norm = gemv.screen_int8(x, q, s)
+    top = min(8191, (2**31 - 1) // (127 * k))
+    scale = x.abs().amax(dim=-1, keepdim=True) / top
+    rounded = (x / scale).round() * scale
+    want = rounded.double() @ (q.double() * s.double()[:, None]).T
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert torch.allclose(rounding[:, 0], (x - rounded).norm(dim=-1), rtol=1e-4)
+    assert torch.allclose(rounded_norm[:, 0], rounded.norm(dim=-1), rtol=1e-6)

@@ -20,8 +20,8 @@ fbgemm for prompts (packing.HalfLinear) and send decode rows here.
 
 The head screen. A greedy step's pass over the head's int8 copy (screen.py) needs upper bounds, not exact
 sums, so `screen_int8` rounds x to 14-bit integers (the bound counts what that moved) and sums exactly in
-int32 with 16-bit multiply-adds: twice the multiply-adds an instruction of fp32 FMAs, which bound the pass
-over a 262k-row head at several rows.
+int32 with 16-bit multiply-adds: twice the products an instruction of fp32 FMAs, which bound the pass over a
+262k-row head at several rows (docs/performance.md has what that gains on CPU B).
 
 Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS` / `FLOAT_ROWS`, a batch-8 step): for
 several rows of x each weight is widened once and serves them all, which beats torch's kernels there too on
@@ -97,9 +97,8 @@ def _build() -> None:
          build_directory=str(where), is_python_module=False, verbose=False)
     global _registered
     if not _registered:  # once per process, however often the probe is asked again
-        for op in ("int4_gemv", "int8_gemv"):
+        for op in ("int4_gemv", "int8_gemv", "float_gemv"):
             torch.library.register_fake(f"gemmakit_avx2::{op}")(_fake)
-        torch.library.register_fake("gemmakit_avx2::float_gemv")(_fake_float)
         torch.library.register_fake("gemmakit_avx2::int8_screen")(_fake_screen)
         _registered = True
 
@@ -114,11 +113,7 @@ def _ninja_dir() -> str | None:
 
 
 def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-def _fake_float(x: Tensor, weight: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0])  # in x's dtype: fp32, or bf16 for a bf16 float product
 
 
 def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor) -> Tensor:
