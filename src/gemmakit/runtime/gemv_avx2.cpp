@@ -146,129 +146,16 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-inline __m256 int8_to_float(const int8_t* p) {
+// int8, fp32 and bf16 weights share one arrangement, vectorised along K; only widening 8 values to fp32
+// differs (a bf16 value is the top half of an fp32 one, so it widens with a shift).
+inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-
-// Rows [r, r + kRows8) of q against one row of x: that many dot products along K at once. Eight streams of
-// codes in flight keep more of the memory's bandwidth busy than four (the rows come cold), and eight
-// accumulators still fit the 16 vector registers.
-constexpr int kRows8 = 8;
-
-void int8_rows(const float* x, const int8_t* q, int64_t k, float* dots) {
-  __m256 acc[kRows8];
-  for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    // The next rows' lines, asked for early: one line per eight codes read covers them by the end of the row.
-    _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8, _MM_HINT_T0);
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_fmadd_ps(int8_to_float(q + j * k + i), xv, acc[j]);
-  }
-  for (int j = 0; j < kRows8; ++j) {
-    float d = hsum(acc[j]);
-    for (int64_t t = i; t < k; ++t) d += static_cast<float>(q[j * k + t]) * x[t];
-    dots[j] = d;
-  }
-}
-
-float int8_row(const float* x, const int8_t* q, int64_t k) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) acc = _mm256_fmadd_ps(int8_to_float(q + i), _mm256_loadu_ps(x + i), acc);
-  float d = hsum(acc);
-  for (; i < k; ++i) d += static_cast<float>(q[i]) * x[i];
-  return d;
-}
-
-// M (2..kMaxRows) rows of x against one weight row: each code is widened once and serves every row of x,
-// whose loads fold into the multiply-adds. out[r * ldy] = row . x[r].
-template <int M>
-void int8_row_rows(const float* x, const int8_t* q, int64_t k, float* out, int64_t ldy) {
-  __m256 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    const __m256 w = int8_to_float(q + i);
-    for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * k + i), acc[r]);
-  }
-  for (int r = 0; r < M; ++r) {
-    float d = hsum(acc[r]);
-    for (int64_t t = i; t < k; ++t) d += static_cast<float>(q[t]) * x[r * k + t];
-    out[r * ldy] = d;
-  }
-}
-
-using RowRows = void (*)(const float*, const int8_t*, int64_t, float*, int64_t);
-constexpr RowRows kRowRows[kMaxRows + 1] = {nullptr, nullptr, int8_row_rows<2>, int8_row_rows<3>, int8_row_rows<4>,
-                                            int8_row_rows<5>, int8_row_rows<6>, int8_row_rows<7>, int8_row_rows<8>};
-
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
-              "q: contiguous int8 [N, K]");
-  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
-  TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
-              "scales: contiguous fp32 or bf16");
-  // bf16 scales are read in place (a bf16 is the top half of an fp32): converting them would be an op per call.
-  const bool bf16 = scales.scalar_type() == at::kBFloat16;
-  const void* sv = scales.data_ptr();
-  auto scale = [&](int64_t row) {
-    if (!bf16) return static_cast<const float*>(sv)[row];
-    const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(sv)[row]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  };
-  auto y = at::empty({m, n}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1));  // in row groups
-  if (m > 1) {  // a batched step: chunks of up to kMaxRows rows of x, each weight row read once per chunk
-    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
-      const int64_t rows_grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1));
-      at::parallel_for(0, n, rows_grain, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          float* out = yp + r0 * n + j;
-          if (rows == 1) {
-            *out = int8_row(xp + r0 * k, qp + j * k, k);
-          } else {
-            kRowRows[rows](xp + r0 * k, qp + j * k, k, out, n);
-          }
-          for (int64_t r = 0; r < rows; ++r) out[r * n] *= scale(j);
-        }
-      });
-    }
-    return y;
-  }
-  at::parallel_for(0, (n + kRows8 - 1) / kRows8, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * kRows8;
-      for (int64_t r = 0; r < m; ++r) {
-        float* out = yp + r * n + row;
-        if (row + kRows8 <= n) {
-          int8_rows(xp + r * k, qp + row * k, k, out);
-          for (int j = 0; j < kRows8; ++j) out[j] *= scale(row + j);
-        } else {
-          for (int64_t j = row; j < n; ++j) yp[r * n + j] = int8_row(xp + r * k, qp + j * k, k) * scale(j);
-        }
-      }
-    }
-  });
-  return y;
-}
-
-
-// fp32 / bf16: plain [N, K] weights, the model's own (no copy), the same arrangement as int8's: eight weight
-// rows along K for one row of x, one weight row for several. A bf16 value is the top half of an fp32 one, so
-// widening is a shift; sums are fp32, and a bf16 output is rounded once at the end, as torch's bf16 product is.
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 widen8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
+inline float widen1(int8_t v) { return static_cast<float>(v); }
 inline float widen1(float v) { return v; }
 inline float widen1(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -277,12 +164,18 @@ inline float widen1(uint16_t v) {
   return f;
 }
 
+// Rows [r, r + kRows8) of w against one row of x: that many dot products along K at once. Eight streams of
+// weights in flight keep more of the memory's bandwidth busy than four (the rows come cold), and eight
+// accumulators still fit the 16 vector registers.
+constexpr int kRows8 = 8;
+
 template <typename W>
-void float_rows(const float* x, const W* w, int64_t k, float* dots) {
+void rows8(const float* x, const W* w, int64_t k, float* dots) {
   __m256 acc[kRows8];
   for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_ps();
   int64_t i = 0;
-  // Each step reads 8 values of 8 rows, sizeof(W) cache lines: the next rows' as many lines are asked for.
+  // Each step reads 8 values of 8 rows, sizeof(W) cache lines: as many lines of the next rows are asked for
+  // early, which covers them by the end of these.
   const char* next = reinterpret_cast<const char*>(w + kRows8 * k);
   for (; i + 8 <= k; i += 8) {
     for (int l = 0; l < static_cast<int>(sizeof(W)); ++l)
@@ -297,18 +190,10 @@ void float_rows(const float* x, const W* w, int64_t k, float* dots) {
   }
 }
 
-template <typename W>
-float float_row(const float* x, const W* w, int64_t k) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) acc = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), acc);
-  float d = hsum(acc);
-  for (; i < k; ++i) d += widen1(w[i]) * x[i];
-  return d;
-}
-
+// M (1..kMaxRows) rows of x against one weight row: each weight is widened once and serves every row of x,
+// whose loads fold into the multiply-adds. out[r * ldy] = row . x[r].
 template <typename W, int M>
-void float_row_rows(const float* x, const W* w, int64_t k, float* out, int64_t ldy) {
+void row_rows(const float* x, const W* w, int64_t k, float* out, int64_t ldy) {
   __m256 acc[M];
   for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
   int64_t i = 0;
@@ -323,12 +208,14 @@ void float_row_rows(const float* x, const W* w, int64_t k, float* out, int64_t l
   }
 }
 
-template <typename W>
-void float_gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, float* yp) {
-  using RowRowsW = void (*)(const float*, const W*, int64_t, float*, int64_t);
-  static constexpr RowRowsW kTable[kMaxRows + 1] = {
-      nullptr, nullptr, float_row_rows<W, 2>, float_row_rows<W, 3>, float_row_rows<W, 4>,
-      float_row_rows<W, 5>, float_row_rows<W, 6>, float_row_rows<W, 7>, float_row_rows<W, 8>};
+// y [m, n] = x [m, k] . (w [n, k] * scale(row))^T, fp32. One row of x: eight weight rows at a time; several:
+// chunks of up to kMaxRows rows, each weight row read once per chunk.
+template <typename W, typename Scale>
+void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, float* yp, Scale scale) {
+  using RowRows = void (*)(const float*, const W*, int64_t, float*, int64_t);
+  static constexpr RowRows kTable[kMaxRows + 1] = {
+      nullptr, row_rows<W, 1>, row_rows<W, 2>, row_rows<W, 3>, row_rows<W, 4>,
+      row_rows<W, 5>, row_rows<W, 6>, row_rows<W, 7>, row_rows<W, 8>};
   const int64_t bytes = k * static_cast<int64_t>(sizeof(W));
   if (m > 1) {
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
@@ -336,23 +223,52 @@ void float_gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t
       at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {
           float* out = yp + r0 * n + j;
-          if (rows == 1) *out = float_row(xp + r0 * k, wp + j * k, k);
-          else kTable[rows](xp + r0 * k, wp + j * k, k, out, n);
+          kTable[rows](xp + r0 * k, wp + j * k, k, out, n);
+          for (int64_t r = 0; r < rows; ++r) out[r * n] *= scale(j);
         }
       });
     }
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes * kRows8, 1));
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes * kRows8, 1));  // in row groups
   at::parallel_for(0, (n + kRows8 - 1) / kRows8, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = b * kRows8;
-      if (row + kRows8 <= n) float_rows(xp, wp + row * k, k, yp + row);
-      else for (int64_t j = row; j < n; ++j) yp[j] = float_row(xp, wp + j * k, k);
+      if (row + kRows8 <= n) {
+        rows8(xp, wp + row * k, k, yp + row);
+      } else {
+        for (int64_t j = row; j < n; ++j) row_rows<W, 1>(xp, wp + j * k, k, yp + j, n);
+      }
+      for (int64_t j = row; j < std::min<int64_t>(row + kRows8, n); ++j) yp[j] *= scale(j);
     }
   });
 }
 
+// int8: one scale per row, bf16 or fp32; bf16 scales are read in place (a bf16 is the top half of an fp32),
+// since converting them would be an op per call.
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
+              "q: contiguous int8 [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
+  TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              "scales: contiguous fp32 or bf16");
+  auto y = at::empty({m, n}, x.options());
+  if (scales.scalar_type() == at::kBFloat16) {
+    const auto* sv = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+    gemv_into(x.data_ptr<float>(), q.data_ptr<int8_t>(), m, n, k, y.data_ptr<float>(),
+              [sv](int64_t row) { return widen1(sv[row]); });
+  } else {
+    const float* sv = scales.data_ptr<float>();
+    gemv_into(x.data_ptr<float>(), q.data_ptr<int8_t>(), m, n, k, y.data_ptr<float>(),
+              [sv](int64_t row) { return sv[row]; });
+  }
+  return y;
+}
+
+// fp32 / bf16: the model's own weights (no copy); sums are fp32, and a bf16 output is rounded once at the end,
+// as torch's bf16 product rounds it.
 at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x: contiguous fp32 or bf16 [M, K]");
@@ -370,10 +286,11 @@ at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w) {
   auto y = at::empty({m, n}, x.options());
   const float* xp = half ? xbuf.data() : x.data_ptr<float>();
   float* yp = half ? ybuf.data() : y.data_ptr<float>();
+  const auto one = [](int64_t) { return 1.0f; };
   if (w.scalar_type() == at::kFloat)
-    float_gemv_into(xp, w.data_ptr<float>(), m, n, k, yp);
+    gemv_into(xp, w.data_ptr<float>(), m, n, k, yp, one);
   else
-    float_gemv_into(xp, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k, yp);
+    gemv_into(xp, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k, yp, one);
   if (half) {
     auto* ys = y.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < m * n; ++i) ys[i] = at::BFloat16(ybuf[i]);  // round to nearest even, as torch does
@@ -407,7 +324,7 @@ void int16_rows(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int
 }
 
 // One row of x against kRows8 weight rows at once (rows r..r+7 of q): each load of x serves eight rows, and
-// eight streams of cold codes are in flight, as for int8_rows.
+// eight streams of cold codes are in flight, as in rows8.
 void int16_rows8(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots) {
   __m256i acc[kRows8];
   for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_si256();
