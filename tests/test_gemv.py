@@ -117,12 +117,21 @@ def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
 
 
 def test_turned_off_the_plan_says_so(monkeypatch):
+    """GEMMAKIT_GEMV=off: quantized products stay on torch's kernels, and an fp32 model is packed for oneDNN
+    as where the kernels do not build (no GemvLinear, no screen through them)."""
+    from gemmakit.runtime.plan import prepare_weights
+
     monkeypatch.setenv("GEMMAKIT_GEMV", "off")
     gemv.unavailable.cache_clear()
     try:
         engine = Engine(_int4_gemma(), max_batch=1, context=64)
         assert "GEMMAKIT_GEMV=off" in engine.plan.describe() or wide_vectors()
         assert not engine.plan.gemv_kernels
+        model = _float_gemma(torch.float32)
+        assert "gemmakit" not in prepare_weights(model, None, False)
+        assert not any(isinstance(m, gemv.GemvLinear) for m in model.modules())
+        fp32 = Engine(model, max_batch=1, context=64)
+        assert fp32.runtime.screen is None or not fp32.runtime.screen.gemv_kernel
     finally:
         monkeypatch.delenv("GEMMAKIT_GEMV")
         gemv.unavailable.cache_clear()
