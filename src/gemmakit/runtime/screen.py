@@ -53,8 +53,8 @@ from gemmakit.runtime.packing import HalfLinear, PackedLinear, packed_linear, pa
 
 CANDIDATES = 16  # exact rescoring costs 16 x 640 x 4 bytes; a wider gap fails the certificate less often
 # The int8 copy's bound is wider than a half-precision copy's, so more tokens reach the best one: with 16
-# candidates a few rows in a hundred of real text fell back to the full head (on an 8-row step, a fallback of
-# any row costs the step a full head), with 64 none did (docs/performance.md, "The greedy head screen").
+# candidates some rows of real text fell back to the full head (on an 8-row step, a fallback of any row costs
+# the step a full head), with 64 none did (benchmarks/screen_certificate.py; docs/performance.md).
 GEMV_CANDIDATES = 64
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
 
