@@ -172,6 +172,15 @@ def test_float_kernel_is_the_fp32_product(n, k, dtype):
     assert ((got16.float() - want16).abs() <= one_step + 1e-6 * want16.abs().max()).all()
 
 
+def test_kernels_take_zero_rows():
+    """An empty batch (zero rows of x) gives an empty product, and writes nothing outside it."""
+    w = torch.randn(24, 16)
+    q, s = quantize_int8(w)
+    for out in (gemv.floats(torch.randn(0, 16), w), gemv.floats(torch.randn(0, 16).bfloat16(), w.bfloat16()),
+                gemv.int8(torch.randn(0, 16), q, s), gemv.screen_int8(torch.randn(0, 16), q, s.float())[0]):
+        assert out.shape == (0, 24)
+
+
 def test_float_kernel_refuses_operands_it_cannot_read():
     for x, w in [(torch.randn(1, 12), torch.randn(8, 16)),  # K mismatch
                  (torch.randn(1, 16), torch.randn(8, 16).half()),  # not fp32 / bf16

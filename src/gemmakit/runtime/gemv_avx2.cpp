@@ -216,6 +216,7 @@ void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, fl
   static constexpr RowRows kTable[kMaxRows + 1] = {
       nullptr, row_rows<W, 1>, row_rows<W, 2>, row_rows<W, 3>, row_rows<W, 4>,
       row_rows<W, 5>, row_rows<W, 6>, row_rows<W, 7>, row_rows<W, 8>};
+  if (m == 0 || n == 0) return;  // the one-row path below would write a row that is not there
   const int64_t bytes = k * static_cast<int64_t>(sizeof(W));
   if (m > 1) {
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
