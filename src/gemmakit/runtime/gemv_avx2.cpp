@@ -299,6 +299,12 @@ at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 // Screening products (runtime/screen.py): int8 codes against x rounded to 14-bit integers, summed exactly in
 // int32 by multiply-add pairs of 16-bit lanes, twice the multiply-adds an instruction of fp32 FMA (a screen's
 // many-row pass over the head is bound by them). The sums are exact while 127 * max|x16| * K < 2^31, which
@@ -315,10 +321,7 @@ void int16_rows(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int
                                                           reinterpret_cast<const __m256i*>(x + r * k + i))));
   }
   for (int r = 0; r < M; ++r) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    int32_t d = _mm_cvtsi128_si32(s);
+    int32_t d = hsum_i32(acc[r]);
     for (int64_t t = i; t < k; ++t) d += static_cast<int32_t>(q[t]) * x[r * k + t];
     dots[r * ldy] = d;
   }
@@ -340,10 +343,7 @@ void int16_rows8(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots) {
     }
   }
   for (int j = 0; j < kRows8; ++j) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[j]), _mm256_extracti128_si256(acc[j], 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    int32_t d = _mm_cvtsi128_si32(s);
+    int32_t d = hsum_i32(acc[j]);
     for (int64_t t = i; t < k; ++t) d += static_cast<int32_t>(q[j * k + t]) * x[t];
     dots[j] = d;
   }

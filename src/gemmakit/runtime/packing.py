@@ -219,10 +219,8 @@ class HalfLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight)
-        rows = x.shape[:-1].numel()
-        if rows <= self.gemv_rows:
-            out = gemv.floats(x.reshape(rows, self.in_features), self.weight)
-            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if x.shape[:-1].numel() <= self.gemv_rows:
+            return gemv.linear(x, self.weight)
         return half_linear(x.float(), self.handle, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

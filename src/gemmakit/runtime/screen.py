@@ -129,7 +129,7 @@ class HeadScreen(nn.Module):
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
         self.copy_bytes = weight.numel() * 2 if half else cheap.numel() * cheap.element_size()
-        if not plain and self.packed is not None and not gemv_kernel:
+        if not plain and self.packed is not None:
             self.cheap = None  # only the packed layout is read
         self.fallbacks = 0
 
