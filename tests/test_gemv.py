@@ -28,37 +28,41 @@ from tests.helpers import greedy_without_cache, tiny
 pytestmark = pytest.mark.skipif(gemv.unavailable() is not None, reason=f"gemv kernels: {gemv.unavailable()}")
 
 
+# Rows of x: the one-row path, and chunks of every height the many-row paths take (up to 4 rows a pass: 2;
+# 4 + 1; 4 + 4 + 3).
+ROWS = [1, 2, 5, 11]
+
+
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n, k, group", [(32, 64, 32), (96, 640, 32), (64, 256, 64), (640, 1024, 128),
                                          (32, 512, 256)])
-def test_int4_kernel_is_the_dequantized_product(n, k, group):
+def test_int4_kernel_is_the_dequantized_product(n, k, group, rows):
     """Against W dequantized in fp32: agreement to fp32 rounding, where torch's kernel (bf16 activations) is
     ~100x further off."""
     if not gemv.int4_fits(n, k, group):
         pytest.skip(f"this machine's int4 packing of {k} inputs is not the AVX2 layout")
     g = torch.Generator().manual_seed(n + k)
-    # 11 rows: a chunk of 8 (the many-row path), then 2, then 1 (the one-row path)
-    w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(11, k, generator=g) * 4
+    w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(rows, k, generator=g) * 4
     packed, sz, _ = quantize_int4_packed(w, group)
     want = x @ dequantize_int4(*quantize_int4(w, group)).T
     got = gemv.int4(x, packed, sz, group)
-    assert got.dtype == torch.float32 and got.shape == (11, n)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
     err = (got - want).abs().max().item()
     torch_err = (torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), packed, group, sz).float() - want).abs().max()
     assert err < 1e-4 * want.abs().max().item() and err < torch_err.item() / 20
 
 
-@pytest.mark.parametrize("n, k", [(4, 8), (7, 13), (256, 640), (61, 2048), (1030, 100)])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n, k", [(4, 8), (8, 16), (7, 13), (256, 640), (61, 2048), (1030, 100)])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype):
-    """Weight rows not a multiple of eight and inputs not a multiple of eight take the kernel's scalar tails;
-    11 rows of x: a chunk of 8 and one of 3 (each code widened once per chunk), and one row on its own path."""
+def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype, rows):
+    """Weight rows not a multiple of eight (one row of x) or three (tiles of several) and inputs not a multiple
+    of eight take the kernel's tails."""
     g = torch.Generator().manual_seed(n * k)
-    w, x = torch.randn(n, k, generator=g), torch.randn(11, k, generator=g)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
     q, s = quantize_int8(w, scale_dtype)
     want = x @ (q.float() * s.float()[:, None]).T
-    got = torch.cat([gemv.int8(x, q, s), gemv.int8(x[:1], q, s)])
-    want = torch.cat([want, want[:1]])
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+    assert torch.allclose(gemv.int8(x, q, s), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
 
 
 def test_kernels_refuse_operands_they_cannot_read():
@@ -154,17 +158,18 @@ def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch):
     assert gemv.unavailable() is None
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n, k", [(8, 16), (7, 13), (61, 2048), (1030, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_float_kernel_is_the_fp32_product(n, k, dtype):
-    """fp32 and bf16 weights read in place: the fp32 product over the row and K tails, 11 rows (a chunk of 8,
-    one of 3) and one row on its own path; bf16 activations give a bf16 out, the fp32 sum rounded once."""
+def test_float_kernel_is_the_fp32_product(n, k, dtype, rows):
+    """fp32 and bf16 weights read in place: the fp32 product over the row and K tails; bf16 activations give a
+    bf16 out, the fp32 sum rounded once."""
     g = torch.Generator().manual_seed(n + k)
-    w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(11, k, generator=g)
+    w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(rows, k, generator=g)
     want = x @ w.float().T
-    got = torch.cat([gemv.floats(x, w), gemv.floats(x[:1], w)])
+    got = gemv.floats(x, w)
     assert got.dtype == torch.float32
-    assert torch.allclose(got, torch.cat([want, want[:1]]), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     xb = x.bfloat16()
     got16, want16 = gemv.floats(xb, w), xb.float() @ w.float().T
     assert got16.dtype == torch.bfloat16
@@ -266,13 +271,14 @@ def test_bf16_engines_send_decode_rows_past_fbgemm(monkeypatch):
     assert (got.float()[0] - want.float()).abs().max() < 0.03 * want.float().abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 9])
 @pytest.mark.parametrize("k", [640, 3000])
-def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k):
+def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows):
     """The screen's pass: x rounded to an integer grid (coarser past K = 2064, so int32 sums cannot overflow even
     with an outlier 1000x the rest), summed exactly: the float64 product of the x~ it reports, to fp32's last
     bits; |x - x~| and |x~| as reported."""
     g = torch.Generator().manual_seed(k)
-    w, x = torch.randn(300, k, generator=g), torch.randn(9, k, generator=g)
+    w, x = torch.randn(301, k, generator=g), torch.randn(rows, k, generator=g)  # 301: tails of 8 and of 3
     x[:, 7] = 1000.0  # every row's largest value sets its grid: the rest keep few bits
     q, s = quantize_int8(w, torch.float32)
     got, rounding, rounded_norm = gemv.screen_int8(x, q, s)

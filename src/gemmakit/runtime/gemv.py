@@ -24,8 +24,9 @@ int32 with 16-bit multiply-adds: twice the products an instruction of fp32 FMAs,
 262k-row head at several rows (docs/performance.md has what that gains on CPU B).
 
 Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS` / `FLOAT_ROWS`, a batch-8 step): for
-several rows of x each weight is widened once and serves them all, which beats torch's kernels there too on
-cold weights (benchmarks/cpu_products.py); prompts keep the plan's GEMM paths.
+several rows of x each weight is widened once per pass of up to four rows, in tiles that keep a dozen sums in
+registers, so a batch-8 step is bound by the multiply-adds rather than by the loads feeding them; that beats
+torch's kernels there too on cold weights (benchmarks/cpu_products.py). Prompts keep the plan's GEMM paths.
 
 The C++ is built at run time with torch's extension builder, once per machine, torch version and kernel
 source (kept in `~/.cache/gemmakit/kernels`), and only on x86 CPUs where ATen runs AVX2 or wider. Anything

@@ -12,8 +12,8 @@
 // zeros ([K/G, N, 2] bf16, (scale, zero) interleaved) are read as 32 contiguous pairs.
 //   y[n] = sum_g scale[g,n] * sum_{k in g} q[n,k] x[k] + (zero[g,n] - 8 scale[g,n]) * sum_{k in g} x[k]
 // int8: plain [N, K] codes with one scale per row (bf16 or fp32), vectorised along K: for one row of x eight
-// weight rows at a time, so each load of x serves eight rows; for several, one weight row at a time, each
-// widened code serving every row of x.
+// weight rows at a time, so each load of x serves eight rows; for several, tiles of 3 weight rows by up to 4
+// rows of x, so each widened code serves four rows of x and each load of x three weight rows.
 // fp32 / bf16: the model's own weights in place, arranged as int8's.
 // int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums.
 #include <ATen/ATen.h>
@@ -67,10 +67,12 @@ void int4_block(const float* x, const float* group_sums, const uint8_t* codes, c
   for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * 8, out[j]);
 }
 
-// M (2..kMaxRows) rows of x against one block: each code is widened to float once and serves every row. The
-// block is taken 8 output rows at a time so the M accumulators stay in registers; each group's partial sums
-// are folded into y in memory (once per group, not per input).
-constexpr int kMaxRows = 8;
+// M (2..kInt4Rows) rows of x against one block: each code is widened to float once and serves every row. The
+// block is taken 16 output rows at a time, the low and high nibbles of the same 8 bytes (rows 8h..8h+7 and
+// 16+8h..16+8h+7), so one load feeds 2M multiply-adds and the 2M accumulators stay in registers; each group's
+// partial sums are folded into y in memory (once per group, not per input). More rows of x take another pass
+// over the block, by then in L1.
+constexpr int kInt4Rows = 4;
 
 template <int M>
 void int4_block_rows(const float* x, const float* group_sums, const uint8_t* codes, const uint16_t* sz,
@@ -78,24 +80,31 @@ void int4_block_rows(const float* x, const float* group_sums, const uint8_t* cod
   const __m256i low = _mm256_set1_epi32(0x0F);
   const __m256 eight = _mm256_set1_ps(8.0f);
   const int64_t groups = k / group;
-  for (int j = 0; j < 4; ++j) {  // output rows 8j..8j+7: bytes 8(j % 2).. of each input, nibble j / 2
-    const uint8_t* slice = codes + (j % 2) * 8;
+  for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of each input: output rows 8h.. (low) and 16 + 8h.. (high)
+    const uint8_t* slice = codes + h * 8;
     for (int64_t g = 0; g < groups; ++g) {
-      __m256 acc[M];
-      for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+      __m256 acc[M][2];
+      for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
       for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-        __m256i lanes = bytes_to_lanes(slice + i * 16);
-        lanes = j < 2 ? _mm256_and_si256(lanes, low) : _mm256_srli_epi32(lanes, 4);
-        const __m256 w = _mm256_cvtepi32_ps(lanes);
-        for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + r * k + i), acc[r]);
+        const __m256i lanes = bytes_to_lanes(slice + i * 16);
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));
+        for (int r = 0; r < M; ++r) {
+          const __m256 xr = _mm256_broadcast_ss(x + r * k + i);
+          acc[r][0] = _mm256_fmadd_ps(lo, xr, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(hi, xr, acc[r][1]);
+        }
       }
-      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (g * n) * 2 + j * 16));
-      const __m256 scale = bf16_pairs_low(p), offset = _mm256_fnmadd_ps(eight, scale, bf16_pairs_high(p));
-      for (int r = 0; r < M; ++r) {
-        float* out = y + r * n + j * 8;
-        const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-        const __m256 part = _mm256_fmadd_ps(offset, _mm256_set1_ps(group_sums[r * groups + g]), before);
-        _mm256_storeu_ps(out, _mm256_fmadd_ps(scale, acc[r], part));
+      for (int half = 0; half < 2; ++half) {
+        const int j = h + 2 * half;  // output rows 8j..8j+7
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (g * n) * 2 + j * 16));
+        const __m256 scale = bf16_pairs_low(p), offset = _mm256_fnmadd_ps(eight, scale, bf16_pairs_high(p));
+        for (int r = 0; r < M; ++r) {
+          float* out = y + r * n + j * 8;
+          const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+          const __m256 part = _mm256_fmadd_ps(offset, _mm256_set1_ps(group_sums[r * groups + g]), before);
+          _mm256_storeu_ps(out, _mm256_fmadd_ps(scale, acc[r][half], part));
+        }
       }
     }
   }
@@ -103,9 +112,8 @@ void int4_block_rows(const float* x, const float* group_sums, const uint8_t* cod
 
 using BlockRows = void (*)(const float*, const float*, const uint8_t*, const uint16_t*, int64_t, int64_t, int64_t,
                            float*);
-constexpr BlockRows kBlockRows[kMaxRows + 1] = {nullptr, nullptr, int4_block_rows<2>, int4_block_rows<3>,
-                                                int4_block_rows<4>, int4_block_rows<5>, int4_block_rows<6>,
-                                                int4_block_rows<7>, int4_block_rows<8>};
+constexpr BlockRows kBlockRows[kInt4Rows + 1] = {nullptr, int4_block, int4_block_rows<2>, int4_block_rows<3>,
+                                                 int4_block_rows<4>};
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                      int64_t group) {
@@ -130,10 +138,9 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      for (int64_t r = 0; r < m; r += kMaxRows) {  // rows of x in chunks of up to kMaxRows, each reading the block once
-        const int64_t rows = std::min<int64_t>(kMaxRows, m - r);
-        const auto kernel = rows > 1 ? kBlockRows[rows] : int4_block;
-        kernel(xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k, group,
+      for (int64_t r = 0; r < m; r += kInt4Rows) {  // rows of x in chunks of up to kInt4Rows
+        const int64_t rows = std::min<int64_t>(kInt4Rows, m - r);
+        kBlockRows[rows](xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k, group,
                yp + r * n + b * kBlock);
       }
   });
@@ -190,45 +197,70 @@ void rows8(const float* x, const W* w, int64_t k, float* dots) {
   }
 }
 
-// M (1..kMaxRows) rows of x against one weight row: each weight is widened once and serves every row of x,
-// whose loads fold into the multiply-adds. out[r * ldy] = row . x[r].
-template <typename W, int M>
-void row_rows(const float* x, const W* w, int64_t k, float* out, int64_t ldy) {
-  __m256 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+// Several rows of x: tiles of up to kTileX rows of x by kTileW weight rows, kTileX * kTileW accumulators. Each
+// widened weight vector serves the tile's rows of x and each load of x its weight rows, so the multiply-adds,
+// not the loads feeding them, bound the loop (one weight row against every row of x needed a load per
+// multiply-add). 4 x 3 accumulators, 3 weight vectors and one of x fill the 16 vector registers; more rows of x
+// take another pass over the same weight rows, by then in L1.
+constexpr int kTileX = 4, kTileW = 3;
+
+template <typename W, int M, int J>
+void tile(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const char* next) {
+  __m256 acc[M][J];
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
   int64_t i = 0;
+  // The next tile's weight rows (contiguous, kTileW * k values), asked for early a few lines a step: by the end
+  // of this pass they are in cache (a pass at a few rows of x computes too little to hide their latency).
+  constexpr int kLines = (kTileW * 8 * static_cast<int>(sizeof(W)) + 63) / 64;
   for (; i + 8 <= k; i += 8) {
-    const __m256 wv = widen8(w + i);
-    for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * k + i), acc[r]);
+    if (next != nullptr)
+      for (int l = 0; l < kLines; ++l) _mm_prefetch(next + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T0);
+    __m256 wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = widen8(w + j * k + i);
+    for (int r = 0; r < M; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * k + i);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(wv[j], xv, acc[r][j]);
+    }
   }
-  for (int r = 0; r < M; ++r) {
-    float d = hsum(acc[r]);
-    for (int64_t t = i; t < k; ++t) d += widen1(w[t]) * x[r * k + t];
-    out[r * ldy] = d;
-  }
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) {
+      float d = hsum(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) d += widen1(w[j * k + t]) * x[r * k + t];
+      out[r * ldy + j] = d;
+    }
 }
 
-// y [m, n] = x [m, k] . (w [n, k] * scale(row))^T, fp32. One row of x: eight weight rows at a time; several:
-// chunks of up to kMaxRows rows, each weight row read once per chunk.
+// tile<W, M, J> for M in 1..kTileX and J in 1..kTileW, as a table indexed [M - 1][J - 1].
+template <typename W, typename Out>
+struct Tiles {
+  using Fn = void (*)(const float*, const W*, int64_t, Out*, int64_t, const char*);
+};
+template <typename W>
+constexpr typename Tiles<W, float>::Fn kFloatTiles[kTileX][kTileW] = {
+    {tile<W, 1, 1>, tile<W, 1, 2>, tile<W, 1, 3>}, {tile<W, 2, 1>, tile<W, 2, 2>, tile<W, 2, 3>},
+    {tile<W, 3, 1>, tile<W, 3, 2>, tile<W, 3, 3>}, {tile<W, 4, 1>, tile<W, 4, 2>, tile<W, 4, 3>}};
+
+// y [m, n] = x [m, k] . (w [n, k] * scale(row))^T, fp32. One row of x: eight weight rows at a time (rows8);
+// several: tiles, kTileW weight rows at a time against every row of x.
 template <typename W, typename Scale>
 void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, float* yp, Scale scale) {
-  using RowRows = void (*)(const float*, const W*, int64_t, float*, int64_t);
-  static constexpr RowRows kTable[kMaxRows + 1] = {
-      nullptr, row_rows<W, 1>, row_rows<W, 2>, row_rows<W, 3>, row_rows<W, 4>,
-      row_rows<W, 5>, row_rows<W, 6>, row_rows<W, 7>, row_rows<W, 8>};
   if (m == 0 || n == 0) return;  // the one-row path below would write a row that is not there
   const int64_t bytes = k * static_cast<int64_t>(sizeof(W));
   if (m > 1) {
-    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
-      at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes, 1)), [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          float* out = yp + r0 * n + j;
-          kTable[rows](xp + r0 * k, wp + j * k, k, out, n);
-          for (int64_t r = 0; r < rows; ++r) out[r * n] *= scale(j);
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes * kTileW, 1));  // in groups
+    at::parallel_for(0, (n + kTileW - 1) / kTileW, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
+        for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
+          const int64_t rows = std::min<int64_t>(kTileX, m - r0);
+          const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(wp + (j0 + kTileW) * k) : nullptr;
+          kFloatTiles<W>[rows - 1][cols - 1](xp + r0 * k, wp + j0 * k, k, yp + r0 * n + j0, n, next);
         }
-      });
-    }
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = j0; j < j0 + cols; ++j) yp[r * n + j] *= scale(j);
+      }
+    });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes * kRows8, 1));  // in row groups
@@ -238,7 +270,7 @@ void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, fl
       if (row + kRows8 <= n) {
         rows8(xp, wp + row * k, k, yp + row);
       } else {
-        for (int64_t j = row; j < n; ++j) row_rows<W, 1>(xp, wp + j * k, k, yp + j, n);
+        for (int64_t j = row; j < n; ++j) tile<W, 1, 1>(xp, wp + j * k, k, yp + j, n, nullptr);
       }
       for (int64_t j = row; j < std::min<int64_t>(row + kRows8, n); ++j) yp[j] *= scale(j);
     }
@@ -309,22 +341,29 @@ inline int32_t hsum_i32(__m256i v) {
 // int32 by multiply-add pairs of 16-bit lanes, twice the multiply-adds an instruction of fp32 FMA (a screen's
 // many-row pass over the head is bound by them). The sums are exact while 127 * max|x16| * K < 2^31, which
 // the caller keeps (gemv.screen_int8). out = float(sum) * x_scale[r] * scales[j].
-template <int M>
-void int16_rows(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int64_t ldy) {
-  __m256i acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_si256();
+// Several rows of x: tiles as the float kernels' (tile), int32 accumulators; a 16-bit vector holds 16 values.
+template <int M, int J>
+void int16_tile(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int64_t ldy, const char* next) {
+  __m256i acc[M][J];
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
-    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-    for (int r = 0; r < M; ++r)
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w, _mm256_loadu_si256(
-                                                          reinterpret_cast<const __m256i*>(x + r * k + i))));
+    if (next != nullptr) _mm_prefetch(next + i * kTileW, _MM_HINT_T0);
+    __m256i w[J];
+    for (int j = 0; j < J; ++j)
+      w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * k + i)));
+    for (int r = 0; r < M; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * k + i));
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(w[j], xv));
+    }
   }
-  for (int r = 0; r < M; ++r) {
-    int32_t d = hsum_i32(acc[r]);
-    for (int64_t t = i; t < k; ++t) d += static_cast<int32_t>(q[t]) * x[r * k + t];
-    dots[r * ldy] = d;
-  }
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) {
+      int32_t d = hsum_i32(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) d += static_cast<int32_t>(q[j * k + t]) * x[r * k + t];
+      dots[r * ldy + j] = d;
+    }
 }
 
 // One row of x against kRows8 weight rows at once (rows r..r+7 of q): each load of x serves eight rows, and
@@ -359,9 +398,10 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
               x_scale.is_contiguous(), "x_scale: contiguous fp32 [M]");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
               "scales: contiguous fp32 [N]");
-  using Rows = void (*)(const int16_t*, const int8_t*, int64_t, int32_t*, int64_t);
-  static constexpr Rows kTable[kMaxRows + 1] = {nullptr, int16_rows<1>, int16_rows<2>, int16_rows<3>, int16_rows<4>,
-                                                int16_rows<5>, int16_rows<6>, int16_rows<7>, int16_rows<8>};
+  using Tile = void (*)(const int16_t*, const int8_t*, int64_t, int32_t*, int64_t, const char*);
+  static constexpr Tile kTiles[kTileX][kTileW] = {
+      {int16_tile<1, 1>, int16_tile<1, 2>, int16_tile<1, 3>}, {int16_tile<2, 1>, int16_tile<2, 2>, int16_tile<2, 3>},
+      {int16_tile<3, 1>, int16_tile<3, 2>, int16_tile<3, 3>}, {int16_tile<4, 1>, int16_tile<4, 2>, int16_tile<4, 3>}};
   auto y = at::empty({m, n}, x16.options().dtype(at::kFloat));
   const int16_t* xp = x16.data_ptr<int16_t>();
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -379,7 +419,7 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
           for (int j = 0; j < kRows8; ++j) yp[row + j] = static_cast<float>(dots[j]) * xs[0] * ws[row + j];
         } else {
           for (int64_t j = row; j < n; ++j) {
-            int16_rows<1>(xp, qp + j * k, k, dots, 1);
+            int16_tile<1, 1>(xp, qp + j * k, k, dots, 1, nullptr);
             yp[j] = static_cast<float>(dots[0]) * xs[0] * ws[j];
           }
         }
@@ -387,16 +427,21 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
     });
     return y;
   }
-  for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-    const int64_t rows = std::min<int64_t>(kMaxRows, m - r0);
-    at::parallel_for(0, n, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
-      int32_t dots[kMaxRows];
-      for (int64_t j = begin; j < end; ++j) {
-        kTable[rows](xp + r0 * k, qp + j * k, k, dots, 1);
-        for (int64_t r = 0; r < rows; ++r) yp[(r0 + r) * n + j] = static_cast<float>(dots[r]) * xs[r0 + r] * ws[j];
+  at::parallel_for(0, (n + kTileW - 1) / kTileW, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kTileW, 1)),
+                   [&](int64_t begin, int64_t end) {
+    int32_t dots[kTileX * kTileW];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
+      for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
+        const int64_t rows = std::min<int64_t>(kTileX, m - r0);
+        const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(qp + (j0 + kTileW) * k) : nullptr;
+        kTiles[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < cols; ++j)
+            yp[(r0 + r) * n + j0 + j] = static_cast<float>(dots[r * kTileW + j]) * xs[r0 + r] * ws[j0 + j];
       }
-    });
-  }
+    }
+  });
   return y;
 }
 
