@@ -140,8 +140,8 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
     for (int64_t b = begin; b < end; ++b)
       for (int64_t r = 0; r < m; r += kInt4Rows) {  // rows of x in chunks of up to kInt4Rows
         const int64_t rows = std::min<int64_t>(kInt4Rows, m - r);
-        kBlockRows[rows](xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k, group,
-               yp + r * n + b * kBlock);
+        kBlockRows[rows](xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k,
+                         group, yp + r * n + b * kBlock);
       }
   });
   return y;
@@ -160,7 +160,8 @@ inline __m256 widen8(const int8_t* p) {
 }
 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 widen8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
 inline float widen1(int8_t v) { return static_cast<float>(v); }
 inline float widen1(float v) { return v; }
@@ -232,12 +233,10 @@ void tile(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const 
 }
 
 // tile<W, M, J> for M in 1..kTileX and J in 1..kTileW, as a table indexed [M - 1][J - 1].
-template <typename W, typename Out>
-struct Tiles {
-  using Fn = void (*)(const float*, const W*, int64_t, Out*, int64_t, const char*);
-};
 template <typename W>
-constexpr typename Tiles<W, float>::Fn kFloatTiles[kTileX][kTileW] = {
+using Tile = void (*)(const float*, const W*, int64_t, float*, int64_t, const char*);
+template <typename W>
+constexpr Tile<W> kFloatTiles[kTileX][kTileW] = {
     {tile<W, 1, 1>, tile<W, 1, 2>, tile<W, 1, 3>}, {tile<W, 2, 1>, tile<W, 2, 2>, tile<W, 2, 3>},
     {tile<W, 3, 1>, tile<W, 3, 2>, tile<W, 3, 3>}, {tile<W, 4, 1>, tile<W, 4, 2>, tile<W, 4, 3>}};
 
@@ -254,7 +253,9 @@ void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, fl
         const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
         for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
           const int64_t rows = std::min<int64_t>(kTileX, m - r0);
-          const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(wp + (j0 + kTileW) * k) : nullptr;
+          // (x86 prefetches never fault, so the last tile's may run past the weight's end.)
+          const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(wp + (j0 + kTileW) * k)
+                                                        : nullptr;
           kFloatTiles<W>[rows - 1][cols - 1](xp + r0 * k, wp + j0 * k, k, yp + r0 * n + j0, n, next);
         }
         for (int64_t r = 0; r < m; ++r)
@@ -434,7 +435,8 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
       const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
       for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
         const int64_t rows = std::min<int64_t>(kTileX, m - r0);
-        const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(qp + (j0 + kTileW) * k) : nullptr;
+        const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(qp + (j0 + kTileW) * k)
+                                                      : nullptr;
         kTiles[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < cols; ++j)
