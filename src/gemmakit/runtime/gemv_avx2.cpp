@@ -240,30 +240,41 @@ constexpr Tile<W> kFloatTiles[kTileX][kTileW] = {
     {tile<W, 1, 1>, tile<W, 1, 2>, tile<W, 1, 3>}, {tile<W, 2, 1>, tile<W, 2, 2>, tile<W, 2, 3>},
     {tile<W, 3, 1>, tile<W, 3, 2>, tile<W, 3, 3>}, {tile<W, 4, 1>, tile<W, 4, 2>, tile<W, 4, 3>}};
 
+// Walks an [m, n] product of weight w [n, k] in tiles, in parallel over groups of kTileW weight rows, calling
+// fn(j0, cols, r0, rows, next) for weight rows j0.. and rows r0.. of x. `next` is the following group's first
+// weight row on a group's first pass (for its prefetches: x86 prefetches never fault, so the last group's may
+// run past the weight's end), else null.
+template <typename W, typename Fn>
+void for_each_tile(const W* w, int64_t m, int64_t n, int64_t k, Fn&& fn) {
+  const int64_t bytes = k * kTileW * static_cast<int64_t>(sizeof(W));
+  at::parallel_for(0, (n + kTileW - 1) / kTileW, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
+      for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
+        const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(w + (j0 + kTileW) * k)
+                                                      : nullptr;
+        fn(j0, cols, r0, std::min<int64_t>(kTileX, m - r0), next);
+      }
+    }
+  });
+}
+
 // y [m, n] = x [m, k] . (w [n, k] * scale(row))^T, fp32. One row of x: eight weight rows at a time (rows8);
 // several: tiles, kTileW weight rows at a time against every row of x.
 template <typename W, typename Scale>
 void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, float* yp, Scale scale) {
   if (m == 0 || n == 0) return;  // the one-row path below would write a row that is not there
-  const int64_t bytes = k * static_cast<int64_t>(sizeof(W));
   if (m > 1) {
-    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes * kTileW, 1));  // in groups
-    at::parallel_for(0, (n + kTileW - 1) / kTileW, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
-        for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
-          const int64_t rows = std::min<int64_t>(kTileX, m - r0);
-          // (x86 prefetches never fault, so the last tile's may run past the weight's end.)
-          const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(wp + (j0 + kTileW) * k)
-                                                        : nullptr;
-          kFloatTiles<W>[rows - 1][cols - 1](xp + r0 * k, wp + j0 * k, k, yp + r0 * n + j0, n, next);
-        }
-        for (int64_t r = 0; r < m; ++r)
-          for (int64_t j = j0; j < j0 + cols; ++j) yp[r * n + j] *= scale(j);
-      }
+    for_each_tile(wp, m, n, k, [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
+      float* out = yp + r0 * n + j0;
+      kFloatTiles<W>[rows - 1][cols - 1](xp + r0 * k, wp + j0 * k, k, out, n, next);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < cols; ++j) out[r * n + j] *= scale(j0 + j);
     });
     return;
   }
+  const int64_t bytes = k * static_cast<int64_t>(sizeof(W));
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes * kRows8, 1));  // in row groups
   at::parallel_for(0, (n + kRows8 - 1) / kRows8, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -428,21 +439,12 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
     });
     return y;
   }
-  at::parallel_for(0, (n + kTileW - 1) / kTileW, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kTileW, 1)),
-                   [&](int64_t begin, int64_t end) {
+  for_each_tile(qp, m, n, k, [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
     int32_t dots[kTileX * kTileW];
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
-      for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
-        const int64_t rows = std::min<int64_t>(kTileX, m - r0);
-        const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(qp + (j0 + kTileW) * k)
-                                                      : nullptr;
-        kTiles[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < cols; ++j)
-            yp[(r0 + r) * n + j0 + j] = static_cast<float>(dots[r * kTileW + j]) * xs[r0 + r] * ws[j0 + j];
-      }
-    }
+    kTiles[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j)
+        yp[(r0 + r) * n + j0 + j] = static_cast<float>(dots[r * kTileW + j]) * xs[r0 + r] * ws[j0 + j];
   });
   return y;
 }
