@@ -36,7 +36,7 @@ def cluster(default_model, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gemmakit.cli", "serve", "--replicas", "2", "--port", str(port),
                                  "--context", "256", "--max-batch", "2", "--log-level", "warning"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     replicas: set[str] = set()
@@ -54,12 +54,28 @@ def cluster(default_model, tmp_path_factory):
         proc.terminate()
         pytest.fail(f"two replicas did not come up: {log.read_text()[-3000:]}")
     yield url
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: serve.run returns and the local Ray cluster shuts down
+    # What a supervisor sends, and what reaches a server a shell started in the background (such a job ignores
+    # Ctrl-C): Ray's own handler in the driver shuts the local cluster down.
+    proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    left = _wait_until_gone(proc.pid, seconds=30)
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    assert proc.returncode != -signal.SIGKILL, f"SIGTERM did not stop the server: {log.read_text()[-3000:]}"
+    assert not left, f"processes of the local Ray cluster outlived the server: {left}"
+
+
+def _wait_until_gone(session: int, seconds: float) -> list[str]:
+    """What still runs in session `session` (the server leads its own) after up to `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--sid", str(session)], capture_output=True, text=True).stdout
+        left = [line.strip() for line in out.splitlines() if line.strip()]
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(1)
 
 
 def test_two_replicas_answer_behind_one_endpoint(cluster):
