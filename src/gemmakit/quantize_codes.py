@@ -26,7 +26,10 @@ from torch import Tensor
 
 GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accept
 COMPUTE_DTYPE = torch.bfloat16
-_ROWS = 2048  # rows quantized at once: bounds the fp32 temporaries of a 262k-row vocabulary (a multiple of 64)
+# Rows quantized at once, a multiple of 64. Small enough that each fp32 temporary of a 640-wide row block stays
+# under a megabyte: glibc maps larger blocks afresh and trims freed ones back, so with big chunks the int4 fit of
+# a 262k-row vocabulary spends most of a model load faulting in new pages (tests/test_quantize.py times it).
+_ROWS = 256
 
 
 def _by_rows(fn: Callable[[Tensor], tuple[Tensor, ...]], w: Tensor) -> tuple[Tensor, ...]:
@@ -90,28 +93,30 @@ def _fit_int4_groups(g: Tensor, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8),
         scale = _bf16((hi - lo) * shrink / 15).clamp(min=1e-6)
         zero = _bf16((lo + hi) / 2 + 0.5 * scale)  # code 8 decodes to `zero`: the grid centred on the range
         for _ in range(refits):
-            scale, zero = _refit(g, _codes(g, scale, zero) - 8, scale)
+            scale, zero = _refit(g, _codes(g, scale, zero).sub_(8), scale)
         q = _codes(g, scale, zero)
-        err = ((q - 8) * scale + zero - g).square().sum(0, keepdim=True)
+        err = (q - 8).mul_(scale).add_(zero).sub_(g).square_().sum(0, keepdim=True)
         if best is None:
             best = (err, q, scale, zero)
         else:
             better = err < best[0]
-            best = tuple(torch.where(better, new, old) for new, old in zip((err, q, scale, zero), best, strict=True))
+            for old, new in zip(best, (err, q, scale, zero), strict=True):
+                torch.where(better, new, old, out=old)
     _, q, scale, zero = best
     return q.T.reshape(shape), scale.T.reshape(*shape[:-1], 1), zero.T.reshape(*shape[:-1], 1)
 
 
 def _codes(g: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    return ((g - zero) / scale).round().add(8).clamp(0, 15)
+    return (g - zero).div_(scale).round_().add_(8).clamp_(0, 15)
 
 
 def _refit(g: Tensor, c: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """Least-squares (scale, zero) of g ~ scale * c + zero per group (a column of g), rounded to bf16 as the
     kernel keeps them."""
     cm, gm = c.mean(0, keepdim=True), g.mean(0, keepdim=True)
-    var = (c - cm).square().mean(0, keepdim=True)
-    cov = ((c - cm) * (g - gm)).mean(0, keepdim=True)
+    c = c.sub_(cm)  # the caller's codes are not needed after the refit: center them in place
+    var = c.square().mean(0, keepdim=True)
+    cov = c.mul_(g - gm).mean(0, keepdim=True)
     new_scale = torch.where(var > 0, cov / var.clamp(min=1e-12), scale).clamp(min=1e-6)  # one code: keep scale
     return _bf16(new_scale), _bf16(gm - new_scale * cm)
 
