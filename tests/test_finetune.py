@@ -192,7 +192,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "gemmakit.cli", "finetune", "-q", *args]
 
 
-def _flags(tiny_dir: Path, out: Path, steps: int = 40) -> list[str]:
+def _flags(tiny_dir: Path, out: Path, steps: int = 24) -> list[str]:
     return ["--model", str(tiny_dir), "--data", str(SFT), "--out", str(out), "--chat-format", "gemma3",
             "--max-steps", str(steps), "--batch-size", "4", "--lr", "5e-3", "--save-every", "3", "--eval-every",
             "0", "--lora-dropout", "0.1", "--max-length", "256"]
@@ -221,14 +221,14 @@ def test_kill_9_then_resume_continues_the_same_loss_curve(tiny_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr
     whole, resumed = losses(tmp_path / "whole"), losses(out)
-    assert len(resumed) == len(whole) == 40  # no step lost, none logged twice
+    assert len(resumed) == len(whole) == 24  # no step lost, none logged twice
     torch.testing.assert_close(resumed, whole, rtol=1e-5, atol=1e-6)  # dropout RNG and AdamW state restored
 
 
 def test_ctrl_c_saves_then_resume_finishes(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(*_flags(tiny_dir, out, steps=60)), env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(*_flags(tiny_dir, out, steps=30)), env=env, stderr=subprocess.PIPE, text=True)
     _wait_for(out / "checkpoints" / "step-000003", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -236,10 +236,10 @@ def test_ctrl_c_saves_then_resume_finishes(tiny_dir, tmp_path):
     assert "interrupted: saved step" in err
     saved = int(err.split("interrupted: saved step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step-{saved:06d}").is_dir() and len(losses(out)) == saved
-    done = subprocess.run(_cli(*_flags(tiny_dir, out, steps=60), "--resume"), env=env, capture_output=True,
+    done = subprocess.run(_cli(*_flags(tiny_dir, out, steps=30), "--resume"), env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
-    assert len(losses(out)) == 60 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(losses(out)) == 30 and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
