@@ -97,10 +97,10 @@ def requantize(src: Path, dst: Path, name: str) -> str | None:
 
 def type_mix(path: Path) -> str:
     """The file's matrix types by share of their weights, largest first (norms and other 1-D tensors left out)."""
-    import gguf
+    from gemmakit.checkpoints.gguf_reader import open_gguf  # the stock reader walks the vocabulary entry by entry
 
     counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(path).tensors:
+    for t in open_gguf(path).tensors:
         if len(t.shape) >= 2:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
     total = sum(counts.values())
