@@ -28,7 +28,7 @@ GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accep
 COMPUTE_DTYPE = torch.bfloat16
 # Rows quantized at once, a multiple of 64. Small enough that each fp32 temporary of a 640-wide row block stays
 # under a megabyte: glibc maps larger blocks afresh and trims freed ones back, so with big chunks the int4 fit of
-# a 262k-row vocabulary spends most of a model load faulting in new pages (tests/test_quantize.py times it).
+# a 262k-row vocabulary spent most of a model load faulting in new pages (`benchmarks/load_time.py --quantize int4`).
 _ROWS = 256
 
 
