@@ -352,9 +352,9 @@ def test_quantize_while_loading_equals_quantizing_after(variant, mode, tmp_path)
 
 def test_chunked_int4_packing_equals_whole_matrix_packing():
     """A table taller than the quantizer's row chunk (with a ragged last chunk) packs exactly as one piece."""
-    from gemmakit.quantize_codes import _ROWS, pack_int4, pack_nibbles, quantize_int4, quantize_int4_packed
+    from gemmakit.quantize_codes import _block_rows, pack_int4, pack_nibbles, quantize_int4, quantize_int4_packed
 
-    w = torch.randn(2 * _ROWS + 64, 64, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(2 * _block_rows(64) + 64, 64, generator=torch.Generator().manual_seed(3))
     packed, sz, nibbles = quantize_int4_packed(w, 32, nibbles=True)
     q, want_sz = quantize_int4(w, 32)
     assert torch.equal(packed, pack_int4(q)) and torch.equal(sz, want_sz) and torch.equal(nibbles, pack_nibbles(q))

@@ -46,9 +46,9 @@ from torch import Tensor, nn
 
 from gemmakit.model import Experts, Gemma, Router
 from gemmakit.quantize_codes import (
-    _ROWS,
     COMPUTE_DTYPE,
     GROUP_SIZES,
+    _block_rows,
     _int8_dtype,
     cpu_int4_block_rows,
     cpu_int4_layout,
@@ -344,7 +344,8 @@ class QuantizedEmbedding(nn.Module):
     def dequantize(self) -> Tensor:
         """The whole table [V, D] in `dtype` (for export or inspection; this is the memory it saves)."""
         ids = torch.arange(self.num_embeddings, device=self.device)
-        return torch.cat([self(chunk) for chunk in ids.split(_ROWS)])  # bounds the index temporaries
+        rows = _block_rows(self.embedding_dim)
+        return torch.cat([self(chunk) for chunk in ids.split(rows)])  # bounds the index temporaries
 
     def extra_repr(self) -> str:
         bits = "int8" if self.group_size is None else f"int4 g{self.group_size}" + (" (in the head)" * self.packed)

@@ -26,15 +26,20 @@ from torch import Tensor
 
 GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes both int4 kernels accept
 COMPUTE_DTYPE = torch.bfloat16
-# Rows quantized at once, a multiple of 64. Small enough that each fp32 temporary of a 640-wide row block stays
-# under a megabyte: glibc maps larger blocks afresh and trims freed ones back, so with big chunks the int4 fit of
-# a 262k-row vocabulary spent most of a model load faulting in new pages (`benchmarks/load_time.py --quantize int4`).
-_ROWS = 256
+# Elements quantized at once. Small enough that each fp32 temporary stays under a megabyte: glibc maps larger
+# blocks afresh and trims freed ones back, so with big blocks the int4 fit of a 262k-row vocabulary spent most
+# of a model load faulting in new pages (`benchmarks/load_time.py --quantize int4`).
+_BLOCK = 256 * 640
+
+
+def _block_rows(in_features: int) -> int:
+    """Rows quantized at once for rows of `in_features`: about `_BLOCK` elements, a multiple of 64."""
+    return max(64, _BLOCK // max(in_features, 1) // 64 * 64)
 
 
 def _by_rows(fn: Callable[[Tensor], tuple[Tensor, ...]], w: Tensor) -> tuple[Tensor, ...]:
     """Apply a row-wise quantizer to `w` in chunks of rows and concatenate each of its outputs."""
-    outs = [fn(chunk) for chunk in w.split(_ROWS)]
+    outs = [fn(chunk) for chunk in w.split(_block_rows(w.shape[-1]))]
     return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
@@ -147,7 +152,8 @@ def pack_int4(q: Tensor) -> Tensor:
     """The kernel layout of codes q [N, K] on their device (see the module docstring)."""
     if q.device.type == "cpu":
         # Packing is independent per block of rows (64 with AVX-512), so chunks keep the int32 copy small.
-        return torch.cat([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1) for c in q.split(_ROWS)])
+        rows = _block_rows(q.shape[-1])
+        return torch.cat([torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1) for c in q.split(rows)])
     k = q.shape[1]
     inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
     return torch._convert_weight_to_int4pack(pack_nibbles(q), inner_k_tiles)
@@ -227,11 +233,12 @@ def unpack_int4_transposed(packed: Tensor, scales: Tensor, zeros: Tensor, rows: 
 
 def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(kernel-packed codes, scales_and_zeros, nibble-packed rows if asked) of w [N, K], `_ROWS` rows at a
-    time: the code matrix of a 262k-row vocabulary is never whole, which keeps quantize-while-loading's peak
+    """(kernel-packed codes, scales_and_zeros, nibble-packed rows if asked) of w [N, K], `_block_rows(K)` rows
+    at a time: the code matrix of a 262k-row vocabulary is never whole, which keeps quantize-while-loading's peak
     memory near the size of the quantized model."""
     outs: list[Tensor | None] = [None, None, None]
-    for i, chunk in enumerate(w.split(_ROWS)):
+    rows = _block_rows(w.shape[-1])
+    for i, chunk in enumerate(w.split(rows)):
         q, sz = quantize_int4(chunk, group_size)
         parts = (pack_int4(q), sz.transpose(0, 1), pack_nibbles(q) if nibbles else None)
         for j, part in enumerate(parts):
@@ -239,7 +246,7 @@ def quantize_int4_packed(w: Tensor, group_size: int, nibbles: bool = False
                 continue
             if outs[j] is None:  # both packed layouts grow linearly with the rows along dim 0
                 outs[j] = part.new_empty((part.shape[0] * w.shape[0] // chunk.shape[0], *part.shape[1:]))
-            start = i * _ROWS * part.shape[0] // chunk.shape[0]
+            start = i * rows * part.shape[0] // chunk.shape[0]
             outs[j][start:start + part.shape[0]] = part
     packed, sz, nib = outs
     return packed, sz.transpose(0, 1).contiguous(), nib
