@@ -87,6 +87,8 @@ def test_linears_send_decode_rows_there_and_keep_prompts_on_torch(monkeypatch):
     model = _int4_gemma()
     linear, values = model.model.layers[0].mlp.gate_proj, model.model.layers[0].self_attn.v_proj
     assert isinstance(linear, Int4Linear) and isinstance(values, Int8Linear)
+    if not gemv.int4_fits(linear.out_features, linear.in_features, linear.group_size):
+        pytest.skip("this machine's int4 packing is not the AVX2 layout (the plan never sends it there)")
     calls, int4, int8 = [], gemv.int4, gemv.int8
     monkeypatch.setattr(gemv, "int4", lambda *a: calls.append(("int4", *a[0].shape)) or int4(*a))
     monkeypatch.setattr(gemv, "int8", lambda *a: calls.append(("int8", *a[0].shape)) or int8(*a))
