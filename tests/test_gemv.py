@@ -1,6 +1,5 @@
-"""gemmakit's decode-step int4 / int8 kernels for AVX2 CPUs (runtime/gemv.py): the dequantized product in fp32,
-whatever the shape's tails and row count, and the engine's plan sends decode steps' products there on CPUs
-without AVX-512.
+"""gemmakit's decode-step AVX2 kernels (runtime/gemv.py): the dequantized product in fp32, whatever the shape's
+tails and row count, and the engine's plan sends decode steps' products there on x86 CPUs (AVX-512 ones too).
 Skipped where the kernels cannot be used (not x86, or ATen held below AVX2), which the plan then says.
 Run: .venv/bin/python -m pytest tests/test_gemv.py
 """
@@ -21,7 +20,6 @@ from gemmakit.quantize_codes import (
     quantize_int8,
 )
 from gemmakit.runtime import gemv
-from gemmakit.runtime.probe import wide_vectors
 from gemmakit.sampling import SamplingParams
 from tests.helpers import greedy_without_cache, tiny
 
@@ -103,10 +101,9 @@ def test_linears_send_decode_rows_there_and_keep_prompts_on_torch(monkeypatch):
 
 
 def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
-    """On a CPU without AVX-512 the plan names the kernels and decode steps run on them, eager and compiled,
-    one row and two (int4), with the tokens of the model on torch's kernels."""
-    if wide_vectors():
-        pytest.skip("AVX-512 here: the plan keeps torch's kernels (tests/test_avx2.py holds a run to AVX2)")
+    """The plan names the kernels and decode steps run on them, eager and compiled, one row and two (int4),
+    with the tokens of the model on torch's kernels. Where torch packs int4 for AVX-512 only the int8 linears
+    take them (the int4 kernel reads the AVX2 packing)."""
     prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
     want = [greedy_without_cache(_int4_gemma(), p, 8) for p in prompts]  # the model alone: torch's kernels
     for compile in (False, True):
@@ -117,7 +114,9 @@ def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
         want_rows = [gemv.INT8_ROWS if isinstance(m, Int8Linear) else gemv.INT4_ROWS
                      if gemv.int4_fits(m.out_features, m.in_features, m.group_size) else 0 for m in linears]
         assert [m.gemv_rows for m in linears] == want_rows
-        assert model.lm_head.gemv_rows and 0 in want_rows  # k_proj's 16 rows are not a whole block of 32
+        if gemv.int4_fits(model.lm_head.out_features, model.lm_head.in_features, model.lm_head.group_size):
+            assert model.lm_head.gemv_rows and 0 in want_rows  # k_proj's 16 rows are not a whole block of 32
+        assert any(want_rows)  # v_proj stays int8 in an int4 model
         got = [r.tokens for r in engine.generate(prompts, params)]
         assert got == want, f"compile={compile}"
 
@@ -131,7 +130,7 @@ def test_turned_off_the_plan_says_so(monkeypatch):
     gemv.unavailable.cache_clear()
     try:
         engine = Engine(_int4_gemma(), max_batch=1, context=64)
-        assert "GEMMAKIT_GEMV=off" in engine.plan.describe() or wide_vectors()
+        assert "GEMMAKIT_GEMV=off" in engine.plan.describe()
         assert not engine.plan.gemv_kernels
         model = _float_gemma(torch.float32)
         assert "gemmakit" not in prepare_weights(model, None, False)
@@ -153,7 +152,7 @@ def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch):
         assert gemv.unavailable() == "gemmakit's AVX2 kernels disagree with the reference here"
         engine = Engine(_int4_gemma(), max_batch=1, context=64)
         assert not engine.plan.gemv_kernels
-        assert "disagree" in engine.plan.describe() or wide_vectors()  # AVX-512: not asked in the first place
+        assert "disagree" in engine.plan.describe()
     finally:
         monkeypatch.setattr(gemv, "int8", right)
         gemv.unavailable.cache_clear()
@@ -229,8 +228,6 @@ def test_fp32_engines_decode_and_screen_on_the_kernels_with_the_models_tokens(co
     from gemmakit.runtime.compiled import compile_supported
     from gemmakit.runtime.plan import prepare_weights
 
-    if wide_vectors():
-        pytest.skip("AVX-512 here: the plan keeps oneDNN's products (tests/test_avx2.py holds a run to AVX2)")
     if compile and not compile_supported("cpu"):
         pytest.skip("torch.compile needs a C++ compiler")
     prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
@@ -251,9 +248,9 @@ def test_bf16_engines_send_decode_rows_past_fbgemm(monkeypatch):
     place: a step's logits are the plain model's to bf16 rounding (the kernel's own exactness: above)."""
     from gemmakit.runtime.packing import HalfLinear
     from gemmakit.runtime.plan import prepare_weights
-    from gemmakit.runtime.probe import fbgemm_fp16
+    from gemmakit.runtime.probe import fbgemm_fp16, onednn_packs
 
-    if wide_vectors() or not fbgemm_fp16():
+    if onednn_packs(torch.bfloat16) or not fbgemm_fp16():
         pytest.skip("the plan takes fbgemm's fp16 products where oneDNN packs no bf16, on x86 torch builds")
     plain, model = _float_gemma(torch.bfloat16), _float_gemma(torch.bfloat16)
     prepare_weights(model, None, False)

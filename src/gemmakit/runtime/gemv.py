@@ -1,8 +1,10 @@
-"""Decode-step products on AVX2 CPUs, int4 / int8 / bf16 / fp32 weights: gemmakit's own kernels (`gemv_avx2.cpp`).
+"""Decode-step products on x86 CPUs, int4 / int8 / bf16 / fp32 weights: gemmakit's own AVX2 kernels (`gemv_avx2.cpp`).
 
 Why our own. A quantized one-row decode step is nearly all weight reading, so its kernels should run at the
-memory's speed. torch's CPU int4 and int8 kernels do on AVX-512, but their AVX2 builds are bound by arithmetic
-instead: on such CPUs they took most of an int4 step (docs/performance.md, "A real AVX2 CPU"). The kernels
+memory's speed. torch's CPU int4 and int8 kernels do on some AVX-512 CPUs, but their AVX2 builds are bound by
+arithmetic instead: on such CPUs they took most of an int4 step (docs/performance.md, "A real AVX2 CPU"). On an
+AVX-512 + AMX Xeon, inductor's int8 reductions and oneDNN's packed fp32 product also streamed below these
+kernels ("CPU C with gemmakit's kernels"), so the plan takes them on every x86 CPU where they build. The kernels
 here do the same sums with the work arranged for 256-bit vectors: the int4 one reads torch's own packing
 (blocks of 32 rows, [K, 16] bytes each), so one 16-byte load is one input for 32 outputs and the kernel
 vectorises over rows (several rows of x widen each code once); the int8 one runs along K, eight weight rows

@@ -18,8 +18,8 @@ live here, not spread over the model's modules:
 |                     | copy / int8 (inductor, or gemmakit's     | whether bf16 products are fast here            |
 |                     | AVX2 kernel) / off                       | (screen.py)                                   |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
-| decode products     | gemmakit's AVX2 kernels / torch's,       | CPU vector width, and whether ours build here  |
-| (int4, int8, float) | oneDNN's, fbgemm's                       | (gemv.py)                                     |
+| decode products     | gemmakit's AVX2 kernels / torch's,       | whether ours build and agree here (x86 CPUs;  |
+| (int4, int8, float) | oneDNN's, fbgemm's                       | int4 in torch's AVX2 packing only: gemv.py)   |
 | decode attention    | SDPA (half precision) / plain ops (fp32) | the activation dtype                          |
 | memory forecast     | what all of the above will hold          | cache.estimate_bytes                          |
 
@@ -36,6 +36,7 @@ from torch import nn
 
 from gemmakit.cache import estimate_bytes
 from gemmakit.media.towers import towers, workspace_bytes
+from gemmakit.quantize_codes import cpu_int4_block_rows
 from gemmakit.runtime import gemv
 from gemmakit.runtime.compiled import compile_supported, decomposes_head
 from gemmakit.runtime.gemv import gemv_linears
@@ -165,14 +166,16 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     if quantization(model) == "int4" and device.type == "cpu":
         why["int4 prompts"] = ("compiled bf16 unpack" if int4_unpack else "int4 kernel (unpack needs compile)"
                                if not compiled else "int4 kernel (no fast bf16 GEMM here)")
+    gemv_here, gemv_why = _gemv_choice() if device.type == "cpu" else (False, "")
     int8_reduce_rows = 0
     if compiled and quantization(model) != "none":
-        int8_reduce_rows, why["int8 decode"] = _int8_choice(device)
-    gemv_here, gemv_why = _gemv_choice() if device.type == "cpu" else (False, "")
+        int8_reduce_rows, why["int8 decode"] = _int8_choice(device, gemv_here)
     takers = quantization(model) != "none" or any(isinstance(m, _GEMV_TAKES) for m in model.modules())
     gemv_kernels = gemv_here and takers
     if device.type == "cpu" and takers:
         why["decode products"] = gemv_why
+        if gemv_here and quantization(model) == "int4" and cpu_int4_block_rows(64) != gemv.BLOCK_ROWS:
+            why["decode products"] += " (int4 weights stay on torch's kernel, in its packing for this CPU)"
     plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed, gemv_here)
     half = dtype in (torch.bfloat16, torch.float16)
     decode_attention = "sdpa" if half else "plain"
@@ -183,27 +186,30 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     return plan
 
 
-def _int8_choice(device: torch.device) -> tuple[int, str]:
-    """(rows, why) for int8 products in compiled decode steps: fused fp32 reductions that inductor vectorises
-    read the codes at close to the memory bandwidth where its vectors are 512 bits wide (every row of a CPU
-    decode step shares one pass; on CUDA only one row beats the kernel), but fall behind the int8 kernel on
-    AVX2 and narrower."""
+def _int8_choice(device: torch.device, gemv_kernels: bool = False) -> tuple[int, str]:
+    """(rows, why) for int8 products in compiled decode steps: gemmakit's AVX2 kernel where the plan took it
+    (`_gemv_choice`); else fused fp32 reductions that inductor vectorises, which read the codes near the memory
+    bandwidth where its vectors are 512 bits wide on some CPUs (every row of a CPU decode step shares one pass;
+    on CUDA only one row beats the kernel), but fall behind torch's int8 kernel on AVX2 and narrower."""
     from gemmakit.quantize import REDUCE_ROWS
 
     if device.type == "cuda":
         return 1, "fused reduction for one row, kernel for more"
+    if gemv_kernels:
+        return 0, "gemmakit's AVX2 kernel"
     if wide_vectors():
         return REDUCE_ROWS, f"fused reductions up to {REDUCE_ROWS} rows (AVX-512 code)"
     return 0, f"int8 kernel (inductor's {inductor_isa() or 'scalar'} reductions are slower)"
 
 
 def _gemv_choice() -> tuple[bool, str]:
-    """(on, why) for gemmakit's own decode-step kernels: where vectors are 256 bits wide, torch's int4 / int8
-    kernels are bound by arithmetic and oneDNN's / fbgemm's float products stream below the bandwidth, and these
-    stream the weights faster (gemv.py); with AVX-512 torch's kernels, oneDNN's packed bf16 and inductor's
-    reductions are the ones measured to run at the memory's speed, so they stay."""
-    if wide_vectors():
-        return False, "torch's kernels (AVX-512 code)"
+    """(on, why) for gemmakit's own decode-step kernels (gemv.py), wherever they build and agree with the
+    reference, AVX-512 CPUs included. On an AVX2 CPU torch's int4 / int8 kernels are bound by arithmetic and
+    oneDNN's / fbgemm's float products stream below the bandwidth; on an AVX-512 + AMX Xeon inductor's int8
+    reductions and oneDNN's packed fp32 product ran below it too, and these streamed the same weights faster
+    (docs/performance.md, "CPU C with gemmakit's kernels"). int4 weights that torch packed in its AVX-512
+    layout (the kernel reads the AVX2 one) stay on torch's int4 kernel, which streams them fast there.
+    `GEMMAKIT_GEMV=off` keeps torch's kernels everywhere."""
     if problem := gemv.unavailable():
         return False, f"torch's kernels ({problem})"
     return True, f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; fp32 activations)"
