@@ -114,8 +114,13 @@ def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
         want_rows = [gemv.INT8_ROWS if isinstance(m, Int8Linear) else gemv.INT4_ROWS
                      if gemv.int4_fits(m.out_features, m.in_features, m.group_size) else 0 for m in linears]
         assert [m.gemv_rows for m in linears] == want_rows
+        stays = "int4 weights stay on torch's kernel, in its packing for this CPU"
         if gemv.int4_fits(model.lm_head.out_features, model.lm_head.in_features, model.lm_head.group_size):
             assert model.lm_head.gemv_rows and 0 in want_rows  # k_proj's 16 rows are not a whole block of 32
+            assert stays not in engine.plan.describe()
+        else:  # torch's AVX-512 packing: no int4 weight fits, and the plan's line says so
+            assert not any(m.gemv_rows for m in linears if isinstance(m, Int4Linear))
+            assert stays in engine.plan.describe()
         assert any(want_rows)  # v_proj stays int8 in an int4 model
         got = [r.tokens for r in engine.generate(prompts, params)]
         assert got == want, f"compile={compile}"

@@ -36,7 +36,6 @@ from torch import nn
 
 from gemmakit.cache import estimate_bytes
 from gemmakit.media.towers import towers, workspace_bytes
-from gemmakit.quantize_codes import cpu_int4_block_rows
 from gemmakit.runtime import gemv
 from gemmakit.runtime.compiled import compile_supported, decomposes_head
 from gemmakit.runtime.gemv import gemv_linears
@@ -174,7 +173,10 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     gemv_kernels = gemv_here and takers
     if device.type == "cpu" and takers:
         why["decode products"] = gemv_why
-        if gemv_here and quantization(model) == "int4" and cpu_int4_block_rows(64) != gemv.BLOCK_ROWS:
+        # The same test `quantize.use_gemv_kernels` applies per linear: none passes where torch packs int4 for
+        # AVX-512 (blocks of 64 rows), so every int4 weight stays on torch's kernel.
+        int4 = [m for m in model.modules() if type(m).__name__ == "Int4Linear"]
+        if gemv_here and int4 and not any(gemv.int4_fits(m.out_features, m.in_features, m.group_size) for m in int4):
             why["decode products"] += " (int4 weights stay on torch's kernel, in its packing for this CPU)"
     plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed, gemv_here)
     half = dtype in (torch.bfloat16, torch.float16)
@@ -186,7 +188,7 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     return plan
 
 
-def _int8_choice(device: torch.device, gemv_kernels: bool = False) -> tuple[int, str]:
+def _int8_choice(device: torch.device, gemv_kernels: bool) -> tuple[int, str]:
     """(rows, why) for int8 products in compiled decode steps: gemmakit's AVX2 kernel where the plan took it
     (`_gemv_choice`); else fused fp32 reductions that inductor vectorises, which read the codes near the memory
     bandwidth where its vectors are 512 bits wide on some CPUs (every row of a CPU decode step shares one pass;
