@@ -27,8 +27,12 @@ pytestmark = pytest.mark.skipif(gemv.unavailable() is not None, reason=f"gemv ke
 
 
 # Rows of x: the one-row path, and chunks of every height the many-row paths take (up to 4 rows a pass: 2;
-# 4 + 1; 4 + 4 + 3).
+# 4 + 1; 4 + 4 + 3; the AVX-512 build's 8 a pass: 2; 5; 8 + 3).
 ROWS = [1, 2, 5, 11]
+# The several-row builds this CPU runs: AVX2 everywhere, AVX-512 (VNNI) and the screen's AMX pass where the plan
+# takes them (gemv.vector_width, gemv.screen_amx), each checked against the same reference.
+WIDE = [False, *([True] * (gemv.vector_width() == 512))]
+SCREEN_ISAS = [0, *([1] * (gemv.vector_width() == 512)), *([2] * gemv.screen_amx())]
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -50,17 +54,18 @@ def test_int4_kernel_is_the_dequantized_product(n, k, group, rows):
     assert err < 1e-4 * want.abs().max().item() and err < torch_err.item() / 20
 
 
+@pytest.mark.parametrize("wide", WIDE, ids=lambda w: "avx512" if w else "avx2")
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n, k", [(4, 8), (8, 16), (7, 13), (256, 640), (61, 2048), (1030, 100)])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype, rows):
+def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype, rows, wide):
     """Weight rows not a multiple of eight (one row of x) or three (tiles of several) and inputs not a multiple
-    of eight take the kernel's tails."""
+    of eight (sixteen in the AVX-512 build) take the kernel's tails."""
     g = torch.Generator().manual_seed(n * k)
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
     q, s = quantize_int8(w, scale_dtype)
     want = x @ (q.float() * s.float()[:, None]).T
-    assert torch.allclose(gemv.int8(x, q, s), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+    assert torch.allclose(gemv.int8(x, q, s, wide), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
 
 
 def test_kernels_refuse_operands_they_cannot_read():
@@ -72,6 +77,8 @@ def test_kernels_refuse_operands_they_cannot_read():
         torch.ops.gemmakit_avx2.int4_gemv(torch.randn(1, 64), packed[:16], sz, 32)
     with pytest.raises(RuntimeError, match="int4 shapes"):
         torch.ops.gemmakit_avx2.int4_gemv(torch.randn(1, 64), packed, sz, 0)  # a group of 0 would divide by 0
+    with pytest.raises(RuntimeError, match="isa is 0"):  # no such pass
+        torch.ops.gemmakit_avx2.int8_screen(torch.ones(1, 16, dtype=torch.int16), torch.ones(1), q, s.float(), 3)
 
 
 def _int4_gemma() -> Gemma:
@@ -164,20 +171,21 @@ def test_a_kernel_that_disagrees_with_the_reference_is_not_used(monkeypatch):
     assert gemv.unavailable() is None
 
 
+@pytest.mark.parametrize("wide", WIDE, ids=lambda w: "avx512" if w else "avx2")
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n, k", [(8, 16), (7, 13), (61, 2048), (1030, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_float_kernel_is_the_fp32_product(n, k, dtype, rows):
+def test_float_kernel_is_the_fp32_product(n, k, dtype, rows, wide):
     """fp32 and bf16 weights read in place: the fp32 product over the row and K tails; bf16 activations give a
     bf16 out, the fp32 sum rounded once."""
     g = torch.Generator().manual_seed(n + k)
     w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(rows, k, generator=g)
     want = x @ w.float().T
-    got = gemv.floats(x, w)
+    got = gemv.floats(x, w, wide)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     xb = x.bfloat16()
-    got16, want16 = gemv.floats(xb, w), xb.float() @ w.float().T
+    got16, want16 = gemv.floats(xb, w, wide), xb.float() @ w.float().T
     assert got16.dtype == torch.bfloat16
     one_step = torch.ldexp(torch.ones_like(want16), torch.frexp(want16).exponent - 8)  # a bf16 step at each value
     assert ((got16.float() - want16).abs() <= one_step + 1e-6 * want16.abs().max()).all()
@@ -248,6 +256,33 @@ def test_fp32_engines_decode_and_screen_on_the_kernels_with_the_models_tokens(co
     assert [engine.generate([p], params)[0].tokens for p in prompts] == want
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_heads_are_screened_through_their_own_codes(dtype, compile, monkeypatch):
+    """An int8 model's greedy steps screen its head's own codes (no copy: the forecast holds only the norms
+    and fp32 scales) and pick the tokens of the same engine with the screen off, one row and two at once."""
+    from gemmakit.runtime.compiled import compile_supported
+
+    if compile and not compile_supported("cpu"):
+        pytest.skip("torch.compile needs a C++ compiler")
+    prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
+    model = quantize_model(_float_gemma(dtype), "int8")
+    plain = Engine(model, max_batch=2, context=64, compile=compile, screen=False)
+    want = [r.tokens for r in plain.generate(prompts, params)]
+    engine = Engine(model, max_batch=2, context=64, compile=compile)
+    assert "head screen: the int8 head's own codes (gemmakit's AVX2 kernel" in engine.plan.describe()
+    screen = engine.runtime.screen
+    assert screen.cheap.data_ptr() == model.lm_head.weight.data_ptr()  # read in place, not copied
+    vocab = model.config.vocab_size
+    fp32_scales_copy = model.lm_head.scales.dtype != torch.float32
+    assert engine.memory["head_screen"] == screen.nbytes == vocab * 4 * (2 + fp32_scales_copy)
+    passes, screen_int8 = [], gemv.screen_int8
+    monkeypatch.setattr(gemv, "screen_int8", lambda x, *a: passes.append(x.shape[0]) or screen_int8(x, *a))
+    assert [r.tokens for r in engine.generate(prompts, params)] == want
+    assert [engine.generate([p], params)[0].tokens for p in prompts] == want
+    assert 2 in passes and 1 in passes and screen.fallbacks < len(passes)
+
+
 def test_bf16_engines_send_decode_rows_past_fbgemm(monkeypatch):
     """A bf16 model's fbgemm linears (prompts) send decode rows to the kernel, which reads the bf16 weight in
     place: a step's logits are the plain model's to bf16 rounding (the kernel's own exactness: above)."""
@@ -275,17 +310,21 @@ def test_bf16_engines_send_decode_rows_past_fbgemm(monkeypatch):
     assert (got.float()[0] - want.float()).abs().max() < 0.03 * want.float().abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 9])
-@pytest.mark.parametrize("k", [640, 3000])
-def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows):
+@pytest.mark.parametrize("isa", SCREEN_ISAS, ids=lambda i: ["avx2", "avx512", "amx"][i])
+@pytest.mark.parametrize("rows", [1, 2, 8, 9])
+@pytest.mark.parametrize("k", [640, 3000, 4096])
+def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows, isa):
     """The screen's pass: x rounded to an integer grid (coarser past K = 2064, so int32 sums cannot overflow even
     with an outlier 1000x the rest), summed exactly: the float64 product of the x~ it reports, to fp32's last
-    bits; |x - x~| and |x~| as reported."""
+    bits; |x - x~| and |x~| as reported. On every pass this CPU has: AMX takes 16 weight rows a block where K is
+    a multiple of 64 and 2..8 rows of x (the rest go to the AVX-512 tiles), its x split in two signed bytes,
+    with a negative outlier too."""
     g = torch.Generator().manual_seed(k)
-    w, x = torch.randn(301, k, generator=g), torch.randn(rows, k, generator=g)  # 301: tails of 8 and of 3
+    w, x = torch.randn(301, k, generator=g), torch.randn(rows, k, generator=g)  # 301: tails of 8, 3 and 16
     x[:, 7] = 1000.0  # every row's largest value sets its grid: the rest keep few bits
+    x[:, 9] = -700.0
     q, s = quantize_int8(w, torch.float32)
-    got, rounding, rounded_norm = gemv.screen_int8(x, q, s)
+    got, rounding, rounded_norm = gemv.screen_int8(x, q, s, isa)
     top = min(8191, (2**31 - 1) // (127 * k))
     scale = x.abs().amax(dim=-1, keepdim=True) / top
     rounded = (x / scale).round() * scale

@@ -23,12 +23,22 @@ fbgemm for prompts (packing.HalfLinear) and send decode rows here.
 The head screen. A greedy step's pass over the head's int8 copy (screen.py) needs upper bounds, not exact
 sums, so `screen_int8` rounds x to 14-bit integers (the bound counts what that moved) and sums exactly in
 int32 with 16-bit multiply-adds: twice the products an instruction of fp32 FMAs, which bound the pass over a
-262k-row head at several rows (docs/performance.md has what that gains on CPU B).
+262k-row head at several rows (docs/performance.md has what that gains on CPU B). The pass reads an int8
+model's head codes as they are, too (screen.Int8Head): its screen needs no copy.
+
+Wider CPUs. Where ATen runs AVX-512 and the CPU has VNNI (`vector_width`), the several-row tiles also come in
+an AVX-512 build (function attributes, so the file still runs on AVX2-only CPUs): twice the lanes a
+multiply-add, eight rows of x a tile in 32 registers, and for the screen one instruction per 16-bit pair
+product and sum. Where the CPU also has AMX-INT8 and Linux grants the process its tiles (`screen_amx`), the
+screen's pass for 2-8 rows runs on AMX: x~ split into two signed bytes fills a tile's 16 columns with 8 rows,
+the sums stay exact, and the pass is bound by reading the codes instead of by multiply-adds. One-row steps
+keep the AVX2 paths, which already stream at the memory's speed. A run held to AVX2 takes none of these.
 
 Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS` / `FLOAT_ROWS`, a batch-8 step): for
-several rows of x each weight is widened once per pass of up to four rows, in tiles that keep a dozen sums in
-registers, so a batch-8 step is bound by the multiply-adds rather than by the loads feeding them; that beats
-torch's kernels there too on cold weights (benchmarks/cpu_products.py). Prompts keep the plan's GEMM paths.
+several rows of x each weight is widened once per pass of up to four rows (eight in the AVX-512 build), in
+tiles that keep a dozen sums in registers, so a batch-8 step is bound by the multiply-adds rather than by the
+loads feeding them; that beats torch's kernels there too on cold weights (benchmarks/cpu_products.py).
+Prompts keep the plan's GEMM paths.
 
 The C++ is built at run time with torch's extension builder, once per machine, torch version and kernel
 source (kept in `~/.cache/gemmakit/kernels`), and only on x86 CPUs where ATen runs AVX2 or wider. Anything
@@ -65,6 +75,10 @@ _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
 INT4_ROWS = INT8_ROWS = FLOAT_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 step)
 _registered = False  # whether the ops' shape functions (for torch.compile) are registered
+# Whether several-row passes take the kernels' AVX-512 build (set by `unavailable`, read where a product is
+# called: a plain global, which compiled steps guard on, rather than a cached call traced into their graphs).
+_wide = False
+_amx = False  # and the screen's pass its AMX one (up to 8 rows)
 
 
 @functools.cache
@@ -78,7 +92,24 @@ def unavailable() -> str | None:
         _build()
     except Exception as e:  # no compiler, headers or ninja: torch's kernels remain, so say why and go on
         return f"could not build gemmakit's AVX2 kernels ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    global _wide, _amx
+    _wide = cpu_capability() == "AVX512" and bool(torch.ops.gemmakit_avx2.avx512_vnni())
+    _amx = _wide and bool(torch.ops.gemmakit_avx2.amx_int8())
     return None if _agrees() else "gemmakit's AVX2 kernels disagree with the reference here"
+
+
+def vector_width() -> int:
+    """The vector width of the kernels' several-row passes: 512 on CPUs with AVX-512 and VNNI where ATen runs
+    AVX-512 (a run held to AVX2 takes the AVX2 build, as an AVX2 CPU would), else 256. A batch step's passes
+    are bound by their multiply-adds, and one AVX-512 instruction does twice an AVX2 one's (four times, for the
+    screen's 16-bit pairs: VNNI multiplies and adds in one). Ask `unavailable()` first."""
+    return 512 if _wide else 256
+
+
+def screen_amx() -> bool:
+    """Whether the screen's pass runs on AMX tiles here (AVX-512 CPUs with AMX-INT8, where Linux grants the
+    process its tiles): bound by reading the codes rather than by multiply-adds at any row count up to 8."""
+    return _amx
 
 
 def _build() -> None:
@@ -115,11 +146,11 @@ def _ninja_dir() -> str | None:
         return None
 
 
-def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:
+def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:  # rest: scales, group or `wide`
     return x.new_empty(x.shape[0], weight.shape[0])  # in x's dtype: fp32, or bf16 for a bf16 float product
 
 
-def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor, isa: int) -> Tensor:
     return x_scale.new_empty(x16.shape[0], q.shape[0])
 
 
@@ -148,24 +179,25 @@ def _screen_within_bound(x: Tensor, q: Tensor, scales: Tensor) -> bool:
     return bool(((s - x @ decoded.T).abs() <= rounding * decoded.norm(dim=-1) + 1e-4).all())
 
 
-def screen_int8(x: Tensor, q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """A head screen's pass (screen.py): x [M, K] against int8 codes q [N, K] with an fp32 scale per row.
     x is rounded to x~, integers times a scale per row, as wide as keeps the kernel's int32 sums exact (14 bits
     up to K = 2064, fewer beyond); returns (x~ . (q * scales) [M, N] fp32, |x - x~| [M, 1], |x~| [M, 1]),
-    which the screen's bound needs."""
+    which the screen's bound needs. `isa`: 0 the AVX2 pass, 1 AVX-512 VNNI, 2 AMX (None: the best here)."""
     top = min(8191, (2**31 - 1) // (127 * max(x.shape[1], 1)))
     x = x.float()
     x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)
     x16 = (x / x_scale[:, None]).round()
     rounded = x16 * x_scale[:, None]
-    s = torch.ops.gemmakit_avx2.int8_screen(x16.to(torch.int16).contiguous(), x_scale, q, scales)
+    s = torch.ops.gemmakit_avx2.int8_screen(x16.to(torch.int16).contiguous(), x_scale, q, scales,
+                                            (2 if _amx else int(_wide)) if isa is None else isa)
     return s, (x - rounded).norm(dim=-1, keepdim=True), rounded.norm(dim=-1, keepdim=True)
 
 
-def floats(x: Tensor, weight: Tensor) -> Tensor:
+def floats(x: Tensor, weight: Tensor, wide: bool | None = None) -> Tensor:
     """x [M, K] @ weight^T for an fp32 or bf16 `weight` [N, K] read in place; out in x's dtype (fp32 or bf16;
-    a bf16 out is the fp32 sum rounded once)."""
-    return torch.ops.gemmakit_avx2.float_gemv(x.contiguous(), weight)
+    a bf16 out is the fp32 sum rounded once). `wide`: as `int8`'s."""
+    return torch.ops.gemmakit_avx2.float_gemv(x.contiguous(), weight, _wide if wide is None else wide)
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -219,9 +251,10 @@ def int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group: int) -> Ten
     return torch.ops.gemmakit_avx2.int4_gemv(x.float().contiguous(), packed, scales_and_zeros, group)
 
 
-def int8(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
-    """x [M, K] @ (q [N, K] * scales[:, None])^T, fp32 out."""
-    return torch.ops.gemmakit_avx2.int8_gemv(x.float().contiguous(), q, scales)
+def int8(x: Tensor, q: Tensor, scales: Tensor, wide: bool | None = None) -> Tensor:
+    """x [M, K] @ (q [N, K] * scales[:, None])^T, fp32 out. `wide`: the several-row tiles' AVX-512 build
+    (None: where `vector_width` is 512)."""
+    return torch.ops.gemmakit_avx2.int8_gemv(x.float().contiguous(), q, scales, _wide if wide is None else wide)
 
 
 def int4_fits(out_features: int, in_features: int, group: int) -> bool:

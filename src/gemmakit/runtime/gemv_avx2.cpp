@@ -15,11 +15,15 @@
 // weight rows at a time, so each load of x serves eight rows; for several, tiles of 3 weight rows by up to 4
 // rows of x, so each widened code serves four rows of x and each load of x three weight rows.
 // fp32 / bf16: the model's own weights in place, arranged as int8's.
-// int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums.
+// int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (several
+// rows of x also in an AVX-512 VNNI build of its tiles, taken only where the CPU has it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -232,43 +236,97 @@ void tile(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const 
     }
 }
 
-// tile<W, M, J> for M in 1..kTileX and J in 1..kTileW, as a table indexed [M - 1][J - 1].
+// The tiles in an AVX-512 build, taken where the CPU has AVX-512 with VNNI and ATen runs AVX-512 (the caller
+// passes `wide`; gemv.unavailable decides): twice the lanes an FMA, and 32 vector registers hold a tile of 8
+// rows of x by 3 weight rows, so a batch-8 step widens each weight once. Built for that target alone (function
+// attributes), so the file still runs on AVX2-only CPUs.
+#define GEMMAKIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+constexpr int kTileX512 = 8;
+
+bool avx512_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+GEMMAKIT_VNNI inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+GEMMAKIT_VNNI inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+GEMMAKIT_VNNI inline __m512 widen16(const uint16_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+template <typename W, int M, int J>
+GEMMAKIT_VNNI void tile512(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const char* next) {
+  __m512 acc[M][J];
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t i = 0;
+  constexpr int kLines = (kTileW * 16 * static_cast<int>(sizeof(W)) + 63) / 64;
+  for (; i + 16 <= k; i += 16) {
+    if (next != nullptr)
+      for (int l = 0; l < kLines; ++l) _mm_prefetch(next + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T0);
+    __m512 wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = widen16(w + j * k + i);
+    for (int r = 0; r < M; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * k + i);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(wv[j], xv, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) {
+      float d = _mm512_reduce_add_ps(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) d += widen1(w[j * k + t]) * x[r * k + t];
+      out[r * ldy + j] = d;
+    }
+}
+
+// tile<W, M, J> for M in 1..kTileX and J in 1..kTileW, as a table indexed [M - 1][J - 1]; tile512's likewise.
 template <typename W>
 using Tile = void (*)(const float*, const W*, int64_t, float*, int64_t, const char*);
 template <typename W>
 constexpr Tile<W> kFloatTiles[kTileX][kTileW] = {
     {tile<W, 1, 1>, tile<W, 1, 2>, tile<W, 1, 3>}, {tile<W, 2, 1>, tile<W, 2, 2>, tile<W, 2, 3>},
     {tile<W, 3, 1>, tile<W, 3, 2>, tile<W, 3, 3>}, {tile<W, 4, 1>, tile<W, 4, 2>, tile<W, 4, 3>}};
+template <typename W>
+constexpr Tile<W> kFloatTiles512[kTileX512][kTileW] = {
+    {tile512<W, 1, 1>, tile512<W, 1, 2>, tile512<W, 1, 3>}, {tile512<W, 2, 1>, tile512<W, 2, 2>, tile512<W, 2, 3>},
+    {tile512<W, 3, 1>, tile512<W, 3, 2>, tile512<W, 3, 3>}, {tile512<W, 4, 1>, tile512<W, 4, 2>, tile512<W, 4, 3>},
+    {tile512<W, 5, 1>, tile512<W, 5, 2>, tile512<W, 5, 3>}, {tile512<W, 6, 1>, tile512<W, 6, 2>, tile512<W, 6, 3>},
+    {tile512<W, 7, 1>, tile512<W, 7, 2>, tile512<W, 7, 3>}, {tile512<W, 8, 1>, tile512<W, 8, 2>, tile512<W, 8, 3>}};
 
 // Walks an [m, n] product of weight w [n, k] in tiles, in parallel over groups of kTileW weight rows, calling
-// fn(j0, cols, r0, rows, next) for weight rows j0.. and rows r0.. of x. `next` is the following group's first
+// fn(j0, cols, r0, rows, next) for weight rows j0.. and rows r0.. of x, up to tile_x rows of x a call. `next` is the following group's first
 // weight row on a group's first pass (for its prefetches: x86 prefetches never fault, so the last group's may
 // run past the weight's end), else null.
 template <typename W, typename Fn>
-void for_each_tile(const W* w, int64_t m, int64_t n, int64_t k, Fn&& fn) {
+void for_each_tile(const W* w, int64_t m, int64_t n, int64_t k, int64_t tile_x, Fn&& fn) {
   const int64_t bytes = k * kTileW * static_cast<int64_t>(sizeof(W));
   at::parallel_for(0, (n + kTileW - 1) / kTileW, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(bytes, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t j0 = b * kTileW, cols = std::min<int64_t>(kTileW, n - j0);
-      for (int64_t r0 = 0; r0 < m; r0 += kTileX) {
+      for (int64_t r0 = 0; r0 < m; r0 += tile_x) {
         const char* next = r0 == 0 && j0 + kTileW < n ? reinterpret_cast<const char*>(w + (j0 + kTileW) * k)
                                                       : nullptr;
-        fn(j0, cols, r0, std::min<int64_t>(kTileX, m - r0), next);
+        fn(j0, cols, r0, std::min<int64_t>(tile_x, m - r0), next);
       }
     }
   });
 }
 
-// y [m, n] = x [m, k] . (w [n, k] * scale(row))^T, fp32. One row of x: eight weight rows at a time (rows8);
-// several: tiles, kTileW weight rows at a time against every row of x.
+// y [m, n] = x [m, k] . (w [n, k] * scale(row))^T, fp32. One row of x: eight weight rows at a time (rows8,
+// bound by memory in either build); several: tiles, kTileW weight rows at a time against every row of x.
 template <typename W, typename Scale>
-void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, float* yp, Scale scale) {
+void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, float* yp, Scale scale,
+               bool wide) {
   if (m == 0 || n == 0) return;  // the one-row path below would write a row that is not there
   if (m > 1) {
-    for_each_tile(wp, m, n, k, [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
+    const int64_t tile_x = wide ? kTileX512 : kTileX;
+    for_each_tile(wp, m, n, k, tile_x, [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
       float* out = yp + r0 * n + j0;
-      kFloatTiles<W>[rows - 1][cols - 1](xp + r0 * k, wp + j0 * k, k, out, n, next);
+      (wide ? kFloatTiles512<W> : kFloatTiles<W>)[rows - 1][cols - 1](xp + r0 * k, wp + j0 * k, k, out, n, next);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t j = 0; j < cols; ++j) out[r * n + j] *= scale(j0 + j);
     });
@@ -291,7 +349,7 @@ void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, fl
 
 // int8: one scale per row, bf16 or fp32; bf16 scales are read in place (a bf16 is the top half of an fp32),
 // since converting them would be an op per call.
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, bool wide) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
               "q: contiguous int8 [N, K]");
@@ -299,26 +357,28 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
   TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
               "scales: contiguous fp32 or bf16");
+  TORCH_CHECK(!wide || avx512_vnni(), "int8_gemv: the AVX-512 pass asked on a CPU without AVX-512 VNNI");
   auto y = at::empty({m, n}, x.options());
   if (scales.scalar_type() == at::kBFloat16) {
     const auto* sv = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
     gemv_into(x.data_ptr<float>(), q.data_ptr<int8_t>(), m, n, k, y.data_ptr<float>(),
-              [sv](int64_t row) { return widen1(sv[row]); });
+              [sv](int64_t row) { return widen1(sv[row]); }, wide);
   } else {
     const float* sv = scales.data_ptr<float>();
     gemv_into(x.data_ptr<float>(), q.data_ptr<int8_t>(), m, n, k, y.data_ptr<float>(),
-              [sv](int64_t row) { return sv[row]; });
+              [sv](int64_t row) { return sv[row]; }, wide);
   }
   return y;
 }
 
 // fp32 / bf16: the model's own weights (no copy); sums are fp32, and a bf16 output is rounded once at the end,
 // as torch's bf16 product rounds it.
-at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w, bool wide) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x: contiguous fp32 or bf16 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) &&
               (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16), "w: contiguous fp32 or bf16 [N, K]");
+  TORCH_CHECK(!wide || avx512_vnni(), "float_gemv: the AVX-512 pass asked on a CPU without AVX-512 VNNI");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   // bf16 x is widened and a bf16 out rounded here, in plain loops: a decode step makes over a hundred of these
   // calls, and two dispatched conversions per call cost more than the loops.
@@ -333,9 +393,9 @@ at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w) {
   float* yp = half ? ybuf.data() : y.data_ptr<float>();
   const auto one = [](int64_t) { return 1.0f; };
   if (w.scalar_type() == at::kFloat)
-    gemv_into(xp, w.data_ptr<float>(), m, n, k, yp, one);
+    gemv_into(xp, w.data_ptr<float>(), m, n, k, yp, one, wide);
   else
-    gemv_into(xp, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k, yp, one);
+    gemv_into(xp, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k, yp, one, wide);
   if (half) {
     auto* ys = y.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < m * n; ++i) ys[i] = at::BFloat16(ybuf[i]);  // round to nearest even, as torch does
@@ -400,8 +460,144 @@ void int16_rows8(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots) {
   }
 }
 
+// The same tiles with AVX-512 VNNI (`wide`, see tile512): one instruction multiplies and accumulates 32 pairs
+// of 16-bit lanes where AVX2 takes two instructions for 16.
+template <int M, int J>
+GEMMAKIT_VNNI void int16_tile512(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int64_t ldy,
+                                 const char* next) {
+  __m512i acc[M][J];
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    if (next != nullptr) {  // the next tile's kTileW rows, 32 codes each a step: two lines
+      _mm_prefetch(next + i * kTileW, _MM_HINT_T0);
+      _mm_prefetch(next + i * kTileW + 64, _MM_HINT_T0);
+    }
+    __m512i w[J];
+    for (int j = 0; j < J; ++j)
+      w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * k + i)));
+    for (int r = 0; r < M; ++r) {
+      const __m512i xv = _mm512_loadu_si512(x + r * k + i);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpwssd_epi32(acc[r][j], w[j], xv);
+    }
+  }
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < J; ++j) {
+      int32_t d = _mm512_reduce_add_epi32(acc[r][j]);
+      for (int64_t t = i; t < k; ++t) d += static_cast<int32_t>(q[j * k + t]) * x[r * k + t];
+      dots[r * ldy + j] = d;
+    }
+}
+
+// The screen's pass on AMX, where the CPU has AMX-INT8 and Linux lets the process use its tiles: one tile
+// instruction multiplies 16 rows of codes by 64 inputs by 16 columns. The columns are the rows of x split in
+// two signed bytes, x~ = 128 h + l (h = x~ >> 7 in [-64, 63], l = x~ & 127), so 8 rows of x fill them and
+// every sum stays exact in int32; the pass is then bound by reading the codes, not by multiply-adds. Codes are
+// read in place ([N, K] rows are what a tile loads, 64 inputs a row); x's parts are laid out once a call in
+// the order a B tile wants (four consecutive inputs of a column together).
+#define GEMMAKIT_AMX __attribute__((target("amx-tile,amx-int8,avx512f")))
+constexpr int64_t kAmxRows = 16, kAmxInputs = 64, kAmxCols = 16, kAmxXRows = kAmxCols / 2;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_int8() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+// B tiles of x's parts, one per 64 inputs: [K / 4, 16 columns x 4 inputs]; column c < 8 is h of row c, c >= 8
+// is l of row c - 8; rows of x past m are zero.
+std::vector<int8_t> amx_parts(const int16_t* x, int64_t m, int64_t k) {
+  std::vector<int8_t> parts(k * kAmxCols, 0);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t c = 0; c < kAmxCols; ++c) {
+      const int64_t row = c % kAmxXRows;
+      if (row >= m) continue;
+      const int16_t v = x[row * k + i];
+      parts[(i / 4) * kAmxCols * 4 + c * 4 + i % 4] = static_cast<int8_t>(c < kAmxXRows ? v >> 7 : v & 127);
+    }
+  return parts;
+}
+
+// y[r, row] for G blocks of 16 code rows from row0: tiles 0..G-1 accumulate, 4 and 5 take codes, 6 x's parts.
+template <int G>
+GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, int64_t row0, int64_t m, int64_t n,
+                             const float* xs, const float* ws, float* y) {
+  _tile_zero(0);
+  if constexpr (G == 4) {
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int8_t* rows = q + row0 * k;
+  for (int64_t i = 0; i < k; i += kAmxInputs) {
+    _tile_loadd(6, parts + i * kAmxCols, kAmxCols * 4);
+    _tile_loadd(4, rows + i, k);
+    _tile_dpbssd(0, 4, 6);
+    if constexpr (G == 4) {
+      _tile_loadd(5, rows + 16 * k + i, k);
+      _tile_dpbssd(1, 5, 6);
+      _tile_loadd(4, rows + 32 * k + i, k);
+      _tile_dpbssd(2, 4, 6);
+      _tile_loadd(5, rows + 48 * k + i, k);
+      _tile_dpbssd(3, 5, 6);
+    }
+  }
+  alignas(64) int32_t sums[4][kAmxRows * kAmxCols];
+  _tile_stored(0, sums[0], kAmxCols * 4);
+  if constexpr (G == 4) {
+    _tile_stored(1, sums[1], kAmxCols * 4);
+    _tile_stored(2, sums[2], kAmxCols * 4);
+    _tile_stored(3, sums[3], kAmxCols * 4);
+  }
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < kAmxRows; ++j) {
+      const int32_t* c = sums[g] + j * kAmxCols;
+      const int64_t row = row0 + g * kAmxRows + j;
+      for (int64_t r = 0; r < m; ++r)
+        y[r * n + row] = static_cast<float>(int64_t{c[r]} * 128 + c[kAmxXRows + r]) * xs[r] * ws[row];
+    }
+}
+
+// Blocks [begin, end) of 16 code rows, on one thread (tile state is per thread: configured, then released).
+GEMMAKIT_AMX void amx_range(const int8_t* q, int64_t k, const int8_t* parts, int64_t begin, int64_t end, int64_t m,
+                            int64_t n, const float* xs, const float* ws, float* y) {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) {  // 16 rows of 64 bytes each: int32 sums [16, 16], codes [16, 64], parts
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  int64_t b = begin;
+  for (; b + 4 <= end; b += 4) amx_blocks<4>(q, k, parts, b * kAmxRows, m, n, xs, ws, y);
+  for (; b < end; ++b) amx_blocks<1>(q, k, parts, b * kAmxRows, m, n, xs, ws, y);
+  _tile_release();
+}
+
+// Rows [0, n / 16 * 16) of the screen's pass for up to 8 rows of x, K a multiple of 64; returns where it ended.
+int64_t amx_screen(const int16_t* x, int64_t m, const int8_t* q, int64_t n, int64_t k, const float* xs,
+                   const float* ws, float* y) {
+  const std::vector<int8_t> parts = amx_parts(x, m, k);
+  const int64_t blocks = n / kAmxRows;
+  at::parallel_for(0, blocks, 64, [&](int64_t begin, int64_t end) {
+    amx_range(q, k, parts.data(), begin, end, m, n, xs, ws, y);
+  });
+  return blocks * kAmxRows;
+}
+
+// isa: 0 the AVX2 pass, 1 AVX-512 VNNI tiles for several rows, 2 AMX for 2 to 8 rows where K is a multiple
+// of 64 (the rest as 1).
 at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const at::Tensor& q,
-                       const at::Tensor& scales) {
+                       const at::Tensor& scales, int64_t isa) {
   TORCH_CHECK(x16.dim() == 2 && x16.scalar_type() == at::kShort && x16.is_contiguous(), "x16: contiguous int16 [M, K]");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x16.size(1),
               "q: contiguous int8 [N, K]");
@@ -410,17 +606,32 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
               x_scale.is_contiguous(), "x_scale: contiguous fp32 [M]");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
               "scales: contiguous fp32 [N]");
+  TORCH_CHECK(isa >= 0 && isa <= 2, "int8_screen: isa is 0 (AVX2), 1 (AVX-512 VNNI) or 2 (AMX)");
+  TORCH_CHECK(isa == 0 || avx512_vnni(), "int8_screen: an AVX-512 pass asked on a CPU without AVX-512 VNNI");
+  TORCH_CHECK(isa < 2 || amx_int8(), "int8_screen: the AMX pass asked where AMX-INT8 tiles are not available");
   using Tile = void (*)(const int16_t*, const int8_t*, int64_t, int32_t*, int64_t, const char*);
   static constexpr Tile kTiles[kTileX][kTileW] = {
       {int16_tile<1, 1>, int16_tile<1, 2>, int16_tile<1, 3>}, {int16_tile<2, 1>, int16_tile<2, 2>, int16_tile<2, 3>},
       {int16_tile<3, 1>, int16_tile<3, 2>, int16_tile<3, 3>}, {int16_tile<4, 1>, int16_tile<4, 2>, int16_tile<4, 3>}};
+  static constexpr Tile kTiles512[kTileX512][kTileW] = {
+      {int16_tile512<1, 1>, int16_tile512<1, 2>, int16_tile512<1, 3>},
+      {int16_tile512<2, 1>, int16_tile512<2, 2>, int16_tile512<2, 3>},
+      {int16_tile512<3, 1>, int16_tile512<3, 2>, int16_tile512<3, 3>},
+      {int16_tile512<4, 1>, int16_tile512<4, 2>, int16_tile512<4, 3>},
+      {int16_tile512<5, 1>, int16_tile512<5, 2>, int16_tile512<5, 3>},
+      {int16_tile512<6, 1>, int16_tile512<6, 2>, int16_tile512<6, 3>},
+      {int16_tile512<7, 1>, int16_tile512<7, 2>, int16_tile512<7, 3>},
+      {int16_tile512<8, 1>, int16_tile512<8, 2>, int16_tile512<8, 3>}};
   auto y = at::empty({m, n}, x16.options().dtype(at::kFloat));
   const int16_t* xp = x16.data_ptr<int16_t>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* xs = x_scale.data_ptr<float>();
   const float* ws = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (m == 1) {
+  int64_t from = 0;  // rows of q before this are done
+  // One row is bound by reading the codes on either path, and the AVX2 one reads them a little faster.
+  if (isa == 2 && m > 1 && m <= kAmxXRows && k % kAmxInputs == 0) from = amx_screen(xp, m, qp, n, k, xs, ws, yp);
+  if (m == 1 && from == 0) {
     at::parallel_for(0, (n + kRows8 - 1) / kRows8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1)),
                      [&](int64_t begin, int64_t end) {
       int32_t dots[kRows8];
@@ -439,9 +650,12 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
     });
     return y;
   }
-  for_each_tile(qp, m, n, k, [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
-    int32_t dots[kTileX * kTileW];
-    kTiles[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
+  const bool wide = isa > 0;
+  for_each_tile(qp + from * k, m, n - from, k, wide ? kTileX512 : kTileX,
+                [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
+    int32_t dots[kTileX512 * kTileW];
+    j0 += from;
+    (wide ? kTiles512 : kTiles)[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j)
         yp[(r0 + r) * n + j0 + j] = static_cast<float>(dots[r * kTileW + j]) * xs[r0 + r] * ws[j0 + j];
@@ -453,9 +667,11 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
 
 TORCH_LIBRARY(gemmakit_avx2, lib) {
   lib.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_and_zeros, int group) -> Tensor");
-  lib.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
-  lib.def("float_gemv(Tensor x, Tensor w) -> Tensor");
-  lib.def("int8_screen(Tensor x16, Tensor x_scale, Tensor q, Tensor scales) -> Tensor");
+  lib.def("int8_gemv(Tensor x, Tensor q, Tensor scales, bool wide) -> Tensor");
+  lib.def("float_gemv(Tensor x, Tensor w, bool wide) -> Tensor");
+  lib.def("int8_screen(Tensor x16, Tensor x_scale, Tensor q, Tensor scales, int isa) -> Tensor");
+  lib.def("avx512_vnni() -> bool", &avx512_vnni);
+  lib.def("amx_int8() -> bool", &amx_int8);
 }
 
 TORCH_LIBRARY_IMPL(gemmakit_avx2, CPU, lib) {

@@ -16,10 +16,12 @@ live here, not spread over the model's modules:
 | compiled steps      | one-row + full-batch decode / eager      | asked for, and a compiler present (compiled.py)|
 | head screen         | bf16 copy (plain / packed) / fbgemm fp16 | head dtype, soft-cap, packing, compile, and    |
 |                     | copy / int8 (inductor, or gemmakit's     | whether bf16 products are fast here            |
-|                     | AVX2 kernel) / off                       | (screen.py)                                   |
+|                     | AVX2 kernel; an int8 head's own codes)   | (screen.py)                                   |
+|                     | / off                                    |                                               |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
-| decode products     | gemmakit's AVX2 kernels / torch's,       | whether ours build and agree here (x86 CPUs;  |
-| (int4, int8, float) | oneDNN's, fbgemm's                       | int4 in torch's AVX2 packing only: gemv.py)   |
+| decode products     | gemmakit's AVX2 kernels (several rows:   | whether ours build and agree here (x86 CPUs;  |
+| (int4, int8, float) | AVX-512 / AMX builds where the CPU has   | int4 in torch's AVX2 packing only: gemv.py)   |
+|                     | them) / torch's, oneDNN's, fbgemm's      |                                               |
 | decode attention    | SDPA (half precision) / plain ops (fp32) | the activation dtype                          |
 | memory forecast     | what all of the above will hold          | cache.estimate_bytes                          |
 
@@ -52,7 +54,7 @@ from gemmakit.runtime.packing import (
     upcast_linears,
 )
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import head_weight, screen_bytes
+from gemmakit.runtime.screen import head_codes, head_weight, screen_bytes
 
 # Float linears whose decode rows gemmakit's AVX2 kernels can take, besides quantized ones (gemv.py; fp32
 # ones are built taking them).
@@ -214,19 +216,25 @@ def _gemv_choice() -> tuple[bool, str]:
     `GEMMAKIT_GEMV=off` keeps torch's kernels everywhere."""
     if problem := gemv.unavailable():
         return False, f"torch's kernels ({problem})"
-    return True, f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; fp32 activations)"
+    wide = "; several rows in their AVX-512 build" if gemv.vector_width() == 512 else ""
+    return True, f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; fp32 activations{wide})"
 
 
 def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: bool, packed: bool,
                    gemv_kernels: bool = False) -> tuple[tuple | None, str]:
-    """(HeadScreen arguments or None, why): with gemmakit's AVX2 kernels an int8 copy read by them at every
-    step of up to `gemv.INT8_ROWS` rows; else a plain copy serves compiled one-row steps, oneDNN's packed copy
-    every other step, and only float32 heads of packed models get one (bf16 heads: no int8 kernel beats
-    oneDNN's bf16 one on several rows, and inductor's int8 pass beats it on one row only with AVX-512)."""
+    """(HeadScreen arguments or None, why): with gemmakit's AVX2 kernels an int8 copy of a float head, or an
+    int8 head's own codes, read by them at every step of up to `gemv.INT8_ROWS` rows; else a plain copy serves
+    compiled one-row steps, oneDNN's packed copy every other step, and only float32 heads of packed models get
+    one (bf16 heads: no int8 kernel beats oneDNN's bf16 one on several rows, and inductor's int8 pass beats it
+    on one row only with AVX-512)."""
     if not wanted:
         return None, "off (asked)"
     if gemv_kernels and (weight := head_weight(model)) is not None:
-        return (weight, False, False, False, True), f"int8 copy (gemmakit's AVX2 kernel, up to {gemv.INT8_ROWS} rows)"
+        return (weight, False, False, False, True), f"int8 copy ({_screen_kernel()})"
+    if gemv_kernels and (codes := head_codes(model, model_dtype_device(model)[0])) is not None:
+        # An int8 head's screen is its own codes through the same pass: no copy, and a pass whose integer
+        # multiply-adds outrun the head's fp32 ones at a batch step's several rows.
+        return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel()})"
     if isinstance(getattr(model, "lm_head", None), HalfLinear):
         # Its int8 copy would be read by torch's int8 kernel or inductor's AVX2 code: no faster than fbgemm.
         return None, "off (the bf16 head streams through fbgemm fp16)"
@@ -249,6 +257,10 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
     copy = "bf16" if weight.dtype == torch.float32 else "int8"
     layouts = [name for name, on in (("plain", compiled), ("packed", packed_copy)) if on]
     return (weight, packed_copy, compiled, False, False), f"{copy} copy ({' + '.join(layouts)})"
+
+
+def _screen_kernel() -> str:
+    return f"gemmakit's AVX2 kernel, up to {gemv.INT8_ROWS} rows"
 
 
 def forecast(model: nn.Module, plan: Plan, max_batch: int, context: int, slack: int = 8,

@@ -26,7 +26,10 @@ A step whose certificate fails for a row computes the full head instead (`HeadSc
 little less rare on the packed path, whose bound is wider).
 
 When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes
-ties the screen would not reproduce), for rows whose token is a plain argmax of the raw logits: temperature
+ties the screen would not reproduce), and the int8 heads of int8 models (the same soft-cap rule) where
+gemmakit's kernels compute them: the screen reads the head's own codes, so it adds no copy and its bound has
+no |w - b| term; it gains at a batch step's several rows, where integer multiply-adds (or AMX tiles) outrun the
+head's fp32 ones. It applies to rows whose token is a plain argmax of the raw logits: temperature
 0 with no penalties, bias, loop-guard penalty, constraint or logprobs (each of those reads logits the screen
 never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
 copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
@@ -45,6 +48,8 @@ bandwidth-bound (benchmarks/engine_vs_peers.py measures it; docs/performance.md,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -57,6 +62,34 @@ CANDIDATES = 16  # exact rescoring costs 16 x 640 x 4 bytes; a wider gap fails t
 # the step a full head), with 64 none did (benchmarks/screen_certificate.py; docs/performance.md).
 GEMV_CANDIDATES = 64
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
+
+
+@dataclass(frozen=True)
+class Int8Head:
+    """An int8 output head: codes [V, H] with a scale per row (quantize.Int8Linear's buffers), whose logits the
+    model computes in `dtype`. Its screen reads the codes themselves (no copy, so the bound has no |w - b|
+    term) and rescores candidates from them."""
+
+    codes: Tensor
+    scales: Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+def head_codes(model: nn.Module, dtype: torch.dtype) -> Int8Head | None:
+    """The int8 output head of a Gemma quantized to int8 (an `lm_head` whose buffers are int8 codes and a
+    scale per row), on CPU, for activations of `dtype`; None for any other head, or for a bf16 model whose
+    logits are soft-capped (as `head_weight`)."""
+    head = getattr(model, "lm_head", None)
+    q, scales = getattr(head, "weight", None), getattr(head, "scales", None)
+    if not (isinstance(q, Tensor) and isinstance(scales, Tensor) and q.dtype == torch.int8 and q.dim() == 2
+            and q.device.type == "cpu" and scales.shape == q.shape[:1]):
+        return None
+    capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return Int8Head(q, scales, dtype) if dtype == torch.float32 or (dtype == torch.bfloat16 and not capped) else None
 
 
 def head_weight(model: nn.Module) -> Tensor | None:
@@ -78,14 +111,19 @@ def head_weight(model: nn.Module) -> Tensor | None:
 
 class HeadScreen(nn.Module):
     """A screen over a float32 head `weight` [V, H] in bf16, or over a bf16 one in int8 with a scale per row
-    (not copied: rescoring reads it). `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy,
-    for multi-row and eager steps (packing.py says why that layout is faster); `plain` keeps the copy in its
-    ordinary layout, for compiled one-row steps (at least one of the two)."""
+    (not copied: rescoring reads it), or over an int8 head's own codes (`Int8Head`, gemmakit's kernels only).
+    `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy, for multi-row and eager steps
+    (packing.py says why that layout is faster); `plain` keeps the copy in its ordinary layout, for compiled
+    one-row steps (at least one of the two)."""
 
-    def __init__(self, weight: Tensor, packed: bool = False, plain: bool = True, half: bool = False,
+    def __init__(self, weight: Tensor | Int8Head, packed: bool = False, plain: bool = True, half: bool = False,
                  gemv_kernel: bool = False, candidates: int | None = None):
         super().__init__()
-        self.exact = weight
+        self.codes = weight if isinstance(weight, Int8Head) else None
+        if self.codes is not None and not gemv_kernel:
+            raise ValueError("an int8 head's own codes are screened by gemmakit's kernels only (gemv_kernel=True)")
+        self.exact = None if self.codes is not None else weight
+        self.out_dtype, self.vocab = weight.dtype, weight.shape[0]  # the head's logits: their dtype, how many
         self.k = candidates or (GEMV_CANDIDATES if gemv_kernel else CANDIDATES)
         # fbgemm's fp16 copy of a float32 head (packing.HalfLinear), for every step where there is no fast
         # bf16 product (AVX2): fbgemm rounds to fp16 as torch does (probe.fbgemm_fp16 checks), so the bound's
@@ -99,6 +137,8 @@ class HeadScreen(nn.Module):
             packed = plain = False
         if half:
             cheap, scale = None, None
+        elif self.codes is not None:  # the head's codes, shared; fp32 scales for the kernel (a copy if bf16)
+            cheap, scale = self.codes.codes, self.codes.scales.float()
         elif weight.dtype == torch.float32 and not gemv_kernel:
             cheap, scale = weight.to(torch.bfloat16), None
         else:  # int8 with a scale per row, built in blocks of rows (no float32 copy of the table)
@@ -117,7 +157,8 @@ class HeadScreen(nn.Module):
         self.register_buffer("delta_norm", torch.empty(vocab), persistent=False)
         self.register_buffer("cheap_norm", torch.empty(vocab), persistent=False)
         for i in range(0, vocab, 1024):
-            w, c = weight[i:i + 1024].float(), self._decoded(i, i + 1024)
+            c = self._decoded(i, i + 1024)
+            w = c if self.codes is not None else weight[i:i + 1024].float()
             self.delta_norm[i:i + 1024] = (w - c).norm(dim=-1)
             self.cheap_norm[i:i + 1024] = c.norm(dim=-1)
             widest = max(widest, float(w.norm(dim=-1).max()))
@@ -129,6 +170,8 @@ class HeadScreen(nn.Module):
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
         self.copy_bytes = weight.numel() * 2 if half else cheap.numel() * cheap.element_size()
+        self.head_bytes = (self.exact.numel() * self.exact.element_size() if self.codes is None else
+                           sum(t.numel() * t.element_size() for t in (self.codes.codes, self.codes.scales)))
         if not plain and self.packed is not None:
             self.cheap = None  # only the packed layout is read
         self.fallbacks = 0
@@ -152,11 +195,13 @@ class HeadScreen(nn.Module):
         """How many fewer bytes a screened one-row step reads than the full head: the head, less the copy and
         the per-token numbers read with it."""
         per_token = sum(t.numel() * t.element_size() for t in self.buffers() if t is not self.cheap)
-        return self.exact.numel() * self.exact.element_size() - self.copy_bytes - per_token
+        return self.head_bytes - self.copy_bytes - per_token
 
     @property
     def nbytes(self) -> int:
-        own = sum(t.numel() * t.element_size() for t in self.buffers())
+        """Memory the screen adds: its buffers, less what it shares with an int8 head, and packed copies."""
+        shared = {t.data_ptr() for t in (self.codes.codes, self.codes.scales)} if self.codes is not None else set()
+        own = sum(t.numel() * t.element_size() for t in self.buffers() if t.data_ptr() not in shared)
         return own + sum(m.packed_bytes for m in (self.packed, self.fp16) if m is not None)
 
     def forward(self, x: Tensor, layout: str = "packed") -> tuple[Tensor, Tensor]:
@@ -166,18 +211,25 @@ class HeadScreen(nn.Module):
         x_norm = x.norm(dim=-1, keepdim=True)
         values, indices = top_k(self._screen(x, x_norm, layout), self.k + 1)
         idx = indices[:, : self.k]
-        exact = (x[:, None, :] * self.exact[idx].float()).sum(-1)  # [B, K] float32 logits of the candidates
-        if self.exact.dtype != torch.float32:  # the model's head rounds its logits to its dtype
+        exact = self._rescore(x, idx)  # [B, K] float32 logits of the candidates
+        if self.out_dtype != torch.float32:  # the model's head rounds its logits to its dtype
             exact = round_to_bf16(exact)
         best = exact.amax(dim=-1)
         # Ties go to the lowest token id, as argmax over the full head does. The ids are reduced as int32:
         # inductor's AVX2 code for this masked int64 min returned the reduction's identity, 2^63 - 1
         # (tests/test_screen.py runs under AVX2 in CI); a vocabulary is far below 2^31.
-        tokens = idx.int().masked_fill(exact != best[:, None], self.exact.shape[0]).amin(dim=-1).long()
-        if self.exact.dtype != torch.float32:  # an outside token must round below the best, not tie it
+        tokens = idx.int().masked_fill(exact != best[:, None], self.vocab).amin(dim=-1).long()
+        if self.out_dtype != torch.float32:  # an outside token must round below the best, not tie it
             best = best - torch.ldexp(torch.ones_like(best), torch.frexp(best).exponent - 8)
         certified = values[:, self.k] < best - x_norm[:, 0] * self.rescore_slack
         return tokens, certified
+
+    def _rescore(self, x: Tensor, idx: Tensor) -> Tensor:
+        """The head's float32 logits [B, K] of tokens `idx` [B, K]; an int8 head's as its kernel sums them,
+        the codes' products first, then the row's scale."""
+        if self.codes is None:
+            return (x[:, None, :] * self.exact[idx].float()).sum(-1)
+        return (x[:, None, :] * self.cheap[idx].float()).sum(-1) * self.scale[idx]
 
     def _screen(self, x: Tensor, x_norm: Tensor, layout: str) -> Tensor:
         """Upper bounds [B, V] of the float32 logits (module docstring). A screen with fbgemm's fp16 copy reads
@@ -236,11 +288,14 @@ def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     return values, chosen.gather(1, at // block) * block + at % block
 
 
-def screen_bytes(weight: Tensor, packed: bool, plain: bool = True, half: bool = False,
+def screen_bytes(weight: Tensor | Int8Head, packed: bool, plain: bool = True, half: bool = False,
                  gemv_kernel: bool = False) -> int:
-    """Memory a `HeadScreen(weight, packed, plain, half, gemv_kernel)` holds: the bf16 copy in one or both
-    layouts, the fp16 one, or the int8 one and its scales, and two norms a token."""
+    """Memory a `HeadScreen(weight, packed, plain, half, gemv_kernel)` adds: the bf16 copy in one or both
+    layouts, the fp16 one, or the int8 one and its scales (an int8 head's: fp32 scales where its own are not),
+    and two norms a token."""
     vocab, width = weight.shape
+    if isinstance(weight, Int8Head):
+        return vocab * 4 * (2 + int(weight.scales.dtype != torch.float32))
     if half:
         return HalfLinear.bytes_for(vocab, width) + 2 * vocab * 4
     if weight.dtype != torch.float32 or gemv_kernel:
