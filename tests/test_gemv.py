@@ -332,3 +332,27 @@ def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows, isa):
     assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
     assert torch.allclose(rounding[:, 0], (x - rounded).norm(dim=-1), rtol=1e-4)
     assert torch.allclose(rounded_norm[:, 0], rounded.norm(dim=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int4_heads_of_batch_engines_are_screened_through_an_int8_copy(dtype, monkeypatch):
+    """Where the screen's pass runs on AMX, a batch engine of an int4 model screens steps of several rows
+    through an int8 copy of the head (counted in the forecast) and picks the tokens of the same engine with
+    the screen off; one-row steps and one-row engines read the int4 head itself."""
+    if not gemv.screen_amx():
+        pytest.skip("the int4 head's copy is taken where the screen's pass runs on AMX tiles")
+    prompts, params = [[2, 5, 9, 14], [2, 7], [3, 3, 8]], SamplingParams(max_tokens=8)
+    model = quantize_model(_float_gemma(dtype), "int4")
+    plain = Engine(model, max_batch=3, context=64, screen=False)
+    want = [r.tokens for r in plain.generate(prompts, params)]
+    assert "head screen: int8 copy" not in Engine(model, max_batch=1, context=64).plan.describe()
+    engine = Engine(model, max_batch=3, context=64)
+    assert "head screen: int8 copy of the int4 head" in engine.plan.describe()
+    screen = engine.runtime.screen
+    vocab, width = model.config.vocab_size, model.config.hidden_size
+    assert engine.memory["head_screen"] == screen.nbytes == vocab * width + 3 * vocab * 4
+    passes, screen_int8 = [], gemv.screen_int8
+    monkeypatch.setattr(gemv, "screen_int8", lambda x, *a: passes.append(x.shape[0]) or screen_int8(x, *a))
+    assert [r.tokens for r in engine.generate(prompts, params)] == want
+    assert [engine.generate([p], params)[0].tokens for p in prompts] == want
+    assert passes and 1 not in passes and screen.fallbacks < len(passes)

@@ -325,11 +325,16 @@ class QuantizedEmbedding(nn.Module):
         return self.qweight.device
 
     def forward(self, ids: Tensor) -> Tensor:
+        return self.rows(ids, self.dtype)
+
+    def rows(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """Rows `ids` dequantized in `dtype` (fp32: the values an int4 head's kernel multiplies by, which
+        a bf16 model's lookups round)."""
         if self.group_size is None:
-            return self.qweight[ids].to(self.dtype) * self.scales[ids].to(self.dtype)[..., None]
+            return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[..., None]
         q = self._codes(ids).view(*ids.shape, -1, self.group_size)
-        sz = self.scales[:, ids].movedim(0, -2).to(self.dtype)  # [..., D/G, 2]
-        return ((q.to(self.dtype) - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
+        sz = self.scales[:, ids].movedim(0, -2).to(dtype)  # [..., D/G, 2]
+        return ((q.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
     def _codes(self, ids: Tensor) -> Tensor:
         """int4 codes [..., D] of rows `ids`, from nibble pairs or from the packed head's blocks."""

@@ -496,7 +496,7 @@ GEMMAKIT_VNNI void int16_tile512(const int16_t* x, const int8_t* q, int64_t k, i
 // every sum stays exact in int32; the pass is then bound by reading the codes, not by multiply-adds. Codes are
 // read in place ([N, K] rows are what a tile loads, 64 inputs a row); x's parts are laid out once a call in
 // the order a B tile wants (four consecutive inputs of a column together).
-#define GEMMAKIT_AMX __attribute__((target("amx-tile,amx-int8,avx512f")))
+#define GEMMAKIT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512dq")))
 constexpr int64_t kAmxRows = 16, kAmxInputs = 64, kAmxCols = 16, kAmxXRows = kAmxCols / 2;
 
 struct alignas(64) TileConfig {
@@ -559,13 +559,26 @@ GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, in
     _tile_stored(2, sums[2], kAmxCols * 4);
     _tile_stored(3, sums[3], kAmxCols * 4);
   }
-  for (int g = 0; g < G; ++g)
-    for (int64_t j = 0; j < kAmxRows; ++j) {
-      const int32_t* c = sums[g] + j * kAmxCols;
-      const int64_t row = row0 + g * kAmxRows + j;
-      for (int64_t r = 0; r < m; ++r)
-        y[r * n + row] = static_cast<float>(int64_t{c[r]} * 128 + c[kAmxXRows + r]) * xs[r] * ws[row];
+  // Row r of x's sums for the block's 16 code rows are column r (h) and column 8 + r (l) of the tile: gathered,
+  // combined in double (128 h + l is exact there, then rounded once to fp32, as the other passes' int32 sum),
+  // scaled and stored as 16 contiguous outputs.
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(kAmxCols));
+  for (int g = 0; g < G; ++g) {
+    const int64_t first = row0 + g * kAmxRows;
+    const __m512 scales = _mm512_loadu_ps(ws + first);
+    for (int64_t r = 0; r < m; ++r) {
+      const __m512i h = _mm512_i32gather_epi32(column, sums[g] + r, 4);
+      const __m512i l = _mm512_i32gather_epi32(column, sums[g] + kAmxXRows + r, 4);
+      const __m512d scale = _mm512_set1_pd(128.0);
+      const __m512d low = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(h)), scale,
+                                          _mm512_cvtepi32_pd(_mm512_castsi512_si256(l)));
+      const __m512d high = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(h, 1)), scale,
+                                           _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(l, 1)));
+      const __m512 sum = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(low)), _mm512_cvtpd_ps(high), 1);
+      _mm512_storeu_ps(y + r * n + first, _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(xs[r])), scales));
     }
+  }
 }
 
 // Blocks [begin, end) of 16 code rows, on one thread (tile state is per thread: configured, then released).

@@ -54,7 +54,7 @@ from gemmakit.runtime.packing import (
     upcast_linears,
 )
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import head_codes, head_weight, screen_bytes
+from gemmakit.runtime.screen import head_codes, head_weight, int4_head, screen_bytes
 
 # Float linears whose decode rows gemmakit's AVX2 kernels can take, besides quantized ones (gemv.py; fp32
 # ones are built taking them).
@@ -235,6 +235,12 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         # An int8 head's screen is its own codes through the same pass: no copy, and a pass whose integer
         # multiply-adds outrun the head's fp32 ones at a batch step's several rows.
         return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel()})"
+    if gemv_kernels and gemv.screen_amx() and max_batch > 1 and (
+            head := int4_head(model, model_dtype_device(model)[0])) is not None:
+        # An int8 copy of an int4 head (its bytes again, twice over): on AMX its pass at a batch step's rows is
+        # bound by reading it, where the int4 kernel is bound by multiply-adds; one-row steps read the int4 head.
+        return (head, False, False, False, True), (f"int8 copy of the int4 head for steps of 2-{gemv.INT8_ROWS} "
+                                                   "rows (gemmakit's AMX pass)")
     if isinstance(getattr(model, "lm_head", None), HalfLinear):
         # Its int8 copy would be read by torch's int8 kernel or inductor's AVX2 code: no faster than fbgemm.
         return None, "off (the bf16 head streams through fbgemm fp16)"

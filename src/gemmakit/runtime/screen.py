@@ -79,6 +79,44 @@ class Int8Head:
         return self.codes.shape
 
 
+@dataclass(frozen=True)
+class Int4Head:
+    """An int4 output head (quantize.Int4Linear `head`) tied to the table that looks its rows up
+    (quantize.QuantizedEmbedding `table`, reading the head's codes), for activations of `dtype`. Its screen
+    is an int8 copy built from the table's rows a block at a time, and rescoring dequantizes the candidates'
+    rows the same way. The int4 head is half the copy's bytes, so the copy serves steps of several rows only,
+    where the head's kernel is bound by multiply-adds rather than by bytes."""
+
+    head: nn.Module
+    table: nn.Module
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.head.out_features, self.head.in_features))
+
+    def rows(self, ids: Tensor) -> Tensor:
+        return self.table.rows(ids, torch.float32)
+
+    def bf16_kernel(self) -> bool:
+        """Whether a batch step's head product is torch's int4 kernel, which takes x and gives logits in bf16
+        (gemmakit's takes and gives fp32): asked once the engine has given its linears their kernels."""
+        return self.head.gemv_rows < gemv.INT4_ROWS
+
+
+def int4_head(model: nn.Module, dtype: torch.dtype) -> Int4Head | None:
+    """The tied int4 head of a Gemma quantized to int4 on CPU (an int4 `lm_head` whose table reads the same
+    scales), for activations of `dtype`; None otherwise, or where logits are soft-capped (torch's int4 kernel
+    rounds them to bf16, and capping bf16 logits ties tokens the screen would tell apart)."""
+    head, table = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    sz = getattr(head, "scales_and_zeros", None)
+    if not (isinstance(sz, Tensor) and getattr(head, "device_type", None) == "cpu"
+            and callable(getattr(table, "rows", None)) and getattr(table, "scales", None) is sz):
+        return None
+    capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return None if capped or dtype not in (torch.float32, torch.bfloat16) else Int4Head(head, table, dtype)
+
+
 def head_codes(model: nn.Module, dtype: torch.dtype) -> Int8Head | None:
     """The int8 output head of a Gemma quantized to int8 (an `lm_head` whose buffers are int8 codes and a
     scale per row), on CPU, for activations of `dtype`; None for any other head, or for a bf16 model whose
@@ -111,19 +149,26 @@ def head_weight(model: nn.Module) -> Tensor | None:
 
 class HeadScreen(nn.Module):
     """A screen over a float32 head `weight` [V, H] in bf16, or over a bf16 one in int8 with a scale per row
-    (not copied: rescoring reads it), or over an int8 head's own codes (`Int8Head`, gemmakit's kernels only).
+    (not copied: rescoring reads it), or over an int8 head's own codes (`Int8Head`), or an int4 head in an int8
+    copy (`Int4Head`), the last two on gemmakit's kernels only.
     `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy, for multi-row and eager steps
     (packing.py says why that layout is faster); `plain` keeps the copy in its ordinary layout, for compiled
     one-row steps (at least one of the two)."""
 
-    def __init__(self, weight: Tensor | Int8Head, packed: bool = False, plain: bool = True, half: bool = False,
-                 gemv_kernel: bool = False, candidates: int | None = None):
+    def __init__(self, weight: Tensor | Int8Head | Int4Head, packed: bool = False, plain: bool = True,
+                 half: bool = False, gemv_kernel: bool = False, candidates: int | None = None):
         super().__init__()
         self.codes = weight if isinstance(weight, Int8Head) else None
-        if self.codes is not None and not gemv_kernel:
-            raise ValueError("an int8 head's own codes are screened by gemmakit's kernels only (gemv_kernel=True)")
-        self.exact = None if self.codes is not None else weight
+        self.int4 = weight if isinstance(weight, Int4Head) else None
+        if (self.codes is not None or self.int4 is not None) and not gemv_kernel:
+            raise ValueError("quantized heads are screened by gemmakit's kernels only (gemv_kernel=True)")
+        self.exact = weight if isinstance(weight, Tensor) else None
         self.out_dtype, self.vocab = weight.dtype, weight.shape[0]  # the head's logits: their dtype, how many
+        # torch's int4 kernel rounds x to bf16 and its logits to bf16: the screen and rescoring do the same.
+        self.x_bf16 = self.int4 is not None and self.int4.bf16_kernel()
+        if self.x_bf16:
+            self.out_dtype = torch.bfloat16
+        self.min_rows = 2 if self.int4 is not None else 1  # one row: the int4 head reads half the copy's bytes
         self.k = candidates or (GEMV_CANDIDATES if gemv_kernel else CANDIDATES)
         # fbgemm's fp16 copy of a float32 head (packing.HalfLinear), for every step where there is no fast
         # bf16 product (AVX2): fbgemm rounds to fp16 as torch does (probe.fbgemm_fp16 checks), so the bound's
@@ -144,7 +189,7 @@ class HeadScreen(nn.Module):
         else:  # int8 with a scale per row, built in blocks of rows (no float32 copy of the table)
             cheap, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0])
             for i in range(0, weight.shape[0], 1024):
-                w = weight[i:i + 1024].float()
+                w = self._exact_rows(i, i + 1024)
                 scale[i:i + 1024] = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
                 cheap[i:i + 1024] = (w / scale[i:i + 1024, None]).round().clamp(-127, 127)
         self.register_buffer("cheap", cheap, persistent=False)
@@ -158,7 +203,7 @@ class HeadScreen(nn.Module):
         self.register_buffer("cheap_norm", torch.empty(vocab), persistent=False)
         for i in range(0, vocab, 1024):
             c = self._decoded(i, i + 1024)
-            w = c if self.codes is not None else weight[i:i + 1024].float()
+            w = c if self.codes is not None else self._exact_rows(i, i + 1024)
             self.delta_norm[i:i + 1024] = (w - c).norm(dim=-1)
             self.cheap_norm[i:i + 1024] = c.norm(dim=-1)
             widest = max(widest, float(w.norm(dim=-1).max()))
@@ -170,11 +215,18 @@ class HeadScreen(nn.Module):
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
         self.copy_bytes = weight.numel() * 2 if half else cheap.numel() * cheap.element_size()
-        self.head_bytes = (self.exact.numel() * self.exact.element_size() if self.codes is None else
-                           sum(t.numel() * t.element_size() for t in (self.codes.codes, self.codes.scales)))
+        held = ((self.codes.codes, self.codes.scales) if self.codes is not None else (self.exact,)
+                if self.int4 is None else (self.int4.head.weight, self.int4.head.scales_and_zeros))
+        self.head_bytes = sum(t.numel() * t.element_size() for t in held)
         if not plain and self.packed is not None:
             self.cheap = None  # only the packed layout is read
         self.fallbacks = 0
+
+    def _exact_rows(self, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of the head in float32."""
+        if self.int4 is not None:
+            return self.int4.rows(torch.arange(start, min(stop, self.vocab)))
+        return self.exact[start:stop].float()
 
     def _decoded(self, start: int, stop: int) -> Tensor:
         if self.fp16 is not None:
@@ -187,7 +239,7 @@ class HeadScreen(nn.Module):
         more than the head itself, so it needs inductor's one-row pass, oneDNN's packed copy or fbgemm's fp16
         one."""
         if self.gemv_kernel:
-            return rows <= gemv.INT8_ROWS
+            return self.min_rows <= rows <= gemv.INT8_ROWS
         return (compiled and rows == 1 and self.cheap is not None) or self.packed is not None or self.fp16 is not None
 
     @property
@@ -207,7 +259,7 @@ class HeadScreen(nn.Module):
     def forward(self, x: Tensor, layout: str = "packed") -> tuple[Tensor, Tensor]:
         """x: [B, H] final hidden states (after the norm), screened through the copy in `layout` ("plain": one
         row, for compiled steps; "packed": any rows). Returns (tokens [B], certified [B] bool)."""
-        x = x.float()
+        x = x.to(torch.bfloat16).float() if self.x_bf16 else x.float()
         x_norm = x.norm(dim=-1, keepdim=True)
         values, indices = top_k(self._screen(x, x_norm, layout), self.k + 1)
         idx = indices[:, : self.k]
@@ -227,6 +279,8 @@ class HeadScreen(nn.Module):
     def _rescore(self, x: Tensor, idx: Tensor) -> Tensor:
         """The head's float32 logits [B, K] of tokens `idx` [B, K]; an int8 head's as its kernel sums them,
         the codes' products first, then the row's scale."""
+        if self.int4 is not None:
+            return (x[:, None, :] * self.int4.rows(idx)).sum(-1)
         if self.codes is None:
             return (x[:, None, :] * self.exact[idx].float()).sum(-1)
         return (x[:, None, :] * self.cheap[idx].float()).sum(-1) * self.scale[idx]
@@ -294,6 +348,8 @@ def screen_bytes(weight: Tensor | Int8Head, packed: bool, plain: bool = True, ha
     layouts, the fp16 one, or the int8 one and its scales (an int8 head's: fp32 scales where its own are not),
     and two norms a token."""
     vocab, width = weight.shape
+    if isinstance(weight, Int4Head):
+        return vocab * width + 3 * vocab * 4
     if isinstance(weight, Int8Head):
         return vocab * 4 * (2 + int(weight.scales.dtype != torch.float32))
     if half:
