@@ -55,7 +55,7 @@ def test_int4_kernel_is_the_dequantized_product(n, k, group, rows):
 
 
 @pytest.mark.parametrize("wide", WIDE, ids=lambda w: "avx512" if w else "avx2")
-@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("rows", [*ROWS, 8])
 @pytest.mark.parametrize("n, k", [(4, 8), (8, 16), (7, 13), (256, 640), (61, 2048), (1030, 100)])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype, rows, wide):
@@ -63,6 +63,7 @@ def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype, rows, wide):
     of eight (sixteen in the AVX-512 build) take the kernel's tails."""
     g = torch.Generator().manual_seed(n * k)
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    x[:, 3 % k], x[-1, 5 % k] = 50.0, -80.0  # outliers of either sign
     q, s = quantize_int8(w, scale_dtype)
     want = x @ (q.float() * s.float()[:, None]).T
     assert torch.allclose(gemv.int8(x, q, s, wide), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())

@@ -161,6 +161,7 @@ def _agrees() -> bool:
     w, x = torch.randn(64, 96, generator=g), torch.randn(3, 96, generator=g)
     q, s = quantize_int8(w[:61, :93], torch.float32)  # 61 rows, 93 inputs: the row and K tails
     full = w[:61, :93].contiguous()
+    q64, s64 = quantize_int8(w[:, :64].contiguous(), torch.float32)  # K = 64: the screen's AMX pass, where taken
     products = [(int8, (q, s), q.float() * s[:, None], 93), (floats, (full,), full, 93),
                 (floats, (full.bfloat16(),), full.bfloat16().float(), 93)]
     if cpu_int4_block_rows(96) == BLOCK_ROWS:
@@ -168,7 +169,8 @@ def _agrees() -> bool:
         products.append((functools.partial(int4, group=32), (packed, sz), dequantize_int4(*quantize_int4(w, 32)), 96))
     exact = all(torch.allclose(kernel(rows[:, :k], *operands), rows[:, :k] @ weight.T, rtol=1e-4, atol=1e-4)
                 for kernel, operands, weight, k in products for rows in (x[:1], x))
-    return exact and all(_screen_within_bound(rows[:, :93], q, s) for rows in (x[:1], x))
+    return exact and all(_screen_within_bound(rows[:, :k], *codes) for rows in (x[:1], x)
+                         for k, codes in ((93, (q, s)), (64, (q64, s64))))
 
 
 def _screen_within_bound(x: Tensor, q: Tensor, scales: Tensor) -> bool:

@@ -499,6 +499,11 @@ GEMMAKIT_VNNI void int16_tile512(const int16_t* x, const int8_t* q, int64_t k, i
 #define GEMMAKIT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512dq")))
 constexpr int64_t kAmxRows = 16, kAmxInputs = 64, kAmxCols = 16, kAmxXRows = kAmxCols / 2;
 
+// GCC's tile load / store intrinsics are asm statements that do not tell the compiler they read or write
+// memory: without this between writing a buffer and loading it into a tile (or storing a tile and reading the
+// buffer), -O3 may drop the writes or read before the store.
+inline void tiles_see_memory() { asm volatile("" ::: "memory"); }
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -539,6 +544,7 @@ GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, in
     _tile_zero(3);
   }
   const int8_t* rows = q + row0 * k;
+  tiles_see_memory();
   for (int64_t i = 0; i < k; i += kAmxInputs) {
     _tile_loadd(6, parts + i * kAmxCols, kAmxCols * 4);
     _tile_loadd(4, rows + i, k);
@@ -559,6 +565,7 @@ GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, in
     _tile_stored(2, sums[2], kAmxCols * 4);
     _tile_stored(3, sums[3], kAmxCols * 4);
   }
+  tiles_see_memory();
   // Row r of x's sums for the block's 16 code rows are column r (h) and column 8 + r (l) of the tile: gathered,
   // combined in double (128 h + l is exact there, then rounded once to fp32, as the other passes' int32 sum),
   // scaled and stored as 16 contiguous outputs.
@@ -589,6 +596,7 @@ GEMMAKIT_AMX void amx_range(const int8_t* q, int64_t k, const int8_t* parts, int
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
+  tiles_see_memory();
   _tile_loadconfig(&cfg);
   int64_t b = begin;
   for (; b + 4 <= end; b += 4) amx_blocks<4>(q, k, parts, b * kAmxRows, m, n, xs, ws, y);
