@@ -260,17 +260,22 @@ def test_fp32_engines_decode_and_screen_on_the_kernels_with_the_models_tokens(co
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_int8_heads_are_screened_through_their_own_codes(dtype, compile, monkeypatch):
-    """An int8 model's greedy steps screen its head's own codes (no copy: the forecast holds only the norms
-    and fp32 scales) and pick the tokens of the same engine with the screen off, one row and two at once."""
+    """Where the screen's pass has its AVX-512 build, an int8 model's greedy steps screen its head's own codes
+    (no copy: the forecast holds only the norms and fp32 scales) and pick the tokens of the same engine with
+    the screen off, one row and two at once. With the AVX2 pass the plan keeps the int8 head, and says why."""
     from gemmakit.runtime.compiled import compile_supported
 
     if compile and not compile_supported("cpu"):
         pytest.skip("torch.compile needs a C++ compiler")
     prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
     model = quantize_model(_float_gemma(dtype), "int8")
+    engine = Engine(model, max_batch=2, context=64, compile=compile)
+    if gemv.vector_width() < 512:
+        assert "head screen: off (an int8 head: the AVX2 screening pass" in engine.plan.describe()
+        assert engine.runtime.screen is None
+        return
     plain = Engine(model, max_batch=2, context=64, compile=compile, screen=False)
     want = [r.tokens for r in plain.generate(prompts, params)]
-    engine = Engine(model, max_batch=2, context=64, compile=compile)
     assert "head screen: the int8 head's own codes (gemmakit's AVX2 kernel" in engine.plan.describe()
     screen = engine.runtime.screen
     assert screen.cheap.data_ptr() == model.lm_head.weight.data_ptr()  # read in place, not copied

@@ -26,10 +26,12 @@ A step whose certificate fails for a row computes the full head instead (`HeadSc
 little less rare on the packed path, whose bound is wider).
 
 When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes
-ties the screen would not reproduce), and the int8 heads of int8 models (the same soft-cap rule) where
-gemmakit's kernels compute them: the screen reads the head's own codes, so it adds no copy and its bound has
-no |w - b| term; it gains at a batch step's several rows, where integer multiply-adds (or AMX tiles) outrun the
-head's fp32 ones. It applies to rows whose token is a plain argmax of the raw logits: temperature
+ties the screen would not reproduce); the int8 heads of int8 models (the same soft-cap rule) where
+gemmakit's kernels compute them and the pass has its AVX-512 build: the screen reads the head's own codes, so it
+adds no copy and its bound has no |w - b| term, and at a batch step's several rows VNNI multiply-adds or AMX
+tiles outrun the head's fp32 ones; and, in batch engines where the pass runs on AMX, tied int4 heads through an
+int8 copy (`Int4Head`: steps of 2-8 rows, where torch's int4 kernel is bound by multiply-adds). It applies to
+rows whose token is a plain argmax of the raw logits: temperature
 0 with no penalties, bias, loop-guard penalty, constraint or logprobs (each of those reads logits the screen
 never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
 copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
