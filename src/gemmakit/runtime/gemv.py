@@ -78,7 +78,7 @@ _registered = False  # whether the ops' shape functions (for torch.compile) are 
 # Whether several-row passes take the kernels' AVX-512 build (set by `unavailable`, read where a product is
 # called: a plain global, which compiled steps guard on, rather than a cached call traced into their graphs).
 _wide = False
-_amx = False  # and the screen's pass its AMX one (up to 8 rows)
+_amx = False  # and the screen's pass of 2-8 rows its AMX one
 
 
 @functools.cache
@@ -107,8 +107,9 @@ def vector_width() -> int:
 
 
 def screen_amx() -> bool:
-    """Whether the screen's pass runs on AMX tiles here (AVX-512 CPUs with AMX-INT8, where Linux grants the
-    process its tiles): bound by reading the codes rather than by multiply-adds at any row count up to 8."""
+    """Whether the screen's pass of 2-8 rows runs on AMX tiles here (AVX-512 CPUs with AMX-INT8, where Linux
+    grants the process its tiles): bound by reading the codes rather than by multiply-adds. One row keeps the
+    AVX2 pass, which reads them as fast."""
     return _amx
 
 
