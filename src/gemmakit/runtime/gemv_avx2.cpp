@@ -297,9 +297,9 @@ constexpr Tile<W> kFloatTiles512[kTileX512][kTileW] = {
     {tile512<W, 7, 1>, tile512<W, 7, 2>, tile512<W, 7, 3>}, {tile512<W, 8, 1>, tile512<W, 8, 2>, tile512<W, 8, 3>}};
 
 // Walks an [m, n] product of weight w [n, k] in tiles, in parallel over groups of kTileW weight rows, calling
-// fn(j0, cols, r0, rows, next) for weight rows j0.. and rows r0.. of x, up to tile_x rows of x a call. `next` is the following group's first
-// weight row on a group's first pass (for its prefetches: x86 prefetches never fault, so the last group's may
-// run past the weight's end), else null.
+// fn(j0, cols, r0, rows, next) for weight rows j0.. and rows r0.. of x, up to tile_x rows of x a call. `next`
+// is the following group's first weight row on a group's first pass (for its prefetches: x86 prefetches never
+// fault, so the last group's may run past the weight's end), else null.
 template <typename W, typename Fn>
 void for_each_tile(const W* w, int64_t m, int64_t n, int64_t k, int64_t tile_x, Fn&& fn) {
   const int64_t bytes = k * kTileW * static_cast<int64_t>(sizeof(W));

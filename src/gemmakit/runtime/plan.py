@@ -229,17 +229,17 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
     on one row only with AVX-512)."""
     if not wanted:
         return None, "off (asked)"
+    dtype = model_dtype_device(model)[0]
     if gemv_kernels and (weight := head_weight(model)) is not None:
         return (weight, False, False, False, True), f"int8 copy ({_screen_kernel()})"
-    if gemv_kernels and (codes := head_codes(model, model_dtype_device(model)[0])) is not None:
+    if gemv_kernels and (codes := head_codes(model, dtype)) is not None:
         # An int8 head's screen is its own codes through the same pass: no copy, and where the pass has its
         # AVX-512 VNNI or AMX build, it outruns the head's fp32 multiply-adds at a batch step's several rows.
         # The AVX2 pass only tied the int8 kernel (CPU C held to AVX2: docs/performance.md), so the head stays.
         if gemv.vector_width() < 512:
             return None, "off (an int8 head: the AVX2 screening pass is no faster than its kernel)"
         return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel()})"
-    if gemv_kernels and gemv.screen_amx() and max_batch > 1 and (
-            head := int4_head(model, model_dtype_device(model)[0])) is not None:
+    if gemv_kernels and gemv.screen_amx() and max_batch > 1 and (head := int4_head(model, dtype)) is not None:
         # An int8 copy of an int4 head (its bytes again, twice over): on AMX its pass at a batch step's rows is
         # bound by reading it, where the int4 kernel is bound by multiply-adds; one-row steps read the int4 head.
         return (head, False, False, False, True), (f"int8 copy of the int4 head for steps of 2-{gemv.INT8_ROWS} "

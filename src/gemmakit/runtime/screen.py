@@ -182,33 +182,20 @@ class HeadScreen(nn.Module):
         self.gemv_kernel = gemv_kernel
         if half or gemv_kernel:
             packed = plain = False
+        build = not half and self.codes is None and (weight.dtype != torch.float32 or gemv_kernel)
         if half:
             cheap, scale = None, None
         elif self.codes is not None:  # the head's codes, shared; fp32 scales for the kernel (a copy if bf16)
             cheap, scale = self.codes.codes, self.codes.scales.float()
-        elif weight.dtype == torch.float32 and not gemv_kernel:
+        elif not build:
             cheap, scale = weight.to(torch.bfloat16), None
-        else:  # int8 with a scale per row, built in blocks of rows (no float32 copy of the table)
-            cheap, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0])
-            for i in range(0, weight.shape[0], 1024):
-                w = self._exact_rows(i, i + 1024)
-                scale[i:i + 1024] = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
-                cheap[i:i + 1024] = (w / scale[i:i + 1024, None]).round().clamp(-127, 127)
+        else:  # int8 with a scale per row, filled by blocks of rows below (no float32 copy of the table)
+            cheap, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(self.vocab)
         self.register_buffer("cheap", cheap, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
-        # Norms by blocks of rows, into preallocated outputs: a float32 copy of the table would be a transient
-        # of its size (a bf16 table's own norm() makes one), and small per-block results kept between the
-        # blocks' temporaries fragment the heap (either left resident memory behind that the process never
-        # handed back).
-        vocab, widest = weight.shape[0], 0.0
-        self.register_buffer("delta_norm", torch.empty(vocab), persistent=False)
-        self.register_buffer("cheap_norm", torch.empty(vocab), persistent=False)
-        for i in range(0, vocab, 1024):
-            c = self._decoded(i, i + 1024)
-            w = c if self.codes is not None else self._exact_rows(i, i + 1024)
-            self.delta_norm[i:i + 1024] = (w - c).norm(dim=-1)
-            self.cheap_norm[i:i + 1024] = c.norm(dim=-1)
-            widest = max(widest, float(w.norm(dim=-1).max()))
+        self.register_buffer("delta_norm", torch.empty(self.vocab), persistent=False)
+        self.register_buffer("cheap_norm", torch.empty(self.vocab), persistent=False)
+        widest = self._fill_blocks(build)
         n = weight.shape[1]
         # Worst float32 error of an n-term dot product, plus the scale product and computing the copy's norms.
         self.gamma = n * _U32 / (1 - n * _U32) + 4 * _U32
@@ -223,6 +210,26 @@ class HeadScreen(nn.Module):
         if not plain and self.packed is not None:
             self.cheap = None  # only the packed layout is read
         self.fallbacks = 0
+
+    def _fill_blocks(self, build: bool) -> float:
+        """The norms, and with `build` the int8 copy and its scales, a block of rows at a time, each block's
+        exact rows read once (an int4 head's are dequantized); returns the widest row norm of the head.
+        Blocks write into preallocated outputs: a float32 copy of the table would be a transient of its size (a
+        bf16 table's own norm() makes one), and small per-block results kept between the blocks' temporaries
+        fragment the heap (either left resident memory behind that the process never handed back)."""
+        widest = 0.0
+        for i in range(0, self.vocab, 1024):
+            j = i + 1024
+            w = None if self.codes is not None else self._exact_rows(i, j)
+            if build:
+                self.scale[i:j] = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
+                self.cheap[i:j] = (w / self.scale[i:j, None]).round().clamp(-127, 127)
+            c = self._decoded(i, j)
+            w = c if w is None else w
+            self.delta_norm[i:j] = (w - c).norm(dim=-1)
+            self.cheap_norm[i:j] = c.norm(dim=-1)
+            widest = max(widest, float(w.norm(dim=-1).max()))
+        return widest
 
     def _exact_rows(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of the head in float32."""
