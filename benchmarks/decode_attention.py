@@ -1,13 +1,15 @@
 """Which decode-attention kernel a compiled step should use, per dtype: `decode_sdpa` against `decode_plain`.
 
-`model.attend` sends a one-query-per-row step to SDPA's fused kernel in half precision and to plain ops in
-fp32. This script is the measurement behind that rule: for each dtype it builds one engine per kernel (each
-compiled with `attend` forced to that kernel), then times them in interleaved rounds of decode steps in one
-process, so that both see the same machine state, and prints the median milliseconds per step and the ratio.
+The runtime plan sends a one-query-per-row step to SDPA's fused kernel in half precision and to plain ops in
+fp32 (runtime/plan.py says when). This script is the measurement behind that rule: for each dtype it builds one
+engine per kernel (each compiled with its attention layers given that kernel in place of the plan's), then
+times them in interleaved rounds of decode steps in one process, so that both see the same machine state, and
+prints the median milliseconds per step and the ratio.
 The context grows by `--steps` tokens each round; with the defaults it stays under the 512-token sliding
 window (`--prompt-len 8000` measures a long one).
 
-Run: .venv/bin/python benchmarks/decode_attention.py [--dtypes bfloat16,float32] [--batch 1] [--narrow]
+Run: .venv/bin/python benchmarks/decode_attention.py [--dtypes bfloat16,float32] [--batch 1] [--quantize int4]
+     [--narrow]
 """
 
 from __future__ import annotations
@@ -20,35 +22,28 @@ from types import SimpleNamespace
 import torch
 from profile_decode import narrow_model, start_decoding
 
-import gemmakit.model as model_module
 from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
-from gemmakit.runtime.packing import pack_linears
-
-KERNELS = {"sdpa": model_module.decode_sdpa, "plain": model_module.decode_plain}
-_attend = model_module.attend
-
-
-def forcing(kernel):
-    """`attend` with one-query steps sent to `kernel` whatever the dtype; prompts as usual."""
-    def attend(q, k, v, mask, scale):
-        return kernel(q, k, v, mask, scale) if q.shape[2] == 1 else _attend(q, k, v, mask, scale)
-    return attend
+from gemmakit.runtime.plan import prepare_weights
+from gemmakit.runtime.steps import set_decode_attention
 
 
 def ready_engine(args: argparse.Namespace, dtype: str, kernel: str) -> Engine:
-    """A compiled engine of the chosen model whose rows are prefilled and mid-decode, `attend` forced."""
-    model_module.attend = forcing(KERNELS[kernel])
+    """A compiled engine of the chosen model whose rows are prefilled and mid-decode, its attention layers given
+    `kernel` for one-query steps before the first step compiles."""
     if args.narrow:
-        model = narrow_model(SimpleNamespace(dtype=dtype, quantize="none"))
+        model = narrow_model(SimpleNamespace(dtype=dtype, quantize=args.quantize))
     else:
-        model = load_model(dtype=getattr(torch, dtype))
-        pack_linears(model, keep_plain=True)  # as gemmakit.api.load does for a compiled engine
+        model = load_model(dtype=getattr(torch, dtype), quantize=args.quantize)
+        prepare_weights(model, None, True)  # the layout gemmakit.api.load gives a compiled engine
     total = args.rounds * args.steps
     engine = Engine(model, max_batch=args.batch, context=args.prompt_len + total + 64, compile=True)
+    set_decode_attention(model, kernel)
     prompts = [[10 + (r + i) % 1000 for i in range(args.prompt_len)] for r in range(args.batch)]
     start_decoding(engine, prompts, total + 32)
+    if len(engine.running) != args.batch:  # a step that failed ends its rows: the timings would be of nothing
+        raise SystemExit(f"{kernel}: {args.batch - len(engine.running)} of {args.batch} rows ended before timing")
     return engine
 
 
@@ -61,6 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="decode steps per engine per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernels", default="sdpa,plain", help="also the order engines are built and timed in")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--narrow", action="store_true", help="the 270M's layers with 64-wide matrices (profile_decode)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,7 +66,6 @@ def main() -> None:
         times: dict[str, list[float]] = {kernel: [] for kernel in engines}
         for _ in range(args.rounds):
             for kernel, engine in engines.items():
-                model_module.attend = forcing(KERNELS[kernel])  # the compiled graph's guard checks it
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     engine.step()
@@ -79,8 +74,9 @@ def main() -> None:
         for kernel, ms in medians.items():
             rows.append({"dtype": dtype, "kernel": kernel, "ms/step (median)": ms, "min": min(times[kernel]),
                          "vs plain": medians["plain"] / ms if "plain" in medians else None})
+            if len(engine.running) != args.batch:
+                raise SystemExit(f"{kernel}: rows ended while timed; raise --steps' budget or lower --rounds")
         del engines
-    model_module.attend = _attend
     what = "64-wide 270M" if args.narrow else "Gemma 3 270M"
     print(f"{what}, batch {args.batch}, {args.prompt_len}-token prompt, {args.rounds} rounds of {args.steps} "
           f"compiled decode steps, {args.threads} threads\n")

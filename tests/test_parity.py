@@ -117,11 +117,13 @@ def test_bf16_cached_decode_is_no_worse_than_the_references(variant, tmp_path):
     assert our_err <= 1.5 * ref_err, (our_err, ref_err)
 
 
+@pytest.mark.parametrize("kernel", [None, "sdpa", "plain", 2, 4])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kv_heads, head_dim", [(1, 256), (2, 16), (4, 512)])
-def test_decode_attention_is_each_heads_own_softmax(dtype, tol, kv_heads, head_dim):
+def test_decode_attention_is_each_heads_own_softmax(dtype, tol, kv_heads, head_dim, kernel):
     """One query per row: each query head attends over its own KV head (heads h*G..h*G+G-1 share KV head h)
-    with its row's mask, whichever kernel `attend` picks for the dtype; rows see different key sets."""
+    with its row's mask, whatever kernel the plan gives `attend` (None: the dtype's default; n: SDPA from n
+    row x KV-head pairs); rows see different key sets."""
     g = torch.Generator().manual_seed(0)
     B, G, S = 3, 4, 40
     q = torch.randn(B, kv_heads * G, 1, head_dim, generator=g, dtype=torch.float64)
@@ -137,6 +139,31 @@ def test_decode_attention_is_each_heads_own_softmax(dtype, tol, kv_heads, head_d
             scores = (k[b, h // G] @ q[b, h, 0]) * scale
             probs = torch.softmax(scores.masked_fill(~mask[b, 0, 0], float("-inf")), dim=-1)
             want[b, h, 0] = probs @ v[b, h // G]
-    got = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale)
+    got = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, kernel)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("rows, kv_heads, threads, want", [
+    (1, 1, 2, "plain"), (2, 1, 2, "sdpa"), (8, 1, 2, "sdpa"), (1, 2, 2, "sdpa"), (1, 4, 8, "plain"),
+    (2, 4, 8, "sdpa")])
+def test_fp32_decode_steps_go_to_sdpa_once_their_row_head_pairs_fill_the_threads(monkeypatch, rows, kv_heads,
+                                                                                  threads, want):
+    """The CPU plan's fp32 choice is its thread count: SDPA's CPU kernel hands each thread whole (row, KV head)
+    pairs, so a step with fewer pairs than threads goes to the plain ops, and a wider one to SDPA."""
+    import gemmakit.model as model_module
+    from gemmakit.runtime.plan import _attention_choice
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    kernel, why = _attention_choice(torch.device("cpu"), half=False)
+    assert kernel == threads and "SDPA" in why
+    assert _attention_choice(torch.device("cpu"), half=True)[0] == "sdpa"
+    called = []
+    for name in ("sdpa", "plain"):
+        real = getattr(model_module, f"decode_{name}")
+        monkeypatch.setattr(model_module, f"decode_{name}",
+                            lambda *a, real=real, name=name: called.append(name) or real(*a))
+    q = torch.randn(rows, kv_heads * 4, 1, 32)
+    k, v = torch.randn(rows, kv_heads, 16, 32), torch.randn(rows, kv_heads, 16, 32)
+    attend(q, k, v, torch.ones(rows, 1, 1, 16, dtype=torch.bool), 0.2, kernel)
+    assert called == [want]

@@ -83,23 +83,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, decode: str | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, decode: str | int | None = None) -> Tensor:
     """Softmax attention of q [B, Hq, T, D] over k, v [B, Hk, S, D] (Hq a multiple of Hk), mask [B, 1, T, S].
 
     Chunks of queries go to SDPA's fused kernels. A single query per row (a decode step) is where a long
     context's decode time goes, and it is regrouped first: the G query heads that share a KV head are G
     queries over the same keys with the same mask, so every key is read once for all of them. Which kernel
-    then runs depends on the dtype (the runtime plan passes it as `decode`; benchmarks/decode_attention.py
-    measures both in a compiled one-row step of the 270M, whose 4 query heads share one KV head):
-    - half precision: SDPA's fused kernel, which accumulates and softmaxes in fp32 (`decode_sdpa`); the plain
-      ops would first copy K and V to fp32, which makes them the slower choice, more so over a long context.
-    - fp32 (and fp64): plain ops, which inductor fuses and spreads over the threads (`decode_plain`); SDPA's
-      CPU kernel runs one (row, KV head) per thread, which leaves threads idle with so few KV heads.
+    then runs is the runtime plan's choice, passed as `decode` (benchmarks/decode_attention.py measures both
+    in compiled steps of the 270M, whose 4 query heads share one KV head):
+    - "sdpa": SDPA's fused kernel, which accumulates and softmaxes in fp32 (`decode_sdpa`). In half precision
+      the plain ops would first copy K and V to fp32, which makes them the slower choice.
+    - "plain": plain ops, which inductor fuses and spreads over the threads (`decode_plain`).
+    - an int n (fp32 on CPU, n the threads): SDPA's CPU kernel gives each thread whole (row, KV head) pairs,
+      so a step with at least n pairs goes to it, and a narrower one (a one-row step of the 270M) to the plain
+      ops, where SDPA would leave threads idle. The plan passes n rather than this function asking torch,
+      because torch.compile cannot trace that question; the shapes are static, so the choice is made once per
+      traced batch size.
+    - None (no plan): "sdpa" in half precision, else "plain".
     """
     if q.shape[2] != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    if decode is None:  # no runtime plan chose (runtime/plan.py): the dtype's usual choice
+    if decode is None:
         decode = "sdpa" if q.dtype in (torch.bfloat16, torch.float16) else "plain"
+    elif isinstance(decode, int):
+        decode = "sdpa" if q.shape[0] * k.shape[1] >= decode else "plain"
     return decode_sdpa(q, k, v, mask, scale) if decode == "sdpa" else decode_plain(q, k, v, mask, scale)
 
 
@@ -137,7 +144,7 @@ class Attention(nn.Module):
         self.k_eq_v = c.layer_k_eq_v(i)
         self.scale = c.attention_scale
         self.window = c.sliding_window if self.kind == SLIDING else None
-        self.decode_kernel: str | None = None  # "sdpa" or "plain" for one-query steps, set by the runtime plan
+        self.decode_kernel: str | int | None = None  # one-query steps' kernel (`attend`), set by the runtime plan
         g3, H, d = not c.is_gemma4, c.hidden_size, self.head_dim
         self.q_proj = nn.Linear(H, self.n_heads * d, bias=False)
         self.q_norm = RMSNorm(d, c.rms_norm_eps, offset=g3)

@@ -22,7 +22,9 @@ live here, not spread over the model's modules:
 | decode products     | gemmakit's AVX2 kernels (several rows:   | whether ours build and agree here (x86 CPUs;  |
 | (int4, int8, float) | AVX-512 / AMX builds where the CPU has   | int4 in torch's AVX2 packing only: gemv.py)   |
 |                     | them) / torch's, oneDNN's, fbgemm's      |                                               |
-| decode attention    | SDPA (half precision) / plain ops (fp32) | the activation dtype                          |
+| decode attention    | SDPA (half precision; fp32 steps with as | the activation dtype, and per step the rows x |
+|                     | many row x KV-head pairs as threads) /   | KV heads against the threads (model.attend)   |
+|                     | plain ops (narrower fp32 steps)          |                                               |
 | memory forecast     | what all of the above will hold          | cache.estimate_bytes                          |
 
 `Plan.describe()` is the one line `gemmakit bench` and `gemmakit chat --verbose` print, with why each choice
@@ -123,7 +125,7 @@ class Plan:
     packed: bool
     compiled: bool
     screen: tuple | None  # HeadScreen's (head, packed copy, plain copy, fp16, gemv kernel)
-    decode_attention: str  # "sdpa" or "plain"
+    decode_attention: str | int  # "sdpa", "plain", or SDPA from this many (row, KV head) pairs (model.attend)
     int4_unpack: bool
     int8_reduce_rows: int  # rows up to which compiled steps take int8 products as fused reductions (0: never)
     gemv_kernels: bool  # few-row CPU int4 / int8 / bf16 products on gemmakit's AVX2 kernels (gemv.py)
@@ -182,12 +184,23 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
             why["decode products"] += " (int4 weights stay on torch's kernel, in its packing for this CPU)"
     plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed, gemv_here)
     half = dtype in (torch.bfloat16, torch.float16)
-    decode_attention = "sdpa" if half else "plain"
-    why["decode attention"] = "SDPA (half precision)" if half else "plain ops (fp32, fused by inductor)"
+    decode_attention, why["decode attention"] = _attention_choice(device, half)
     plan = Plan(device.type, dtype, quantization(model), packed, compiled, plan_of_screen, decode_attention,
                 int4_unpack, int8_reduce_rows, gemv_kernels, why=why)
     plan.forecast = forecast(model, plan, max_batch, context, slack, prefill_chunk)
     return plan
+
+
+def _attention_choice(device: torch.device, half: bool) -> tuple[str | int, str]:
+    """One-query steps' kernel (model.attend): SDPA in half precision. In fp32 on CPU, SDPA too once a step's
+    (row, KV head) pairs fill the threads, which its kernel shares out whole; plain ops fused by inductor for a
+    narrower step (docs/architecture.md, "Decode attention")."""
+    if half:
+        return "sdpa", "SDPA (half precision)"
+    if device.type != "cpu":
+        return "plain", "plain ops (fp32)"
+    threads = torch.get_num_threads()
+    return threads, f"SDPA for steps of {threads}+ row x KV-head pairs (the threads), else plain ops (fp32)"
 
 
 def _int8_choice(device: torch.device, gemv_kernels: bool) -> tuple[int, str]:

@@ -205,7 +205,7 @@ class Runtime:
         return quantized_bytes(self.model) + packed_only - saved
 
 
-def set_decode_attention(model: Any, kernel: str) -> None:
+def set_decode_attention(model: Any, kernel: str | int) -> None:
     """Give every attention layer of `model` the plan's kernel for one-query (decode) steps."""
     for m in model.modules():
         if hasattr(m, "decode_kernel"):
