@@ -1,10 +1,11 @@
 """Which decode-attention kernel a compiled step should use, per dtype: `decode_sdpa` against `decode_plain`.
 
-The runtime plan sends a one-query-per-row step to SDPA's fused kernel in half precision and to plain ops in
-fp32 (runtime/plan.py says when). This script is the measurement behind that rule: for each dtype it builds one
-engine per kernel (each compiled with its attention layers given that kernel in place of the plan's), then
-times them in interleaved rounds of decode steps in one process, so that both see the same machine state, and
-prints the median milliseconds per step and the ratio.
+The runtime plan sends a one-query-per-row step to SDPA's fused kernel in half precision and in fp32 steps
+with as many (row, KV head) pairs as threads, and to plain ops in narrower fp32 steps (runtime/plan.py). This
+script is the measurement behind that rule: for each dtype it builds one engine per kernel (each compiled with
+its attention layers given that kernel in place of the plan's), then times them in interleaved rounds of
+decode steps in one process, so that both see the same machine state, and prints the median milliseconds per
+step and the ratio.
 The context grows by `--steps` tokens each round; with the defaults it stays under the 512-token sliding
 window (`--prompt-len 8000` measures a long one).
 
@@ -70,12 +71,12 @@ def main() -> None:
                 for _ in range(args.steps):
                     engine.step()
                 times[kernel].append((time.perf_counter() - t0) / args.steps * 1e3)
+                if len(engine.running) != args.batch:
+                    raise SystemExit(f"{kernel}: rows ended while timed (a step failed)")
         medians = {kernel: statistics.median(ts) for kernel, ts in times.items()}
         for kernel, ms in medians.items():
             rows.append({"dtype": dtype, "kernel": kernel, "ms/step (median)": ms, "min": min(times[kernel]),
                          "vs plain": medians["plain"] / ms if "plain" in medians else None})
-            if len(engine.running) != args.batch:
-                raise SystemExit(f"{kernel}: rows ended while timed; raise --steps' budget or lower --rounds")
         del engines
     what = "64-wide 270M" if args.narrow else "Gemma 3 270M"
     print(f"{what}, batch {args.batch}, {args.prompt_len}-token prompt, {args.rounds} rounds of {args.steps} "
