@@ -86,6 +86,44 @@ def default_gguf() -> Path:
         return Path("/nonexistent/default-model.gguf")
 
 
+def transformers_from_gguf(path: Path, kind: str):
+    """transformers' own model (fp32, eval) or tokenizer ("model" / "tokenizer") read from the GGUF at `path`.
+
+    transformers dequantizes a GGUF in numpy, a minute or more for the 270M, so what it read is kept with its
+    own `save_pretrained` under ~/.cache/gemmakit/test-reference (GEMMAKIT_CACHE_DIR), keyed by the file's
+    hash and transformers' version, and later runs load that. The reference stays transformers' reading of
+    the file: gemmakit never writes it."""
+    import hashlib
+    import os
+    import shutil
+
+    import transformers
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser() / "test-reference"
+    saved = root / f"{kind}-{digest.hexdigest()[:16]}-transformers-{transformers.__version__}"
+    auto = transformers.AutoModelForCausalLM if kind == "model" else transformers.AutoTokenizer
+    extra = {"dtype": torch.float32} if kind == "model" else {}
+    if not saved.is_dir():
+        read = auto.from_pretrained(str(path.parent), gguf_file=path.name, **extra)
+        partial = saved.with_name(f"{saved.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        if kind == "model":  # dequantized in full already; only the marker blocks saving
+            read.hf_quantizer = None
+            read.config.__dict__.pop("quantization_config", None)
+        read.save_pretrained(partial)
+        try:
+            partial.rename(saved)  # whole or not at all: a run killed mid-save leaves only a .partial directory
+        except OSError:  # another run saved it first
+            shutil.rmtree(partial, ignore_errors=True)
+        return read.eval() if kind == "model" else read
+    read = auto.from_pretrained(str(saved), **extra)
+    return read.eval() if kind == "model" else read
+
+
 def weight_error(linear: torch.nn.Module, w: torch.Tensor) -> float:
     """Relative error of a (quantized) linear's effective weight, read through x = I, against `w` [N, K]."""
     return ((linear(torch.eye(w.shape[1])).float().T - w).norm() / w.norm()).item()

@@ -1,7 +1,8 @@
 """The real Gemma 3 270M (the embedded default GGUF): gemmakit against transformers loading the same file.
 
-Slow (transformers needs about a minute to load a GGUF here), so marked `slow`; skipped if the default model
-package is not installed. Run: .venv/bin/python -m pytest tests/test_real_model.py
+Slow (transformers needs about a minute to read a GGUF; tests.helpers keeps what it read for later runs), so
+marked `slow`; skipped if the default model package is not installed.
+Run: .venv/bin/python -m pytest tests/test_real_model.py
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.sampling import SamplingParams
 from gemmakit.tokenizer import Tokenizer
+from tests.helpers import transformers_from_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +37,7 @@ def gguf_path(default_model):
 
 @pytest.fixture(scope="module")
 def reference(gguf_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+    return transformers_from_gguf(gguf_path, "model")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 import gemmakit.tokenizer as tokenizer_module
 from gemmakit.tokenizer import Tokenizer, derive_merges, gemma_pieces
-from tests.helpers import default_gguf
+from tests.helpers import default_gguf, transformers_from_gguf
 
 GGUF_PATH = default_gguf()
 needs_gguf = pytest.mark.skipif(not GGUF_PATH.is_file(), reason=f"{GGUF_PATH} not downloaded")
@@ -188,8 +188,8 @@ def gemma(gemma_cache: Path) -> Tokenizer:
 def reference():
     if not GGUF_PATH.is_file():
         pytest.skip(f"{GGUF_PATH} not downloaded")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name)
+    pytest.importorskip("transformers")
+    return transformers_from_gguf(GGUF_PATH, "tokenizer")
 
 
 @pytest.mark.slow
