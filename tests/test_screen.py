@@ -321,3 +321,68 @@ def test_without_bf16_packing_an_fp32_head_screens_through_fp16_at_every_step(tm
     full = Engine(engine.model, max_batch=4, context=128, screen=False)
     assert [r.tokens for r in engine.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
     assert 3 in calls and engine.runtime.screen.fallbacks == 0
+
+
+def _int4_model(dtype: torch.dtype) -> torch.nn.Module:
+    """A tiny tied Gemma 3 quantized to int4, its head in the layout gemmakit's AVX2 int4 kernel reads (skips
+    where torch packs int4 for AVX-512: that head stays on torch's kernel, and the copy's rows are AMX's)."""
+    from gemmakit.model import Gemma
+    from gemmakit.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).eval().to(dtype),
+                           "int4")
+    head = model.lm_head
+    if gemv.unavailable() or not gemv.int4_fits(head.out_features, head.in_features, head.group_size):
+        pytest.skip("the int4 head is on torch's kernel here (its packing for this CPU)")
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int4_heads_on_the_avx2_kernel_take_the_copy_at_the_step_sizes_it_was_timed_faster(dtype, monkeypatch):
+    """Where the int4 head is on gemmakit's AVX2 int4 kernel, whether the int8 copy's pass beats it depends on
+    the CPU, so the plan times both: the copy serves exactly the step sizes where it won (one row, a batch's,
+    both or neither), with the tokens of the same engine with the screen off, and the forecast counts it."""
+    from gemmakit.runtime.screen import Int4Head
+
+    model = _int4_model(dtype)
+    prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
+    want = [r.tokens for r in Engine(model, max_batch=2, context=64, screen=False).generate(prompts, params)]
+    passes, screen_int8 = [], gemv.screen_int8
+    monkeypatch.setattr(gemv, "screen_int8", lambda x, *a: passes.append(x.shape[0]) or screen_int8(x, *a))
+    # (full head, copy) seconds at one row and at two; the copy wins where its number is lower.
+    cases = {"both": ({1: (2.0, 1.0), 2: (2.0, 1.0)}, "steps of 1-8 rows", {1, 2}),
+             "batch only": ({1: (1.0, 2.0), 2: (2.0, 1.0)}, "steps of 2-8 rows", {2}),
+             "one row only": ({1: (2.0, 1.0), 2: (1.0, 2.0)}, "one-row steps", {1}),
+             "neither": ({1: (1.0, 2.0), 2: (1.0, 2.0)}, None, set())}
+    for timings, steps, screened in cases.values():
+        monkeypatch.setattr(Int4Head, "copy_timings", lambda self, rows, t=timings: t[rows])
+        engine, passes[:] = Engine(model, max_batch=2, context=64), []
+        line = engine.plan.describe()
+        if steps is None:
+            assert "head screen: off (an int4 head on gemmakit's AVX2 kernel: its int8 copy's pass timed slower, " \
+                   "1 row 2000.0 vs 1000.0 ms, 2 rows 2000.0 vs 1000.0 ms)" in line
+            assert engine.runtime.screen is None and "head_screen" not in engine.memory
+        else:
+            assert (f"head screen: int8 copy of the int4 head for {steps} (gemmakit's AVX2 kernel, timed here as "
+                    "copy vs head: ") in line
+            vocab, width = model.config.vocab_size, model.config.hidden_size
+            assert engine.memory["head_screen"] == engine.runtime.screen.nbytes == vocab * width + 3 * vocab * 4
+        assert [engine.generate([p], params)[0].tokens for p in prompts] == want  # one-row steps
+        assert [r.tokens for r in engine.generate(prompts, params)] == want  # two-row steps, then one
+        assert set(passes) == screened
+
+
+def test_int4_copy_timings_run_both_passes_on_the_real_kernels():
+    """The plan's timing is real: both picks run on the head's own kernel and the pass (a stand-in copy of the
+    head's shape), each a positive time; and an engine planned on it decodes the unscreened tokens."""
+    from gemmakit.runtime.screen import int4_head
+
+    model = _int4_model(torch.float32)
+    full, copy = int4_head(model, torch.float32).copy_timings(rows=2, repeats=3)
+    assert 0 < full < 1 and 0 < copy < 1
+    prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=6)
+    engine = Engine(model, max_batch=2, context=64)
+    assert "timed" in engine.plan.why["head screen"]
+    want = [r.tokens for r in Engine(model, max_batch=2, context=64, screen=False).generate(prompts, params)]
+    assert [r.tokens for r in engine.generate(prompts, params)] == want

@@ -16,8 +16,8 @@ live here, not spread over the model's modules:
 | compiled steps      | one-row + full-batch decode / eager      | asked for, and a compiler present (compiled.py)|
 | head screen         | bf16 copy (plain / packed) / fbgemm fp16 | head dtype, soft-cap, packing, compile, and    |
 |                     | copy / int8 (inductor, or gemmakit's     | whether bf16 products are fast here            |
-|                     | AVX2 kernel; an int8 head's own codes)   | (screen.py)                                   |
-|                     | / off                                    |                                               |
+|                     | AVX2 kernel; an int8 head's own codes;   | (screen.py); for an int4 head on gemmakit's    |
+|                     | an int4 head's copy) / off               | int4 kernel, both passes timed at start-up     |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
 | decode products     | gemmakit's AVX2 kernels (several rows:   | whether ours build and agree here (x86 CPUs;  |
 | (int4, int8, float) | AVX-512 / AMX builds where the CPU has   | int4 in torch's AVX2 packing only: gemv.py)   |
@@ -56,7 +56,7 @@ from gemmakit.runtime.packing import (
     upcast_linears,
 )
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import head_codes, head_weight, int4_head, screen_bytes
+from gemmakit.runtime.screen import Int4Head, head_codes, head_weight, int4_head, screen_bytes
 
 # Float linears whose decode rows gemmakit's AVX2 kernels can take, besides quantized ones (gemv.py; fp32
 # ones are built taking them).
@@ -124,7 +124,7 @@ class Plan:
     quantization: str
     packed: bool
     compiled: bool
-    screen: tuple | None  # HeadScreen's (head, packed copy, plain copy, fp16, gemv kernel)
+    screen: tuple | None  # HeadScreen's (head, packed copy, plain copy, fp16, gemv kernel[, rows])
     decode_attention: str | int  # "sdpa", "plain", or SDPA from this many (row, KV head) pairs (model.attend)
     int4_unpack: bool
     int8_reduce_rows: int  # rows up to which compiled steps take int8 products as fused reductions (0: never)
@@ -252,11 +252,15 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         if gemv.vector_width() < 512:
             return None, "off (an int8 head: the AVX2 screening pass is no faster than its kernel)"
         return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel()})"
-    if gemv_kernels and gemv.screen_amx() and max_batch > 1 and (head := int4_head(model, dtype)) is not None:
-        # An int8 copy of an int4 head (its bytes again, twice over): on AMX its pass at a batch step's rows is
-        # bound by reading it, where the int4 kernel is bound by multiply-adds; one-row steps read the int4 head.
-        return (head, False, False, False, True), (f"int8 copy of the int4 head for steps of 2-{gemv.INT8_ROWS} "
-                                                   "rows (gemmakit's AMX pass)")
+    if gemv_kernels and (head := int4_head(model, dtype)) is not None:
+        if gemv.int4_fits(head.head.out_features, head.head.in_features, head.head.group_size):
+            return _int4_copy_choice(head, max_batch)
+        if gemv.screen_amx() and max_batch > 1:
+            # An int8 copy of an int4 head (its bytes again, twice over): on AMX its pass at a batch step's rows
+            # is bound by reading it, where torch's int4 kernel is bound by multiply-adds; one-row steps read the
+            # int4 head, which that kernel streams.
+            return (head, False, False, False, True), (f"int8 copy of the int4 head for steps of "
+                                                       f"2-{gemv.INT8_ROWS} rows (gemmakit's AMX pass)")
     if isinstance(getattr(model, "lm_head", None), HalfLinear):
         # Its int8 copy would be read by torch's int8 kernel or inductor's AVX2 code: no faster than fbgemm.
         return None, "off (the bf16 head streams through fbgemm fp16)"
@@ -279,6 +283,26 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
     copy = "bf16" if weight.dtype == torch.float32 else "int8"
     layouts = [name for name, on in (("plain", compiled), ("packed", packed_copy)) if on]
     return (weight, packed_copy, compiled, False, False), f"{copy} copy ({' + '.join(layouts)})"
+
+
+def _int4_copy_choice(head: Int4Head, max_batch: int) -> tuple[tuple | None, str]:
+    """(HeadScreen arguments or None, why) for an int4 head on gemmakit's AVX2 int4 kernel, which widens every
+    code to fp32: its pass is bound by multiply-adds or by bytes depending on the CPU, and the int8 copy's pass
+    reads twice the bytes with cheaper integer multiply-adds. Which is faster is timed here, at one row and at
+    the engine's batch (`Int4Head.copy_timings`); the copy serves the step sizes where it won. The tokens are the
+    same either way (the screen certifies each pick), so only the speed rests on the timing."""
+    sizes = sorted({1, min(max_batch, gemv.INT8_ROWS)})
+    timed = {rows: head.copy_timings(rows) for rows in sizes}
+    said = ", ".join(f"{rows} row{'s' * (rows > 1)} {1e3 * copy:.1f} vs {1e3 * full:.1f} ms"
+                     for rows, (full, copy) in timed.items())
+    won = [rows for rows, (full, copy) in timed.items() if copy < full]
+    if not won:
+        return None, f"off (an int4 head on gemmakit's AVX2 kernel: its int8 copy's pass timed slower, {said})"
+    # A batch engine's timing stands for every step of several rows (each costs about the batch's per row).
+    span = (1 if 1 in won else 2, gemv.INT8_ROWS if max(won) > 1 else 1)
+    steps = "one-row steps" if span == (1, 1) else f"steps of {span[0]}-{span[1]} rows"
+    return (head, False, False, False, True, span), (f"int8 copy of the int4 head for {steps} (gemmakit's AVX2 "
+                                                     f"kernel, timed here as copy vs head: {said})")
 
 
 def _screen_kernel() -> str:

@@ -29,8 +29,10 @@ When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (c
 ties the screen would not reproduce); the int8 heads of int8 models (the same soft-cap rule) where
 gemmakit's kernels compute them and the pass has its AVX-512 build: the screen reads the head's own codes, so it
 adds no copy and its bound has no |w - b| term, and at a batch step's several rows VNNI multiply-adds or AMX
-tiles outrun the head's fp32 ones; and, in batch engines where the pass runs on AMX, tied int4 heads through an
-int8 copy (`Int4Head`: steps of 2-8 rows, where torch's int4 kernel is bound by multiply-adds). It applies to
+tiles outrun the head's fp32 ones; and tied int4 heads through an int8 copy (`Int4Head`): in batch engines
+where the pass runs on AMX, steps of 2-8 rows (torch's int4 kernel is bound by multiply-adds there); where the
+head is on gemmakit's AVX2 int4 kernel, the step sizes at which the plan timed the copy's pass faster than the
+head (that kernel widens every code to fp32, so bytes or multiply-adds bind it, by CPU). It applies to
 rows whose token is a plain argmax of the raw logits: temperature
 0 with no penalties, bias, loop-guard penalty, constraint or logprobs (each of those reads logits the screen
 never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
@@ -50,6 +52,8 @@ bandwidth-bound (benchmarks/engine_vs_peers.py measures it; docs/performance.md,
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +90,9 @@ class Int4Head:
     """An int4 output head (quantize.Int4Linear `head`) tied to the table that looks its rows up
     (quantize.QuantizedEmbedding `table`, reading the head's codes), for activations of `dtype`. Its screen
     is an int8 copy built from the table's rows a block at a time, and rescoring dequantizes the candidates'
-    rows the same way. The int4 head is half the copy's bytes, so the copy serves steps of several rows only,
-    where the head's kernel is bound by multiply-adds rather than by bytes."""
+    rows the same way. The int4 head is half the copy's bytes, so the copy pays only at steps where the head's
+    kernel is bound by multiply-adds rather than by bytes: several rows on AMX, and on gemmakit's AVX2 int4
+    kernel wherever `copy_timings` finds its pass faster here."""
 
     head: nn.Module
     table: nn.Module
@@ -99,6 +104,33 @@ class Int4Head:
 
     def rows(self, ids: Tensor) -> Tensor:
         return self.table.rows(ids, torch.float32)
+
+    def copy_timings(self, rows: int, repeats: int = 5) -> tuple[float, float]:
+        """Seconds (median of `repeats`, after a warm-up) of a greedy pick over `rows` rows: the full head on
+        gemmakit's AVX2 int4 kernel then argmax, against the screen's pass over an int8 copy then its top
+        candidates. Whether the copy pays depends on how the CPU's multiply-adds compare with its memory
+        bandwidth (the int4 kernel widens every code to fp32; the pass reads twice the bytes with integer
+        multiply-adds), which no flag tells, so the plan times both where it would choose. The copy is a
+        stand-in of the head's shape (the pass's speed does not depend on the codes), freed on return."""
+        head = self.head
+        codes = torch.ones(self.shape, dtype=torch.int8)  # written, so the pages are real, not the zero page
+        scales = torch.ones(self.shape[0])
+        x = torch.randn(rows, head.in_features, generator=torch.Generator().manual_seed(0))
+
+        def full() -> None:
+            gemv.int4(x, head.weight, head.scales_and_zeros, head.group_size).argmax(dim=-1)
+
+        def copy() -> None:
+            top_k(gemv.screen_int8(x, codes, scales)[0], GEMV_CANDIDATES + 1)
+
+        full(), copy()
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(repeats):  # interleaved, so a slow moment of the machine hits both
+            for f, out in ((full, times[0]), (copy, times[1])):
+                start = time.perf_counter()
+                f()
+                out.append(time.perf_counter() - start)
+        return statistics.median(times[0]), statistics.median(times[1])
 
     def bf16_kernel(self) -> bool:
         """Whether a batch step's head product is torch's int4 kernel, which takes x and gives logits in bf16
@@ -155,10 +187,12 @@ class HeadScreen(nn.Module):
     copy (`Int4Head`), the last two on gemmakit's kernels only.
     `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy, for multi-row and eager steps
     (packing.py says why that layout is faster); `plain` keeps the copy in its ordinary layout, for compiled
-    one-row steps (at least one of the two)."""
+    one-row steps (at least one of the two). `rows`, on gemmakit's kernels: the fewest and most rows of the
+    steps it screens (the plan's choice for an int4 head's copy)."""
 
     def __init__(self, weight: Tensor | Int8Head | Int4Head, packed: bool = False, plain: bool = True,
-                 half: bool = False, gemv_kernel: bool = False, candidates: int | None = None):
+                 half: bool = False, gemv_kernel: bool = False, rows: tuple[int, int] | None = None,
+                 candidates: int | None = None):
         super().__init__()
         self.codes = weight if isinstance(weight, Int8Head) else None
         self.int4 = weight if isinstance(weight, Int4Head) else None
@@ -170,7 +204,9 @@ class HeadScreen(nn.Module):
         self.x_bf16 = self.int4 is not None and self.int4.bf16_kernel()
         if self.x_bf16:
             self.out_dtype = torch.bfloat16
-        self.min_rows = 2 if self.int4 is not None else 1  # one row: the int4 head reads half the copy's bytes
+        # The step sizes gemmakit's kernels screen (`usable`): the plan's, else every one up to a batch step's,
+        # but for an int4 head from two (at one row the int4 head reads half the copy's bytes).
+        self.min_rows, self.max_rows = rows or (2 if self.int4 is not None else 1, gemv.INT8_ROWS)
         self.k = candidates or (GEMV_CANDIDATES if gemv_kernel else CANDIDATES)
         # fbgemm's fp16 copy of a float32 head (packing.HalfLinear), for every step where there is no fast
         # bf16 product (AVX2): fbgemm rounds to fp16 as torch does (probe.fbgemm_fp16 checks), so the bound's
@@ -248,7 +284,7 @@ class HeadScreen(nn.Module):
         more than the head itself, so it needs inductor's one-row pass, oneDNN's packed copy or fbgemm's fp16
         one."""
         if self.gemv_kernel:
-            return self.min_rows <= rows <= gemv.INT8_ROWS
+            return self.min_rows <= rows <= self.max_rows
         return (compiled and rows == 1 and self.cheap is not None) or self.packed is not None or self.fp16 is not None
 
     @property
@@ -351,9 +387,9 @@ def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
     return values, chosen.gather(1, at // block) * block + at % block
 
 
-def screen_bytes(weight: Tensor | Int8Head, packed: bool, plain: bool = True, half: bool = False,
-                 gemv_kernel: bool = False) -> int:
-    """Memory a `HeadScreen(weight, packed, plain, half, gemv_kernel)` adds: the bf16 copy in one or both
+def screen_bytes(weight: Tensor | Int8Head | Int4Head, packed: bool, plain: bool = True, half: bool = False,
+                 gemv_kernel: bool = False, rows: tuple[int, int] | None = None) -> int:
+    """Memory a `HeadScreen(weight, packed, plain, half, gemv_kernel, rows)` adds: the bf16 copy in one or both
     layouts, the fp16 one, or the int8 one and its scales (an int8 head's: fp32 scales where its own are not),
     and two norms a token."""
     vocab, width = weight.shape
