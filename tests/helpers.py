@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gemmakit.config import Config, default_layer_types
+from gemmakit.files import cache_dir
 
 WINDOW = 8  # sequences in the parity tests are longer than this
 
@@ -103,7 +104,7 @@ def transformers_from_gguf(path: Path, kind: str):
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-    root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser() / "test-reference"
+    root = cache_dir("test-reference")
     saved = root / f"{kind}-{digest.hexdigest()[:16]}-transformers-{transformers.__version__}"
     auto = transformers.AutoModelForCausalLM if kind == "model" else transformers.AutoTokenizer
     extra = {"dtype": torch.float32} if kind == "model" else {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gemmakit.files import umask, write_atomic, write_text_atomic
+from gemmakit.files import cache_dir, umask, write_atomic, write_text_atomic
 
 
 def mode(path: Path) -> int:
@@ -152,3 +152,20 @@ def test_a_folder_swap_cut_short_is_recovered(tmp_path):
     final.rename(leftover(final))  # killed between the two renames of a swap
     recover(final)
     assert (final / "v").read_text() == "2" and not leftover(final).exists()
+
+
+def test_every_cache_follows_one_rule(tmp_path, monkeypatch):
+    """GEMMAKIT_CACHE_DIR, else $XDG_CACHE_HOME/gemmakit, else ~/.cache/gemmakit; inductor's kernels (a folder
+    per ISA) are kept under the same root as the rest."""
+    from gemmakit.runtime.compiled import inductor_cache_dir
+
+    monkeypatch.delenv("GEMMAKIT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir("kernels") == tmp_path / "home" / ".cache" / "gemmakit" / "kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir("tokenizers") == tmp_path / "xdg" / "gemmakit" / "tokenizers"
+    monkeypatch.setenv("GEMMAKIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir("test-reference") == tmp_path / "mine" / "test-reference"
+    assert Path(inductor_cache_dir()).parent == (tmp_path / "mine" / "inductor").resolve()

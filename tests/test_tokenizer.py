@@ -112,6 +112,16 @@ def test_cache_is_written_once_and_reused(tiny_gguf: Path, tmp_path: Path, monke
     assert Tokenizer.from_gguf(tiny_gguf, cache_dir=cache).encode("hello  \n") == ids
 
 
+def test_without_a_cache_dir_the_conversion_goes_to_gemmakits_cache(tiny_gguf: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """With no `cache_dir`, the conversion is cached where every gemmakit cache is (files.cache_dir), so
+    GEMMAKIT_CACHE_DIR moves it with the others."""
+    monkeypatch.setenv("GEMMAKIT_CACHE_DIR", str(tmp_path / "caches"))
+    Tokenizer.from_gguf(tiny_gguf)
+    (cache_file,) = (tmp_path / "caches" / "tokenizers").iterdir()
+    assert cache_file.name.startswith("gguf-") and cache_file.suffix == ".json"
+
+
 def test_corrupt_cache_is_rebuilt(tiny_gguf: Path, tmp_path: Path):
     """A damaged cache file is replaced by a fresh conversion, not trusted or fatal."""
     cache = tmp_path / "cache"

@@ -24,6 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cache_dir(kind: str) -> Path:
+    """Where gemmakit keeps one kind of cache ("tokenizers", "inductor", "kernels", "test-reference"): under
+    GEMMAKIT_CACHE_DIR where it is set, else $XDG_CACHE_HOME/gemmakit, else ~/.cache/gemmakit. One rule for
+    every cache, so setting the variable (to measure a cold start, or to keep caches off a small home) moves
+    them all. Not created here: each writer makes its own folder when it first writes."""
+    root = os.environ.get("GEMMAKIT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "gemmakit"
+    return Path(root).expanduser() / kind
+
+
 def umask() -> int:
     """The process umask, read without changing it where Linux reports it (changing it races other threads)."""
     try:

@@ -63,7 +63,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import re
 import threading
 import warnings
@@ -76,12 +75,11 @@ import tokenizers
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from gemmakit.files import cache_dir as cache_folder
 from gemmakit.files import write_text_atomic
 
 # Bump when the conversion changes, so caches written by older code are not reused.
 CACHE_VERSION = 1
-# GEMMAKIT_CACHE_DIR moves every gemmakit cache (e.g. to measure a cold start).
-DEFAULT_CACHE_DIR = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")) / "tokenizers"
 
 # Text between these two (Unicode noncharacters, never meant as text) is encoded with special tokens spelled
 # out: see Tokenizer.literal.
@@ -330,11 +328,12 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path, cache_dir: Path | None = None) -> "Tokenizer":
-        """The tokenizer a Gemma GGUF describes; the conversion is cached in `cache_dir`."""
+        """The tokenizer a Gemma GGUF describes; the conversion is cached in `cache_dir` (by default gemmakit's
+        tokenizer cache, files.cache_dir)."""
         path = Path(path).expanduser()
         meta, digest = read_gguf_metadata(path)
         _check_gemma_gguf(meta, path)
-        cache_file = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"gguf-{digest[:32]}.tokenizer.json"
+        cache_file = Path(cache_dir or cache_folder("tokenizers")).expanduser() / f"gguf-{digest[:32]}.tokenizer.json"
         backend = _load_cached(cache_file)
         if backend is None:
             build = build_gemma4_backend if meta.get("tokenizer.ggml.model") == "gemma4" else build_gemma_backend

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from gemmakit.files import cache_dir
 from gemmakit.runtime.probe import inductor_isa, wide_vectors
 
 # Wide enough for any vocabulary head: decompose every one-row matmul.
@@ -67,7 +68,7 @@ def inductor_cache_dir() -> str:
     (tests/test_compiled.py::test_kernels_cached_for_one_isa_are_not_reused_under_another)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    root = Path(os.environ.get("GEMMAKIT_CACHE_DIR", "~/.cache/gemmakit")).expanduser().resolve() / "inductor"
+    root = cache_dir("inductor").resolve()
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # Not a choice: inductor's /tmp default (importing inductor writes it into the variable), or a directory
     # of ours that a parent process of another ISA passed on in its environment.

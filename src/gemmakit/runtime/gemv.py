@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemmakit.files import cache_dir
 from gemmakit.quantize_codes import (
     cpu_int4_block_rows,
     dequantize_int4,
@@ -120,7 +121,7 @@ def _build() -> None:
     path = os.environ.get("PATH", "")
     if ninja and ninja not in path.split(os.pathsep):
         os.environ["PATH"] = ninja + os.pathsep + path  # the pip `ninja` package puts its binary here
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gemmakit" / "kernels"
+    cache = cache_dir("kernels")
     # Keyed by what goes into the build, so a changed kernel or torch builds afresh (and says so).
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
     where = cache / f"torch-{torch.__version__}-{key}"
