@@ -356,11 +356,11 @@ def test_int4_heads_on_the_avx2_kernel_take_the_copy_at_the_step_sizes_it_was_ti
              "one row only": ({1: (2.0, 1.0), 2: (1.0, 2.0)}, "one-row steps", {1}),
              "neither": ({1: (1.0, 2.0), 2: (1.0, 2.0)}, None, set())}
     for timings, steps, screened in cases.values():
-        monkeypatch.setattr(Int4Head, "copy_timings", lambda self, rows, t=timings: t[rows])
+        monkeypatch.setattr(Int4Head, "timings", lambda self, rows, t=timings: t[rows])
         engine, passes[:] = Engine(model, max_batch=2, context=64), []
         line = engine.plan.describe()
         if steps is None:
-            assert "head screen: off (an int4 head on gemmakit's AVX2 kernel: its int8 copy's pass timed slower, " \
+            assert "head screen: off (an int4 head on gemmakit's AVX2 kernel: the copy's pass timed slower, " \
                    "1 row 2000.0 vs 1000.0 ms, 2 rows 2000.0 vs 1000.0 ms)" in line
             assert engine.runtime.screen is None and "head_screen" not in engine.memory
         else:
@@ -373,16 +373,48 @@ def test_int4_heads_on_the_avx2_kernel_take_the_copy_at_the_step_sizes_it_was_ti
         assert set(passes) == screened
 
 
-def test_int4_copy_timings_run_both_passes_on_the_real_kernels():
+def test_int4_head_timings_run_both_picks_on_the_real_kernels():
     """The plan's timing is real: both picks run on the head's own kernel and the pass (a stand-in copy of the
     head's shape), each a positive time; and an engine planned on it decodes the unscreened tokens."""
     from gemmakit.runtime.screen import int4_head
 
     model = _int4_model(torch.float32)
-    full, copy = int4_head(model, torch.float32).copy_timings(rows=2, repeats=3)
+    full, copy = int4_head(model, torch.float32).timings(rows=2, repeats=3)
     assert 0 < full < 1 and 0 < copy < 1
     prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=6)
     engine = Engine(model, max_batch=2, context=64)
     assert "timed" in engine.plan.why["head screen"]
     want = [r.tokens for r in Engine(model, max_batch=2, context=64, screen=False).generate(prompts, params)]
     assert [r.tokens for r in engine.generate(prompts, params)] == want
+
+
+def test_with_the_avx2_pass_an_int8_head_is_screened_only_where_timed_faster(monkeypatch):
+    """With the AVX2 pass, the plan times it against the int8 kernel on the head's own codes (no stand-in, no
+    copy) and says the times; where the pass lost at both sizes the engine keeps the head, and where it won
+    at one row only, only one-row steps are screened (tests/test_gemv.py has it winning at both)."""
+    from gemmakit.model import Gemma
+    from gemmakit.quantize import quantize_model
+    from gemmakit.runtime.screen import Int8Head, head_codes
+
+    if gemv.unavailable() or gemv.vector_width() == 512:
+        pytest.skip("the AVX-512 pass is taken untimed (CI's second pass holds this CPU to AVX2)")
+    torch.manual_seed(0)
+    model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).eval(), "int8")
+    full, screened = head_codes(model, torch.float32).timings(rows=2, repeats=3)
+    assert 0 < full < 1 and 0 < screened < 1
+    line = Engine(model, max_batch=2, context=64).plan.describe()
+    assert "timed here as screen vs head: 1 row" in line or "the screen's pass timed slower, 1 row" in line
+    monkeypatch.setattr(Int8Head, "timings", lambda self, rows: (1.0, 2.0))
+    engine = Engine(model, max_batch=2, context=64)
+    assert "head screen: off (an int8 head on gemmakit's AVX2 kernel: the screen's pass timed slower, 1 row " \
+           "2000.0 vs 1000.0 ms, 2 rows 2000.0 vs 1000.0 ms)" in engine.plan.describe()
+    assert engine.runtime.screen is None
+    monkeypatch.setattr(Int8Head, "timings", lambda self, rows: (2.0, 1.0) if rows == 1 else (1.0, 2.0))
+    engine = Engine(model, max_batch=2, context=64)
+    assert "head screen: the int8 head's own codes for one-row steps" in engine.plan.describe()
+    prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
+    want = [r.tokens for r in Engine(model, max_batch=2, context=64, screen=False).generate(prompts, params)]
+    passes, screen_int8 = [], gemv.screen_int8
+    monkeypatch.setattr(gemv, "screen_int8", lambda x, *a: passes.append(x.shape[0]) or screen_int8(x, *a))
+    assert [r.tokens for r in engine.generate(prompts, params)] == want and 2 not in passes  # two rows: the head
+    assert [engine.generate([p], params)[0].tokens for p in prompts] == want and set(passes) == {1}

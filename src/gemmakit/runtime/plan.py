@@ -56,7 +56,7 @@ from gemmakit.runtime.packing import (
     upcast_linears,
 )
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import Int4Head, head_codes, head_weight, int4_head, screen_bytes
+from gemmakit.runtime.screen import Int4Head, Int8Head, head_codes, head_weight, int4_head, screen_bytes
 
 # Float linears whose decode rows gemmakit's AVX2 kernels can take, besides quantized ones (gemv.py; fp32
 # ones are built taking them).
@@ -248,13 +248,13 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
     if gemv_kernels and (codes := head_codes(model, dtype)) is not None:
         # An int8 head's screen is its own codes through the same pass: no copy, and where the pass has its
         # AVX-512 VNNI or AMX build, it outruns the head's fp32 multiply-adds at a batch step's several rows.
-        # The AVX2 pass only tied the int8 kernel (CPU C held to AVX2: docs/performance.md), so the head stays.
+        # The AVX2 pass only tied the int8 kernel on CPU C held to AVX2 (docs/performance.md): timed here.
         if gemv.vector_width() < 512:
-            return None, "off (an int8 head: the AVX2 screening pass is no faster than its kernel)"
+            return _timed_screen(codes, max_batch, "the int8 head's own codes", "an int8 head", "the screen")
         return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel()})"
     if gemv_kernels and (head := int4_head(model, dtype)) is not None:
         if gemv.int4_fits(head.head.out_features, head.head.in_features, head.head.group_size):
-            return _int4_copy_choice(head, max_batch)
+            return _timed_screen(head, max_batch, "int8 copy of the int4 head", "an int4 head", "the copy")
         if gemv.screen_amx() and max_batch > 1:
             # An int8 copy of an int4 head (its bytes again, twice over): on AMX its pass at a batch step's rows
             # is bound by reading it, where torch's int4 kernel is bound by multiply-adds; one-row steps read the
@@ -285,24 +285,24 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
     return (weight, packed_copy, compiled, False, False), f"{copy} copy ({' + '.join(layouts)})"
 
 
-def _int4_copy_choice(head: Int4Head, max_batch: int) -> tuple[tuple | None, str]:
-    """(HeadScreen arguments or None, why) for an int4 head on gemmakit's AVX2 int4 kernel, which widens every
-    code to fp32: its pass is bound by multiply-adds or by bytes depending on the CPU, and the int8 copy's pass
-    reads twice the bytes with cheaper integer multiply-adds. Which is faster is timed here, at one row and at
-    the engine's batch (`Int4Head.copy_timings`); the copy serves the step sizes where it won. The tokens are the
-    same either way (the screen certifies each pick), so only the speed rests on the timing."""
+def _timed_screen(head: Int4Head | Int8Head, max_batch: int, screen: str, kind: str,
+                  short: str) -> tuple[tuple | None, str]:
+    """(HeadScreen arguments or None, why) for a quantized head on gemmakit's AVX2 kernels, whose screening pass
+    wins or loses against the head's own kernel by how the CPU's multiply-adds compare with its bandwidth
+    (`head.timings`). Both are timed here, at one row and at the engine's batch, and the screen serves the step
+    sizes where it won; a batch's timing stands for every step of several rows. The tokens are the same either
+    way (the screen certifies each pick), so only the speed rests on the timing."""
     sizes = sorted({1, min(max_batch, gemv.INT8_ROWS)})
-    timed = {rows: head.copy_timings(rows) for rows in sizes}
-    said = ", ".join(f"{rows} row{'s' * (rows > 1)} {1e3 * copy:.1f} vs {1e3 * full:.1f} ms"
-                     for rows, (full, copy) in timed.items())
-    won = [rows for rows, (full, copy) in timed.items() if copy < full]
+    timed = {rows: head.timings(rows) for rows in sizes}
+    said = ", ".join(f"{rows} row{'s' * (rows > 1)} {1e3 * fast:.1f} vs {1e3 * full:.1f} ms"
+                     for rows, (full, fast) in timed.items())
+    won = [rows for rows, (full, fast) in timed.items() if fast < full]
     if not won:
-        return None, f"off (an int4 head on gemmakit's AVX2 kernel: its int8 copy's pass timed slower, {said})"
-    # A batch engine's timing stands for every step of several rows (each costs about the batch's per row).
+        return None, f"off ({kind} on gemmakit's AVX2 kernel: {short}'s pass timed slower, {said})"
     span = (1 if 1 in won else 2, gemv.INT8_ROWS if max(won) > 1 else 1)
     steps = "one-row steps" if span == (1, 1) else f"steps of {span[0]}-{span[1]} rows"
-    return (head, False, False, False, True, span), (f"int8 copy of the int4 head for {steps} (gemmakit's AVX2 "
-                                                     f"kernel, timed here as copy vs head: {said})")
+    return (head, False, False, False, True, span), (f"{screen} for {steps} (gemmakit's AVX2 kernel, timed here "
+                                                     f"as {short.removeprefix('the ')} vs head: {said})")
 
 
 def _screen_kernel() -> str:

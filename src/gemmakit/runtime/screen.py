@@ -27,9 +27,10 @@ little less rare on the packed path, whose bound is wider).
 
 When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes
 ties the screen would not reproduce); the int8 heads of int8 models (the same soft-cap rule) where
-gemmakit's kernels compute them and the pass has its AVX-512 build: the screen reads the head's own codes, so it
-adds no copy and its bound has no |w - b| term, and at a batch step's several rows VNNI multiply-adds or AMX
-tiles outrun the head's fp32 ones; and tied int4 heads through an int8 copy (`Int4Head`): in batch engines
+gemmakit's kernels compute them and the pass has its AVX-512 build (with only its AVX2 build, at the step sizes
+where the plan timed it faster than the head's kernel): the screen reads the head's own codes, so it adds no
+copy and its bound has no |w - b| term, and at a batch step's several rows VNNI multiply-adds or AMX tiles
+outrun the head's fp32 ones; and tied int4 heads through an int8 copy (`Int4Head`): in batch engines
 where the pass runs on AMX, steps of 2-8 rows (torch's int4 kernel is bound by multiply-adds there); where the
 head is on gemmakit's AVX2 int4 kernel, the step sizes at which the plan timed the copy's pass faster than the
 head (that kernel widens every code to fp32, so bytes or multiply-adds bind it, by CPU). It applies to
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +86,14 @@ class Int8Head:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
+    def timings(self, rows: int, repeats: int = 5) -> tuple[float, float]:
+        """Seconds of a greedy pick over `rows` rows (`pick_timings`): the head on gemmakit's int8 kernel, then
+        the screen's pass over the same codes. Both read the same bytes; the pass does half the arithmetic, so
+        it wins where multiply-adds bind the kernel and ties where bandwidth does, less its top-k."""
+        scales = self.scales.float()
+        return pick_timings(lambda x: gemv.int8(x, self.codes, self.scales),
+                            lambda x: gemv.screen_int8(x, self.codes, scales)[0], rows, self.shape[1], repeats)
+
 
 @dataclass(frozen=True)
 class Int4Head:
@@ -92,7 +102,7 @@ class Int4Head:
     is an int8 copy built from the table's rows a block at a time, and rescoring dequantizes the candidates'
     rows the same way. The int4 head is half the copy's bytes, so the copy pays only at steps where the head's
     kernel is bound by multiply-adds rather than by bytes: several rows on AMX, and on gemmakit's AVX2 int4
-    kernel wherever `copy_timings` finds its pass faster here."""
+    kernel wherever the plan times its pass faster here (`timings`)."""
 
     head: nn.Module
     table: nn.Module
@@ -105,37 +115,40 @@ class Int4Head:
     def rows(self, ids: Tensor) -> Tensor:
         return self.table.rows(ids, torch.float32)
 
-    def copy_timings(self, rows: int, repeats: int = 5) -> tuple[float, float]:
-        """Seconds (median of `repeats`, after a warm-up) of a greedy pick over `rows` rows: the full head on
-        gemmakit's AVX2 int4 kernel then argmax, against the screen's pass over an int8 copy then its top
-        candidates. Whether the copy pays depends on how the CPU's multiply-adds compare with its memory
-        bandwidth (the int4 kernel widens every code to fp32; the pass reads twice the bytes with integer
-        multiply-adds), which no flag tells, so the plan times both where it would choose. The copy is a
-        stand-in of the head's shape (the pass's speed does not depend on the codes), freed on return."""
+    def timings(self, rows: int, repeats: int = 5) -> tuple[float, float]:
+        """Seconds of a greedy pick over `rows` rows (`pick_timings`): the head on gemmakit's AVX2 int4 kernel,
+        then the screen's pass over an int8 copy. The kernel widens every code to fp32, so multiply-adds or bytes
+        bind it by CPU; the pass reads twice the bytes with integer multiply-adds. The copy is a stand-in of the
+        head's shape (the pass's speed does not depend on the codes), freed on return."""
         head = self.head
         codes = torch.ones(self.shape, dtype=torch.int8)  # written, so the pages are real, not the zero page
         scales = torch.ones(self.shape[0])
-        x = torch.randn(rows, head.in_features, generator=torch.Generator().manual_seed(0))
-
-        def full() -> None:
-            gemv.int4(x, head.weight, head.scales_and_zeros, head.group_size).argmax(dim=-1)
-
-        def copy() -> None:
-            top_k(gemv.screen_int8(x, codes, scales)[0], GEMV_CANDIDATES + 1)
-
-        full(), copy()
-        times: tuple[list[float], list[float]] = ([], [])
-        for _ in range(repeats):  # interleaved, so a slow moment of the machine hits both
-            for f, out in ((full, times[0]), (copy, times[1])):
-                start = time.perf_counter()
-                f()
-                out.append(time.perf_counter() - start)
-        return statistics.median(times[0]), statistics.median(times[1])
+        return pick_timings(lambda x: gemv.int4(x, head.weight, head.scales_and_zeros, head.group_size),
+                            lambda x: gemv.screen_int8(x, codes, scales)[0], rows, self.shape[1], repeats)
 
     def bf16_kernel(self) -> bool:
         """Whether a batch step's head product is torch's int4 kernel, which takes x and gives logits in bf16
         (gemmakit's takes and gives fp32): asked once the engine has given its linears their kernels."""
         return self.head.gemv_rows < gemv.INT4_ROWS
+
+
+def pick_timings(full: Callable[[Tensor], Tensor], screened: Callable[[Tensor], Tensor], rows: int, width: int,
+                 repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of a greedy pick over `rows` rows of `width` by the full head (`full`, then argmax) and by
+    a screen's pass (`screened`, then its top candidates), each warmed up once, timed interleaved so a slow
+    moment of the machine hits both. Where the head is quantized, which is faster depends on how the CPU's
+    multiply-adds compare with its memory bandwidth, which no flag tells: the plan asks this instead."""
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
+    picks = (lambda: full(x).argmax(dim=-1), lambda: top_k(screened(x), GEMV_CANDIDATES + 1))
+    for pick in picks:
+        pick()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for pick, out in zip(picks, times, strict=True):
+            start = time.perf_counter()
+            pick()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def int4_head(model: nn.Module, dtype: torch.dtype) -> Int4Head | None:
