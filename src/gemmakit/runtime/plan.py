@@ -16,8 +16,8 @@ live here, not spread over the model's modules:
 | compiled steps      | one-row + full-batch decode / eager      | asked for, and a compiler present (compiled.py)|
 | head screen         | bf16 copy (plain / packed) / fbgemm fp16 | head dtype, soft-cap, packing, compile, and    |
 |                     | copy / int8 (inductor, or gemmakit's     | whether bf16 products are fast here            |
-|                     | AVX2 kernel; an int8 head's own codes;   | (screen.py); for an int4 head on gemmakit's    |
-|                     | an int4 head's copy) / off               | int4 kernel, both passes timed at start-up     |
+|                     | AVX2 kernel; an int8 head's own codes;   | (screen.py); a quantized head on gemmakit's    |
+|                     | an int4 head's copy) / off               | AVX2 kernels: both passes timed at start-up    |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
 | decode products     | gemmakit's AVX2 kernels (several rows:   | whether ours build and agree here (x86 CPUs;  |
 | (int4, int8, float) | AVX-512 / AMX builds where the CPU has   | int4 in torch's AVX2 packing only: gemv.py)   |
