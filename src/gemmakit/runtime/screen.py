@@ -201,7 +201,7 @@ class HeadScreen(nn.Module):
     `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy, for multi-row and eager steps
     (packing.py says why that layout is faster); `plain` keeps the copy in its ordinary layout, for compiled
     one-row steps (at least one of the two). `rows`, on gemmakit's kernels: the fewest and most rows of the
-    steps it screens (the plan's choice for an int4 head's copy)."""
+    steps it screens (the plan's timed choice for a quantized head on gemmakit's AVX2 kernels)."""
 
     def __init__(self, weight: Tensor | Int8Head | Int4Head, packed: bool = False, plain: bool = True,
                  half: bool = False, gemv_kernel: bool = False, rows: tuple[int, int] | None = None,
