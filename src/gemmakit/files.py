@@ -6,6 +6,7 @@ A rename alone is atomic only against crashes of the process: after a power cut,
 persisted the rename but not the data, leaving a complete-looking file of zeros or of length 0. So the new
 data is `fsync`ed before the rename, and the folder holding the name after it (`fsync_tree`, `fsync_path`).
 `swap_dir` replaces a whole folder (a fine-tuned adapter or model) and recovers from a swap cut short.
+`cache_dir` says where gemmakit's caches live (what it writes for itself rather than for the user).
 
 The temporary file (or folder) comes from `tempfile`, which creates it private (0600 / 0700) so no one reads
 it half-written; safetensors writes its files 0600 as well. Before the rename it gets the permissions an
