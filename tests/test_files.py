@@ -169,3 +169,19 @@ def test_every_cache_follows_one_rule(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMMAKIT_CACHE_DIR", str(tmp_path / "mine"))
     assert cache_dir("test-reference") == tmp_path / "mine" / "test-reference"
     assert Path(inductor_cache_dir()).parent == (tmp_path / "mine" / "inductor").resolve()
+
+
+def test_the_c_kernels_are_built_into_the_same_cache(tmp_path, monkeypatch):
+    """gemmakit's C++ kernels follow the rule too (they used to follow XDG_CACHE_HOME only, so
+    GEMMAKIT_CACHE_DIR left them behind). torch's builder is stood in for: only where it is told to build."""
+    import torch.utils.cpp_extension
+
+    from gemmakit.runtime import gemv
+
+    asked = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: asked.append(Path(kw["build_directory"])))
+    monkeypatch.setattr(gemv, "_registered", True)  # no ops are built here to register
+    monkeypatch.setenv("GEMMAKIT_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    gemv._build()
+    assert len(asked) == 1 and asked[0].parent == tmp_path / "mine" / "kernels" and asked[0].is_dir()
