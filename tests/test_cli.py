@@ -87,6 +87,27 @@ def test_bench_prints_a_table(default_model):
     assert "memory estimate at --context 32768 (capped at the model's 32768), batch 2:" in out.stdout
 
 
+def test_bench_prints_the_plan_its_largest_engine_made(default_model, monkeypatch, capsys):
+    """`gemmakit bench` prints the plan of its largest engine as that engine made it, rather than planning once
+    more: a second plan would time a quantized head's screen again where the plan times it (AVX2 kernels)."""
+    from gemmakit.cli import main
+    from gemmakit.runtime import plan, steps
+
+    made, real = [], plan.make_plan
+
+    def counted(model, max_batch, *args, **kwargs):
+        made.append((max_batch, real(model, max_batch, *args, **kwargs)))
+        return made[-1][1]
+
+    monkeypatch.setattr(plan, "make_plan", counted)
+    monkeypatch.setattr(steps, "make_plan", counted)
+    assert main(["bench", "--batch", "1", "2", "--prompt-len", "8", "--new-tokens", "2", "--quantize", "int4",
+                 "--compile", "off"]) in (0, None)
+    out = capsys.readouterr().out
+    assert [batch for batch, _ in made] == [1, 2]  # one plan an engine, none besides
+    assert made[1][1].describe() in out.splitlines()
+
+
 def test_compile_policy_per_verb(monkeypatch):
     """auto compiles `bench` and long `generate` runs but not short ones or `chat` (its prompt must come up in
     seconds); --compile and GEMMAKIT_COMPILE override; a bad value is a clear error."""

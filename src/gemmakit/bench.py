@@ -138,6 +138,8 @@ class BenchResult:
     estimate_bytes: int | None = None  # what the engine said it would need (cache.estimate_bytes) + runtime
     acceptance: float | None = None  # with a drafter: drafts accepted / drafted (speculative.DraftStats)
     tokens_per_round: float | None = None  # with a drafter: tokens per speculative step of a row
+    plan: str = ""  # the engine's runtime plan, in its one line (runtime.plan.Plan.describe)
+    forecast: dict[str, int] | None = None  # and the memory it forecast (cache.estimate_bytes's parts)
 
     def with_roofline(self, bandwidth_gb_s: float, kv_bytes_per_step: float = 0.0) -> BenchResult:
         """A copy with `roofline_fraction` filled in: one weight read per decode step of the whole batch."""
@@ -243,4 +245,4 @@ def run_engine_bench(model: torch.nn.Module, batch: int, prompt_len: int, new_to
                        estimate_bytes=runtime + engine.memory["total"],
                        acceptance=spec["accepted"] / max(spec["drafted"], 1) if drafter is not None else None,
                        tokens_per_round=spec["tokens"] / max(spec["rounds"] * batch, 1) if drafter is not None
-                       else None)
+                       else None, plan=engine.plan.describe(), forecast=dict(engine.memory))

@@ -358,13 +358,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from gemmakit.api import draft_slack, make_drafter
     from gemmakit.bench import MiB, current_rss_bytes, format_table, measure_bandwidth, run_engine_bench
-    from gemmakit.engine import screen_wanted
-    from gemmakit.runtime.plan import make_plan, model_bytes
+    from gemmakit.runtime.plan import model_bytes
 
     llm = load_llm(args, warm_up=False)  # each measured engine is built (and compiled) below
     runtime = max(current_rss_bytes() - model_bytes(llm.model), 0)  # Python, torch, the tokenizer: not weights
     bandwidth = measure_bandwidth(device=args.device)
-    rows, accepted, drafted = [], 0.0, 0.0
+    results, accepted, drafted = [], 0.0, 0.0
     slack = draft_slack(args.draft_tokens)
     for batch in args.batch:
         for prompt_len in args.prompt_len:
@@ -372,25 +371,26 @@ def cmd_bench(args: argparse.Namespace) -> None:
             drafter = None if llm.draft is None else make_drafter(llm.draft, llm.model, batch, ctx, slack)
             r = run_engine_bench(llm.model, batch, prompt_len, args.new_tokens, ctx, args.compiled, drafter,
                                  args.draft_tokens, slack)
-            rows.append({"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()})
+            results.append(r)
             if r.acceptance is not None:
                 accepted, drafted = accepted + r.acceptance, drafted + 1
-    # The plan of the largest engine measured: what it chose on this machine, and why.
-    context = llm.context if args.context else max(args.prompt_len) + args.new_tokens + 8
-    plan = make_plan(llm.model, max(args.batch), context, args.compiled, screen_wanted())
+    # The plan of the largest engine measured, as that engine made it (a second plan would time a quantized
+    # head's screen again): what it chose on this machine, and why.
+    largest = max(results, key=lambda r: (r.batch, r.prompt_len))
     print(f"{llm.name} on {args.device}; measured memory bandwidth {bandwidth:.1f} GB/s "
           "(roofline = fraction of it the decode uses, one weight read per step)")
     if getattr(llm.model, "weights_note", None):
         print(f"weights: {llm.model.weights_note}")
-    print(plan.describe())
-    print(format_table(rows))
+    print(largest.plan)
+    print(format_table([{"dtype": args.dtype, "quantize": args.quantize, **r.with_roofline(bandwidth).row()}
+                        for r in results]))
     if drafted:
         print(f"speculative decoding with {args.draft} ({args.draft_tokens} draft tokens a step): mean acceptance "
               f"{accepted / drafted:.0%}")
     if args.context:
-        # --context as loading capped it at the model's own, as the engines cap it
+        context = llm.context  # --context as loading capped it at the model's own, as the engines cap it
         capped = f" (capped at the model's {context})" if context < args.context else ""
-        need = plan.forecast
+        need = largest.forecast
         print(f"memory estimate at --context {context}{capped}, batch {max(args.batch)}: " + ", ".join(
             f"{k} {v / MiB:.0f} MiB" for k, v in need.items()) + f" (+ {runtime / MiB:.0f} MiB runtime); "
             "peak/est compares the measured peak with this forecast")
