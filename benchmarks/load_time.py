@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gemmakit.files import cache_dir
+sys.path.insert(0, str(Path(__file__).parent))
+from chat_startup import share_kernels  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -65,10 +66,7 @@ def main() -> None:
     tokens = set()
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cold:
-            # Only the tokenizer's cache is cold: the C++ kernels (built once per machine) stay where they are.
-            kernels = cache_dir("kernels")
-            kernels.mkdir(parents=True, exist_ok=True)  # a dangling link would stop their build
-            (Path(cold) / "kernels").symlink_to(kernels, target_is_directory=True)
+            share_kernels(Path(cold))
             for label, code, env, *quantize in [
                 ("gemmakit (cold tokenizer cache)", GEMMAKIT, {**os.environ, "GEMMAKIT_CACHE_DIR": cold}),
                 ("gemmakit (warm cache)", GEMMAKIT, dict(os.environ)),
