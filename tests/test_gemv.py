@@ -79,7 +79,11 @@ def test_kernels_refuse_operands_they_cannot_read():
     with pytest.raises(RuntimeError, match="int4 shapes"):
         torch.ops.gemmakit_avx2.int4_gemv(torch.randn(1, 64), packed, sz, 0)  # a group of 0 would divide by 0
     with pytest.raises(RuntimeError, match="isa is 0"):  # no such pass
-        torch.ops.gemmakit_avx2.int8_screen(torch.ones(1, 16, dtype=torch.int16), torch.ones(1), q, s.float(), 3)
+        torch.ops.gemmakit_avx2.int8_screen(torch.ones(1, 16, dtype=torch.int16), torch.ones(1), q, s.float(), 3,
+                                            torch.empty(0), torch.empty(0))
+    with pytest.raises(RuntimeError, match="norms: contiguous fp32"):  # a bound's norms for 7 rows of q, not 8
+        torch.ops.gemmakit_avx2.int8_screen(torch.ones(1, 16, dtype=torch.int16), torch.ones(1), q, s.float(), 0,
+                                            torch.ones(1, 2), torch.ones(2, 7))
 
 
 def _int4_gemma() -> Gemma:
@@ -341,6 +345,24 @@ def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows, isa):
     assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
     assert torch.allclose(rounding[:, 0], (x - rounded).norm(dim=-1), rtol=1e-4)
     assert torch.allclose(rounded_norm[:, 0], rounded.norm(dim=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("isa", SCREEN_ISAS, ids=lambda i: ["avx2", "avx512", "amx"][i])
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_the_pass_adds_the_screens_bound_as_it_writes(rows, isa):
+    """With the screen's norms, the pass returns its upper bounds: the sums plus |x| |w - b| + (|x - x~| +
+    gamma |x~|) |b|, times (1 + 2 gamma), as the screen wrote them in torch ops before (to fp32 rounding) on
+    every pass, the AMX blocks and the row tails (301 rows) included."""
+    g = torch.Generator().manual_seed(rows)
+    w, x = torch.randn(301, 640, generator=g), torch.randn(rows, 640, generator=g)
+    q, s = quantize_int8(w, torch.float32)
+    norms, gamma = torch.rand(2, 301, generator=g), 4e-5
+    x_norm = x.norm(dim=-1, keepdim=True)
+    got = gemv.screen_int8(x, q, s, isa, (x_norm, norms, gamma))[0]
+    sums, rounding, rounded_norm = gemv.screen_int8(x, q, s, isa)
+    want = sums + (x_norm * norms[0] + (rounding + gamma * rounded_norm) * norms[1]) * (1 + 2 * gamma)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert (got - sums).min() > 0  # the bound is there in every row and column
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

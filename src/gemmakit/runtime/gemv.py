@@ -152,7 +152,8 @@ def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:  # rest: scales, 
     return x.new_empty(x.shape[0], weight.shape[0])  # in x's dtype: fp32, or bf16 for a bf16 float product
 
 
-def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor, isa: int) -> Tensor:
+def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor, isa: int, coef: Tensor,
+                 norms: Tensor) -> Tensor:
     return x_scale.new_empty(x16.shape[0], q.shape[0])
 
 
@@ -183,19 +184,29 @@ def _screen_within_bound(x: Tensor, q: Tensor, scales: Tensor) -> bool:
     return bool(((s - x @ decoded.T).abs() <= rounding * decoded.norm(dim=-1) + 1e-4).all())
 
 
-def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None,
+                bound: tuple[Tensor, Tensor, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """A head screen's pass (screen.py): x [M, K] against int8 codes q [N, K] with an fp32 scale per row.
     x is rounded to x~, integers times a scale per row, as wide as keeps the kernel's int32 sums exact (14 bits
     up to K = 2064, fewer beyond); returns (x~ . (q * scales) [M, N] fp32, |x - x~| [M, 1], |x~| [M, 1]),
-    which the screen's bound needs. `isa`: 0 the AVX2 pass, 1 AVX-512 VNNI, 2 AMX (None: the best here)."""
+    which the screen's bound needs. `isa`: 0 the AVX2 pass, 1 AVX-512 VNNI, 2 AMX (None: the best here).
+    `bound` = (|x| [M, 1], norms [2, N]: |w - b| and |b| per row of q, gamma): the first result is then the
+    screen's upper bound, s + (|x| |w - b| + (|x - x~| + gamma |x~|) |b|) (1 + 2 gamma), added by the kernel as
+    it writes each sum (separate passes over the [M, N] result cost a batch step as much as the pass)."""
     top = min(8191, (2**31 - 1) // (127 * max(x.shape[1], 1)))
     x = x.float()
     x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)
     x16 = (x / x_scale[:, None]).round()
     rounded = x16 * x_scale[:, None]
+    rounding, rounded_norm = (x - rounded).norm(dim=-1, keepdim=True), rounded.norm(dim=-1, keepdim=True)
+    coef = norms = x.new_empty(0)  # no bound
+    if bound is not None:
+        x_norm, norms, gamma = bound
+        # (1 + 2 gamma): the norms themselves carry float32 error (screen.py).
+        coef = (torch.cat([x_norm, rounding + gamma * rounded_norm], dim=1) * (1 + 2 * gamma)).contiguous()
     s = torch.ops.gemmakit_avx2.int8_screen(x16.to(torch.int16).contiguous(), x_scale, q, scales,
-                                            (2 if _amx else int(_wide)) if isa is None else isa)
-    return s, (x - rounded).norm(dim=-1, keepdim=True), rounded.norm(dim=-1, keepdim=True)
+                                            (2 if _amx else int(_wide)) if isa is None else isa, coef, norms)
+    return s, rounding, rounded_norm
 
 
 def floats(x: Tensor, weight: Tensor, wide: bool | None = None) -> Tensor:

@@ -16,7 +16,8 @@
 // rows of x, so each widened code serves four rows of x and each load of x three weight rows.
 // fp32 / bf16: the model's own weights in place, arranged as int8's.
 // int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (several
-// rows of x also in an AVX-512 VNNI build of its tiles, taken only where the CPU has it).
+// rows of x also in an AVX-512 VNNI build of its tiles, taken only where the CPU has it), with the screen's
+// bound added as each sum is written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
@@ -490,6 +491,25 @@ GEMMAKIT_VNNI void int16_tile512(const int16_t* x, const int8_t* q, int64_t k, i
     }
 }
 
+// Where a pass's sums go: out[r, j] = sum * x_scale[r] * scale[j], plus, where the caller passes them, the
+// screen's bound (runtime/screen.py): coef[r, 0] * norms[0, j] + coef[r, 1] * norms[1, j], per-row coefficients
+// times per-token norms. Adding it here, as each sum is written, spares the caller passes over [M, N] floats,
+// which at a batch step's 8 rows took as long as the pass itself.
+struct ScreenOut {
+  const float* xs;
+  const float* ws;
+  const float* coef;  // [M, 2], or null: no bound
+  const float* norms;  // [2, N]
+  float* y;
+  int64_t n;
+
+  float value(int64_t r, int64_t j, int32_t sum) const {
+    const float v = static_cast<float>(sum) * xs[r] * ws[j];
+    return coef == nullptr ? v : v + (coef[2 * r] * norms[j] + coef[2 * r + 1] * norms[n + j]);
+  }
+  void put(int64_t r, int64_t j, int32_t sum) const { y[r * n + j] = value(r, j, sum); }
+};
+
 // The screen's pass on AMX, where the CPU has AMX-INT8 and Linux lets the process use its tiles: one tile
 // instruction multiplies 16 rows of codes by 64 inputs by 16 columns. The columns are the rows of x split in
 // two signed bytes, x~ = 128 h + l (h = x~ >> 7 in [-64, 63], l = x~ & 127), so 8 rows of x fill them and
@@ -535,8 +555,8 @@ std::vector<int8_t> amx_parts(const int16_t* x, int64_t m, int64_t k) {
 
 // y[r, row] for G blocks of 16 code rows from row0: tiles 0..G-1 accumulate, 4 and 5 take codes, 6 x's parts.
 template <int G>
-GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, int64_t row0, int64_t m, int64_t n,
-                             const float* xs, const float* ws, float* y) {
+GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, int64_t row0, int64_t m,
+                             const ScreenOut& out) {
   _tile_zero(0);
   if constexpr (G == 4) {
     _tile_zero(1);
@@ -573,7 +593,7 @@ GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, in
                                             _mm512_set1_epi32(kAmxCols));
   for (int g = 0; g < G; ++g) {
     const int64_t first = row0 + g * kAmxRows;
-    const __m512 scales = _mm512_loadu_ps(ws + first);
+    const __m512 scales = _mm512_loadu_ps(out.ws + first);
     for (int64_t r = 0; r < m; ++r) {
       const __m512i h = _mm512_i32gather_epi32(column, sums[g] + r, 4);
       const __m512i l = _mm512_i32gather_epi32(column, sums[g] + kAmxXRows + r, 4);
@@ -583,14 +603,19 @@ GEMMAKIT_AMX void amx_blocks(const int8_t* q, int64_t k, const int8_t* parts, in
       const __m512d high = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(h, 1)), scale,
                                            _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(l, 1)));
       const __m512 sum = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(low)), _mm512_cvtpd_ps(high), 1);
-      _mm512_storeu_ps(y + r * n + first, _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(xs[r])), scales));
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(out.xs[r])), scales);
+      if (out.coef != nullptr)
+        v = _mm512_add_ps(v, _mm512_fmadd_ps(_mm512_set1_ps(out.coef[2 * r]), _mm512_loadu_ps(out.norms + first),
+                                             _mm512_mul_ps(_mm512_set1_ps(out.coef[2 * r + 1]),
+                                                           _mm512_loadu_ps(out.norms + out.n + first))));
+      _mm512_storeu_ps(out.y + r * out.n + first, v);
     }
   }
 }
 
 // Blocks [begin, end) of 16 code rows, on one thread (tile state is per thread: configured, then released).
 GEMMAKIT_AMX void amx_range(const int8_t* q, int64_t k, const int8_t* parts, int64_t begin, int64_t end, int64_t m,
-                            int64_t n, const float* xs, const float* ws, float* y) {
+                            const ScreenOut& out) {
   TileConfig cfg;
   for (int t = 0; t < 7; ++t) {  // 16 rows of 64 bytes each: int32 sums [16, 16], codes [16, 64], parts
     cfg.rows[t] = 16;
@@ -599,18 +624,17 @@ GEMMAKIT_AMX void amx_range(const int8_t* q, int64_t k, const int8_t* parts, int
   tiles_see_memory();
   _tile_loadconfig(&cfg);
   int64_t b = begin;
-  for (; b + 4 <= end; b += 4) amx_blocks<4>(q, k, parts, b * kAmxRows, m, n, xs, ws, y);
-  for (; b < end; ++b) amx_blocks<1>(q, k, parts, b * kAmxRows, m, n, xs, ws, y);
+  for (; b + 4 <= end; b += 4) amx_blocks<4>(q, k, parts, b * kAmxRows, m, out);
+  for (; b < end; ++b) amx_blocks<1>(q, k, parts, b * kAmxRows, m, out);
   _tile_release();
 }
 
 // Rows [0, n / 16 * 16) of the screen's pass for up to 8 rows of x, K a multiple of 64; returns where it ended.
-int64_t amx_screen(const int16_t* x, int64_t m, const int8_t* q, int64_t n, int64_t k, const float* xs,
-                   const float* ws, float* y) {
+int64_t amx_screen(const int16_t* x, int64_t m, const int8_t* q, int64_t k, const ScreenOut& out) {
   const std::vector<int8_t> parts = amx_parts(x, m, k);
-  const int64_t blocks = n / kAmxRows;
+  const int64_t blocks = out.n / kAmxRows;
   at::parallel_for(0, blocks, 64, [&](int64_t begin, int64_t end) {
-    amx_range(q, k, parts.data(), begin, end, m, n, xs, ws, y);
+    amx_range(q, k, parts.data(), begin, end, m, out);
   });
   return blocks * kAmxRows;
 }
@@ -618,7 +642,7 @@ int64_t amx_screen(const int16_t* x, int64_t m, const int8_t* q, int64_t n, int6
 // isa: 0 the AVX2 pass, 1 AVX-512 VNNI tiles for several rows, 2 AMX for 2 to 8 rows where K is a multiple
 // of 64 (the rest as 1).
 at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const at::Tensor& q,
-                       const at::Tensor& scales, int64_t isa) {
+                       const at::Tensor& scales, int64_t isa, const at::Tensor& coef, const at::Tensor& norms) {
   TORCH_CHECK(x16.dim() == 2 && x16.scalar_type() == at::kShort && x16.is_contiguous(), "x16: contiguous int16 [M, K]");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x16.size(1),
               "q: contiguous int8 [N, K]");
@@ -628,6 +652,11 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
               "scales: contiguous fp32 [N]");
   TORCH_CHECK(isa >= 0 && isa <= 2, "int8_screen: isa is 0 (AVX2), 1 (AVX-512 VNNI) or 2 (AMX)");
+  const bool bound = coef.numel() > 0;
+  TORCH_CHECK(!bound || (coef.dim() == 2 && coef.size(0) == m && coef.size(1) == 2 && coef.scalar_type() == at::kFloat &&
+                         coef.is_contiguous()), "coef: contiguous fp32 [M, 2], or empty for no bound");
+  TORCH_CHECK(!bound || (norms.dim() == 2 && norms.size(0) == 2 && norms.size(1) == n &&
+                         norms.scalar_type() == at::kFloat && norms.is_contiguous()), "norms: contiguous fp32 [2, N]");
   TORCH_CHECK(isa == 0 || avx512_vnni(), "int8_screen: an AVX-512 pass asked on a CPU without AVX-512 VNNI");
   TORCH_CHECK(isa < 2 || amx_int8(), "int8_screen: the AMX pass asked where AMX-INT8 tiles are not available");
   using Tile = void (*)(const int16_t*, const int8_t*, int64_t, int32_t*, int64_t, const char*);
@@ -649,9 +678,11 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
   const float* xs = x_scale.data_ptr<float>();
   const float* ws = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const ScreenOut out{xs, ws, bound ? coef.data_ptr<float>() : nullptr, bound ? norms.data_ptr<float>() : nullptr,
+                      yp, n};
   int64_t from = 0;  // rows of q before this are done
   // One row is bound by reading the codes on either path, and the AVX2 one reads them a little faster.
-  if (isa == 2 && m > 1 && m <= kAmxXRows && k % kAmxInputs == 0) from = amx_screen(xp, m, qp, n, k, xs, ws, yp);
+  if (isa == 2 && m > 1 && m <= kAmxXRows && k % kAmxInputs == 0) from = amx_screen(xp, m, qp, k, out);
   if (m == 1 && from == 0) {
     at::parallel_for(0, (n + kRows8 - 1) / kRows8, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1)),
                      [&](int64_t begin, int64_t end) {
@@ -660,11 +691,11 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
         const int64_t row = b * kRows8;
         if (row + kRows8 <= n) {
           int16_rows8(xp, qp + row * k, k, dots);
-          for (int j = 0; j < kRows8; ++j) yp[row + j] = static_cast<float>(dots[j]) * xs[0] * ws[row + j];
+          for (int j = 0; j < kRows8; ++j) out.put(0, row + j, dots[j]);
         } else {
           for (int64_t j = row; j < n; ++j) {
             int16_tile<1, 1>(xp, qp + j * k, k, dots, 1, nullptr);
-            yp[j] = static_cast<float>(dots[0]) * xs[0] * ws[j];
+            out.put(0, j, dots[0]);
           }
         }
       }
@@ -679,7 +710,7 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
     (wide ? kTiles512 : kTiles)[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j)
-        yp[(r0 + r) * n + j0 + j] = static_cast<float>(dots[r * kTileW + j]) * xs[r0 + r] * ws[j0 + j];
+        out.put(r0 + r, j0 + j, dots[r * kTileW + j]);
   });
   return y;
 }
@@ -690,7 +721,8 @@ TORCH_LIBRARY(gemmakit_avx2, lib) {
   lib.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_and_zeros, int group) -> Tensor");
   lib.def("int8_gemv(Tensor x, Tensor q, Tensor scales, bool wide) -> Tensor");
   lib.def("float_gemv(Tensor x, Tensor w, bool wide) -> Tensor");
-  lib.def("int8_screen(Tensor x16, Tensor x_scale, Tensor q, Tensor scales, int isa) -> Tensor");
+  lib.def("int8_screen(Tensor x16, Tensor x_scale, Tensor q, Tensor scales, int isa, Tensor coef, Tensor norms) -> "
+          "Tensor");
   lib.def("avx512_vnni() -> bool", &avx512_vnni);
   lib.def("amx_int8() -> bool", &amx_int8);
 }

@@ -242,8 +242,8 @@ class HeadScreen(nn.Module):
             cheap, scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(self.vocab)
         self.register_buffer("cheap", cheap, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("delta_norm", torch.empty(self.vocab), persistent=False)
-        self.register_buffer("cheap_norm", torch.empty(self.vocab), persistent=False)
+        # |w - b| and |b| per token, as one [2, V] buffer: gemmakit's kernel reads both as it adds the bound.
+        self.register_buffer("norms", torch.empty(2, self.vocab), persistent=False)
         widest = self._fill_blocks(build)
         n = weight.shape[1]
         # Worst float32 error of an n-term dot product, plus the scale product and computing the copy's norms.
@@ -279,6 +279,14 @@ class HeadScreen(nn.Module):
             self.cheap_norm[i:j] = c.norm(dim=-1)
             widest = max(widest, float(w.norm(dim=-1).max()))
         return widest
+
+    @property
+    def delta_norm(self) -> Tensor:
+        return self.norms[0]
+
+    @property
+    def cheap_norm(self) -> Tensor:
+        return self.norms[1]
 
     def _exact_rows(self, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of the head in float32."""
@@ -349,10 +357,9 @@ class HeadScreen(nn.Module):
         if self.fp16 is not None:  # fp32 x times the fp16 copy, float32 sums: x~ = x
             s = self.fp16(x)
             return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 2 * self.gamma)
-        if self.gemv_kernel:  # x~ (x on a 14-bit grid) times the int8 copy, exact integer sums, scaled in fp32
-            s, rounding, rounded_norm = gemv.screen_int8(x, self.cheap, self.scale)
-            bound = x_norm * self.delta_norm + (rounding + self.gamma * rounded_norm) * self.cheap_norm
-            return s + bound * (1 + 2 * self.gamma)
+        if self.gemv_kernel:  # x~ (x on a 14-bit grid) times the int8 copy, exact integer sums, scaled in fp32;
+            # the kernel adds |x| |w - b| + (|x - x~| + gamma |x~|) |b| as it writes each sum (gemv.screen_int8)
+            return gemv.screen_int8(x, self.cheap, self.scale, None, (x_norm, self.norms, self.gamma))[0]
         if layout == "plain":
             if self.cheap is None or x.shape[0] != 1:
                 raise RuntimeError("the plain copy serves one-row steps of screens built with plain=True")
