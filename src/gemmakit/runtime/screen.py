@@ -53,6 +53,7 @@ bandwidth-bound (benchmarks/engine_vs_peers.py measures it; docs/performance.md,
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -391,14 +392,14 @@ def round_to_bf16(x: Tensor) -> Tensor:
     return torch.where(x.isnan(), x, bits.view(torch.float32))
 
 
-def top_k(x: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
-    """x.topk(k) of [B, V] rows (values, indices), over the k blocks of `block` values with the highest
-    maxima: the k largest values lie in those, since each block outside holds nothing above the k-th largest
-    block maximum. torch's CPU topk over a 262k row is slow, a visible share of an 8-row step; block maxima
-    vectorise."""
+def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """x.topk(k) of [B, V] rows (values, indices), over the k blocks of values with the highest maxima: the k
+    largest values lie in those, since each block outside holds nothing above the k-th largest block maximum.
+    torch's CPU topk over a 262k row is slow, a visible share of an 8-row step; block maxima vectorise. The
+    two topk calls then rank V / block maxima and k * block values, least work near block = sqrt(V / k); twice
+    that measured a little faster (fewer, longer rows for the maxima), as a power of two from 64 to 1024."""
     rows, width = x.shape
-    while block > 64 and width < 4 * k * block:  # smaller blocks for more candidates
-        block //= 2
+    block = 2 ** min(10, max(6, round(math.log2(2 * math.sqrt(width / k)))))
     if width % block or width < 4 * k * block:
         return x.topk(k, dim=-1)
     blocks = x.view(rows, width // block, block)
