@@ -198,6 +198,13 @@ def test_the_int4_table_reads_the_packed_head_in_place():
     ids = torch.tensor([[0, 1, 255, 256, 1023], [511, 512, 7, 900, 64]])
     assert torch.equal(table(ids), separate(ids))
     assert torch.equal(table.dequantize(), separate.dequantize())
+    # torch's packing here stores blocks as [D, R/2] bytes (either vector width): lookups index the blocks
+    # directly rather than gathering each code's byte, and read the same codes as the general map.
+    rows = cpu_int4_block_rows(w.shape[1])
+    assert table.halves == (rows // 2 if rows else None)
+    mapped = QuantizedEmbedding(head.weight, head.scales_and_zeros, w.dtype, None, 32, cpu_int4_layout(w.shape[1]))
+    mapped.halves = None
+    assert torch.equal(table(ids), mapped(ids)) and torch.equal(table.dequantize(), mapped.dequantize())
     before = quantized_bytes(model)
     model.model.embed_tokens = separate
     layout = table.code_offsets.nbytes + table.code_shifts.nbytes  # the map, for a block of 256 rows
