@@ -23,8 +23,10 @@ fbgemm for prompts (packing.HalfLinear) and send decode rows here.
 The head screen. A greedy step's pass over the head's int8 copy (screen.py) needs upper bounds, not exact
 sums, so `screen_int8` rounds x to 14-bit integers (the bound counts what that moved) and sums exactly in
 int32 with 16-bit multiply-adds: twice the products an instruction of fp32 FMAs, which bound the pass over a
-262k-row head at several rows (docs/performance.md has what that gains on CPU B). The pass reads an int8
-model's head codes as they are, too (screen.Int8Head): its screen needs no copy.
+262k-row head at several rows (docs/performance.md has what that gains on CPU B). Given the screen's norms,
+it adds each token's bound as it writes the token's sum, rather than leaving torch ops to pass over the
+[rows, 262k] result again. The pass reads an int8 model's head codes as they are, too (screen.Int8Head): its
+screen needs no copy.
 
 Wider CPUs. Where ATen runs AVX-512 and the CPU has VNNI (`vector_width`), the several-row tiles also come in
 an AVX-512 build (function attributes, so the file still runs on AVX2-only CPUs): twice the lanes a

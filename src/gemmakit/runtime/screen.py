@@ -42,7 +42,8 @@ on packed models, by multi-row and eager steps through oneDNN's packed layout of
 no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Where vectors are
 256 bits wide and gemmakit's AVX2 kernels build (gemv.py), either head's copy is int8, read by their
 screening pass at every step of up to 8 rows, compiled or eager: x rounded to 14-bit integers (its rounding
-is one more term of the bound, like the packed path's bf16 x) and exact integer sums. Its bound is wider
+is one more term of the bound, like the packed path's bf16 x) and exact integer sums, to which the kernel adds
+each token's bound as it writes them (torch ops over the [rows, V] sums took an 8-row step as long as the pass). Its bound is wider
 than a half-precision copy's, so it rescores 64 candidates, not 16. Where those kernels are missing and
 oneDNN has no bf16, a float32 head's copy is fbgemm's fp16 one, read by every step. Memory: the copy in each
 layout the engine's steps read (270M: +336 MB bf16 per layout, +512 MB for fbgemm's padded fp16, or +168 MB
