@@ -194,7 +194,7 @@ def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None,
     which the screen's bound needs. `isa`: 0 the AVX2 pass, 1 AVX-512 VNNI, 2 AMX (None: the best here).
     `bound` = (|x| [M, 1], norms [2, N]: |w - b| and |b| per row of q, gamma): the first result is then the
     screen's upper bound, s + (|x| |w - b| + (|x - x~| + gamma |x~|) |b|) (1 + 2 gamma), added by the kernel as
-    it writes each sum (separate passes over the [M, N] result cost a batch step as much as the pass)."""
+    it writes each sum (separate eager passes over the [M, N] result cost an 8-row step as much as the pass)."""
     top = min(8191, (2**31 - 1) // (127 * max(x.shape[1], 1)))
     x = x.float()
     x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)

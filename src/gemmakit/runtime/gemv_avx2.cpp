@@ -494,7 +494,7 @@ GEMMAKIT_VNNI void int16_tile512(const int16_t* x, const int8_t* q, int64_t k, i
 // Where a pass's sums go: out[r, j] = sum * x_scale[r] * scale[j], plus, where the caller passes them, the
 // screen's bound (runtime/screen.py): coef[r, 0] * norms[0, j] + coef[r, 1] * norms[1, j], per-row coefficients
 // times per-token norms. Adding it here, as each sum is written, spares the caller passes over [M, N] floats,
-// which at a batch step's 8 rows took as long as the pass itself.
+// which in an eager 8-row step took as long as the pass itself.
 struct ScreenOut {
   const float* xs;
   const float* ws;
@@ -653,8 +653,9 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
               "scales: contiguous fp32 [N]");
   TORCH_CHECK(isa >= 0 && isa <= 2, "int8_screen: isa is 0 (AVX2), 1 (AVX-512 VNNI) or 2 (AMX)");
   const bool bound = coef.numel() > 0;
-  TORCH_CHECK(!bound || (coef.dim() == 2 && coef.size(0) == m && coef.size(1) == 2 && coef.scalar_type() == at::kFloat &&
-                         coef.is_contiguous()), "coef: contiguous fp32 [M, 2], or empty for no bound");
+  TORCH_CHECK(!bound || (coef.dim() == 2 && coef.size(0) == m && coef.size(1) == 2 &&
+                         coef.scalar_type() == at::kFloat && coef.is_contiguous()),
+              "coef: contiguous fp32 [M, 2], or empty for no bound");
   TORCH_CHECK(!bound || (norms.dim() == 2 && norms.size(0) == 2 && norms.size(1) == n &&
                          norms.scalar_type() == at::kFloat && norms.is_contiguous()), "norms: contiguous fp32 [2, N]");
   TORCH_CHECK(isa == 0 || avx512_vnni(), "int8_screen: an AVX-512 pass asked on a CPU without AVX-512 VNNI");

@@ -25,31 +25,30 @@ summation error of a tie or of a bf16 rounding boundary (where two kernels of th
 A step whose certificate fails for a row computes the full head instead (`HeadScreen.fallbacks`; rare, a
 little less rare on the packed path, whose bound is wider).
 
-When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes
-ties the screen would not reproduce); the int8 heads of int8 models (the same soft-cap rule) where
-gemmakit's kernels compute them and the pass has its AVX-512 build (with only its AVX2 build, at the step sizes
-where the plan timed it faster than the head's kernel): the screen reads the head's own codes, so it adds no
-copy and its bound has no |w - b| term, and at a batch step's several rows VNNI multiply-adds or AMX tiles
-outrun the head's fp32 ones; and tied int4 heads through an int8 copy (`Int4Head`): in batch engines
-where the pass runs on AMX, steps of 2-8 rows (torch's int4 kernel is bound by multiply-adds there); where the
-head is on gemmakit's AVX2 int4 kernel, the step sizes at which the plan timed the copy's pass faster than the
-head (that kernel widens every code to fp32, so bytes or multiply-adds bind it, by CPU). It applies to
-rows whose token is a plain argmax of the raw logits: temperature
-0 with no penalties, bias, loop-guard penalty, constraint or logprobs (each of those reads logits the screen
-never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
-copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads
-on packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads:
-no int8 kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Where vectors are
-256 bits wide and gemmakit's AVX2 kernels build (gemv.py), either head's copy is int8, read by their
-screening pass at every step of up to 8 rows, compiled or eager: x rounded to 14-bit integers (its rounding
-is one more term of the bound, like the packed path's bf16 x) and exact integer sums, to which the kernel adds
-each token's bound as it writes them (torch ops over the [rows, V] sums took an 8-row step as long as the pass). Its bound is wider
-than a half-precision copy's, so it rescores 64 candidates, not 16. Where those kernels are missing and
-oneDNN has no bf16, a float32 head's copy is fbgemm's fp16 one, read by every step. Memory: the copy in each
-layout the engine's steps read (270M: +336 MB bf16 per layout, +512 MB for fbgemm's padded fp16, or +168 MB
-int8); the engine's forecast counts it. The gain is largest for fp32 one-row steps, where the head is most of
-the bytes; less at 8 rows, and less for bf16 models, whose int8 pass is compute-bound rather than
-bandwidth-bound (benchmarks/engine_vs_peers.py measures it; docs/performance.md, "The greedy head screen").
+When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes ties the
+screen would not reproduce); the int8 heads of int8 models (the same soft-cap rule) where gemmakit's kernels
+compute them and the pass has its AVX-512 build (with only its AVX2 build, at the step sizes where the plan timed
+it faster than the head's kernel): the screen reads the head's own codes, so it adds no copy and its bound has no
+|w - b| term, and at a batch step's several rows VNNI multiply-adds or AMX tiles outrun the head's fp32 ones; and
+tied int4 heads through an int8 copy (`Int4Head`): in batch engines where the pass runs on AMX, steps of 2-8 rows
+(torch's int4 kernel is bound by multiply-adds there); where the head is on gemmakit's AVX2 int4 kernel, the step
+sizes at which the plan timed the copy's pass faster than the head (that kernel widens every code to fp32, so
+bytes or multiply-adds bind it, by CPU). It applies to rows whose token is a plain argmax of the raw logits:
+temperature 0 with no penalties, bias, loop-guard penalty, constraint or logprobs (each of those reads logits the
+screen never computes). The engine decides per step (engine.py); a step with any other row uses the full head. The
+copy is read by compiled one-row steps (inductor's vectorised reduction, compiled.py) and, for float32 heads on
+packed models, by multi-row and eager steps through oneDNN's packed layout of the bf16 copy (bf16 heads: no int8
+kernel beats oneDNN's bf16 one on several rows, so those steps take the full head). Where vectors are 256 bits
+wide and gemmakit's AVX2 kernels build (gemv.py), either head's copy is int8, read by their screening pass at
+every step of up to 8 rows, compiled or eager: x rounded to 14-bit integers (its rounding is one more term of the
+bound, like the packed path's bf16 x) and exact integer sums, to which the kernel adds each token's bound as it
+writes them (eager torch ops over the [rows, V] sums took an 8-row step as long as the pass). Its bound is wider than a
+half-precision copy's, so it rescores 64 candidates, not 16. Where those kernels are missing and oneDNN has no
+bf16, a float32 head's copy is fbgemm's fp16 one, read by every step. Memory: the copy in each layout the engine's
+steps read (270M: +336 MB bf16 per layout, +512 MB for fbgemm's padded fp16, or +168 MB int8); the engine's
+forecast counts it. The gain is largest for fp32 one-row steps, where the head is most of the bytes; less at 8
+rows, and less for bf16 models, whose int8 pass is compute-bound rather than bandwidth-bound
+(benchmarks/engine_vs_peers.py measures it; docs/performance.md, "The greedy head screen").
 """
 
 from __future__ import annotations
