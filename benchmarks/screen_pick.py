@@ -13,9 +13,8 @@ Run: .venv/bin/python benchmarks/screen_pick.py [--quantize int4|int8|none] [--d
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 
@@ -24,15 +23,8 @@ from gemmakit.checkpoints import load_model_and_tokenizer, resolve
 from gemmakit.engine import Engine
 from gemmakit.runtime import gemv
 
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+sys.path.insert(0, str(Path(__file__).parent))
+from int4_prompt import median_ms  # noqa: E402
 
 
 @torch.inference_mode()
