@@ -292,20 +292,6 @@ def _check_int4(out_features: int, in_features: int, group_size: int, device: to
         raise ValueError(f"cannot pack this weight as int4: {problem} (use Int8Linear for it)")
 
 
-def _block_halves(layout: tuple[Tensor, Tensor]) -> int | None:
-    """R / 2 where a CPU int4 `layout` (cpu_int4_layout: byte offsets and nibble shifts [R, D]) stores each
-    block of R rows as [D, R/2] bytes, row i < R/2 in the low nibble of byte i and R/2 + i in the high one (torch
-    2.13's packing, either vector width); else None. Lookups then index the blocks directly, which reads a
-    batch step's candidate rows faster than gathering each code's byte offset."""
-    offsets, shifts = layout
-    rows, width = offsets.shape
-    half = rows // 2
-    i = torch.arange(rows)[:, None]
-    want = torch.arange(width)[None, :] * half + i % half
-    ok = rows % 2 == 0 and torch.equal(offsets.long(), want.expand(rows, width))
-    return half if ok and torch.equal(shifts.long(), (4 * (i >= half)).expand(rows, width)) else None
-
-
 class QuantizedEmbedding(nn.Module):
     """An `nn.Embedding` stand-in over quantized rows: `table(ids)` dequantizes only the rows looked up.
 
@@ -327,7 +313,11 @@ class QuantizedEmbedding(nn.Module):
         if layout is not None:  # derived from the kernel, not state: kept out of state_dict
             self.register_buffer("code_offsets", layout[0], persistent=False)
             self.register_buffer("code_shifts", layout[1], persistent=False)
-        self.halves = _block_halves(layout) if layout is not None else None
+        # Where torch's packing stores blocks of R rows as [D, R/2] bytes (row i < R/2 low, R/2 + i high: both
+        # vector widths of torch 2.13), lookups index the blocks directly, which reads a batch step's candidate
+        # rows faster than gathering each code's byte through the map.
+        rows = cpu_int4_block_rows(self.embedding_dim) if layout is not None else None
+        self.halves = rows // 2 if rows else None
 
     @classmethod
     def from_embedding(cls, table: nn.Embedding) -> QuantizedEmbedding:
