@@ -16,6 +16,16 @@ os.environ.setdefault("GEMMAKIT_COMPILE", "0")
 # Tests that call torch.compile themselves use gemmakit's cache too: one directory per vector ISA, since
 # inductor's shared /tmp default hands kernels cached by CI's AVX-512 pass to its AVX2 pass (wrong results).
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
+# Under pytest-xdist (`-n auto`, the README's test command) the workers split the CPUs: each takes its share of
+# torch's threads, and the CLI and server processes it starts inherit that share, rather than every worker
+# running as many threads as there are CPUs (oversubscribed, the suite ran slower than on one worker).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = max(1, _cpus // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
 
 
 @pytest.fixture(scope="session")
