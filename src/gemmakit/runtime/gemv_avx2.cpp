@@ -415,6 +415,11 @@ inline int32_t hsum_i32(__m256i v) {
 // many-row pass over the head is bound by them). The sums are exact while 127 * max|x16| * K < 2^31, which
 // the caller keeps (gemv.screen_int8). out = float(sum) * x_scale[r] * scales[j].
 // Several rows of x: tiles as the float kernels' (tile), int32 accumulators; a 16-bit vector holds 16 values.
+// Unlike an FMA, a multiply-add of pairs needs a register for its result before the add: 4 x 3 accumulators
+// no longer fit beside it, and the compiler kept seven of them on the stack (a store and a load each, every
+// step). From 4 rows of x the pass takes one weight row against up to kScreenX rows of x instead (kScreenX + 3
+// registers): the same multiply-adds, a load of x for each, and a widened code serving every row of x.
+constexpr int kScreenX = 8;
 template <int M, int J>
 void int16_tile(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int64_t ldy, const char* next) {
   __m256i acc[M][J];
@@ -661,9 +666,11 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
   TORCH_CHECK(isa == 0 || avx512_vnni(), "int8_screen: an AVX-512 pass asked on a CPU without AVX-512 VNNI");
   TORCH_CHECK(isa < 2 || amx_int8(), "int8_screen: the AMX pass asked where AMX-INT8 tiles are not available");
   using Tile = void (*)(const int16_t*, const int8_t*, int64_t, int32_t*, int64_t, const char*);
-  static constexpr Tile kTiles[kTileX][kTileW] = {
+  static constexpr Tile kTiles[kTileX - 1][kTileW] = {
       {int16_tile<1, 1>, int16_tile<1, 2>, int16_tile<1, 3>}, {int16_tile<2, 1>, int16_tile<2, 2>, int16_tile<2, 3>},
-      {int16_tile<3, 1>, int16_tile<3, 2>, int16_tile<3, 3>}, {int16_tile<4, 1>, int16_tile<4, 2>, int16_tile<4, 3>}};
+      {int16_tile<3, 1>, int16_tile<3, 2>, int16_tile<3, 3>}};
+  static constexpr Tile kColumns[kScreenX] = {int16_tile<1, 1>, int16_tile<2, 1>, int16_tile<3, 1>, int16_tile<4, 1>,
+                                               int16_tile<5, 1>, int16_tile<6, 1>, int16_tile<7, 1>, int16_tile<8, 1>};
   static constexpr Tile kTiles512[kTileX512][kTileW] = {
       {int16_tile512<1, 1>, int16_tile512<1, 2>, int16_tile512<1, 3>},
       {int16_tile512<2, 1>, int16_tile512<2, 2>, int16_tile512<2, 3>},
@@ -704,11 +711,17 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
     return y;
   }
   const bool wide = isa > 0;
-  for_each_tile(qp + from * k, m, n - from, k, wide ? kTileX512 : kTileX,
+  static_assert(kScreenX == kTileX512, "one tile of x rows on either path");
+  for_each_tile(qp + from * k, m, n - from, k, kTileX512,
                 [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
     int32_t dots[kTileX512 * kTileW];
     j0 += from;
-    (wide ? kTiles512 : kTiles)[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
+    if (wide || rows < kTileX) {
+      (wide ? kTiles512 : kTiles)[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
+    } else {  // the first column's pass prefetches the next tile's rows, as the tile's would
+      for (int64_t j = 0; j < cols; ++j)
+        kColumns[rows - 1](xp + r0 * k, qp + (j0 + j) * k, k, dots + j, kTileW, j == 0 ? next : nullptr);
+    }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j)
         out.put(r0 + r, j0 + j, dots[r * kTileW + j]);
