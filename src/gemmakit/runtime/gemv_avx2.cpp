@@ -15,9 +15,9 @@
 // weight rows at a time, so each load of x serves eight rows; for several, tiles of 3 weight rows by up to 4
 // rows of x, so each widened code serves four rows of x and each load of x three weight rows.
 // fp32 / bf16: the model's own weights in place, arranged as int8's.
-// int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (several
-// rows of x also in an AVX-512 VNNI build of its tiles, taken only where the CPU has it), with the screen's
-// bound added as each sum is written.
+// int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (from 4
+// rows of x one weight row against all of them; several rows also in an AVX-512 VNNI build of its tiles, taken
+// only where the CPU has it), with the screen's bound added as each sum is written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
