@@ -213,6 +213,25 @@ def test_the_int4_table_reads_the_packed_head_in_place():
     assert "code_offsets" not in model.state_dict() and "(in the head)" in repr(table)
 
 
+def test_compiled_int4_rows_store_their_codes_before_the_products():
+    """A screen rescores its candidates as x . rows(ids) in the compiled step. Inductor fused the gather of the
+    rows' codes into those products and redid the block arithmetic for every code, which took longer than the
+    rest of an 8-row pick; the codes are now stored first (an op it cannot see into), and the result is the
+    eager one."""
+    from torch.profiler import profile
+
+    model = quantize_model(_gemma(), "int4")
+    table = model.model.embed_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, table.num_embeddings, (8, 65), generator=g)
+    x = torch.randn(8, table.embedding_dim, generator=g)
+    rescore = torch.compile(lambda x, ids: (x[:, None, :] * table.rows(ids, torch.float32)).sum(-1), dynamic=False)
+    with profile() as prof:
+        got = rescore(x, ids)
+    assert any("materialize" in e.key for e in prof.key_averages())
+    assert torch.allclose(got, (x[:, None, :] * table.rows(ids, torch.float32)).sum(-1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["gemma3", "e2b", "26b-a4b", "31b"])
 @pytest.mark.parametrize("mode, min_cosine", [("int8", 0.999), ("int4", 0.98)])
 def test_quantized_gemma_logits_stay_close(variant, mode, min_cosine):

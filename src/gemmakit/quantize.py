@@ -187,8 +187,8 @@ def int8_matmul(x: Tensor, q: Tensor, scales: Tensor, gemv_rows: int = 0) -> Ten
 @torch.library.custom_op("gemmakit::materialize", mutates_args=())
 def _materialize(x: Tensor) -> Tensor:
     """A copy inductor cannot see into, so it stores x once. Otherwise it inlines a cheap producer of x (a
-    norm) into each row's reduction, recomputed for every weight row, which made an int8 8-row step several
-    times slower."""
+    norm; an int4 table's gathered codes) into each row's reduction, recomputed for every weight row, which made
+    an int8 8-row step several times slower."""
     return x.clone()
 
 
@@ -337,7 +337,9 @@ class QuantizedEmbedding(nn.Module):
         a bf16 model's lookups round)."""
         if self.group_size is None:
             return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype)[..., None]
-        q = self._codes(ids).view(*ids.shape, -1, self.group_size)
+        # Stored before the products: compiled, inductor fused the gather into a screen's candidate products
+        # and redid the block arithmetic for every code, which took longer than the rest of an 8-row pick.
+        q = _materialize(self._codes(ids)).view(*ids.shape, -1, self.group_size)
         sz = self.scales[:, ids].movedim(0, -2).to(dtype)  # [..., D/G, 2]
         return ((q.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
