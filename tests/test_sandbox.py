@@ -31,6 +31,10 @@ from gemmakit.eval.sandbox import ENV, Limits, Outcome, SandboxUnavailable, chec
 
 FAST = Limits(timeout=2.0, cpu_seconds=3)
 ROOMY = Limits(timeout=10.0, cpu_seconds=3)  # for attacks that must fail by a limit, not the clock, on a busy machine
+# Memory attacks are stopped by the memory limit: on a busy machine (another test worker beside them) the slow
+# bomb once reached 3 CPU seconds first.
+MEMORY = Limits(timeout=10.0, cpu_seconds=8)
+CPU_BOUND = Limits(timeout=10.0, cpu_seconds=1)  # the CPU limit, not the clock, ends a busy loop
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROJECT = SRC.parent
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -135,8 +139,9 @@ ATTACKS = {
     "fork bomb": ("import os\nwhile True:\n    os.fork()\n", "failed"),
     "process pool bomb": ("import multiprocessing as mp\n"
                           "ps = [mp.Process(target=print) for _ in range(500)]\n[p.start() for p in ps]\n", "failed"),
-    "memory bomb": ("x = bytearray(16 * 1024**3)\n", "failed: MemoryError", ROOMY),
-    "slow memory bomb": ("chunks = []\nwhile True:\n    chunks.append(' ' * 10**7)\n", "failed: MemoryError", ROOMY),
+    "memory bomb": ("x = bytearray(16 * 1024**3)\n", "failed: MemoryError", MEMORY),
+    "slow memory bomb": ("chunks = []\nwhile True:\n    chunks.append(' ' * 10**7)\n", "failed: MemoryError", MEMORY),
+    "cpu burner": ("while True:\n    pass\n", "failed: CPU time limit (killed by SIGXCPU)", CPU_BOUND),
     "big file": ("open('big', 'wb').write(b'x' * (2 << 20))\n", "failed: OSError: [Errno 27] File too large", ROOMY),
     "disk bomb": ("for i in range(1000):\n    open(f'f{i}', 'wb').write(b'x' * ((1 << 20) - 1))\n", "failed"),
     "delete everything": ("import shutil\nshutil.rmtree('/usr')\n", "failed"),
