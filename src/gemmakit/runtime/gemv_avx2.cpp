@@ -669,8 +669,10 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
   static constexpr Tile kTiles[kTileX - 1][kTileW] = {
       {int16_tile<1, 1>, int16_tile<1, 2>, int16_tile<1, 3>}, {int16_tile<2, 1>, int16_tile<2, 2>, int16_tile<2, 3>},
       {int16_tile<3, 1>, int16_tile<3, 2>, int16_tile<3, 3>}};
-  static constexpr Tile kColumns[kScreenX] = {int16_tile<1, 1>, int16_tile<2, 1>, int16_tile<3, 1>, int16_tile<4, 1>,
-                                               int16_tile<5, 1>, int16_tile<6, 1>, int16_tile<7, 1>, int16_tile<8, 1>};
+  // Columns serve kTileX to kScreenX rows of x; fewer take the tiles above.
+  static_assert(kTileX == 4 && kScreenX == 8, "kColumns lists int16_tile<4, 1> to int16_tile<8, 1>");
+  static constexpr Tile kColumns[kScreenX - kTileX + 1] = {int16_tile<4, 1>, int16_tile<5, 1>, int16_tile<6, 1>,
+                                                           int16_tile<7, 1>, int16_tile<8, 1>};
   static constexpr Tile kTiles512[kTileX512][kTileW] = {
       {int16_tile512<1, 1>, int16_tile512<1, 2>, int16_tile512<1, 3>},
       {int16_tile512<2, 1>, int16_tile512<2, 2>, int16_tile512<2, 3>},
@@ -720,7 +722,7 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
       (wide ? kTiles512 : kTiles)[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
     } else {  // the first column's pass prefetches the next tile's rows, as the tile's would
       for (int64_t j = 0; j < cols; ++j)
-        kColumns[rows - 1](xp + r0 * k, qp + (j0 + j) * k, k, dots + j, kTileW, j == 0 ? next : nullptr);
+        kColumns[rows - kTileX](xp + r0 * k, qp + (j0 + j) * k, k, dots + j, kTileW, j == 0 ? next : nullptr);
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j)
