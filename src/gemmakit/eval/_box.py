@@ -46,6 +46,12 @@ INBOX = Path(__file__).with_name("_inbox.py")
 # program. $1: the run's directory (src/ holds its files, root/ is an empty mount point), $2: the size of /box
 # in bytes, $3: a Python prefix outside /usr to show read-only ("" for none), $4: setpriv's user switch ("" to
 # stay), then the command. Each mount is private to the namespace and vanishes with it.
+# The program is not the PID namespace's init: the kernel drops signals that init has no handler for (a
+# program's own abort() or SIGTERM would not end it). The script execs, without privileges, a second shell
+# that stays as init and runs the program as its child, as bwrap does; `exit $?` keeps that shell from
+# exec'ing the program in its place. A program killed by a signal ends it with 128 + the signal's number,
+# which unshare passes on as its exit status (util-linux's unshare re-raising a child's signal on itself
+# failed for SIGXCPU). When the program ends, init ends and the kernel kills whatever the program left.
 SETUP = r"""
 set -eu
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -71,7 +77,7 @@ cd "$R"
 pivot_root . .old
 umount -l /.old
 cd /box
-exec setpriv --no-new-privs --inh-caps=-all --bounding-set=-all $BECOME -- "$@"
+exec setpriv --no-new-privs --inh-caps=-all --bounding-set=-all $BECOME -- /bin/sh -c '"$@"; exit $?' init "$@"
 """
 
 

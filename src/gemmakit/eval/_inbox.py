@@ -93,9 +93,12 @@ def install_seccomp() -> bool:
 
 
 def set_limits(cpu: int, memory: int, file_size: int, processes: int) -> None:
-    for kind, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory),
-                        (resource.RLIMIT_FSIZE, file_size), (resource.RLIMIT_NOFILE, 64),
-                        (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, processes)):
+    # The CPU limit's hard value is a second above its soft one: at the soft limit the kernel sends SIGXCPU,
+    # which ends the program and names the limit in its status; at the hard one, SIGKILL (for a program that
+    # ignores SIGXCPU). Equal, the kernel sends SIGKILL alone and the status would not say why.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    for kind, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, file_size),
+                        (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, processes)):
         resource.setrlimit(kind, (value, value))
 
 

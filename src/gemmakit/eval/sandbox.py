@@ -189,9 +189,6 @@ def check_function(program: str, test: str, entry_point: str, setup: str = "",
     return Outcome(False, status + candidate.note, f"{program_output}\n--- test ---\n{test_output}".strip())
 
 
-# util-linux's unshare passes a signal that killed its child on by raising it on itself. For SIGXCPU (the CPU
-# time limit) that fails, and unshare exits 1 with this line as the box's last output.
-_UNSHARE_SIGXCPU = "unshare: sigprocmask unblock failed"
 CPU_LIMIT = "failed: CPU time limit (killed by SIGXCPU)"
 
 
@@ -205,6 +202,4 @@ def _failure(code: int, output: str) -> str:
     if code == 0:
         return "failed: the program exited before its checks finished"
     last = output.strip().splitlines()[-1] if output.strip() else f"exit status {code}"
-    if last.startswith(_UNSHARE_SIGXCPU):
-        return CPU_LIMIT
     return f"failed: {last[:200]}"
