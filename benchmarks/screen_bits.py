@@ -38,7 +38,6 @@ def rounded(t: Tensor, bits: int, group: int) -> Tensor:
     return ((g / scale).round().clamp(-levels, levels) * scale).view_as(t)
 
 
-
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
