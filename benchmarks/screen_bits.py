@@ -19,11 +19,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from screen_certificate import final_hidden
 from torch import Tensor
 
 from gemmakit.bench import format_table
-from gemmakit.cache import KVCache, Prefill
-from gemmakit.checkpoints import load_model_and_tokenizer, resolve
 
 # (bits of the copy, weights per scale or 0 for one per row, bits of x)
 VARIANTS = [(8, 0, 14), (8, 0, 8), (8, 0, 7), (8, 0, 6), (6, 0, 14), (5, 0, 14), (4, 0, 14), (4, 64, 14),
@@ -44,15 +43,12 @@ def main() -> None:
     ap.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "README.md"))
     ap.add_argument("--tokens", type=int, default=400)
     args = ap.parse_args()
-    model, tok = load_model_and_tokenizer(resolve(None), torch.float32, torch.device("cpu"), None, False)
-    ids = tok.encode(Path(args.text).read_text())[: args.tokens]
-    cache = KVCache(model.config, 1, len(ids), torch.float32, torch.device("cpu"), 8)
-    x = model.hidden(torch.tensor([ids]), step=Prefill(torch.arange(len(ids))[None], cache, torch.tensor([0])))[0]
+    model, x = final_hidden(Path(args.text).read_text(), args.tokens, torch.float32)
     w = model.model.embed_tokens.weight.float()
     best = (x @ w.T).amax(-1)
     x_norm = x.norm(dim=-1)
     peak = (x.abs().amax(-1) / x.pow(2).mean(-1).sqrt()).median()
-    print(f"{len(ids)} positions; x's largest value over its root mean square, median over positions: {peak:.1f}")
+    print(f"{x.shape[0]} positions; x's largest value over its root mean square, median over positions: {peak:.1f}")
     rows = []
     for bits, group, x_bits in VARIANTS:
         b = rounded(w, bits, group)
