@@ -3,7 +3,8 @@
 For each of the 270M's matrix shapes and 1 / 8 / 128 rows (one-row decode, a batch of 8, a prompt chunk), the
 milliseconds of one product through each kernel the runtime plan chooses between: torch's bf16 product, fp32
 GEMM on the upcast weight (packing.UpcastLinear), fbgemm's fp16 copy (packing.HalfLinear), and for fp32 weights
-MKL's product on the plain weight against oneDNN's packed one (packing.PackedLinear), and gemmakit's AVX2
+MKL's product on the plain weight against oneDNN's packed one (packing.PackedLinear; bf16 weights too where
+oneDNN packs bf16), and gemmakit's AVX2
 kernel for both (runtime/gemv.py); for int8 / int4 weights (quantize.py), torch's kernels against gemmakit's
 AVX2 ones; the 262k-row head too, with the head screen's int8 pass (runtime/screen.py). Each
 product cycles over `--copies` distinct weights (the head: one) so they are read from memory, not from cache,
@@ -69,6 +70,9 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, list[Callable[[torch.Tenso
             m.weight = torch.nn.Parameter(w, requires_grad=False)
             upcast.append(m)
         out["bf16 upcast to fp32"] = upcast
+    if onednn_packs(torch.bfloat16):  # the plan's bf16 layout where oneDNN packs bf16 (the head too)
+        packed16 = [PackedLinear(w) for w in bf16]
+        out["bf16 oneDNN packed"] = [lambda x, m=m: m(x.bfloat16()) for m in packed16]
     if fbgemm_fp16():
         out["bf16 via fbgemm fp16"] = [HalfLinear(w) for w in bf16]
     if gemv.unavailable() is None:
