@@ -317,7 +317,7 @@ FORGERIES = {
     "secrets from frames and files": (
         "import os, sys\n"
         "f = sys._getframe()\nwhile f:\n    print(f.f_locals)\n    f = f.f_back\n"
-        "for top in os.listdir('/'):\n    if top not in ('proc', 'usr', 'sys'):\n"
+        "for top in os.listdir('/'):\n    if top not in ('proc', 'usr', 'sys') and not os.path.islink('/' + top):\n"
         "        for d, _, files in os.walk('/' + top):\n"
         "            print(d, files, ['found the test' for n in files if n == 'test.py'])\n"
         "for p in filter(str.isdigit, os.listdir('/proc')):\n    print(p, open(f'/proc/{p}/cmdline').read())\n"
@@ -347,7 +347,8 @@ def test_a_correct_function_passes_check(box):
 @pytest.mark.parametrize("name", list(FORGERIES))
 def test_a_pass_cannot_be_forged(box, name):
     """The verdict is the test's own process returning, which no candidate code runs in or reaches."""
-    outcome = box("check_function", FORGERIES[name], TEST, "add")
+    # ROOMY: a forgery that walks the box's files must be judged, not cut off by the clock of a busy machine.
+    outcome = box("check_function", FORGERIES[name], TEST, "add", limits=ROOMY)
     assert not outcome.passed and outcome.status.startswith("failed"), outcome.status
     assert "found the test" not in outcome.output
 
