@@ -2,13 +2,13 @@
 
 For each of the 270M's matrix shapes and 1 / 8 / 128 rows (one-row decode, a batch of 8, a prompt chunk), the
 milliseconds of one product through each kernel the runtime plan chooses between: torch's bf16 product, fp32
-GEMM on the upcast weight (packing.UpcastLinear), fbgemm's fp16 copy (packing.HalfLinear), and for fp32 weights
-MKL's product on the plain weight against oneDNN's packed one (packing.PackedLinear; bf16 weights too where
-oneDNN packs bf16), and gemmakit's AVX2
-kernel for both (runtime/gemv.py); for int8 / int4 weights (quantize.py), torch's kernels against gemmakit's
-AVX2 ones; the 262k-row head too, with the head screen's int8 pass (runtime/screen.py). Each
-product cycles over `--copies` distinct weights (the head: one) so they are read from memory, not from cache,
-as a decode step reads them. docs/performance.md ("A real AVX2 CPU") quotes it.
+GEMM on the upcast weight (packing.UpcastLinear), fbgemm's fp16 copy (packing.HalfLinear), oneDNN's packed
+bf16 product where oneDNN packs bf16, and for fp32 weights MKL's product on the plain weight against oneDNN's
+packed one (packing.PackedLinear), and gemmakit's AVX2 kernel for both dtypes (runtime/gemv.py); for int8 /
+int4 weights (quantize.py), torch's kernels against gemmakit's AVX2 ones; the 262k-row head too, with the head
+screen's int8 pass (runtime/screen.py). Each product cycles over `--copies` distinct weights (the head: one) so
+they are read from memory, not from cache, as a decode step reads them. docs/performance.md ("A real AVX2 CPU",
+"CPU A, native and held to AVX2") quotes it.
 
 Run: .venv/bin/python benchmarks/cpu_products.py [--threads 2] [--copies 18]
 """
