@@ -513,7 +513,62 @@ struct ScreenOut {
     return coef == nullptr ? v : v + (coef[2 * r] * norms[j] + coef[2 * r + 1] * norms[n + j]);
   }
   void put(int64_t r, int64_t j, int32_t sum) const { y[r * n + j] = value(r, j, sum); }
+  // Row r's sums for the eight tokens j0..j0+7 at once: value() on 8 lanes, one store.
+  void put8(int64_t r, int64_t j0, __m256i sums) const {
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(xs[r])), _mm256_loadu_ps(ws + j0));
+    if (coef != nullptr) {
+      const __m256 second = _mm256_mul_ps(_mm256_set1_ps(coef[2 * r + 1]), _mm256_loadu_ps(norms + n + j0));
+      v = _mm256_add_ps(v, _mm256_fmadd_ps(_mm256_set1_ps(coef[2 * r]), _mm256_loadu_ps(norms + j0), second));
+    }
+    _mm256_storeu_ps(y + r * n + j0, v);
+  }
 };
+
+// The pass from kBlockFrom rows of x where AMX does not take them: eight weight rows a block, each against all M
+// rows of x (one widened code serves them all, as in int16_tile<M, 1>), its M vectors of partial sums parked in
+// L1; then each row of x's eight vectors fold into one vector of eight sums (horizontal adds, a tree) that put8
+// scales and stores. At K = 640 a row's 40 steps of multiply-adds are few enough that folding and writing its
+// sums one at a time weighed on the pass; with the tree, 6 to 8 rows of x outran both the AVX2 columns and the
+// AVX-512 VNNI tiles on CPU A (Zen 4, whose 512-bit multiply-adds take two 256-bit halves), 2 to 4 did not, and 5
+// came out either way (docs/performance.md, "The screen's pass at batch rows").
+constexpr int kBlockFrom = 6;
+template <int M>
+void int16_block8(const int16_t* x, const int8_t* q, int64_t k, const ScreenOut& out, int64_t r0, int64_t j0) {
+  alignas(32) int32_t parts[kRows8][M][8];
+  for (int j = 0; j < kRows8; ++j) {
+    const int8_t* row = q + j * k;
+    __m256i acc[M];
+    for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+      // The next block's row j, a line every four steps: its rows are as far ahead as this block is long.
+      if ((i & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kRows8 * k + i), _MM_HINT_T0);
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+      for (int r = 0; r < M; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * k + i));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(w, xv));
+      }
+    }
+    if (i < k) {  // K's tail past a multiple of 16 goes into lane 0
+      for (int r = 0; r < M; ++r) {
+        int32_t tail = 0;
+        for (int64_t t = i; t < k; ++t) tail += static_cast<int32_t>(row[t]) * x[r * k + t];
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_setr_epi32(tail, 0, 0, 0, 0, 0, 0, 0));
+      }
+    }
+    for (int r = 0; r < M; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j][r]), acc[r]);
+  }
+  for (int r = 0; r < M; ++r) {
+    __m256i v[kRows8];
+    for (int j = 0; j < kRows8; ++j) v[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(parts[j][r]));
+    // hadd sums neighbours within each 128-bit half: two rounds leave, per half, one partial sum of each of
+    // four rows j; the halves' partials then add across.
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    const __m256i low = _mm256_permute2x128_si256(a, b, 0x20), high = _mm256_permute2x128_si256(a, b, 0x31);
+    out.put8(r0 + r, j0, _mm256_add_epi32(low, high));
+  }
+}
 
 // The screen's pass on AMX, where the CPU has AMX-INT8 and Linux lets the process use its tiles: one tile
 // instruction multiplies 16 rows of codes by 64 inputs by 16 columns. The columns are the rows of x split in
@@ -714,10 +769,9 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
   }
   const bool wide = isa > 0;
   static_assert(kScreenX == kTileX512, "one tile of x rows on either path");
-  for_each_tile(qp + from * k, m, n - from, k, kTileX512,
-                [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
+  // Rows r0.. of x (up to a tile's) against weight rows j0.. (up to kTileW): their sums, written.
+  const auto tile = [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
     int32_t dots[kTileX512 * kTileW];
-    j0 += from;
     if (wide || rows < kTileX) {
       (wide ? kTiles512 : kTiles)[rows - 1][cols - 1](xp + r0 * k, qp + j0 * k, k, dots, kTileW, next);
     } else {  // the first column's pass prefetches the next tile's rows, as the tile's would
@@ -725,8 +779,34 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
         kColumns[rows - kTileX](xp + r0 * k, qp + (j0 + j) * k, k, dots + j, kTileW, j == 0 ? next : nullptr);
     }
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < cols; ++j)
-        out.put(r0 + r, j0 + j, dots[r * kTileW + j]);
+      for (int64_t j = 0; j < cols; ++j) out.put(r0 + r, j0 + j, dots[r * kTileW + j]);
+  };
+  if (m >= kBlockFrom) {  // whole blocks of eight weight rows (past AMX's); the last few take the tiles below
+    using Block = void (*)(const int16_t*, const int8_t*, int64_t, const ScreenOut&, int64_t, int64_t);
+    static_assert(kBlockFrom == 6 && kScreenX == 8, "kBlocks lists int16_block8<6> to int16_block8<8>");
+    static constexpr Block kBlocks[kScreenX - kBlockFrom + 1] = {int16_block8<6>, int16_block8<7>, int16_block8<8>};
+    const int64_t blocks = (n - from) / kRows8;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t j0 = from + b * kRows8;
+        for (int64_t r0 = 0; r0 < m; r0 += kScreenX) {
+          const int64_t rows = std::min<int64_t>(kScreenX, m - r0);
+          if (rows >= kBlockFrom) {
+            kBlocks[rows - kBlockFrom](xp + r0 * k, qp + j0 * k, k, out, r0, j0);
+          } else {  // a batch past kScreenX rows: its last few rows of x against the block, as tiles
+            for (int64_t j = 0; j < kRows8; j += kTileW)
+              tile(j0 + j, std::min<int64_t>(kTileW, kRows8 - j), r0, rows, nullptr);
+          }
+        }
+      }
+    });
+    from += blocks * kRows8;
+    if (from == n) return y;
+  }
+  for_each_tile(qp + from * k, m, n - from, k, kTileX512,
+                [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
+    tile(from + j0, cols, r0, rows, next);
   });
   return y;
 }
