@@ -16,8 +16,9 @@
 // rows of x, so each widened code serves four rows of x and each load of x three weight rows.
 // fp32 / bf16: the model's own weights in place, arranged as int8's.
 // int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (from 4
-// rows of x one weight row against all of them; several rows also in an AVX-512 VNNI build of its tiles, taken
-// only where the CPU has it), with the screen's bound added as each sum is written.
+// rows of x one weight row against all of them, and from 6 in blocks of 8 weight rows whose sums are folded
+// and written together; a few rows also in an AVX-512 VNNI build of its tiles, taken only where the CPU has
+// it), with the screen's bound added as each sum is written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
