@@ -323,9 +323,10 @@ def test_without_bf16_packing_an_fp32_head_screens_through_fp16_at_every_step(tm
     assert 3 in calls and engine.runtime.screen.fallbacks == 0
 
 
-def _int4_model(dtype: torch.dtype) -> torch.nn.Module:
-    """A tiny tied Gemma 3 quantized to int4, its head in the layout gemmakit's AVX2 int4 kernel reads (skips
-    where torch packs int4 for AVX-512: that head stays on torch's kernel, and the copy's rows are AMX's)."""
+def _int4_model(dtype: torch.dtype, on_gemv: bool = True) -> torch.nn.Module:
+    """A tiny tied Gemma 3 quantized to int4, its head in the layout gemmakit's AVX2 int4 kernel reads; with
+    `on_gemv` False, in torch's AVX-512 packing instead, which keeps it on torch's kernel (each skips where
+    this CPU's torch packs the other way)."""
     from gemmakit.model import Gemma
     from gemmakit.quantize import quantize_model
 
@@ -333,8 +334,11 @@ def _int4_model(dtype: torch.dtype) -> torch.nn.Module:
     model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).eval().to(dtype),
                            "int4")
     head = model.lm_head
-    if gemv.unavailable() or not gemv.int4_fits(head.out_features, head.in_features, head.group_size):
-        pytest.skip("the int4 head is on torch's kernel here (its packing for this CPU)")
+    if gemv.unavailable():
+        pytest.skip(f"gemmakit's kernels are off here: {gemv.unavailable()}")
+    if gemv.int4_fits(head.out_features, head.in_features, head.group_size) != on_gemv:
+        pytest.skip("the int4 head is on " + ("torch's kernel" if on_gemv else "gemmakit's AVX2 kernel") +
+                    " here (torch's int4 packing for this CPU)")
     return model
 
 
@@ -386,6 +390,50 @@ def test_int4_head_timings_run_both_picks_on_the_real_kernels():
     assert "timed" in engine.plan.why["head screen"]
     want = [r.tokens for r in Engine(model, max_batch=2, context=64, screen=False).generate(prompts, params)]
     assert [r.tokens for r in engine.generate(prompts, params)] == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int4_heads_on_torchs_kernel_take_the_copy_at_batch_steps_only_where_timed_faster(dtype, monkeypatch):
+    """Where torch packs the int4 head for AVX-512 (it stays on torch's kernel) and the pass has no AMX, the plan
+    times the head against the copy's pass at the batch's rows only: one-row steps always read the int4 head.
+    The copy serves steps of several rows where it won, nothing where it lost or tied, and the tokens are those
+    of the same engine with the screen off."""
+    from gemmakit.runtime.screen import Int4Head
+
+    model = _int4_model(dtype, on_gemv=False)
+    if gemv.screen_amx():
+        pytest.skip("on AMX the copy is taken untimed (test_gemv.py)")
+    prompts, params = [[2, 5, 9, 14], [2, 7]], SamplingParams(max_tokens=8)
+    want = [r.tokens for r in Engine(model, max_batch=2, context=64, screen=False).generate(prompts, params)]
+    assert "head screen: int8 copy" not in Engine(model, max_batch=1, context=64).plan.describe()
+    passes, screen_int8 = [], gemv.screen_int8
+    monkeypatch.setattr(gemv, "screen_int8", lambda x, *a: passes.append(x.shape[0]) or screen_int8(x, *a))
+    timed = []
+    for seconds, screened in (((2.0, 1.0), {2}), ((1.0, 0.97), set())):  # a win; a tie within the noise
+        monkeypatch.setattr(Int4Head, "timings", lambda self, rows, t=seconds: timed.append(rows) or t)
+        timed[:] = []
+        engine, passes[:] = Engine(model, max_batch=2, context=64), []
+        line = engine.plan.describe()
+        if screened:
+            assert "head screen: int8 copy of the int4 head for steps of 2-8 rows" in line
+            assert "copy vs head: 2 rows 1000.0 vs 2000.0 ms" in line
+        else:
+            assert ("head screen: off (an int4 head on torch's kernel: the copy's pass timed no faster, "
+                    "2 rows 970.0 vs 1000.0 ms)") in line and engine.runtime.screen is None
+        assert timed == [2]  # one row was not timed
+        assert [engine.generate([p], params)[0].tokens for p in prompts] == want  # one-row steps
+        assert [r.tokens for r in engine.generate(prompts, params)] == want  # two-row steps, then one
+        assert set(passes) == screened
+
+
+def test_int4_head_timings_on_torchs_kernel_run_both_picks():
+    """The timing behind that choice runs torch's int4 kernel on the head itself and the pass, each a positive
+    time, with no copy left behind."""
+    from gemmakit.runtime.screen import int4_head
+
+    model = _int4_model(torch.float32, on_gemv=False)
+    full, copy = int4_head(model, torch.float32).timings(rows=2, repeats=3)
+    assert 0 < full < 1 and 0 < copy < 1
 
 
 def test_with_the_avx2_pass_an_int8_head_is_screened_only_where_timed_faster(monkeypatch):

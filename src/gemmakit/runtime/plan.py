@@ -253,17 +253,25 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         # AVX-512 VNNI or AMX build, it outruns the head's fp32 multiply-adds at a batch step's several rows.
         # The AVX2 pass only tied the int8 kernel on CPU C held to AVX2 (docs/performance.md): timed here.
         if gemv.vector_width() < 512:
-            return _timed_screen(codes, max_batch, "the int8 head's own codes", "an int8 head", "the screen")
+            return _timed_screen(codes, max_batch, "the int8 head's own codes",
+                                 "an int8 head on gemmakit's AVX2 kernel", "the screen")
         return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel()})"
     if gemv_kernels and (head := int4_head(model, dtype)) is not None:
         if gemv.int4_fits(head.head.out_features, head.head.in_features, head.head.group_size):
-            return _timed_screen(head, max_batch, "int8 copy of the int4 head", "an int4 head", "the copy")
+            return _timed_screen(head, max_batch, "int8 copy of the int4 head",
+                                 "an int4 head on gemmakit's AVX2 kernel", "the copy")
         if gemv.screen_amx() and max_batch > 1:
             # An int8 copy of an int4 head (its bytes again, twice over): on AMX its pass at a batch step's rows
             # is bound by reading it, where torch's int4 kernel is bound by multiply-adds; one-row steps read the
             # int4 head, which that kernel streams.
             return (head, False, False, False, True), (f"int8 copy of the int4 head for steps of "
                                                        f"2-{gemv.INT8_ROWS} rows (gemmakit's AMX pass)")
+        if max_batch > 1:
+            # Without AMX the pass's 16-bit multiply-adds race torch's int4 kernel widening codes to floats at
+            # a batch's rows, and which wins depends on the CPU's vector units: timed. One row always reads the
+            # int4 head, half the copy's bytes.
+            return _timed_screen(head, max_batch, "int8 copy of the int4 head", "an int4 head on torch's kernel",
+                                 "the copy", one_row=False)
     if isinstance(getattr(model, "lm_head", None), HalfLinear):
         # Its int8 copy would be read by torch's int8 kernel or inductor's AVX2 code: no faster than fbgemm.
         return None, "off (the bf16 head streams through fbgemm fp16)"
@@ -289,20 +297,20 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
 
 
 def _timed_screen(head: Int4Head | Int8Head, max_batch: int, screen: str, kind: str,
-                  short: str) -> tuple[tuple | None, str]:
-    """(HeadScreen arguments or None, why) for a quantized head on gemmakit's AVX2 kernels, whose screening pass
-    wins or loses against the head's own kernel by how the CPU's multiply-adds compare with its bandwidth
-    (`head.timings`). Both are timed here, at one row and at the engine's batch, and the screen serves the step
-    sizes where it won by more than the timing's noise (`_TIMED_MARGIN`); a batch's timing stands for every step
-    of several rows. The tokens are the same either way (the screen certifies each pick), so only the speed
-    rests on the timing."""
-    sizes = sorted({1, min(max_batch, gemv.INT8_ROWS)})
+                  short: str, one_row: bool = True) -> tuple[tuple | None, str]:
+    """(HeadScreen arguments or None, why) for a quantized head whose screening pass wins or loses against the
+    head's own kernel by how the CPU's multiply-adds compare with its bandwidth (`head.timings`). Both are timed
+    here, at one row (unless `one_row` is False: then one-row steps keep the head) and at the engine's batch, and
+    the screen serves the step sizes where it won by more than the timing's noise (`_TIMED_MARGIN`); a batch's
+    timing stands for every step of several rows. The tokens are the same either way (the screen certifies each
+    pick), so only the speed rests on the timing."""
+    sizes = sorted({*([1] * one_row), min(max_batch, gemv.INT8_ROWS)})
     timed = {rows: head.timings(rows) for rows in sizes}
     said = ", ".join(f"{rows} row{'s' * (rows > 1)} {1e3 * fast:.1f} vs {1e3 * full:.1f} ms"
                      for rows, (full, fast) in timed.items())
     won = [rows for rows, (full, fast) in timed.items() if fast < _TIMED_MARGIN * full]
     if not won:
-        return None, f"off ({kind} on gemmakit's AVX2 kernel: {short}'s pass timed no faster, {said})"
+        return None, f"off ({kind}: {short}'s pass timed no faster, {said})"
     span = (1 if 1 in won else 2, gemv.INT8_ROWS if max(won) > 1 else 1)
     steps = "one-row steps" if span == (1, 1) else f"steps of {span[0]}-{span[1]} rows"
     return (head, False, False, False, True, span), (f"{screen} for {steps} (gemmakit's AVX2 kernel, timed here "

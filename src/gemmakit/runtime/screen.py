@@ -102,8 +102,8 @@ class Int4Head:
     (quantize.QuantizedEmbedding `table`, reading the head's codes), for activations of `dtype`. Its screen
     is an int8 copy built from the table's rows a block at a time, and rescoring dequantizes the candidates'
     rows the same way. The int4 head is half the copy's bytes, so the copy pays only at steps where the head's
-    kernel is bound by multiply-adds rather than by bytes: several rows on AMX, and on gemmakit's AVX2 int4
-    kernel wherever the plan times its pass faster here (`timings`)."""
+    kernel is bound by multiply-adds rather than by bytes: several rows on AMX, and elsewhere wherever the plan
+    times its pass faster here (`timings`)."""
 
     head: nn.Module
     table: nn.Module
@@ -117,15 +117,19 @@ class Int4Head:
         return self.table.rows(ids, torch.float32)
 
     def timings(self, rows: int, repeats: int = 5) -> tuple[float, float]:
-        """Seconds of a greedy pick over `rows` rows (`pick_timings`): the head on gemmakit's AVX2 int4 kernel,
-        then the screen's pass over an int8 copy. The kernel widens every code to fp32, so multiply-adds or bytes
-        bind it by CPU; the pass reads twice the bytes with integer multiply-adds. The copy is a stand-in of the
-        head's shape (the pass's speed does not depend on the codes), freed on return."""
+        """Seconds of a greedy pick over `rows` rows (`pick_timings`): the head on its kernel (gemmakit's AVX2
+        int4 kernel where the head fits it, else torch's, in its packing for this CPU), then the screen's pass
+        over an int8 copy. Either kernel widens every code to a float, so multiply-adds or bytes bind it by CPU;
+        the pass reads twice the bytes with integer multiply-adds. The copy is a stand-in of the head's shape
+        (the pass's speed does not depend on the codes), freed on return."""
         head = self.head
         codes = torch.ones(self.shape, dtype=torch.int8)  # written, so the pages are real, not the zero page
         scales = torch.ones(self.shape[0])
-        return pick_timings(lambda x: gemv.int4(x, head.weight, head.scales_and_zeros, head.group_size),
-                            lambda x: gemv.screen_int8(x, codes, scales)[0], rows, self.shape[1], repeats)
+        if gemv.int4_fits(head.out_features, head.in_features, head.group_size):
+            full = lambda x: gemv.int4(x, head.weight, head.scales_and_zeros, head.group_size)  # noqa: E731
+        else:
+            full = head  # its forward: torch's int4 kernel at a batch's rows
+        return pick_timings(full, lambda x: gemv.screen_int8(x, codes, scales)[0], rows, self.shape[1], repeats)
 
     def bf16_kernel(self) -> bool:
         """Whether a batch step's head product is torch's int4 kernel, which takes x and gives logits in bf16
