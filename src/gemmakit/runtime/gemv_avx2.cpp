@@ -209,7 +209,7 @@ void rows8(const float* x, const W* w, int64_t k, float* dots) {
 // not the loads feeding them, bound the loop (one weight row against every row of x needed a load per
 // multiply-add). 4 x 3 accumulators, 3 weight vectors and one of x fill the 16 vector registers; more rows of x
 // take another pass over the same weight rows, by then in L1.
-constexpr int kTileX = 4, kTileW = 3;
+constexpr int kTileX = 4, kTileW = 3, kPrefetchL2 = 3;
 
 template <typename W, int M, int J>
 void tile(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const char* next) {
@@ -218,11 +218,17 @@ void tile(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const 
     for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
   int64_t i = 0;
   // The next tile's weight rows (contiguous, kTileW * k values), asked for early a few lines a step: by the end
-  // of this pass they are in cache (a pass at a few rows of x computes too little to hide their latency).
+  // of this pass they are in cache (a pass at a few rows of x computes too little to hide their latency). The
+  // rows kPrefetchL2 tiles further on are asked into L2 as well: while a step waits on a line that is late, no
+  // new requests leave it, so with only the next tile in flight the many-row tiles streamed their weights well
+  // below one-row steps' rate (docs/performance.md, "Prefetching for batch tiles").
   constexpr int kLines = (kTileW * 8 * static_cast<int>(sizeof(W)) + 63) / 64;
   for (; i + 8 <= k; i += 8) {
     if (next != nullptr)
-      for (int l = 0; l < kLines; ++l) _mm_prefetch(next + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T0);
+      for (int l = 0; l < kLines; ++l) {
+        _mm_prefetch(next + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T0);
+        _mm_prefetch(next + kPrefetchL2 * kTileW * k * sizeof(W) + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T1);
+      }
     __m256 wv[J];
     for (int j = 0; j < J; ++j) wv[j] = widen8(w + j * k + i);
     for (int r = 0; r < M; ++r) {
@@ -265,10 +271,13 @@ GEMMAKIT_VNNI void tile512(const float* x, const W* w, int64_t k, float* out, in
   for (int r = 0; r < M; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
   int64_t i = 0;
-  constexpr int kLines = (kTileW * 16 * static_cast<int>(sizeof(W)) + 63) / 64;
+  constexpr int kLines = (kTileW * 16 * static_cast<int>(sizeof(W)) + 63) / 64;  // and L2's, as in tile
   for (; i + 16 <= k; i += 16) {
     if (next != nullptr)
-      for (int l = 0; l < kLines; ++l) _mm_prefetch(next + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T0);
+      for (int l = 0; l < kLines; ++l) {
+        _mm_prefetch(next + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T0);
+        _mm_prefetch(next + kPrefetchL2 * kTileW * k * sizeof(W) + i * kTileW * sizeof(W) + l * 64, _MM_HINT_T1);
+      }
     __m512 wv[J];
     for (int j = 0; j < J; ++j) wv[j] = widen16(w + j * k + i);
     for (int r = 0; r < M; ++r) {
