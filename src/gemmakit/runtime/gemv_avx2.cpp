@@ -189,11 +189,14 @@ void rows8(const float* x, const W* w, int64_t k, float* dots) {
   for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_ps();
   int64_t i = 0;
   // Each step reads 8 values of 8 rows, sizeof(W) cache lines: as many lines of the next rows are asked for
-  // early, which covers them by the end of these.
+  // early, which covers them by the end of these, and as many of the rows two blocks further on into L2, which
+  // keeps requests leaving while a step waits on a late line (as the tiles do, below).
   const char* next = reinterpret_cast<const char*>(w + kRows8 * k);
   for (; i + 8 <= k; i += 8) {
-    for (int l = 0; l < static_cast<int>(sizeof(W)); ++l)
+    for (int l = 0; l < static_cast<int>(sizeof(W)); ++l) {
       _mm_prefetch(next + i * kRows8 * sizeof(W) + l * 64, _MM_HINT_T0);
+      _mm_prefetch(next + 2 * kRows8 * k * sizeof(W) + i * kRows8 * sizeof(W) + l * 64, _MM_HINT_T1);
+    }
     const __m256 xv = _mm256_loadu_ps(x + i);
     for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_fmadd_ps(widen8(w + j * k + i), xv, acc[j]);
   }
