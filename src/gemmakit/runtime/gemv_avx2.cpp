@@ -458,7 +458,8 @@ void int16_tile(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int
 }
 
 // One row of x against kRows8 weight rows at once (rows r..r+7 of q): each load of x serves eight rows, and
-// eight streams of cold codes are in flight, as in rows8.
+// eight streams of cold codes are in flight, with the next block's rows asked into L1 and those two blocks on
+// into L2, as in rows8.
 void int16_rows8(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots) {
   __m256i acc[kRows8];
   for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_si256();
@@ -466,6 +467,8 @@ void int16_rows8(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots) {
   for (; i + 16 <= k; i += 16) {
     _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8 + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q + 3 * kRows8 * k) + i * kRows8, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(q + 3 * kRows8 * k) + i * kRows8 + 64, _MM_HINT_T1);
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     for (int j = 0; j < kRows8; ++j) {
       const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * k + i)));
