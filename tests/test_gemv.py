@@ -138,6 +138,56 @@ def test_the_engine_plan_takes_the_kernels_and_tokens_keep():
         assert got == want, f"compile={compile}"
 
 
+def _int8_gemma() -> Gemma:
+    torch.manual_seed(0)
+    return quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024, intermediate_size=128)).eval(), "int8")
+
+
+def test_compiled_one_row_int8_products_go_where_they_were_timed_faster(monkeypatch):
+    """Where inductor writes AVX-512 code, the plan times a compiled graph of one-row int8 products on gemmakit's
+    kernel against inductor's fused reductions: the kernel serves one-row steps only where it won by a margin
+    (a tie goes to the reductions, which fuse their neighbours in a step), steps of several rows stay on it
+    either way, and the tokens are the same."""
+    from gemmakit.runtime import plan as plan_module
+    from gemmakit.runtime.compiled import compile_supported
+    from gemmakit.runtime.probe import wide_vectors
+
+    if gemv.unavailable() or not wide_vectors() or not compile_supported("cpu"):
+        pytest.skip("timed only where gemmakit's kernels build and inductor writes AVX-512 code")
+    # Prompts past gemv.INT8_ROWS tokens stay on torch's kernel, so every call counted below is a decode step's.
+    prompts, params = [list(range(2, 12)), list(range(3, 15))], SamplingParams(max_tokens=6)
+    want = [greedy_without_cache(_int8_gemma(), p, 6) for p in prompts]
+    calls, int8 = [], gemv.int8
+    monkeypatch.setattr(gemv, "int8", lambda *a: calls.append(a[0].shape[0]) or int8(*a))
+    for seconds, rows, said in (((1.0, 2.0), 0, "int8 decode: gemmakit's AVX2 kernel (timed here as kernel vs "
+                                                "reductions: 1000.00 vs 2000.00 ms)"),
+                                ((1.0, 1.05), 1, "int8 decode: inductor's fused reductions for one row, gemmakit's "
+                                                 "AVX2 kernel for more (timed here as kernel vs reductions: "
+                                                 "1000.00 vs 1050.00 ms)")):
+        monkeypatch.setattr(plan_module, "_int8_one_row_timings", lambda t=seconds: t)
+        engine = Engine(_int8_gemma(), max_batch=2, context=64, compile=True)
+        assert engine.plan.int8_reduce_rows == rows and said in engine.plan.describe()
+        calls[:] = []
+        assert [engine.generate([p], params)[0].tokens for p in prompts] == want  # one-row steps
+        assert (1 in calls) == (rows == 0)  # compiled one-row steps called the kernel only where it won
+        calls[:] = []
+        assert [r.tokens for r in engine.generate(prompts, params)] == want  # two-row steps on the kernel
+        assert 2 in calls
+
+
+def test_the_int8_timing_runs_both_compiled_graphs():
+    """The timing behind that choice is real: both compiled graphs run, each a positive time, once a process."""
+    from gemmakit.runtime.compiled import compile_supported
+    from gemmakit.runtime.plan import _int8_one_row_timings
+    from gemmakit.runtime.probe import wide_vectors
+
+    if gemv.unavailable() or not wide_vectors() or not compile_supported("cpu"):
+        pytest.skip("timed only where gemmakit's kernels build and inductor writes AVX-512 code")
+    kernel, reduced = _int8_one_row_timings()
+    assert 0 < kernel < 1 and 0 < reduced < 1
+    assert _int8_one_row_timings() == (kernel, reduced)  # cached: the CPU does not change
+
+
 def test_turned_off_the_plan_says_so(monkeypatch):
     """GEMMAKIT_GEMV=off: quantized products stay on torch's kernels, and an fp32 model is packed for oneDNN
     as where the kernels do not build (no GemvLinear, no screen through them)."""

@@ -22,6 +22,8 @@ live here, not spread over the model's modules:
 | decode products     | gemmakit's AVX2 kernels (several rows:   | whether ours build and agree here (x86 CPUs;  |
 | (int4, int8, float) | AVX-512 / AMX builds where the CPU has   | int4 in torch's AVX2 packing only: gemv.py)   |
 |                     | them) / torch's, oneDNN's, fbgemm's      |                                               |
+|                     | compiled one-row int8: inductor's fused  | with AVX-512 inductor code, both timed in a   |
+|                     | reductions / gemmakit's kernel           | compiled graph at start-up (once a process)   |
 | decode attention    | SDPA (half precision; fp32 steps with as | the activation dtype, and per step the rows x |
 |                     | many row x KV-head pairs as threads) /   | KV heads against the threads (model.attend)   |
 |                     | plain ops (narrower fp32 steps)          |                                               |
@@ -33,6 +35,10 @@ fell as it did. docs/architecture.md explains the kernels behind each option.
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +47,7 @@ from torch import nn
 from gemmakit.cache import estimate_bytes
 from gemmakit.media.towers import towers, workspace_bytes
 from gemmakit.runtime import gemv
-from gemmakit.runtime.compiled import compile_supported, decomposes_head
+from gemmakit.runtime.compiled import compile_static, compile_supported, decomposes_head
 from gemmakit.runtime.gemv import gemv_linears
 from gemmakit.runtime.packing import (
     UPCAST_ROWS,
@@ -61,6 +67,9 @@ from gemmakit.runtime.screen import Int4Head, Int8Head, head_codes, head_weight,
 # A timed screen must beat the head by this factor: a tie is within the timing's noise (on CPU C held to AVX2 the
 # int8 head's pass and kernel came out either way, run to run), and then the plan keeps the head.
 _TIMED_MARGIN = 0.95
+# gemmakit's int8 kernel must beat inductor's reductions by this factor in a compiled one-row step's products
+# (`_int8_choice`): the reductions also fuse the ops around them there.
+_KERNEL_MARGIN = 0.9
 # Float linears whose decode rows gemmakit's AVX2 kernels can take, besides quantized ones (gemv.py; fp32
 # ones are built taking them).
 _GEMV_TAKES = (gemv.GemvLinear, HalfLinear)
@@ -208,18 +217,62 @@ def _attention_choice(device: torch.device, half: bool) -> tuple[str | int, str]
 
 def _int8_choice(device: torch.device, gemv_kernels: bool) -> tuple[int, str]:
     """(rows, why) for int8 products in compiled decode steps: gemmakit's AVX2 kernel where the plan took it
-    (`_gemv_choice`); else fused fp32 reductions that inductor vectorises, which read the codes near the memory
-    bandwidth where its vectors are 512 bits wide on some CPUs (every row of a CPU decode step shares one pass;
-    on CUDA only one row beats the kernel), but fall behind torch's int8 kernel on AVX2 and narrower."""
+    (`_gemv_choice`), except one-row steps where inductor writes AVX-512 code and its reductions were timed no
+    slower here (`_int8_one_row_timings`); else fused fp32 reductions that inductor vectorises, which read the
+    codes near the memory bandwidth where its vectors are 512 bits wide on some CPUs (every row of a CPU decode
+    step shares one pass; on CUDA only one row beats the kernel), but fall behind torch's int8 kernel on AVX2
+    and narrower."""
     from gemmakit.quantize import REDUCE_ROWS
 
     if device.type == "cuda":
         return 1, "fused reduction for one row, kernel for more"
+    if gemv_kernels and wide_vectors():
+        # Where inductor writes AVX-512 code, its reductions stream int8 codes at the memory's speed on some
+        # CPUs and well below it on others: timed. A tie goes to the reductions, which in a step also fuse the
+        # ops around them and save a kernel call each, which the timing does not see.
+        kernel, reduced = _int8_one_row_timings()
+        said = f"timed here as kernel vs reductions: {1e3 * kernel:.2f} vs {1e3 * reduced:.2f} ms"
+        if kernel < _KERNEL_MARGIN * reduced:
+            return 0, f"gemmakit's AVX2 kernel ({said})"
+        return 1, f"inductor's fused reductions for one row, gemmakit's AVX2 kernel for more ({said})"
     if gemv_kernels:
         return 0, "gemmakit's AVX2 kernel"
     if wide_vectors():
         return REDUCE_ROWS, f"fused reductions up to {REDUCE_ROWS} rows (AVX-512 code)"
     return 0, f"int8 kernel (inductor's {inductor_isa() or 'scalar'} reductions are slower)"
+
+
+@functools.cache
+def _int8_one_row_timings(copies: int = 4, shape: tuple[int, int] = (16384, 640)) -> tuple[float, float]:
+    """Median seconds of `copies` one-row int8 products (distinct weights of `shape`, more bytes together than a
+    CPU's last-level cache, as a step's layers are), each way compiled into one graph: on gemmakit's kernel,
+    and as inductor's fused reductions (quantize.int8_matmul). Once per process: the CPU does not change."""
+    from gemmakit.quantize import int8_matmul, small_row_reductions
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [(torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen), torch.rand(shape[0], generator=gen))
+               for _ in range(copies)]
+    x = torch.randn(1, shape[1], generator=gen)
+
+    def products(x: torch.Tensor) -> list[torch.Tensor]:
+        return [int8_matmul(x, q, s, gemv_rows=1) for q, s in weights]
+
+    def run(step: Callable, reductions: int) -> Callable[[], object]:
+        def call() -> object:
+            with small_row_reductions(reductions):  # read when the graph is traced, and by its guards
+                return step(x)
+        return call
+
+    kernel, reduced = run(compile_static(products), 0), run(compile_static(products), 1)
+    for call in (kernel, reduced):
+        call()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(7):
+        for call, out in zip((kernel, reduced), times, strict=True):
+            start = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _gemv_choice() -> tuple[bool, str]:
