@@ -224,7 +224,7 @@ void tile(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const 
   // of this pass they are in cache (a pass at a few rows of x computes too little to hide their latency). The
   // rows kPrefetchL2 tiles further on are asked into L2 as well: while a step waits on a line that is late, no
   // new requests leave it, so with only the next tile in flight the many-row tiles streamed their weights well
-  // below one-row steps' rate (docs/performance.md, "Prefetching for batch tiles").
+  // below one-row steps' rate (docs/performance.md, "Prefetching for batch tiles (CPU A)").
   constexpr int kLines = (kTileW * 8 * static_cast<int>(sizeof(W)) + 63) / 64;
   for (; i + 8 <= k; i += 8) {
     if (next != nullptr)
