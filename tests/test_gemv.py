@@ -175,6 +175,29 @@ def test_compiled_one_row_int8_products_go_where_they_were_timed_faster(monkeypa
         assert 2 in calls
 
 
+def test_a_failed_int8_timing_keeps_the_kernel(monkeypatch):
+    """A timing that cannot run (a compiler error, say) costs speed only: the plan keeps gemmakit's kernel, says
+    why, and the compiled engine decodes the model's tokens."""
+    from gemmakit.runtime import plan as plan_module
+    from gemmakit.runtime.compiled import compile_supported
+    from gemmakit.runtime.probe import wide_vectors
+
+    if gemv.unavailable() or not wide_vectors() or not compile_supported("cpu"):
+        pytest.skip("timed only where gemmakit's kernels build and inductor writes AVX-512 code")
+
+    def fails() -> tuple[float, float]:
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(plan_module, "_int8_one_row_timings", fails)
+    prompt = list(range(2, 12))
+    engine = Engine(_int8_gemma(), max_batch=1, context=64, compile=True)
+    assert engine.plan.int8_reduce_rows == 0
+    assert ("int8 decode: gemmakit's AVX2 kernel (timing against inductor's reductions failed: RuntimeError)"
+            in engine.plan.describe())
+    want = greedy_without_cache(_int8_gemma(), prompt, 4)
+    assert engine.generate([prompt], SamplingParams(max_tokens=4))[0].tokens == want
+
+
 def test_the_int8_timing_runs_both_compiled_graphs():
     """The timing behind that choice is real: both compiled graphs run, each a positive time, once a process."""
     from gemmakit.runtime.compiled import compile_supported

@@ -230,7 +230,10 @@ def _int8_choice(device: torch.device, gemv_kernels: bool) -> tuple[int, str]:
         # Where inductor writes AVX-512 code, its reductions stream int8 codes at the memory's speed on some
         # CPUs and well below it on others: timed. A tie goes to the reductions, which in a step also fuse the
         # ops around them and save a kernel call each, which the timing does not see.
-        kernel, reduced = _int8_one_row_timings()
+        try:
+            kernel, reduced = _int8_one_row_timings()
+        except Exception as e:  # noqa: BLE001 - a failed timing costs speed only: keep the kernel, which ran
+            return 0, f"gemmakit's AVX2 kernel (timing against inductor's reductions failed: {type(e).__name__})"
         said = f"timed here as kernel vs reductions: {1e3 * kernel:.2f} vs {1e3 * reduced:.2f} ms"
         if kernel < _KERNEL_MARGIN * reduced:
             return 0, f"gemmakit's AVX2 kernel ({said})"
@@ -254,13 +257,14 @@ def _int8_one_row_timings(copies: int = 4, shape: tuple[int, int] = (16384, 640)
                for _ in range(copies)]
     x = torch.randn(1, shape[1], generator=gen)
 
-    def products(x: torch.Tensor) -> list[torch.Tensor]:
+    def products(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        # The weights come in as inputs: a graph that closed over them would keep them alive with its cache.
         return [int8_matmul(x, q, s, gemv_rows=1) for q, s in weights]
 
     def run(step: Callable, reductions: int) -> Callable[[], object]:
         def call() -> object:
             with small_row_reductions(reductions):  # read when the graph is traced, and by its guards
-                return step(x)
+                return step(x, weights)
         return call
 
     kernel, reduced = run(compile_static(products), 0), run(compile_static(products), 1)
