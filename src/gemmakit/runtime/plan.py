@@ -36,8 +36,6 @@ fell as it did. docs/architecture.md explains the kernels behind each option.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,7 +60,15 @@ from gemmakit.runtime.packing import (
     upcast_linears,
 )
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import Int4Head, Int8Head, head_codes, head_weight, int4_head, screen_bytes
+from gemmakit.runtime.screen import (
+    Int4Head,
+    Int8Head,
+    head_codes,
+    head_weight,
+    int4_head,
+    interleaved_medians,
+    screen_bytes,
+)
 
 # A timed screen must beat the head by this factor: a tie is within the timing's noise (on CPU C held to AVX2 the
 # int8 head's pass and kernel came out either way, run to run), and then the plan keeps the head.
@@ -267,16 +273,7 @@ def _int8_one_row_timings(copies: int = 4, shape: tuple[int, int] = (16384, 640)
                 return step(x, weights)
         return call
 
-    kernel, reduced = run(compile_static(products), 0), run(compile_static(products), 1)
-    for call in (kernel, reduced):
-        call()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(7):
-        for call, out in zip((kernel, reduced), times, strict=True):
-            start = time.perf_counter()
-            call()
-            out.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return interleaved_medians(run(compile_static(products), 0), run(compile_static(products), 1), repeats=7)
 
 
 def _gemv_choice() -> tuple[bool, str]:

@@ -144,14 +144,22 @@ def pick_timings(full: Callable[[Tensor], Tensor], screened: Callable[[Tensor], 
     moment of the machine hits both. Where the head is quantized, which is faster depends on how the CPU's
     multiply-adds compare with its memory bandwidth, which no flag tells: the plan asks this instead."""
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
-    picks = (lambda: full(x).argmax(dim=-1), lambda: top_k(screened(x), GEMV_CANDIDATES + 1))
-    for pick in picks:
-        pick()
+    return interleaved_medians(lambda: full(x).argmax(dim=-1), lambda: top_k(screened(x), GEMV_CANDIDATES + 1),
+                               repeats)
+
+
+def interleaved_medians(first: Callable[[], object], second: Callable[[], object],
+                        repeats: int) -> tuple[float, float]:
+    """Median seconds of each call, both warmed up once, then timed in turn `repeats` times, so a slow moment of
+    the machine hits both: what the plan's start-up timings compare."""
+    calls = (first, second)
+    for call in calls:
+        call()
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        for pick, out in zip(picks, times, strict=True):
+        for call, out in zip(calls, times, strict=True):
             start = time.perf_counter()
-            pick()
+            call()
             out.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
 
