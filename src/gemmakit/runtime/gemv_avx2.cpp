@@ -181,7 +181,7 @@ inline float widen1(uint16_t v) {
 // Rows [r, r + kRows8) of w against one row of x: that many dot products along K at once. Eight streams of
 // weights in flight keep more of the memory's bandwidth busy than four (the rows come cold), and eight
 // accumulators still fit the 16 vector registers.
-constexpr int kRows8 = 8;
+constexpr int kRows8 = 8, kPrefetchL2Blocks = 2;  // blocks past the next one asked into L2 (rows8)
 
 template <typename W>
 void rows8(const float* x, const W* w, int64_t k, float* dots) {
@@ -195,7 +195,7 @@ void rows8(const float* x, const W* w, int64_t k, float* dots) {
   for (; i + 8 <= k; i += 8) {
     for (int l = 0; l < static_cast<int>(sizeof(W)); ++l) {
       _mm_prefetch(next + i * kRows8 * sizeof(W) + l * 64, _MM_HINT_T0);
-      _mm_prefetch(next + 2 * kRows8 * k * sizeof(W) + i * kRows8 * sizeof(W) + l * 64, _MM_HINT_T1);
+      _mm_prefetch(next + kPrefetchL2Blocks * kRows8 * k * sizeof(W) + i * kRows8 * sizeof(W) + l * 64, _MM_HINT_T1);
     }
     const __m256 xv = _mm256_loadu_ps(x + i);
     for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_fmadd_ps(widen8(w + j * k + i), xv, acc[j]);
@@ -465,10 +465,12 @@ void int16_rows8(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots) {
   for (int j = 0; j < kRows8; ++j) acc[j] = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8 + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(q + 3 * kRows8 * k) + i * kRows8, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(q + 3 * kRows8 * k) + i * kRows8 + 64, _MM_HINT_T1);
+    const char* next = reinterpret_cast<const char*>(q + kRows8 * k) + i * kRows8;
+    const char* later = next + kPrefetchL2Blocks * kRows8 * k;
+    _mm_prefetch(next, _MM_HINT_T0);
+    _mm_prefetch(next + 64, _MM_HINT_T0);
+    _mm_prefetch(later, _MM_HINT_T1);
+    _mm_prefetch(later + 64, _MM_HINT_T1);
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     for (int j = 0; j < kRows8; ++j) {
       const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * k + i)));
