@@ -6,6 +6,11 @@ Run: .venv/bin/python -m pytest tests/test_gemv.py
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -461,3 +466,21 @@ def test_int4_heads_of_batch_engines_are_screened_through_an_int8_copy(dtype, mo
     assert [r.tokens for r in engine.generate(prompts, params)] == want
     assert [engine.generate([p], params)[0].tokens for p in prompts] == want
     assert passes and 1 not in passes and screen.fallbacks < len(passes)
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_process(tmp_path):
+    """torch's builder leaves its `lock` file behind when the builder is killed, and every later process waited
+    on it for ever. Here a fresh cache holds this machine's build plus such a file: a new process must still get
+    the kernels, and take the file away."""
+    where = tmp_path / gemv.build_dir().relative_to(gemv.build_dir().parents[1])
+    shutil.copytree(gemv.build_dir(), where, ignore=shutil.ignore_patterns("*lock"))
+    (where / "lock").touch()
+    probe = "from gemmakit.runtime import gemv; print('unavailable:', gemv.unavailable())"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=240,
+                              env={**os.environ, "GEMMAKIT_CACHE_DIR": str(tmp_path)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process waited on the lock file of a build that no longer runs")
+    assert done.returncode == 0, done.stderr
+    assert "unavailable: None" in done.stdout and "left by a kernel build that did not finish" in done.stderr
+    assert not (where / "lock").exists()

@@ -51,11 +51,13 @@ kernels off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -123,22 +125,54 @@ def _build() -> None:
     path = os.environ.get("PATH", "")
     if ninja and ninja not in path.split(os.pathsep):
         os.environ["PATH"] = ninja + os.pathsep + path  # the pip `ninja` package puts its binary here
-    cache = cache_dir("kernels")
-    # Keyed by what goes into the build, so a changed kernel or torch builds afresh (and says so).
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-    where = cache / f"torch-{torch.__version__}-{key}"
+    where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
-    if not (where / f"{_NAME}.so").exists():
-        print("gemmakit: building its AVX2 decode kernels (once per machine and torch version)...",
-              file=sys.stderr, flush=True)
-    load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-         build_directory=str(where), is_python_module=False, verbose=False)
+    with _builder_lock(where):
+        if not (where / f"{_NAME}.so").exists():
+            print("gemmakit: building its AVX2 decode kernels (once per machine and torch version)...",
+                  file=sys.stderr, flush=True)
+        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(where), is_python_module=False, verbose=False)
     global _registered
     if not _registered:  # once per process, however often the probe is asked again
         for op in ("int4_gemv", "int8_gemv", "float_gemv"):
             torch.library.register_fake(f"gemmakit_avx2::{op}")(_fake)
         torch.library.register_fake("gemmakit_avx2::int8_screen")(_fake_screen)
         _registered = True
+
+
+def build_dir() -> Path:
+    """Where this machine's build of the kernels lives: keyed by what goes into the build, so a changed kernel
+    or torch builds afresh (and says so)."""
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    return cache_dir("kernels") / f"torch-{torch.__version__}-{key}"
+
+
+@contextlib.contextmanager
+def _builder_lock(where: Path) -> Iterator[None]:
+    """One builder at a time in `where`, and no build left waiting on a dead one.
+
+    torch's builder marks a build with a `lock` file that it removes when done, and every other process waits
+    for that file to go. A builder that is killed (Ctrl-C at the wrong moment, a CI timeout) leaves the file
+    behind, and from then on every gemmakit process would hang at start-up. So gemmakit's builders first take
+    an OS lock of their own, which the kernel drops when its holder dies however it dies; whoever holds it knows
+    no live gemmakit builder owns torch's `lock`, and removes one it finds."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file is all there is
+        yield
+        return
+    with open(where / "gemmakit-build.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # waits while another process builds or loads
+        try:
+            stale = where / "lock"
+            if stale.exists():
+                print(f"gemmakit: removing {stale}, left by a kernel build that did not finish",
+                      file=sys.stderr, flush=True)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def _ninja_dir() -> str | None:
