@@ -401,6 +401,35 @@ def test_bf16_engines_send_decode_rows_past_fbgemm(monkeypatch):
     assert (got.float()[0] - want.float()).abs().max() < 0.03 * want.float().abs().max()
 
 
+def test_packed_bf16_engines_send_batch_rows_to_the_bf16_pair_tiles(monkeypatch):
+    """Where the kernels' AVX512_BF16 tiles run, a oneDNN-packed bf16 model that keeps its plain weights sends a
+    batch step's rows (2-8) there, reading the plain weight: logits are the plain model's to bf16 rounding.
+    One-row products keep the plain layout's own path, prompts oneDNN's packed one."""
+    from gemmakit.runtime.packing import PackedLinear, pack_linears
+
+    if not gemv.bf16_pairs():
+        pytest.skip("the AVX512_BF16 tiles run on CPUs with AVX-512 bf16 where ATen runs AVX-512")
+    plain, model = _float_gemma(torch.bfloat16), _float_gemma(torch.bfloat16)
+    pack_linears(model, keep_plain=True)
+    engine = Engine(model, max_batch=2, context=64, screen=False)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.gemv_rows == gemv.FLOAT_ROWS for m in packed)
+    assert "AVX512_BF16" in engine.plan.describe()
+    calls, floats = [], gemv.floats
+    monkeypatch.setattr(gemv, "floats", lambda x, w: calls.append(x.shape[0]) or floats(x, w))
+    prompts = [[2, 5, 9, 14, 3, 8, 1, 6, 2, 11, 4, 7], [2, 7, 1, 6, 2, 11, 9, 9, 3, 5, 8, 1]]
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            engine.runtime.prefill(prompt[:-1], row, greedy=False)
+        assert calls == []  # prompts (11 rows) took oneDNN's packed product, their last position the plain one
+        got = engine.runtime.decode([p[-1] for p in prompts], [len(p) - 1 for p in prompts], [0, 1],
+                                    greedy=False).logits
+        assert calls == [2] * len(packed)  # every linear of the step, the head's too
+        want = plain(torch.tensor(prompts))[:, -1]
+    # bf16 products rounded at each layer by different kernels: a few bf16 steps apart at most
+    assert (got.float() - want.float()).abs().max() < 0.03 * want.float().abs().max()
+
+
 @pytest.mark.parametrize("isa", SCREEN_ISAS, ids=lambda i: ["avx2", "avx512", "amx"][i])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 9])
 @pytest.mark.parametrize("k", [640, 3000, 4096])

@@ -59,7 +59,7 @@ from gemmakit.quantize_codes import (
     unpack_int4_transposed,
 )
 from gemmakit.runtime import gemv
-from gemmakit.runtime.packing import HalfLinear
+from gemmakit.runtime.packing import HalfLinear, PackedLinear, bf16_pairs_take
 from gemmakit.runtime.probe import onednn_packs
 
 MODES = ("int8", "int4")
@@ -111,11 +111,13 @@ def use_gemv_kernels(model: nn.Module) -> int:
     """Send `model`'s few-row CPU int4 / int8 / fbgemm-fp16 products (decode steps) to gemmakit's AVX2 kernels
     (runtime/gemv.py; the caller checks they are available), up to `gemv.INT4_ROWS` / `INT8_ROWS` /
     `FLOAT_ROWS` rows. int4 weights go there only where they are packed in the layout the kernel reads; an
-    fbgemm linear only over a bf16 weight (the kernel reads it in place). Returns how many linears that covers
-    (`gemv.GemvLinear`s are built taking them)."""
+    fbgemm linear only over a bf16 weight (the kernel reads it in place); a oneDNN-packed bf16 linear's batch
+    rows where the kernels' AVX512_BF16 tiles run and it keeps its plain weight. Returns how many linears that
+    covers (`gemv.GemvLinear`s are built taking them)."""
     chosen = 0
     for m in model.modules():
-        if isinstance(m, HalfLinear) and m.weight.dtype == torch.bfloat16:
+        if (isinstance(m, HalfLinear) and m.weight.dtype == torch.bfloat16) or (
+                isinstance(m, PackedLinear) and bf16_pairs_take(m)):
             m.gemv_rows = gemv.FLOAT_ROWS
         elif isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
             m.gemv_rows = gemv.INT8_ROWS

@@ -84,6 +84,7 @@ _registered = False  # whether the ops' shape functions (for torch.compile) are 
 # called: a plain global, which compiled steps guard on, rather than a cached call traced into their graphs).
 _wide = False
 _amx = False  # and the screen's pass of 2-8 rows its AMX one
+_bf16 = False  # and bf16 products of bf16 x their AVX512_BF16 tiles
 
 
 @functools.cache
@@ -97,9 +98,10 @@ def unavailable() -> str | None:
         _build()
     except Exception as e:  # no compiler, headers or ninja: torch's kernels remain, so say why and go on
         return f"could not build gemmakit's AVX2 kernels ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    global _wide, _amx
+    global _wide, _amx, _bf16
     _wide = cpu_capability() == "AVX512" and bool(torch.ops.gemmakit_avx2.avx512_vnni())
     _amx = _wide and bool(torch.ops.gemmakit_avx2.amx_int8())
+    _bf16 = _wide and bool(torch.ops.gemmakit_avx2.avx512_bf16())
     return None if _agrees() else "gemmakit's AVX2 kernels disagree with the reference here"
 
 
@@ -116,6 +118,15 @@ def screen_amx() -> bool:
     grants the process its tiles): bound by reading the codes rather than by multiply-adds. One row keeps the
     AVX2 pass, which reads them as fast."""
     return _amx
+
+
+def bf16_pairs() -> bool:
+    """Whether several-row products of bf16 x by bf16 weights run on AVX512_BF16 here (CPUs whose several-row
+    passes are 512 bits wide and have it): one instruction multiplies 16 pairs of bf16 values exactly into fp32
+    sums, so a bf16 model's batch step reads its weights as they are with half the multiply-adds of widening
+    them to fp32 first, and outruns oneDNN's packed bf16 product at a batch's few rows. Ask `unavailable()`
+    first."""
+    return _bf16
 
 
 def _build() -> None:
@@ -208,6 +219,10 @@ def _agrees() -> bool:
         products.append((functools.partial(int4, group=32), (packed, sz), dequantize_int4(*quantize_int4(w, 32)), 96))
     exact = all(torch.allclose(kernel(rows[:, :k], *operands), rows[:, :k] @ weight.T, rtol=1e-4, atol=1e-4)
                 for kernel, operands, weight, k in products for rows in (x[:1], x))
+    # bf16 x (a bf16 model's rows, the AVX512_BF16 tiles' case where they run): the fp32 sum rounded to bf16.
+    half, w16 = x[:, :93].bfloat16(), full.bfloat16()
+    exact = exact and all(torch.allclose(floats(rows, w16).float(), (rows.float() @ w16.float().T).bfloat16().float(),
+                                         rtol=2**-7, atol=1e-4) for rows in (half[:1], half))
     return exact and all(_screen_within_bound(rows[:, :k], *codes) for rows in (x[:1], x)
                          for k, codes in ((93, (q, s)), (64, (q64, s64))))
 

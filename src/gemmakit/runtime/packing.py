@@ -106,22 +106,35 @@ class PackedLinear(nn.Module):
         _PACKED[self.handle] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _LAYOUT_ROWS)
         weakref.finalize(self, _PACKED.pop, self.handle, None)
         self.weight = plain  # an nn.Parameter registers under the checkpoint's name; a tensor stays an alias
+        # Products of 2 to this many rows read the plain bf16 weight through gemmakit's AVX512_BF16 tiles (set by
+        # the runtime where they run, runtime/gemv.py): a batch step's rows, where oneDNN's packed product is
+        # slower.
+        self.gemv_rows = 0
 
     @property
     def packed_bytes(self) -> int:
         return self.out_features * self.in_features * self.dtype.itemsize
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.plain_one_row and x.shape[:-1].numel() == 1:
+        rows = x.shape[:-1].numel()
+        if self.plain_one_row and rows == 1:
             return F.linear(x, self.weight)
         if x.requires_grad and torch.is_grad_enabled():  # the op has no backward: fail, never drop gradients
             raise RuntimeError("packed weights are for inference: load without packing (`pack=False`, "
                                "`--pack off`) to train or to take gradients")
+        if 1 < rows <= self.gemv_rows and x.dtype == torch.bfloat16:
+            return gemv.linear(x, self.weight)
         return packed_linear(x, self.handle, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
                 f"packed{' + plain' if self.weight is not None else ''}")
+
+
+def bf16_pairs_take(m: PackedLinear) -> bool:
+    """Whether a packed linear's batch rows go to gemmakit's AVX512_BF16 tiles: a bf16 one that keeps its plain
+    weight, on a CPU where they run (`gemv.bf16_pairs`; the caller checks the kernels are available)."""
+    return m.dtype == torch.bfloat16 and m.weight is not None and gemv.bf16_pairs()
 
 
 def pack_linears(model: nn.Module, keep_plain: bool = False, head: bool = True) -> nn.Module:

@@ -52,6 +52,7 @@ from gemmakit.runtime.packing import (
     HalfLinear,
     PackedLinear,
     UpcastLinear,
+    bf16_pairs_take,
     half_linears,
     half_supported,
     pack_linears,
@@ -191,7 +192,8 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
     int8_reduce_rows = 0
     if compiled and quantization(model) != "none":
         int8_reduce_rows, why["int8 decode"] = _int8_choice(device, gemv_here)
-    takers = quantization(model) != "none" or any(isinstance(m, _GEMV_TAKES) for m in model.modules())
+    takers = quantization(model) != "none" or any(isinstance(m, _GEMV_TAKES) or (
+        isinstance(m, PackedLinear) and gemv_here and bf16_pairs_take(m)) for m in model.modules())
     gemv_kernels = gemv_here and takers
     if device.type == "cpu" and takers:
         why["decode products"] = gemv_why
@@ -287,6 +289,7 @@ def _gemv_choice() -> tuple[bool, str]:
     if problem := gemv.unavailable():
         return False, f"torch's kernels ({problem})"
     wide = "; several rows in their AVX-512 build" if gemv.vector_width() == 512 else ""
+    wide += " (bf16 x bf16 on AVX512_BF16)" if gemv.bf16_pairs() else ""
     return True, f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; fp32 activations{wide})"
 
 
