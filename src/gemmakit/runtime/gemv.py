@@ -34,7 +34,12 @@ multiply-add, eight rows of x a tile in 32 registers, and for the screen one ins
 product and sum. Where the CPU also has AMX-INT8 and Linux grants the process its tiles (`screen_amx`), the
 screen's pass for 2-8 rows runs on AMX: x~ split into two signed bytes fills a tile's 16 columns with 8 rows,
 the sums stay exact, and the pass is bound by reading the codes instead of by multiply-adds. One-row steps
-keep the AVX2 paths, which already stream at the memory's speed. A run held to AVX2 takes none of these.
+keep the AVX2 paths, which already stream at the memory's speed. Where the CPU also has AVX512_BF16
+(`bf16_pairs`), a bf16 model's batch rows (bf16 x, bf16 weights) take tiles of bf16 pairs: one instruction
+multiplies 16 pairs exactly and adds them to fp32 sums, with no widening, so those steps read the layers at
+close to the memory's speed where oneDNN's packed bf16 product and the widening tiles were bound by
+multiply-adds; the plan sends a oneDNN-packed bf16 model's 2-8 row products there (packing.PackedLinear). A
+run held to AVX2 takes none of these.
 
 Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS` / `FLOAT_ROWS`, a batch-8 step): for
 several rows of x each weight is widened once per pass of up to four rows (eight in the AVX-512 build), in

@@ -21,7 +21,8 @@ live here, not spread over the model's modules:
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
 | decode products     | gemmakit's AVX2 kernels (several rows:   | whether ours build and agree here (x86 CPUs;  |
 | (int4, int8, float) | AVX-512 / AMX builds where the CPU has   | int4 in torch's AVX2 packing only: gemv.py)   |
-|                     | them) / torch's, oneDNN's, fbgemm's      |                                               |
+|                     | them; a packed bf16 model's 2-8 rows on  | AVX512_BF16 in the CPU, ATen at AVX-512, and  |
+|                     | bf16 pairs) / torch's, oneDNN's, fbgemm's| the plain bf16 weights kept (compiled steps)  |
 |                     | compiled one-row int8: inductor's fused  | with AVX-512 inductor code, both timed in a   |
 |                     | reductions / gemmakit's kernel           | compiled graph at start-up (once a process)   |
 | decode attention    | SDPA (half precision; fp32 steps with as | the activation dtype, and per step the rows x |
