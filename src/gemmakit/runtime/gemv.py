@@ -37,8 +37,8 @@ the sums stay exact, and the pass is bound by reading the codes instead of by mu
 keep the AVX2 paths, which already stream at the memory's speed. Where the CPU also has AVX512_BF16
 (`bf16_pairs`), a bf16 model's batch rows (bf16 x, bf16 weights) take tiles of bf16 pairs: one instruction
 multiplies 16 pairs exactly and adds them to fp32 sums, with no widening, so those steps read the layers at
-close to the memory's speed where oneDNN's packed bf16 product and the widening tiles were bound by
-multiply-adds; the plan sends a oneDNN-packed bf16 model's 2-8 row products there (packing.PackedLinear). A
+close to the memory's speed, where oneDNN's packed bf16 product and the widening tiles spent well over that
+time; the plan sends a oneDNN-packed bf16 model's 2-8 row products there (packing.PackedLinear). A
 run held to AVX2 takes none of these.
 
 Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS` / `FLOAT_ROWS`, a batch-8 step): for

@@ -300,7 +300,8 @@ GEMMAKIT_VNNI void tile512(const float* x, const W* w, int64_t k, float* out, in
 // multiplies 16 pairs of bf16 values, exactly, and adds both products to fp32 sums, so a 32-value step of a tile
 // is one load per weight row and one multiply-add per accumulator, where widening each weight to fp32 first
 // (tile512) took three instructions more per weight vector and twice the multiply-adds. At 8 rows a batch
-// step's bf16 layers are bound by those multiply-adds, not by reading the weights. The sums are the same fp32
+// step's bf16 products took well over the time their bytes take; with half the instructions they come close
+// to it (docs/performance.md, "bf16 pairs for batch steps"). The sums are the same fp32
 // sums of exact products, in another order; the instruction flushes denormal inputs to zero, which moves a sum
 // by less than 2^-126 a term.
 #define GEMMAKIT_BF16 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512bf16")))

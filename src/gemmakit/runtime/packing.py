@@ -23,7 +23,7 @@ faster than oneDNN's packed product, in fp32 and bf16.
 
 Where gemmakit's kernels have AVX512_BF16 tiles (runtime/gemv.py, `bf16_pairs`), a bf16 linear that keeps its
 plain weight sends products of 2-8 rows (a batch's decode step) there instead: they read the plain weight at close
-to the memory's speed, where oneDNN's packed bf16 product is bound by its multiply-adds at those rows.
+to the memory's speed, where oneDNN's packed bf16 product takes well over that at those rows.
 
 Limits. Inference only (no autograd through the op), CPU, float32 and bfloat16; the packed weights are not
 in `state_dict`, so pack a model loaded for serving, not one that will be trained or saved. Quantized
