@@ -301,9 +301,9 @@ GEMMAKIT_VNNI void tile512(const float* x, const W* w, int64_t k, float* out, in
 // is one load per weight row and one multiply-add per accumulator, where widening each weight to fp32 first
 // (tile512) took three instructions more per weight vector and twice the multiply-adds. At 8 rows a batch
 // step's bf16 products took well over the time their bytes take; with half the instructions they come close
-// to it (docs/performance.md, "bf16 pairs for batch steps"). The sums are the same fp32
-// sums of exact products, in another order; the instruction flushes denormal inputs to zero, which moves a sum
-// by less than 2^-126 a term.
+// to it (docs/performance.md, "bf16 pairs for batch steps"). The sums are the same fp32 sums of exact products,
+// in another order; the instruction flushes denormal inputs to zero, which moves a sum by less than 2^-126 a
+// term.
 #define GEMMAKIT_BF16 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512bf16")))
 
 bool avx512_bf16() { return avx512_vnni() && __builtin_cpu_supports("avx512bf16"); }
@@ -361,7 +361,6 @@ constexpr Bf16Tile kBf16Tiles[kTileX512][kTileW] = {
     {tile512_bf16<6, 1>, tile512_bf16<6, 2>, tile512_bf16<6, 3>},
     {tile512_bf16<7, 1>, tile512_bf16<7, 2>, tile512_bf16<7, 3>},
     {tile512_bf16<8, 1>, tile512_bf16<8, 2>, tile512_bf16<8, 3>}};
-
 
 // Walks an [m, n] product of weight w [n, k] in tiles, in parallel over groups of kTileW weight rows, calling
 // fn(j0, cols, r0, rows, next) for weight rows j0.. and rows r0.. of x, up to tile_x rows of x a call. `next`
