@@ -450,31 +450,29 @@ at::Tensor float_gemv(const at::Tensor& x, const at::Tensor& w, bool wide) {
   // calls, and two dispatched conversions per call cost more than the loops.
   const bool half = x.scalar_type() == at::kBFloat16;
   static const bool bf16_dot = avx512_bf16();
-  if (half && wide && m > 1 && w.scalar_type() == at::kBFloat16 && bf16_dot) {  // bf16 pairs as they are
-    std::vector<float> ybuf(m * n);
-    const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    const auto* ws = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    for_each_tile(ws, m, n, k, kTileX512, [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
-      kBf16Tiles[rows - 1][cols - 1](xs + r0 * k, ws + j0 * k, k, ybuf.data() + r0 * n + j0, n, next);
-    });
-    auto y = at::empty({m, n}, x.options());
-    auto* ys = y.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < m * n; ++i) ys[i] = at::BFloat16(ybuf[i]);
-    return y;
-  }
-  std::vector<float> xbuf(half ? m * k : 0), ybuf(half ? m * n : 0);
-  if (half) {
+  // bf16 x by bf16 weights at several rows, on AVX512_BF16: the pairs are multiplied as they are (no widened x).
+  const bool pairs = half && wide && m > 1 && w.scalar_type() == at::kBFloat16 && bf16_dot;
+  std::vector<float> xbuf(half && !pairs ? m * k : 0), ybuf(half ? m * n : 0);
+  if (half && !pairs) {
     const auto* xs = x.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < m * k; ++i) xbuf[i] = static_cast<float>(xs[i]);
   }
   auto y = at::empty({m, n}, x.options());
-  const float* xp = half ? xbuf.data() : x.data_ptr<float>();
   float* yp = half ? ybuf.data() : y.data_ptr<float>();
-  const auto one = [](int64_t) { return 1.0f; };
-  if (w.scalar_type() == at::kFloat)
-    gemv_into(xp, w.data_ptr<float>(), m, n, k, yp, one, wide);
-  else
-    gemv_into(xp, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k, yp, one, wide);
+  if (pairs) {
+    const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    const auto* ws = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    for_each_tile(ws, m, n, k, kTileX512, [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
+      kBf16Tiles[rows - 1][cols - 1](xs + r0 * k, ws + j0 * k, k, yp + r0 * n + j0, n, next);
+    });
+  } else {
+    const float* xp = half ? xbuf.data() : x.data_ptr<float>();
+    const auto one = [](int64_t) { return 1.0f; };
+    if (w.scalar_type() == at::kFloat)
+      gemv_into(xp, w.data_ptr<float>(), m, n, k, yp, one, wide);
+    else
+      gemv_into(xp, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), m, n, k, yp, one, wide);
+  }
   if (half) {
     auto* ys = y.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < m * n; ++i) ys[i] = at::BFloat16(ybuf[i]);  // round to nearest even, as torch does
