@@ -431,15 +431,17 @@ def test_packed_bf16_engines_send_batch_rows_to_the_bf16_pair_tiles(monkeypatch)
 
 
 @pytest.mark.parametrize("isa", SCREEN_ISAS, ids=lambda i: ["avx2", "avx512", "amx"][i])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 9])
-@pytest.mark.parametrize("k", [640, 3000, 4096])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("k", [100, 640, 3000, 4096])
 def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows, isa):
     """The screen's pass: x rounded to an integer grid (coarser past K = 2064, so int32 sums cannot overflow even
     with an outlier 1000x the rest), summed exactly: the float64 product of the x~ it reports, to fp32's last
     bits; |x - x~| and |x~| as reported. On every pass this CPU has: AMX takes 16 weight rows a block where K is
     a multiple of 64 and 2..8 rows of x (the rest go to the AVX-512 tiles), its x split in two signed bytes,
-    with a negative outlier too; the AVX2 pass takes tiles up to 3 rows of x and one weight row at a time from 4;
-    from 6 either pass takes blocks of 8 weight rows (folded as a tree), and the row tail (301) takes the tiles."""
+    with a negative outlier too; the AVX2 pass takes tiles up to 3 rows of x and one weight row at a time from 4,
+    and blocks of 8 weight rows (folded as a tree) from 6; the AVX-512 pass takes those blocks from 2 rows, two
+    weight rows a step of 32 inputs (K = 100 and 3000 leave a step of 32 and a tail past it); the row tail (301)
+    takes the tiles."""
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(301, k, generator=g), torch.randn(rows, k, generator=g)  # 301: tails of 8, 3 and 16
     x[:, 7] = 1000.0  # every row's largest value sets its grid: the rest keep few bits

@@ -15,10 +15,10 @@
 // weight rows at a time, so each load of x serves eight rows; for several, tiles of 3 weight rows by up to 4
 // rows of x, so each widened code serves four rows of x and each load of x three weight rows.
 // fp32 / bf16: the model's own weights in place, arranged as int8's.
-// int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (from 4
-// rows of x one weight row against all of them, and from 6 in blocks of 8 weight rows whose sums are folded
-// and written together; a few rows also in an AVX-512 VNNI build of its tiles, taken only where the CPU has
-// it), with the screen's bound added as each sum is written.
+// int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (AVX2: from
+// 4 rows of x one weight row against all of them, and from 6 in blocks of 8 weight rows whose sums are folded
+// and written together; an AVX-512 VNNI build, taken only where the CPU has it, runs those blocks from 2 rows,
+// two weight rows a step), with the screen's bound added as each sum is written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
@@ -254,6 +254,16 @@ void tile(const float* x, const W* w, int64_t k, float* out, int64_t ldy, const 
 #define GEMMAKIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 constexpr int kTileX512 = 8;
 
+// A vector loaded once and used by several instructions: GCC otherwise folds the load into each of them as a
+// memory operand, so a tile of J weight rows loaded every vector of x J times. With AVX-512's 32 registers
+// the loads, not the multiply-adds, then bound the tiles (a 512-bit load is two 256-bit ones on Zen 4); the
+// empty asm makes the value a register's, loaded once.
+template <typename V>
+GEMMAKIT_VNNI inline V in_register(V v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
 bool avx512_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
@@ -284,7 +294,7 @@ GEMMAKIT_VNNI void tile512(const float* x, const W* w, int64_t k, float* out, in
     __m512 wv[J];
     for (int j = 0; j < J; ++j) wv[j] = widen16(w + j * k + i);
     for (int r = 0; r < M; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * k + i);
+      const __m512 xv = in_register(_mm512_loadu_ps(x + r * k + i));
       for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(wv[j], xv, acc[r][j]);
     }
   }
@@ -565,7 +575,7 @@ GEMMAKIT_VNNI void int16_tile512(const int16_t* x, const int8_t* q, int64_t k, i
     for (int j = 0; j < J; ++j)
       w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * k + i)));
     for (int r = 0; r < M; ++r) {
-      const __m512i xv = _mm512_loadu_si512(x + r * k + i);
+      const __m512i xv = in_register(_mm512_loadu_si512(x + r * k + i));
       for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpwssd_epi32(acc[r][j], w[j], xv);
     }
   }
@@ -605,7 +615,23 @@ struct ScreenOut {
   }
 };
 
-// The pass from kBlockFrom rows of x where AMX does not take them: eight weight rows a block, each against all M
+// Each of M rows of x has eight vectors of partial sums, one per weight row of a block (parts[j][r]): they fold
+// into one vector of the eight sums (horizontal adds, a tree) that put8 scales and stores.
+template <int M>
+void fold8(const int32_t (*parts)[M][8], const ScreenOut& out, int64_t r0, int64_t j0) {
+  for (int r = 0; r < M; ++r) {
+    __m256i v[kRows8];
+    for (int j = 0; j < kRows8; ++j) v[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(parts[j][r]));
+    // hadd sums neighbours within each 128-bit half: two rounds leave, per half, one partial sum of each of
+    // four rows j; the halves' partials then add across.
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    const __m256i low = _mm256_permute2x128_si256(a, b, 0x20), high = _mm256_permute2x128_si256(a, b, 0x31);
+    out.put8(r0 + r, j0, _mm256_add_epi32(low, high));
+  }
+}
+
+// The AVX2 pass from kBlockFrom rows of x where AMX does not take them: eight weight rows a block, each against all M
 // rows of x (one widened code serves them all, as in int16_tile<M, 1>), its M vectors of partial sums parked in
 // L1; then each row of x's eight vectors fold into one vector of eight sums (horizontal adds, a tree) that put8
 // scales and stores. At K = 640 a row's 40 steps of multiply-adds are few enough that folding and writing its
@@ -639,16 +665,71 @@ void int16_block8(const int16_t* x, const int8_t* q, int64_t k, const ScreenOut&
     }
     for (int r = 0; r < M; ++r) _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j][r]), acc[r]);
   }
+  fold8<M>(parts, out, r0, j0);
+}
+
+// One 32-input step of int16_block8_512: weight rows `row` and `row + k` against every row of x, whose 32 inputs
+// for this step lie together (xs: M vectors of 32).
+template <int M>
+GEMMAKIT_VNNI __attribute__((always_inline)) inline void pair_step(const int16_t* xs, const int8_t* row, int64_t k,
+                                                                   int64_t i, __m512i (&a)[M], __m512i (&b)[M]) {
+  const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
+  const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + i)));
   for (int r = 0; r < M; ++r) {
-    __m256i v[kRows8];
-    for (int j = 0; j < kRows8; ++j) v[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(parts[j][r]));
-    // hadd sums neighbours within each 128-bit half: two rounds leave, per half, one partial sum of each of
-    // four rows j; the halves' partials then add across.
-    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    const __m256i low = _mm256_permute2x128_si256(a, b, 0x20), high = _mm256_permute2x128_si256(a, b, 0x31);
-    out.put8(r0 + r, j0, _mm256_add_epi32(low, high));
+    const __m512i xv = in_register(_mm512_loadu_si512(xs + r * 32));
+    a[r] = _mm512_dpwssd_epi32(a[r], w0, xv);
+    b[r] = _mm512_dpwssd_epi32(b[r], w1, xv);
   }
+}
+
+// The same block with AVX-512 VNNI (`wide`), from 2 rows of x: two weight rows at a time against every row of x,
+// so each vector of x, loaded once into a register (in_register), serves two multiply-adds, and one instruction
+// multiplies and accumulates 32 pairs. With one weight row a step (int16_block8) a load of x fed each multiply-add,
+// and the loads, not the multiply-adds, bound the pass; with two the block outruns the VNNI tiles at 2 to 8 rows
+// (docs/performance.md, "The screen's pass at batch rows"). 2M accumulators, two weight vectors and one of x fit
+// AVX-512's 32 registers.
+template <int M>
+GEMMAKIT_VNNI void int16_block8_512(const int16_t* x, const int16_t* xs, const int8_t* q, int64_t k,
+                                   const ScreenOut& out, int64_t r0, int64_t j0) {
+  alignas(32) int32_t parts[kRows8][M][8];
+  const int64_t l2 = kPrefetchL2 * kRows8 * k;  // as far ahead as the tiles ask for lines into L2
+  for (int j = 0; j < kRows8; j += 2) {
+    const int8_t* row = q + j * k;
+    __m512i a[M], b[M];
+    for (int r = 0; r < M; ++r) a[r] = b[r] = _mm512_setzero_si512();
+    int64_t i = 0;
+    // Two steps a line of each row, for the next block's same rows into L1 and those further on into L2. The
+    // prefetches sit outside any branch: one inside the loop cost it its accumulators' registers (GCC then
+    // copied all of them every step).
+    for (; i + 64 <= k; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + kRows8 * k + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + (kRows8 + 1) * k + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + l2 + i), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(row + l2 + k + i), _MM_HINT_T1);
+      pair_step<M>(xs + i * M, row, k, i, a, b);
+      pair_step<M>(xs + (i + 32) * M, row, k, i + 32, a, b);
+    }
+    if (i + 32 <= k) {
+      pair_step<M>(xs + i * M, row, k, i, a, b);
+      i += 32;
+    }
+    for (int r = 0; r < M; ++r) {  // 16 lanes to 8, then K's tail past a multiple of 32 into lane 0
+      __m256i lo = _mm256_add_epi32(_mm512_castsi512_si256(a[r]), _mm512_extracti64x4_epi64(a[r], 1));
+      __m256i hi = _mm256_add_epi32(_mm512_castsi512_si256(b[r]), _mm512_extracti64x4_epi64(b[r], 1));
+      if (i < k) {
+        int32_t t0 = 0, t1 = 0;
+        for (int64_t t = i; t < k; ++t) {
+          t0 += static_cast<int32_t>(row[t]) * x[r * k + t];
+          t1 += static_cast<int32_t>(row[k + t]) * x[r * k + t];
+        }
+        lo = _mm256_add_epi32(lo, _mm256_setr_epi32(t0, 0, 0, 0, 0, 0, 0, 0));
+        hi = _mm256_add_epi32(hi, _mm256_setr_epi32(t1, 0, 0, 0, 0, 0, 0, 0));
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j][r]), lo);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j + 1][r]), hi);
+    }
+  }
+  fold8<M>(parts, out, r0, j0);
 }
 
 // The screen's pass on AMX, where the CPU has AMX-INT8 and Linux lets the process use its tiles: one tile
@@ -862,10 +943,25 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j) out.put(r0 + r, j0 + j, dots[r * kTileW + j]);
   };
-  if (m >= kBlockFrom) {  // whole blocks of eight weight rows (past AMX's); the last few take the tiles below
+  const int64_t block_from = wide ? 2 : kBlockFrom;  // the wide block outruns the VNNI tiles from 2 rows
+  if (m >= block_from) {  // whole blocks of eight weight rows (past AMX's); the last few take the tiles below
     using Block = void (*)(const int16_t*, const int8_t*, int64_t, const ScreenOut&, int64_t, int64_t);
     static_assert(kBlockFrom == 6 && kScreenX == 8, "kBlocks lists int16_block8<6> to int16_block8<8>");
     static constexpr Block kBlocks[kScreenX - kBlockFrom + 1] = {int16_block8<6>, int16_block8<7>, int16_block8<8>};
+    using Block512 = void (*)(const int16_t*, const int16_t*, const int8_t*, int64_t, const ScreenOut&, int64_t,
+                              int64_t);
+    static constexpr Block512 kBlocks512[kScreenX] = {
+        int16_block8_512<1>, int16_block8_512<2>, int16_block8_512<3>, int16_block8_512<4>,
+        int16_block8_512<5>, int16_block8_512<6>, int16_block8_512<7>, int16_block8_512<8>};
+    // x for the wide blocks, each group of up to kScreenX rows as [K / 32][rows][32]: a step's inputs of every
+    // row together, at fixed offsets from one pointer (eight pointers into x cost the loop its registers).
+    std::vector<int16_t> steps(wide ? m * k : 0);
+    for (int64_t r0 = 0; wide && r0 < m; r0 += kScreenX) {
+      const int64_t rows = std::min<int64_t>(kScreenX, m - r0);
+      for (int64_t i = 0; i + 32 <= k; i += 32)
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(&steps[r0 * k + i * rows + r * 32], xp + (r0 + r) * k + i, 32 * sizeof(int16_t));
+    }
     const int64_t blocks = (n - from) / kRows8;
     at::parallel_for(0, blocks, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1)),
                      [&](int64_t begin, int64_t end) {
@@ -873,7 +969,9 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
         const int64_t j0 = from + b * kRows8;
         for (int64_t r0 = 0; r0 < m; r0 += kScreenX) {
           const int64_t rows = std::min<int64_t>(kScreenX, m - r0);
-          if (rows >= kBlockFrom) {
+          if (rows >= block_from && wide) {
+            kBlocks512[rows - 1](xp + r0 * k, steps.data() + r0 * k, qp + j0 * k, k, out, r0, j0);
+          } else if (rows >= block_from) {
             kBlocks[rows - kBlockFrom](xp + r0 * k, qp + j0 * k, k, out, r0, j0);
           } else {  // a batch past kScreenX rows: its last few rows of x against the block, as tiles
             for (int64_t j = 0; j < kRows8; j += kTileW)
