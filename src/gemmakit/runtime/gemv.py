@@ -28,18 +28,18 @@ it adds each token's bound as it writes the token's sum, rather than leaving tor
 [rows, 262k] result again. The pass reads an int8 model's head codes as they are, too (screen.Int8Head): its
 screen needs no copy.
 
-Wider CPUs. Where ATen runs AVX-512 and the CPU has VNNI (`vector_width`), the several-row tiles also come in
-an AVX-512 build (function attributes, so the file still runs on AVX2-only CPUs): twice the lanes a
-multiply-add, eight rows of x a tile in 32 registers, and for the screen one instruction per 16-bit pair
-product and sum. Where the CPU also has AMX-INT8 and Linux grants the process its tiles (`screen_amx`), the
-screen's pass for 2-8 rows runs on AMX: x~ split into two signed bytes fills a tile's 16 columns with 8 rows,
-the sums stay exact, and the pass is bound by reading the codes instead of by multiply-adds. One-row steps
-keep the AVX2 paths, which already stream at the memory's speed. Where the CPU also has AVX512_BF16
-(`bf16_pairs`), a bf16 model's batch rows (bf16 x, bf16 weights) take tiles of bf16 pairs: one instruction
-multiplies 16 pairs exactly and adds them to fp32 sums, with no widening, so those steps read the layers at
-close to the memory's speed, where oneDNN's packed bf16 product and the widening tiles spent well over that
-time; the plan sends a oneDNN-packed bf16 model's 2-8 row products there (packing.PackedLinear). A
-run held to AVX2 takes none of these.
+Wider CPUs. Where ATen runs AVX-512 and the CPU has VNNI (`vector_width`), the several-row tiles also come in an
+AVX-512 build (function attributes, so the file still runs on AVX2-only CPUs): twice the lanes a multiply-add,
+eight rows of x a tile in 32 registers, and for the screen one instruction per 16-bit pair product and sum, two
+weight rows a step against every row of x so that each load of x feeds two of them. Where the CPU also has
+AMX-INT8 and Linux grants the process its tiles (`screen_amx`), the screen's pass for 2-8 rows runs on AMX: x~
+split into two signed bytes fills a tile's 16 columns with 8 rows, the sums stay exact, and the pass is bound by
+reading the codes instead of by multiply-adds. One-row steps keep the AVX2 paths, which already stream at the
+memory's speed. Where the CPU also has AVX512_BF16 (`bf16_pairs`), a bf16 model's batch rows (bf16 x, bf16
+weights) take tiles of bf16 pairs: one instruction multiplies 16 pairs exactly and adds them to fp32 sums, with
+no widening, so those steps read the layers at close to the memory's speed, where oneDNN's packed bf16 product
+and the widening tiles spent well over that time; the plan sends a oneDNN-packed bf16 model's 2-8 row products
+there (packing.PackedLinear). A run held to AVX2 takes none of these.
 
 Only a decode step's few rows come here (up to `INT4_ROWS` / `INT8_ROWS` / `FLOAT_ROWS`, a batch-8 step): for
 several rows of x each weight is widened once per pass of up to four rows (eight in the AVX-512 build), in

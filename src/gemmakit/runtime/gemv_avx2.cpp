@@ -686,7 +686,7 @@ GEMMAKIT_VNNI __attribute__((always_inline)) inline void pair_step(const int16_t
 // so each vector of x, loaded once into a register (in_register), serves two multiply-adds, and one instruction
 // multiplies and accumulates 32 pairs. With one weight row a step (int16_block8) a load of x fed each multiply-add,
 // and the loads, not the multiply-adds, bound the pass; with two the block outruns the VNNI tiles at 2 to 8 rows
-// (docs/performance.md, "The screen's pass at batch rows"). 2M accumulators, two weight vectors and one of x fit
+// (docs/performance.md, "Loads of x in the AVX-512 tiles"). 2M accumulators, two weight vectors and one of x fit
 // AVX-512's 32 registers.
 template <int M>
 GEMMAKIT_VNNI void int16_block8_512(const int16_t* x, const int16_t* xs, const int8_t* q, int64_t k,
