@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gemmakit.cache as cache_module
+import gemmakit.model as model_module
 from gemmakit.checkpoints import load_model, load_model_and_tokenizer
 from gemmakit.engine import Engine, StopText
 from gemmakit.model import Gemma
@@ -38,6 +40,26 @@ def test_batched_equals_unbatched_equals_uncached(model):
         alone = Engine(model, max_batch=1, context=128).generate([prompt], params)[0]
         assert req.tokens == alone.tokens == greedy_without_cache(model, prompt, params.max_tokens)
         assert req.finish_reason == "length"
+
+
+def test_eager_steps_attend_over_the_used_slots_only(model, monkeypatch):
+    """In a long context, an eager decode step attends over the slots its rows' positions can reach, rounded
+    up to the span granule, not over every slot of the context (empty ones included), and decodes what it
+    decodes without a cache: two rows of different lengths, across span boundaries and far past the sliding
+    window. (The granule is made 16 here: the tiny model's context is 256.)"""
+    monkeypatch.setattr(cache_module, "SPAN_GRANULE", 16)
+    seen = []
+    attend = model_module.attend
+    monkeypatch.setattr(model_module, "attend",
+                        lambda q, k, *rest, **kw: seen.append(k.shape[2]) or attend(q, k, *rest, **kw))
+    long_prompt = torch.randint(0, 1000, (34,), generator=torch.Generator().manual_seed(9)).tolist()
+    prompts, params = [_prompts(1)[0], long_prompt], SamplingParams(max_tokens=36)  # positions up to 69
+    engine = Engine(model, max_batch=2, context=256)
+    reqs = engine.generate(prompts, params)
+    for prompt, req in zip(prompts, reqs, strict=True):
+        assert req.tokens == greedy_without_cache(model, prompt, params.max_tokens)
+    assert engine.context == 256 and 256 not in seen  # no step attended over the whole context
+    assert {48, 64, 80} <= set(seen)  # the span grew with the long row's positions
 
 
 @pytest.mark.parametrize("chunk", [3, WINDOW + 5, 64])

@@ -169,14 +169,30 @@ class Prefill(Step):
         self.cache.v[layer][self.rows[:, None], :, slots] = v[:, :, keep].transpose(1, 2)
 
 
+SPAN_GRANULE = 128  # spans are rounded up to this: fewer distinct shapes for the kernels' caches
+
+
+def span_for(positions: list[int] | list[list[int]]) -> int:
+    """The slots an `Append` at these positions (a list per row, or one each) must attend: every key it may
+    see is at a position no later than the last of them, and below a layer's slot count a key's slot is its
+    position (full-attention slots, and a ring's before it wraps). Rounded up to SPAN_GRANULE."""
+    last = max(max(p) if isinstance(p, list) else p for p in positions)
+    return -(-(last + 1) // SPAN_GRANULE) * SPAN_GRANULE
+
+
 @dataclass
 class Append(Step):
-    """Rows that already hold context: write the new keys/values, then attend over the whole cache row.
+    """Rows that already hold context: write the new keys/values, then attend over the cache rows.
     At most `slack + 1` tokens per row at a time (a decode step, a speculative chunk): more would overwrite
     ring slots that the chunk's own first queries still need. Longer continuations use `Extend`.
-    `all_rows` says `rows` is every row in order, so the cache is attended in place instead of gathered."""
+    `all_rows` says `rows` is every row in order, so the cache is attended in place instead of gathered.
+    `span` (`span_for` the step's positions; None: every slot) attends over the first `span` slots only: a
+    decode step early in an 8192-token context would otherwise read all 8192 slots of every full-attention
+    layer, empty ones too, every step (docs/performance.md, "Attending over the used slots"). Compiled steps
+    keep every slot: their shapes are static."""
 
     all_rows: bool = False
+    span: int | None = None
 
     def begin(self) -> None:
         self.cache.record(self.rows, self.positions)
@@ -186,12 +202,21 @@ class Append(Step):
         rows = self.rows[:, None]
         self.cache.k[layer][rows, :, slots] = k.transpose(1, 2)
         self.cache.v[layer][rows, :, slots] = v.transpose(1, 2)
+        n = self._used(kind)
         if self.all_rows:
-            return self.cache.k[layer], self.cache.v[layer]
-        return self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
+            k_all, v_all = self.cache.k[layer], self.cache.v[layer]
+            return (k_all, v_all) if n is None else (k_all[:, :, :n], v_all[:, :, :n])
+        return self.cache.k[layer][self.rows, :, :n], self.cache.v[layer][self.rows, :, :n]
 
     def key_positions(self, kind: str) -> Tensor:
-        return self.cache.slot_pos[kind] if self.all_rows else self.cache.slot_pos[kind][self.rows]
+        pos, n = self.cache.slot_pos[kind], self._used(kind)
+        if self.all_rows:
+            return pos if n is None else pos[:, :n]
+        return pos[self.rows, :n]
+
+    def _used(self, kind: str) -> int | None:
+        """How many of a `kind` layer's slots to attend (None: all of them)."""
+        return None if self.span is None or self.span >= self.cache.slots[kind] else self.span
 
 
 class Extend(Prefill):

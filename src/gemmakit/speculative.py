@@ -45,7 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from gemmakit.cache import Append, Extend, KVCache, Prefill
+from gemmakit.cache import Append, Extend, KVCache, Prefill, span_for
 from gemmakit.config import SLIDING
 from gemmakit.model import Gemma
 from gemmakit.runtime.plan import model_dtype_device
@@ -216,7 +216,8 @@ def _verify(engine: Any, reqs: list[Any], drafts: list[list[int]]) -> tuple[Tens
     dev = engine.device
     engine.runtime.select_adapters([r.adapter for r in reqs])
     rows = torch.tensor([r.row for r in reqs], device=dev)
-    step = Append(torch.tensor(pos, device=dev), engine.runtime.cache, rows, len(reqs) == engine.max_batch)
+    step = Append(torch.tensor(pos, device=dev), engine.runtime.cache, rows, len(reqs) == engine.max_batch,
+                  span_for(pos))
     hidden = engine.model.hidden(torch.tensor(ids, device=dev), step=step)
     return hidden, engine.model.head(hidden)
 
@@ -358,7 +359,8 @@ class ModelDrafter:
             ids.append(tokens + [tokens[-1]] * pad)
             pos.append(list(range(start, start + len(tokens))) + [start + len(tokens) - 1] * pad)
             self.fed[row] += tokens
-        step = Append(torch.tensor(pos, device=self.device), self.cache, torch.tensor(rows, device=self.device))
+        step = Append(torch.tensor(pos, device=self.device), self.cache, torch.tensor(rows, device=self.device),
+                      span=span_for(pos))
         hidden = self.model.hidden(torch.tensor(ids, device=self.device), step=step)
         last = torch.tensor([len(p) - 1 for p in pending], device=self.device)
         return self.model.head(hidden[torch.arange(len(rows), device=self.device), last])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gemmakit.adapters import adapter_names, set_rows
-from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory
+from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, span_for
 from gemmakit.media.soft import PromptMedia, batch_media
 from gemmakit.quantize import (
     UNPACK_ROWS,
@@ -140,7 +140,12 @@ class Runtime:
             forward = self._logits_step if compiled else self._forward_logits
         # Compiled steps take int8 products of a step's few rows as fused reductions (quantize.py).
         with small_row_reductions(self.plan.int8_reduce_rows if compiled else 0):
-            out = self._padded(forward, ids, pos, rows_t) if padded else forward(ids, pos, rows_t, n == self.max_batch)
+            if padded:
+                out = self._padded(forward, ids, pos, rows_t)
+            elif compiled:  # static shapes: every slot
+                out = forward(ids, pos, rows_t, n == self.max_batch)
+            else:  # only the slots these positions can see
+                out = forward(ids, pos, rows_t, n == self.max_batch, span_for(positions))
         return self._certify(*out) if screened else StepOut(logits=out)
 
     def longest_warmup_prompt(self, context: int) -> int:
@@ -183,15 +188,16 @@ class Runtime:
         self.cache.restore_slot0(others, saved)
         return tuple(t[rows] for t in out) if isinstance(out, tuple) else out[rows]
 
-    def _forward_logits(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool) -> Tensor:
+    def _forward_logits(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool, span: int | None = None
+                        ) -> Tensor:
         # Every row decoding (rows sorted): attend over the cache in place rather than gathering a copy of it.
-        return self.model(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
+        return self.model(ids, step=Append(pos, self.cache, rows, all_rows, span))[:, -1]
 
-    def _forward_greedy(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool
+    def _forward_greedy(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool, span: int | None = None
                         ) -> tuple[Tensor, Tensor, Tensor]:
         """A decode step whose rows are all plain greedy: (screened tokens, certified, hidden states). One-row
         steps read the plain copy of the head where there is one (compiled steps stream it fastest)."""
-        x = self.model.hidden(ids, step=Append(pos, self.cache, rows, all_rows))[:, -1]
+        x = self.model.hidden(ids, step=Append(pos, self.cache, rows, all_rows, span))[:, -1]
         layout = "plain" if x.shape[0] == 1 and self.screen.cheap is not None else "packed"
         return (*self.screen(x, layout=layout), x)
 
