@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gemmakit.cache as cache_module
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
 from gemmakit.runtime.compiled import compile_supported, configure_inductor
 from gemmakit.runtime.probe import onednn_packs, wide_vectors
+from gemmakit.runtime.steps import Runtime
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, assert_same_until_a_tie, hf_model, tiny
 
@@ -34,6 +36,29 @@ def test_compiled_decode_equals_eager(name, dtype, tol, tmp_path):
     assert engine.compiled and not eager_engine.compiled
     compiled = engine.generate([prompt], params)[0]
     assert_same_until_a_tie(compiled, eager, tol, prefix=8)  # a rounding tie may go either way in bf16
+
+
+def test_compiled_steps_attend_over_the_used_slots_in_one_graph(tmp_path, monkeypatch):
+    """In a long context a compiled CPU step attends over the slots its positions can reach, passed as a marker
+    tensor's symbolic size: it decodes what eager decoding does, past the sliding window, and a later request
+    whose spans are all new runs without compiling anything. (The span granule is made 16 here: the tiny
+    model's context is 256.)"""
+    monkeypatch.setattr(cache_module, "SPAN_GRANULE", 16)
+    hf_model(tiny("gemma3")).save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    spans, marker = [], Runtime._span_marker
+    monkeypatch.setattr(Runtime, "_span_marker", lambda self, span: spans.append(span) or marker(self, span))
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (34, 100)]
+    params = SamplingParams(max_tokens=36, logprobs=2)
+    engine = Engine(model, max_batch=1, context=256, compile=True)
+    first = engine.generate([prompts[0]], params)[0]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    second = engine.generate([prompts[1]], params)[0]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # spans 112-144: no new graph
+    assert {48, 64, 80, 112, 128, 144} <= set(spans)
+    eager = Engine(model, max_batch=1, context=256)
+    for got, prompt in ((first, prompts[0]), (second, prompts[1])):
+        assert_same_until_a_tie(got, eager.generate([prompt], params)[0], 1e-4, prefix=8)
 
 
 def test_partly_filled_batches_run_the_padded_full_batch_step(tmp_path):

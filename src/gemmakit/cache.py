@@ -1,10 +1,10 @@
 """The KV cache: preallocated, per batch row, rolling for sliding layers, absent for KV-shared layers.
 
 Layout. Every layer that computes its own keys/values owns `k`, `v` of shape [rows, n_kv, slots, head_dim].
-Full-attention layers have one slot per position of the context. Sliding layers are ring buffers of
-`window + slack` slots (a key lives at slot `position % slots`): a query only ever sees the last `window`
-keys, so the rest of the context is never stored. The `slack` slots let a speculative chunk of up to
-`slack + 1` tokens be written before it is attended to, and rolled back, without overwriting a key that a
+Full-attention layers have one slot per position of the context, and a spare one (`cache_slots`). Sliding layers
+are ring buffers of `window + slack` slots (a key lives at slot `position % slots`): a query only ever sees the
+last `window` keys, so the rest of the context is never stored. The `slack` slots let a speculative chunk of up
+to `slack + 1` tokens be written before it is attended to, and rolled back, without overwriting a key that a
 later query still needs. KV-shared layers (Gemma 4 E-series) have no cache: they attend with their producer's.
 
 Positions, not slots, decide visibility. Per layer kind, `slot_pos[row, slot]` records which position a slot
@@ -37,12 +37,19 @@ def chunk_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
     return allowed
 
 
+def cache_slots(config: Config, context: int, slack: int) -> dict[str, int]:
+    """Slots per layer kind: a full-attention layer's one per position and a spare one, never written (a span
+    of the whole context is then still shorter than the slots, so a compiled step's symbolic span never equals
+    their number, which would make it a constant); a ring's `window + slack`."""
+    return {FULL: context + 1, SLIDING: min(context, config.sliding_window + slack)}
+
+
 class KVCache:
     def __init__(self, config: Config, rows: int, context: int, dtype: torch.dtype, device: torch.device | str,
                  slack: int = 8):
         self.config, self.rows, self.context = config, rows, context
         self.window = config.sliding_window
-        self.slots = {FULL: context, SLIDING: min(context, config.sliding_window + slack)}
+        self.slots = cache_slots(config, context, slack)
         self.slot_pos = {kind: torch.full((rows, n), -1, dtype=torch.long, device=device)
                          for kind, n in self.slots.items()}
         self.k: dict[int, Tensor] = {}
@@ -188,11 +195,14 @@ class Append(Step):
     `all_rows` says `rows` is every row in order, so the cache is attended in place instead of gathered.
     `span` (`span_for` the step's positions; None: every slot) attends over the first `span` slots only: a
     decode step early in an 8192-token context would otherwise read all 8192 slots of every full-attention
-    layer, empty ones too, every step (docs/performance.md, "Attending over the used slots"). Compiled steps
-    keep every slot: their shapes are static."""
+    layer, empty ones too, every step (docs/performance.md, "Attending over the used slots").
+    `rings_whole`: compiled CPU steps, whose span is symbolic (one graph serves every span) and at most the
+    context: only full-attention layers are cut to it, without a test on it (a test would be a guard, and
+    crossing it a recompilation), and the rings, a few hundred slots, are attended whole."""
 
     all_rows: bool = False
     span: int | None = None
+    rings_whole: bool = False
 
     def begin(self) -> None:
         self.cache.record(self.rows, self.positions)
@@ -202,21 +212,24 @@ class Append(Step):
         rows = self.rows[:, None]
         self.cache.k[layer][rows, :, slots] = k.transpose(1, 2)
         self.cache.v[layer][rows, :, slots] = v.transpose(1, 2)
-        n = self._used(kind)
-        if self.all_rows:
-            k_all, v_all = self.cache.k[layer], self.cache.v[layer]
-            return (k_all, v_all) if n is None else (k_all[:, :, :n], v_all[:, :, :n])
-        return self.cache.k[layer][self.rows, :, :n], self.cache.v[layer][self.rows, :, :n]
+        k_all, v_all = self.cache.k[layer], self.cache.v[layer]
+        if not self.all_rows:
+            k_all, v_all = k_all[self.rows], v_all[self.rows]
+        n = self._used(kind)  # narrow, not a slice: a slice of a symbolic length would be a guard on it
+        return (k_all, v_all) if n is None else (k_all.narrow(2, 0, n), v_all.narrow(2, 0, n))
 
     def key_positions(self, kind: str) -> Tensor:
         pos, n = self.cache.slot_pos[kind], self._used(kind)
-        if self.all_rows:
-            return pos if n is None else pos[:, :n]
-        return pos[self.rows, :n]
+        pos = pos if self.all_rows else pos[self.rows]
+        return pos if n is None else pos.narrow(1, 0, n)
 
     def _used(self, kind: str) -> int | None:
         """How many of a `kind` layer's slots to attend (None: all of them)."""
-        return None if self.span is None or self.span >= self.cache.slots[kind] else self.span
+        if self.span is None:
+            return None
+        if self.rings_whole:
+            return self.span if kind == FULL else None
+        return None if self.span >= self.cache.slots[kind] else self.span
 
 
 class Extend(Prefill):
@@ -266,7 +279,7 @@ def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, 
     code (CPU, with `unpack_kernels` compiled int4 prompt unpacks) or the CUDA graphs' memory (GPU), and the
     `head_screen` bytes of a greedy screen (screen.py), not yet allocated."""
     elt = torch.tensor([], dtype=dtype).element_size()
-    slots = {FULL: context, SLIDING: min(context, config.sliding_window + slack)}
+    slots = cache_slots(config, context, slack)
     kv = sum(2 * rows * config.layer_kv_heads(i) * slots[config.layer_types[i]] * config.layer_head_dim(i) * elt
              for i in range(config.first_kv_shared_layer))
     widest = max(config.layer_intermediate(i) for i in range(config.num_hidden_layers))

@@ -139,13 +139,17 @@ class Runtime:
         else:
             forward = self._logits_step if compiled else self._forward_logits
         # Compiled steps take int8 products of a step's few rows as fused reductions (quantize.py).
+        # Only the slots these positions can see: a length eager steps read as it is, and compiled CPU steps
+        # as a marker tensor's symbolic size (`_span_marker`). CUDA graphs keep every slot: their shapes are
+        # fixed.
+        span: int | Tensor | None = min(span_for(positions), self.cache.context)
+        if compiled:
+            span = self._span_marker(span) if self.device.type == "cpu" else None
         with small_row_reductions(self.plan.int8_reduce_rows if compiled else 0):
             if padded:
-                out = self._padded(forward, ids, pos, rows_t)
-            elif compiled:  # static shapes: every slot
-                out = forward(ids, pos, rows_t, n == self.max_batch)
-            else:  # only the slots these positions can see
-                out = forward(ids, pos, rows_t, n == self.max_batch, span_for(positions))
+                out = self._padded(forward, ids, pos, rows_t, span)
+            else:
+                out = forward(ids, pos, rows_t, n == self.max_batch, span)
         return self._certify(*out) if screened else StepOut(logits=out)
 
     def longest_warmup_prompt(self, context: int) -> int:
@@ -172,7 +176,14 @@ class Runtime:
         self.screen.fallbacks += 1
         return StepOut(logits=self.model.head(hidden))
 
-    def _padded(self, forward: Any, ids: Tensor, pos: Tensor, rows: Tensor) -> Any:
+    def _span_marker(self, span: int) -> Tensor:
+        """An empty tensor `span` long, its size marked dynamic: a compiled step reads the span from it as a
+        symbol, so one graph serves every span."""
+        marker = torch.empty(span, dtype=torch.int8)
+        torch._dynamo.mark_dynamic(marker, 0)
+        return marker
+
+    def _padded(self, forward: Any, ids: Tensor, pos: Tensor, rows: Tensor, span: int | Tensor | None) -> Any:
         """A partly filled batch through the compiled full-batch step: the other rows decode a throw-away token
         at position 0, and what it overwrote there is put back afterwards (a row may be half way through a
         chunked prefill, or hold a prefix being reused). On CPU the matmuls of 8 rows cost about what 2 rows
@@ -184,20 +195,25 @@ class Runtime:
         full_pos = torch.zeros(self.max_batch, 1, dtype=pos.dtype, device=self.device)
         full_ids[rows], full_pos[rows] = ids, pos
         every_row = torch.arange(self.max_batch, device=self.device)
-        out = forward(full_ids, full_pos, every_row, True)
+        out = forward(full_ids, full_pos, every_row, True, span)
         self.cache.restore_slot0(others, saved)
         return tuple(t[rows] for t in out) if isinstance(out, tuple) else out[rows]
 
-    def _forward_logits(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool, span: int | None = None
-                        ) -> Tensor:
+    def _append(self, pos: Tensor, rows: Tensor, all_rows: bool, span: int | Tensor | None) -> Append:
         # Every row decoding (rows sorted): attend over the cache in place rather than gathering a copy of it.
-        return self.model(ids, step=Append(pos, self.cache, rows, all_rows, span))[:, -1]
+        if isinstance(span, Tensor):  # a compiled step's marker (_span_marker)
+            return Append(pos, self.cache, rows, all_rows, span.shape[0], rings_whole=True)
+        return Append(pos, self.cache, rows, all_rows, span)
 
-    def _forward_greedy(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool, span: int | None = None
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward_logits(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool,
+                        span: int | Tensor | None = None) -> Tensor:
+        return self.model(ids, step=self._append(pos, rows, all_rows, span))[:, -1]
+
+    def _forward_greedy(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool,
+                        span: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """A decode step whose rows are all plain greedy: (screened tokens, certified, hidden states). One-row
         steps read the plain copy of the head where there is one (compiled steps stream it fastest)."""
-        x = self.model.hidden(ids, step=Append(pos, self.cache, rows, all_rows, span))[:, -1]
+        x = self.model.hidden(ids, step=self._append(pos, rows, all_rows, span))[:, -1]
         layout = "plain" if x.shape[0] == 1 and self.screen.cheap is not None else "packed"
         return (*self.screen(x, layout=layout), x)
 
