@@ -212,16 +212,17 @@ class Append(Step):
         rows = self.rows[:, None]
         self.cache.k[layer][rows, :, slots] = k.transpose(1, 2)
         self.cache.v[layer][rows, :, slots] = v.transpose(1, 2)
-        k_all, v_all = self.cache.k[layer], self.cache.v[layer]
-        if not self.all_rows:
+        k_all, v_all, n = self.cache.k[layer], self.cache.v[layer], self._used(kind)
+        if n is not None:  # narrow, not a slice: a slice of a symbolic length would be a guard on it
+            k_all, v_all = k_all.narrow(2, 0, n), v_all.narrow(2, 0, n)
+        if not self.all_rows:  # gathered after narrowing: only the span is copied
             k_all, v_all = k_all[self.rows], v_all[self.rows]
-        n = self._used(kind)  # narrow, not a slice: a slice of a symbolic length would be a guard on it
-        return (k_all, v_all) if n is None else (k_all.narrow(2, 0, n), v_all.narrow(2, 0, n))
+        return k_all, v_all
 
     def key_positions(self, kind: str) -> Tensor:
         pos, n = self.cache.slot_pos[kind], self._used(kind)
-        pos = pos if self.all_rows else pos[self.rows]
-        return pos if n is None else pos.narrow(1, 0, n)
+        pos = pos if n is None else pos.narrow(1, 0, n)
+        return pos if self.all_rows else pos[self.rows]
 
     def _used(self, kind: str) -> int | None:
         """How many of a `kind` layer's slots to attend (None: all of them)."""
