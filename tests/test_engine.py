@@ -11,6 +11,7 @@ import torch
 import gemmakit.cache as cache_module
 import gemmakit.model as model_module
 from gemmakit.checkpoints import load_model, load_model_and_tokenizer
+from gemmakit.config import FULL
 from gemmakit.engine import Engine, StopText
 from gemmakit.model import Gemma
 from gemmakit.sampling import SamplingParams
@@ -58,7 +59,9 @@ def test_eager_steps_attend_over_the_used_slots_only(model, monkeypatch):
     reqs = engine.generate(prompts, params)
     for prompt, req in zip(prompts, reqs, strict=True):
         assert req.tokens == greedy_without_cache(model, prompt, params.max_tokens)
-    assert engine.context == 256 and 256 not in seen  # no step attended over the whole context
+    # No step attended over more than its span: at most 80 slots (positions up to 69), where the whole
+    # context is 257 slots (256 and a spare one).
+    assert engine.runtime.cache.slots[FULL] == 257 and max(seen) == 80
     assert {48, 64, 80} <= set(seen)  # the span grew with the long row's positions
 
 
