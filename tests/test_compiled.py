@@ -4,12 +4,14 @@ Run: .venv/bin/python -m pytest tests/test_compiled.py
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import gemmakit.cache as cache_module
 from gemmakit.checkpoints import load_model
+from gemmakit.config import FULL, SLIDING
 from gemmakit.engine import Engine
 from gemmakit.runtime.compiled import compile_supported, configure_inductor
 from gemmakit.runtime.probe import onednn_packs, wide_vectors
@@ -39,26 +41,39 @@ def test_compiled_decode_equals_eager(name, dtype, tol, tmp_path):
 
 
 def test_compiled_steps_attend_over_the_used_slots_in_one_graph(tmp_path, monkeypatch):
-    """In a long context a compiled CPU step attends over the slots its positions can reach, passed as a marker
-    tensor's symbolic size: it decodes what eager decoding does, past the sliding window, and a later request
-    whose spans are all new runs without compiling anything. (The span granule is made 16 here: the tiny
-    model's context is 256.)"""
-    monkeypatch.setattr(cache_module, "SPAN_GRANULE", 16)
-    hf_model(tiny("gemma3")).save_pretrained(tmp_path)
+    """In a long context a compiled CPU step attends over the slots its positions can reach, full-attention
+    layers and rings alike, passed as a marker tensor's symbolic size: slots past the span are never read, and
+    a later request whose spans are all new, short of the ring and past it, runs without compiling anything.
+    Both decode as eager steps do."""
+    config = dataclasses.replace(tiny("gemma3"), sliding_window=88)  # a ring of 96 slots
+    hf_model(config).save_pretrained(tmp_path)
     model = load_model(tmp_path)
-    spans, marker = [], Runtime._span_marker
+    spans, marker, prefill_part, poison = [], Runtime._span_marker, Runtime.prefill_part, [True]
     monkeypatch.setattr(Runtime, "_span_marker", lambda self, span: spans.append(span) or marker(self, span))
-    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (34, 100)]
-    params = SamplingParams(max_tokens=36, logprobs=2)
+
+    def poisoned(self, *args, **kwargs):
+        out = prefill_part(self, *args, **kwargs)
+        if poison[0]:  # the first request's slots past its span claim position 0: a step that read them would
+            for pos in self.cache.slot_pos.values():  # attend to these values as well
+                pos[:, 64:] = 0
+            for v in self.cache.v.values():
+                v[:, :, 64:] = 100.0
+        return out
+    monkeypatch.setattr(Runtime, "prefill_part", poisoned)
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (10, 100)]
+    params = [SamplingParams(max_tokens=n, logprobs=2) for n in (40, 60)]  # positions up to 49, then 159
     engine = Engine(model, max_batch=1, context=256, compile=True)
-    first = engine.generate([prompts[0]], params)[0]
+    assert engine.runtime.cache.slots == {FULL: 256, SLIDING: 96}
+    first = engine.generate([prompts[0]], params[0])[0]
+    assert set(spans) == {64}
+    poison[0] = False
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    second = engine.generate([prompts[1]], params)[0]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # spans 112-144: no new graph
-    assert {48, 64, 80, 112, 128, 144} <= set(spans)
+    second = engine.generate([prompts[1]], params[1])[0]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # spans 128-160: no new graph
+    assert {128, 160} <= set(spans)
     eager = Engine(model, max_batch=1, context=256)
-    for got, prompt in ((first, prompts[0]), (second, prompts[1])):
-        assert_same_until_a_tie(got, eager.generate([prompt], params)[0], 1e-4, prefix=8)
+    for got, prompt, p in ((first, prompts[0], params[0]), (second, prompts[1], params[1])):
+        assert_same_until_a_tie(got, eager.generate([prompt], p)[0], 1e-4, prefix=8)
 
 
 def test_partly_filled_batches_run_the_padded_full_batch_step(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gemmakit.cache as cache_module
 import gemmakit.model as model_module
 from gemmakit.checkpoints import load_model, load_model_and_tokenizer
 from gemmakit.config import FULL
@@ -45,10 +44,9 @@ def test_batched_equals_unbatched_equals_uncached(model):
 
 def test_eager_steps_attend_over_the_used_slots_only(model, monkeypatch):
     """In a long context, an eager decode step attends over the slots its rows' positions can reach, rounded
-    up to the span granule, not over every slot of the context (empty ones included), and decodes what it
-    decodes without a cache: two rows of different lengths, across span boundaries and far past the sliding
-    window. (The granule is made 16 here: the tiny model's context is 256.)"""
-    monkeypatch.setattr(cache_module, "SPAN_GRANULE", 16)
+    up to the span granule, not over every slot of the context (empty ones included; those past the last span
+    hold NaN here), and decodes what it decodes without a cache: two rows of different lengths, across span
+    boundaries and far past the sliding window."""
     seen = []
     attend = model_module.attend
     monkeypatch.setattr(model_module, "attend",
@@ -56,13 +54,14 @@ def test_eager_steps_attend_over_the_used_slots_only(model, monkeypatch):
     long_prompt = torch.randint(0, 1000, (34,), generator=torch.Generator().manual_seed(9)).tolist()
     prompts, params = [_prompts(1)[0], long_prompt], SamplingParams(max_tokens=36)  # positions up to 69
     engine = Engine(model, max_batch=2, context=256)
+    for v in engine.runtime.cache.v.values():
+        v[:, :, 96:] = float("nan")
     reqs = engine.generate(prompts, params)
     for prompt, req in zip(prompts, reqs, strict=True):
         assert req.tokens == greedy_without_cache(model, prompt, params.max_tokens)
-    # No step attended over more than its span: at most 80 slots (positions up to 69), where the whole
-    # context is 257 slots (256 and a spare one).
-    assert engine.runtime.cache.slots[FULL] == 257 and max(seen) == 80
-    assert {48, 64, 80} <= set(seen)  # the span grew with the long row's positions
+    # No step attended over more than its span: at most 96 slots (positions up to 69), of the context's 256.
+    assert engine.runtime.cache.slots[FULL] == 256 and max(seen) == 96
+    assert {64, 96} <= set(seen)  # the span grew with the long row's positions
 
 
 @pytest.mark.parametrize("chunk", [3, WINDOW + 5, 64])

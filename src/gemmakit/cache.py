@@ -1,9 +1,10 @@
 """The KV cache: preallocated, per batch row, rolling for sliding layers, absent for KV-shared layers.
 
 Layout. Every layer that computes its own keys/values owns `k`, `v` of shape [rows, n_kv, slots, head_dim].
-Full-attention layers have one slot per position of the context, and a spare one (`cache_slots`). Sliding layers
+Full-attention layers have one slot per position of the context (rounded up to SPAN_GRANULE). Sliding layers
 are ring buffers of `window + slack` slots (a key lives at slot `position % slots`): a query only ever sees the
-last `window` keys, so the rest of the context is never stored. The `slack` slots let a speculative chunk of up
+last `window` keys, so the rest of the context is never stored. Every layer holds one spare slot past these,
+never written (`cache_slots`). The `slack` slots let a speculative chunk of up
 to `slack + 1` tokens be written before it is attended to, and rolled back, without overwriting a key that a
 later query still needs. KV-shared layers (Gemma 4 E-series) have no cache: they attend with their producer's.
 
@@ -37,11 +38,23 @@ def chunk_mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
     return allowed
 
 
+# A step's span (`span_for`) is a multiple of SPAN_GRANULE, and so are the full-attention slots, and at least
+# MIN_SPAN: a compiled step receives span / SPAN_GRANULE as a symbol of at least 2 (a symbol of 0 or 1 would
+# be made a constant of the graph), and the span is then known to split into 32 parts (model.decode_plain).
+SPAN_GRANULE = 32
+MIN_SPAN = 2 * SPAN_GRANULE
+
+
 def cache_slots(config: Config, context: int, slack: int) -> dict[str, int]:
-    """Slots per layer kind: a full-attention layer's one per position and a spare one, never written (a span
-    of the whole context is then still shorter than the slots, so a compiled step's symbolic span never equals
-    their number, which would make it a constant); a ring's `window + slack`."""
-    return {FULL: context + 1, SLIDING: min(context, config.sliding_window + slack)}
+    """Slots per layer kind that positions map to: a full-attention layer's one per position (rounded up to
+    SPAN_GRANULE, so that every span fits), a ring's `window + slack`. The cache holds one more of each, a spare
+    slot never written (`KVCache`): what a step attends is then always shorter than the tensor, so a compiled
+    step's symbolic span never equals its size (which would make the span a constant)."""
+    return {FULL: _round_up(context, SPAN_GRANULE), SLIDING: min(context, config.sliding_window + slack)}
+
+
+def _round_up(n: int, granule: int) -> int:
+    return -(-n // granule) * granule
 
 
 class KVCache:
@@ -50,13 +63,13 @@ class KVCache:
         self.config, self.rows, self.context = config, rows, context
         self.window = config.sliding_window
         self.slots = cache_slots(config, context, slack)
-        self.slot_pos = {kind: torch.full((rows, n), -1, dtype=torch.long, device=device)
+        self.slot_pos = {kind: torch.full((rows, n + 1), -1, dtype=torch.long, device=device)
                          for kind, n in self.slots.items()}
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
         for i in range(config.first_kv_shared_layer):
             kind = config.layer_types[i]
-            shape = (rows, config.layer_kv_heads(i), self.slots[kind], config.layer_head_dim(i))
+            shape = (rows, config.layer_kv_heads(i), self.slots[kind] + 1, config.layer_head_dim(i))
             self.k[i] = torch.zeros(shape, dtype=dtype, device=device)
             self.v[i] = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -176,15 +189,13 @@ class Prefill(Step):
         self.cache.v[layer][self.rows[:, None], :, slots] = v[:, :, keep].transpose(1, 2)
 
 
-SPAN_GRANULE = 128  # spans are rounded up to this: fewer distinct shapes for the kernels' caches
-
-
 def span_for(positions: list[int] | list[list[int]]) -> int:
     """The slots an `Append` at these positions (a list per row, or one each) must attend: every key it may
     see is at a position no later than the last of them, and below a layer's slot count a key's slot is its
-    position (full-attention slots, and a ring's before it wraps). Rounded up to SPAN_GRANULE."""
+    position (full-attention slots, and a ring's before it wraps). Rounded up to SPAN_GRANULE, at least
+    MIN_SPAN."""
     last = max(max(p) if isinstance(p, list) else p for p in positions)
-    return -(-(last + 1) // SPAN_GRANULE) * SPAN_GRANULE
+    return max(MIN_SPAN, _round_up(last + 1, SPAN_GRANULE))
 
 
 @dataclass
@@ -193,16 +204,15 @@ class Append(Step):
     At most `slack + 1` tokens per row at a time (a decode step, a speculative chunk): more would overwrite
     ring slots that the chunk's own first queries still need. Longer continuations use `Extend`.
     `all_rows` says `rows` is every row in order, so the cache is attended in place instead of gathered.
-    `span` (`span_for` the step's positions; None: every slot) attends over the first `span` slots only: a
-    decode step early in an 8192-token context would otherwise read all 8192 slots of every full-attention
-    layer, empty ones too, every step (docs/performance.md, "Attending over the used slots").
-    `rings_whole`: compiled CPU steps, whose span is symbolic (one graph serves every span) and at most the
-    context: only full-attention layers are cut to it, without a test on it (a test would be a guard, and
-    crossing it a recompilation), and the rings, a few hundred slots, are attended whole."""
+    `span` (`span_for` the step's positions; None: every slot) attends over the first `span` slots only (a
+    ring's first `min(span, slots)`): a decode step early in an 8192-token context would otherwise read all
+    8192 slots of every full-attention layer and the whole of every ring, empty slots too, every step
+    (docs/performance.md, "Attending over the used slots").
+    A compiled CPU step's span is a symbol (one graph serves every span), so it is cut to a ring's length with
+    `sym_min`, not a test: a test would be a guard, and crossing it a recompilation."""
 
     all_rows: bool = False
     span: int | None = None
-    rings_whole: bool = False
 
     def begin(self) -> None:
         self.cache.record(self.rows, self.positions)
@@ -228,9 +238,12 @@ class Append(Step):
         """How many of a `kind` layer's slots to attend (None: all of them)."""
         if self.span is None:
             return None
-        if self.rings_whole:
-            return self.span if kind == FULL else None
-        return None if self.span >= self.cache.slots[kind] else self.span
+        n = self.cache.slots[kind]
+        if n % SPAN_GRANULE or self.span % SPAN_GRANULE:
+            return torch.sym_min(self.span, n)
+        # Counted in granules, so that a compiled step's symbolic result is still known to be a multiple of one
+        # (model.decode_plain).
+        return torch.sym_min(self.span // SPAN_GRANULE, n // SPAN_GRANULE) * SPAN_GRANULE
 
 
 class Extend(Prefill):
@@ -280,8 +293,8 @@ def estimate_bytes(config: Config, rows: int, context: int, dtype: torch.dtype, 
     code (CPU, with `unpack_kernels` compiled int4 prompt unpacks) or the CUDA graphs' memory (GPU), and the
     `head_screen` bytes of a greedy screen (screen.py), not yet allocated."""
     elt = torch.tensor([], dtype=dtype).element_size()
-    slots = cache_slots(config, context, slack)
-    kv = sum(2 * rows * config.layer_kv_heads(i) * slots[config.layer_types[i]] * config.layer_head_dim(i) * elt
+    slots = cache_slots(config, context, slack)  # and the spare slot
+    kv = sum(2 * rows * config.layer_kv_heads(i) * (slots[config.layer_types[i]] + 1) * config.layer_head_dim(i) * elt
              for i in range(config.first_kv_shared_layer))
     widest = max(config.layer_intermediate(i) for i in range(config.num_hidden_layers))
     heads = config.num_attention_heads * max(config.head_dim, config.global_head_dim or 0)

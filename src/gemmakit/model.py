@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
 from gemmakit.cache import Step
@@ -129,7 +130,9 @@ def decode_plain(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) ->
     qg = q.reshape(B, Hk, Hq // Hk, D).float()  # [B, Hk, G, D]: the query heads that share a KV head
     scores = (k.float() @ qg.transpose(-1, -2)).transpose(-1, -2) * scale  # [B, Hk, G, S]
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    parts = 32 if S % 32 == 0 else 1
+    # In a compiled step S may be a symbol: split only where it is known to divide, as a test on it would be a
+    # guard (cache.Append keeps spans known multiples of 32).
+    parts = 32 if statically_known_true(S % 32 == 0) else 1
     probs = probs.reshape(B, Hk, -1, parts, S // parts).transpose(2, 3)  # [B, Hk, parts, G, S/parts]
     out = (probs @ v.float().reshape(B, Hk, parts, S // parts, D)).sum(2)  # [B, Hk, G, D]
     return out.to(q.dtype).reshape(B, Hq, 1, D)

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from gemmakit.adapters import adapter_names, set_rows
-from gemmakit.cache import Append, Extend, KVCache, Prefill, check_fits_memory, span_for
+from gemmakit.cache import MIN_SPAN, SPAN_GRANULE, Append, Extend, KVCache, Prefill, check_fits_memory, span_for
+from gemmakit.config import FULL
 from gemmakit.media.soft import PromptMedia, batch_media
 from gemmakit.quantize import (
     UNPACK_ROWS,
@@ -142,9 +143,9 @@ class Runtime:
         # Only the slots these positions can see: a length eager steps read as it is, and compiled CPU steps
         # as a marker tensor's symbolic size (`_span_marker`). CUDA graphs keep every slot: their shapes are
         # fixed.
-        span: int | Tensor | None = min(span_for(positions), self.cache.context)
-        if compiled:
-            span = self._span_marker(span) if self.device.type == "cpu" else None
+        span: int | Tensor | None = min(span_for(positions), self.cache.slots[FULL])
+        if compiled:  # a context shorter than MIN_SPAN is attended whole: its spans are not all multiples of 32
+            span = self._span_marker(span) if self.device.type == "cpu" and span >= MIN_SPAN else None
         with small_row_reductions(self.plan.int8_reduce_rows if compiled else 0):
             if padded:
                 out = self._padded(forward, ids, pos, rows_t, span)
@@ -177,9 +178,9 @@ class Runtime:
         return StepOut(logits=self.model.head(hidden))
 
     def _span_marker(self, span: int) -> Tensor:
-        """An empty tensor `span` long, its size marked dynamic: a compiled step reads the span from it as a
-        symbol, so one graph serves every span."""
-        marker = torch.empty(span, dtype=torch.int8)
+        """An empty tensor of `span` / SPAN_GRANULE elements, its size marked dynamic: a compiled step reads the
+        span from it as a symbol, so one graph serves every span, known to be a multiple of the granule."""
+        marker = torch.empty(span // SPAN_GRANULE, dtype=torch.int8)
         torch._dynamo.mark_dynamic(marker, 0)
         return marker
 
@@ -202,7 +203,7 @@ class Runtime:
     def _append(self, pos: Tensor, rows: Tensor, all_rows: bool, span: int | Tensor | None) -> Append:
         # Every row decoding (rows sorted): attend over the cache in place rather than gathering a copy of it.
         if isinstance(span, Tensor):  # a compiled step's marker (_span_marker)
-            return Append(pos, self.cache, rows, all_rows, span.shape[0], rings_whole=True)
+            return Append(pos, self.cache, rows, all_rows, span.shape[0] * SPAN_GRANULE)
         return Append(pos, self.cache, rows, all_rows, span)
 
     def _forward_logits(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool,
