@@ -1,8 +1,10 @@
-"""Which decode-attention kernel a compiled step should use, per dtype: `decode_sdpa` against `decode_plain`.
+"""Which decode-attention kernel a compiled step should use, per dtype: `decode_sdpa`, `decode_plain` and
+gemmakit's CPU kernel (`gemmakit`: runtime/attention_avx2.cpp, as the plan applies it).
 
-The runtime plan sends a one-query-per-row step to SDPA's fused kernel in half precision and in fp32 steps
-with as many (row, KV head) pairs as threads, and to plain ops in narrower fp32 steps (runtime/plan.py). This
-script is the measurement behind that rule: for each dtype it builds one engine per kernel (each compiled with
+Where gemmakit's kernels build, the runtime plan sends a one-query-per-row step to gemmakit's kernel in half
+precision and in fp32 steps with as many (row, KV head) pairs as threads, and to plain ops in narrower fp32
+steps; elsewhere SDPA's fused kernel takes the steps gemmakit's would (runtime/plan.py). This script is the
+measurement behind that rule: for each dtype it builds one engine per kernel (each compiled with
 its attention layers given that kernel in place of the plan's), then times them in interleaved rounds of
 decode steps in one process, so that both see the same machine state, and prints the median milliseconds per
 step and the ratio.
@@ -26,7 +28,7 @@ from profile_decode import narrow_model, start_decoding
 from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model
 from gemmakit.engine import Engine
-from gemmakit.runtime.plan import prepare_weights
+from gemmakit.runtime.plan import _attention_choice, prepare_weights
 from gemmakit.runtime.steps import set_decode_attention
 
 
@@ -40,7 +42,8 @@ def ready_engine(args: argparse.Namespace, dtype: str, kernel: str) -> Engine:
         prepare_weights(model, None, True)  # the layout gemmakit.api.load gives a compiled engine
     total = args.rounds * args.steps
     engine = Engine(model, max_batch=args.batch, context=args.prompt_len + total + 64, compile=True)
-    set_decode_attention(model, kernel)
+    set_decode_attention(model, _attention_choice(torch.device("cpu"), dtype != "float32", True)[0]
+                         if kernel == "gemmakit" else kernel)
     prompts = [[10 + (r + i) % 1000 for i in range(args.prompt_len)] for r in range(args.batch)]
     start_decoding(engine, prompts, total + 32)
     if len(engine.running) != args.batch:  # a step that failed ends its rows: the timings would be of nothing
@@ -56,7 +59,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per engine per round")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kernels", default="sdpa,plain", help="also the order engines are built and timed in")
+    ap.add_argument("--kernels", default="sdpa,plain,gemmakit", help="also the order engines are built and timed in")
     ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--narrow", action="store_true", help="the 270M's layers with 64-wide matrices (profile_decode)")
     args = ap.parse_args()

@@ -22,12 +22,14 @@ from tests.helpers import WINDOW, assert_same_until_a_tie, hf_model, tiny
 pytestmark = pytest.mark.skipif(not compile_supported("cpu"), reason="torch.compile needs a C++ compiler here")
 
 
-@pytest.mark.parametrize("name, dtype, tol", [("gemma3", torch.float32, 1e-4), ("e2b", torch.float32, 1e-4),
-                                             ("gemma3-27b", torch.bfloat16, 0.02)])
-def test_compiled_decode_equals_eager(name, dtype, tol, tmp_path):
+@pytest.mark.parametrize("name, dtype, tol, prefix", [("gemma3", torch.float32, 1e-4, 8),
+                                                     ("e2b", torch.float32, 1e-4, 8),
+                                                     ("gemma3-27b", torch.bfloat16, 0.02, 3)])
+def test_compiled_decode_equals_eager(name, dtype, tol, prefix, tmp_path):
     """Greedy tokens AND logits of the compiled one-row decode match eager decoding, past the sliding window,
-    on a Gemma 3 and a KV-sharing Gemma 4 layout, and in bf16 (whose decode attention is SDPA over the query
-    heads grouped per KV head) with two KV heads. The sequences may part only at a tie to rounding."""
+    on a Gemma 3 and a KV-sharing Gemma 4 layout, and in bf16 (whose decode attention reads the query heads
+    grouped per KV head) with two KV heads. The sequences may part only at a tie to rounding: in bf16 this
+    random model's logits are nearly flat, and held to AVX2 two of them round equal at the fourth token."""
     hf_model(tiny(name)).save_pretrained(tmp_path)
     model = load_model(tmp_path, dtype=dtype)
     prompt = torch.randint(0, 1000, (WINDOW + 3,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -37,7 +39,7 @@ def test_compiled_decode_equals_eager(name, dtype, tol, tmp_path):
     engine = Engine(model, max_batch=1, context=128, compile=True)
     assert engine.compiled and not eager_engine.compiled
     compiled = engine.generate([prompt], params)[0]
-    assert_same_until_a_tie(compiled, eager, tol, prefix=8)  # a rounding tie may go either way in bf16
+    assert_same_until_a_tie(compiled, eager, tol, prefix=prefix)  # a rounding tie may go either way in bf16
 
 
 def test_compiled_steps_attend_over_the_used_slots_in_one_graph(tmp_path, monkeypatch):

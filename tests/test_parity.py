@@ -155,9 +155,9 @@ def test_fp32_decode_steps_go_to_sdpa_once_their_row_head_pairs_fill_the_threads
     from gemmakit.runtime.plan import _attention_choice
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    kernel, why = _attention_choice(torch.device("cpu"), half=False)
+    kernel, why = _attention_choice(torch.device("cpu"), half=False, kernels=False)  # no gemmakit kernels here
     assert kernel == threads and "SDPA" in why
-    assert _attention_choice(torch.device("cpu"), half=True)[0] == "sdpa"
+    assert _attention_choice(torch.device("cpu"), half=True, kernels=False)[0] == "sdpa"
     called = []
     for name in ("sdpa", "plain"):
         real = getattr(model_module, f"decode_{name}")

@@ -23,6 +23,8 @@ decode of rows at different positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -84,7 +86,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, decode: str | int | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, decode: str | int | Callable | None = None
+           ) -> Tensor:
     """Softmax attention of q [B, Hq, T, D] over k, v [B, Hk, S, D] (Hq a multiple of Hk), mask [B, 1, T, S].
 
     Chunks of queries go to SDPA's fused kernels. A single query per row (a decode step) is where a long
@@ -100,10 +103,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, decode: 
       ops, where SDPA would leave threads idle. The plan passes n rather than this function asking torch,
       because torch.compile cannot trace that question; the shapes are static, so the choice is made once per
       traced batch size.
+    - a function (q, k, v, mask, scale) -> out: a kernel of the runtime's own (gemmakit's CPU kernel reads
+      each key and value once for all G queries, in the cache's dtype).
     - None (no plan): "sdpa" in half precision, else "plain".
     """
     if q.shape[2] != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    if callable(decode):
+        return decode(q, k, v, mask, scale)
     if decode is None:
         decode = "sdpa" if q.dtype in (torch.bfloat16, torch.float16) else "plain"
     elif isinstance(decode, int):
@@ -147,7 +154,7 @@ class Attention(nn.Module):
         self.k_eq_v = c.layer_k_eq_v(i)
         self.scale = c.attention_scale
         self.window = c.sliding_window if self.kind == SLIDING else None
-        self.decode_kernel: str | int | None = None  # one-query steps' kernel (`attend`), set by the runtime plan
+        self.decode_kernel: str | int | Callable | None = None  # one-query steps' kernel (`attend`), set by the plan
         g3, H, d = not c.is_gemma4, c.hidden_size, self.head_dim
         self.q_proj = nn.Linear(H, self.n_heads * d, bias=False)
         self.q_norm = RMSNorm(d, c.rms_norm_eps, offset=g3)

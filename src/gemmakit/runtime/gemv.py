@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemmakit.files import cache_dir
+from gemmakit.model import decode_plain
 from gemmakit.quantize_codes import (
     cpu_int4_block_rows,
     dequantize_int4,
@@ -79,7 +80,7 @@ from gemmakit.quantize_codes import (
 )
 from gemmakit.runtime.probe import cpu_capability
 
-_SOURCE = Path(__file__).with_name("gemv_avx2.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.cpp", "attention_avx2.cpp")]
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels splits rows by it
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
@@ -147,20 +148,21 @@ def _build() -> None:
         if not (where / f"{_NAME}.so").exists():
             print("gemmakit: building its AVX2 decode kernels (once per machine and torch version)...",
                   file=sys.stderr, flush=True)
-        load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(where), is_python_module=False, verbose=False)
     global _registered
     if not _registered:  # once per process, however often the probe is asked again
         for op in ("int4_gemv", "int8_gemv", "float_gemv"):
             torch.library.register_fake(f"gemmakit_avx2::{op}")(_fake)
         torch.library.register_fake("gemmakit_avx2::int8_screen")(_fake_screen)
+        torch.library.register_fake("gemmakit_avx2::decode_attention")(_fake_attention)
         _registered = True
 
 
 def build_dir() -> Path:
     """Where this machine's build of the kernels lives: keyed by what goes into the build, so a changed kernel
     or torch builds afresh (and says so)."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_FLAGS).encode()).hexdigest()[:12]
     return cache_dir("kernels") / f"torch-{torch.__version__}-{key}"
 
 
@@ -209,6 +211,24 @@ def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor, isa: i
     return x_scale.new_empty(x16.shape[0], q.shape[0])
 
 
+def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """One query per row, q [B, Hq, 1, D], over k, v [B, Hk, S, D] (fp32 or bf16, unit stride along D: a
+    narrowed cache is read in place) where mask [B, 1, 1, S] lets it; out in q's dtype (`attention_avx2.cpp`)."""
+    return torch.ops.gemmakit_avx2.decode_attention(q, k, v, mask, scale)
+
+
+def attention_from(pairs: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """`attention` for steps of at least `pairs` (row, KV head) pairs, plain ops for narrower ones: in a
+    compiled fp32 step inductor fuses those with the ops around them (model.decode_plain)."""
+    if q.shape[0] * k.shape[1] < pairs:
+        return decode_plain(q, k, v, mask, scale)
+    return attention(q, k, v, mask, scale)
+
+
 def _agrees() -> bool:
     """Every kernel against the fp32 product of its decoded weight, one row and three (their two paths), on
     shapes with every tail the kernels handle."""
@@ -229,7 +249,24 @@ def _agrees() -> bool:
     exact = exact and all(torch.allclose(floats(rows, w16).float(), (rows.float() @ w16.float().T).bfloat16().float(),
                                          rtol=2**-7, atol=1e-4) for rows in (half[:1], half))
     return exact and all(_screen_within_bound(rows[:, :k], *codes) for rows in (x[:1], x)
-                         for k, codes in ((93, (q, s)), (64, (q64, s64))))
+                         for k, codes in ((93, (q, s)), (64, (q64, s64)))) and _attention_agrees(g)
+
+
+def _attention_agrees(g: torch.Generator) -> bool:
+    """The decode attention kernel against plain ops: fp32 and bf16 caches read through a narrowed view, 5
+    queries per KV head (a group of 4 and one of 1), a head width with a tail, some keys masked, and one row
+    over enough keys that it splits them over the threads."""
+    for rows, keys in ((3, 40), (1, 1100)):
+        q = torch.randn(rows, 10, 1, 36, generator=g)
+        k, v = (torch.randn(rows, 2, keys + 3, 36, generator=g).narrow(2, 0, keys) for _ in range(2))
+        mask = torch.rand(rows, 1, 1, keys, generator=g) < 0.7
+        mask[..., 0] = True
+        want = decode_plain(q, k, v, mask, 0.2)
+        if not (torch.allclose(attention(q, k, v, mask, 0.2), want, rtol=1e-4, atol=1e-5) and torch.allclose(
+                attention(q, k.bfloat16(), v.bfloat16(), mask, 0.2), decode_plain(
+                    q, k.bfloat16().float(), v.bfloat16().float(), mask, 0.2), rtol=1e-4, atol=1e-5)):
+            return False
+    return True
 
 
 def _screen_within_bound(x: Tensor, q: Tensor, scales: Tensor) -> bool:

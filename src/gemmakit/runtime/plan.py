@@ -25,9 +25,10 @@ live here, not spread over the model's modules:
 |                     | bf16 pairs) / torch's, oneDNN's, fbgemm's| the plain bf16 weights kept (compiled steps)  |
 |                     | compiled one-row int8: inductor's fused  | with AVX-512 inductor code, both timed in a   |
 |                     | reductions / gemmakit's kernel           | compiled graph at start-up (once a process)   |
-| decode attention    | SDPA (half precision; fp32 steps with as | the activation dtype, and per step the rows x |
-|                     | many row x KV-head pairs as threads) /   | KV heads against the threads (model.attend)   |
-|                     | plain ops (narrower fp32 steps)          |                                               |
+| decode attention    | gemmakit's kernel, else SDPA (half       | the activation dtype, and per step the rows x |
+|                     | precision; fp32 steps with as many row x | KV heads against the threads (model.attend); |
+|                     | KV-head pairs as threads) / plain ops    | whether gemmakit's kernels build and agree    |
+|                     | (narrower fp32 steps)                    |                                               |
 | memory forecast     | what all of the above will hold          | cache.estimate_bytes                          |
 
 `Plan.describe()` is the one line `gemmakit bench` and `gemmakit chat --verbose` print, with why each choice
@@ -145,7 +146,8 @@ class Plan:
     packed: bool
     compiled: bool
     screen: tuple | None  # HeadScreen's (head, packed copy, plain copy, fp16, gemv kernel[, rows])
-    decode_attention: str | int  # "sdpa", "plain", or SDPA from this many (row, KV head) pairs (model.attend)
+    decode_attention: str | int | Callable  # "sdpa", "plain", SDPA from this many (row, KV head) pairs, or a kernel
+    # (model.attend)
     int4_unpack: bool
     int8_reduce_rows: int  # rows up to which compiled steps take int8 products as fused reductions (0: never)
     gemv_kernels: bool  # few-row CPU int4 / int8 / bf16 products on gemmakit's AVX2 kernels (gemv.py)
@@ -205,22 +207,30 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
             why["decode products"] += " (int4 weights stay on torch's kernel, in its packing for this CPU)"
     plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed, gemv_here)
     half = dtype in (torch.bfloat16, torch.float16)
-    decode_attention, why["decode attention"] = _attention_choice(device, half)
+    decode_attention, why["decode attention"] = _attention_choice(device, half, gemv_here)
     plan = Plan(device.type, dtype, quantization(model), packed, compiled, plan_of_screen, decode_attention,
                 int4_unpack, int8_reduce_rows, gemv_kernels, why=why)
     plan.forecast = forecast(model, plan, max_batch, context, slack, prefill_chunk)
     return plan
 
 
-def _attention_choice(device: torch.device, half: bool) -> tuple[str | int, str]:
-    """One-query steps' kernel (model.attend): SDPA in half precision. In fp32 on CPU, SDPA too once a step's
-    (row, KV head) pairs fill the threads, which its kernel shares out whole; plain ops fused by inductor for a
-    narrower step (docs/architecture.md, "Decode attention")."""
+def _attention_choice(device: torch.device, half: bool, kernels: bool) -> tuple[str | int | Callable, str]:
+    """One-query steps' kernel (model.attend). On CPUs where gemmakit's kernels build and agree, its decode
+    attention kernel, which reads each key and value row once for every query head sharing it, in the cache's
+    dtype: every step in half precision (it splits a narrow step's keys over the threads), fp32 steps whose
+    (row, KV head) pairs fill the threads. Else SDPA in half precision, and in fp32 on CPU SDPA for those wide
+    steps, which its kernel shares out whole. Narrower fp32 steps take plain ops, fused by inductor with the
+    ops around them (docs/architecture.md, "Decode attention")."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and kernels and half:
+        return gemv.attention, "gemmakit's kernel"
+    if device.type == "cpu" and kernels:
+        return (functools.partial(gemv.attention_from, threads),
+                f"gemmakit's kernel for steps of {threads}+ row x KV-head pairs (the threads), else plain ops (fp32)")
     if half:
         return "sdpa", "SDPA (half precision)"
     if device.type != "cpu":
         return "plain", "plain ops (fp32)"
-    threads = torch.get_num_threads()
     return threads, f"SDPA for steps of {threads}+ row x KV-head pairs (the threads), else plain ops (fp32)"
 
 

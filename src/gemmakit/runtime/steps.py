@@ -9,6 +9,7 @@ plain eager model gives, up to the dtype's rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -228,7 +229,7 @@ class Runtime:
         return quantized_bytes(self.model) + packed_only - saved
 
 
-def set_decode_attention(model: Any, kernel: str | int) -> None:
+def set_decode_attention(model: Any, kernel: str | int | Callable) -> None:
     """Give every attention layer of `model` the plan's kernel for one-query (decode) steps."""
     for m in model.modules():
         if hasattr(m, "decode_kernel"):
