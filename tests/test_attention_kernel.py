@@ -114,3 +114,13 @@ def test_engines_decode_through_the_kernel_with_the_models_tokens(compile, tmp_p
     set_decode_attention(model, "plain")
     for a, b in zip(got, reference.generate(prompts, params), strict=True):
         assert_same_until_a_tie(a, b, 1e-4, prefix=8)
+
+
+def test_float16_models_keep_sdpa(tmp_path):
+    """The kernel reads fp32 and bf16 caches only: an Engine given a float16 model (the CLI refuses those, the
+    Python API does not) keeps SDPA and decodes every token it was asked for."""
+    hf_model(tiny("gemma3")).save_pretrained(tmp_path)
+    engine = Engine(load_model(tmp_path).half(), max_batch=2, context=64)
+    assert "decode attention: SDPA (half precision)" in engine.runtime.plan.describe()
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5))[0]
+    assert len(out.tokens) == 5 and out.finish_reason == "length"

@@ -207,7 +207,8 @@ def make_plan(model: nn.Module, max_batch: int, context: int, compile: bool, scr
             why["decode products"] += " (int4 weights stay on torch's kernel, in its packing for this CPU)"
     plan_of_screen, why["head screen"] = _screen_choice(model, max_batch, compiled, screen, packed, gemv_here)
     half = dtype in (torch.bfloat16, torch.float16)
-    decode_attention, why["decode attention"] = _attention_choice(device, half, gemv_here)
+    # The kernel reads fp32 and bf16 caches (float16 models are refused by the CLI, not by an Engine).
+    decode_attention, why["decode attention"] = _attention_choice(device, half, gemv_here and dtype != torch.float16)
     plan = Plan(device.type, dtype, quantization(model), packed, compiled, plan_of_screen, decode_attention,
                 int4_unpack, int8_reduce_rows, gemv_kernels, why=why)
     plan.forecast = forecast(model, plan, max_batch, context, slack, prefill_chunk)
