@@ -52,13 +52,13 @@ struct Partial {
 };
 
 // Scores of NG queries q [NG][D] (fp32) against the keys s0..s1-1 that the mask lets through, scaled, into
-// scores[g * S + s]; masked keys get -inf and are not read.
+// scores[g * S + s - s0] (S = s1 - s0); masked keys get -inf and are not read.
 template <int NG, typename T>
 void score_keys(const float* q, const T* k, int64_t k_stride, const bool* mask, int64_t m_stride, int64_t D,
                 int64_t s0, int64_t s1, float scale, float* scores, int64_t S) {
   for (int64_t s = s0; s < s1; ++s) {
     if (!mask[s * m_stride]) {
-      for (int g = 0; g < NG; ++g) scores[g * S + s] = -std::numeric_limits<float>::infinity();
+      for (int g = 0; g < NG; ++g) scores[g * S + s - s0] = -std::numeric_limits<float>::infinity();
       continue;
     }
     const T* row = k + s * k_stride;
@@ -72,7 +72,7 @@ void score_keys(const float* q, const T* k, int64_t k_stride, const bool* mask, 
     for (int g = 0; g < NG; ++g) {
       float x = hsum8(acc[g]);
       for (int64_t t = d; t < D; ++t) x += q[g * D + t] * load1(row + t);
-      scores[g * S + s] = x * scale;
+      scores[g * S + s - s0] = x * scale;
     }
   }
 }
@@ -84,10 +84,11 @@ void weigh_values(float* scores, const T* v, int64_t v_stride, int64_t D, int64_
                   const Partial& p, int g0) {
   for (int g = 0; g < NG; ++g) {
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t s = s0; s < s1; ++s) m = std::max(m, scores[g * S + s]);
+    float* row = scores + g * S;
+    for (int64_t i = 0; i < S; ++i) m = std::max(m, row[i]);
     float total = 0.0f;
     if (m != -std::numeric_limits<float>::infinity())
-      for (int64_t s = s0; s < s1; ++s) total += scores[g * S + s] = std::exp(scores[g * S + s] - m);
+      for (int64_t i = 0; i < S; ++i) total += row[i] = std::exp(row[i] - m);
     p.max[g0 + g] = m;
     p.sum[g0 + g] = total;
     std::fill(p.out + (g0 + g) * D, p.out + (g0 + g + 1) * D, 0.0f);
@@ -96,7 +97,7 @@ void weigh_values(float* scores, const T* v, int64_t v_stride, int64_t D, int64_
     float w[NG];
     bool any = false;
     for (int g = 0; g < NG; ++g) {
-      w[g] = p.max[g0 + g] == -std::numeric_limits<float>::infinity() ? 0.0f : scores[g * S + s];
+      w[g] = p.max[g0 + g] == -std::numeric_limits<float>::infinity() ? 0.0f : scores[g * S + s - s0];
       any |= w[g] != 0.0f;
     }
     if (!any) continue;  // masked (or weightless) keys: their value row is not read
@@ -127,9 +128,9 @@ template <typename T>
 void range_task(const float* q, int64_t G, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
                 const bool* mask, int64_t m_stride, int64_t D, int64_t s0, int64_t s1, float scale,
                 const Partial& p) {
-  std::vector<float> scores(static_cast<size_t>(std::min<int64_t>(G, kGroup)) * (s1 - s0));
-  float* base = scores.data() - s0;  // indexed by key position within [s0, s1), row stride S = s1 - s0
   const int64_t S = s1 - s0;
+  std::vector<float> scores(static_cast<size_t>(std::min<int64_t>(G, kGroup)) * S);
+  float* base = scores.data();
   for (int64_t g0 = 0; g0 < G; g0 += kGroup) {
     const int n = static_cast<int>(std::min<int64_t>(kGroup, G - g0));
     const float* qg = q + g0 * D;
