@@ -47,6 +47,10 @@ tiles that keep a dozen sums in registers, so a batch-8 step is bound by the mul
 loads feeding them; that beats torch's kernels there too on cold weights (benchmarks/cpu_products.py).
 Prompts keep the plan's GEMM paths.
 
+Decode attention. The same library holds a decode attention kernel (`attention_avx2.cpp`, `attention`): each
+(row, KV head) pair's key and value rows read once, in place, against all its query heads, where torch's SDPA
+ran two GEMMs of a few rows each (docs/architecture.md, "Decode attention").
+
 The C++ is built at run time with torch's extension builder, once per machine, torch version and kernel
 source (kept in `~/.cache/gemmakit/kernels`), and only on x86 CPUs where ATen runs AVX2 or wider. Anything
 that stops it (no compiler, a failed build, a result that disagrees with the reference on a probe) leaves
