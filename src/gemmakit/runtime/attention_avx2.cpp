@@ -11,13 +11,14 @@
 // Threads take whole (row, KV head) pairs where there are enough of them; a narrower step (one row) splits
 // each pair's keys into ranges instead, and the ranges' partial softmaxes are merged (their maxima, sums and
 // weighted values rescaled to the largest maximum), as flash-decoding does.
+#include "lanes_avx2.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -26,22 +27,9 @@ namespace {
 constexpr int kGroup = 4;           // queries scored together against each loaded key
 constexpr int64_t kMinRange = 256;  // keys per range below which a pair is not split further
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {  // bf16: the top half of an fp32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-inline float load1(const float* p) { return *p; }
-inline float load1(const uint16_t* p) {
-  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+using gemmakit_lanes::hsum;
+using gemmakit_lanes::widen1;
+using gemmakit_lanes::widen8;
 
 // What one task leaves for the merge: per query its scores' maximum, the sum of exp(score - max), and
 // sum of exp(score - max) * v over its keys.
@@ -66,12 +54,12 @@ void score_keys(const float* q, const T* k, int64_t k_stride, const bool* mask, 
     for (int g = 0; g < NG; ++g) acc[g] = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
-      const __m256 kv = load8(row + d);
+      const __m256 kv = widen8(row + d);
       for (int g = 0; g < NG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), kv, acc[g]);
     }
     for (int g = 0; g < NG; ++g) {
-      float x = hsum8(acc[g]);
-      for (int64_t t = d; t < D; ++t) x += q[g * D + t] * load1(row + t);
+      float x = hsum(acc[g]);
+      for (int64_t t = d; t < D; ++t) x += q[g * D + t] * widen1(row[t]);
       scores[g * S + s - s0] = x * scale;
     }
   }
@@ -104,14 +92,14 @@ void weigh_values(float* scores, const T* v, int64_t v_stride, int64_t D, int64_
     const T* row = v + s * v_stride;
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
-      const __m256 vv = load8(row + d);
+      const __m256 vv = widen8(row + d);
       for (int g = 0; g < NG; ++g) {
         float* o = p.out + (g0 + g) * D + d;
         _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(w[g]), vv, _mm256_loadu_ps(o)));
       }
     }
     for (; d < D; ++d)
-      for (int g = 0; g < NG; ++g) p.out[(g0 + g) * D + d] += w[g] * load1(row + d);
+      for (int g = 0; g < NG; ++g) p.out[(g0 + g) * D + d] += w[g] * widen1(row[d]);
   }
 }
 

@@ -85,6 +85,7 @@ from gemmakit.quantize_codes import (
 from gemmakit.runtime.probe import cpu_capability
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.cpp", "attention_avx2.cpp")]
+_HEADERS = [Path(__file__).with_name("lanes_avx2.h")]  # included by both: part of the build's key
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels splits rows by it
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
@@ -166,7 +167,8 @@ def _build() -> None:
 def build_dir() -> Path:
     """Where this machine's build of the kernels lives: keyed by what goes into the build, so a changed kernel
     or torch builds afresh (and says so)."""
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    source = b"".join(p.read_bytes() for p in (*_SOURCES, *_HEADERS))
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:12]
     return cache_dir("kernels") / f"torch-{torch.__version__}-{key}"
 
 

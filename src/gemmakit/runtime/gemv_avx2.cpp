@@ -21,6 +21,8 @@
 // two weight rows a step), with the screen's bound added as each sum is written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include "lanes_avx2.h"
+
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -153,30 +155,11 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // int8, fp32 and bf16 weights share one arrangement, vectorised along K; only widening 8 values to fp32
-// differs (a bf16 value is the top half of an fp32 one, so it widens with a shift).
-inline __m256 widen8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 widen8(const uint16_t* p) {
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-inline float widen1(int8_t v) { return static_cast<float>(v); }
-inline float widen1(float v) { return v; }
-inline float widen1(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+// differs (lanes_avx2.h: hsum, widen8, widen1).
+using gemmakit_lanes::hsum;
+using gemmakit_lanes::widen1;
+using gemmakit_lanes::widen8;
 
 // Rows [r, r + kRows8) of w against one row of x: that many dot products along K at once. Eight streams of
 // weights in flight keep more of the memory's bandwidth busy than four (the rows come cold), and eight
