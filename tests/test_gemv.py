@@ -74,6 +74,42 @@ def test_int8_kernel_is_the_dequantized_product(n, k, scale_dtype, rows, wide):
     assert torch.allclose(gemv.int8(x, q, s, wide), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("isa", SCREEN_ISAS, ids=lambda i: ["avx2", "avx512", "amx"][i])
+@pytest.mark.parametrize("rows", [*ROWS, 8])
+@pytest.mark.parametrize("n, k", [(7, 13), (256, 640), (61, 2048), (1030, 128)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_layers_round_x_onto_the_screens_grid_and_sum_exactly(n, k, scale_dtype, rows, isa):
+    """The int8 layers' decode rows (gemv.int8_grid): x rounded in the kernel onto the screen's grid gives the
+    screen's pass bit for bit (the same x~, the same exact sums), on every pass this CPU has; so the product is
+    off the fp32 one by no more than what rounding x moved, |x - x~| |w|, with an outlier 1000x the rest."""
+    g = torch.Generator().manual_seed(n * k + rows)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    x[:, 3 % k], x[-1, 5 % k] = 1000.0, -700.0
+    q, s = quantize_int8(w, scale_dtype)
+    got = gemv.int8_grid(x, q, s, isa)
+    sums, rounding, _ = gemv.screen_int8(x, q, s.float(), isa)
+    assert got.dtype == torch.float32 and torch.equal(got, sums)
+    decoded = q.double() * s.double()[:, None]
+    err = (got.double() - x.double() @ decoded.T).abs()
+    assert (err <= rounding.double() * decoded.norm(dim=-1) * (1 + 1e-5) + 1e-4).all()
+
+
+def test_a_rows_int8_layer_products_do_not_depend_on_the_rows_beside_it():
+    """Exact integer sums: an int8 layer gives a row the same bits in a batch step of 8 rows, of 3 and alone (and
+    on every pass this CPU has), where fp32 tiles and the one-row path sum in different orders; a row of NaN
+    stays in its row."""
+    q, s = quantize_int8(torch.randn(2048, 640), COMPUTE_DTYPE)
+    layer = Int8Linear(q, s)
+    layer.gemv_rows, layer.x_grid = gemv.INT8_ROWS, True
+    x = torch.randn(8, 1, 640) * 3
+    batch = layer(x)
+    assert all(torch.equal(batch[r], layer(x[r:r + 1])[0]) for r in range(8))
+    assert torch.equal(batch[:3], layer(x[:3]))
+    assert all(torch.equal(batch[:, 0], gemv.int8_grid(x[:, 0], q, s, isa)) for isa in SCREEN_ISAS)
+    x[2, 0, 17] = float("nan")
+    assert layer(x).isnan().any(-1)[:, 0].tolist() == [r == 2 for r in range(8)]
+
+
 def test_kernels_refuse_operands_they_cannot_read():
     q, s = quantize_int8(torch.randn(8, 16))
     with pytest.raises(RuntimeError, match="int8"):
@@ -162,8 +198,9 @@ def test_compiled_one_row_int8_products_go_where_they_were_timed_faster(monkeypa
     # Prompts past gemv.INT8_ROWS tokens stay on torch's kernel, so every call counted below is a decode step's.
     prompts, params = [list(range(2, 12)), list(range(3, 15))], SamplingParams(max_tokens=6)
     want = [greedy_without_cache(_int8_gemma(), p, 6) for p in prompts]
-    calls, int8 = [], gemv.int8
+    calls, int8, grid = [], gemv.int8, gemv.int8_grid  # the head's products, and the layers' (on the grid)
     monkeypatch.setattr(gemv, "int8", lambda *a: calls.append(a[0].shape[0]) or int8(*a))
+    monkeypatch.setattr(gemv, "int8_grid", lambda *a: calls.append(a[0].shape[0]) or grid(*a))
     for seconds, rows, said in (((1.0, 2.0), 0, "int8 decode: gemmakit's AVX2 kernel (timed here as kernel vs "
                                                 "reductions: 1000.00 vs 2000.00 ms)"),
                                 ((1.0, 1.05), 1, "int8 decode: inductor's fused reductions for one row, gemmakit's "
@@ -279,7 +316,8 @@ def test_kernels_take_zero_rows():
     w = torch.randn(24, 16)
     q, s = quantize_int8(w)
     for out in (gemv.floats(torch.randn(0, 16), w), gemv.floats(torch.randn(0, 16).bfloat16(), w.bfloat16()),
-                gemv.int8(torch.randn(0, 16), q, s), gemv.screen_int8(torch.randn(0, 16), q, s.float())[0]):
+                gemv.int8(torch.randn(0, 16), q, s), gemv.screen_int8(torch.randn(0, 16), q, s.float())[0],
+                gemv.int8_grid(torch.randn(0, 16), q, s)):
         assert out.shape == (0, 24)
 
 
@@ -364,6 +402,8 @@ def test_int8_heads_are_screened_through_their_own_codes(dtype, compile, monkeyp
     assert f"head screen: the int8 head's own codes {said}" in engine.plan.describe()
     screen = engine.runtime.screen
     assert screen.cheap.data_ptr() == model.lm_head.weight.data_ptr()  # read in place, not copied
+    # The layers' decode rows on the screen's grid; the head keeps fp32 x, the product its picks are certified on.
+    assert not model.lm_head.x_grid and model.model.layers[0].mlp.up_proj.x_grid
     vocab = model.config.vocab_size
     fp32_scales_copy = model.lm_head.scales.dtype != torch.float32
     assert engine.memory["head_screen"] == screen.nbytes == vocab * 4 * (2 + fp32_scales_copy)

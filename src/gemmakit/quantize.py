@@ -112,8 +112,9 @@ def use_gemv_kernels(model: nn.Module) -> int:
     (runtime/gemv.py; the caller checks they are available), up to `gemv.INT4_ROWS` / `INT8_ROWS` /
     `FLOAT_ROWS` rows. int4 weights go there only where they are packed in the layout the kernel reads; an
     fbgemm linear only over a bf16 weight (the kernel reads it in place); a oneDNN-packed bf16 linear's batch
-    rows where the kernels' AVX512_BF16 tiles run and it keeps its plain weight. Returns how many linears that
-    covers (`gemv.GemvLinear`s are built taking them)."""
+    rows where the kernels' AVX512_BF16 tiles run and it keeps its plain weight; int8 layers with x on the screen's
+    integer grid (`gemv.int8_grid`), an int8 head with fp32 x. Returns how many linears that covers
+    (`gemv.GemvLinear`s are built taking them)."""
     chosen = 0
     for m in model.modules():
         if (isinstance(m, HalfLinear) and m.weight.dtype == torch.bfloat16) or (
@@ -121,6 +122,9 @@ def use_gemv_kernels(model: nn.Module) -> int:
             m.gemv_rows = gemv.FLOAT_ROWS
         elif isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
             m.gemv_rows = gemv.INT8_ROWS
+            # Layers take x on the screen's integer grid (gemv.int8_grid); an int8 head keeps fp32 x, the
+            # product whose argmax the head screen certifies its picks against (screen.py).
+            m.x_grid = m is not getattr(model, "lm_head", None)
         elif isinstance(m, Int4Linear) and m.device_type == "cpu" and gemv.int4_fits(
                 m.out_features, m.in_features, m.group_size):
             m.gemv_rows = gemv.INT4_ROWS
@@ -165,17 +169,19 @@ def small_row_reductions(rows: int) -> Iterator[None]:
         _reduce_up_to = before
 
 
-def int8_matmul(x: Tensor, q: Tensor, scales: Tensor, gemv_rows: int = 0) -> Tensor:
+def int8_matmul(x: Tensor, q: Tensor, scales: Tensor, gemv_rows: int = 0, grid: bool = False) -> Tensor:
     """x [..., K] @ (q [N, K] * scales[:, None]).T on the packed kernel, run in the scales' dtype; inside
     `small_row_reductions` (compiled decode steps), a step's few rows as fp32 dequantize-multiply-reduces that
     inductor fuses and vectorises (`_reduce_rows`). From `UNPACK_ROWS` rows (a prompt) the weight is cast to
     bf16 for oneDNN's GEMM, faster than the kernel there. Up to `gemv_rows` rows go to gemmakit's AVX2 kernel
-    (runtime/gemv.py), for CPUs where torch's kernel is bound by arithmetic."""
+    (runtime/gemv.py), for CPUs where torch's kernel is bound by arithmetic: with `grid`, x rounded onto the
+    screen's integer grid and summed exactly (gemv.int8_grid), else in fp32."""
     rows = x.shape[:-1].numel()
     if rows <= _reduce_up_to:
         return _reduce_rows(x, q, scales)
     if rows <= gemv_rows:
-        return gemv.int8(x.reshape(rows, -1), q, scales).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+        y = (gemv.int8_grid if grid else gemv.int8)(x.reshape(rows, -1), q, scales)
+        return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1]).to(scales.dtype).contiguous()
     if _unpack_pays(x2, q.shape[0]) and scales.dtype == COMPUTE_DTYPE:  # a prompt: exact int8 -> bf16, oneDNN's GEMM
         # Where oneDNN has no fast bf16 path (AVX2 CPUs: probe.py), the same exact weights in fp32 GEMM instead.
@@ -226,7 +232,8 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, scales: Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.gemv_rows = 0  # set by `use_gemv_kernels`
+        self.gemv_rows = 0  # set by `use_gemv_kernels`, with x_grid
+        self.x_grid = False
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
 
@@ -235,7 +242,7 @@ class Int8Linear(nn.Module):
         return cls(*quantize_int8(w.detach(), _int8_dtype(w.shape[1])))
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_matmul(x, self.weight, self.scales, self.gemv_rows)
+        return int8_matmul(x, self.weight, self.scales, self.gemv_rows, self.x_grid)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.scales.dtype}"

@@ -12,6 +12,14 @@ sharing each load of x and eight streams of codes in flight. Activations stay fp
 them to bf16), so the result is the dequantized product in another summation order: the same maths, rounded
 less.
 
+int8 layers. An int4 model of the 270M keeps most of its layers int8 (the GGUF's 640-wide matrices, and every
+v_proj), and at a batch step's 8 rows their fp32 tiles were bound by multiply-adds, each code widened to fp32.
+So the layers' decode rows (`int8_grid`) take the screen's pass instead: x rounded per row onto the screen's
+integer grid, exact int32 sums of 16-bit multiply-adds, twice the products an instruction. Rounding x there
+moves a product less than torch's int8 kernel's bf16 x does (docs/performance.md, "int8 layers on the
+screen's grid"), and because the sums are exact a row gets the same bits however many rows share its step.
+An int8 head keeps the fp32 kernel: its screen certifies picks against that product.
+
 Float weights. A float model's decode step is bound by memory as well, and on AVX2 the products it had were
 not: oneDNN's packed fp32 product and fbgemm's fp16 one (bf16 models: torch's bf16 product is emulated there)
 stream the layers' weights well below the bandwidth, and fbgemm reads a 640-wide matrix padded to 1024. The
@@ -89,6 +97,7 @@ _HEADERS = [Path(__file__).with_name("lanes_avx2.h")]  # included by both: part 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels splits rows by it
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
+GRID_TOP = 8191  # x~'s largest integer: AMX's split of x~ into two signed bytes holds 14 bits (gemv_avx2.cpp)
 INT4_ROWS = INT8_ROWS = FLOAT_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 step)
 _registered = False  # whether the ops' shape functions (for torch.compile) are registered
 # Whether several-row passes take the kernels' AVX-512 build (set by `unavailable`, read where a product is
@@ -157,7 +166,7 @@ def _build() -> None:
              build_directory=str(where), is_python_module=False, verbose=False)
     global _registered
     if not _registered:  # once per process, however often the probe is asked again
-        for op in ("int4_gemv", "int8_gemv", "float_gemv"):
+        for op in ("int4_gemv", "int8_gemv", "int8_grid", "float_gemv"):
             torch.library.register_fake(f"gemmakit_avx2::{op}")(_fake)
         torch.library.register_fake("gemmakit_avx2::int8_screen")(_fake_screen)
         torch.library.register_fake("gemmakit_avx2::decode_attention")(_fake_attention)
@@ -255,7 +264,13 @@ def _agrees() -> bool:
     exact = exact and all(torch.allclose(floats(rows, w16).float(), (rows.float() @ w16.float().T).bfloat16().float(),
                                          rtol=2**-7, atol=1e-4) for rows in (half[:1], half))
     return exact and all(_screen_within_bound(rows[:, :k], *codes) for rows in (x[:1], x)
-                         for k, codes in ((93, (q, s)), (64, (q64, s64)))) and _attention_agrees(g)
+                         for k, codes in ((93, (q, s)), (64, (q64, s64)))) and _grid_is_the_screens(x[:, :93], q, s) \
+        and _attention_agrees(g)
+
+
+def _grid_is_the_screens(x: Tensor, q: Tensor, scales: Tensor) -> bool:
+    """The int8 layers' rows round x onto the grid in C++ exactly as the screen's pass does in torch ops."""
+    return all(torch.equal(int8_grid(rows, q, scales), screen_int8(rows, q, scales)[0]) for rows in (x[:1], x))
 
 
 def _attention_agrees(g: torch.Generator) -> bool:
@@ -292,7 +307,7 @@ def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None,
     `bound` = (|x| [M, 1], norms [2, N]: |w - b| and |b| per row of q, gamma): the first result is then the
     screen's upper bound, s + (|x| |w - b| + (|x - x~| + gamma |x~|) |b|) (1 + 2 gamma), added by the kernel as
     it writes each sum (separate eager passes over the [M, N] result cost an 8-row step as much as the pass)."""
-    top = min(8191, (2**31 - 1) // (127 * max(x.shape[1], 1)))
+    top = min(GRID_TOP, (2**31 - 1) // (127 * max(x.shape[1], 1)))
     x = x.float()
     x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)
     x16 = (x / x_scale[:, None]).round()
@@ -304,7 +319,7 @@ def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None,
         # (1 + 2 gamma): the norms themselves carry float32 error (screen.py).
         coef = (torch.cat([x_norm, rounding + gamma * rounded_norm], dim=1) * (1 + 2 * gamma)).contiguous()
     s = torch.ops.gemmakit_avx2.int8_screen(x16.to(torch.int16).contiguous(), x_scale, q, scales,
-                                            (2 if _amx else int(_wide)) if isa is None else isa, coef, norms)
+                                            _isa() if isa is None else isa, coef, norms)
     return s, rounding, rounded_norm
 
 
@@ -369,6 +384,20 @@ def int8(x: Tensor, q: Tensor, scales: Tensor, wide: bool | None = None) -> Tens
     """x [M, K] @ (q [N, K] * scales[:, None])^T, fp32 out. `wide`: the several-row tiles' AVX-512 build
     (None: where `vector_width` is 512)."""
     return torch.ops.gemmakit_avx2.int8_gemv(x.float().contiguous(), q, scales, _wide if wide is None else wide)
+
+
+def int8_grid(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None) -> Tensor:
+    """`int8` with each row of x first rounded onto the screen's integer grid (`screen_int8`'s x~), then summed
+    exactly in int32: the int8 layers' decode rows (quantize.Int8Linear). Several rows run at twice the
+    multiply-adds of the fp32 tiles, and a row's result is the same whatever rows share its pass. x~ keeps 14
+    bits of each row's largest value (fewer past K = 2064), which moves a product by no more than rounding x to
+    bf16, as torch's int8 kernel does, typically by several times less. `isa`: as `screen_int8`'s."""
+    return torch.ops.gemmakit_avx2.int8_grid(x.float().contiguous(), q, scales, _isa() if isa is None else isa)
+
+
+def _isa() -> int:
+    """The screen's pass here: 2 AMX, 1 AVX-512 VNNI, 0 AVX2 (read at call time, as `_wide` is)."""
+    return 2 if _amx else int(_wide)
 
 
 def int4_fits(out_features: int, in_features: int, group: int) -> bool:

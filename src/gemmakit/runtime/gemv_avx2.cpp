@@ -1,9 +1,11 @@
 // Decode-step products for x86 CPUs with AVX2 and FMA, int4 / int8 / fp32 / bf16 weights (runtime/gemv.py builds
 // this file at run time, once per machine, and says why these kernels exist).
 //
-// Activations stay fp32: every product is the same sum as "dequantize the weight, multiply in fp32", only in
-// another order, so swapping these in for torch's kernels changes rounding, never the maths. (The screen's
-// pass rounds x, but only bounds come of it: the tokens it picks are certified against exact logits.)
+// Activations stay fp32 in int8_gemv, int4_gemv and float_gemv: the same sum as "dequantize the weight,
+// multiply in fp32", only in another order, so swapping these in for torch's kernels changes rounding, never the
+// maths. Two passes round x onto a 14-bit integer grid and sum exactly: the screen's (only bounds come of it, the
+// tokens it picks are certified against exact logits) and int8_grid, the int8 layers' decode rows, which
+// rounds x less than torch's int8 kernel, which takes x in bf16.
 //
 // int4: torch's own CPU packing (`_convert_weight_to_int4pack_for_cpu`) as the AVX2 build lays it out, checked
 // by the caller (quantize_codes.cpu_int4_block_rows == 32): rows in blocks of 32, each block [K, 16] bytes, row
@@ -18,7 +20,8 @@
 // int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (AVX2: from
 // 4 rows of x one weight row against all of them, and from 6 in blocks of 8 weight rows whose sums are folded
 // and written together; an AVX-512 VNNI build, taken only where the CPU has it, runs those blocks from 2 rows,
-// two weight rows a step), with the screen's bound added as each sum is written.
+// two weight rows a step), with the screen's bound added as each sum is written. int8_grid: the same pass with
+// no bound, x rounded here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include "lanes_avx2.h"
@@ -30,7 +33,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -489,6 +495,8 @@ inline int32_t hsum_i32(__m256i v) {
 // step). From 4 rows of x the pass takes one weight row against up to kScreenX rows of x instead (kScreenX + 3
 // registers): the same multiply-adds, a load of x for each, and a widened code serving every row of x.
 constexpr int kScreenX = 8;
+// The grid's top for x in int8_grid, as gemv.screen_int8's: AMX's split of x~ into two signed bytes holds 14 bits.
+constexpr int64_t kGridTop = 8191;
 template <int M, int J>
 void int16_tile(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int64_t ldy, const char* next) {
   __m256i acc[M][J];
@@ -844,27 +852,11 @@ int64_t amx_screen(const int16_t* x, int64_t m, const int8_t* q, int64_t k, cons
   return blocks * kAmxRows;
 }
 
-// isa: 0 the AVX2 pass, 1 AVX-512 VNNI tiles for several rows, 2 AMX for 2 to 8 rows where K is a multiple
-// of 64 (the rest as 1).
-at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const at::Tensor& q,
-                       const at::Tensor& scales, int64_t isa, const at::Tensor& coef, const at::Tensor& norms) {
-  TORCH_CHECK(x16.dim() == 2 && x16.scalar_type() == at::kShort && x16.is_contiguous(), "x16: contiguous int16 [M, K]");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x16.size(1),
-              "q: contiguous int8 [N, K]");
-  const int64_t m = x16.size(0), k = x16.size(1), n = q.size(0);
-  TORCH_CHECK(x_scale.dim() == 1 && x_scale.size(0) == m && x_scale.scalar_type() == at::kFloat &&
-              x_scale.is_contiguous(), "x_scale: contiguous fp32 [M]");
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
-              "scales: contiguous fp32 [N]");
-  TORCH_CHECK(isa >= 0 && isa <= 2, "int8_screen: isa is 0 (AVX2), 1 (AVX-512 VNNI) or 2 (AMX)");
-  const bool bound = coef.numel() > 0;
-  TORCH_CHECK(!bound || (coef.dim() == 2 && coef.size(0) == m && coef.size(1) == 2 &&
-                         coef.scalar_type() == at::kFloat && coef.is_contiguous()),
-              "coef: contiguous fp32 [M, 2], or empty for no bound");
-  TORCH_CHECK(!bound || (norms.dim() == 2 && norms.size(0) == 2 && norms.size(1) == n &&
-                         norms.scalar_type() == at::kFloat && norms.is_contiguous()), "norms: contiguous fp32 [2, N]");
-  TORCH_CHECK(isa == 0 || avx512_vnni(), "int8_screen: an AVX-512 pass asked on a CPU without AVX-512 VNNI");
-  TORCH_CHECK(isa < 2 || amx_int8(), "int8_screen: the AMX pass asked where AMX-INT8 tiles are not available");
+// The screen's pass over int16 x (with its scale per row in out.xs), any number of rows, written through `out`:
+// the screen's (int8_screen) and the int8 layers' decode rows (int8_grid). isa: 0 the AVX2 pass, 1 AVX-512 VNNI
+// tiles for several rows, 2 AMX for 2 to 8 rows where K is a multiple of 64 (the rest as 1).
+void int16_pass(const int16_t* xp, const int8_t* qp, int64_t m, int64_t n, int64_t k, int64_t isa,
+                const ScreenOut& out) {
   using Tile = void (*)(const int16_t*, const int8_t*, int64_t, int32_t*, int64_t, const char*);
   static constexpr Tile kTiles[kTileX - 1][kTileW] = {
       {int16_tile<1, 1>, int16_tile<1, 2>, int16_tile<1, 3>}, {int16_tile<2, 1>, int16_tile<2, 2>, int16_tile<2, 3>},
@@ -882,14 +874,6 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
       {int16_tile512<6, 1>, int16_tile512<6, 2>, int16_tile512<6, 3>},
       {int16_tile512<7, 1>, int16_tile512<7, 2>, int16_tile512<7, 3>},
       {int16_tile512<8, 1>, int16_tile512<8, 2>, int16_tile512<8, 3>}};
-  auto y = at::empty({m, n}, x16.options().dtype(at::kFloat));
-  const int16_t* xp = x16.data_ptr<int16_t>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* xs = x_scale.data_ptr<float>();
-  const float* ws = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const ScreenOut out{xs, ws, bound ? coef.data_ptr<float>() : nullptr, bound ? norms.data_ptr<float>() : nullptr,
-                      yp, n};
   int64_t from = 0;  // rows of q before this are done
   // One row is bound by reading the codes on either path, and the AVX2 one reads them a little faster.
   if (isa == 2 && m > 1 && m <= kAmxXRows && k % kAmxInputs == 0) from = amx_screen(xp, m, qp, k, out);
@@ -910,7 +894,7 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
         }
       }
     });
-    return y;
+    return;
   }
   const bool wide = isa > 0;
   static_assert(kScreenX == kTileX512, "one tile of x rows on either path");
@@ -964,12 +948,88 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
       }
     });
     from += blocks * kRows8;
-    if (from == n) return y;
+    if (from == n) return;
   }
   for_each_tile(qp + from * k, m, n - from, k, kTileX512,
                 [&](int64_t j0, int64_t cols, int64_t r0, int64_t rows, const char* next) {
     tile(from + j0, cols, r0, rows, next);
   });
+}
+
+void check_isa(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= 2, "isa is 0 (AVX2), 1 (AVX-512 VNNI) or 2 (AMX)");
+  TORCH_CHECK(isa == 0 || avx512_vnni(), "an AVX-512 pass asked on a CPU without AVX-512 VNNI");
+  TORCH_CHECK(isa < 2 || amx_int8(), "the AMX pass asked where AMX-INT8 tiles are not available");
+}
+
+at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const at::Tensor& q,
+                       const at::Tensor& scales, int64_t isa, const at::Tensor& coef, const at::Tensor& norms) {
+  TORCH_CHECK(x16.dim() == 2 && x16.scalar_type() == at::kShort && x16.is_contiguous(), "x16: contiguous int16 [M, K]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x16.size(1),
+              "q: contiguous int8 [N, K]");
+  const int64_t m = x16.size(0), k = x16.size(1), n = q.size(0);
+  TORCH_CHECK(x_scale.dim() == 1 && x_scale.size(0) == m && x_scale.scalar_type() == at::kFloat &&
+              x_scale.is_contiguous(), "x_scale: contiguous fp32 [M]");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
+              "scales: contiguous fp32 [N]");
+  check_isa(isa);
+  const bool bound = coef.numel() > 0;
+  TORCH_CHECK(!bound || (coef.dim() == 2 && coef.size(0) == m && coef.size(1) == 2 &&
+                         coef.scalar_type() == at::kFloat && coef.is_contiguous()),
+              "coef: contiguous fp32 [M, 2], or empty for no bound");
+  TORCH_CHECK(!bound || (norms.dim() == 2 && norms.size(0) == 2 && norms.size(1) == n &&
+                         norms.scalar_type() == at::kFloat && norms.is_contiguous()), "norms: contiguous fp32 [2, N]");
+  auto y = at::empty({m, n}, x16.options().dtype(at::kFloat));
+  const ScreenOut out{x_scale.data_ptr<float>(), scales.data_ptr<float>(), bound ? coef.data_ptr<float>() : nullptr,
+                      bound ? norms.data_ptr<float>() : nullptr, y.data_ptr<float>(), n};
+  int16_pass(x16.data_ptr<int16_t>(), q.data_ptr<int8_t>(), m, n, k, isa, out);
+  return y;
+}
+
+// The int8 layers' decode rows (gemv.int8_grid): each row of x rounded onto the screen's integer grid, as wide
+// as keeps the int32 sums exact (the top of the grid `top` = min(8191, (2^31 - 1) / (127 K)), AMX's split of x
+// into two signed bytes included), then the screen's pass with no bound. A batch step's rows are then bound by
+// 16-bit multiply-adds, twice an fp32 FMA's products, where widening every code to fp32 bound them; and as the
+// sums are exact, a row's products do not depend on the pass or on the rows beside it. Rounding x moves a
+// product by about as much as rounding x to bf16 (which torch's int8 kernel does) or less: 14 bits of the
+// row's largest value where a bf16 keeps 8 of each.
+at::Tensor int8_grid(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
+              "q: contiguous int8 [N, K]");
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
+  TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              "scales: contiguous fp32 or bf16");
+  TORCH_CHECK(k > 0 && k <= (int64_t{1} << 20), "int8_grid: K must be 1 to 2^20");
+  check_isa(isa);
+  const float top = static_cast<float>(std::min<int64_t>(kGridTop, INT32_MAX / (127 * k)));
+  std::vector<int16_t> x16(m * k);
+  std::vector<float> xs(m);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r) {
+    float peak = 0.0f;
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) {
+      peak = std::max(peak, std::abs(xp[r * k + i]));
+      finite = finite && std::isfinite(xp[r * k + i]);
+    }
+    if (!finite) {  // NaN or inf in, NaN out, as an fp32 product would give
+      xs[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;  // x16's row stays zero
+    }
+    xs[r] = std::max(peak / top, 1e-30f);
+    for (int64_t i = 0; i < k; ++i) x16[r * k + i] = static_cast<int16_t>(std::nearbyint(xp[r * k + i] / xs[r]));
+  }
+  std::vector<float> widened(scales.scalar_type() == at::kBFloat16 ? n : 0);
+  const float* ws = scales.scalar_type() == at::kFloat ? scales.data_ptr<float>() : widened.data();
+  if (!widened.empty()) {
+    const auto* sv = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+    for (int64_t j = 0; j < n; ++j) widened[j] = widen1(sv[j]);
+  }
+  auto y = at::empty({m, n}, x.options());
+  int16_pass(x16.data(), q.data_ptr<int8_t>(), m, n, k, isa, ScreenOut{xs.data(), ws, nullptr, nullptr,
+                                                                       y.data_ptr<float>(), n});
   return y;
 }
 
@@ -978,6 +1038,7 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
 TORCH_LIBRARY(gemmakit_avx2, lib) {
   lib.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_and_zeros, int group) -> Tensor");
   lib.def("int8_gemv(Tensor x, Tensor q, Tensor scales, bool wide) -> Tensor");
+  lib.def("int8_grid(Tensor x, Tensor q, Tensor scales, int isa) -> Tensor");
   lib.def("float_gemv(Tensor x, Tensor w, bool wide) -> Tensor");
   lib.def("int8_screen(Tensor x16, Tensor x_scale, Tensor q, Tensor scales, int isa, Tensor coef, Tensor norms) -> "
           "Tensor");
@@ -989,6 +1050,7 @@ TORCH_LIBRARY(gemmakit_avx2, lib) {
 TORCH_LIBRARY_IMPL(gemmakit_avx2, CPU, lib) {
   lib.impl("int4_gemv", &int4_gemv);
   lib.impl("int8_gemv", &int8_gemv);
+  lib.impl("int8_grid", &int8_grid);
   lib.impl("float_gemv", &float_gemv);
   lib.impl("int8_screen", &int8_screen);
 }

@@ -279,7 +279,7 @@ def _int8_one_row_timings(copies: int = 4, shape: tuple[int, int] = (16384, 640)
 
     def products(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         # The weights come in as inputs: a graph that closed over them would keep them alive with its cache.
-        return [int8_matmul(x, q, s, gemv_rows=1) for q, s in weights]
+        return [int8_matmul(x, q, s, gemv_rows=1, grid=True) for q, s in weights]  # as the layers take them
 
     def run(step: Callable, reductions: int) -> Callable[[], object]:
         def call() -> object:
