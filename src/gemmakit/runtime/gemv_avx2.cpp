@@ -986,6 +986,39 @@ at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const a
   return y;
 }
 
+// One row of x onto the grid, as gemv.screen_int8 rounds it in torch ops (the same fp32 division and
+// round-half-to-even, so the same x~): writes x16's row and returns its scale. A row holding NaN or inf gets a
+// NaN scale (and zeros), so its outputs are NaN, as an fp32 product's would be. Vectorised: a step makes about a
+// hundred of these calls, and a scalar division per input cost a batch step a visible share of its products.
+float onto_grid(const float* x, int64_t k, float top, int16_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 peak = zero, poison = zero;  // poison: a sum of x * 0, NaN once any input is NaN or inf
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, v));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, peak);
+  float most = *std::max_element(lanes, lanes + 8), bad = hsum(poison);
+  for (; i < k; ++i) {
+    most = std::max(most, std::abs(x[i]));
+    bad += x[i] * 0.0f;
+  }
+  if (std::isnan(bad)) return std::numeric_limits<float>::quiet_NaN();
+  const float scale = std::max(most / top, 1e-30f);
+  const __m256 s = _mm256_set1_ps(scale);
+  for (i = 0; i + 8 <= k; i += 8) {  // |x / scale| <= top, so the narrowing packs never saturate
+    const __m256i q = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+  }
+  for (; i < k; ++i) out[i] = static_cast<int16_t>(std::nearbyint(x[i] / scale));
+  return scale;
+}
+
 // The int8 layers' decode rows (gemv.int8_grid): each row of x rounded onto the screen's integer grid, as wide
 // as keeps the int32 sums exact (the top of the grid `top` = min(8191, (2^31 - 1) / (127 K)), AMX's split of x
 // into two signed bytes included), then the screen's pass with no bound. A batch step's rows are then bound by
@@ -1006,21 +1039,7 @@ at::Tensor int8_grid(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const float top = static_cast<float>(std::min<int64_t>(kGridTop, INT32_MAX / (127 * k)));
   std::vector<int16_t> x16(m * k);
   std::vector<float> xs(m);
-  const float* xp = x.data_ptr<float>();
-  for (int64_t r = 0; r < m; ++r) {
-    float peak = 0.0f;
-    bool finite = true;
-    for (int64_t i = 0; i < k; ++i) {
-      peak = std::max(peak, std::abs(xp[r * k + i]));
-      finite = finite && std::isfinite(xp[r * k + i]);
-    }
-    if (!finite) {  // NaN or inf in, NaN out, as an fp32 product would give
-      xs[r] = std::numeric_limits<float>::quiet_NaN();
-      continue;  // x16's row stays zero
-    }
-    xs[r] = std::max(peak / top, 1e-30f);
-    for (int64_t i = 0; i < k; ++i) x16[r * k + i] = static_cast<int16_t>(std::nearbyint(xp[r * k + i] / xs[r]));
-  }
+  for (int64_t r = 0; r < m; ++r) xs[r] = onto_grid(x.data_ptr<float>() + r * k, k, top, x16.data() + r * k);
   std::vector<float> widened(scales.scalar_type() == at::kBFloat16 ? n : 0);
   const float* ws = scales.scalar_type() == at::kFloat ? scales.data_ptr<float>() : widened.data();
   if (!widened.empty()) {
