@@ -94,6 +94,20 @@ def test_int8_layers_round_x_onto_the_screens_grid_and_sum_exactly(n, k, scale_d
     assert (err <= rounding.double() * decoded.norm(dim=-1) * (1 + 1e-5) + 1e-4).all()
 
 
+def test_int8_layers_take_the_grid_only_where_it_keeps_its_14_bits():
+    """Past K = GRID_FULL_K the grid would be coarser (int32 sums must stay exact), so a wide int8 layer (a large
+    model's down_proj) keeps fp32 x, as does the head; the layers up to it take the grid."""
+    from gemmakit.quantize import use_gemv_kernels
+
+    model = quantize_model(Gemma(tiny("gemma3").replace(vocab_size=1024, intermediate_size=gemv.GRID_FULL_K + 16))
+                           .eval(), "int8")
+    use_gemv_kernels(model)
+    mlp = model.model.layers[0].mlp
+    assert mlp.up_proj.in_features <= gemv.GRID_FULL_K < mlp.down_proj.in_features
+    assert mlp.up_proj.x_grid and not mlp.down_proj.x_grid and not model.lm_head.x_grid
+    assert gemv.GRID_FULL_K == 2064 and all(m.gemv_rows == gemv.INT8_ROWS for m in (mlp.up_proj, mlp.down_proj))
+
+
 def test_a_rows_int8_layer_products_do_not_depend_on_the_rows_beside_it():
     """Exact integer sums: an int8 layer gives a row the same bits in a batch step of 8 rows, of 3 and alone (and
     on every pass this CPU has), where fp32 tiles and the one-row path sum in different orders; a row of NaN

@@ -112,8 +112,9 @@ def use_gemv_kernels(model: nn.Module) -> int:
     (runtime/gemv.py; the caller checks they are available), up to `gemv.INT4_ROWS` / `INT8_ROWS` /
     `FLOAT_ROWS` rows. int4 weights go there only where they are packed in the layout the kernel reads; an
     fbgemm linear only over a bf16 weight (the kernel reads it in place); a oneDNN-packed bf16 linear's batch
-    rows where the kernels' AVX512_BF16 tiles run and it keeps its plain weight; int8 layers with x on the screen's
-    integer grid (`gemv.int8_grid`), an int8 head with fp32 x. Returns how many linears that covers
+    rows where the kernels' AVX512_BF16 tiles run and it keeps its plain weight; int8 layers up to
+    `gemv.GRID_FULL_K` inputs with x on the screen's integer grid (`gemv.int8_grid`), an int8 head and wider
+    layers with fp32 x. Returns how many linears that covers
     (`gemv.GemvLinear`s are built taking them)."""
     chosen = 0
     for m in model.modules():
@@ -122,9 +123,9 @@ def use_gemv_kernels(model: nn.Module) -> int:
             m.gemv_rows = gemv.FLOAT_ROWS
         elif isinstance(m, Int8Linear) and m.weight.device.type == "cpu":
             m.gemv_rows = gemv.INT8_ROWS
-            # Layers take x on the screen's integer grid (gemv.int8_grid); an int8 head keeps fp32 x, the
-            # product whose argmax the head screen certifies its picks against (screen.py).
-            m.x_grid = m is not getattr(model, "lm_head", None)
+            # Layers take x on the screen's integer grid (gemv.int8_grid) where it keeps its 14 bits; an int8
+            # head keeps fp32 x, the product whose argmax the head screen certifies its picks against (screen.py).
+            m.x_grid = m is not getattr(model, "lm_head", None) and m.in_features <= gemv.GRID_FULL_K
         elif isinstance(m, Int4Linear) and m.device_type == "cpu" and gemv.int4_fits(
                 m.out_features, m.in_features, m.group_size):
             m.gemv_rows = gemv.INT4_ROWS

@@ -18,7 +18,8 @@ So the layers' decode rows (`int8_grid`) take the screen's pass instead: x round
 integer grid, exact int32 sums of 16-bit multiply-adds, twice the products an instruction. Rounding x there
 moves a product less than torch's int8 kernel's bf16 x does (docs/performance.md, "int8 layers on the
 screen's grid"), and because the sums are exact a row gets the same bits however many rows share its step.
-An int8 head keeps the fp32 kernel: its screen certifies picks against that product.
+An int8 head keeps the fp32 kernel: its screen certifies picks against that product. So do layers past
+`GRID_FULL_K` inputs, whose exact sums would need a coarser grid.
 
 Float weights. A float model's decode step is bound by memory as well, and on AVX2 the products it had were
 not: oneDNN's packed fp32 product and fbgemm's fp16 one (bf16 models: torch's bf16 product is emulated there)
@@ -98,6 +99,9 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in t
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
 GRID_TOP = 8191  # x~'s largest integer: AMX's split of x~ into two signed bytes holds 14 bits (gemv_avx2.cpp)
+# The widest K whose grid keeps all 14 bits (past it int32 sums stay exact only on a coarser grid): int8 layers
+# wider than this keep fp32 x (quantize.use_gemv_kernels), so a large model's wide down_proj is not rounded more.
+GRID_FULL_K = (2**31 - 1) // (127 * GRID_TOP)
 INT4_ROWS = INT8_ROWS = FLOAT_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 step)
 _registered = False  # whether the ops' shape functions (for torch.compile) are registered
 # Whether several-row passes take the kernels' AVX-512 build (set by `unavailable`, read where a product is
@@ -390,8 +394,9 @@ def int8_grid(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None) -> T
     """`int8` with each row of x first rounded onto the screen's integer grid (`screen_int8`'s x~), then summed
     exactly in int32: the int8 layers' decode rows (quantize.Int8Linear). Several rows run at twice the
     multiply-adds of the fp32 tiles, and a row's result is the same whatever rows share its pass. x~ keeps 14
-    bits of each row's largest value (fewer past K = 2064), which moves a product by no more than rounding x to
-    bf16, as torch's int8 kernel does, typically by several times less. `isa`: as `screen_int8`'s."""
+    bits of each row's largest value (fewer past K = `GRID_FULL_K`, so layers that wide keep `int8`), which
+    moves a product about as much as rounding x to bf16, as torch's int8 kernel does, on average several times
+    less. `isa`: as `screen_int8`'s."""
     return torch.ops.gemmakit_avx2.int8_grid(x.float().contiguous(), q, scales, _isa() if isa is None else isa)
 
 
