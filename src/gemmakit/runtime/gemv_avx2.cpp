@@ -412,16 +412,21 @@ void gemv_into(const float* xp, const W* wp, int64_t m, int64_t n, int64_t k, fl
   });
 }
 
-// int8: one scale per row, bf16 or fp32; bf16 scales are read in place (a bf16 is the top half of an fp32),
-// since converting them would be an op per call.
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, bool wide) {
+// x [M, K] fp32 against int8 codes q [N, K] with a bf16 or fp32 scale per row (int8_gemv, int8_grid).
+void check_int8_operands(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
               "q: contiguous int8 [N, K]");
-  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == q.size(0), "scales: [N]");
   TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
               "scales: contiguous fp32 or bf16");
+}
+
+// int8: one scale per row, bf16 or fp32; bf16 scales are read in place (a bf16 is the top half of an fp32),
+// since converting them would be an op per call.
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, bool wide) {
+  check_int8_operands(x, q, scales);
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
   TORCH_CHECK(!wide || avx512_vnni(), "int8_gemv: the AVX-512 pass asked on a CPU without AVX-512 VNNI");
   auto y = at::empty({m, n}, x.options());
   if (scales.scalar_type() == at::kBFloat16) {
@@ -1023,17 +1028,13 @@ float onto_grid(const float* x, int64_t k, float top, int16_t* out) {
 // as keeps the int32 sums exact (the top of the grid `top` = min(8191, (2^31 - 1) / (127 K)), AMX's split of x
 // into two signed bytes included), then the screen's pass with no bound. A batch step's rows are then bound by
 // 16-bit multiply-adds, twice an fp32 FMA's products, where widening every code to fp32 bound them; and as the
-// sums are exact, a row's products do not depend on the pass or on the rows beside it. Rounding x moves a
-// product by about as much as rounding x to bf16 (which torch's int8 kernel does) or less: 14 bits of the
-// row's largest value where a bf16 keeps 8 of each.
+// sums are exact, a row's products do not depend on the pass or on the rows beside it. Rounding x keeps 14 bits
+// of the row's largest value where a bf16 keeps 8 of each value: on the 270M's activations it moves a product
+// several times less than bf16 x (torch's int8 kernel's) on average, a little more in a row with a far larger
+// outlier (benchmarks/int8_grid.py).
 at::Tensor int8_grid(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32 [M, K]");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x.size(1),
-              "q: contiguous int8 [N, K]");
+  check_int8_operands(x, q, scales);
   const int64_t m = x.size(0), k = x.size(1), n = q.size(0);
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "scales: [N]");
-  TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
-              "scales: contiguous fp32 or bf16");
   TORCH_CHECK(k > 0 && k <= (int64_t{1} << 20), "int8_grid: K must be 1 to 2^20");
   check_isa(isa);
   const float top = static_cast<float>(std::min<int64_t>(kGridTop, INT32_MAX / (127 * k)));
