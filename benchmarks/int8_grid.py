@@ -23,15 +23,8 @@ from gemmakit.bench import format_table
 from gemmakit.checkpoints import load_model_and_tokenizer
 from gemmakit.engine import Engine
 from gemmakit.quantize import Int8Linear
-from gemmakit.runtime.gemv import GRID_TOP
+from gemmakit.runtime import gemv
 from gemmakit.sampling import SamplingParams
-
-
-def on_grid(x: Tensor) -> Tensor:
-    """x [R, K] as int8_grid rounds it: one scale per row, the screen's top (gemv.screen_int8)."""
-    top = min(GRID_TOP, (2**31 - 1) // (127 * x.shape[1]))
-    scale = (x.abs().amax(-1, keepdim=True) / top).clamp_min(1e-30)
-    return (x / scale).round() * scale
 
 
 def relative(y: Tensor, want: Tensor) -> Tensor:
@@ -47,7 +40,8 @@ def product_errors(model: torch.nn.Module, ids: list[int]) -> list[dict]:
             x = inputs[0].reshape(-1, module.in_features).float()
             w = module.weight.double() * module.scales.double()[:, None]
             want = x.double() @ w.T
-            grid, half = relative(on_grid(x).double() @ w.T, want), relative(x.bfloat16().double() @ w.T, want)
+            on_grid = gemv.int8_grid(x, module.weight, module.scales).double()  # what the layer's decode rows get
+            grid, half = relative(on_grid, want), relative(x.bfloat16().double() @ w.T, want)
             errors.setdefault(name.rsplit(".", 1)[-1], []).append(torch.stack([grid, half]))
         return record
 
@@ -96,6 +90,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=400, help="text tokens whose activations are measured")
     ap.add_argument("--new-tokens", type=int, default=48, help="greedy tokens per prompt")
     args = ap.parse_args()
+    if gemv.unavailable():
+        raise SystemExit(f"gemmakit's kernels are not available here: {gemv.unavailable()}")
     model, tokenizer = load_model_and_tokenizer(dtype=torch.float32, quantize=args.quantize)
     ids = tokenizer.encode(Path(args.text).read_text())[: args.tokens]
     print(f"Gemma 3 270M, --quantize {args.quantize}: each int8 layer's decode-row product, relative error "
