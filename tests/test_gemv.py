@@ -38,6 +38,8 @@ ROWS = [1, 2, 5, 11]
 # takes them (gemv.vector_width, gemv.screen_amx), each checked against the same reference.
 WIDE = [False, *([True] * (gemv.vector_width() == 512))]
 SCREEN_ISAS = [0, *([1] * (gemv.vector_width() == 512)), *([2] * gemv.screen_amx())]
+# The screen's grids on those passes: 14-bit x on each, 8-bit (the byte pass) where AVX-512 VNNI is.
+GRIDS = [(isa, 14) for isa in SCREEN_ISAS] + [(1, 8)] * (gemv.vector_width() == 512)
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -87,7 +89,7 @@ def test_int8_layers_round_x_onto_the_screens_grid_and_sum_exactly(n, k, scale_d
     x[:, 3 % k], x[-1, 5 % k] = 1000.0, -700.0
     q, s = quantize_int8(w, scale_dtype)
     got = gemv.int8_grid(x, q, s, isa)
-    sums, rounding, _ = gemv.screen_int8(x, q, s.float(), isa)
+    sums, rounding, _ = gemv.screen_int8(x, q, s.float(), isa, bits=14)
     assert got.dtype == torch.float32 and torch.equal(got, sums)
     decoded = q.double() * s.double()[:, None]
     err = (got.double() - x.double() @ decoded.T).abs()
@@ -484,25 +486,32 @@ def test_packed_bf16_engines_send_batch_rows_to_the_bf16_pair_tiles(monkeypatch)
     assert (got.float() - want.float()).abs().max() < 0.03 * want.float().abs().max()
 
 
-@pytest.mark.parametrize("isa", SCREEN_ISAS, ids=lambda i: ["avx2", "avx512", "amx"][i])
+def grid_id(grid: tuple[int, int]) -> str:
+    return f"{['avx2', 'avx512', 'amx'][grid[0]]}-{grid[1]}bit"
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9])
 @pytest.mark.parametrize("k", [100, 640, 3000, 4096])
-def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows, isa):
-    """The screen's pass: x rounded to an integer grid (coarser past K = 2064, so int32 sums cannot overflow even
-    with an outlier 1000x the rest), summed exactly: the float64 product of the x~ it reports, to fp32's last
-    bits; |x - x~| and |x~| as reported. On every pass this CPU has: AMX takes 16 weight rows a block where K is
-    a multiple of 64 and 2..8 rows of x (the rest go to the AVX-512 tiles), its x split in two signed bytes,
-    with a negative outlier too; the AVX2 pass takes tiles up to 3 rows of x and one weight row at a time from 4,
-    and blocks of 8 weight rows (folded as a tree) from 6; the AVX-512 pass takes those blocks from 2 rows, two
-    weight rows a step of 32 inputs (K = 100 and 3000 leave a step of 32 and a tail past it); the row tail (301)
-    takes the tiles."""
+def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows, grid):
+    """The screen's pass: x rounded to an integer grid (14 bits, coarser past K = 2064, so int32 sums cannot
+    overflow even with an outlier 1000x the rest; or 8 bits, [-127, 127], for the byte pass), summed exactly:
+    the float64 product of the x~ it reports, to fp32's last bits; |x - x~| and |x~| as reported. On every pass
+    this CPU has: AMX takes 16 weight rows a block where K is a multiple of 64 and 2..8 rows of x (the rest go
+    to the AVX-512 tiles), its x split in two signed bytes, with a negative outlier too; the AVX2 pass takes tiles
+    up to 3 rows of x and one weight row at a time from 4, and blocks of 8 weight rows (folded as a tree) from
+    6; the AVX-512 pass takes those blocks from 2 rows, two weight rows a step of 32 inputs (K = 100 and 3000
+    leave a step of 32 and a tail past it); the byte pass the same blocks, 64 inputs a step less each row's
+    product with the offset 128 (K = 100 and 3000 leave tails of 36 and 56); the row tail (301) takes the tiles,
+    or on the byte pass one sum at a time."""
+    isa, bits = grid
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(301, k, generator=g), torch.randn(rows, k, generator=g)  # 301: tails of 8, 3 and 16
     x[:, 7] = 1000.0  # every row's largest value sets its grid: the rest keep few bits
     x[:, 9] = -700.0
     q, s = quantize_int8(w, torch.float32)
-    got, rounding, rounded_norm = gemv.screen_int8(x, q, s, isa)
-    top = min(8191, (2**31 - 1) // (127 * k))
+    got, rounding, rounded_norm = gemv.screen_int8(x, q, s, isa, bits=bits)
+    top = 127 if bits == 8 else min(8191, (2**31 - 1) // (127 * k))
     scale = x.abs().amax(dim=-1, keepdim=True) / top
     rounded = (x / scale).round() * scale
     want = rounded.double() @ (q.double() * s.double()[:, None]).T
@@ -511,19 +520,49 @@ def test_screen_pass_sums_exactly_for_the_rounded_x_it_reports(k, rows, isa):
     assert torch.allclose(rounded_norm[:, 0], rounded.norm(dim=-1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("isa", SCREEN_ISAS, ids=lambda i: ["avx2", "avx512", "amx"][i])
+@pytest.mark.skipif(gemv.vector_width() != 512, reason="the byte pass needs AVX-512 VNNI")
+def test_the_byte_pass_sums_the_codes_against_signed_bytes_exactly():
+    """The byte pass's own sums, with no rounding in the way: x already on the grid's integers (every value
+    from -127 to 127, the extremes included) against codes at -127 and 127, summed against torch's integer
+    product; where the offset's share were not taken off, every sum would be 128 times its row's codes
+    higher."""
+    g = torch.Generator().manual_seed(3)
+    for rows, n, k in ((8, 64, 640), (3, 19, 200), (2, 8, 64)):
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        q[0], q[1] = 127, -127
+        xq = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=g)
+        xq[0], xq[-1, : k // 2] = -127, 127
+        ones, empty = torch.ones(rows), torch.empty(0)
+        got = torch.ops.gemmakit_avx2.int8_screen(xq, ones, q, torch.ones(n), 1, empty, empty)
+        assert torch.equal(got.double(), (xq.double() @ q.double().T))
+    with pytest.raises(RuntimeError, match="byte pass"):
+        torch.ops.gemmakit_avx2.int8_screen(xq, ones, q, torch.ones(n), 0, empty, empty)
+
+
+def test_the_screen_takes_bytes_for_a_batch_only_on_the_vnni_pass():
+    """The byte pass serves 2 rows and more on the AVX-512 VNNI pass alone: one row and the AVX2 and AMX passes
+    keep 14 bits; what this CPU runs follows from its pass."""
+    assert [gemv.screen_bits(rows, 1) for rows in (1, 2, 8)] == [14, 8, 8]
+    assert gemv.screen_bits(8, 0) == gemv.screen_bits(8, 2) == 14
+    assert gemv.screen_bits(8) == (8 if gemv.vector_width() == 512 and not gemv.screen_amx() else 14)
+    with pytest.raises(ValueError, match="8 or 14 bits"):
+        gemv.screen_int8(torch.randn(2, 16), *quantize_int8(torch.randn(4, 16), torch.float32), bits=4)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=grid_id)
 @pytest.mark.parametrize("rows", [1, 2, 8])
-def test_the_pass_adds_the_screens_bound_as_it_writes(rows, isa):
+def test_the_pass_adds_the_screens_bound_as_it_writes(rows, grid):
     """With the screen's norms, the pass returns its upper bounds: the sums plus |x| |w - b| + (|x - x~| +
     gamma |x~|) |b|, times (1 + 2 gamma), as the screen wrote them in torch ops before (to fp32 rounding) on
-    every pass, the AMX blocks and the row tails (301 rows) included."""
+    every pass and grid, the AMX blocks and the row tails (301 rows) included."""
+    isa, bits = grid
     g = torch.Generator().manual_seed(rows)
     w, x = torch.randn(301, 640, generator=g), torch.randn(rows, 640, generator=g)
     q, s = quantize_int8(w, torch.float32)
     norms, gamma = torch.rand(2, 301, generator=g), 4e-5
     x_norm = x.norm(dim=-1, keepdim=True)
-    got = gemv.screen_int8(x, q, s, isa, (x_norm, norms, gamma))[0]
-    sums, rounding, rounded_norm = gemv.screen_int8(x, q, s, isa)
+    got = gemv.screen_int8(x, q, s, isa, (x_norm, norms, gamma), bits)[0]
+    sums, rounding, rounded_norm = gemv.screen_int8(x, q, s, isa, bits=bits)
     want = sums + (x_norm * norms[0] + (rounding + gamma * rounded_norm) * norms[1]) * (1 + 2 * gamma)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
     assert (got - sums).min() > 0  # the bound is there in every row and column

@@ -70,14 +70,19 @@ def test_bounds_hold_and_a_certified_pick_is_the_exact_argmax(path):
     if path in ("packed", "fp16", "gemv"):
         upper = screen._screen(x, x.norm(dim=-1, keepdim=True), "packed")
         assert (upper.double() >= exact - 1e-9).all()
-        tokens, certified = screen(x)
+        tokens, certified, upper, floor = screen(x)
     else:
         step = torch.compile(screen, dynamic=False)  # one-row steps: the compiled pass over the bf16 copy
-        tokens, certified = (torch.cat(t) for t in zip(*(step(row[None], "plain") for row in x), strict=True))
+        tokens, certified, upper, floor = (torch.cat(t) for t in zip(*(step(row[None], "plain") for row in x),
+                                                                      strict=True))
     assert not certified[:8].all() and certified[8:].float().mean() > 0.9
+    # An uncertified row settles from its bounds: the crowd is rescored exactly, and the pick is the argmax.
+    for r in (~certified).nonzero()[:, 0].tolist():
+        tokens[r] = screen.settle(x[r], upper[r], floor[r])
+    assert screen.settled == int((~certified).sum()) > 0
     picked = exact.gather(1, tokens[:, None].long())[:, 0]
     gap = exact.max(dim=-1).values - picked
-    assert (gap[certified] <= 1e-5 * exact.abs().max(dim=-1).values[certified]).all()
+    assert (gap <= 1e-5 * exact.abs().max(dim=-1).values).all()
 
 
 def hidden_winner(width: int = 64, crowd: int = 24) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -111,11 +116,12 @@ def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
     w, x, best = hidden_winner()
     screen = screen_for(w, path)
     pick = screen if path != "compiled" else torch.compile(screen, dynamic=False)
-    tokens, certified = pick(x, "packed" if path != "compiled" else "plain")
+    tokens, certified, upper, floor = pick(x, "packed" if path != "compiled" else "plain")
     if path in ("compiled", "fp16"):  # fp16 has three more mantissa bits than bf16: it sees the winner
         assert int(tokens[0]) == best and bool(certified[0])
     else:
         assert int(tokens[0]) == best or not bool(certified[0])
+        assert bool(certified[0]) or screen.settle(x[0], upper[0], floor[0]) == best
 
 
 @needs_compiler
@@ -136,7 +142,7 @@ def test_a_bf16_head_screens_in_int8_and_breaks_ties_as_argmax_does():
     assert int(full.to(torch.bfloat16).argmax()) == 300
     screen = HeadScreen(w)
     assert screen.cheap.dtype == torch.int8 and screen.packed is None and not screen.usable(2, compiled=True)
-    tokens, certified = torch.compile(screen, dynamic=False)(x, "plain")
+    tokens, certified, *_ = torch.compile(screen, dynamic=False)(x, "plain")
     assert int(tokens[0]) == 300 and bool(certified[0])
     logits = x.double() @ w.double().T
     upper = torch.compile(screen._screen, dynamic=False)(x, x.norm(dim=-1, keepdim=True), "plain")  # one row
@@ -167,14 +173,17 @@ def prompts_and_params(n: int = 3) -> tuple[list[list[int]], list[SamplingParams
     return prompts, [SamplingParams(max_tokens=k) for k in (2 * WINDOW, WINDOW, 3 * WINDOW)[:n]]
 
 
-def spy(screen: HeadScreen, certify: bool = True) -> list[int]:
-    """Count the screen's calls; with certify=False it returns wrong tokens, uncertified."""
+def spy(screen: HeadScreen, certify: bool = True, settle: bool = False) -> list[int]:
+    """Count the screen's calls; with certify=False it returns wrong tokens, uncertified, with a floor no bound
+    reaches (so no row settles), or with `settle` its own floor (so each row settles from its bounds)."""
     calls, forward = [], screen.forward
 
     def counted(x, layout="packed"):
         calls.append(x.shape[0])
-        tokens, certified = forward(x, layout)
-        return (tokens, certified) if certify else (tokens * 0 + 7, certified & False)
+        tokens, certified, upper, floor = forward(x, layout)
+        if certify:
+            return tokens, certified, upper, floor
+        return tokens * 0 + 7, certified & False, upper, floor + (0 if settle else float("inf"))
     screen.forward = counted
     return calls
 
@@ -203,6 +212,17 @@ def test_an_uncertified_step_falls_back_to_the_full_head(tmp_path):
     prompts, params = prompts_and_params()
     assert [r.tokens for r in screened.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
     assert calls and screened.runtime.screen.fallbacks == len(calls)
+
+
+@needs_any_screen
+def test_uncertified_rows_settle_from_their_bounds_without_the_full_head(tmp_path):
+    """Every row left uncertified (forced here) rescores the tokens whose bounds reach its floor: the tokens are
+    still the full head's, and no step computes the full head."""
+    screened, full = greedy_engines(tmp_path)
+    calls = spy(screened.runtime.screen, certify=False, settle=True)
+    prompts, params = prompts_and_params()
+    assert [r.tokens for r in screened.generate(prompts, params)] == [r.tokens for r in full.generate(prompts, params)]
+    assert screened.runtime.screen.fallbacks == 0 and screened.runtime.screen.settled == sum(calls) > 0
 
 
 @needs_compiler

@@ -33,7 +33,10 @@ fbgemm for prompts (packing.HalfLinear) and send decode rows here.
 The head screen. A greedy step's pass over the head's int8 copy (screen.py) needs upper bounds, not exact
 sums, so `screen_int8` rounds x to 14-bit integers (the bound counts what that moved) and sums exactly in
 int32 with 16-bit multiply-adds: twice the products an instruction of fp32 FMAs, which bound the pass over a
-262k-row head at several rows (docs/performance.md has what that gains on CPU B). Given the screen's norms,
+262k-row head at several rows (docs/performance.md has what that gains on CPU B). On the AVX-512 VNNI pass a
+batch's rows go on an 8-bit grid (`screen_bits`): byte products, twice as many an instruction again and no
+widening of the codes, so the pass at 8 rows is bound by reading them; the wider bound leaves more rows for the
+screen to settle (screen.py). Given the screen's norms,
 it adds each token's bound as it writes the token's sum, rather than leaving torch ops to pass over the
 [rows, 262k] result again. The pass reads an int8 model's head codes as they are, too (screen.Int8Head): its
 screen needs no copy.
@@ -103,6 +106,7 @@ GRID_TOP = 8191  # x~'s largest integer: AMX's split of x~ into two signed bytes
 # The widest K whose grid keeps all 14 bits (past it int32 sums stay exact only on a coarser grid): int8 layers
 # wider than this keep fp32 x (quantize.use_gemv_kernels), so a large model's wide down_proj is not rounded more.
 GRID_FULL_K = (2**31 - 1) // (127 * GRID_TOP)
+BYTES_FROM = 2  # the fewest rows whose screening pass takes bytes (`screen_bits`)
 INT4_ROWS = INT8_ROWS = FLOAT_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 step)
 _registered = False  # whether the ops' shape functions (for torch.compile) are registered
 # Whether several-row passes take the kernels' AVX-512 build (set by `unavailable`, read where a product is
@@ -226,9 +230,9 @@ def _fake(x: Tensor, weight: Tensor, *rest: object) -> Tensor:  # rest: scales, 
     return x.new_empty(x.shape[0], weight.shape[0])  # in x's dtype: fp32, or bf16 for a bf16 float product
 
 
-def _fake_screen(x16: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor, isa: int, coef: Tensor,
+def _fake_screen(xq: Tensor, x_scale: Tensor, q: Tensor, scales: Tensor, isa: int, coef: Tensor,
                  norms: Tensor) -> Tensor:
-    return x_scale.new_empty(x16.shape[0], q.shape[0])
+    return x_scale.new_empty(xq.shape[0], q.shape[0])
 
 
 def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -275,7 +279,8 @@ def _agrees() -> bool:
 
 def _grid_is_the_screens(x: Tensor, q: Tensor, scales: Tensor) -> bool:
     """The int8 layers' rows round x onto the grid in C++ exactly as the screen's pass does in torch ops."""
-    return all(torch.equal(int8_grid(rows, q, scales), screen_int8(rows, q, scales)[0]) for rows in (x[:1], x))
+    return all(torch.equal(int8_grid(rows, q, scales), screen_int8(rows, q, scales, bits=14)[0])
+               for rows in (x[:1], x))
 
 
 def _attention_agrees(g: torch.Generator) -> bool:
@@ -297,35 +302,53 @@ def _attention_agrees(g: torch.Generator) -> bool:
 
 def _screen_within_bound(x: Tensor, q: Tensor, scales: Tensor) -> bool:
     """The screen's pass is off the exact product by no more than what rounding x moved (|x - x~| |b|), plus
-    fp32 rounding: the part of the screen's bound that is the kernel's."""
-    s, rounding, _ = screen_int8(x, q, scales)
+    fp32 rounding: the part of the screen's bound that is the kernel's; on each grid the pass has here."""
     decoded = q.float() * scales[:, None]
-    return bool(((s - x @ decoded.T).abs() <= rounding * decoded.norm(dim=-1) + 1e-4).all())
+    for bits in (14, 8) if _wide else (14,):
+        s, rounding, _ = screen_int8(x, q, scales, bits=bits)
+        if not bool(((s - x @ decoded.T).abs() <= rounding * decoded.norm(dim=-1) + 1e-4).all()):
+            return False
+    return True
 
 
 def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None,
-                bound: tuple[Tensor, Tensor, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                bound: tuple[Tensor, Tensor, float] | None = None,
+                bits: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """A head screen's pass (screen.py): x [M, K] against int8 codes q [N, K] with an fp32 scale per row.
-    x is rounded to x~, integers times a scale per row, as wide as keeps the kernel's int32 sums exact (14 bits
-    up to K = 2064, fewer beyond); returns (x~ . (q * scales) [M, N] fp32, |x - x~| [M, 1], |x~| [M, 1]),
-    which the screen's bound needs. `isa`: 0 the AVX2 pass, 1 AVX-512 VNNI, 2 AMX (None: the best here).
-    `bound` = (|x| [M, 1], norms [2, N]: |w - b| and |b| per row of q, gamma): the first result is then the
-    screen's upper bound, s + (|x| |w - b| + (|x - x~| + gamma |x~|) |b|) (1 + 2 gamma), added by the kernel as
-    it writes each sum (separate eager passes over the [M, N] result cost an 8-row step as much as the pass)."""
-    top = min(GRID_TOP, (2**31 - 1) // (127 * max(x.shape[1], 1)))
+    x is rounded to x~, integers times a scale per row: on `bits` = 14, as wide as keeps the kernel's int32 sums
+    exact (14 bits up to K = 2064, fewer beyond); on 8, to [-127, 127] for the byte pass (AVX-512 VNNI only),
+    whose wider rounding the bound counts (None: `screen_bits`). Returns (x~ . (q * scales) [M, N] fp32,
+    |x - x~| [M, 1], |x~| [M, 1]), which the screen's bound needs. `isa`: 0 the AVX2 pass, 1 AVX-512 VNNI, 2 AMX
+    (None: the best here). `bound` = (|x| [M, 1], norms [2, N]: |w - b| and |b| per row of q, gamma): the first
+    result is then the screen's upper bound, s + (|x| |w - b| + (|x - x~| + gamma |x~|) |b|) (1 + 2 gamma), added
+    by the kernel as it writes each sum (separate eager passes over the [M, N] result cost an 8-row step as much
+    as the pass)."""
+    isa = _isa() if isa is None else isa
+    bits = screen_bits(x.shape[0], isa) if bits is None else bits
+    if bits not in (8, 14):
+        raise ValueError(f"the screen's grid is 8 or 14 bits, not {bits}")
+    top = 127 if bits == 8 else min(GRID_TOP, (2**31 - 1) // (127 * max(x.shape[1], 1)))
     x = x.float()
     x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)
-    x16 = (x / x_scale[:, None]).round()
-    rounded = x16 * x_scale[:, None]
+    xq = (x / x_scale[:, None]).round()
+    rounded = xq * x_scale[:, None]
     rounding, rounded_norm = (x - rounded).norm(dim=-1, keepdim=True), rounded.norm(dim=-1, keepdim=True)
     coef = norms = x.new_empty(0)  # no bound
     if bound is not None:
         x_norm, norms, gamma = bound
         # (1 + 2 gamma): the norms themselves carry float32 error (screen.py).
         coef = (torch.cat([x_norm, rounding + gamma * rounded_norm], dim=1) * (1 + 2 * gamma)).contiguous()
-    s = torch.ops.gemmakit_avx2.int8_screen(x16.to(torch.int16).contiguous(), x_scale, q, scales,
-                                            _isa() if isa is None else isa, coef, norms)
+    xq = xq.to(torch.int8 if bits == 8 else torch.int16).contiguous()
+    s = torch.ops.gemmakit_avx2.int8_screen(xq, x_scale, q, scales, isa, coef, norms)
     return s, rounding, rounded_norm
+
+
+def screen_bits(rows: int, isa: int | None = None) -> int:
+    """The grid the screen's pass rounds x onto at a step of `rows` rows on pass `isa` (None: the best here):
+    8 bits from `BYTES_FROM` rows on the AVX-512 VNNI pass (bytes halve its multiply-adds, which bind it there
+    at a batch's rows; its wider bound leaves more tokens to rescore, screen.py), else 14. AMX's pass is bound
+    by reading the codes already, and one row's by reading them on every path."""
+    return 8 if (_isa() if isa is None else isa) == 1 and rows >= BYTES_FROM else 14
 
 
 def floats(x: Tensor, weight: Tensor, wide: bool | None = None) -> Tensor:

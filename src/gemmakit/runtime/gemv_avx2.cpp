@@ -253,6 +253,18 @@ GEMMAKIT_VNNI inline V in_register(V v) {
   return v;
 }
 
+// The VNNI multiply-adds as asm: with the intrinsics GCC copied accumulators of a block into other registers
+// at each step (the instruction overwrites its sum), and the blocks' loops over rows of x are unrolled by
+// pragma, since an array of accumulators GCC does not unroll lives on the stack (a load and a store around
+// every multiply-add). Both together leave the blocks' steps as loads, prefetches and multiply-adds. acc +=
+// the sum of the four byte products (unsigned a, signed b) / the two 16-bit products of each lane.
+GEMMAKIT_VNNI inline void dpbusd(__m512i& acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+GEMMAKIT_VNNI inline void dpwssd(__m512i& acc, __m512i a, __m512i b) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+
 bool avx512_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
@@ -572,7 +584,7 @@ GEMMAKIT_VNNI void int16_tile512(const int16_t* x, const int8_t* q, int64_t k, i
       w[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * k + i)));
     for (int r = 0; r < M; ++r) {
       const __m512i xv = in_register(_mm512_loadu_si512(x + r * k + i));
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpwssd_epi32(acc[r][j], w[j], xv);
+      for (int j = 0; j < J; ++j) dpwssd(acc[r][j], w[j], xv);
     }
   }
   for (int r = 0; r < M; ++r)
@@ -664,20 +676,6 @@ void int16_block8(const int16_t* x, const int8_t* q, int64_t k, const ScreenOut&
   fold8<M>(parts, out, r0, j0);
 }
 
-// One 32-input step of int16_block8_512: weight rows `row` and `row + k` against every row of x, whose 32 inputs
-// for this step lie together (xs: M vectors of 32).
-template <int M>
-GEMMAKIT_VNNI __attribute__((always_inline)) inline void pair_step(const int16_t* xs, const int8_t* row, int64_t k,
-                                                                   int64_t i, __m512i (&a)[M], __m512i (&b)[M]) {
-  const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
-  const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + i)));
-  for (int r = 0; r < M; ++r) {
-    const __m512i xv = in_register(_mm512_loadu_si512(xs + r * 32));
-    a[r] = _mm512_dpwssd_epi32(a[r], w0, xv);
-    b[r] = _mm512_dpwssd_epi32(b[r], w1, xv);
-  }
-}
-
 // The same block with AVX-512 VNNI (`wide`), from 2 rows of x: two weight rows at a time against every row of x,
 // so each vector of x, loaded once into a register (in_register), serves two multiply-adds, and one instruction
 // multiplies and accumulates 32 pairs. With one weight row a step (int16_block8) a load of x fed each multiply-add,
@@ -692,23 +690,27 @@ GEMMAKIT_VNNI void int16_block8_512(const int16_t* x, const int16_t* xs, const i
   for (int j = 0; j < kRows8; j += 2) {
     const int8_t* row = q + j * k;
     __m512i a[M], b[M];
+    #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) a[r] = b[r] = _mm512_setzero_si512();
     int64_t i = 0;
-    // Two steps a line of each row, for the next block's same rows into L1 and those further on into L2. The
-    // prefetches sit outside any branch: one inside the loop cost it its accumulators' registers (GCC then
-    // copied all of them every step).
-    for (; i + 64 <= k; i += 64) {
+    // The next block's same rows into L1 and those further on into L2, a line a row every step (each line is
+    // asked twice; a branch to ask once cost more). The step is written out here: kept in a function taking the
+    // accumulators by reference, with the asm multiply-adds, GCC kept them on the stack.
+    for (; i + 32 <= k; i += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(row + kRows8 * k + i), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(row + (kRows8 + 1) * k + i), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(row + l2 + i), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(row + l2 + k + i), _MM_HINT_T1);
-      pair_step<M>(xs + i * M, row, k, i, a, b);
-      pair_step<M>(xs + (i + 32) * M, row, k, i + 32, a, b);
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + i)));
+      #pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const __m512i xv = in_register(_mm512_loadu_si512(xs + i * M + r * 32));
+        dpwssd(a[r], w0, xv);
+        dpwssd(b[r], w1, xv);
+      }
     }
-    if (i + 32 <= k) {
-      pair_step<M>(xs + i * M, row, k, i, a, b);
-      i += 32;
-    }
+    #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {  // 16 lanes to 8, then K's tail past a multiple of 32 into lane 0
       __m256i lo = _mm256_add_epi32(_mm512_castsi512_si256(a[r]), _mm512_extracti64x4_epi64(a[r], 1));
       __m256i hi = _mm256_add_epi32(_mm512_castsi512_si256(b[r]), _mm512_extracti64x4_epi64(b[r], 1));
@@ -726,6 +728,98 @@ GEMMAKIT_VNNI void int16_block8_512(const int16_t* x, const int16_t* xs, const i
     }
   }
   fold8<M>(parts, out, r0, j0);
+}
+
+// The screen's pass with x on an 8-bit grid (gemv.screen_int8, bits = 8: a batch step's rows where the CPU has
+// AVX-512 VNNI and no AMX). One instruction multiplies and accumulates 64 byte products where 16-bit pairs take
+// 32, and the codes need no widening, so at 8 rows the pass is bound by reading the codes, where the 16-bit one
+// was bound by its multiply-adds. The instruction takes unsigned bytes: x + 128 is, and each row of codes' own
+// product with 128 (one more multiply-add a code vector, against one a row of x) comes off each lane's sum, so
+// the sums are the same exact int32 sums of x and the codes (|x| <= 127: exact up to K = 2^16).
+// The rows are cold, and the multiply-adds too few to hide their latency: lines are asked into L1 two blocks
+// ahead and into L2 eight blocks ahead (the pass at 8 rows on CPU A went from the 16-bit pass's time to about
+// that of reading the codes alone; docs/performance.md, "The screen's batch rows on bytes").
+constexpr int64_t kBytesStep = 64, kBytesL1 = 2 * kRows8, kBytesL2 = 8 * kRows8;
+
+// A block of eight weight rows against M rows of x, two weight rows at a time, folded and written as
+// int16_block8_512's. x: the rows as signed bytes (for K's tail past a multiple of 64); xs: the same rows plus
+// 128, laid out [K / 64][M][64].
+template <int M>
+GEMMAKIT_VNNI void byte_block8(const int8_t* x, const uint8_t* xs, const int8_t* q, int64_t k, const ScreenOut& out,
+                               int64_t r0, int64_t j0) {
+  alignas(32) int32_t parts[kRows8][M][8];
+  for (int j = 0; j < kRows8; j += 2) {
+    const int8_t* row = q + j * k;
+    __m512i a[M], b[M], ca = _mm512_setzero_si512(), cb = _mm512_setzero_si512();
+    #pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) a[r] = b[r] = _mm512_setzero_si512();
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(128));
+    int64_t i = 0;
+    for (; i + kBytesStep <= k; i += kBytesStep) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + kBytesL1 * k + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + (kBytesL1 + 1) * k + i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + kBytesL2 * k + i), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(row + (kBytesL2 + 1) * k + i), _MM_HINT_T1);
+      const __m512i w0 = in_register(_mm512_loadu_si512(row + i)), w1 = in_register(_mm512_loadu_si512(row + k + i));
+      dpbusd(ca, offset, w0);  // what the offset adds to each row's sums
+      dpbusd(cb, offset, w1);
+      #pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) {
+        const __m512i xv = in_register(_mm512_loadu_si512(xs + i * M + r * kBytesStep));
+        dpbusd(a[r], xv, w0);
+        dpbusd(b[r], xv, w1);
+      }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {  // less the offset's share, 16 lanes to 8, then K's tail into lane 0
+      const __m512i da = _mm512_sub_epi32(a[r], ca), db = _mm512_sub_epi32(b[r], cb);
+      __m256i lo = _mm256_add_epi32(_mm512_castsi512_si256(da), _mm512_extracti64x4_epi64(da, 1));
+      __m256i hi = _mm256_add_epi32(_mm512_castsi512_si256(db), _mm512_extracti64x4_epi64(db, 1));
+      if (i < k) {
+        int32_t t0 = 0, t1 = 0;
+        for (int64_t t = i; t < k; ++t) {
+          t0 += static_cast<int32_t>(row[t]) * x[r * k + t];
+          t1 += static_cast<int32_t>(row[k + t]) * x[r * k + t];
+        }
+        lo = _mm256_add_epi32(lo, _mm256_setr_epi32(t0, 0, 0, 0, 0, 0, 0, 0));
+        hi = _mm256_add_epi32(hi, _mm256_setr_epi32(t1, 0, 0, 0, 0, 0, 0, 0));
+      }
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j][r]), lo);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j + 1][r]), hi);
+    }
+  }
+  fold8<M>(parts, out, r0, j0);
+}
+
+// The byte pass over every weight row: blocks of eight in parallel, up to kScreenX rows of x a block; the last
+// N % 8 weight rows one sum at a time.
+void byte_pass(const int8_t* xp, const int8_t* qp, int64_t m, int64_t n, int64_t k, const ScreenOut& out) {
+  using Block = void (*)(const int8_t*, const uint8_t*, const int8_t*, int64_t, const ScreenOut&, int64_t, int64_t);
+  static_assert(kScreenX == 8, "kBlocks lists byte_block8<1> to byte_block8<8>");
+  static constexpr Block kBlocks[kScreenX] = {byte_block8<1>, byte_block8<2>, byte_block8<3>, byte_block8<4>,
+                                              byte_block8<5>, byte_block8<6>, byte_block8<7>, byte_block8<8>};
+  std::vector<uint8_t> steps(m * k);  // each group of up to kScreenX rows as [K / 64][rows][64], plus 128
+  for (int64_t r0 = 0; r0 < m; r0 += kScreenX) {
+    const int64_t rows = std::min<int64_t>(kScreenX, m - r0);
+    for (int64_t i = 0; i + kBytesStep <= k; i += kBytesStep)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t t = 0; t < kBytesStep; ++t)
+          steps[r0 * k + i * rows + r * kBytesStep + t] = static_cast<uint8_t>(xp[(r0 + r) * k + i + t] + 128);
+  }
+  const int64_t blocks = n / kRows8;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k * kRows8, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t r0 = 0; r0 < m; r0 += kScreenX)
+        kBlocks[std::min<int64_t>(kScreenX, m - r0) - 1](xp + r0 * k, steps.data() + r0 * k, qp + b * kRows8 * k, k,
+                                                          out, r0, b * kRows8);
+  });
+  for (int64_t j = blocks * kRows8; j < n; ++j)
+    for (int64_t r = 0; r < m; ++r) {
+      int32_t d = 0;
+      for (int64_t t = 0; t < k; ++t) d += static_cast<int32_t>(qp[j * k + t]) * xp[r * k + t];
+      out.put(r, j, d);
+    }
 }
 
 // The screen's pass on AMX, where the CPU has AMX-INT8 and Linux lets the process use its tiles: one tile
@@ -967,27 +1061,36 @@ void check_isa(int64_t isa) {
   TORCH_CHECK(isa < 2 || amx_int8(), "the AMX pass asked where AMX-INT8 tiles are not available");
 }
 
-at::Tensor int8_screen(const at::Tensor& x16, const at::Tensor& x_scale, const at::Tensor& q,
+// x: the rows rounded onto the screen's grid, int16 (14 bits: the 16-bit passes, by isa) or int8 (8 bits: the
+// byte pass, which needs AVX-512 VNNI), with a scale per row; out as ScreenOut says.
+at::Tensor int8_screen(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& q,
                        const at::Tensor& scales, int64_t isa, const at::Tensor& coef, const at::Tensor& norms) {
-  TORCH_CHECK(x16.dim() == 2 && x16.scalar_type() == at::kShort && x16.is_contiguous(), "x16: contiguous int16 [M, K]");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == x16.size(1),
+  const bool bytes = xq.scalar_type() == at::kChar;
+  TORCH_CHECK(xq.dim() == 2 && (bytes || xq.scalar_type() == at::kShort) && xq.is_contiguous(),
+              "xq: contiguous int16 or int8 [M, K]");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.size(1) == xq.size(1),
               "q: contiguous int8 [N, K]");
-  const int64_t m = x16.size(0), k = x16.size(1), n = q.size(0);
+  const int64_t m = xq.size(0), k = xq.size(1), n = q.size(0);
   TORCH_CHECK(x_scale.dim() == 1 && x_scale.size(0) == m && x_scale.scalar_type() == at::kFloat &&
               x_scale.is_contiguous(), "x_scale: contiguous fp32 [M]");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
               "scales: contiguous fp32 [N]");
   check_isa(isa);
+  TORCH_CHECK(!bytes || (isa >= 1 && k <= (int64_t{1} << 16)),
+              "int8 x takes the byte pass: AVX-512 VNNI (isa 1 or 2) and K up to 2^16, where its sums are exact");
   const bool bound = coef.numel() > 0;
   TORCH_CHECK(!bound || (coef.dim() == 2 && coef.size(0) == m && coef.size(1) == 2 &&
                          coef.scalar_type() == at::kFloat && coef.is_contiguous()),
               "coef: contiguous fp32 [M, 2], or empty for no bound");
   TORCH_CHECK(!bound || (norms.dim() == 2 && norms.size(0) == 2 && norms.size(1) == n &&
                          norms.scalar_type() == at::kFloat && norms.is_contiguous()), "norms: contiguous fp32 [2, N]");
-  auto y = at::empty({m, n}, x16.options().dtype(at::kFloat));
+  auto y = at::empty({m, n}, xq.options().dtype(at::kFloat));
   const ScreenOut out{x_scale.data_ptr<float>(), scales.data_ptr<float>(), bound ? coef.data_ptr<float>() : nullptr,
                       bound ? norms.data_ptr<float>() : nullptr, y.data_ptr<float>(), n};
-  int16_pass(x16.data_ptr<int16_t>(), q.data_ptr<int8_t>(), m, n, k, isa, out);
+  if (bytes)
+    byte_pass(xq.data_ptr<int8_t>(), q.data_ptr<int8_t>(), m, n, k, out);
+  else
+    int16_pass(xq.data_ptr<int16_t>(), q.data_ptr<int8_t>(), m, n, k, isa, out);
   return y;
 }
 
@@ -1060,7 +1163,7 @@ TORCH_LIBRARY(gemmakit_avx2, lib) {
   lib.def("int8_gemv(Tensor x, Tensor q, Tensor scales, bool wide) -> Tensor");
   lib.def("int8_grid(Tensor x, Tensor q, Tensor scales, int isa) -> Tensor");
   lib.def("float_gemv(Tensor x, Tensor w, bool wide) -> Tensor");
-  lib.def("int8_screen(Tensor x16, Tensor x_scale, Tensor q, Tensor scales, int isa, Tensor coef, Tensor norms) -> "
+  lib.def("int8_screen(Tensor xq, Tensor x_scale, Tensor q, Tensor scales, int isa, Tensor coef, Tensor norms) -> "
           "Tensor");
   lib.def("avx512_vnni() -> bool", &avx512_vnni);
   lib.def("avx512_bf16() -> bool", &avx512_bf16);

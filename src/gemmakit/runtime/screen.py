@@ -22,8 +22,11 @@ ties to the lowest id as argmax does. If the (K + 1)-th upper bound is below tha
 allowance (for bf16, one bf16 step: an outside token must round below the best, not tie it), no token
 outside the K can beat it: the pick is the full head's argmax, except where two logits are within float32
 summation error of a tie or of a bf16 rounding boundary (where two kernels of the full head may differ too).
-A step whose certificate fails for a row computes the full head instead (`HeadScreen.fallbacks`; rare, a
-little less rare on the packed path, whose bound is wider).
+A row whose certificate fails settles (`HeadScreen.settle`): every token whose upper bound reaches that floor
+is rescored exactly, which is the same argument over all of them; only a row where more than SETTLE_MAX do (or
+a NaN row) costs its step the full head (`HeadScreen.fallbacks`). Settling lets a wider bound pay per row
+rather than per step: the AVX-512 VNNI pass rounds a batch's x to 8 bits (gemv.screen_bits), which halves its
+multiply-adds and leaves a few percent of rows of real text to settle.
 
 When it applies. Tied heads on CPU, float32, or bf16 without a final soft-cap (capping bf16 logits makes ties the
 screen would not reproduce); the int8 heads of int8 models (the same soft-cap rule) where gemmakit's kernels
@@ -42,7 +45,8 @@ kernel beats oneDNN's bf16 one on several rows, so those steps take the full hea
 wide and gemmakit's AVX2 kernels build (gemv.py), either head's copy is int8, read by their screening pass at
 every step of up to 8 rows, compiled or eager: x rounded to 14-bit integers (its rounding is one more term of the
 bound, like the packed path's bf16 x) and exact integer sums, to which the kernel adds each token's bound as it
-writes them (eager torch ops over the [rows, V] sums took an 8-row step as long as the pass). Its bound is wider than a
+writes them (eager torch ops over the [rows, V] sums took an 8-row step as long as the pass); at a batch's rows
+on AVX-512 VNNI, x on an 8-bit grid instead, its bytes' products twice as many an instruction. Its bound is wider than a
 half-precision copy's, so it rescores 64 candidates, not 16. Where those kernels are missing and oneDNN has no
 bf16, a float32 head's copy is fbgemm's fp16 one, read by every step. Memory: the copy in each layout the engine's
 steps read (270M: +336 MB bf16 per layout, +512 MB for fbgemm's padded fp16, or +168 MB int8); the engine's
@@ -70,6 +74,10 @@ CANDIDATES = 16  # exact rescoring costs 16 x 640 x 4 bytes; a wider gap fails t
 # candidates some rows of real text fell back to the full head (on an 8-row step, a fallback of any row costs
 # the step a full head), with 64 none did (benchmarks/screen_certificate.py; docs/performance.md).
 GEMV_CANDIDATES = 64
+# The most tokens a row left uncertified rescores exactly (`settle`) before its step takes the full head: the
+# byte pass's bound left up to about 1,400 on real text (benchmarks/screen_bits.py, 8-bit x), and rescoring
+# 4,096 rows reads about a sixtieth of the 270M's head.
+SETTLE_MAX = 4096
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
 
 
@@ -271,7 +279,8 @@ class HeadScreen(nn.Module):
         self.head_bytes = sum(t.numel() * t.element_size() for t in held)
         if not plain and self.packed is not None:
             self.cheap = None  # only the packed layout is read
-        self.fallbacks = 0
+        self.fallbacks = 0  # steps that computed the full head: a row could not settle
+        self.settled = 0  # rows their candidates did not certify, settled from their bounds
 
     def _fill_blocks(self, build: bool) -> float:
         """The norms, and with `build` the int8 copy and its scales, a block of rows at a time, each block's
@@ -335,12 +344,15 @@ class HeadScreen(nn.Module):
         own = sum(t.numel() * t.element_size() for t in self.buffers() if t.data_ptr() not in shared)
         return own + sum(m.packed_bytes for m in (self.packed, self.fp16) if m is not None)
 
-    def forward(self, x: Tensor, layout: str = "packed") -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, layout: str = "packed") -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x: [B, H] final hidden states (after the norm), screened through the copy in `layout` ("plain": one
-        row, for compiled steps; "packed": any rows). Returns (tokens [B], certified [B] bool)."""
-        x = x.to(torch.bfloat16).float() if self.x_bf16 else x.float()
+        row, for compiled steps; "packed": any rows). Returns (tokens [B], certified [B] bool, upper [B, V],
+        floor [B]): a row's pick is certified where no token outside its candidates has an upper bound at
+        its floor; one that is not can still settle (`settle`) from its upper bounds and floor."""
+        x = self._input(x)
         x_norm = x.norm(dim=-1, keepdim=True)
-        values, indices = top_k(self._screen(x, x_norm, layout), self.k + 1)
+        upper = self._screen(x, x_norm, layout)
+        values, indices = top_k(upper, self.k + 1)
         idx = indices[:, : self.k]
         exact = self._rescore(x, idx)  # [B, K] float32 logits of the candidates
         if self.out_dtype != torch.float32:  # the model's head rounds its logits to its dtype
@@ -352,8 +364,32 @@ class HeadScreen(nn.Module):
         tokens = idx.int().masked_fill(exact != best[:, None], self.vocab).amin(dim=-1).long()
         if self.out_dtype != torch.float32:  # an outside token must round below the best, not tie it
             best = best - torch.ldexp(torch.ones_like(best), torch.frexp(best).exponent - 8)
-        certified = values[:, self.k] < best - x_norm[:, 0] * self.rescore_slack
-        return tokens, certified
+        floor = best - x_norm[:, 0] * self.rescore_slack
+        return tokens, values[:, self.k] < floor, upper, floor
+
+    def settle(self, x: Tensor, upper: Tensor, floor: Tensor) -> int | None:
+        """The greedy pick of one row that `forward` left uncertified, from its hidden state x [H], upper
+        bounds [V] and floor: every token whose bound reaches the floor is rescored exactly, and the rest are
+        below the pick by the certificate's argument (the floor is below the best candidate's logit by that
+        rescoring's error, and settling only raises the best). Those tokens include the candidates, since their
+        bounds reached the (K + 1)-th. None where more than SETTLE_MAX tokens reach it, or none does (a NaN
+        row): the caller then computes the full head. A wider bound (the byte pass's grid) leaves more rows to
+        settle, each costing a pass over its V bounds and a few hundred exact rows, far less than a full head."""
+        idx = (upper >= floor).nonzero()[:, 0]
+        if not 0 < idx.numel() <= SETTLE_MAX:
+            return None
+        exact = self._rescore(self._input(x[None]), idx[None])[0]
+        if self.out_dtype != torch.float32:
+            exact = round_to_bf16(exact)
+        best = exact.max()
+        if not bool(best.isfinite()):
+            return None
+        self.settled += 1
+        return int(idx[exact == best].min())
+
+    def _input(self, x: Tensor) -> Tensor:
+        """x as the head's kernel takes it: in bf16 for torch's int4 kernel (`x_bf16`), else float32."""
+        return x.to(torch.bfloat16).float() if self.x_bf16 else x.float()
 
     def _rescore(self, x: Tensor, idx: Tensor) -> Tensor:
         """The head's float32 logits [B, K] of tokens `idx` [B, K]; an int8 head's as its kernel sums them,

@@ -171,12 +171,19 @@ class Runtime:
     def _screens(self, rows: int, compiled: bool) -> bool:
         return self.screen is not None and self.screen.usable(rows, compiled)
 
-    def _certify(self, tokens: Tensor, certified: Tensor, hidden: Tensor) -> StepOut:
-        """Screened tokens, or the full head's logits for a step the screen could not certify."""
+    def _certify(self, tokens: Tensor, certified: Tensor, upper: Tensor, floor: Tensor, hidden: Tensor) -> StepOut:
+        """Screened tokens: a row its candidates did not certify settles from its bounds (HeadScreen.settle);
+        only where one cannot does the step compute the full head's logits."""
         if bool(certified.all()):
             return StepOut(tokens=tokens)
-        self.screen.fallbacks += 1
-        return StepOut(logits=self.model.head(hidden))
+        tokens = tokens.clone()
+        for row in (~certified).nonzero()[:, 0].tolist():
+            token = self.screen.settle(hidden[row], upper[row], floor[row])
+            if token is None:
+                self.screen.fallbacks += 1
+                return StepOut(logits=self.model.head(hidden))
+            tokens[row] = token
+        return StepOut(tokens=tokens)
 
     def _span_marker(self, span: int) -> Tensor:
         """An empty tensor of `span` / SPAN_GRANULE elements, its size marked dynamic: a compiled step reads the
@@ -212,8 +219,9 @@ class Runtime:
         return self.model(ids, step=self._append(pos, rows, all_rows, span))[:, -1]
 
     def _forward_greedy(self, ids: Tensor, pos: Tensor, rows: Tensor, all_rows: bool,
-                        span: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """A decode step whose rows are all plain greedy: (screened tokens, certified, hidden states). One-row
+                        span: int | Tensor | None = None) -> tuple[Tensor, ...]:
+        """A decode step whose rows are all plain greedy: (screened tokens, certified, upper bounds, floors,
+        hidden states; HeadScreen.forward). One-row
         steps read the plain copy of the head where there is one (compiled steps stream it fastest)."""
         x = self.model.hidden(ids, step=self._append(pos, rows, all_rows, span))[:, -1]
         layout = "plain" if x.shape[0] == 1 and self.screen.cheap is not None else "packed"
