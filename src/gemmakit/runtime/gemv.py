@@ -106,7 +106,9 @@ GRID_TOP = 8191  # x~'s largest integer: AMX's split of x~ into two signed bytes
 # The widest K whose grid keeps all 14 bits (past it int32 sums stay exact only on a coarser grid): int8 layers
 # wider than this keep fp32 x (quantize.use_gemv_kernels), so a large model's wide down_proj is not rounded more.
 GRID_FULL_K = (2**31 - 1) // (127 * GRID_TOP)
-BYTES_FROM = 2  # the fewest rows whose screening pass takes bytes (`screen_bits`)
+# The fewest rows whose screening pass takes bytes (`screen_bits`): at 2 or 3 both grids read the codes at the
+# memory's speed, and the wider bound would only leave more rows to settle.
+BYTES_FROM = 4
 INT4_ROWS = INT8_ROWS = FLOAT_ROWS = 8  # products of up to this many rows go to the kernels (a batch-8 step)
 _registered = False  # whether the ops' shape functions (for torch.compile) are registered
 # Whether several-row passes take the kernels' AVX-512 build (set by `unavailable`, read where a product is

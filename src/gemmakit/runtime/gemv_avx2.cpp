@@ -20,8 +20,9 @@
 // int8_screen: a head screen's pass, int8 codes against x on a 14-bit integer grid, exact int32 sums (AVX2: from
 // 4 rows of x one weight row against all of them, and from 6 in blocks of 8 weight rows whose sums are folded
 // and written together; an AVX-512 VNNI build, taken only where the CPU has it, runs those blocks from 2 rows,
-// two weight rows a step), with the screen's bound added as each sum is written. int8_grid: the same pass with
-// no bound, x rounded here.
+// two weight rows a step), with the screen's bound added as each sum is written; from 4 rows on AVX-512 VNNI, x on
+// an 8-bit grid through the same blocks on bytes (byte_pass). int8_grid: the 16-bit pass with no bound, x rounded
+// here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include "lanes_avx2.h"
