@@ -97,8 +97,8 @@ from gemmakit.quantize_codes import (
 )
 from gemmakit.runtime.probe import cpu_capability
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.cpp", "attention_avx2.cpp")]
-_HEADERS = [Path(__file__).with_name("lanes_avx2.h")]  # included by both: part of the build's key
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemv_avx2.cpp", "screen_avx2.cpp", "attention_avx2.cpp")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("lanes_avx2.h", "tiles_avx2.h")]  # included: part of the key
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for in the kernels splits rows by it
 _NAME = "gemmakit_gemv_avx2"
 BLOCK_ROWS = 32  # rows per block of torch's AVX2 int4 packing, the only layout the int4 kernel reads
