@@ -545,6 +545,10 @@ def test_the_screen_takes_bytes_for_a_batch_only_on_the_vnni_pass():
     assert [gemv.screen_bits(rows, 1) for rows in (1, 3, 4, 8)] == [14, 14, 8, 8]
     assert gemv.screen_bits(8, 0) == gemv.screen_bits(8, 2) == 14
     assert gemv.screen_bits(8) == (8 if gemv.vector_width() == 512 and not gemv.screen_amx() else 14)
+    from gemmakit.runtime.plan import _screen_kernel  # the plan's line says which grid a batch takes
+
+    assert ("x on 8 bits from 4 rows" in _screen_kernel(8)) == (gemv.screen_bits(8) == 8)
+    assert "x on 8 bits" not in _screen_kernel(1)
     with pytest.raises(ValueError, match="8 or 14 bits"):
         gemv.screen_int8(torch.randn(2, 16), *quantize_int8(torch.randn(4, 16), torch.float32), bits=4)
 

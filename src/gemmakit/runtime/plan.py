@@ -316,7 +316,7 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         return None, "off (asked)"
     dtype = model_dtype_device(model)[0]
     if gemv_kernels and (weight := head_weight(model)) is not None:
-        return (weight, False, False, False, True), f"int8 copy ({_screen_kernel()})"
+        return (weight, False, False, False, True), f"int8 copy ({_screen_kernel(max_batch)})"
     if gemv_kernels and (codes := head_codes(model, dtype)) is not None:
         # An int8 head's screen is its own codes through the same pass: no copy, and where the pass has its
         # AVX-512 VNNI or AMX build, it outruns the head's fp32 multiply-adds at a batch step's several rows.
@@ -324,7 +324,7 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         if gemv.vector_width() < 512:
             return _timed_screen(codes, max_batch, "the int8 head's own codes",
                                  "an int8 head on gemmakit's AVX2 kernel", "the screen")
-        return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel()})"
+        return (codes, False, False, False, True), f"the int8 head's own codes ({_screen_kernel(max_batch)})"
     if gemv_kernels and (head := int4_head(model, dtype)) is not None:
         if gemv.int4_fits(head.head.out_features, head.head.in_features, head.head.group_size):
             return _timed_screen(head, max_batch, "int8 copy of the int4 head",
@@ -386,8 +386,9 @@ def _timed_screen(head: Int4Head | Int8Head, max_batch: int, screen: str, kind: 
                                                      f"as {short.removeprefix('the ')} vs head: {said})")
 
 
-def _screen_kernel() -> str:
-    return f"gemmakit's AVX2 kernel, up to {gemv.INT8_ROWS} rows"
+def _screen_kernel(max_batch: int = 1) -> str:
+    grid = f"; x on 8 bits from {gemv.BYTES_FROM} rows" if gemv.screen_bits(max_batch) == 8 else ""
+    return f"gemmakit's AVX2 kernel, up to {gemv.INT8_ROWS} rows{grid}"
 
 
 def forecast(model: nn.Module, plan: Plan, max_batch: int, context: int, slack: int = 8,
