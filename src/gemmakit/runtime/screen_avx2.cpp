@@ -225,6 +225,26 @@ void int16_block8(const int16_t* x, const int8_t* q, int64_t k, const ScreenOut&
   fold8<M>(parts, out, r0, j0);
 }
 
+// Two weight rows' 16-lane sums against one row of x (rows `row` and `row + k` of a block): folded to 8 lanes,
+// K's tail from input i on (past the vector steps) added into lane 0, and parked in lo / hi for fold8.
+template <typename X>
+GEMMAKIT_VNNI __attribute__((always_inline)) inline void park_pair(__m512i a, __m512i b, const int8_t* row, int64_t k,
+                                                                   int64_t i, const X* xr, int32_t* lo, int32_t* hi) {
+  __m256i l = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+  __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(b), _mm512_extracti64x4_epi64(b, 1));
+  if (i < k) {
+    int32_t t0 = 0, t1 = 0;
+    for (int64_t t = i; t < k; ++t) {
+      t0 += static_cast<int32_t>(row[t]) * xr[t];
+      t1 += static_cast<int32_t>(row[k + t]) * xr[t];
+    }
+    l = _mm256_add_epi32(l, _mm256_setr_epi32(t0, 0, 0, 0, 0, 0, 0, 0));
+    h = _mm256_add_epi32(h, _mm256_setr_epi32(t1, 0, 0, 0, 0, 0, 0, 0));
+  }
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lo), l);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(hi), h);
+}
+
 // The same block with AVX-512 VNNI (`wide`), from 2 rows of x: two weight rows at a time against every row of x,
 // so each vector of x, loaded once into a register (in_register), serves two multiply-adds, and one instruction
 // multiplies and accumulates 32 pairs. With one weight row a step (int16_block8) a load of x fed each multiply-add,
@@ -260,21 +280,7 @@ GEMMAKIT_VNNI void int16_block8_512(const int16_t* x, const int16_t* xs, const i
       }
     }
     #pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {  // 16 lanes to 8, then K's tail past a multiple of 32 into lane 0
-      __m256i lo = _mm256_add_epi32(_mm512_castsi512_si256(a[r]), _mm512_extracti64x4_epi64(a[r], 1));
-      __m256i hi = _mm256_add_epi32(_mm512_castsi512_si256(b[r]), _mm512_extracti64x4_epi64(b[r], 1));
-      if (i < k) {
-        int32_t t0 = 0, t1 = 0;
-        for (int64_t t = i; t < k; ++t) {
-          t0 += static_cast<int32_t>(row[t]) * x[r * k + t];
-          t1 += static_cast<int32_t>(row[k + t]) * x[r * k + t];
-        }
-        lo = _mm256_add_epi32(lo, _mm256_setr_epi32(t0, 0, 0, 0, 0, 0, 0, 0));
-        hi = _mm256_add_epi32(hi, _mm256_setr_epi32(t1, 0, 0, 0, 0, 0, 0, 0));
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j][r]), lo);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j + 1][r]), hi);
-    }
+    for (int r = 0; r < M; ++r) park_pair(a[r], b[r], row, k, i, x + r * k, parts[j][r], parts[j + 1][r]);
   }
   fold8<M>(parts, out, r0, j0);
 }
@@ -320,22 +326,9 @@ GEMMAKIT_VNNI void byte_block8(const int8_t* x, const uint8_t* xs, const int8_t*
       }
     }
     #pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) {  // less the offset's share, 16 lanes to 8, then K's tail into lane 0
-      const __m512i da = _mm512_sub_epi32(a[r], ca), db = _mm512_sub_epi32(b[r], cb);
-      __m256i lo = _mm256_add_epi32(_mm512_castsi512_si256(da), _mm512_extracti64x4_epi64(da, 1));
-      __m256i hi = _mm256_add_epi32(_mm512_castsi512_si256(db), _mm512_extracti64x4_epi64(db, 1));
-      if (i < k) {
-        int32_t t0 = 0, t1 = 0;
-        for (int64_t t = i; t < k; ++t) {
-          t0 += static_cast<int32_t>(row[t]) * x[r * k + t];
-          t1 += static_cast<int32_t>(row[k + t]) * x[r * k + t];
-        }
-        lo = _mm256_add_epi32(lo, _mm256_setr_epi32(t0, 0, 0, 0, 0, 0, 0, 0));
-        hi = _mm256_add_epi32(hi, _mm256_setr_epi32(t1, 0, 0, 0, 0, 0, 0, 0));
-      }
-      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j][r]), lo);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[j + 1][r]), hi);
-    }
+    for (int r = 0; r < M; ++r)  // less the offset's share
+      park_pair(_mm512_sub_epi32(a[r], ca), _mm512_sub_epi32(b[r], cb), row, k, i, x + r * k, parts[j][r],
+                parts[j + 1][r]);
   }
   fold8<M>(parts, out, r0, j0);
 }
