@@ -386,7 +386,7 @@ def _timed_screen(head: Int4Head | Int8Head, max_batch: int, screen: str, kind: 
                                                      f"as {short.removeprefix('the ')} vs head: {said})")
 
 
-def _screen_kernel(max_batch: int = 1) -> str:
+def _screen_kernel(max_batch: int) -> str:
     grid = f"; x on 8 bits from {gemv.BYTES_FROM} rows" if gemv.screen_bits(max_batch) == 8 else ""
     return f"gemmakit's AVX2 kernel, up to {gemv.INT8_ROWS} rows{grid}"
 

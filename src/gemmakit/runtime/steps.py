@@ -148,11 +148,13 @@ class Runtime:
         if compiled:  # a context shorter than MIN_SPAN is attended whole: its spans are not all multiples of 32
             span = self._span_marker(span) if self.device.type == "cpu" and span >= MIN_SPAN else None
         with small_row_reductions(self.plan.int8_reduce_rows if compiled else 0):
-            if padded:  # a screened step's upper bounds stay whole: only a row that settles reads its own
-                out = self._padded(forward, ids, pos, rows_t, span, whole=2 if screened else None)
+            if padded:  # every slot's outputs: the rows' are picked from them here, or by _certify
+                out = self._padded(forward, ids, pos, rows_t, span)
             else:
                 out = forward(ids, pos, rows_t, n == self.max_batch, span)
-        return self._certify(*out, slots=rows if padded else None) if screened else StepOut(logits=out)
+        if screened:
+            return self._certify(*out, slots=rows if padded else None)
+        return StepOut(logits=out[rows_t] if padded else out)
 
     def longest_warmup_prompt(self, context: int) -> int:
         """A prompt length that reaches every compiled prompt kernel (0: there are none to build)."""
@@ -174,8 +176,11 @@ class Runtime:
     def _certify(self, tokens: Tensor, certified: Tensor, upper: Tensor, floor: Tensor, hidden: Tensor,
                  slots: list[int] | None = None) -> StepOut:
         """Screened tokens: a row its candidates did not certify settles from its bounds (HeadScreen.settle);
-        only where one cannot does the step compute the full head's logits. `slots`: each row's row of
-        `upper`, where a padded step left them whole."""
+        only where one cannot does the step compute the full head's logits. `slots`: the rows' slots where the
+        outputs are every slot's (a padded step). The upper bounds are not gathered (a copy of [slots, V] floats
+        every such step, for the rare row that settles): a settling row reads its own."""
+        if slots is not None:
+            tokens, certified, floor, hidden = tokens[slots], certified[slots], floor[slots], hidden[slots]
         if bool(certified.all()):
             return StepOut(tokens=tokens)
         tokens = tokens.clone()
@@ -194,13 +199,12 @@ class Runtime:
         torch._dynamo.mark_dynamic(marker, 0)
         return marker
 
-    def _padded(self, forward: Any, ids: Tensor, pos: Tensor, rows: Tensor, span: int | Tensor | None,
-                whole: int | None = None) -> Any:
+    def _padded(self, forward: Any, ids: Tensor, pos: Tensor, rows: Tensor, span: int | Tensor | None) -> Any:
         """A partly filled batch through the compiled full-batch step: the other rows decode a throw-away token
         at position 0, and what it overwrote there is put back afterwards (a row may be half way through a
         chunked prefill, or hold a prefix being reused). On CPU the matmuls of 8 rows cost about what 2 rows
         cost, while an eager step costs several compiled ones, and a graph per batch size would cost a
-        compilation each."""
+        compilation each. Returns the step's outputs for every slot; the caller picks `rows`' from them."""
         others = torch.tensor(sorted(set(range(self.max_batch)) - set(rows.tolist())), device=self.device)
         saved = self.cache.save_slot0(others)
         full_ids = torch.zeros(self.max_batch, 1, dtype=ids.dtype, device=self.device)
@@ -209,9 +213,7 @@ class Runtime:
         every_row = torch.arange(self.max_batch, device=self.device)
         out = forward(full_ids, full_pos, every_row, True, span)
         self.cache.restore_slot0(others, saved)
-        # Output `whole` is returned for every slot (a gather of [rows, V] upper bounds cost a step about a
-        # millisecond, for the rare row that settles).
-        return tuple(t if i == whole else t[rows] for i, t in enumerate(out)) if isinstance(out, tuple) else out[rows]
+        return out
 
     def _append(self, pos: Tensor, rows: Tensor, all_rows: bool, span: int | Tensor | None) -> Append:
         # Every row decoding (rows sorted): attend over the cache in place rather than gathering a copy of it.
