@@ -153,7 +153,7 @@ class Runtime:
             else:
                 out = forward(ids, pos, rows_t, n == self.max_batch, span)
         if screened:
-            return self._certify(*out, slots=rows if padded else None)
+            return self._certify(*out, slots=rows_t if padded else None)
         return StepOut(logits=out[rows_t] if padded else out)
 
     def longest_warmup_prompt(self, context: int) -> int:
@@ -174,7 +174,7 @@ class Runtime:
         return self.screen is not None and self.screen.usable(rows, compiled)
 
     def _certify(self, tokens: Tensor, certified: Tensor, upper: Tensor, floor: Tensor, hidden: Tensor,
-                 slots: list[int] | None = None) -> StepOut:
+                 slots: Tensor | None = None) -> StepOut:
         """Screened tokens: a row its candidates did not certify settles from its bounds (HeadScreen.settle);
         only where one cannot does the step compute the full head's logits. `slots`: the rows' slots where the
         outputs are every slot's (a padded step). The upper bounds are not gathered (a copy of [slots, V] floats
