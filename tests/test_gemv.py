@@ -45,20 +45,42 @@ GRIDS = [(isa, 14) for isa in SCREEN_ISAS] + [(1, 8)] * (gemv.vector_width() == 
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n, k, group", [(32, 64, 32), (96, 640, 32), (64, 256, 64), (640, 1024, 128),
                                          (32, 512, 256)])
-def test_int4_kernel_is_the_dequantized_product(n, k, group, rows):
-    """Against W dequantized in fp32: agreement to fp32 rounding, where torch's kernel (bf16 activations) is
-    ~100x further off."""
+def test_int4_kernel_is_the_dequantized_product_of_x_on_the_grid(n, k, group, rows):
+    """x rounded onto the 14-bit grid (gemv.on_grid) times W dequantized: agreement to fp32 rounding, in float64.
+    Against x itself the kernel is off by no more than rounding x moved (|x - x~| |w| per row), where torch's
+    kernel (bf16 activations) is further off."""
     if not gemv.int4_fits(n, k, group):
         pytest.skip(f"this machine's int4 packing of {k} inputs is not the AVX2 layout")
     g = torch.Generator().manual_seed(n + k)
     w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(rows, k, generator=g) * 4
     packed, sz, _ = quantize_int4_packed(w, group)
-    want = x @ dequantize_int4(*quantize_int4(w, group)).T
+    decoded = dequantize_int4(*quantize_int4(w, group)).double()
+    on_grid = gemv.on_grid(x).double()
     got = gemv.int4(x, packed, sz, group)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
-    err = (got - want).abs().max().item()
-    torch_err = (torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), packed, group, sz).float() - want).abs().max()
-    assert err < 1e-4 * want.abs().max().item() and err < torch_err.item() / 20
+    want = on_grid @ decoded.T
+    assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item()
+    moved = (x.double() - on_grid).norm(dim=-1, keepdim=True) * decoded.norm(dim=-1)  # [rows, n]
+    off = (got - x.double() @ decoded.T).abs()
+    assert bool((off <= moved + 1e-6 * want.abs().max()).all())
+    torch_err = (torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE), packed, group, sz).double() - x.double()
+                 @ decoded.T).abs().max()
+    assert off.max().item() < torch_err.item() / 4
+
+
+@pytest.mark.parametrize("n, k, group", [(64, 256, 32), (96, 512, 256), (640, 1024, 128)])
+def test_int4_rows_get_the_same_bits_alone_or_beside_others(n, k, group):
+    """One row takes the 16-bit multiply-adds, several the fp32 tiles; both sum x~'s integer products exactly
+    (chunks of 128 inputs keep a group of 256 exact) and fold them alike, so a row's logits do not depend on
+    which rows share its step."""
+    if not gemv.int4_fits(n, k, group):
+        pytest.skip(f"this machine's int4 packing of {k} inputs is not the AVX2 layout")
+    g = torch.Generator().manual_seed(k)
+    packed, sz, _ = quantize_int4_packed(torch.randn(n, k, generator=g) * 0.05, group)
+    x = torch.randn(8, k, generator=g) * 3
+    alone = torch.cat([gemv.int4(x[i : i + 1], packed, sz, group) for i in range(8)])
+    for rows in (2, 3, 5, 8):  # a tile of 2, of 3, 4 + 1, two of 4
+        assert torch.equal(gemv.int4(x[:rows], packed, sz, group), alone[:rows])
 
 
 @pytest.mark.parametrize("wide", WIDE, ids=lambda w: "avx512" if w else "avx2")

@@ -8,9 +8,16 @@ kernels ("CPU C with gemmakit's kernels"), so the plan takes them on every x86 C
 here do the same sums with the work arranged for 256-bit vectors: the int4 one reads torch's own packing
 (blocks of 32 rows, [K, 16] bytes each), so one 16-byte load is one input for 32 outputs and the kernel
 vectorises over rows (several rows of x widen each code once); the int8 one runs along K, eight weight rows
-sharing each load of x and eight streams of codes in flight. Activations stay fp32 (torch's kernels round
-them to bf16), so the result is the dequantized product in another summation order: the same maths, rounded
-less.
+sharing each load of x and eight streams of codes in flight. In the int8 kernel activations stay fp32
+(torch's kernels round them to bf16), so the result is the dequantized product in another summation order:
+the same maths, rounded less.
+
+int4 products. The int4 kernel takes x as the int8 layers do (below), on the 14-bit grid (`on_grid`), and
+sums each group's codes against x~ exactly: one row with 16-bit multiply-adds, two inputs of a row an
+instruction and no code converted to float (widening each code to fp32 held the one-row pass below the
+memory's speed on CPU B: docs/performance.md, "int4 products on the grid"), several rows in fp32 tiles whose
+integer products and sums are exact too, so a row gets the same bits alone or in a batch. Rounding x moves a
+product by at most |x - x~| |w| (tests/test_gemv.py checks that bound), less than torch's kernel's bf16 x does.
 
 int8 layers. An int4 model of the 270M keeps most of its layers int8 (the GGUF's 640-wide matrices, and every
 v_proj), and at a batch step's 8 rows their fp32 tiles were bound by multiply-adds, each code widened to fp32.
@@ -263,13 +270,15 @@ def _agrees() -> bool:
     q, s = quantize_int8(w[:61, :93], torch.float32)  # 61 rows, 93 inputs: the row and K tails
     full = w[:61, :93].contiguous()
     q64, s64 = quantize_int8(w[:, :64].contiguous(), torch.float32)  # K = 64: the screen's AMX pass, where taken
-    products = [(int8, (q, s), q.float() * s[:, None], 93), (floats, (full,), full, 93),
-                (floats, (full.bfloat16(),), full.bfloat16().float(), 93)]
-    if cpu_int4_block_rows(96) == BLOCK_ROWS:
+    plain = lambda rows: rows  # noqa: E731
+    products = [(int8, (q, s), q.float() * s[:, None], 93, plain), (floats, (full,), full, 93, plain),
+                (floats, (full.bfloat16(),), full.bfloat16().float(), 93, plain)]
+    if cpu_int4_block_rows(96) == BLOCK_ROWS:  # the int4 kernel takes x on the grid (`int4`)
         packed, sz, _ = quantize_int4_packed(w, 32)
-        products.append((functools.partial(int4, group=32), (packed, sz), dequantize_int4(*quantize_int4(w, 32)), 96))
-    exact = all(torch.allclose(kernel(rows[:, :k], *operands), rows[:, :k] @ weight.T, rtol=1e-4, atol=1e-4)
-                for kernel, operands, weight, k in products for rows in (x[:1], x))
+        products.append((functools.partial(int4, group=32), (packed, sz), dequantize_int4(*quantize_int4(w, 32)), 96,
+                         on_grid))
+    exact = all(torch.allclose(kernel(rows[:, :k], *operands), rounded(rows[:, :k]) @ weight.T, rtol=1e-4, atol=1e-4)
+                for kernel, operands, weight, k, rounded in products for rows in (x[:1], x))
     # bf16 x (a bf16 model's rows, the AVX512_BF16 tiles' case where they run): the fp32 sum rounded to bf16.
     half, w16 = x[:, :93].bfloat16(), full.bfloat16()
     exact = exact and all(torch.allclose(floats(rows, w16).float(), (rows.float() @ w16.float().T).bfloat16().float(),
@@ -331,8 +340,7 @@ def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None,
         raise ValueError(f"the screen's grid is 8 or 14 bits, not {bits}")
     top = 127 if bits == 8 else min(GRID_TOP, (2**31 - 1) // (127 * max(x.shape[1], 1)))
     x = x.float()
-    x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)
-    xq = (x / x_scale[:, None]).round()
+    xq, x_scale = grid(x, top)
     rounded = xq * x_scale[:, None]
     rounding, rounded_norm = (x - rounded).norm(dim=-1, keepdim=True), rounded.norm(dim=-1, keepdim=True)
     coef = norms = x.new_empty(0)  # no bound
@@ -343,6 +351,19 @@ def screen_int8(x: Tensor, q: Tensor, scales: Tensor, isa: int | None = None,
     xq = xq.to(torch.int8 if bits == 8 else torch.int16).contiguous()
     s = torch.ops.gemmakit_avx2.int8_screen(xq, x_scale, q, scales, isa, coef, norms)
     return s, rounding, rounded_norm
+
+
+def grid(x: Tensor, top: int = GRID_TOP) -> tuple[Tensor, Tensor]:
+    """x [M, K] fp32 on the kernels' integer grid: (x / s rounded half to even, as fp32 integers in [-top, top];
+    s [M] = max |x| / top per row). The kernels round x in C++ the same way (onto_grid: the same fp32 division)."""
+    x_scale = (x.abs().amax(dim=-1) / top).clamp_min(1e-30)
+    return (x / x_scale[:, None]).round(), x_scale
+
+
+def on_grid(x: Tensor) -> Tensor:
+    """x [M, K] as the int8 layers' and int4 kernels take it: rounded per row onto the 14-bit grid, in fp32."""
+    xq, x_scale = grid(x.float())
+    return xq * x_scale[:, None]
 
 
 def screen_bits(rows: int, isa: int | None = None) -> int:
@@ -406,7 +427,8 @@ def gemv_linears(model: nn.Module) -> int:
 
 
 def int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group: int) -> Tensor:
-    """x [M, K] @ W^T for W in torch's AVX2 int4 packing (`packed` [N, K/2], N a multiple of 32), fp32 out."""
+    """on_grid(x) [M, K] @ W^T for W in torch's AVX2 int4 packing (`packed` [N, K/2], N a multiple of 32), fp32
+    out: x rounded per row onto the 14-bit grid in the kernel, the integer sums exact (module docstring)."""
     return torch.ops.gemmakit_avx2.int4_gemv(x.float().contiguous(), packed, scales_and_zeros, group)
 
 

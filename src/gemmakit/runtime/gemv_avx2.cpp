@@ -1,17 +1,18 @@
 // Decode-step products for x86 CPUs with AVX2 and FMA, int4 / int8 / fp32 / bf16 weights (runtime/gemv.py builds
 // this file at run time, once per machine, and says why these kernels exist).
 //
-// Activations stay fp32 in int8_gemv, int4_gemv and float_gemv: the same sum as "dequantize the weight,
-// multiply in fp32", only in another order, so swapping these in for torch's kernels changes rounding, never the
-// maths. The passes that round x onto an integer grid and sum exactly (the head screen's and the int8 layers'
-// decode rows) are in screen_avx2.cpp; the tiles' shapes and the AVX-512 build's target are in tiles_avx2.h.
+// Activations stay fp32 in int8_gemv and float_gemv: the same sum as "dequantize the weight, multiply in
+// fp32", only in another order, so swapping these in for torch's kernels changes rounding, never the maths.
+// int4_gemv takes x rounded per row onto the int8 layers' 14-bit grid (x~, onto_grid in tiles_avx2.h) and sums
+// exactly. The passes of int8 codes on that grid (the head screen's and the int8 layers' decode rows) are in
+// screen_avx2.cpp; the tiles' shapes and the AVX-512 build's target are in tiles_avx2.h.
 //
 // int4: torch's own CPU packing (`_convert_weight_to_int4pack_for_cpu`) as the AVX2 build lays it out, checked
 // by the caller (quantize_codes.cpu_int4_block_rows == 32): rows in blocks of 32, each block [K, 16] bytes, row
 // i of the block in the low nibble of byte i and row 16 + i in the high one. So one 16-byte load holds input k
 // of 32 output rows, and the kernel vectorises over rows: no horizontal sums, and each group's scales and
-// zeros ([K/G, N, 2] bf16, (scale, zero) interleaved) are read as 32 contiguous pairs.
-//   y[n] = sum_g scale[g,n] * sum_{k in g} q[n,k] x[k] + (zero[g,n] - 8 scale[g,n]) * sum_{k in g} x[k]
+// zeros ([K/G, N, 2] bf16, (scale, zero) interleaved) are read as 32 contiguous pairs. With x~ = s * integers,
+//   y[n] = s * sum_g (scale[g,n] * sum_{k in g} q[n,k] x~[k] + (zero[g,n] - 8 scale[g,n]) * sum_{k in g} x~[k])
 // int8: plain [N, K] codes with one scale per row (bf16 or fp32), vectorised along K: for one row of x eight
 // weight rows at a time, so each load of x serves eight rows; for several, tiles of 3 weight rows by up to 4
 // rows of x, so each widened code serves four rows of x and each load of x three weight rows.
@@ -46,82 +47,118 @@ inline __m256i bytes_to_lanes(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
-// One row of x against the 32 rows of one block: y[0..32).
-void int4_block(const float* x, const float* group_sums, const uint8_t* codes, const uint16_t* sz, int64_t n,
-                int64_t k, int64_t group, float* y) {
-  const __m256i low = _mm256_set1_epi32(0x0F);
+// int4 products take each row of x on the int8 layers' 14-bit grid (onto_grid: x~ = s * integers, s per row)
+// and sum each group's codes against it exactly, in chunks of up to kGridChunk inputs whose sums stay under 2^24
+// (15 * 8191 * 128), so that a chunk's sum is the same integer whether it is added up in int32 or in fp32. Both
+// kernels below fold each chunk into y in the same fp32 operations (fold), so a row of x gets the same bits
+// alone or beside other rows.
+constexpr int64_t kGridChunk = 128;
+// How far ahead the one-row pass asks for the codes (bytes) and its group's scale pairs (blocks): each thread
+// streams its blocks one after another, and with the hardware's prefetchers alone that stream, and the scales'
+// one stream per group, ran short of the memory's speed.
+constexpr int64_t kCodesAhead = 2048, kPairsAhead = 2;
+
+// out + (zero - 8 scale) * s * (the group's sum of x~), at the group's first chunk, then + scale * s * sums:
+// 8 output rows, their (scale, zero) bf16 pairs.
+inline __m256 fold(__m256 out, __m256i pairs, __m256 sums, float step, float group_sum, bool first) {
+  const __m256 scale = bf16_pairs_low(pairs);
+  if (first)
+    out = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, bf16_pairs_high(pairs)),
+                          _mm256_set1_ps(step * group_sum), out);
+  return _mm256_fmadd_ps(_mm256_mul_ps(scale, _mm256_set1_ps(step)), sums, out);
+}
+
+// One row of x against the 32 rows of one block, with 16-bit multiply-adds: the 4-bit codes need no conversion
+// to float, which bound the one-row pass by arithmetic short of the memory's speed. Inputs i and i + 1 are 32
+// contiguous bytes; their qwords reordered put each 8 rows' bytes of both inputs in one 128-bit lane, where a
+// byte shuffle interleaves them into 16-bit lanes (rows 0-3 | 8-11, and 4-7 | 12-15, a shuffle each) and the
+// high nibble (rows 16..) is a shift away. One multiply-add against the pair (x~_i, x~_i+1) sums both inputs.
+void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const uint8_t* codes, const uint16_t* sz,
+              int64_t n, int64_t k, int64_t group, float* y) {
+  const __m256i first = _mm256_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1,
+                                         0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1);
+  const __m256i second = _mm256_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1,
+                                          4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1);
+  const __m256i low = _mm256_set1_epi16(0x0F);
   __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < k / group; ++g) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-      // Each 8-byte half widens straight from memory to 32-bit lanes of one byte each: the low nibble is then
-      // a mask away and the high one a shift away, with no byte shuffles.
-      const __m256i a = bytes_to_lanes(codes + i * 16), b = bytes_to_lanes(codes + i * 16 + 8);
-      const __m256 xi = _mm256_set1_ps(x[i]);
-      acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, low)), xi, acc[0]);
-      acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low)), xi, acc[1]);
-      acc[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), xi, acc[2]);
-      acc[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), xi, acc[3]);
-    }
-    const __m256 sx = _mm256_set1_ps(group_sums[g]), eight = _mm256_set1_ps(8.0f);
     const uint16_t* pairs = sz + (g * n) * 2;  // this block's 32 (scale, zero) pairs of group g
-    for (int j = 0; j < 4; ++j) {
-      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + j * 16));
-      const __m256 scale = bf16_pairs_low(p), zero = bf16_pairs_high(p);
-      out[j] = _mm256_fmadd_ps(scale, acc[j], out[j]);
-      out[j] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, scale, zero), sx, out[j]);
+    const char* later = reinterpret_cast<const char*>(pairs + kPairsAhead * kBlock * 2);
+    _mm_prefetch(later, _MM_HINT_T0);
+    _mm_prefetch(later + 64, _MM_HINT_T0);
+    for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += kGridChunk) {
+      __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                        _mm256_setzero_si256()};
+      for (int64_t i = c0; i < std::min(c0 + kGridChunk, (g + 1) * group); i += 2) {
+        if ((i & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + i * 16) + kCodesAhead, _MM_HINT_T0);
+        const __m256i v = _mm256_permute4x64_epi64(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i * 16)), 0xD8);
+        const __m256i a = _mm256_shuffle_epi8(v, first), b = _mm256_shuffle_epi8(v, second);
+        const __m256i xv = _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(x16 + i)));
+        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_and_si256(a, low), xv));
+        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_and_si256(b, low), xv));
+        acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_srli_epi16(a, 4), xv));
+        acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_srli_epi16(b, 4), xv));
+      }
+      const __m256i rows[4] = {_mm256_permute2x128_si256(acc[0], acc[1], 0x20),  // rows 0-7
+                               _mm256_permute2x128_si256(acc[0], acc[1], 0x31),  // 8-15
+                               _mm256_permute2x128_si256(acc[2], acc[3], 0x20),  // 16-23
+                               _mm256_permute2x128_si256(acc[2], acc[3], 0x31)};  // 24-31
+      for (int j = 0; j < 4; ++j)
+        out[j] = fold(out[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + j * 16)),
+                      _mm256_cvtepi32_ps(rows[j]), step, static_cast<float>(group_sums[g]), c0 == g * group);
     }
   }
   for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * 8, out[j]);
 }
 
-// M (2..kInt4Rows) rows of x against one block: each code is widened to float once and serves every row. The
-// block is taken 16 output rows at a time, the low and high nibbles of the same 8 bytes (rows 8h..8h+7 and
-// 16+8h..16+8h+7), so one load feeds 2M multiply-adds and the 2M accumulators stay in registers; each group's
-// partial sums are folded into y in memory (once per group, not per input). More rows of x take another pass
-// over the block, by then in L1.
+// M (2..kInt4Rows) rows of x against one block, x~ as fp32 integers: each code is widened to float once and
+// serves every row. At several rows the multiply-adds bind the pass, and 16-bit multiply-adds gained nothing
+// there (on the CPU measured they issue on one port where fp32 FMAs have two); a product of a code and x~ and
+// the chunk's running sum are integers under 2^24, so these fp32 sums are int4_row's exactly. The block is
+// taken 16 output rows at a time, the low and high nibbles of the same 8 bytes (rows 8h..8h+7 and
+// 16+8h..16+8h+7), so one load feeds 2M multiply-adds and the 2M accumulators stay in registers; each chunk is
+// folded into y in memory. More rows of x take another pass over the block, by then in L1.
 constexpr int kInt4Rows = 4;
 
 template <int M>
-void int4_block_rows(const float* x, const float* group_sums, const uint8_t* codes, const uint16_t* sz,
-                     int64_t n, int64_t k, int64_t group, float* y) {
+void int4_rows(const float* x, const float* steps, const int32_t* group_sums, const uint8_t* codes,
+               const uint16_t* sz, int64_t n, int64_t k, int64_t group, float* y) {
   const __m256i low = _mm256_set1_epi32(0x0F);
-  const __m256 eight = _mm256_set1_ps(8.0f);
   const int64_t groups = k / group;
   for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of each input: output rows 8h.. (low) and 16 + 8h.. (high)
     const uint8_t* slice = codes + h * 8;
     for (int64_t g = 0; g < groups; ++g) {
-      __m256 acc[M][2];
-      for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-        const __m256i lanes = bytes_to_lanes(slice + i * 16);
-        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low));
-        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));
-        for (int r = 0; r < M; ++r) {
-          const __m256 xr = _mm256_broadcast_ss(x + r * k + i);
-          acc[r][0] = _mm256_fmadd_ps(lo, xr, acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(hi, xr, acc[r][1]);
+      for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += kGridChunk) {
+        __m256 acc[M][2];
+        for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t i = c0; i < std::min(c0 + kGridChunk, (g + 1) * group); ++i) {
+          const __m256i lanes = bytes_to_lanes(slice + i * 16);
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));
+          for (int r = 0; r < M; ++r) {
+            const __m256 xr = _mm256_broadcast_ss(x + r * k + i);
+            acc[r][0] = _mm256_fmadd_ps(lo, xr, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(hi, xr, acc[r][1]);
+          }
         }
-      }
-      for (int half = 0; half < 2; ++half) {
-        const int j = h + 2 * half;  // output rows 8j..8j+7
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (g * n) * 2 + j * 16));
-        const __m256 scale = bf16_pairs_low(p), offset = _mm256_fnmadd_ps(eight, scale, bf16_pairs_high(p));
-        for (int r = 0; r < M; ++r) {
-          float* out = y + r * n + j * 8;
-          const __m256 before = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-          const __m256 part = _mm256_fmadd_ps(offset, _mm256_set1_ps(group_sums[r * groups + g]), before);
-          _mm256_storeu_ps(out, _mm256_fmadd_ps(scale, acc[r][half], part));
+        for (int half = 0; half < 2; ++half) {
+          const int j = h + 2 * half;  // output rows 8j..8j+7
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (g * n) * 2 + j * 16));
+          for (int r = 0; r < M; ++r) {
+            float* out = y + r * n + j * 8;
+            _mm256_storeu_ps(out, fold(c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out), p, acc[r][half],
+                                       steps[r], static_cast<float>(group_sums[r * groups + g]), c0 == g * group));
+          }
         }
       }
     }
   }
 }
 
-using BlockRows = void (*)(const float*, const float*, const uint8_t*, const uint16_t*, int64_t, int64_t, int64_t,
-                           float*);
-constexpr BlockRows kBlockRows[kInt4Rows + 1] = {nullptr, int4_block, int4_block_rows<2>, int4_block_rows<3>,
-                                                 int4_block_rows<4>};
+using BlockRows = void (*)(const float*, const float*, const int32_t*, const uint8_t*, const uint16_t*, int64_t,
+                           int64_t, int64_t, float*);
+constexpr BlockRows kBlockRows[kInt4Rows + 1] = {nullptr, nullptr, int4_rows<2>, int4_rows<3>, int4_rows<4>};
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                      int64_t group) {
@@ -131,26 +168,38 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
               "scales_and_zeros: contiguous bf16 [K/G, N, 2]");
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group > 0 && group % 8 == 0 && k % group == 0,
-              "int4 shapes");
+  TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group > 0 && group % 8 == 0 && k % group == 0 &&
+              k <= (int64_t{1} << 20), "int4 shapes");
   TORCH_CHECK(scales_and_zeros.size(0) == k / group && scales_and_zeros.size(1) == n, "scales_and_zeros shape");
   auto y = at::empty({m, n}, x.options());
-  // Each group's sum of x (for the zero points), here rather than as a tensor op: a decode step makes over a
-  // hundred of these calls, and a dispatched op per call costs more than the sums.
-  std::vector<float> sums(m * (k / group));
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < m * (k / group); ++i) sums[i] = std::accumulate(xp + i * group, xp + (i + 1) * group, 0.0f);
-  const float* sp = sums.data();
+  // Each row onto the grid, with each group's sum of x~ (for the zero points), here rather than as tensor ops:
+  // a decode step makes over a hundred of these calls, and a dispatched op per call costs more than the loops.
+  // Several rows also take x~ as fp32 (int4_rows).
+  const int64_t groups = k / group;
+  std::vector<int16_t> x16(m * k);
+  std::vector<float> steps(m), wide(m > 1 ? m * k : 0);
+  std::vector<int32_t> sums(m * groups, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    steps[r] = onto_grid(x.data_ptr<float>() + r * k, k, kGridTop, x16.data() + r * k);
+    for (int64_t i = 0; i < k; ++i) sums[r * groups + i / group] += x16[r * k + i];
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(wide.size()); ++i) wide[i] = x16[i];
   const uint8_t* cp = packed.data_ptr<uint8_t>();
   const auto* zp = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* block = cp + b * kBlock * k / 2;
       for (int64_t r = 0; r < m; r += kInt4Rows) {  // rows of x in chunks of up to kInt4Rows
         const int64_t rows = std::min<int64_t>(kInt4Rows, m - r);
-        kBlockRows[rows](xp + r * k, sp + r * (k / group), cp + b * kBlock * k / 2, zp + b * kBlock * 2, n, k,
-                         group, yp + r * n + b * kBlock);
+        if (rows == 1)
+          int4_row(x16.data() + r * k, steps[r], sums.data() + r * groups, block, zp + b * kBlock * 2, n, k, group,
+                   yp + r * n + b * kBlock);
+        else
+          kBlockRows[rows](wide.data() + r * k, steps.data() + r, sums.data() + r * groups, block,
+                           zp + b * kBlock * 2, n, k, group, yp + r * n + b * kBlock);
       }
+    }
   });
   return y;
 }

@@ -302,7 +302,8 @@ def _gemv_choice() -> tuple[bool, str]:
         return False, f"torch's kernels ({problem})"
     wide = "; several rows in their AVX-512 build" if gemv.vector_width() == 512 else ""
     wide += " (bf16 x bf16 on AVX512_BF16)" if gemv.bf16_pairs() else ""
-    return True, f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; fp32 activations{wide})"
+    return True, (f"gemmakit's AVX2 kernels (up to {gemv.INT4_ROWS} rows; int4 and int8 layers take x on a "
+                  f"14-bit grid{wide})")
 
 
 def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: bool, packed: bool,

@@ -234,8 +234,10 @@ class HeadScreen(nn.Module):
             raise ValueError("quantized heads are screened by gemmakit's kernels only (gemv_kernel=True)")
         self.exact = weight if isinstance(weight, Tensor) else None
         self.out_dtype, self.vocab = weight.dtype, weight.shape[0]  # the head's logits: their dtype, how many
-        # torch's int4 kernel rounds x to bf16 and its logits to bf16: the screen and rescoring do the same.
+        # torch's int4 kernel rounds x to bf16 and its logits to bf16, gemmakit's rounds x onto its 14-bit grid
+        # (gemv.int4): the screen and rescoring take x as the head's kernel does.
         self.x_bf16 = self.int4 is not None and self.int4.bf16_kernel()
+        self.x_grid = self.int4 is not None and not self.x_bf16
         if self.x_bf16:
             self.out_dtype = torch.bfloat16
         # The step sizes gemmakit's kernels screen (`usable`): the plan's, else every one up to a batch step's,
@@ -388,7 +390,10 @@ class HeadScreen(nn.Module):
         return int(idx[exact == best].min())
 
     def _input(self, x: Tensor) -> Tensor:
-        """x as the head's kernel takes it: in bf16 for torch's int4 kernel (`x_bf16`), else float32."""
+        """x as the head's kernel takes it: in bf16 for torch's int4 kernel (`x_bf16`), on the grid for
+        gemmakit's (`x_grid`), else float32."""
+        if self.x_grid:
+            return gemv.on_grid(x)
         return x.to(torch.bfloat16).float() if self.x_bf16 else x.float()
 
     def _rescore(self, x: Tensor, idx: Tensor) -> Tensor:

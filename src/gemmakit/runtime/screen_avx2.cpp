@@ -30,7 +30,6 @@
 namespace {
 
 using namespace gemmakit_tiles;
-using gemmakit_lanes::hsum;
 using gemmakit_lanes::widen1;
 
 // The VNNI multiply-adds as asm: with the intrinsics GCC copied accumulators of a block into other registers
@@ -61,8 +60,6 @@ inline int32_t hsum_i32(__m256i v) {
 // step). From 4 rows of x the pass takes one weight row against up to kScreenX rows of x instead (kScreenX + 3
 // registers): the same multiply-adds, a load of x for each, and a widened code serving every row of x.
 constexpr int kScreenX = 8;
-// The grid's top for x in int8_grid, as gemv.screen_int8's: AMX's split of x~ into two signed bytes holds 14 bits.
-constexpr int64_t kGridTop = 8191;
 template <int M, int J>
 void int16_tile(const int16_t* x, const int8_t* q, int64_t k, int32_t* dots, int64_t ldy, const char* next) {
   __m256i acc[M][J];
@@ -634,39 +631,6 @@ at::Tensor int8_screen(const at::Tensor& xq, const at::Tensor& x_scale, const at
   else
     int16_pass(xq.data_ptr<int16_t>(), q.data_ptr<int8_t>(), m, n, k, isa, out);
   return y;
-}
-
-// One row of x onto the grid, as gemv.screen_int8 rounds it in torch ops (the same fp32 division and
-// round-half-to-even, so the same x~): writes x16's row and returns its scale. A row holding NaN or inf gets a
-// NaN scale (and zeros), so its outputs are NaN, as an fp32 product's would be. Vectorised: a step makes about a
-// hundred of these calls, and a scalar division per input cost a batch step a visible share of its products.
-float onto_grid(const float* x, int64_t k, float top, int16_t* out) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
-  __m256 peak = zero, poison = zero;  // poison: a sum of x * 0, NaN once any input is NaN or inf
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, v));
-    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, peak);
-  float most = *std::max_element(lanes, lanes + 8), bad = hsum(poison);
-  for (; i < k; ++i) {
-    most = std::max(most, std::abs(x[i]));
-    bad += x[i] * 0.0f;
-  }
-  if (std::isnan(bad)) return std::numeric_limits<float>::quiet_NaN();
-  const float scale = std::max(most / top, 1e-30f);
-  const __m256 s = _mm256_set1_ps(scale);
-  for (i = 0; i + 8 <= k; i += 8) {  // |x / scale| <= top, so the narrowing packs never saturate
-    const __m256i q = _mm256_cvtps_epi32(
-        _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                     _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
-  }
-  for (; i < k; ++i) out[i] = static_cast<int16_t>(std::nearbyint(x[i] / scale));
-  return scale;
 }
 
 // The int8 layers' decode rows (gemv.int8_grid): each row of x rounded onto the screen's integer grid, as wide

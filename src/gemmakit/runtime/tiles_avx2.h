@@ -1,6 +1,7 @@
 // What gemmakit's AVX2 kernel files share (gemv_avx2.cpp: the decode products; screen_avx2.cpp: the passes on
 // an integer grid): the shapes of their row blocks and tiles, the AVX-512 build's target and its register
-// helper, the parallel walk over tiles, and the check of int8 operands.
+// helper, the parallel walk over tiles, the check of int8 operands, and the rounding of x onto the integer grid
+// (the int8 layers' and int4 products' x~).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,7 +9,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+
+#include "lanes_avx2.h"
 
 namespace gemmakit_tiles {
 
@@ -70,6 +75,43 @@ inline void check_int8_operands(const at::Tensor& x, const at::Tensor& q, const 
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == q.size(0), "scales: [N]");
   TORCH_CHECK(scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
               "scales: contiguous fp32 or bf16");
+}
+
+// The grid's top for x in int8_grid and int4_gemv, as gemv.screen_int8's: AMX's split of x~ into two signed
+// bytes holds 14 bits.
+constexpr int64_t kGridTop = 8191;
+
+// One row of x onto the grid, as gemv.screen_int8 rounds it in torch ops (the same fp32 division and
+// round-half-to-even, so the same x~): writes x16's row and returns its scale. A row holding NaN or inf gets a
+// NaN scale (and zeros), so its outputs are NaN, as an fp32 product's would be. Vectorised: a step makes about a
+// hundred of these calls, and a scalar division per input cost a batch step a visible share of its products.
+inline float onto_grid(const float* x, int64_t k, float top, int16_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 peak = zero, poison = zero;  // poison: a sum of x * 0, NaN once any input is NaN or inf
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    peak = _mm256_max_ps(peak, _mm256_andnot_ps(sign, v));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, peak);
+  float most = *std::max_element(lanes, lanes + 8), bad = gemmakit_lanes::hsum(poison);
+  for (; i < k; ++i) {
+    most = std::max(most, std::abs(x[i]));
+    bad += x[i] * 0.0f;
+  }
+  if (std::isnan(bad)) return std::numeric_limits<float>::quiet_NaN();
+  const float scale = std::max(most / top, 1e-30f);
+  const __m256 s = _mm256_set1_ps(scale);
+  for (i = 0; i + 8 <= k; i += 8) {  // |x / scale| <= top, so the narrowing packs never saturate
+    const __m256i q = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+  }
+  for (; i < k; ++i) out[i] = static_cast<int16_t>(std::nearbyint(x[i] / scale));
+  return scale;
 }
 
 }  // namespace gemmakit_tiles
