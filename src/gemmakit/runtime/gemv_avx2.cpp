@@ -58,14 +58,17 @@ constexpr int64_t kGridChunk = 128;
 // one stream per group, ran short of the memory's speed.
 constexpr int64_t kCodesAhead = 2048, kPairsAhead = 2;
 
-// out + (zero - 8 scale) * s * (the group's sum of x~), at the group's first chunk, then + scale * s * sums:
-// 8 output rows, their (scale, zero) bf16 pairs.
-inline __m256 fold(__m256 out, __m256i pairs, __m256 sums, float step, float group_sum, bool first) {
-  const __m256 scale = bf16_pairs_low(pairs);
-  if (first)
-    out = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, bf16_pairs_high(pairs)),
-                          _mm256_set1_ps(step * group_sum), out);
-  return _mm256_fmadd_ps(_mm256_mul_ps(scale, _mm256_set1_ps(step)), sums, out);
+// The fold of one chunk's sums into 8 outputs, in grid units (the row's step s multiplies each output once,
+// at the end): + (zero - 8 scale) * (the group's sum of x~) at the group's first chunk, then + scale * sums.
+// scale and offset (zero - 8 scale) come from the 8 rows' bf16 (scale, zero) pairs (scales_offsets).
+inline __m256 fold(__m256 out, __m256 scale, __m256 offset, __m256 sums, float group_sum, bool first) {
+  if (first) out = _mm256_fmadd_ps(offset, _mm256_set1_ps(group_sum), out);
+  return _mm256_fmadd_ps(scale, sums, out);
+}
+inline void scales_offsets(const uint16_t* pairs, __m256& scale, __m256& offset) {
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+  scale = bf16_pairs_low(p);
+  offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, bf16_pairs_high(p));
 }
 
 // One row of x against the 32 rows of one block, with 16-bit multiply-adds: the 4-bit codes need no conversion
@@ -73,6 +76,7 @@ inline __m256 fold(__m256 out, __m256i pairs, __m256 sums, float step, float gro
 // contiguous bytes; their qwords reordered put each 8 rows' bytes of both inputs in one 128-bit lane, where a
 // byte shuffle interleaves them into 16-bit lanes (rows 0-3 | 8-11, and 4-7 | 12-15, a shuffle each) and the
 // high nibble (rows 16..) is a shift away. One multiply-add against the pair (x~_i, x~_i+1) sums both inputs.
+template <bool Split>
 void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const uint8_t* codes, const uint16_t* sz,
               int64_t n, int64_t k, int64_t group, float* y) {
   const __m256i first = _mm256_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1,
@@ -80,16 +84,17 @@ void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const u
   const __m256i second = _mm256_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1,
                                           4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1);
   const __m256i low = _mm256_set1_epi16(0x0F);
+  const int64_t chunk = Split ? kGridChunk : group;  // a group of up to kGridChunk inputs: one chunk
   __m256 out[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < k / group; ++g) {
     const uint16_t* pairs = sz + (g * n) * 2;  // this block's 32 (scale, zero) pairs of group g
     const char* later = reinterpret_cast<const char*>(pairs + kPairsAhead * kBlock * 2);
     _mm_prefetch(later, _MM_HINT_T0);
     _mm_prefetch(later + 64, _MM_HINT_T0);
-    for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += kGridChunk) {
+    for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += chunk) {
       __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                         _mm256_setzero_si256()};
-      for (int64_t i = c0; i < std::min(c0 + kGridChunk, (g + 1) * group); i += 2) {
+      for (int64_t i = c0; i < c0 + chunk; i += 2) {
         if ((i & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(codes + i * 16) + kCodesAhead, _MM_HINT_T0);
         const __m256i v = _mm256_permute4x64_epi64(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i * 16)), 0xD8);
@@ -104,12 +109,15 @@ void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const u
                                _mm256_permute2x128_si256(acc[0], acc[1], 0x31),  // 8-15
                                _mm256_permute2x128_si256(acc[2], acc[3], 0x20),  // 16-23
                                _mm256_permute2x128_si256(acc[2], acc[3], 0x31)};  // 24-31
-      for (int j = 0; j < 4; ++j)
-        out[j] = fold(out[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs + j * 16)),
-                      _mm256_cvtepi32_ps(rows[j]), step, static_cast<float>(group_sums[g]), c0 == g * group);
+      for (int j = 0; j < 4; ++j) {
+        __m256 scale, offset;
+        scales_offsets(pairs + j * 16, scale, offset);
+        out[j] = fold(out[j], scale, offset, _mm256_cvtepi32_ps(rows[j]), static_cast<float>(group_sums[g]),
+                      c0 == g * group);
+      }
     }
   }
-  for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * 8, out[j]);
+  for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * 8, _mm256_mul_ps(out[j], _mm256_set1_ps(step)));
 }
 
 // M (2..kInt4Rows) rows of x against one block, x~ as fp32 integers: each code is widened to float once and
@@ -121,18 +129,18 @@ void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const u
 // folded into y in memory. More rows of x take another pass over the block, by then in L1.
 constexpr int kInt4Rows = 4;
 
-template <int M>
+template <int M, bool Split>
 void int4_rows(const float* x, const float* steps, const int32_t* group_sums, const uint8_t* codes,
                const uint16_t* sz, int64_t n, int64_t k, int64_t group, float* y) {
   const __m256i low = _mm256_set1_epi32(0x0F);
-  const int64_t groups = k / group;
+  const int64_t groups = k / group, chunk = Split ? kGridChunk : group;
   for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of each input: output rows 8h.. (low) and 16 + 8h.. (high)
     const uint8_t* slice = codes + h * 8;
     for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += kGridChunk) {
+      for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += chunk) {
         __m256 acc[M][2];
         for (int r = 0; r < M; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int64_t i = c0; i < std::min(c0 + kGridChunk, (g + 1) * group); ++i) {
+        for (int64_t i = c0; i < c0 + chunk; ++i) {
           const __m256i lanes = bytes_to_lanes(slice + i * 16);
           const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low));
           const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));
@@ -144,21 +152,30 @@ void int4_rows(const float* x, const float* steps, const int32_t* group_sums, co
         }
         for (int half = 0; half < 2; ++half) {
           const int j = h + 2 * half;  // output rows 8j..8j+7
-          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + (g * n) * 2 + j * 16));
+          __m256 scale, offset;
+          scales_offsets(sz + (g * n) * 2 + j * 16, scale, offset);
           for (int r = 0; r < M; ++r) {
             float* out = y + r * n + j * 8;
-            _mm256_storeu_ps(out, fold(c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out), p, acc[r][half],
-                                       steps[r], static_cast<float>(group_sums[r * groups + g]), c0 == g * group));
+            _mm256_storeu_ps(out, fold(c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out), scale, offset,
+                                       acc[r][half], static_cast<float>(group_sums[r * groups + g]),
+                                       c0 == g * group));
           }
         }
       }
     }
   }
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < 4; ++j) {
+      float* out = y + r * n + j * 8;
+      _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(out), _mm256_set1_ps(steps[r])));
+    }
 }
 
 using BlockRows = void (*)(const float*, const float*, const int32_t*, const uint8_t*, const uint16_t*, int64_t,
                            int64_t, int64_t, float*);
-constexpr BlockRows kBlockRows[kInt4Rows + 1] = {nullptr, nullptr, int4_rows<2>, int4_rows<3>, int4_rows<4>};
+constexpr BlockRows kBlockRows[2][kInt4Rows + 1] = {
+    {nullptr, nullptr, int4_rows<2, false>, int4_rows<3, false>, int4_rows<4, false>},
+    {nullptr, nullptr, int4_rows<2, true>, int4_rows<3, true>, int4_rows<4, true>}};
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                      int64_t group) {
@@ -176,12 +193,14 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   // a decode step makes over a hundred of these calls, and a dispatched op per call costs more than the loops.
   // Several rows also take x~ as fp32 (int4_rows).
   const int64_t groups = k / group;
+  const bool split = group > kGridChunk;  // groups of 256 take two chunks (the kernels' Split)
   std::vector<int16_t> x16(m * k);
   std::vector<float> steps(m), wide(m > 1 ? m * k : 0);
   std::vector<int32_t> sums(m * groups, 0);
   for (int64_t r = 0; r < m; ++r) {
     steps[r] = onto_grid(x.data_ptr<float>() + r * k, k, kGridTop, x16.data() + r * k);
-    for (int64_t i = 0; i < k; ++i) sums[r * groups + i / group] += x16[r * k + i];
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) sums[r * groups + g] += x16[r * k + i];
   }
   for (int64_t i = 0; i < static_cast<int64_t>(wide.size()); ++i) wide[i] = x16[i];
   const uint8_t* cp = packed.data_ptr<uint8_t>();
@@ -193,10 +212,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
       for (int64_t r = 0; r < m; r += kInt4Rows) {  // rows of x in chunks of up to kInt4Rows
         const int64_t rows = std::min<int64_t>(kInt4Rows, m - r);
         if (rows == 1)
-          int4_row(x16.data() + r * k, steps[r], sums.data() + r * groups, block, zp + b * kBlock * 2, n, k, group,
+          (split ? int4_row<true> : int4_row<false>)(x16.data() + r * k, steps[r], sums.data() + r * groups, block, zp + b * kBlock * 2, n, k, group,
                    yp + r * n + b * kBlock);
         else
-          kBlockRows[rows](wide.data() + r * k, steps.data() + r, sums.data() + r * groups, block,
+          kBlockRows[split][rows](wide.data() + r * k, steps.data() + r, sums.data() + r * groups, block,
                            zp + b * kBlock * 2, n, k, group, yp + r * n + b * kBlock);
       }
     }
