@@ -77,7 +77,7 @@ inline void scales_offsets(const uint16_t* pairs, __m256& scale, __m256& offset)
 // byte shuffle interleaves them into 16-bit lanes (rows 0-3 | 8-11, and 4-7 | 12-15, a shuffle each) and the
 // high nibble (rows 16..) is a shift away. One multiply-add against the pair (x~_i, x~_i+1) sums both inputs.
 template <bool Split>
-void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const uint8_t* codes, const uint16_t* sz,
+void int4_row(const int16_t* x16, float step, const float* group_sums, const uint8_t* codes, const uint16_t* sz,
               int64_t n, int64_t k, int64_t group, float* y) {
   const __m256i first = _mm256_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1,
                                          0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1);
@@ -112,8 +112,8 @@ void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const u
       for (int j = 0; j < 4; ++j) {
         __m256 scale, offset;
         scales_offsets(pairs + j * 16, scale, offset);
-        out[j] = fold(out[j], scale, offset, _mm256_cvtepi32_ps(rows[j]), static_cast<float>(group_sums[g]),
-                      c0 == g * group);
+        out[j] = fold(out[j], scale, offset, _mm256_cvtepi32_ps(rows[j]), group_sums[g],
+                      !Split || c0 == g * group);
       }
     }
   }
@@ -130,7 +130,7 @@ void int4_row(const int16_t* x16, float step, const int32_t* group_sums, const u
 constexpr int kInt4Rows = 4;
 
 template <int M, bool Split>
-void int4_rows(const float* x, const float* steps, const int32_t* group_sums, const uint8_t* codes,
+void int4_rows(const float* x, const float* steps, const float* group_sums, const uint8_t* codes,
                const uint16_t* sz, int64_t n, int64_t k, int64_t group, float* y) {
   const __m256i low = _mm256_set1_epi32(0x0F);
   const int64_t groups = k / group, chunk = Split ? kGridChunk : group;
@@ -157,8 +157,8 @@ void int4_rows(const float* x, const float* steps, const int32_t* group_sums, co
           for (int r = 0; r < M; ++r) {
             float* out = y + r * n + j * 8;
             _mm256_storeu_ps(out, fold(c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out), scale, offset,
-                                       acc[r][half], static_cast<float>(group_sums[r * groups + g]),
-                                       c0 == g * group));
+                                       acc[r][half], group_sums[r * groups + g],
+                                       !Split || c0 == g * group));
           }
         }
       }
@@ -171,7 +171,7 @@ void int4_rows(const float* x, const float* steps, const int32_t* group_sums, co
     }
 }
 
-using BlockRows = void (*)(const float*, const float*, const int32_t*, const uint8_t*, const uint16_t*, int64_t,
+using BlockRows = void (*)(const float*, const float*, const float*, const uint8_t*, const uint16_t*, int64_t,
                            int64_t, int64_t, float*);
 constexpr BlockRows kBlockRows[2][kInt4Rows + 1] = {
     {nullptr, nullptr, int4_rows<2, false>, int4_rows<3, false>, int4_rows<4, false>},
@@ -196,11 +196,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const bool split = group > kGridChunk;  // groups of 256 take two chunks (the kernels' Split)
   std::vector<int16_t> x16(m * k);
   std::vector<float> steps(m), wide(m > 1 ? m * k : 0);
-  std::vector<int32_t> sums(m * groups, 0);
+  std::vector<float> sums(m * groups);  // integers under 2^24 (8191 * 256), exact in fp32
   for (int64_t r = 0; r < m; ++r) {
     steps[r] = onto_grid(x.data_ptr<float>() + r * k, k, kGridTop, x16.data() + r * k);
     for (int64_t g = 0; g < groups; ++g)
-      for (int64_t i = g * group; i < (g + 1) * group; ++i) sums[r * groups + g] += x16[r * k + i];
+      sums[r * groups + g] = static_cast<float>(
+          std::accumulate(x16.data() + r * k + g * group, x16.data() + r * k + (g + 1) * group, int32_t{0}));
   }
   for (int64_t i = 0; i < static_cast<int64_t>(wide.size()); ++i) wide[i] = x16[i];
   const uint8_t* cp = packed.data_ptr<uint8_t>();
@@ -212,11 +213,11 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
       for (int64_t r = 0; r < m; r += kInt4Rows) {  // rows of x in chunks of up to kInt4Rows
         const int64_t rows = std::min<int64_t>(kInt4Rows, m - r);
         if (rows == 1)
-          (split ? int4_row<true> : int4_row<false>)(x16.data() + r * k, steps[r], sums.data() + r * groups, block, zp + b * kBlock * 2, n, k, group,
-                   yp + r * n + b * kBlock);
+          (split ? int4_row<true> : int4_row<false>)(x16.data() + r * k, steps[r], sums.data() + r * groups, block,
+                                                     zp + b * kBlock * 2, n, k, group, yp + r * n + b * kBlock);
         else
           kBlockRows[split][rows](wide.data() + r * k, steps.data() + r, sums.data() + r * groups, block,
-                           zp + b * kBlock * 2, n, k, group, yp + r * n + b * kBlock);
+                                  zp + b * kBlock * 2, n, k, group, yp + r * n + b * kBlock);
       }
     }
   });
