@@ -121,12 +121,13 @@ void int4_row(const int16_t* x16, float step, const float* group_sums, const uin
 }
 
 // M (2..kInt4Rows) rows of x against one block, x~ as fp32 integers: each code is widened to float once and
-// serves every row. At several rows the multiply-adds bind the pass, and 16-bit multiply-adds gained nothing
-// there (on the CPU measured they issue on one port where fp32 FMAs have two); a product of a code and x~ and
-// the chunk's running sum are integers under 2^24, so these fp32 sums are int4_row's exactly. The block is
-// taken 16 output rows at a time, the low and high nibbles of the same 8 bytes (rows 8h..8h+7 and
-// 16+8h..16+8h+7), so one load feeds 2M multiply-adds and the 2M accumulators stay in registers; each chunk is
-// folded into y in memory. More rows of x take another pass over the block, by then in L1.
+// serves every row. At several rows the multiply-adds bind the pass, and 16-bit ones did not help there: a
+// batch step's products took about a third longer with them on CPU B (docs/performance.md, "int4 products on
+// the grid"). A product of a code and x~ and the chunk's running sum are integers under 2^24, so these fp32
+// sums are int4_row's exactly. The block is taken 16 output rows at a time, the low and high nibbles of the same
+// 8 bytes (rows 8h..8h+7 and 16+8h..16+8h+7), so one load feeds 2M multiply-adds and the 2M accumulators stay
+// in registers; each chunk is folded into y in memory. More rows of x take another pass over the block, by then
+// in L1.
 constexpr int kInt4Rows = 4;
 
 template <int M, bool Split>
@@ -185,8 +186,8 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
               "scales_and_zeros: contiguous bf16 [K/G, N, 2]");
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group > 0 && group % 8 == 0 && k % group == 0 &&
-              k <= (int64_t{1} << 20), "int4 shapes");
+  TORCH_CHECK(packed.size(1) * 2 == k && n % kBlock == 0 && group > 0 && group % 8 == 0 && k % group == 0,
+              "int4 shapes");
   TORCH_CHECK(scales_and_zeros.size(0) == k / group && scales_and_zeros.size(1) == n, "scales_and_zeros shape");
   auto y = at::empty({m, n}, x.options());
   // Each row onto the grid, with each group's sum of x~ (for the zero points), here rather than as tensor ops:
