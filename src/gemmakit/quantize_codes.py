@@ -59,12 +59,14 @@ def quantize_int8(w: Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> tuple[Tensor
     return _by_rows(rows, w)
 
 
-def quantize_int4(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+def quantize_int4(w: Tensor, group_size: int, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8),
+                  refits: int = 2) -> tuple[Tensor, Tensor]:
     """Asymmetric group-wise int4 of w [N, K]: (q uint8 [N, K] in 0..15, scales_and_zeros bf16 [K/G, N, 2]),
-    w ~ (q - 8) * scale + zero over each group of `group_size` consecutive inputs."""
+    w ~ (q - 8) * scale + zero over each group of `group_size` consecutive inputs. `shrinks`, `refits`: the
+    fit's search (`_fit_int4_groups`); a copy built at every start-up takes a shorter one."""
 
     def rows(c: Tensor) -> tuple[Tensor, Tensor]:
-        q, scale, zero = _fit_int4_groups(c.float().reshape(c.shape[0], -1, group_size))
+        q, scale, zero = _fit_int4_groups(c.float().reshape(c.shape[0], -1, group_size), shrinks, refits)
         return q.to(torch.uint8).reshape(c.shape), torch.cat([scale, zero], dim=-1).to(COMPUTE_DTYPE)
 
     q, sz = _by_rows(rows, w)
@@ -100,6 +102,8 @@ def _fit_int4_groups(g: Tensor, shrinks: tuple[float, ...] = (1.0, 0.9, 0.8),
         for _ in range(refits):
             scale, zero = _refit(g, _codes(g, scale, zero).sub_(8), scale)
         q = _codes(g, scale, zero)
+        if len(shrinks) == 1:  # nothing to choose between
+            return q.T.reshape(shape), scale.T.reshape(*shape[:-1], 1), zero.T.reshape(*shape[:-1], 1)
         err = (q - 8).mul_(scale).add_(zero).sub_(g).square_().sum(0, keepdim=True)
         if best is None:
             best = (err, q, scale, zero)
