@@ -5,6 +5,8 @@ Run: .venv/bin/python -m pytest tests/test_screen.py
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from gemmakit.runtime import gemv
 from gemmakit.runtime.compiled import compile_supported
 from gemmakit.runtime.packing import pack_linears
 from gemmakit.runtime.probe import fbgemm_fp16, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import CANDIDATES, HeadScreen, top_k
+from gemmakit.runtime.screen import CANDIDATES, QUARTER_GROUP, HeadScreen, screen_bytes, top_k
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, hf_model, tiny
 
@@ -34,11 +36,17 @@ needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16(), reason="fbgemm's fp16 produ
 needs_gemv = pytest.mark.skipif(gemv.unavailable() is not None, reason=f"gemv kernels: {gemv.unavailable()}")
 
 
+# The int4 copy of a float head is read by gemmakit's int4 kernel, which takes torch's AVX2 packing only.
+needs_quarter = pytest.mark.skipif(gemv.unavailable() is not None or not gemv.int4_fits(1024, 64, QUARTER_GROUP),
+                                   reason="gemmakit's int4 kernel, or torch's AVX2 int4 packing, is not here")
+
+
 def screen_for(w: torch.Tensor, path: str) -> HeadScreen:
-    """The screen of one path; the kernel's int8 copy with the default list's 16 candidates, so a crowd of
-    near-copies still outnumbers them."""
-    if path == "gemv":
-        return HeadScreen(w, gemv_kernel=True, candidates=CANDIDATES)
+    """The screen of one path; the kernel's int8 copy (or, for one-row steps, int4 copy) with the default list's
+    16 candidates, so a crowd of near-copies still outnumbers them."""
+    if path in ("gemv", "quarter"):
+        return HeadScreen(w, gemv_kernel=True, candidates=CANDIDATES, quarter=path == "quarter",
+                          rows=(1, 1) if path == "quarter" else None)
     return HeadScreen(w, packed=path == "packed", half=path == "fp16")
 
 
@@ -85,6 +93,36 @@ def test_bounds_hold_and_a_certified_pick_is_the_exact_argmax(path):
     assert (gap <= 1e-5 * exact.abs().max(dim=-1).values).all()
 
 
+@needs_quarter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int4_copy_bounds_every_logit_and_each_row_settles_to_the_argmax(dtype):
+    """One-row steps over a float head's int4 copy: upper bounds never below the float64 logits, a crowd of
+    near-copies larger than the candidates left uncertified rather than guessed, and every row's pick, certified
+    or settled, the argmax (for a bf16 head, of the logits rounded to bf16, lowest id first). A screen for
+    one-row steps keeps no int8 copy, and holds what `screen_bytes` forecasts. Compiled (as the engine's one-row
+    steps run it), a step's bounds hold as well and it picks as the eager step does."""
+    w, x = near_tied_head()
+    w = w.to(dtype)
+    screen = screen_for(w, "quarter")
+    assert screen.cheap is None and screen.nbytes == screen_bytes(w, False, False, False, True, (1, 1), None, True)
+    exact = x.double() @ w.double().T
+    want = (exact.float().to(torch.bfloat16) if dtype == torch.bfloat16 else exact).argmax(-1)
+    for r, row in enumerate(x):
+        tokens, certified, upper, floor = screen(row[None])
+        assert (upper[0].double() >= exact[r] - 1e-9).all()
+        assert r >= 8 or not bool(certified[0])  # the crowd outnumbers the candidates
+        pick = int(tokens[0]) if bool(certified[0]) else screen.settle(row, upper[0], floor[0])
+        if pick != int(want[r]):  # only within float32 summation of a tie
+            assert exact[r, want[r]] - exact[r, pick] <= 1e-5 * exact[r].abs().max(), (r, pick, int(want[r]))
+    assert screen.settled >= 8 and screen.fallbacks == 0
+    if compile_supported("cpu"):
+        step = torch.compile(screen, dynamic=False)
+        for r in range(6, 10):
+            got, eager = step(x[r:r + 1]), screen(x[r:r + 1])
+            assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+            assert (got[2][0].double() >= exact[r] - 1e-9).all()  # inductor's own sums of the bound still hold
+
+
 def hidden_winner(width: int = 64, crowd: int = 24) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A head whose true best token looks worse than a crowd of others through bf16: its row is a bf16-exact
     row `a` plus less than half a bf16 step per value (so its bf16 copy is `a`) in the direction of x, while
@@ -107,7 +145,8 @@ def hidden_winner(width: int = 64, crowd: int = 24) -> tuple[torch.Tensor, torch
 @pytest.mark.parametrize("path", [pytest.param("packed", marks=needs_bf16_packing),
                                   pytest.param("compiled", marks=needs_compiler),
                                   pytest.param("fp16", marks=needs_fbgemm),
-                                  pytest.param("gemv", marks=needs_gemv)])
+                                  pytest.param("gemv", marks=needs_gemv),
+                                  pytest.param("quarter", marks=needs_quarter)])
 def test_a_winner_that_bf16_hides_behind_more_than_k_others_is_found(path):
     """Without the error bound the crowd fills the candidates and one of them is certified (measured: token
     2010 on the compiled path). The packed path rounds x and its sums to bf16 too, and the kernel's int8 copy
@@ -308,6 +347,35 @@ def test_the_screen_is_in_the_memory_forecast_and_only_where_it_applies(tmp_path
     monkeypatch.setenv("GEMMAKIT_SCREEN", "maybe")
     with pytest.raises(ValueError, match="GEMMAKIT_SCREEN must be on or off"):
         Engine(screened.model, max_batch=2, context=64)
+
+
+@needs_quarter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_steps_read_an_int4_copy_where_its_pass_timed_faster(tmp_path, monkeypatch, dtype):
+    """The plan times the int4 copy's pass against the int8 copy's (the machine decides; here the timing is set
+    both ways): where it won, one-row greedy steps read the int4 copy and decode the full head's tokens, steps
+    of several rows read the int8 copy, and a one-row engine keeps no int8 copy; the forecast counts what it
+    keeps. Where it lost, the screen is the int8 copy alone."""
+    from gemmakit.runtime import plan as plan_module
+
+    hf_model(dataclasses.replace(tiny("gemma3"), vocab_size=1024)).save_pretrained(tmp_path)  # 1000: not packable
+    model = load_model(tmp_path, dtype=dtype)
+    prompts, params = prompts_and_params()
+    monkeypatch.setattr(plan_module, "quarter_timings", lambda vocab, width: (1.0, 0.5))
+    for batch in (1, 4):
+        screened = Engine(model, max_batch=batch, context=128)
+        screen = screened.runtime.screen
+        assert screen.quarter_codes is not None and (screen.cheap is None) == (batch == 1)
+        assert screened.plan.why["head screen"].startswith("int4 copy for one-row steps")
+        assert screened.memory["head_screen"] == screen.nbytes
+        calls = spy(screen)
+        full = Engine(model, max_batch=batch, context=128, screen=False)
+        assert [r.tokens for r in screened.generate(prompts, params)] == \
+            [r.tokens for r in full.generate(prompts, params)]
+        assert screen.fallbacks == 0 and 1 in calls and (batch == 1 or 3 in calls)
+    monkeypatch.setattr(plan_module, "quarter_timings", lambda vocab, width: (1.0, 1.0))
+    screen = Engine(model, max_batch=1, context=128).runtime.screen
+    assert screen.quarter_codes is None and screen.cheap is not None
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ live here, not spread over the model's modules:
 | head screen         | bf16 copy (plain / packed) / fbgemm fp16 | head dtype, soft-cap, packing, compile, and    |
 |                     | copy / int8 (inductor, or gemmakit's     | whether bf16 products are fast here            |
 |                     | AVX2 kernel; an int8 head's own codes;   | (screen.py); a quantized head on gemmakit's    |
-|                     | an int4 head's copy) / off               | AVX2 kernels: both passes timed at start-up    |
+|                     | an int4 head's copy; one-row steps: a    | AVX2 kernels, or a float head's int4 copy:     |
+|                     | float head's int4 copy) / off            | both passes timed at start-up                  |
 | int4 prompt unpack  | compiled bf16 unpack / int4 kernel       | compiled CPU engines with int4 linears        |
 | decode products     | gemmakit's AVX2 kernels (several rows:   | whether ours build and agree here (x86 CPUs;  |
 | (int4, int8, float) | AVX-512 / AMX builds where the CPU has   | int4 in torch's AVX2 packing only: gemv.py)   |
@@ -64,12 +65,14 @@ from gemmakit.runtime.packing import (
 )
 from gemmakit.runtime.probe import cpu_capability, inductor_isa, onednn_packs, wide_vectors
 from gemmakit.runtime.screen import (
+    QUARTER_GROUP,
     Int4Head,
     Int8Head,
     head_codes,
     head_weight,
     int4_head,
     interleaved_medians,
+    quarter_timings,
     screen_bytes,
 )
 
@@ -317,7 +320,7 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
         return None, "off (asked)"
     dtype = model_dtype_device(model)[0]
     if gemv_kernels and (weight := head_weight(model)) is not None:
-        return (weight, False, False, False, True), f"int8 copy ({_screen_kernel(max_batch)})"
+        return _float_head_screen(weight, max_batch)
     if gemv_kernels and (codes := head_codes(model, dtype)) is not None:
         # An int8 head's screen is its own codes through the same pass: no copy, and where the pass has its
         # AVX-512 VNNI or AMX build, it outruns the head's fp32 multiply-adds at a batch step's several rows.
@@ -364,6 +367,25 @@ def _screen_choice(model: nn.Module, max_batch: int, compiled: bool, wanted: boo
     copy = "bf16" if weight.dtype == torch.float32 else "int8"
     layouts = [name for name, on in (("plain", compiled), ("packed", packed_copy)) if on]
     return (weight, packed_copy, compiled, False, False), f"{copy} copy ({' + '.join(layouts)})"
+
+
+def _float_head_screen(weight: torch.Tensor, max_batch: int) -> tuple[tuple, str]:
+    """(HeadScreen arguments, why) for a float head on gemmakit's AVX2 kernels: an int8 copy read at every step
+    of up to `gemv.INT8_ROWS` rows, except that one-row steps read an int4 copy where this CPU packs the head's
+    shape for gemmakit's int4 kernel and that pass timed faster here (`quarter_timings`): it reads 5/8 of the
+    bytes, and its wider bound leaves most rows to settle from a few thousand exact rows (screen.py). An
+    engine of one row then keeps no int8 copy."""
+    int8 = (weight, False, False, False, True), f"int8 copy ({_screen_kernel(max_batch)})"
+    if not gemv.int4_fits(*weight.shape, QUARTER_GROUP):
+        return int8
+    int8_pass, int4_pass = quarter_timings(*weight.shape)
+    said = f"one row {1e3 * int4_pass:.1f} vs {1e3 * int8_pass:.1f} ms"
+    if int4_pass >= _TIMED_MARGIN * int8_pass:
+        return int8[0], f"{int8[1][:-1]}; an int4 copy's pass timed no faster here, {said})"
+    rows = (1, min(max_batch, gemv.INT8_ROWS))
+    more = "" if rows[1] == 1 else f", int8 copy for steps of {'2' if rows[1] == 2 else f'2-{rows[1]}'} rows"
+    return (weight, False, False, False, True, rows, None, True), (
+        f"int4 copy for one-row steps{more} (gemmakit's AVX2 kernels; the int4 pass timed here as {said})")
 
 
 def _timed_screen(head: Int4Head | Int8Head, max_batch: int, screen: str, kind: str,

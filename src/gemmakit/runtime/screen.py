@@ -47,11 +47,15 @@ every step of up to 8 rows, compiled or eager: x rounded to 14-bit integers (its
 bound, like the packed path's bf16 x) and exact integer sums, to which the kernel adds each token's bound as it
 writes them (eager torch ops over the [rows, V] sums took an 8-row step as long as the pass); at a batch's rows
 on AVX-512 VNNI, x on an 8-bit grid instead, its bytes' products twice as many an instruction. Its bound is wider than a
-half-precision copy's, so it rescores 64 candidates, not 16. Where those kernels are missing and oneDNN has no
-bf16, a float32 head's copy is fbgemm's fp16 one, read by every step. Memory: the copy in each layout the engine's
-steps read (270M: +336 MB bf16 per layout, +512 MB for fbgemm's padded fp16, or +168 MB int8); the engine's
-forecast counts it. The gain is largest for fp32 one-row steps, where the head is most of the bytes; less at 8
-rows, and less for bf16 models, whose int8 pass is compute-bound rather than bandwidth-bound
+half-precision copy's, so it rescores 64 candidates, not 16. One-row steps of a float head can read an int4
+copy instead (groups of 32, on gemmakit's int4 kernel, where this CPU packs int4 for AVX2 and the plan timed its
+pass faster than the int8 one): 5/8 of the bytes, a bound about ten times wider, so most rows settle from a
+thousand or more exact rows, gathered for the float kernel; an engine of one row then keeps no int8 copy. Where
+those kernels are missing and oneDNN has no bf16, a float32 head's copy is fbgemm's fp16 one, read by every step.
+Memory: the copy in each layout the engine's steps read (270M: +336 MB bf16 per layout, +512 MB for fbgemm's
+padded fp16, +168 MB int8, +105 MB int4); the engine's forecast counts it. The gain is largest for fp32 one-row
+steps, where the head is most of the bytes; less at 8 rows, and less for bf16 models, whose int8 pass is
+compute-bound rather than bandwidth-bound
 (benchmarks/engine_vs_peers.py measures it; docs/performance.md, "The greedy head screen").
 """
 
@@ -66,6 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gemmakit.quantize_codes import pack_int4, quantize_int4
 from gemmakit.runtime import gemv
 from gemmakit.runtime.packing import HalfLinear, PackedLinear, packed_linear, packing_supported
 
@@ -78,6 +83,13 @@ GEMV_CANDIDATES = 64
 # byte pass's bound left up to about 1,400 on real text (benchmarks/screen_bits.py, 8-bit x), and rescoring
 # 4,096 rows reads about a sixtieth of the 270M's head.
 SETTLE_MAX = 4096
+# The int4 copy of a float head that one-row steps read (`HeadScreen(quarter=True)`): groups of 32 on a plain
+# min/max grid (built at every start-up; quantize.py's refitted search takes several times as long, and leaves
+# a little fewer tokens to settle). Its bound is about ten times the int8 copy's, so most rows settle, from
+# hundreds to tens of thousands of tokens on real text (benchmarks/screen_certificate.py); up to an eighth of
+# the vocabulary is rescored before a step takes the full head.
+QUARTER_GROUP, QUARTER_FIT = 32, ((1.0,), 0)
+QUARTER_SETTLE = 8
 _U32, _U16 = 2.0**-24, 2.0**-8  # unit roundoff of float32 and bfloat16
 
 
@@ -156,6 +168,23 @@ def pick_timings(full: Callable[[Tensor], Tensor], screened: Callable[[Tensor], 
                                repeats)
 
 
+def quarter_timings(vocab: int, width: int, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of one row's screening pass over a float head's int8 copy [vocab, width] (its bound added
+    in the kernel), then over an int4 copy with its bound added by tensor ops (`HeadScreen._screen_quarter`).
+    Stand-in codes, freed on return: the passes' speed does not depend on them. The int4 copy is 5/8 of the
+    bytes with more work a byte, so which is faster depends on the CPU's bandwidth against its vector units."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, width, generator=g)
+    codes, scales = torch.ones(vocab, width, dtype=torch.int8), torch.ones(vocab)
+    codes4 = torch.ones(vocab, width // 2, dtype=torch.uint8)
+    sz = torch.ones(width // QUARTER_GROUP, vocab, 2, dtype=torch.bfloat16)
+    norms = torch.ones(3, vocab)
+    coef = (x.norm(dim=-1, keepdim=True), norms[1:], 1e-6)
+    return interleaved_medians(lambda: top_k(gemv.screen_int8(x, codes, scales, None, coef)[0], GEMV_CANDIDATES + 1),
+                               lambda: top_k(gemv.int4(x, codes4, sz, QUARTER_GROUP) + norms[0] * 2 + norms[1],
+                                             GEMV_CANDIDATES + 1), repeats)
+
+
 def interleaved_medians(first: Callable[[], object], second: Callable[[], object],
                         repeats: int) -> tuple[float, float]:
     """Median seconds of each call, both warmed up once, then timed in turn `repeats` times, so a slow moment of
@@ -222,11 +251,13 @@ class HeadScreen(nn.Module):
     `packed` (float32 heads) also keeps oneDNN's layout of the bf16 copy, for multi-row and eager steps
     (packing.py says why that layout is faster); `plain` keeps the copy in its ordinary layout, for compiled
     one-row steps (at least one of the two). `rows`, on gemmakit's kernels: the fewest and most rows of the
-    steps it screens (the plan's timed choice for a quantized head on gemmakit's AVX2 kernels)."""
+    steps it screens (the plan's timed choice for a quantized head on gemmakit's AVX2 kernels). `quarter`, on
+    gemmakit's kernels for a float head: one-row steps read an int4 copy instead (`_screen_quarter`), and the
+    int8 copy is built only for steps of more rows."""
 
     def __init__(self, weight: Tensor | Int8Head | Int4Head, packed: bool = False, plain: bool = True,
                  half: bool = False, gemv_kernel: bool = False, rows: tuple[int, int] | None = None,
-                 candidates: int | None = None):
+                 candidates: int | None = None, quarter: bool = False):
         super().__init__()
         self.codes = weight if isinstance(weight, Int8Head) else None
         self.int4 = weight if isinstance(weight, Int4Head) else None
@@ -254,8 +285,13 @@ class HeadScreen(nn.Module):
         self.gemv_kernel = gemv_kernel
         if half or gemv_kernel:
             packed = plain = False
-        build = not half and self.codes is None and (weight.dtype != torch.float32 or gemv_kernel)
-        if half:
+        if quarter and not (gemv_kernel and self.exact is not None
+                            and gemv.int4_fits(*weight.shape, QUARTER_GROUP)):
+            raise ValueError("an int4 copy is for float heads on gemmakit's kernels, of a shape it packs")
+        # Without steps of several rows to serve, a screen with an int4 copy keeps no int8 one.
+        eight = not (quarter and self.max_rows == 1)
+        build = eight and not half and self.codes is None and (weight.dtype != torch.float32 or gemv_kernel)
+        if half or not eight:
             cheap, scale = None, None
         elif self.codes is not None:  # the head's codes, shared; fp32 scales for the kernel (a copy if bf16)
             cheap, scale = self.codes.codes, self.codes.scales.float()
@@ -266,7 +302,14 @@ class HeadScreen(nn.Module):
         self.register_buffer("cheap", cheap, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         # |w - b| and |b| per token, as one [2, V] buffer: gemmakit's kernel reads both as it adds the bound.
-        self.register_buffer("norms", torch.empty(2, self.vocab), persistent=False)
+        self.register_buffer("norms", torch.empty(2, self.vocab if eight else 0), persistent=False)
+        # The int4 copy: codes in torch's AVX2 packing, bf16 scales and zeros, and two norms a token (`_fill_quarter`).
+        width = weight.shape[1]
+        for name, shape, dtype in (("quarter_codes", (self.vocab, width // 2), torch.uint8),
+                                   ("quarter_sz", (width // QUARTER_GROUP, self.vocab, 2), torch.bfloat16),
+                                   ("quarter_norms", (2, self.vocab), torch.float32)):
+            self.register_buffer(name, torch.empty(shape, dtype=dtype) if quarter else None, persistent=False)
+        self.settle_max = max(SETTLE_MAX, self.vocab // QUARTER_SETTLE) if quarter else SETTLE_MAX
         widest = self._fill_blocks(build)
         n = weight.shape[1]
         # Worst float32 error of an n-term dot product, plus the scale product and computing the copy's norms.
@@ -275,7 +318,7 @@ class HeadScreen(nn.Module):
         self.packed = None
         if packed and scale is None and packing_supported(cheap):
             self.packed = PackedLinear(cheap)
-        self.copy_bytes = weight.numel() * 2 if half else cheap.numel() * cheap.element_size()
+        self.copy_bytes = weight.numel() * 2 if half else 0 if cheap is None else cheap.numel() * cheap.element_size()
         held = ((self.codes.codes, self.codes.scales) if self.codes is not None else (self.exact,)
                 if self.int4 is None else (self.int4.head.weight, self.int4.head.scales_and_zeros))
         self.head_bytes = sum(t.numel() * t.element_size() for t in held)
@@ -297,12 +340,30 @@ class HeadScreen(nn.Module):
             if build:
                 self.scale[i:j] = w.abs().amax(dim=-1).clamp_min(1e-30) / 127
                 self.cheap[i:j] = (w / self.scale[i:j, None]).round().clamp(-127, 127)
-            c = self._decoded(i, j)
-            w = c if w is None else w
-            self.delta_norm[i:j] = (w - c).norm(dim=-1)
-            self.cheap_norm[i:j] = c.norm(dim=-1)
+            if self.norms.numel():
+                c = self._decoded(i, j)
+                w = c if w is None else w
+                self.delta_norm[i:j] = (w - c).norm(dim=-1)
+                self.cheap_norm[i:j] = c.norm(dim=-1)
+            if self.quarter_codes is not None:
+                self._fill_quarter(i, j, w)
             widest = max(widest, float(w.norm(dim=-1).max()))
         return widest
+
+    def _fill_quarter(self, start: int, stop: int, w: Tensor) -> None:
+        """Rows [start, stop) of the int4 copy from the exact rows w, with |w - b| and a bound m >= |b| on the
+        float32 fold's terms. The kernel sums each group's codes against x~ exactly, then adds scale * sum(q x~)
+        and (zero - 8 scale) * sum(x~) in float32, whose rounding is relative to |scale| (q + 8) + |zero| <=
+        23 |scale| + |zero| per weight, not to b itself; m is from that per group (it multiplies the bound's
+        small terms only, and a group's scale and zero are 1/32 of its weights to read)."""
+        q, sz = quantize_int4(w, QUARTER_GROUP, *QUARTER_FIT)
+        self.quarter_codes[start:stop] = pack_int4(q)
+        self.quarter_sz[:, start:stop] = sz
+        scale, zero = sz.float().permute(2, 1, 0)[..., None]  # [rows, groups, 1] each
+        b = q.float().view(q.shape[0], scale.shape[1], -1).sub_(8).mul_(scale).add_(zero)  # dequantized, in place
+        self.quarter_norms[0, start:stop] = b.sub_(w.view_as(b)).flatten(1).norm(dim=-1)
+        per_group = scale.abs().mul_(23).add_(zero.abs())[..., 0]  # [rows, groups]
+        self.quarter_norms[1, start:stop] = per_group.norm(dim=-1) * math.sqrt(QUARTER_GROUP)
 
     @property
     def delta_norm(self) -> Tensor:
@@ -334,9 +395,12 @@ class HeadScreen(nn.Module):
 
     @property
     def bytes_saved(self) -> int:
-        """How many fewer bytes a screened one-row step reads than the full head: the head, less the copy and
-        the per-token numbers read with it."""
-        per_token = sum(t.numel() * t.element_size() for t in self.buffers() if t is not self.cheap)
+        """How many fewer bytes a screened step of `max_rows` rows reads than the full head: the head, less the
+        copy and the per-token numbers read with it (the int4 copy's, where it serves one row only)."""
+        if self.max_rows == 1 and self.quarter_codes is not None:
+            read = (self.quarter_codes, self.quarter_sz, self.quarter_norms)
+            return self.head_bytes - sum(t.numel() * t.element_size() for t in read)
+        per_token = sum(t.numel() * t.element_size() for t in (self.scale, self.norms) if t is not None)
         return self.head_bytes - self.copy_bytes - per_token
 
     @property
@@ -378,9 +442,9 @@ class HeadScreen(nn.Module):
         row): the caller then computes the full head. A wider bound (the byte pass's grid) leaves more rows to
         settle, each costing a pass over its V bounds and a few hundred exact rows, far less than a full head."""
         idx = (upper >= floor).nonzero()[:, 0]
-        if not 0 < idx.numel() <= SETTLE_MAX:
+        if not 0 < idx.numel() <= self.settle_max:
             return None
-        exact = self._rescore(self._input(x[None]), idx[None])[0]
+        exact = self._rescore(self._input(x[None]), idx[None], many=True)[0]
         if self.out_dtype != torch.float32:
             exact = round_to_bf16(exact)
         best = exact.max()
@@ -396,11 +460,14 @@ class HeadScreen(nn.Module):
             return gemv.on_grid(x)
         return x.to(torch.bfloat16).float() if self.x_bf16 else x.float()
 
-    def _rescore(self, x: Tensor, idx: Tensor) -> Tensor:
+    def _rescore(self, x: Tensor, idx: Tensor, many: bool = False) -> Tensor:
         """The head's float32 logits [B, K] of tokens `idx` [B, K]; an int8 head's as its kernel sums them,
-        the codes' products first, then the row's scale."""
+        the codes' products first, then the row's scale. `many`: one row's tokens, up to `settle_max` of them,
+        which a float head's rows give to gemmakit's kernel as they are gathered (no float32 copy of them)."""
         if self.int4 is not None:
             return (x[:, None, :] * self.int4.rows(idx)).sum(-1)
+        if many and self.exact is not None and self.gemv_kernel:
+            return gemv.floats(x, self.exact[idx[0]])
         if self.codes is None:
             return (x[:, None, :] * self.exact[idx].float()).sum(-1)
         return (x[:, None, :] * self.cheap[idx].float()).sum(-1) * self.scale[idx]
@@ -411,6 +478,8 @@ class HeadScreen(nn.Module):
         if self.fp16 is not None:  # fp32 x times the fp16 copy, float32 sums: x~ = x
             s = self.fp16(x)
             return s + x_norm * (self.delta_norm + self.gamma * self.cheap_norm) * (1 + 2 * self.gamma)
+        if self.quarter_codes is not None and (x.shape[0] == 1 or self.cheap is None):
+            return self._screen_quarter(x, x_norm)
         if self.gemv_kernel:  # x~ (x on a 14-bit grid) times the int8 copy, exact integer sums, scaled in fp32;
             # the kernel adds |x| |w - b| + (|x - x~| + gamma |x~|) |b| as it writes each sum (gemv.screen_int8)
             return gemv.screen_int8(x, self.cheap, self.scale, None, (x_norm, self.norms, self.gamma))[0]
@@ -434,6 +503,17 @@ class HeadScreen(nn.Module):
         bound = (x_norm * self.delta_norm + (rounding + self.gamma * x16f.norm(dim=-1, keepdim=True))
                  * self.cheap_norm + 2 * _U16 * s.abs())
         return s + bound * (1 + 2 * self.gamma)
+
+
+    def _screen_quarter(self, x: Tensor, x_norm: Tensor) -> Tensor:
+        """Upper bounds [B, V] from the int4 copy b: s = x~ . b by gemmakit's int4 kernel (x~ on its 14-bit grid,
+        exact integer sums per group), plus |x| |w - b| + (|x - x~| + gamma |x~|) m, where m >= |b| bounds
+        what the kernel's float32 fold rounds (`_fill_quarter`). The bound is added by tensor ops: compiled
+        one-row steps fuse them into one pass over the [V] sums."""
+        s = gemv.int4(x, self.quarter_codes, self.quarter_sz, QUARTER_GROUP)
+        xg = gemv.on_grid(x)
+        off = (x - xg).norm(dim=-1, keepdim=True) + self.gamma * xg.norm(dim=-1, keepdim=True)
+        return s + (x_norm * self.quarter_norms[0] + off * self.quarter_norms[1]) * (1 + 2 * self.gamma)
 
 
 def round_to_bf16(x: Tensor) -> Tensor:
@@ -462,11 +542,15 @@ def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def screen_bytes(weight: Tensor | Int8Head | Int4Head, packed: bool, plain: bool = True, half: bool = False,
-                 gemv_kernel: bool = False, rows: tuple[int, int] | None = None) -> int:
-    """Memory a `HeadScreen(weight, packed, plain, half, gemv_kernel, rows)` adds: the bf16 copy in one or both
-    layouts, the fp16 one, or the int8 one and its scales (an int8 head's: fp32 scales where its own are not),
-    and two norms a token."""
+                 gemv_kernel: bool = False, rows: tuple[int, int] | None = None, candidates: int | None = None,
+                 quarter: bool = False) -> int:
+    """Memory a `HeadScreen(weight, packed, plain, half, gemv_kernel, rows, candidates, quarter)` adds: the bf16
+    copy in one or both layouts, the fp16 one, or the int8 one and its scales (an int8 head's: fp32 scales where
+    its own are not), and two norms a token; an int4 copy's codes, scales and zeros, and norms."""
     vocab, width = weight.shape
+    if quarter:
+        four = vocab * width // 2 + width // QUARTER_GROUP * vocab * 4 + 2 * vocab * 4
+        return four + (0 if rows and rows[1] == 1 else vocab * width + 3 * vocab * 4)
     if isinstance(weight, Int4Head):
         return vocab * width + 3 * vocab * 4
     if isinstance(weight, Int8Head):
