@@ -4,8 +4,10 @@ The screen (gemmakit.runtime.screen) reads a cheaper copy of the 262k-row head, 
 exactly, and certifies the pick only if no other token's upper bound reaches it; an uncertified row costs its
 step the full head (on an 8-row step, every row's). This feeds the default model's final hidden states at
 every position of a text (the README by default) to each screen and prints, per copy and candidate count,
-the share of positions certified and whether any certified pick differs from the full head's argmax (never
-expected). docs/performance.md ("The greedy head screen") quotes it.
+the share of positions certified, settled from their bounds (HeadScreen.settle) and left to the full head, how
+many tokens' bounds reached the floor (what settling rescores), and whether any pick differs from the full
+head's argmax (never expected). The int4 copy (for one-row steps) settles most rows. docs/performance.md
+("The greedy head screen") quotes it.
 
 Run: .venv/bin/python benchmarks/screen_certificate.py [--text README.md] [--tokens 512]
 """
@@ -23,7 +25,7 @@ from gemmakit.cache import KVCache, Prefill
 from gemmakit.checkpoints import load_model_and_tokenizer, resolve
 from gemmakit.runtime import gemv
 from gemmakit.runtime.probe import fbgemm_fp16
-from gemmakit.runtime.screen import HeadScreen, head_weight
+from gemmakit.runtime.screen import QUARTER_GROUP, HeadScreen, head_weight
 
 
 def screens(dtype: torch.dtype) -> dict[str, dict]:
@@ -31,6 +33,8 @@ def screens(dtype: torch.dtype) -> dict[str, dict]:
     out: dict[str, dict] = {}
     if gemv.unavailable() is None:
         out.update({f"int8, AVX2 kernel, {k} candidates": {"gemv_kernel": True, "candidates": k} for k in (16, 64)})
+        if gemv.int4_fits(262144, 640, QUARTER_GROUP):  # torch's AVX2 int4 packing, which the kernel reads
+            out["int4, AVX2 kernel, one-row steps"] = {"gemv_kernel": True, "quarter": True, "rows": (1, 1)}
     if dtype == torch.float32 and fbgemm_fp16():
         out["fp16 (fbgemm), 16 candidates"] = {"half": True}
     return out
@@ -59,13 +63,25 @@ def main() -> None:
         full = model.head(hidden).float().argmax(-1)
         for name, kwargs in screens(dtype).items():
             screen = HeadScreen(head_weight(model), **kwargs)
-            certified = wrong = 0
-            for i in range(0, positions, 8):  # 8-row steps, as a batch-8 engine's
-                tokens, ok = screen(hidden[i:i + 8], layout="packed")
+            step = 1 if kwargs.get("quarter") else 8  # the int4 copy serves one-row steps; else a batch-8 engine's
+            certified = wrong = fell_back = 0
+            reached = []  # per row: tokens whose upper bound reaches the floor (what settling rescores)
+            for i in range(0, positions, step):
+                x = hidden[i:i + step]
+                tokens, ok, upper, floor = screen(x, layout="packed")
                 certified += int(ok.sum())
-                wrong += int(((tokens != full[i:i + 8]) & ok).sum())
+                for r in range(x.shape[0]):
+                    token = int(tokens[r]) if ok[r] else screen.settle(x[r], upper[r], floor[r])
+                    reached.append(int((upper[r] >= floor[r]).sum()))
+                    fell_back += token is None
+                    wrong += token is not None and token != int(full[i + r])
+            at_floor = torch.tensor(reached, dtype=torch.float64)
             rows.append({"head": str(dtype).removeprefix("torch."), "screen": name, "positions": positions,
-                         "certified": f"{certified / positions:.1%}", "certified but not the argmax": wrong})
+                         "certified": f"{certified / positions:.1%}", "settled": f"{screen.settled / positions:.1%}",
+                         "full head": f"{fell_back / positions:.1%}",
+                         "tokens at the floor, median / p90 / max": " / ".join(
+                             f"{v:.0f}" for v in (at_floor.median(), at_floor.quantile(0.9), at_floor.max())),
+                         "picks not the argmax": wrong})
     print(format_table(rows))
 
 
