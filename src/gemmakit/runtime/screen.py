@@ -252,8 +252,8 @@ class HeadScreen(nn.Module):
     (packing.py says why that layout is faster); `plain` keeps the copy in its ordinary layout, for compiled
     one-row steps (at least one of the two). `rows`, on gemmakit's kernels: the fewest and most rows of the
     steps it screens (the plan's timed choice for a quantized head on gemmakit's AVX2 kernels). `quarter`, on
-    gemmakit's kernels for a float head: one-row steps read an int4 copy instead (`_screen_quarter`), and the
-    int8 copy is built only for steps of more rows."""
+    gemmakit's kernels for a float head: one-row steps read an int4 copy instead (`_screen_quarter`; a quarter
+    of a bf16 head's bytes), and the int8 copy is built only for steps of more rows."""
 
     def __init__(self, weight: Tensor | Int8Head | Int4Head, packed: bool = False, plain: bool = True,
                  half: bool = False, gemv_kernel: bool = False, rows: tuple[int, int] | None = None,
@@ -503,7 +503,6 @@ class HeadScreen(nn.Module):
         bound = (x_norm * self.delta_norm + (rounding + self.gamma * x16f.norm(dim=-1, keepdim=True))
                  * self.cheap_norm + 2 * _U16 * s.abs())
         return s + bound * (1 + 2 * self.gamma)
-
 
     def _screen_quarter(self, x: Tensor, x_norm: Tensor) -> Tensor:
         """Upper bounds [B, V] from the int4 copy b: s = x~ . b by gemmakit's int4 kernel (x~ on its 14-bit grid,
