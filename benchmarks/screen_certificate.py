@@ -28,12 +28,13 @@ from gemmakit.runtime.probe import fbgemm_fp16
 from gemmakit.runtime.screen import QUARTER_GROUP, HeadScreen, head_weight
 
 
-def screens(dtype: torch.dtype) -> dict[str, dict]:
-    """The screens a head of `dtype` can have on this machine, as HeadScreen arguments."""
+def screens(head: torch.Tensor) -> dict[str, dict]:
+    """The screens `head` can have on this machine, as HeadScreen arguments."""
+    dtype = head.dtype
     out: dict[str, dict] = {}
     if gemv.unavailable() is None:
         out.update({f"int8, AVX2 kernel, {k} candidates": {"gemv_kernel": True, "candidates": k} for k in (16, 64)})
-        if gemv.int4_fits(262144, 640, QUARTER_GROUP):  # torch's AVX2 int4 packing, which the kernel reads
+        if gemv.int4_fits(*head.shape, QUARTER_GROUP):  # torch's AVX2 int4 packing, which the kernel reads
             out["int4, AVX2 kernel, one-row steps"] = {"gemv_kernel": True, "quarter": True, "rows": (1, 1)}
     if dtype == torch.float32 and fbgemm_fp16():
         out["fp16 (fbgemm), 16 candidates"] = {"half": True}
@@ -61,7 +62,7 @@ def main() -> None:
         model, hidden = final_hidden(Path(args.text).read_text(), args.tokens, dtype)
         positions = hidden.shape[0]
         full = model.head(hidden).float().argmax(-1)
-        for name, kwargs in screens(dtype).items():
+        for name, kwargs in screens(head_weight(model)).items():
             screen = HeadScreen(head_weight(model), **kwargs)
             step = 1 if kwargs.get("quarter") else 8  # the int4 copy serves one-row steps; else a batch-8 engine's
             certified = wrong = fell_back = 0

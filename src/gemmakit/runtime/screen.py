@@ -84,8 +84,8 @@ GEMV_CANDIDATES = 64
 # 4,096 rows reads about a sixtieth of the 270M's head.
 SETTLE_MAX = 4096
 # The int4 copy of a float head that one-row steps read (`HeadScreen(quarter=True)`): groups of 32 on a plain
-# min/max grid (built at every start-up; quantize.py's refitted search takes several times as long, and leaves
-# a little fewer tokens to settle). Its bound is about ten times the int8 copy's, so most rows settle, from
+# min/max grid (built at every start-up; quantize.py's refitted search takes several times as long, though it
+# leaves fewer tokens to settle). Its bound is about ten times the int8 copy's, so most rows settle, from
 # hundreds to tens of thousands of tokens on real text (benchmarks/screen_certificate.py); up to an eighth of
 # the vocabulary is rescored before a step takes the full head.
 QUARTER_GROUP, QUARTER_FIT = 32, ((1.0,), 0)
