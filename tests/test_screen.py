@@ -16,7 +16,15 @@ from gemmakit.runtime import gemv
 from gemmakit.runtime.compiled import compile_supported
 from gemmakit.runtime.packing import pack_linears
 from gemmakit.runtime.probe import fbgemm_fp16, onednn_packs, wide_vectors
-from gemmakit.runtime.screen import CANDIDATES, QUARTER_GROUP, HeadScreen, screen_bytes, top_k
+from gemmakit.runtime.screen import (
+    CANDIDATES,
+    QUARTER_GROUP,
+    HeadScreen,
+    quarter_timings,
+    screen_bytes,
+    stand_in_codes,
+    top_k,
+)
 from gemmakit.sampling import SamplingParams
 from tests.helpers import WINDOW, hf_model, tiny
 
@@ -361,7 +369,7 @@ def test_one_row_steps_read_an_int4_copy_where_its_pass_timed_faster(tmp_path, m
     hf_model(dataclasses.replace(tiny("gemma3"), vocab_size=1024)).save_pretrained(tmp_path)  # 1000: not packable
     model = load_model(tmp_path, dtype=dtype)
     prompts, params = prompts_and_params()
-    monkeypatch.setattr(plan_module, "quarter_timings", lambda vocab, width: (1.0, 0.5))
+    monkeypatch.setattr(plan_module, "quarter_timings", lambda head: (1.0, 0.5))
     for batch in (1, 4):
         screened = Engine(model, max_batch=batch, context=128)
         screen = screened.runtime.screen
@@ -373,9 +381,31 @@ def test_one_row_steps_read_an_int4_copy_where_its_pass_timed_faster(tmp_path, m
         assert [r.tokens for r in screened.generate(prompts, params)] == \
             [r.tokens for r in full.generate(prompts, params)]
         assert screen.fallbacks == 0 and 1 in calls and (batch == 1 or 3 in calls)
-    monkeypatch.setattr(plan_module, "quarter_timings", lambda vocab, width: (1.0, 1.0))
+    monkeypatch.setattr(plan_module, "quarter_timings", lambda head: (1.0, 1.0))
     screen = Engine(model, max_batch=1, context=128).runtime.screen
     assert screen.quarter_codes is None and screen.cheap is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_timing_the_int4_copy_reads_the_heads_own_bytes(dtype):
+    """The start-up timing of the int4 copy against the int8 one reads its codes from two disjoint spans of the
+    float head's own bytes, so no engine's start-up holds copies of the head beside it (a contiguous head holds
+    both); a head that is not one block gets codes of its own. The head is left as it was."""
+    head = torch.randn(1024, 64).to(dtype)
+    kept = head.clone()
+    eight, four = stand_in_codes(head)
+    assert eight.shape == (1024, 64) and eight.dtype == torch.int8
+    assert four.shape == (1024, 32) and four.dtype == torch.uint8
+    start, end = head.data_ptr(), head.data_ptr() + head.numel() * head.element_size()
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel()) for t in (eight, four))
+    assert start <= spans[0][0] and spans[0][1] <= spans[1][0] and spans[1][1] <= end
+    apart = stand_in_codes(head.t())  # a transposed view [64, 1024]: not one row-major block
+    assert [t.shape for t in apart] == [(64, 1024), (64, 512)]
+    assert all(not (start <= t.data_ptr() < end) for t in apart)
+    if gemv.unavailable() is None and gemv.int4_fits(1024, 64, QUARTER_GROUP):
+        timed = quarter_timings(head, repeats=1)
+        assert all(0 < t < 10 for t in timed)
+    assert torch.equal(head, kept)
 
 
 @pytest.mark.slow

@@ -378,7 +378,7 @@ def _float_head_screen(weight: torch.Tensor, max_batch: int) -> tuple[tuple, str
     int8 = (weight, False, False, False, True), f"int8 copy ({_screen_kernel(max_batch)})"
     if not gemv.int4_fits(*weight.shape, QUARTER_GROUP):
         return int8
-    int8_pass, int4_pass = quarter_timings(*weight.shape)
+    int8_pass, int4_pass = quarter_timings(weight)
     said = f"one row {1e3 * int4_pass:.1f} vs {1e3 * int8_pass:.1f} ms"
     if int4_pass >= _TIMED_MARGIN * int8_pass:
         return int8[0], f"{int8[1][:-1]}; an int4 copy's pass timed no faster here, {said})"

@@ -168,21 +168,36 @@ def pick_timings(full: Callable[[Tensor], Tensor], screened: Callable[[Tensor], 
                                repeats)
 
 
-def quarter_timings(vocab: int, width: int, repeats: int = 5) -> tuple[float, float]:
-    """Median seconds of one row's screening pass over a float head's int8 copy [vocab, width] (its bound added
-    in the kernel), then over an int4 copy with its bound added by tensor ops (`HeadScreen._screen_quarter`).
-    Stand-in codes, freed on return: the passes' speed does not depend on them. The int4 copy is 5/8 of the
-    bytes with more work a byte, so which is faster depends on the CPU's bandwidth against its vector units."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, width, generator=g)
-    codes, scales = torch.ones(vocab, width, dtype=torch.int8), torch.ones(vocab)
-    codes4 = torch.ones(vocab, width // 2, dtype=torch.uint8)
+def quarter_timings(head: Tensor, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of one row's screening pass over an int8 copy of the float `head` [vocab, width] (its
+    bound added in the kernel), then over an int4 copy with its bound added by tensor ops
+    (`HeadScreen._screen_quarter`). The int4 copy is 5/8 of the bytes with more work a byte, so which is faster
+    depends on the CPU's bandwidth against its vector units. The passes' speed does not depend on the codes,
+    so theirs are the head's own bytes (`stand_in_codes`): only the scales and norms are allocated, where
+    stand-in copies would raise every engine's start-up peak by a copy and a half of the head."""
+    vocab, width = head.shape
+    x = torch.randn(1, width, generator=torch.Generator().manual_seed(0))
+    codes, codes4 = stand_in_codes(head)
+    scales, norms = torch.ones(vocab), torch.ones(3, vocab)
     sz = torch.ones(width // QUARTER_GROUP, vocab, 2, dtype=torch.bfloat16)
-    norms = torch.ones(3, vocab)
     coef = (x.norm(dim=-1, keepdim=True), norms[1:], 1e-6)
     return interleaved_medians(lambda: top_k(gemv.screen_int8(x, codes, scales, None, coef)[0], GEMV_CANDIDATES + 1),
                                lambda: top_k(gemv.int4(x, codes4, sz, QUARTER_GROUP) + norms[0] * 2 + norms[1],
                                              GEMV_CANDIDATES + 1), repeats)
+
+
+def stand_in_codes(head: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes to time a float `head` [V, H]'s copies with: int8 [V, H] and packed int4 [V, H / 2], read from two
+    disjoint spans of the head's own bytes (a float head holds both: 2 or 4 bytes a weight against 1.5), so
+    each pass reads memory the other has not just read. Any bytes serve (the kernels do the same work whatever
+    the codes, and the timed sums are thrown away). New codes where the head's bytes are not one contiguous CPU
+    block."""
+    vocab, width = head.shape
+    eight, four = vocab * width, vocab * (width // 2)
+    if head.device.type == "cpu" and head.is_contiguous() and head.numel() * head.element_size() >= eight + four:
+        raw = head.detach().reshape(-1).view(torch.uint8)
+        return raw[:eight].view(torch.int8).view(vocab, width), raw[eight:eight + four].view(vocab, width // 2)
+    return torch.ones(vocab, width, dtype=torch.int8), torch.ones(vocab, width // 2, dtype=torch.uint8)
 
 
 def interleaved_medians(first: Callable[[], object], second: Callable[[], object],
