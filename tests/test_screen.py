@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest tests/test_screen.py
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -404,7 +405,7 @@ def test_timing_the_int4_copy_reads_the_heads_own_bytes(dtype):
     assert all(not (start <= t.data_ptr() < end) for t in apart)
     if gemv.unavailable() is None and gemv.int4_fits(1024, 64, QUARTER_GROUP):
         timed = quarter_timings(head, repeats=1)
-        assert all(0 < t < 10 for t in timed)
+        assert all(math.isfinite(t) and t > 0 for t in timed)  # seconds, whatever this machine's speed
     assert torch.equal(head, kept)
 
 
